@@ -1,0 +1,184 @@
+"""EDM's preconditioning wrappers (shared/reference/edm.md section 1.4): D(x, sigma) = c_skip x + c_out F(c_in x, c_noise).
+
+All wrappers hold the UNet as `.model`, so their state_dict keys are `model.<...>` as in EDM's pickles.
+`use_fp16` runs the UNet body in float16 on CUDA exactly as EDM does (fp32 master weights cast per layer, fp32
+mapping MLP and preconditioning). `compute_dtype` is sid_fast's addition for the fast path (e.g. bfloat16); it is
+not part of the checkpoint and defaults to EDM's behaviour.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sid_fast.networks.unets import DhariwalUNet, SongUNet
+
+MODEL_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+
+
+def _build_model(model_type: str, **kwargs) -> torch.nn.Module:
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"Unknown model_type {model_type!r}; expected one of {sorted(MODEL_TYPES)}.")
+    return MODEL_TYPES[model_type](**kwargs)
+
+
+class _Precond(torch.nn.Module):
+    """Shared input handling of EDM's four wrappers."""
+
+    def __init__(self, img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.compute_dtype: torch.dtype | None = None  # sid_fast: override the UNet body's dtype (fast path).
+        self.model = _build_model(
+            model_type,
+            img_resolution=img_resolution,
+            in_channels=img_channels,
+            out_channels=img_channels,
+            label_dim=label_dim,
+            **model_kwargs,
+        )
+
+    def _prepare(self, x, sigma, class_labels, force_fp32):
+        x = x.to(torch.float32)
+        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1) if torch.is_tensor(sigma) else torch.full(
+            [1, 1, 1, 1], float(sigma), device=x.device
+        )
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:
+            class_labels = torch.zeros([1, self.label_dim], device=x.device)
+        else:
+            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        if force_fp32:
+            dtype = torch.float32
+        elif self.compute_dtype is not None:
+            dtype = self.compute_dtype
+        else:
+            dtype = torch.float16 if (self.use_fp16 and x.is_cuda) else torch.float32
+        return x, sigma, class_labels, dtype
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+
+class EDMPrecond(_Precond):
+    def __init__(
+        self,
+        img_resolution,
+        img_channels,
+        label_dim=0,
+        use_fp16=False,
+        sigma_min=0,
+        sigma_max=float("inf"),
+        sigma_data=0.5,
+        model_type="DhariwalUNet",
+        **model_kwargs,
+    ):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.sigma_data = sigma_data
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + sigma**2).sqrt()
+        c_noise = sigma.log() / 4
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+
+class VPPrecond(_Precond):
+    def __init__(
+        self,
+        img_resolution,
+        img_channels,
+        label_dim=0,
+        use_fp16=False,
+        beta_d=19.9,
+        beta_min=0.1,
+        M=1000,
+        epsilon_t=1e-5,
+        model_type="SongUNet",
+        **model_kwargs,
+    ):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
+        self.beta_d = beta_d
+        self.beta_min = beta_min
+        self.M = M
+        self.epsilon_t = epsilon_t
+        self.sigma_min = float(self.sigma(epsilon_t))
+        self.sigma_max = float(self.sigma(1))
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
+        c_skip = 1
+        c_out = -sigma
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        c_noise = (self.M - 1) * self.sigma_inv(sigma)
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+    def sigma(self, t):
+        t = torch.as_tensor(t)
+        return ((0.5 * self.beta_d * (t**2) + self.beta_min * t).exp() - 1).sqrt()
+
+    def sigma_inv(self, sigma):
+        sigma = torch.as_tensor(sigma)
+        return ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
+
+
+class VEPrecond(_Precond):
+    def __init__(
+        self,
+        img_resolution,
+        img_channels,
+        label_dim=0,
+        use_fp16=False,
+        sigma_min=0.02,
+        sigma_max=100,
+        model_type="SongUNet",
+        **model_kwargs,
+    ):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
+        c_skip = 1
+        c_out = sigma
+        c_in = 1
+        c_noise = (0.5 * sigma).log()
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+
+PRECOND_TYPES = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond}
+
+
+def build_network(class_name: str, init_kwargs: dict) -> torch.nn.Module:
+    """Build a preconditioned network from its class name and EDM-style init kwargs."""
+    if class_name not in PRECOND_TYPES:
+        raise ValueError(f"Unknown network class {class_name!r}; sid_fast builds {sorted(PRECOND_TYPES)}.")
+    kwargs = {k: _plain(v) for k, v in init_kwargs.items()}
+    try:
+        return PRECOND_TYPES[class_name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"Cannot build {class_name} from init kwargs {sorted(kwargs)}: {e}") from None
+
+
+def _plain(v):
+    """Convert numpy scalars/arrays and tuples from a pickle's kwargs into plain Python values."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
