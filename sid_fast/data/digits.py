@@ -1,0 +1,33 @@
+"""scikit-learn's handwritten digits (1797 images, 8x8, 16 grey levels), upsampled to 16x16 for the embedded default.
+
+Upsampling: the 0..16 values are mapped to 0..255, resized 8x8 -> 16x16 with PIL's LANCZOS (as EDM's dataset tool
+resizes), rounded to uint8, then mapped to [-1, 1] as EDM does (x / 127.5 - 1).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+RESOLUTION = 16
+NUM_CLASSES = 10
+
+
+@functools.lru_cache(maxsize=1)
+def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [1797, 1, 16, 16], labels int64 [1797])."""
+    import PIL.Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    up = np.stack([np.asarray(PIL.Image.fromarray(im, "L").resize((RESOLUTION, RESOLUTION), PIL.Image.LANCZOS)) for im in imgs])
+    return up[:, None], d.target.astype(np.int64)
+
+
+def digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:
+    """(images float32 in [-1, 1], [1797, 1, 16, 16]; labels int64 [1797])."""
+    imgs, labels = digits_uint8()
+    return torch.from_numpy(imgs).float() / 127.5 - 1, torch.from_numpy(labels)

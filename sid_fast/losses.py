@@ -1,0 +1,124 @@
+"""Losses: EDM's denoising loss (teacher training and SiD's fake-score loss) and SiD's generator loss.
+
+Formulas from shared/reference/sid.md section 1 and edm.md section 4 (official `training/sid_loss.py`, `loss.py`).
+
+Reference numerics:
+- Generator loss per element: (y_real - y_fake) * ((y_real - x_g) - alpha * (y_real - y_fake)) / w, with
+  w = stopgrad(mean_{C,H,W} |x_g - y_real|) in fp32, clipped at 1e-5; noise level from t ~ U[0, tmax/1000] through
+  the rho=7 Karras map over [0.002, 80]; no augmentation; gradients reach x_g directly and through both networks'
+  inputs.
+- Fake-score loss per element: lambda(sigma) * (f_psi(y + sigma n) - y)^2 with ln sigma ~ N(-1.2, 1.2^2),
+  lambda = (sigma^2 + 0.25) / (0.5 sigma)^2, y (and its augment labels) from EDM's augmentation when enabled.
+- NaN handling: the official code drops samples whose x_g, y_real or y_fake contain a NaN, then divides the summed
+  loss by the full per-GPU batch. We mask instead (zeros for those rows), which keeps shapes static and gives the
+  same loss and the same gradient for the remaining rows. `where` also blocks NaN from reaching the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+
+def sigma_from_t(t: torch.Tensor, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO) -> torch.Tensor:
+    """Karras rho=7 map of t in [0, 1] onto [sigma_min, sigma_max] (t=0 -> 0.002, t=1 -> 80)."""
+    return (sigma_min ** (1 / rho) + t * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+
+
+def sample_generator_sigma(n: int, tmax: int, device, generator=None) -> torch.Tensor:
+    """sigma for the generator loss: t ~ U[0, tmax/1000], shape [N, 1, 1, 1]."""
+    t = torch.rand([n, 1, 1, 1], device=device, generator=generator) * (tmax / 1000)
+    return sigma_from_t(t)
+
+
+def sample_edm_sigma(n: int, device, P_mean=-1.2, P_std=1.2, generator=None) -> torch.Tensor:
+    """EDM training noise levels: ln sigma ~ N(P_mean, P_std^2), shape [N, 1, 1, 1]."""
+    return (torch.randn([n, 1, 1, 1], device=device, generator=generator) * P_std + P_mean).exp()
+
+
+def edm_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """[N] bool: True where no tensor has a NaN in that row (the official code's criterion)."""
+    ok = None
+    for t in tensors:
+        r = ~torch.isnan(t).flatten(1).any(dim=1)
+        ok = r if ok is None else ok & r
+    return ok
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32: low-precision inputs are upcast, float64 stays float64 (tests compare against float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _mask(rows_ok: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.where(rows_ok.reshape(-1, *[1] * (x.ndim - 1)), x, torch.zeros_like(x))
+
+
+# ----------------------------------------------------------------------------
+# SiD generator loss.
+
+
+def sid_weight(x_g: torch.Tensor, y_real: torch.Tensor) -> torch.Tensor:
+    """w = mean_{C,H,W} |x_g - y_real| in fp32 without gradient, clipped at 1e-5; shape [N, 1, 1, 1]."""
+    with torch.no_grad():
+        w = (_f32(x_g) - _f32(y_real)).abs().mean(dim=(1, 2, 3), keepdim=True)
+        return w.clamp(min=1e-5)
+
+
+def sid_generator_loss_elements(x_g, y_real, y_fake, alpha: float):
+    """Per-element SiD loss [N, C, H, W] (fp32) with NaN rows zeroed; also returns the [N] finite-row mask."""
+    ok = finite_rows(x_g, y_real, y_fake)
+    x_g, y_real, y_fake = (_mask(ok, _f32(t)) for t in (x_g, y_real, y_fake))
+    w = sid_weight(x_g, y_real)
+    diff = y_real - y_fake
+    loss = diff * ((y_real - x_g) - alpha * diff) / w
+    return _mask(ok, loss), ok
+
+
+def sid_generator_loss_ref(x_g, y_real, y_fake, alpha: float, loss_scale: float, batch_total: int):
+    """The reduced loss as the official loop backpropagates it: sum(L) * loss_scale / batch_gpu_total."""
+    loss, ok = sid_generator_loss_elements(x_g, y_real, y_fake, alpha)
+    return loss.sum() * (loss_scale / batch_total), ok
+
+
+def sid_generator_loss_rowdrop(x_g, y_real, y_fake, alpha: float, loss_scale: float, batch_total: int):
+    """The official formulation with boolean row dropping, kept for the equality test against masking."""
+    ok = finite_rows(x_g, y_real, y_fake)
+    x_g, y_real, y_fake = _f32(x_g[ok]), _f32(y_real[ok]), _f32(y_fake[ok])
+    with torch.no_grad():
+        w = (x_g - y_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-5)
+    loss = (y_real - y_fake) * ((y_real - x_g) - alpha * (y_real - y_fake)) / w
+    return loss.sum() * (loss_scale / batch_total)
+
+
+# ----------------------------------------------------------------------------
+# EDM denoising loss (teacher training; SiD's fake-score loss on generator samples).
+
+
+def edm_loss_elements(net, y, sigma, labels=None, augment_labels=None, noise=None):
+    """lambda(sigma) * (D(y + sigma n, sigma) - y)^2 per element, NaN rows zeroed; returns (loss, ok)."""
+    n = torch.randn_like(y) if noise is None else noise
+    kwargs = {} if augment_labels is None else dict(augment_labels=augment_labels)
+    D = net(y + sigma * n, sigma, labels, **kwargs)
+    ok = finite_rows(y, D)
+    loss = edm_weight(sigma) * (_mask(ok, _f32(D)) - _mask(ok, _f32(y))) ** 2
+    return _mask(ok, loss), ok
+
+
+class EDMLoss:
+    """EDM's loss: ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2) / (sigma sd)^2, optional augmentation."""
+
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5, augment_pipe=None):
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+        self.augment_pipe = augment_pipe
+
+    def __call__(self, net, images, labels=None, generator=None):
+        sigma = sample_edm_sigma(images.shape[0], images.device, self.P_mean, self.P_std, generator)
+        y, aug = (images, None) if self.augment_pipe is None else self.augment_pipe(images, generator)
+        noise = torch.randn(y.shape, device=y.device, generator=generator)
+        return edm_loss_elements(net, y, sigma, labels, aug, noise)

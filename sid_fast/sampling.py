@@ -1,0 +1,116 @@
+"""Sampling: EDM's Heun sampler for teachers (shared/reference/edm.md section 4) and the one-step SiD generator.
+
+Latents and class labels are drawn per image from `torch.Generator().manual_seed(seed % 2**32)`, as EDM's
+`StackedRandomGenerator` does, so a seed gives the same image whatever the batch it falls in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class StackedRandomGenerator:
+    """One torch.Generator per image (EDM's per-seed RNG)."""
+
+    def __init__(self, device, seeds):
+        self.generators = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+
+    def randn(self, size, **kwargs):
+        assert size[0] == len(self.generators)
+        return torch.stack([torch.randn(size[1:], generator=g, **kwargs) for g in self.generators])
+
+    def randn_like(self, x):
+        return self.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device)
+
+    def randint(self, *args, size, **kwargs):
+        assert size[0] == len(self.generators)
+        return torch.stack([torch.randint(*args, size=size[1:], generator=g, **kwargs) for g in self.generators])
+
+
+def karras_sigmas(num_steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0, dtype=torch.float64, device="cpu"):
+    """EDM's time steps t_0 > ... > t_{N-1} followed by t_N = 0, in float64."""
+    i = torch.arange(num_steps, dtype=dtype, device=device)
+    t = (sigma_max ** (1 / rho) + i / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros_like(t[:1])])
+
+
+def edm_sampler(
+    net,
+    latents,
+    class_labels=None,
+    randn_like=torch.randn_like,
+    num_steps=18,
+    sigma_min=0.002,
+    sigma_max=80,
+    rho=7,
+    S_churn=0,
+    S_min=0,
+    S_max=float("inf"),
+    S_noise=1,
+):
+    """EDM's stochastic Heun sampler (Algorithm 2); deterministic when S_churn=0. NFE = 2 * num_steps - 1."""
+    sigma_min = max(sigma_min, getattr(net, "sigma_min", 0))
+    sigma_max = min(sigma_max, getattr(net, "sigma_max", float("inf")))
+    t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    t_steps = torch.cat([torch.as_tensor(net.round_sigma(t_steps[:-1])).to(t_steps), t_steps[-1:]])
+
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = torch.as_tensor(net.round_sigma(t_cur + gamma * t_cur)).to(t_cur)
+        x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * randn_like(x_cur)
+
+        denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:  # Heun correction; the last step is Euler only.
+            denoised = net(x_next, t_next, class_labels).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def onestep_sample(generator, z, sigma_init: float, class_labels=None):
+    """SiD's one-step generator: x_g = G(sigma_init * z, sigma_init, c) (shared/reference/sid.md section 2)."""
+    sigma = torch.full([z.shape[0], 1, 1, 1], float(sigma_init), device=z.device)
+    return generator(sigma_init * z.to(torch.float32), sigma, class_labels)
+
+
+def latents_and_labels(net, seeds, device="cpu", class_idx=None):
+    """Per-seed latents [B, C, H, W] and one-hot labels (uniform random per seed, or a fixed class), as EDM."""
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    labels = None
+    if net.label_dim:
+        labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(seeds)], device=device)]
+        if class_idx is not None:
+            labels[:, :] = 0
+            labels[:, class_idx] = 1
+    return latents, labels, rnd
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> uint8 NCHW, as EDM: (x * 127.5 + 128).clip(0, 255)."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def image_grid(images_uint8: torch.Tensor, cols: int | None = None) -> np.ndarray:
+    """uint8 [N, C, H, W] -> one HWC (or HW) uint8 array with the images on a grid."""
+    n, c, h, w = images_uint8.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = torch.zeros(rows * cols, c, h, w, dtype=torch.uint8)
+    grid[:n] = images_uint8.cpu()
+    grid = grid.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c).numpy()
+    return grid[:, :, 0] if c == 1 else grid
+
+
+def save_image(array: np.ndarray, path, scale: int = 1) -> None:
+    import PIL.Image
+
+    img = PIL.Image.fromarray(array, "L" if array.ndim == 2 else "RGB")
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), PIL.Image.NEAREST)
+    img.save(path)

@@ -1,0 +1,161 @@
+"""SiD training configuration and the official presets (shared/reference/sid.md section 4, `run_sid.sh` at HEAD).
+
+Units follow SiD/EDM: --duration and --ema in Mimg, --tick in kimg, --snap and --dump in ticks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DIGITS_TEACHER_PATH = ASSETS / "digits_teacher.pt"
+EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+
+
+@dataclass
+class TrainConfig:
+    # Run.
+    outdir: str = "runs"
+    preset: str = "digits"
+    teacher: str | None = None  # path or URL of an EDM/SiD pickle or sid_fast checkpoint
+    desc: str | None = None
+    seed: int = 0
+    resume: str | None = None
+    # Data-free target: only shape and labels.
+    cond: bool = False
+    resolution: int = 16
+    channels: int = 1
+    label_dim: int = 0
+    # SiD.
+    alpha: float = 1.2
+    tmax: int = 800
+    init_sigma: float = 2.5
+    ls: float = 1.0  # fake-score loss scale
+    lsg: float = 100.0  # generator loss scale
+    # Optimisation.
+    batch: int = 64
+    batch_gpu: int | None = None
+    lr: float = 1e-5  # fake score
+    glr: float = 1e-5  # generator
+    g_beta1: float = 0.0
+    ema: float = 0.5  # EMA half-life, Mimg
+    augment: float = 0.0  # EDM augmentation probability for the fake-score loss
+    dropout: float = 0.13
+    precision: str = "fp32"
+    # Schedule.
+    duration: float = 500.0  # Mimg
+    tick: float = 10.0  # kimg
+    snap: int = 50  # ticks
+    dump: int = 500  # ticks
+    # Metrics and faults.
+    metrics: str = "none"  # "fd-digits" or "none"
+    metric_num: int = 2000
+    max_bad_steps: int = 100  # consecutive steps with non-finite gradients before aborting (with a checkpoint)
+    official_teacher: str | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Official SiD settings. All: tmax 800, init_sigma 2.5, ls 1, lsg 100, snap 50, dump 500 (4 GPUs in the scripts).
+PRESETS: dict[str, dict] = {
+    "cifar10-uncond": dict(
+        official_teacher="edm-cifar10-32x32-uncond-vp.pkl", cond=False, resolution=32, channels=3, label_dim=0,
+        alpha=1.2, batch=256, batch_gpu=16, lr=1e-5, glr=1e-5, precision="fp32", dropout=0.13, augment=0.12,
+        ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="none",
+    ),
+    "cifar10-cond": dict(
+        official_teacher="edm-cifar10-32x32-cond-vp.pkl", cond=True, resolution=32, channels=3, label_dim=10,
+        alpha=1.2, batch=256, batch_gpu=16, lr=1e-5, glr=1e-5, precision="fp32", dropout=0.13, augment=0.12,
+        ema=0.5, duration=800, tick=10, snap=50, dump=500, metrics="none",
+    ),
+    # The official ImageNet/FFHQ/AFHQ runs use EDM's --fp16 1 (Adam eps 1e-6); sid_fast's fp16/bf16 modes come with
+    # the performance work, so these presets run in fp32 until then.
+    "imagenet64-cond": dict(
+        official_teacher="edm-imagenet-64x64-cond-adm.pkl", cond=True, resolution=64, channels=3, label_dim=1000,
+        alpha=1.2, batch=8192, batch_gpu=16, lr=4e-6, glr=4e-6, precision="fp32", dropout=0.1, augment=0.0,
+        ema=2.0, duration=1000, tick=20, snap=50, dump=500, metrics="none",
+    ),
+    "ffhq64": dict(
+        official_teacher="edm-ffhq-64x64-uncond-vp.pkl", cond=False, resolution=64, channels=3, label_dim=0,
+        alpha=1.2, batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, g_beta1=0.9, precision="fp32", dropout=0.05,
+        augment=0.15, ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="none",
+    ),
+    "afhqv2-64": dict(
+        official_teacher="edm-afhqv2-64x64-uncond-vp.pkl", cond=False, resolution=64, channels=3, label_dim=0,
+        alpha=1.0, batch=512, batch_gpu=32, lr=5e-6, glr=5e-6, precision="fp32", dropout=0.05, augment=0.15,
+        ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="none",
+    ),
+    # The embedded default: the bundled 16x16 digits teacher, sized to run on a 2-core CPU in about 10 minutes.
+    # Higher learning rates and a short EMA than the image presets: the network is 1.3 M parameters and the run
+    # sees tens of thousands of images, not hundreds of millions.
+    "digits": dict(
+        teacher=str(DIGITS_TEACHER_PATH), cond=False, resolution=16, channels=1, label_dim=0,
+        alpha=1.2, batch=64, batch_gpu=64, lr=1e-4, glr=1e-4, precision="fp32", dropout=0.0, augment=0.0,
+        ema=0.002, duration=0.032, tick=2, snap=2, dump=8, metrics="fd-digits", metric_num=2000,
+    ),
+}
+
+PRECISIONS = ("fp32",)
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the flag and the expected value."""
+
+
+def resolve_config(preset: str, overrides: dict) -> TrainConfig:
+    """Preset values, then every explicitly given flag (None means 'not given'), then validation."""
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}.")
+    values = dict(PRESETS[preset], preset=preset)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**values)
+    if cfg.batch_gpu is None:
+        cfg.batch_gpu = cfg.batch
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    if not 0 <= cfg.alpha <= 10:
+        raise ConfigError(f"--alpha must be in [0, 10] (SiD uses 1.0 or 1.2), got {cfg.alpha}.")
+    if not 0 < cfg.tmax <= 1000:
+        raise ConfigError(f"--tmax must be an integer in (0, 1000] (SiD uses 800), got {cfg.tmax}.")
+    if not 0.002 < cfg.init_sigma <= 80:
+        raise ConfigError(f"--init_sigma must be in (0.002, 80] (SiD uses 2.5), got {cfg.init_sigma}.")
+    for flag in ("batch", "batch_gpu"):
+        if getattr(cfg, flag) is None or getattr(cfg, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(cfg, flag)}.")
+    if cfg.batch % (world_size * cfg.batch_gpu):
+        raise ConfigError(
+            f"--batch {cfg.batch} is not divisible by the number of processes ({world_size}) times --batch-gpu "
+            f"{cfg.batch_gpu}."
+        )
+    for flag in ("lr", "glr"):
+        if not getattr(cfg, flag) > 0:
+            raise ConfigError(f"--{flag} must be positive, got {getattr(cfg, flag)}.")
+    if not 0 <= cfg.g_beta1 < 1:
+        raise ConfigError(f"--g_beta1 must be in [0, 1), got {cfg.g_beta1}.")
+    if not 0 <= cfg.augment <= 1:
+        raise ConfigError(f"--augment must be a probability in [0, 1], got {cfg.augment}.")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}.")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"--precision {cfg.precision!r} is not available yet; choose one of {PRECISIONS}.")
+    for flag in ("duration", "tick", "ema"):
+        if not getattr(cfg, flag) > 0:
+            raise ConfigError(f"--{flag} must be positive, got {getattr(cfg, flag)}.")
+    for flag in ("snap", "dump"):
+        if getattr(cfg, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1 tick, got {getattr(cfg, flag)}.")
+    if cfg.metrics not in ("none", "fd-digits"):
+        raise ConfigError(f"--metrics must be 'fd-digits' or 'none', got {cfg.metrics!r}.")
+    if cfg.metrics == "fd-digits" and (cfg.resolution, cfg.channels) != (16, 1):
+        raise ConfigError("--metrics fd-digits needs 16x16 single-channel images (the digits preset).")
+    if cfg.teacher is None:
+        raise ConfigError(
+            f"--teacher is required for preset {cfg.preset!r}: a local path or a URL, e.g. "
+            f"{EDM_URL}{cfg.official_teacher}"
+        )

@@ -1,0 +1,22 @@
+"""EDM's EMA with half-life and ramp-up (shared/reference/sid.md section 3, edm.md section 4)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def ema_beta(batch_size: int, cur_nimg: int, ema_halflife_kimg: float, ema_rampup_ratio: float | None = 0.05) -> float:
+    """beta = 0.5 ** (batch / halflife_nimg), halflife_nimg = min(halflife, rampup * cur_nimg) during ramp-up."""
+    halflife_nimg = ema_halflife_kimg * 1000
+    if ema_rampup_ratio is not None:
+        halflife_nimg = min(halflife_nimg, cur_nimg * ema_rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    """p_ema <- lerp(p, p_ema, beta), parameter by parameter, as the official loop. Buffers are copied."""
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.copy_(p.detach().lerp(p_ema, beta))
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)

@@ -1,0 +1,86 @@
+"""EDM teacher training (EDM's recipe: EDMLoss, Adam 0.9/0.999, linear lr ramp-up, EMA, gradient cleaning).
+
+Used to make the bundled digits teacher:
+    python -m sid_fast.training.teacher --out sid_fast/assets/digits_teacher.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from sid_fast.checkpoints import save_network
+from sid_fast.losses import EDMLoss
+from sid_fast.networks import build_network
+from sid_fast.training.ema import ema_beta, update_ema
+
+DIGITS_TEACHER = dict(
+    model_type="SongUNet",
+    img_resolution=16,
+    img_channels=1,
+    label_dim=0,
+    model_channels=32,
+    channel_mult=[1, 2, 2],
+    num_blocks=1,
+    attn_resolutions=[8],
+    dropout=0.1,
+)
+
+
+def train_edm(net, images, labels=None, *, steps, batch, lr, lr_rampup_kimg=10, ema_halflife_kimg=10,
+              ema_rampup_ratio=0.05, seed=0, log_every=100, log=print):
+    """Train `net` on `images` ([N, C, H, W] in [-1, 1]) with EDM's loss. Returns the EMA network."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    loss_fn = EDMLoss()
+    net.train()
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(len(images), [batch], generator=g)
+        y = images[idx]
+        c = labels[idx] if labels is not None else None
+        loss, _ = loss_fn(net, y, c, generator=g)
+        opt.zero_grad(set_to_none=True)
+        (loss.sum() / batch).backward()
+        cur_nimg = (step + 1) * batch
+        for group in opt.param_groups:
+            group["lr"] = lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+        for p in net.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        opt.step()
+        update_ema(ema, net, ema_beta(batch, cur_nimg, ema_halflife_kimg, ema_rampup_ratio))
+        if log and (step % log_every == 0 or step == steps - 1):
+            log(f"step {step:6d}  kimg {cur_nimg / 1e3:8.1f}  loss {loss.mean().item():.4f}  {time.time() - t0:7.1f} s")
+    return ema
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Train the bundled digits EDM teacher.")
+    ap.add_argument("--out", default="sid_fast/assets/digits_teacher.pt")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=10.0, help="EMA half-life in kimg")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    from sid_fast.data.digits import digits_tensor
+
+    images, _ = digits_tensor()
+    torch.manual_seed(a.seed)
+    net = build_network("EDMPrecond", DIGITS_TEACHER)
+    ema = train_edm(net, images, steps=a.steps, batch=a.batch, lr=a.lr, ema_halflife_kimg=a.ema, seed=a.seed)
+    cmd = (f"python -m sid_fast.training.teacher --out {a.out} --steps {a.steps} --batch {a.batch} --lr {a.lr} "
+           f"--ema {a.ema} --seed {a.seed}")
+    save_network(a.out, ema, DIGITS_TEACHER, kind="teacher", dataset="sklearn-digits-16x16", command=cmd,
+                 torch_version=torch.__version__)
+    print(f"saved {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Distill an EDM teacher into a one-step generator with Score identity Distillation (SiD).
+
+    python train.py                                   # the embedded default: distill the bundled digits teacher on CPU
+    torchrun --standalone --nproc_per_node=8 train.py --preset cifar10-uncond \
+        --teacher edm-cifar10-32x32-uncond-vp.pkl --outdir runs
+
+Flags keep the official SiD/EDM names and units (--duration and --ema in Mimg, --tick in kimg, --snap/--dump in ticks).
+Any flag given overrides the preset; --dry-run prints the resolved configuration and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from sid_fast.training.config import PRESETS, ConfigError, resolve_config
+
+
+
+
+@click.command(context_settings=dict(help_option_names=["-h", "--help"]))
+# Main options.
+@click.option("--outdir", help="Where to make run directories", metavar="DIR", type=str, default="runs", show_default=True)
+@click.option("--preset", help="Official settings to start from", type=click.Choice(sorted(PRESETS)), default="digits", show_default=True)
+@click.option("--teacher", help="Teacher network: EDM/SiD pickle or sid_fast checkpoint, path or URL", metavar="PATH|URL", type=str)
+@click.option("--cond", help="Class-conditional distillation", type=bool)
+@click.option("--desc", help="String to include in the run directory name", metavar="STR", type=str)
+# SiD hyperparameters.
+@click.option("--alpha", help="SiD alpha", metavar="FLOAT", type=float)
+@click.option("--tmax", help="Largest t (x1000) for the generator loss's noise level", metavar="INT", type=int)
+@click.option("--init_sigma", "init_sigma", help="Generator noise level sigma_init", metavar="FLOAT", type=float)
+@click.option("--ls", help="Fake-score loss scale", metavar="FLOAT", type=float)
+@click.option("--lsg", help="Generator loss scale", metavar="FLOAT", type=float)
+# Optimisation.
+@click.option("--batch", help="Total batch size", metavar="INT", type=click.IntRange(min=1))
+@click.option("--batch-gpu", "batch_gpu", help="Micro-batch per process (accumulation rounds = batch / (gpus x batch-gpu))", metavar="INT", type=click.IntRange(min=1))
+@click.option("--lr", help="Fake-score learning rate", metavar="FLOAT", type=float)
+@click.option("--glr", help="Generator learning rate", metavar="FLOAT", type=float)
+@click.option("--g_beta1", "g_beta1", help="Generator Adam beta1", metavar="FLOAT", type=float)
+@click.option("--ema", help="EMA half-life of G_ema", metavar="MIMG", type=float)
+@click.option("--augment", help="EDM augmentation probability for the fake-score loss", metavar="P", type=float)
+@click.option("--dropout", help="Dropout in the trained networks", metavar="P", type=float)
+@click.option("--precision", help="Numerics of the training step", type=click.Choice(["fp32"]))
+# Schedule and I/O.
+@click.option("--duration", help="Training duration", metavar="MIMG", type=float)
+@click.option("--tick", help="How often to print progress", metavar="KIMG", type=float)
+@click.option("--snap", help="How often to save snapshots (and evaluate metrics)", metavar="TICKS", type=click.IntRange(min=1))
+@click.option("--dump", help="How often to write training states", metavar="TICKS", type=click.IntRange(min=1))
+@click.option("--metrics", help="Metric at snapshots", type=click.Choice(["fd-digits", "none"]))
+@click.option("--metric-num", "metric_num", help="Images per metric evaluation", metavar="INT", type=click.IntRange(min=2))
+@click.option("--max-bad-steps", "max_bad_steps", help="Abort after this many consecutive steps with non-finite gradients", metavar="INT", type=click.IntRange(min=1))
+@click.option("--seed", help="Random seed", metavar="INT", type=int)
+@click.option("--resume", help="Resume from a training state (file, or run directory for its latest)", metavar="PATH", type=str)
+@click.option("--dry-run", "dry_run", help="Print the resolved configuration and exit", is_flag=True)
+def main(preset, dry_run, **flags):
+    """Distill an EDM teacher into a one-step generator with SiD."""
+    try:
+        cfg = resolve_config(preset, flags)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    if dry_run:
+        print(json.dumps(cfg.to_json(), indent=2))
+        return
+
+    import torch
+
+    from sid_fast.checkpoints import CheckpointError
+    from sid_fast.training.sid import TrainingAborted, run
+
+    try:
+        run(cfg)
+    except (ConfigError, CheckpointError) as e:
+        raise click.ClickException(str(e)) from None
+    except TrainingAborted as e:
+        raise click.ClickException(f"Training aborted: {e}") from None
+    except torch.cuda.OutOfMemoryError:
+        raise click.ClickException(
+            "Out of GPU memory. Lower --batch-gpu (more accumulation rounds give the same batch), "
+            "or use activation checkpointing once available."
+        ) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
