@@ -196,6 +196,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -212,15 +215,32 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def _plain_value(v):
+    """Metadata as plain Python values only (weights_only loading refuses str/float subclasses such as TorchVersion)."""
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v)
+    if isinstance(v, str):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [_plain_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain_value(x) for k, x in v.items()}
+    raise TypeError(f"metadata value of type {type(v).__name__} cannot be stored in a sid_fast checkpoint")
+
+
 def network_record(net: torch.nn.Module, init_kwargs: dict, **meta) -> dict:
     """The dict stored in a sid_fast network file: class, init kwargs, fp32 CPU state_dict, free-form metadata."""
     return dict(
         format=SID_FAST_FORMAT,
         version=SID_FAST_FORMAT_VERSION,
         class_name=type(net).__name__,
-        init_kwargs=init_kwargs,
+        init_kwargs=_plain_value(init_kwargs),
         state_dict={k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone() for k, v in net.state_dict().items()},
-        meta=meta,
+        meta=_plain_value(meta),
     )
 
 

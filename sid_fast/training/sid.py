@@ -12,8 +12,9 @@ cleaned with nan_to_num (nan -> 0, +-inf -> +-1e5) parameter by parameter; Adam 
 configurable), eps 1e-8 in fp32; no LR schedule, no clipping.
 
 Randomness. Every per-sample draw (z, labels, sigma, noise, augmentation) of micro-batch m of iteration `it` comes
-from a generator seeded by (seed, it, phase, m), with m = rank * rounds + round. A run therefore sees the same samples
-whatever its number of processes and accumulation rounds, and resuming needs no RNG state for them. Dropout draws
+from a generator seeded by (seed, it, phase, m), with m = rank * rounds + round. For a given --batch and --batch-gpu
+a run therefore sees the same samples whatever its number of processes (the rounds per process change, the set of
+micro-batches does not), and resuming needs no RNG state for them. Changing --batch-gpu regroups the draws. Dropout draws
 from each rank's global RNG (seeded with seed + rank, as the official code), whose state the training state keeps.
 Without a dataset the class labels of conditional models are uniform (the official code takes them from the
 training set's label frequencies).
@@ -48,6 +49,26 @@ FAKE, GEN = 0, 1
 
 class TrainingAborted(RuntimeError):
     pass
+
+
+class annotate:
+    """A named range in torch.profiler traces and, on CUDA, in Nsight Systems (NVTX)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nvtx = torch.cuda.is_available()
+
+    def __enter__(self):
+        self.rf = torch.profiler.record_function(self.name)
+        self.rf.__enter__()
+        if self.nvtx:
+            torch.cuda.nvtx.range_push(self.name)
+
+    def __exit__(self, *exc):
+        if self.nvtx:
+            torch.cuda.nvtx.range_pop()
+        self.rf.__exit__(*exc)
+        return False
 
 
 def _seed_for(seed: int, it: int, phase: int, m: int) -> int:
@@ -112,7 +133,8 @@ def check_teacher(cfg: TrainConfig, teacher, path) -> None:
 
 
 class SiDTrainer:
-    def __init__(self, cfg: TrainConfig, device: torch.device, run_dir: Path | None, log=print, teacher=None, student=None):
+    def __init__(self, cfg: TrainConfig, device: torch.device, run_dir: Path | None, log=print, teacher=None, student=None,
+                 teacher_info=None):
         self.cfg = cfg
         self.device = device
         self.run_dir = run_dir
@@ -127,8 +149,8 @@ class SiDTrainer:
         if teacher is None:
             teacher, info = checkpoints.load_network_file(cfg.teacher)
             student = (info["class_name"], info["init_kwargs"], teacher.state_dict())
-        else:  # an in-memory teacher (tests: analytic denoisers) with explicitly given student initialisation
-            info = dict(class_name=student[0], init_kwargs=student[1], meta={})
+        else:  # an already loaded teacher, or an analytic one (tests), with the students' initialisation given
+            info = teacher_info or dict(class_name=student[0], init_kwargs=student[1], meta={})
         check_teacher(cfg, teacher, cfg.teacher)
         self.teacher_info = info
         self.init_kwargs = dict(student[1], dropout=cfg.dropout, use_fp16=False)
@@ -181,9 +203,9 @@ class SiDTrainer:
         b, c, r = self.cfg.batch_gpu, self.cfg.channels, self.cfg.resolution
         z = torch.randn([b, c, r, r], device=self.device, generator=g)
         labels = None
-        if self.teacher.label_dim:
-            idx = torch.randint(self.teacher.label_dim, [b], device=self.device, generator=g)
-            labels = torch.eye(self.teacher.label_dim, device=self.device)[idx]
+        if self.G.label_dim:
+            idx = torch.randint(self.G.label_dim, [b], device=self.device, generator=g)
+            labels = torch.eye(self.G.label_dim, device=self.device)[idx]
         return z, labels
 
     def _aug_zeros(self, n):
@@ -264,10 +286,13 @@ class SiDTrainer:
         return bad
 
     def step(self):
-        bad_f = self.fake_score_phase()
-        bad_g = self.generator_phase()
+        with annotate("sid/fake_score_step"):
+            bad_f = self.fake_score_phase()
+        with annotate("sid/generator_step"):
+            bad_g = self.generator_phase()
         self.cur_nimg += self.cfg.batch
-        update_ema(self.G_ema, self.G, ema_beta(self.cfg.batch, self.cur_nimg, self.cfg.ema * 1000))
+        with annotate("sid/ema"):
+            update_ema(self.G_ema, self.G, ema_beta(self.cfg.batch, self.cur_nimg, self.cfg.ema * 1000))
         bad = bad_f | bad_g
         self.consec_bad = (self.consec_bad + 1) * bad
         self.max_consec_bad = torch.maximum(self.max_consec_bad, self.consec_bad)
@@ -530,6 +555,9 @@ def run(cfg: TrainConfig, log_to_stdout=True) -> Path | None:
     if cfg.resume:
         path = find_resume_state(cfg.resume)
         resume_state = load_state_file(path)
+    # Everything that can be refused is checked before the run directory is made.
+    teacher, info = checkpoints.load_network_file(cfg.teacher)
+    check_teacher(cfg, teacher, cfg.teacher)
     run_dir = None
     if dist.rank() == 0:
         desc = cfg.desc or f"{cfg.preset}-alpha{cfg.alpha:g}-batch{cfg.batch}-gpus{world}-{cfg.precision}"
@@ -537,7 +565,8 @@ def run(cfg: TrainConfig, log_to_stdout=True) -> Path | None:
         with open(run_dir / "training_options.json", "w") as f:
             json.dump(dict(cfg.to_json(), world_size=world), f, indent=2)
     log = Logger(run_dir) if log_to_stdout else (lambda *_: None)
-    trainer = SiDTrainer(cfg, device, run_dir, log)
+    student = (info["class_name"], info["init_kwargs"], teacher.state_dict())
+    trainer = SiDTrainer(cfg, device, run_dir, log, teacher=teacher, student=student, teacher_info=info)
     if resume_state is not None:
         trainer.load_state_dict(resume_state, cfg.resume)
         log(f"Resumed from {cfg.resume} at {trainer.cur_nimg / 1e3:.1f} kimg.")

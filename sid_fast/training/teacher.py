@@ -68,7 +68,11 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=10.0, help="EMA half-life in kimg")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--evaluate-only", action="store_true", help="only (re)compute the teacher's FD-digits (Heun, 35 NFE)")
     a = ap.parse_args()
+    if a.evaluate_only:
+        print(f"FD-digits of the teacher (Heun, 35 NFE): {evaluate_digits_teacher(a.out):.3f}")
+        return
     from sid_fast.data.digits import digits_tensor
 
     images, _ = digits_tensor()
@@ -80,6 +84,27 @@ def main():
     save_network(a.out, ema, DIGITS_TEACHER, kind="teacher", dataset="sklearn-digits-16x16", command=cmd,
                  torch_version=torch.__version__)
     print(f"saved {a.out}")
+    print(f"FD-digits of the teacher (Heun, 35 NFE): {evaluate_digits_teacher(a.out):.3f}")
+
+
+
+def evaluate_digits_teacher(path: str, num: int = 2000, steps: int = 18) -> float:
+    """FD-digits of the teacher with EDM's Heun sampler (steps=18: 35 NFE); stored in the file's metadata."""
+    from sid_fast.checkpoints import load_network_file, save_network
+    from sid_fast.metrics.digits import fd_digits
+    from sid_fast.sampling import edm_sampler, latents_and_labels
+
+    net, info = load_network_file(path)
+    seeds = list(range(10_000_000, 10_000_000 + num))  # the seeds the trainer evaluates G_ema on
+    out = []
+    for i in range(0, num, 250):
+        z, labels, _ = latents_and_labels(net, seeds[i : i + 250])
+        with torch.no_grad():
+            out.append(edm_sampler(net, z, labels, num_steps=steps).float())
+    fd = fd_digits(torch.cat(out))
+    meta = dict(info["meta"], fd_digits_heun35=fd, fd_digits_num=num)
+    save_network(path, net, info["init_kwargs"], **meta)
+    return fd
 
 
 if __name__ == "__main__":

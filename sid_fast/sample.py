@@ -1,0 +1,100 @@
+"""Generate images from a network file: one-step SiD generators or EDM teachers (Heun sampler).
+
+    python -m sid_fast.sample --network runs/00000-digits/network-snapshot-000032.pt --seeds 0-63 --outdir out
+    python -m sid_fast.sample --network edm-cifar10-32x32-cond-vp.pkl --seeds 0-63 --steps 18 --outdir out
+
+The sampler is chosen from the file: sid_fast generator snapshots carry kind="generator" and their sigma_init and are
+sampled in one step; anything else runs EDM's Heun sampler. SiD's own `network-snapshot-*.pkl` files look like EDM
+teachers from the outside: pass `--sampler onestep` for them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import click
+import torch
+
+from sid_fast.checkpoints import CheckpointError, load_network_file
+from sid_fast.sampling import edm_sampler, image_grid, latents_and_labels, onestep_sample, save_image, to_uint8
+
+
+def parse_int_list(s: str) -> list[int]:
+    """'0-3,10,12-13' -> [0, 1, 2, 3, 10, 12, 13]."""
+    out = []
+    for part in s.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise click.BadParameter(f"{s!r} is not a list of integers and ranges like 0-63,100.")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise click.BadParameter(f"range {part.strip()!r} is empty.")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+def generate(net, info, seeds, device, sampler="auto", steps=18, class_idx=None, init_sigma=None, churn=None):
+    """Images in [-1, 1] for the given seeds (one batch)."""
+    meta = info.get("meta", {})
+    if sampler == "auto":
+        sampler = "onestep" if meta.get("kind") == "generator" else "heun"
+    latents, labels, rnd = latents_and_labels(net, seeds, device=device, class_idx=class_idx)
+    with torch.no_grad():
+        if sampler == "onestep":
+            sigma = init_sigma if init_sigma is not None else meta.get("sigma_init", 2.5)
+            return onestep_sample(net, latents, sigma, labels)
+        kw = dict(num_steps=steps)
+        if churn:
+            kw.update(S_churn=churn[0], S_min=churn[1], S_max=churn[2], S_noise=churn[3])
+        return edm_sampler(net, latents, labels, randn_like=rnd.randn_like, **kw).float()
+
+
+@click.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.option("--network", "network_path", help="Network file (sid_fast .pt or EDM/SiD .pkl), path or URL", metavar="PATH|URL", required=True)
+@click.option("--outdir", help="Where to save the images", metavar="DIR", type=str, required=True)
+@click.option("--seeds", help="Random seeds, e.g. 0-63,100", metavar="LIST", type=str, default="0-63", show_default=True)
+@click.option("--sampler", help="auto: one step for sid_fast generators, Heun otherwise", type=click.Choice(["auto", "onestep", "heun"]), default="auto", show_default=True)
+@click.option("--steps", help="Heun steps (NFE = 2 * steps - 1)", metavar="INT", type=click.IntRange(min=1), default=18, show_default=True)
+@click.option("--churn", help="Stochastic Heun: S_churn,S_min,S_max,S_noise (ImageNet: 40,0.05,50,1.003)", metavar="LIST", type=str)
+@click.option("--class", "class_idx", help="Class label (default: random per seed)", metavar="INT", type=click.IntRange(min=0))
+@click.option("--init_sigma", "init_sigma", help="Override the generator's sigma_init", metavar="FLOAT", type=float)
+@click.option("--batch", "max_batch", help="Maximum batch size", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--subdirs", help="Save into subdirectories of 1000 seeds", is_flag=True)
+@click.option("--grid", help="Also save a grid of all images to this file (PNG)", metavar="FILE", type=str)
+def main(network_path, outdir, seeds, sampler, steps, churn, class_idx, init_sigma, max_batch, subdirs, grid):
+    """Generate images from a SiD generator or an EDM teacher."""
+    seed_list = parse_int_list(seeds)
+    churn_t = None
+    if churn:
+        try:
+            churn_t = tuple(float(v) for v in churn.split(","))
+            assert len(churn_t) == 4
+        except (ValueError, AssertionError):
+            raise click.BadParameter(f"--churn {churn!r}: expected four numbers S_churn,S_min,S_max,S_noise.") from None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        net, info = load_network_file(network_path)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    if class_idx is not None and not 0 <= class_idx < max(net.label_dim, 1):
+        raise click.ClickException(f"--class {class_idx}: the network has {net.label_dim} classes.")
+    net = net.to(device)
+    all_images = []
+    os.makedirs(outdir, exist_ok=True)
+    for i in range(0, len(seed_list), max_batch):
+        batch_seeds = seed_list[i : i + max_batch]
+        images = to_uint8(generate(net, info, batch_seeds, device, sampler, steps, class_idx, init_sigma, churn_t)).cpu()
+        for seed, img in zip(batch_seeds, images):
+            d = Path(outdir) / (f"{seed - seed % 1000:06d}" if subdirs else "")
+            d.mkdir(parents=True, exist_ok=True)
+            save_image(image_grid(img[None], cols=1), d / f"{seed:06d}.png")
+        all_images.append(images)
+    if grid:
+        save_image(image_grid(torch.cat(all_images)), grid, scale=max(1, 64 // net.img_resolution))
+    print(f"Saved {len(seed_list)} images to {outdir}" + (f" and a grid to {grid}" if grid else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The training-step benchmark and the profiler script run on the bundled teacher and record what they measured."""
+
+import json
+import subprocess
+import sys
+
+
+def test_train_step_bench_records_measurements(tmp_path):
+    out = tmp_path / "ts.jsonl"
+    r = subprocess.run([sys.executable, "-m", "bench.train_step", "--config", "digits", "--batch-gpu", "4", "--steps", "2",
+                        "--warmup", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["config"] == "digits" and len(rec["step_s"]) == 2 and all(t > 0 for t in rec["step_s"])
+    # 11 forward-equivalents of the 16x16 teacher per image (about 0.2 GFLOP forward).
+    assert 1e9 < rec["flops_per_img"] < 1e10
+    assert 0 < rec["mfu"] < 1 and rec["torch"] and rec["device"].startswith("cpu")
+
+
+def test_profiler_writes_trace_with_sid_ranges(tmp_path):
+    r = subprocess.run([sys.executable, "profile/torch_profile.py", "--config", "digits", "--batch-gpu", "2",
+                        "--active", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (trace,) = tmp_path.glob("*.json")
+    text = trace.read_text()
+    assert "sid/fake_score_step" in text and "sid/generator_step" in text

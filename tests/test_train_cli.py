@@ -1,0 +1,76 @@
+"""train.py end to end on the bundled digits teacher (a few iterations), resume, and the sampler on its snapshot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from sid_fast.checkpoints import load_network_file
+
+
+def _train(*args):
+    return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_digits_default_runs_resumes_and_samples(tmp_path):
+    out = tmp_path / "runs"
+    common = ["--outdir", str(out), "--tick", "0.128", "--snap", "2", "--dump", "2", "--metric-num", "300"]
+    r = _train(*common, "--duration", "0.000384")  # 6 iterations of 64
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = out.iterdir()
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"training_options.json", "log.txt", "stats.jsonl", "metric-fd_digits.jsonl", "fd_digits.png"} <= names
+    assert any(n.startswith("fakes-") for n in names) and any(n.startswith("network-snapshot-") for n in names)
+    stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert stats[-1]["kimg"] == 0.384 and all(s["loss_fake"] > 0 for s in stats)
+    fds = [json.loads(line)["fd_digits"] for line in (run_dir / "metric-fd_digits.jsonl").read_text().splitlines()]
+    assert all(f > 0 for f in fds)
+    assert "tick 0" in r.stdout and "FD-digits of G_ema" in r.stdout
+
+    r = _train(*common, "--duration", "0.000512", "--resume", str(run_dir))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Resumed from" in r.stdout and "at 0.4 kimg" in r.stdout
+    resumed = sorted(out.iterdir())[-1]
+    stats = [json.loads(line) for line in (resumed / "stats.jsonl").read_text().splitlines()]
+    assert stats[-1]["kimg"] == 0.512
+
+    snap = sorted(resumed.glob("network-snapshot-*.pt"))[-1]
+    net, info = load_network_file(snap)
+    assert info["meta"]["kind"] == "generator" and info["meta"]["sigma_init"] == 2.5
+    r = subprocess.run([sys.executable, "-m", "sid_fast.sample", "--network", str(snap), "--seeds", "0-3",
+                        "--outdir", str(tmp_path / "samples")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(list(Path(tmp_path / "samples").glob("*.png"))) == 4
+
+
+def test_bad_flags_fail_before_work(tmp_path):
+    r = _train("--outdir", str(tmp_path), "--tmax", "0")
+    assert r.returncode != 0 and "--tmax must be" in r.stderr
+    r = _train("--outdir", str(tmp_path), "--teacher", str(tmp_path / "none.pkl"))
+    assert r.returncode != 0 and "none.pkl: no such file" in r.stderr and "Traceback" not in r.stderr
+    r = _train("--outdir", str(tmp_path), "--resume", str(tmp_path / "nothing"))
+    assert r.returncode != 0 and "--resume" in r.stderr and "no such file" in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_sigterm_finishes_step_writes_state_and_exits(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "train.py", "--outdir", str(out), "--tick", "0.064", "--snap", "1000",
+                             "--dump", "1000", "--metrics", "none", "--duration", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("*/stats.jsonl")):  # wait until training is under way
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "Received signal" in stdout
+    (run_dir,) = out.iterdir()
+    states = sorted(run_dir.glob("training-state-*.pt"))
+    from sid_fast.training.sid import load_state_file
+
+    s = load_state_file(states[-1])
+    assert s["cur_nimg"] > 0 and s["cur_nimg"] % 64 == 0  # written at an iteration boundary

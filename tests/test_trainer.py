@@ -1,0 +1,231 @@
+"""The SiD trainer: exact resume, process-count invariance, crash-safe states, bad input, and SiD on an analytic teacher."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from sid_fast.analytic import GaussianMixtureDenoiser
+from sid_fast.checkpoints import CheckpointError, atomic_save, save_network
+from sid_fast.metrics import feature_stats, frechet_distance
+from sid_fast.networks import build_network
+from sid_fast.training.config import ConfigError, resolve_config
+from sid_fast.training.sid import SiDTrainer, find_resume_state, load_state_file
+
+NET = dict(model_type="SongUNet", img_resolution=8, img_channels=1, label_dim=3, model_channels=16, channel_mult=[1, 2],
+           num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_network("EDMPrecond", NET)
+    with torch.no_grad():  # non-trivial output layers, so that every path carries gradient
+        for name, p in net.named_parameters():
+            if "conv1" in name or "proj" in name or "aux_conv" in name:
+                p.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_network(path, net, NET, kind="teacher")
+    return str(path)
+
+
+def _cfg(teacher, **kw):
+    base = dict(teacher=teacher, resolution=8, channels=1, label_dim=3, cond=True, metrics="none", batch=8,
+                batch_gpu=4, lr=1e-4, glr=1e-4, augment=0.3, dropout=0.1, ema=0.0001, seed=3)
+    base.update(kw)
+    return resolve_config("digits", base)
+
+
+def _trainer(cfg):
+    return SiDTrainer(cfg, torch.device("cpu"), None, log=lambda *a: None)
+
+
+def _damp_adam(tr):
+    # Parameters whose exact gradient is zero (e.g. the key part of qkv.bias: softmax ignores it) get round-off
+    # gradients whose values depend on summation order; Adam would turn them into full +-lr steps. A large eps
+    # (the same in every run compared) keeps those at round-off size while real gradients still move the weights.
+    for opt in (tr.opt_g, tr.opt_fake):
+        for group in opt.param_groups:
+            group["eps"] = 1e-3
+    return tr
+
+
+def _params(tr):
+    return {f"{n}.{k}": v.clone() for n, m in (("G", tr.G), ("G_ema", tr.G_ema), ("fake", tr.fake)) for k, v in m.state_dict().items()}
+
+
+def test_resume_is_bit_exact(teacher_file, tmp_path):
+    cfg = _cfg(teacher_file)
+    a = _trainer(cfg)
+    for _ in range(4):
+        a.step()
+    b = _trainer(cfg)
+    for _ in range(2):
+        b.step()
+    path = tmp_path / "training-state-000000.pt"
+    atomic_save(b.state_dict(), path)
+    c = _trainer(cfg)
+    c.load_state_dict(load_state_file(path), str(path))
+    for _ in range(2):
+        c.step()
+    pa, pc = _params(a), _params(c)
+    assert pa.keys() == pc.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pc[k]), k
+    assert a.cur_nimg == c.cur_nimg == 32
+    # The runs did train: G moved away from the teacher initialisation.
+    assert not torch.equal(pa["G.model.dec.8x8_aux_conv.weight"], b.teacher.state_dict()["model.dec.8x8_aux_conv.weight"])
+
+
+def _ddp_worker(rank, world, port, teacher, batch_gpu, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        tr = _damp_adam(SiDTrainer(_cfg(teacher, batch_gpu=batch_gpu, dropout=0.0), torch.device("cpu"), None, log=lambda *a: None))
+        for _ in range(3):
+            tr.step()
+        if rank == 0:
+            torch.save(_params(tr), out)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_one_process_equals_two_gloo_processes(teacher_file, tmp_path):
+    # batch 8: 1 process x 2 rounds x 4 vs 2 processes x 1 round x 4; and 1 x 4 x 2 vs 2 x 2 x 2 (accumulation).
+    for i, batch_gpu in enumerate([4, 2]):
+        single = _damp_adam(_trainer(_cfg(teacher_file, dropout=0.0, batch_gpu=batch_gpu)))
+        for _ in range(3):
+            single.step()
+        ref = _params(single)
+        out = tmp_path / f"ddp{i}.pt"
+        mp.spawn(_ddp_worker, args=(2, 29500 + os.getpid() % 1000 + i, teacher_file, batch_gpu, str(out)), nprocs=2)
+        got = torch.load(out, weights_only=True)
+        init = single.teacher.state_dict()
+        for k in ref:
+            # fp32 sums in another order differ by round-off; the trajectories must agree to 2% of the distance
+            # each tensor travelled in training (the distance is >= 1e-4 for trained tensors, round-off ~1e-6).
+            travelled = (ref[k] - init[k.split(".", 1)[1]]).abs().max().item()
+            diff = (got[k] - ref[k]).abs().max().item()
+            assert diff <= 0.02 * travelled + 1e-7, (k, batch_gpu, diff, travelled)
+        moved = (ref["G.model.dec.8x8_aux_conv.weight"] - init["model.dec.8x8_aux_conv.weight"]).abs().max()
+        assert moved > 1e-5  # the comparison is not between untrained copies
+
+
+def test_kill_during_state_write_keeps_previous_state(tmp_path):
+    path = tmp_path / "training-state-000001.pt"
+    atomic_save(dict(format="x", value=torch.arange(5)), path)
+    script = (
+        "import torch, sys; sys.path.insert(0, %r)\n"
+        "from sid_fast.checkpoints import atomic_save\n"
+        "atomic_save(dict(format='x', value=torch.zeros(200_000_000)), %r)\n" % (os.getcwd(), str(path))
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.endswith(".tmp") and p.stat().st_size > 0 for p in tmp_path.iterdir()):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir()), "the writer was killed before it started writing"
+    assert torch.equal(torch.load(path, weights_only=True)["value"], torch.arange(5))
+
+
+def test_truncated_state_is_refused_and_previous_offered(teacher_file, tmp_path):
+    tr = _trainer(_cfg(teacher_file))
+    tr.step()
+    good = tmp_path / "training-state-000001.pt"
+    bad = tmp_path / "training-state-000002.pt"
+    atomic_save(tr.state_dict(), good)
+    data = good.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    latest = find_resume_state(str(tmp_path))
+    assert latest == bad
+    with pytest.raises(ConfigError, match=r"training-state-000002\.pt.*truncated or corrupt.*previous state is .*000001"):
+        load_state_file(latest)
+    load_state_file(good)  # the previous one is fine
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (dict(resolution=16), r"resolution 8 \(preset/flags: 16\)"),
+        (dict(channels=3), r"1 channels \(preset/flags: 3\)"),
+        (dict(cond=False), r"label_dim 3 \(preset/flags: 0, --cond 0\)"),
+    ],
+)
+def test_teacher_mismatch_is_refused(teacher_file, flags, match):
+    with pytest.raises(ConfigError, match=match):
+        _trainer(_cfg(teacher_file, **flags))
+
+
+def test_missing_teacher_and_augment_without_labels(teacher_file, tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        _trainer(_cfg(str(tmp_path / "nope.pkl")))
+    net = dict(NET, augment_dim=0)
+    path = tmp_path / "noaug.pt"
+    save_network(path, build_network("EDMPrecond", net), net)
+    with pytest.raises(ConfigError, match=r"--augment 0.3.*no augment labels"):
+        _trainer(_cfg(str(path)))
+
+
+def test_batch_must_divide(teacher_file):
+    with pytest.raises(ConfigError, match=r"--batch 8 is not divisible .* --batch-gpu 3"):
+        _cfg(teacher_file, batch_gpu=3)
+
+
+def test_nan_samples_are_counted_and_gradients_stay_finite(teacher_file):
+    tr = _trainer(_cfg(teacher_file))
+    real_teacher = tr.teacher
+
+    def poisoned(x, sigma, labels=None, **kw):
+        y = real_teacher(x, sigma, labels, **kw)
+        return torch.cat([y[:1] * float("nan"), y[1:]])  # the first sample of every micro-batch is NaN
+
+    tr.teacher = poisoned
+    tr.step()
+    assert tr.stats[5].item() == 2  # 2 rounds x 1 NaN sample in the generator phase
+    assert all(torch.isfinite(p).all() for p in tr.G.parameters())
+
+
+# ----------------------------------------------------------------------------
+# SiD on the closed-form denoiser of a Gaussian mixture: the generator must approach the mixture.
+
+MIX_NET = dict(model_type="SongUNet", img_resolution=4, img_channels=1, label_dim=0, model_channels=16,
+               channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0)
+
+
+def test_sid_on_gaussian_mixture_cuts_frechet_distance():
+    from sid_fast.training.teacher import train_edm
+
+    torch.manual_seed(0)
+    rows = torch.tensor([[0.6, 0.6, -0.6, -0.6], [-0.6, 0.6, -0.6, 0.6], [0.6, -0.6, 0.6, -0.6], [-0.6, -0.6, 0.6, 0.6]])
+    teacher = GaussianMixtureDenoiser(rows.reshape(4, 1, 1, 4).expand(4, 1, 4, 4).contiguous(), [0.15] * 4)
+    data = teacher.sample(4096, torch.Generator().manual_seed(1)).float()
+    # Students start, as in SiD, from a denoiser trained on the target (a short EDM run on mixture samples).
+    student = train_edm(build_network("EDMPrecond", MIX_NET), data, steps=150, batch=128, lr=2e-3, ema_halflife_kimg=2, log=None)
+    ref = feature_stats(teacher.sample(4000, torch.Generator().manual_seed(2)))
+    cfg = resolve_config("digits", dict(teacher="<analytic mixture>", resolution=4, channels=1, metrics="none", batch=64,
+                                        batch_gpu=64, lr=1e-3, glr=1e-3, ema=0.002, dropout=0.0))
+    tr = SiDTrainer(cfg, torch.device("cpu"), None, log=lambda *a: None, teacher=teacher,
+                    student=("EDMPrecond", MIX_NET, student.state_dict()))
+
+    def fd():
+        return frechet_distance(*feature_stats(tr.sample_ema(list(range(4000)))), *ref)
+
+    fd0 = fd()
+    for _ in range(SID_STEPS):
+        tr.step()
+    fd1 = fd()
+    assert fd1 < fd0 / SID_FACTOR, (fd0, fd1)
+
+
+SID_STEPS, SID_FACTOR = 150, 4
