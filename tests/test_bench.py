@@ -24,3 +24,16 @@ def test_profiler_writes_trace_with_sid_ranges(tmp_path):
     (trace,) = tmp_path.glob("*.json")
     text = trace.read_text()
     assert "sid/fake_score_step" in text and "sid/generator_step" in text
+
+
+def test_kernel_bench_smoke(tmp_path):
+    import os
+
+    out = tmp_path / "k.jsonl"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "bench.kernels", "--shapes", "tiny", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(x["provider"], x["mode"]) for x in recs} == {(p, m) for p in ("triton", "torch") for m in ("fwd", "bwd", "fwd+bwd")}
+    assert all(x["ms_p50"] > 0 and x["gb_s"] > 0 and x["copy_gb_s"] > 0 for x in recs)

@@ -231,3 +231,25 @@ def test_sid_on_gaussian_mixture_cuts_frechet_distance():
     # every 100 steps), so the mean of the last three evaluations is compared. Measured on CPU, torch 2.13:
     # 1.16 -> mean 0.26 (4.4x); asserted with margin: 3x.
     assert sum(late) / 3 < fd0 / 3, (fd0, late)
+
+
+def test_sid_loss_kernel_in_the_trainer_matches_reference(teacher_file):
+    """Generator step with the fused Triton loss (interpreter on CPU) vs the torch reference, from the same state."""
+    from sid_fast import ops
+
+    results = []
+    for enabled in (False, True):
+        ops.set_use_kernels(enabled)
+        try:
+            tr = _damp_adam(_trainer(_cfg(teacher_file, dropout=0.0, augment=0.0)))
+            for _ in range(2):
+                tr.step()
+            results.append((_params(tr), tr.stats[1].item()))
+        finally:
+            ops.set_use_kernels(False)
+    (ref, loss_ref), (ker, loss_ker) = results
+    assert abs(loss_ker - loss_ref) <= 1e-4 * abs(loss_ref) + 1e-4
+    init = _trainer(_cfg(teacher_file)).teacher.state_dict()
+    for k in ref:
+        travelled = (ref[k] - init[k.split(".", 1)[1]]).abs().max().item()
+        assert (ker[k] - ref[k]).abs().max().item() <= 0.02 * travelled + 1e-7, k

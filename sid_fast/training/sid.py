@@ -36,7 +36,8 @@ import torch
 
 from sid_fast import checkpoints
 from sid_fast.augment import AugmentPipe
-from sid_fast.losses import edm_loss_elements, sample_edm_sigma, sample_generator_sigma, sid_generator_loss_elements
+from sid_fast import ops
+from sid_fast.losses import edm_loss_elements, sample_edm_sigma, sample_generator_sigma
 from sid_fast.networks import build_network
 from sid_fast.sampling import image_grid, latents_and_labels, onestep_sample, save_image, to_uint8
 from sid_fast.training import dist
@@ -274,9 +275,9 @@ class SiDTrainer:
                 aug = self._aug_zeros(cfg.batch_gpu)
                 y_real = self.teacher(x_t, sigma, labels, **aug)
                 y_fake = self.fake(x_t, sigma, labels, **aug)
-                loss, ok = sid_generator_loss_elements(x_g, y_real, y_fake, cfg.alpha)
-                (loss.sum() * (cfg.lsg / self.batch_gpu_total)).backward()
-            self.stats[1] += loss.detach().sum()
+                loss_sum, ok = ops.sid_generator_loss_sum(x_g, y_real, y_fake, cfg.alpha)
+                (loss_sum * (cfg.lsg / self.batch_gpu_total)).backward()
+            self.stats[1] += loss_sum.detach()
             self.stats[3] += ok.sum()
             self.stats[5] += (~ok).sum()
         bad = self._clean_grads(self.G.parameters())

@@ -1,0 +1,8 @@
+"""Fused Triton kernels for sid_fast, one op per file, each with its pure-torch reference beside it.
+
+kernels/ knows nothing of sid_fast/; sid_fast imports kernels, never the reverse.
+"""
+
+from kernels.sid_loss import sid_loss_rows, sid_loss_rows_ref
+
+__all__ = ["sid_loss_rows", "sid_loss_rows_ref"]
