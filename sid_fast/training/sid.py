@@ -22,6 +22,7 @@ training set's label frequencies).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -34,9 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sid_fast import checkpoints
+from sid_fast import checkpoints, ops
 from sid_fast.augment import AugmentPipe
-from sid_fast import ops
 from sid_fast.losses import edm_loss_elements, sample_edm_sigma, sample_generator_sigma
 from sid_fast.networks import build_network
 from sid_fast.sampling import image_grid, latents_and_labels, onestep_sample, save_image, to_uint8
@@ -246,7 +246,7 @@ class SiDTrainer:
                 y, kw = x_g, (torch.zeros([cfg.batch_gpu, self.aug_dim], device=self.device) if self.aug_dim else None)
             noise = torch.randn(y.shape, device=self.device, generator=g)
             sync = self.world > 1 and rnd < self.rounds - 1
-            with self.fake_ddp.no_sync() if sync else _nullctx():
+            with self.fake_ddp.no_sync() if sync else contextlib.nullcontext():
                 loss, ok = edm_loss_elements(self.fake_ddp, y, sigma, labels, kw, noise)
                 (loss.sum() * (cfg.ls / self.batch_gpu_total)).backward()
             self.stats[0] += loss.detach().sum()
@@ -269,7 +269,7 @@ class SiDTrainer:
             sigma = sample_generator_sigma(cfg.batch_gpu, cfg.tmax, self.device, generator=g)
             eps = torch.randn([cfg.batch_gpu, cfg.channels, cfg.resolution, cfg.resolution], device=self.device, generator=g)
             sync = self.world > 1 and rnd < self.rounds - 1
-            with self.G_ddp.no_sync() if sync else _nullctx():
+            with self.G_ddp.no_sync() if sync else contextlib.nullcontext():
                 x_g = self.generate(self.G_ddp, z, labels)
                 x_t = x_g + sigma * eps
                 aug = self._aug_zeros(cfg.batch_gpu)
@@ -499,14 +499,6 @@ class SiDTrainer:
         if progress is not None:
             progress.close()
         return "stopped" if stop and not done else "done"
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 # ----------------------------------------------------------------------------
