@@ -3,6 +3,7 @@
 kernels/ knows nothing of sid_fast/; sid_fast imports kernels, never the reverse.
 """
 
+from kernels.edm_loss import edm_loss_rows, edm_loss_rows_ref
 from kernels.sid_loss import sid_loss_rows, sid_loss_rows_ref
 
-__all__ = ["sid_loss_rows", "sid_loss_rows_ref"]
+__all__ = ["edm_loss_rows", "edm_loss_rows_ref", "sid_loss_rows", "sid_loss_rows_ref"]

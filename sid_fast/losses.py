@@ -100,14 +100,18 @@ def sid_generator_loss_rowdrop(x_g, y_real, y_fake, alpha: float, loss_scale: fl
 # EDM denoising loss (teacher training; SiD's fake-score loss on generator samples).
 
 
+def edm_loss_from_output(D, y, sigma):
+    """lambda(sigma) * (D - y)^2 per element for a denoiser output D, NaN rows zeroed; returns (loss, ok)."""
+    ok = finite_rows(y, D)
+    loss = edm_weight(sigma) * (_mask(ok, _f32(D)) - _mask(ok, _f32(y))) ** 2
+    return _mask(ok, loss), ok
+
+
 def edm_loss_elements(net, y, sigma, labels=None, augment_labels=None, noise=None):
     """lambda(sigma) * (D(y + sigma n, sigma) - y)^2 per element, NaN rows zeroed; returns (loss, ok)."""
     n = torch.randn_like(y) if noise is None else noise
     kwargs = {} if augment_labels is None else dict(augment_labels=augment_labels)
-    D = net(y + sigma * n, sigma, labels, **kwargs)
-    ok = finite_rows(y, D)
-    loss = edm_weight(sigma) * (_mask(ok, _f32(D)) - _mask(ok, _f32(y))) ** 2
-    return _mask(ok, loss), ok
+    return edm_loss_from_output(net(y + sigma * n, sigma, labels, **kwargs), y, sigma)
 
 
 class EDMLoss:

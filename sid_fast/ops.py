@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from sid_fast.losses import sid_generator_loss_elements
+from sid_fast.losses import edm_loss_from_output, edm_weight, sid_generator_loss_elements
 
 _use_kernels = os.environ.get("SID_FAST_KERNELS", "0") == "1"
 
@@ -33,4 +33,15 @@ def sid_generator_loss_sum(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torc
         row, _, ok = sid_loss_rows(x_g, y_real, y_fake, alpha)
         return row.sum(), ok
     loss, ok = sid_generator_loss_elements(x_g, y_real, y_fake, alpha)
+    return loss.sum(), ok
+
+
+def fake_score_loss_sum(D: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor):
+    """(sum of lambda(sigma) (D - y)^2 over samples and pixels, [N] bool of rows without NaN) for SiD's fake score."""
+    if _use_kernels:
+        from kernels.edm_loss import edm_loss_rows
+
+        row, ok = edm_loss_rows(D, y, edm_weight(sigma).reshape(-1).float())
+        return row.sum(), ok
+    loss, ok = edm_loss_from_output(D, y, sigma)
     return loss.sum(), ok

@@ -234,7 +234,7 @@ def test_sid_on_gaussian_mixture_cuts_frechet_distance():
 
 
 def test_sid_loss_kernel_in_the_trainer_matches_reference(teacher_file):
-    """Generator step with the fused Triton loss (interpreter on CPU) vs the torch reference, from the same state."""
+    """SiD steps with both fused Triton losses (interpreter on CPU) vs the torch references, from the same state."""
     from sid_fast import ops
 
     results = []

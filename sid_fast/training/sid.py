@@ -37,7 +37,7 @@ import torch
 
 from sid_fast import checkpoints, ops
 from sid_fast.augment import AugmentPipe
-from sid_fast.losses import edm_loss_elements, sample_edm_sigma, sample_generator_sigma
+from sid_fast.losses import sample_edm_sigma, sample_generator_sigma
 from sid_fast.networks import build_network
 from sid_fast.sampling import image_grid, latents_and_labels, onestep_sample, save_image, to_uint8
 from sid_fast.training import dist
@@ -247,9 +247,10 @@ class SiDTrainer:
             noise = torch.randn(y.shape, device=self.device, generator=g)
             sync = self.world > 1 and rnd < self.rounds - 1
             with self.fake_ddp.no_sync() if sync else contextlib.nullcontext():
-                loss, ok = edm_loss_elements(self.fake_ddp, y, sigma, labels, kw, noise)
-                (loss.sum() * (cfg.ls / self.batch_gpu_total)).backward()
-            self.stats[0] += loss.detach().sum()
+                D = self.fake_ddp(y + sigma * noise, sigma, labels, **({} if kw is None else dict(augment_labels=kw)))
+                loss_sum, ok = ops.fake_score_loss_sum(D, y, sigma)
+                (loss_sum * (cfg.ls / self.batch_gpu_total)).backward()
+            self.stats[0] += loss_sum.detach()
             self.stats[2] += ok.sum()
             self.stats[4] += (~ok).sum()
         bad = self._clean_grads(self.fake.parameters())
