@@ -3,12 +3,16 @@
     python -m bench.kernels                      # on a GPU: official shapes, JSON lines in bench/results/kernels.jsonl
     python -m bench.kernels --shapes tiny        # CPU smoke run (Triton interpreter; wall-clock timing)
 
-Ops: `sid_loss` (kernels/sid_loss.py). Shapes: CIFAR-10 DDPM++ at micro-batch 64 ([64, 3, 32, 32]), ImageNet-64 ADM
-at micro-batch 32 ([32, 3, 64, 64]), and a large one ([256, 3, 64, 64]). Modes: fwd, bwd, fwd+bwd. Timing: on CUDA
-`triton.testing.do_bench` (median, 20th and 80th percentiles); without CUDA the median of wall-clock repeats.
-Bytes moved (the ideal, each tensor read or written once): fwd reads 3 inputs; bwd reads 3 inputs and writes 3
-gradients; fwd+bwd is their sum. GB/s is reported with the fraction of a device-to-device copy's bandwidth
-(bytes read + written) measured in the same run.
+Ops and shapes:
+- `sid_loss` (kernels/sid_loss.py) and `edm_loss` (kernels/edm_loss.py) on image batches: CIFAR-10 DDPM++ at
+  micro-batch 64 ([64, 3, 32, 32]), ImageNet-64 ADM at micro-batch 32 ([32, 3, 64, 64]), a large [256, 3, 64, 64].
+- `group_norm_silu` (kernels/group_norm_silu.py) on activations: DDPM++ CIFAR-10 at micro-batch 64
+  ([64, 256, 32, 32], 32 groups), ADM ImageNet-64 at micro-batch 32 with scale/shift ([32, 192, 64, 64], 32 groups),
+  and a large one ([32, 384, 64, 64]); the eager provider is F.group_norm (+ addcmul) + F.silu.
+Modes: fwd, bwd, fwd+bwd. Timing: on CUDA `triton.testing.do_bench` (median, 20th and 80th percentiles); without CUDA
+the median of wall-clock repeats. Bytes moved are the ideal (each tensor read or written once): sid_loss fwd 3
+tensors, bwd 6; edm_loss fwd 2, bwd 3; group_norm_silu fwd 2, bwd 3; fwd+bwd the sum. GB/s is reported with the
+fraction of a device-to-device copy's bandwidth (bytes read + written) measured in the same run.
 """
 
 from __future__ import annotations
@@ -24,9 +28,14 @@ SHAPES = {
     "official": [("cifar10-ddpmpp-mb64", (64, 3, 32, 32)), ("imagenet64-adm-mb32", (32, 3, 64, 64)), ("large", (256, 3, 64, 64))],
     "tiny": [("tiny", (2, 3, 8, 8))],
 }
+GN_SHAPES = {
+    "official": [("cifar10-ddpmpp-mb64", (64, 256, 32, 32), 32, False), ("imagenet64-adm-mb32", (32, 192, 64, 64), 32, True),
+                 ("large", (32, 384, 64, 64), 32, True)],
+    "tiny": [("tiny", (2, 16, 8, 8), 4, True)],
+}
 
 
-def timer(fn, device, reps=20):
+def timer(fn, device, reps=5):
     """(p50, p20, p80) milliseconds."""
     if device.type == "cuda":
         import triton.testing
@@ -52,36 +61,76 @@ def copy_bandwidth(device, nbytes=1 << 30) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def _modes(fn, diff, fixed):
+    """fwd / bwd / fwd+bwd callables for out = fn(*diff, *fixed) (a tensor; reduced with a fixed cotangent)."""
+    out = fn(*[t.clone().requires_grad_(True) for t in diff], *fixed)
+    cot = torch.ones_like(out)
+
+    def fwd():
+        return fn(*diff, *fixed)
+
+    leaves = [t.clone().requires_grad_(True) for t in diff]
+    held = fn(*leaves, *fixed)
+
+    def bwd():
+        torch.autograd.grad(held, leaves, cot, retain_graph=True)
+
+    def both():
+        ls = [t.clone().requires_grad_(True) for t in diff]
+        torch.autograd.grad(fn(*ls, *fixed), ls, cot)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
+
+
+def _providers(kernel, reference, diff, fixed, device):
+    providers = {"triton": _modes(kernel, diff, fixed), "torch": _modes(reference, diff, fixed)}
+    if device.type == "cuda":
+        providers["torch.compile"] = _modes(torch.compile(reference), diff, fixed)
+    return providers
+
+
 def sid_loss_cases(shape, dtype, device):
     from kernels.sid_loss import sid_loss_rows, sid_loss_rows_ref
 
-    alpha = 1.2
     g = torch.Generator(device=device).manual_seed(0)
     base = [torch.randn(shape, device=device, generator=g).to(dtype) for _ in range(3)]
-
-    def make(fn):
-        def fwd():
-            return fn(*base, alpha)[0].sum()
-
-        leaves = [t.clone().requires_grad_(True) for t in base]
-        out = fn(*leaves, alpha)[0].sum()
-
-        def bwd():
-            torch.autograd.grad(out, leaves, retain_graph=True)
-
-        def both():
-            ls = [t.clone().requires_grad_(True) for t in base]
-            torch.autograd.grad(fn(*ls, alpha)[0].sum(), ls)
-
-        return dict(fwd=fwd, bwd=bwd, **{"fwd+bwd": both})
-
-    compiled = torch.compile(lambda x, r, f, a: sid_loss_rows_ref(x, r, f, a))
-    providers = {"triton": make(sid_loss_rows), "torch": make(sid_loss_rows_ref)}
-    if device.type == "cuda":
-        providers["torch.compile"] = make(compiled)
+    providers = _providers(lambda x, r, f, a: sid_loss_rows(x, r, f, a)[0],
+                           lambda x, r, f, a: sid_loss_rows_ref(x, r, f, a)[0], base, [1.2], device)
     n = base[0].numel() * base[0].element_size()
-    nbytes = {"fwd": 3 * n, "bwd": 6 * n, "fwd+bwd": 9 * n}
-    return providers, nbytes
+    return providers, {"fwd": 3 * n, "bwd": 6 * n, "fwd+bwd": 9 * n}
+
+
+def edm_loss_cases(shape, dtype, device):
+    from kernels.edm_loss import edm_loss_rows, edm_loss_rows_ref
+
+    g = torch.Generator(device=device).manual_seed(0)
+    D, y = (torch.randn(shape, device=device, generator=g).to(dtype) for _ in range(2))
+    lam = torch.rand(shape[0], device=device, generator=g) + 0.5
+    providers = _providers(lambda d, t, l: edm_loss_rows(d, t, l)[0], lambda d, t, l: edm_loss_rows_ref(d, t, l)[0],
+                           [D], [y, lam], device)
+    n = D.numel() * D.element_size()
+    return providers, {"fwd": 2 * n, "bwd": 3 * n, "fwd+bwd": 5 * n}
+
+
+def group_norm_silu_cases(shape, groups, modulate, dtype, device):
+    from kernels.group_norm_silu import group_norm_silu, group_norm_silu_ref
+
+    n_, c = shape[:2]
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, device=device, generator=g).to(dtype)
+    gamma, beta = torch.ones(c, device=device, dtype=dtype), torch.zeros(c, device=device, dtype=dtype)
+    mod = [0.1 * torch.randn(n_, c, device=device, generator=g).to(dtype) for _ in range(2)] if modulate else [None, None]
+
+    def kern(x, w, b, s=None, t=None):
+        return group_norm_silu(x, w, b, groups, 1e-5, s, t)
+
+    def ref(x, w, b, s=None, t=None):
+        return group_norm_silu_ref(x, w, b, groups, 1e-5, s, t, upcast=False)
+
+    diff = [x, gamma, beta] + ([m for m in mod] if modulate else [])
+    providers = _providers(kern, ref, diff, [], device)
+    n = x.numel() * x.element_size()
+    return providers, {"fwd": 2 * n, "bwd": 3 * n, "fwd+bwd": 5 * n}
 
 
 def main():
@@ -98,30 +147,39 @@ def main():
     copy_gbs = copy_bandwidth(device)
     records = []
     print(f"{env['device']}: device-to-device copy {copy_gbs:.0f} GB/s")
-    print(f"{'op':<9} {'shape':<22} {'dtype':<5} {'mode':<8} {'provider':<14} {'ms p50':>9} {'GB/s':>8} {'of copy':>8} {'speed-up':>9}")
-    for label, shape in shapes:
-        for dname in names:
-            providers, nbytes = sid_loss_cases(shape, dtypes[dname], device)
-            for mode in ("fwd", "bwd", "fwd+bwd"):
-                base_ms = None
-                rows = []
-                for prov, fns in providers.items():
-                    try:
-                        p50, p20, p80 = timer(fns[mode], device)
-                    except Exception as e:  # a provider that fails records NaN instead of ending the run
-                        print(f"  {prov} {mode} failed: {type(e).__name__}: {e}")
-                        p50 = p20 = p80 = float("nan")
-                    gbs = nbytes[mode] / (p50 * 1e-3) / 1e9
-                    rows.append((prov, p50, p20, p80, gbs))
-                    if prov == "torch":
-                        base_ms = p50
-                for prov, p50, p20, p80, gbs in rows:
-                    rec = dict(bench="kernels", op="sid_loss", provider=prov, mode=mode, shape=list(shape), shape_name=label,
-                               dtype=dname, ms_p50=p50, ms_p20=p20, ms_p80=p80, gb_s=gbs, copy_gb_s=copy_gbs,
-                               frac_of_copy=gbs / copy_gbs, speedup_vs_eager=base_ms / p50, **env)
-                    records.append(rec)
-                    print(f"{'sid_loss':<9} {str(shape):<22} {dname:<5} {mode:<8} {prov:<14} {p50:>9.4f} {gbs:>8.1f} "
-                          f"{gbs / copy_gbs:>8.1%} {base_ms / p50:>8.2f}x")
+    print(f"{'op':<15} {'shape':<22} {'dtype':<5} {'mode':<8} {'provider':<14} {'ms p50':>9} {'GB/s':>8} {'of copy':>8} {'speed-up':>9}")
+    size = a.shapes or ("official" if device.type == "cuda" else "tiny")
+    cases = []
+    for dname in names:
+        dt = dtypes[dname]
+        for label, shape in shapes:
+            cases.append(("sid_loss", label, shape, dname, lambda s=shape, d=dt: sid_loss_cases(s, d, device)))
+            cases.append(("edm_loss", label, shape, dname, lambda s=shape, d=dt: edm_loss_cases(s, d, device)))
+        for label, shape, groups, mod in GN_SHAPES[size]:
+            cases.append(("group_norm_silu", label, shape, dname,
+                          lambda s=shape, gr=groups, m=mod, d=dt: group_norm_silu_cases(s, gr, m, d, device)))
+    for op, label, shape, dname, build in cases:
+        providers, nbytes = build()
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            base_ms = None
+            rows = []
+            for prov, fns in providers.items():
+                try:
+                    p50, p20, p80 = timer(fns[mode], device)
+                except Exception as e:  # a provider that fails records NaN instead of ending the run
+                    print(f"  {prov} {mode} failed: {type(e).__name__}: {e}")
+                    p50 = p20 = p80 = float("nan")
+                gbs = nbytes[mode] / (p50 * 1e-3) / 1e9
+                rows.append((prov, p50, p20, p80, gbs))
+                if prov == "torch":
+                    base_ms = p50
+            for prov, p50, p20, p80, gbs in rows:
+                rec = dict(bench="kernels", op=op, provider=prov, mode=mode, shape=list(shape), shape_name=label,
+                           dtype=dname, ms_p50=p50, ms_p20=p20, ms_p80=p80, gb_s=gbs, copy_gb_s=copy_gbs,
+                           frac_of_copy=gbs / copy_gbs, speedup_vs_eager=base_ms / p50, **env)
+                records.append(rec)
+                print(f"{op:<15} {str(shape):<22} {dname:<5} {mode:<8} {prov:<14} {p50:>9.4f} {gbs:>8.1f} "
+                      f"{gbs / copy_gbs:>8.1%} {base_ms / p50:>8.2f}x")
     path = write_jsonl(records, a.out)
     print(f"-> {path}")
 

@@ -35,5 +35,8 @@ def test_kernel_bench_smoke(tmp_path):
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {(x["provider"], x["mode"]) for x in recs} == {(p, m) for p in ("triton", "torch") for m in ("fwd", "bwd", "fwd+bwd")}
+    ops = ("sid_loss", "edm_loss", "group_norm_silu")
+    assert {(x["op"], x["provider"], x["mode"]) for x in recs} == {
+        (o, p, m) for o in ops for p in ("triton", "torch") for m in ("fwd", "bwd", "fwd+bwd")
+    }
     assert all(x["ms_p50"] > 0 and x["gb_s"] > 0 and x["copy_gb_s"] > 0 for x in recs)

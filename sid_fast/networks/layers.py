@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sid_fast import ops
 from sid_fast.networks.attention import attention
 
 # ----------------------------------------------------------------------------
@@ -130,6 +131,16 @@ class GroupNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
 
+    def silu(self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """silu(shift + self(x) * (scale + 1)) (scale, shift: [N, C] or None), fused when kernels are enabled."""
+        if ops.use_kernels():
+            from kernels.group_norm_silu import group_norm_silu
+
+            return group_norm_silu(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.num_groups, self.eps, scale, shift)
+        if scale is None:
+            return F.silu(self(x))
+        return F.silu(torch.addcmul(shift[:, :, None, None], self(x), scale[:, :, None, None] + 1))
+
 
 # ----------------------------------------------------------------------------
 # The UNet block of both DDPM++/NCSN++ (adaptive_scale=False) and ADM (adaptive_scale=True), with optional
@@ -187,14 +198,14 @@ class UNetBlock(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         orig = x
-        x = self.conv0(F.silu(self.norm0(x)))
+        x = self.conv0(self.norm0.silu(x))
 
-        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        params = self.affine(emb).to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(chunks=2, dim=1)  # EDM: scale is the first half.
-            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+            x = self.norm1.silu(x, scale, shift)
         else:
-            x = F.silu(self.norm1(x + params))
+            x = self.norm1.silu(x + params[:, :, None, None])
 
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
         x = x + (self.skip(orig) if self.skip is not None else orig)
