@@ -133,7 +133,7 @@ class GroupNorm(torch.nn.Module):
 
     def silu(self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
         """silu(shift + self(x) * (scale + 1)) (scale, shift: [N, C] or None), fused when kernels are enabled."""
-        if ops.use_kernels():
+        if ops.use_kernel("group_norm_silu"):
             from kernels.group_norm_silu import group_norm_silu
 
             return group_norm_silu(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.num_groups, self.eps, scale, shift)
