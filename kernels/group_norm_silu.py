@@ -49,6 +49,34 @@ def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, scale=None
 
 
 @triton.jit
+def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c, MODULATE: tl.constexpr):
+    """gamma_c, beta_c, (1 + scale_nc), shift_nc as fp32 (1 and 0 without modulation)."""
+    gamma = tl.load(w_ptr + c).to(tl.float32)
+    beta = tl.load(b_ptr + c).to(tl.float32)
+    s1 = 1.0
+    sh = 0.0
+    if MODULATE:
+        s1 = 1.0 + tl.load(scale_ptr + n * C + c).to(tl.float32)
+        sh = tl.load(shift_ptr + n * C + c).to(tl.float32)
+    return gamma, beta, s1, sh
+
+
+@triton.jit
+def _recompute(v, dy, mean, rstd, gamma, beta, s1, sh, MODULATE: tl.constexpr, SILU: tl.constexpr):
+    """From x and dy: a = normalised x, t = affine(a), du = dy * d(output)/du at u = modulate(t)."""
+    a = (v - mean) * rstd
+    t = a * gamma + beta
+    u = t
+    if MODULATE:
+        u = sh + t * s1
+    du = dy
+    if SILU:
+        sg = tl.sigmoid(u)
+        du = dy * sg * (1.0 + u * (1.0 - sg))
+    return a, t, du
+
+
+@triton.jit
 def _gn_fwd_kernel(
     x_ptr, y_ptr,  # input / output [N, C, H, W] in NCHW or channels_last
     w_ptr, b_ptr,  # gamma, beta [C]
@@ -85,11 +113,7 @@ def _gn_fwd_kernel(
     tl.store(mean_ptr + pid, mean)
     tl.store(rstd_ptr + pid, rstd)
     for c in range(c0, c0 + cpg):
-        gamma = tl.load(w_ptr + c).to(tl.float32)
-        beta = tl.load(b_ptr + c).to(tl.float32)
-        if MODULATE:
-            s1 = 1.0 + tl.load(scale_ptr + n * C + c).to(tl.float32)
-            sh = tl.load(shift_ptr + n * C + c).to(tl.float32)
+        gamma, beta, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c, MODULATE)
         for start in range(0, HW, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             m = offs < HW
@@ -126,12 +150,7 @@ def _gn_bwd_kernel(
     s_da = 0.0
     s_daa = 0.0
     for c in range(c0, c0 + cpg):
-        gamma = tl.load(w_ptr + c).to(tl.float32)
-        beta = tl.load(b_ptr + c).to(tl.float32)
-        s1 = 1.0
-        if MODULATE:
-            s1 = 1.0 + tl.load(scale_ptr + n * C + c).to(tl.float32)
-            sh = tl.load(shift_ptr + n * C + c).to(tl.float32)
+        gamma, beta, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c, MODULATE)
         acc_du = tl.zeros([BLOCK], dtype=tl.float32)
         acc_dut = tl.zeros([BLOCK], dtype=tl.float32)
         acc_dta = tl.zeros([BLOCK], dtype=tl.float32)
@@ -141,15 +160,7 @@ def _gn_bwd_kernel(
             ptr = base + c * stride_c + offs * stride_hw
             v = tl.load(x_ptr + ptr, mask=m, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + ptr, mask=m, other=0.0).to(tl.float32)
-            a = (v - mean) * rstd
-            t = a * gamma + beta
-            u = t
-            if MODULATE:
-                u = sh + t * s1
-            du = dy
-            if SILU:
-                sg = tl.sigmoid(u)
-                du = dy * sg * (1.0 + u * (1.0 - sg))
+            a, t, du = _recompute(v, dy, mean, rstd, gamma, beta, s1, sh, MODULATE, SILU)
             du = tl.where(m, du, 0.0)
             acc_du += du
             acc_dut += du * t
@@ -166,26 +177,14 @@ def _gn_bwd_kernel(
     m_da = s_da / count
     m_daa = s_daa / count
     for c in range(c0, c0 + cpg):
-        gamma = tl.load(w_ptr + c).to(tl.float32)
-        beta = tl.load(b_ptr + c).to(tl.float32)
-        s1 = 1.0
-        if MODULATE:
-            s1 = 1.0 + tl.load(scale_ptr + n * C + c).to(tl.float32)
-            sh = tl.load(shift_ptr + n * C + c).to(tl.float32)
+        gamma, beta, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c, MODULATE)
         for start in range(0, HW, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             m = offs < HW
             ptr = base + c * stride_c + offs * stride_hw
             v = tl.load(x_ptr + ptr, mask=m, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + ptr, mask=m, other=0.0).to(tl.float32)
-            a = (v - mean) * rstd
-            u = a * gamma + beta
-            if MODULATE:
-                u = sh + u * s1
-            du = dy
-            if SILU:
-                sg = tl.sigmoid(u)
-                du = dy * sg * (1.0 + u * (1.0 - sg))
+            a, _, du = _recompute(v, dy, mean, rstd, gamma, beta, s1, sh, MODULATE, SILU)
             da = du * s1 * gamma
             dx = rstd * (da - m_da - a * m_daa)
             tl.store(dx_ptr + ptr, dx.to(dx_ptr.dtype.element_ty), mask=m)
