@@ -11,12 +11,16 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from kernels._common import block_size, triton_available
+
+
+def _blk(n: int) -> int:
+    return block_size(n, 2048)
 
 
 def edm_loss_rows_ref(D_x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, upcast: bool = True):
@@ -81,9 +85,6 @@ def _edm_loss_bwd_kernel(
     tl.store(dd_ptr + base + offs, tl.where(ok, k * (a - b), 0.0).to(dd_ptr.dtype.element_ty), mask=m)
 
 
-def _block(D: int) -> int:
-    cap = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 2048
-    return min(cap, triton.next_power_of_2(max(D, 16)))
 
 
 @triton_op("sid_fast_kernels::edm_loss_rows", mutates_args=())
@@ -93,7 +94,7 @@ def edm_loss_rows_op(D_x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> t
     d, t = D_x.contiguous(), y.contiguous()
     row = torch.empty(n, device=d.device, dtype=torch.float32)
     ok = torch.empty(n, device=d.device, dtype=torch.int8)
-    wrap_triton(_edm_loss_fwd_kernel)[(n,)](d, t, lam.reshape(n).float().contiguous(), row, ok, D, BLOCK=_block(D))
+    wrap_triton(_edm_loss_fwd_kernel)[(n,)](d, t, lam.reshape(n).float().contiguous(), row, ok, D, BLOCK=_blk(D))
     return row, ok
 
 
@@ -104,7 +105,7 @@ def edm_loss_rows_bwd_op(D_x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, 
     D = D_x.numel() // n
     d, t = D_x.contiguous(), y.contiguous()
     dd = torch.empty_like(d)
-    block = _block(D)
+    block = _blk(D)
     wrap_triton(_edm_loss_bwd_kernel)[(n, triton.cdiv(D, block))](
         d, t, lam.reshape(n).float().contiguous(), grad_row.float().contiguous(), ok, dd, D, BLOCK=block
     )
@@ -137,7 +138,7 @@ def edm_loss_rows(D_x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor):
         raise ValueError(f"edm_loss: lam has {lam.numel()} values for {D_x.shape[0]} rows.")
     if not (D_x.device == y.device == lam.device):
         raise ValueError(f"edm_loss: inputs are on different devices ({D_x.device}, {y.device}, {lam.device}).")
-    if not (D_x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not triton_available(D_x):
         return edm_loss_rows_ref(D_x, y, lam)
     row, ok = edm_loss_rows_op(D_x, y, lam)
     return row, ok.bool()

@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -30,6 +29,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from kernels._common import block_size, triton_available
+
+
+def _blk(n: int) -> int:
+    return block_size(n, 1024)
 
 
 def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, scale=None, shift=None, silu: bool = True,
@@ -200,9 +205,6 @@ def _layout(x: torch.Tensor):
     return x, (h * w * c, 1, c)
 
 
-def _block(hw: int) -> int:
-    cap = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
-    return min(cap, triton.next_power_of_2(max(hw, 16)))
 
 
 @triton_op("sid_fast_kernels::group_norm_silu", mutates_args=())
@@ -219,7 +221,7 @@ def group_norm_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     sh_t = shift.contiguous() if mod else weight
     wrap_triton(_gn_fwd_kernel)[(n * num_groups,)](
         x, y, weight, bias, sc_t, sh_t, mean, rstd, c, h * w, num_groups, sn, sc, shw, eps,
-        MODULATE=mod, SILU=silu, BLOCK=_block(h * w),
+        MODULATE=mod, SILU=silu, BLOCK=_blk(h * w),
     )
     return y, mean, rstd
 
@@ -242,7 +244,7 @@ def group_norm_silu_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     sh_t = shift.contiguous() if mod else weight
     wrap_triton(_gn_bwd_kernel)[(n * num_groups,)](
         x, dy, dx, weight, bias, sc_t, sh_t, mean, rstd, dw_part, db_part, dscale, dshift,
-        c, h * w, num_groups, sn, sc, shw, MODULATE=mod, SILU=silu, BLOCK=_block(h * w),
+        c, h * w, num_groups, sn, sc, shw, MODULATE=mod, SILU=silu, BLOCK=_blk(h * w),
     )
     return dx, dw_part.sum(0), db_part.sum(0), dscale, dshift
 
@@ -282,6 +284,6 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
         raise ValueError("group_norm_silu: give both scale and shift, or neither.")
     if scale is not None and (scale.shape != (n, c) or shift.shape != (n, c)):
         raise ValueError(f"group_norm_silu: scale {tuple(scale.shape)} and shift {tuple(shift.shape)} must be [{n}, {c}].")
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not triton_available(x):
         return group_norm_silu_ref(x, weight, bias, num_groups, eps, scale, shift, silu, upcast=False)
     return group_norm_silu_op(x, weight, bias, scale, shift, num_groups, float(eps), bool(silu))[0]

@@ -19,12 +19,16 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from kernels._common import block_size, triton_available
+
+
+def _blk(n: int) -> int:
+    return block_size(n, 2048)
 
 
 def sid_loss_rows_ref(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float, upcast: bool = True):
@@ -119,10 +123,6 @@ def _sid_loss_bwd_kernel(
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _block(D: int) -> int:
-    # Small blocks in the interpreter keep CPU tests fast and exercise the loop; 2048 elements per step on GPU.
-    cap = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 2048
-    return min(cap, triton.next_power_of_2(max(D, 16)))
 
 
 def _check(x_g, y_real, y_fake):
@@ -146,7 +146,7 @@ def sid_loss_rows_op(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tens
     row = torch.empty(n, device=x.device, dtype=torch.float32)
     w = torch.empty(n, device=x.device, dtype=torch.float32)
     ok = torch.empty(n, device=x.device, dtype=torch.int8)
-    wrap_triton(_sid_loss_fwd_kernel)[(n,)](x, r, f, row, w, ok, D, alpha, BLOCK=_block(D))
+    wrap_triton(_sid_loss_fwd_kernel)[(n,)](x, r, f, row, w, ok, D, alpha, BLOCK=_blk(D))
     return row, w, ok
 
 
@@ -157,7 +157,7 @@ def sid_loss_rows_bwd_op(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.
     D = x_g.numel() // n
     x, r, f = (t.contiguous() for t in (x_g, y_real, y_fake))
     dx, dr, df = torch.empty_like(x), torch.empty_like(r), torch.empty_like(f)
-    block = _block(D)
+    block = _blk(D)
     wrap_triton(_sid_loss_bwd_kernel)[(n, triton.cdiv(D, block))](
         x, r, f, grad_row.float().contiguous(), w, ok, dx, dr, df, D, alpha, BLOCK=block
     )
@@ -179,10 +179,6 @@ def _backward(ctx, grad_row, grad_w, grad_ok):
 
 
 torch.library.register_autograd("sid_fast_kernels::sid_loss_rows", _backward, setup_context=_setup_context)
-
-
-def triton_available(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def sid_loss_rows(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float):

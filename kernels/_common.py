@@ -1,0 +1,24 @@
+"""Helpers shared by the kernel files: where Triton can run, and block sizes."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def interpreted() -> bool:
+    """True when kernels run on the CPU through the Triton interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available(t: torch.Tensor) -> bool:
+    """Kernels run on CUDA tensors, or on any tensor under the interpreter; elsewhere the reference runs."""
+    return t.is_cuda or interpreted()
+
+
+def block_size(n: int, gpu_cap: int) -> int:
+    """Power-of-two block covering n, at most gpu_cap on GPU; 64 under the interpreter (fast CPU tests that still
+    exercise the loops over several blocks)."""
+    return min(64 if interpreted() else gpu_cap, triton.next_power_of_2(max(n, 16)))
