@@ -27,3 +27,92 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     m = np.square(mu1 - mu2).sum()
     s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
     return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
+
+
+class FeatureStats:
+    """Running sums for mean and unbiased covariance in float64, all-reduced across ranks (EDM's fid.py)."""
+
+    def __init__(self, dim: int, device="cpu"):
+        self.n = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def add(self, features: torch.Tensor) -> None:
+        f = features.to(self.sum.device, torch.float64).reshape(features.shape[0], -1)
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.sum_outer += f.T @ f
+
+    def all_reduce(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.sum.device)
+            for t in (n, self.sum, self.sum_outer):
+                torch.distributed.all_reduce(t)
+            self.n = int(n.item())
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise ValueError(f"Need at least 2 feature vectors for a covariance, got {self.n}.")
+        mu = self.sum / self.n
+        sigma = (self.sum_outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def save_ref_stats(path, mu, sigma) -> None:
+    """EDM's reference format: np.savez(dest, mu=[D] float64, sigma=[D, D] float64), written atomically."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_ref_stats(path, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read `mu`, `sigma` from an EDM npz (e.g. fid-refs/cifar10-32x32.npz); every problem names the file."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: no such reference statistics file (make one with `python -m sid_fast.fid ref`).")
+    try:
+        z = np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"{p}: not a readable .npz file ({type(e).__name__}: {e}).") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{p}: a single .npy array, not an .npz with 'mu' and 'sigma'.")
+    with z:
+        if not {"mu", "sigma"} <= set(z.files):
+            raise ValueError(f"{p}: reference statistics need the keys 'mu' and 'sigma', found {sorted(z.files)}.")
+        mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if mu.ndim != 1 or sigma.shape != (d, d):
+        raise ValueError(f"{p}: 'mu' must be [D] and 'sigma' [D, D]; got {list(mu.shape)} and {list(sigma.shape)}.")
+    if dim is not None and d != dim:
+        raise ValueError(f"{p}: statistics of {d}-d features, but the detector gives {dim}-d features.")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{p}: the statistics contain NaN or infinity.")
+    return mu, sigma
+
+
+def inception_score(probs, num_splits: int = 10) -> tuple[float, float]:
+    """IS as StyleGAN2-ADA computes it: exp(E_x KL(p(y|x) || p(y))) per split of the samples; (mean, std)."""
+    p = probs.double().cpu().numpy() if torch.is_tensor(probs) else np.asarray(probs, np.float64)
+    n = p.shape[0]
+    if n < num_splits:
+        raise ValueError(f"Inception Score: {n} samples cannot make {num_splits} splits.")
+    scores = []
+    for i in range(num_splits):
+        part = p[i * n // num_splits : (i + 1) * n // num_splits]
+        marginal = np.mean(part, axis=0, keepdims=True)
+        kl = np.where(part > 0, part * (np.log(np.maximum(part, 1e-300)) - np.log(np.maximum(marginal, 1e-300))), 0.0)
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+    return float(np.mean(scores)), float(np.std(scores))

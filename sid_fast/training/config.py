@@ -12,6 +12,10 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_TEACHER_PATH = ASSETS / "digits_teacher.pt"
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+FID_REF_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"
+# EDM's published reference statistics per preset (shared/reference/sid.md section 4).
+FID_REFS = {"cifar10-uncond": "cifar10-32x32.npz", "cifar10-cond": "cifar10-32x32.npz",
+            "imagenet64-cond": "imagenet-64x64.npz", "ffhq64": "ffhq-64x64.npz", "afhqv2-64": "afhqv2-64x64.npz"}
 
 
 @dataclass
@@ -50,8 +54,10 @@ class TrainConfig:
     snap: int = 50  # ticks
     dump: int = 500  # ticks
     # Metrics and faults.
-    metrics: str = "none"  # "fd-digits" or "none"
-    metric_num: int = 2000
+    metrics: str = "none"  # "fid", "fd-digits" or "none"
+    metric_num: int = 2000  # images per evaluation (the paper's FID: 50000; 10000 for quick runs)
+    data_stat: str | None = None  # FID reference statistics (EDM npz), path or URL (SiD's --data_stat)
+    detector: str | None = None  # Inception detector, path or URL (default: $SID_FAST_DETECTOR or the cache)
     max_bad_steps: int = 100  # consecutive steps with non-finite gradients before aborting (with a checkpoint)
     official_teacher: str | None = field(default=None, repr=False)
 
@@ -64,29 +70,29 @@ PRESETS: dict[str, dict] = {
     "cifar10-uncond": dict(
         official_teacher="edm-cifar10-32x32-uncond-vp.pkl", cond=False, resolution=32, channels=3, label_dim=0,
         alpha=1.2, batch=256, batch_gpu=16, lr=1e-5, glr=1e-5, precision="fp32", dropout=0.13, augment=0.12,
-        ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="none",
+        ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="fid", metric_num=50000,
     ),
     "cifar10-cond": dict(
         official_teacher="edm-cifar10-32x32-cond-vp.pkl", cond=True, resolution=32, channels=3, label_dim=10,
         alpha=1.2, batch=256, batch_gpu=16, lr=1e-5, glr=1e-5, precision="fp32", dropout=0.13, augment=0.12,
-        ema=0.5, duration=800, tick=10, snap=50, dump=500, metrics="none",
+        ema=0.5, duration=800, tick=10, snap=50, dump=500, metrics="fid", metric_num=50000,
     ),
     # The official ImageNet/FFHQ/AFHQ runs use EDM's --fp16 1 (Adam eps 1e-6); sid_fast's fp16/bf16 modes come with
     # the performance work, so these presets run in fp32 until then.
     "imagenet64-cond": dict(
         official_teacher="edm-imagenet-64x64-cond-adm.pkl", cond=True, resolution=64, channels=3, label_dim=1000,
         alpha=1.2, batch=8192, batch_gpu=16, lr=4e-6, glr=4e-6, precision="fp32", dropout=0.1, augment=0.0,
-        ema=2.0, duration=1000, tick=20, snap=50, dump=500, metrics="none",
+        ema=2.0, duration=1000, tick=20, snap=50, dump=500, metrics="fid", metric_num=50000,
     ),
     "ffhq64": dict(
         official_teacher="edm-ffhq-64x64-uncond-vp.pkl", cond=False, resolution=64, channels=3, label_dim=0,
         alpha=1.2, batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, g_beta1=0.9, precision="fp32", dropout=0.05,
-        augment=0.15, ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="none",
+        augment=0.15, ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="fid", metric_num=50000,
     ),
     "afhqv2-64": dict(
         official_teacher="edm-afhqv2-64x64-uncond-vp.pkl", cond=False, resolution=64, channels=3, label_dim=0,
         alpha=1.0, batch=512, batch_gpu=32, lr=5e-6, glr=5e-6, precision="fp32", dropout=0.05, augment=0.15,
-        ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="none",
+        ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="fid", metric_num=50000,
     ),
     # The embedded default: the bundled 16x16 digits teacher, sized to run on a 2-core CPU in about 10 minutes.
     # Higher learning rates and a short EMA than the image presets: the network is 1.3 M parameters and the run
@@ -99,6 +105,7 @@ PRESETS: dict[str, dict] = {
 }
 
 PRECISIONS = ("fp32",)
+METRICS = ("fid", "fd-digits", "none")
 
 
 class ConfigError(ValueError):
@@ -150,12 +157,18 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     for flag in ("snap", "dump"):
         if getattr(cfg, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1 tick, got {getattr(cfg, flag)}.")
-    if cfg.metrics not in ("none", "fd-digits"):
-        raise ConfigError(f"--metrics must be 'fd-digits' or 'none', got {cfg.metrics!r}.")
-    if cfg.metrics == "fd-digits" and (cfg.resolution, cfg.channels) != (16, 1):
-        raise ConfigError("--metrics fd-digits needs 16x16 single-channel images (the digits preset).")
     if cfg.teacher is None:
         raise ConfigError(
             f"--teacher is required for preset {cfg.preset!r}: a local path or a URL, e.g. "
             f"{EDM_URL}{cfg.official_teacher}"
         )
+    if cfg.metrics not in METRICS:
+        raise ConfigError(f"--metrics must be one of {', '.join(METRICS)}, got {cfg.metrics!r}.")
+    if cfg.metrics == "fid" and cfg.data_stat is None:
+        raise ConfigError(
+            f"--metrics fid needs --data-stat REF.npz, the reference statistics (path or URL; EDM's for this preset: "
+            f"{FID_REF_URL}{FID_REFS.get(cfg.preset, '<dataset>.npz')}, or make one with `python -m sid_fast.fid ref`); "
+            f"or pass --metrics none."
+        )
+    if cfg.metrics == "fd-digits" and (cfg.resolution, cfg.channels) != (16, 1):
+        raise ConfigError("--metrics fd-digits needs 16x16 single-channel images (the digits preset).")

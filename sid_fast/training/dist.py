@@ -62,3 +62,10 @@ def all_gather_object(obj):
 def print0(*args, **kwargs) -> None:
     if rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+def finish() -> None:
+    """All ranks leave together: a rank that exits while others still use gloo/NCCL can abort them."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -135,7 +135,7 @@ def check_teacher(cfg: TrainConfig, teacher, path) -> None:
 
 class SiDTrainer:
     def __init__(self, cfg: TrainConfig, device: torch.device, run_dir: Path | None, log=print, teacher=None, student=None,
-                 teacher_info=None):
+                 teacher_info=None, fid=None):
         self.cfg = cfg
         self.device = device
         self.run_dir = run_dir
@@ -186,6 +186,7 @@ class SiDTrainer:
         self.max_consec_bad = torch.zeros((), dtype=torch.int64, device=device)
         self.stop_requested = False
         self.metrics_history: list[dict] = []
+        self.fid_ref, self.detector = fid if fid is not None else prepare_fid(cfg, device)
 
     # ------------------------------------------------------------------
     # Networks and randomness.
@@ -383,36 +384,48 @@ class SiDTrainer:
             from sid_fast.metrics.digits import fd_digits
 
             seeds = list(range(10_000_000, 10_000_000 + self.cfg.metric_num))
-            fd = fd_digits(self.sample_ema(seeds))
-            rec = dict(kimg=self.cur_nimg / 1e3, fd_digits=fd, snapshot=f"network-snapshot-{kimg:06d}.pt")
-            self.metrics_history.append(rec)
-            if self.run_dir is not None:
-                with open(self.run_dir / "metric-fd_digits.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                self._plot_metric()
-            return fd
+            return self._record_metric("fd_digits", fd_digits(self.sample_ema(seeds)), kimg)
+        if self.cfg.metrics == "fid":  # every rank generates its share of the images
+            from sid_fast.fid import fid_against, generator_stats
+
+            info = dict(meta=dict(kind="generator", sigma_init=self.cfg.init_sigma))
+            stats, _ = generator_stats(self.G_ema, info, range(self.cfg.metric_num), self.detector, self.device,
+                                       batch=self.cfg.batch_gpu, rank=self.rank, world=self.world, progress=False)
+            if self.rank == 0:
+                return self._record_metric("fid", fid_against(stats, self.fid_ref), kimg)
         return None
 
-    def _plot_metric(self):
+    def _record_metric(self, key: str, value: float, kimg: int) -> float:
+        rec = {"kimg": self.cur_nimg / 1e3, key: value, "num": self.cfg.metric_num,
+               "snapshot": f"network-snapshot-{kimg:06d}.pt"}
+        self.metrics_history.append(rec)
+        if self.run_dir is not None:
+            with open(self.run_dir / f"metric-{key}.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            self._plot_metric(key)
+        return value
+
+    def _plot_metric(self, key: str):
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        xs = [r["kimg"] for r in self.metrics_history]
-        ys = [r["fd_digits"] for r in self.metrics_history]
+        hist = [r for r in self.metrics_history if key in r]
+        xs = [r["kimg"] for r in hist]
+        ys = [r[key] for r in hist]
         fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
         ax.plot(xs, ys, "o-", label="one-step generator (G_ema)")
-        teacher_fd = self.teacher_info.get("meta", {}).get("fd_digits_heun35")
-        if teacher_fd is not None:
-            ax.axhline(teacher_fd, color="gray", ls="--", label=f"teacher, Heun 35 NFE ({teacher_fd:.2f})")
+        teacher = self.teacher_info.get("meta", {}).get("fd_digits_heun35") if key == "fd_digits" else None
+        if teacher is not None:
+            ax.axhline(teacher, color="gray", ls="--", label=f"teacher, Heun 35 NFE ({teacher:.2f})")
         ax.set_xlabel("generator images seen (kimg)")
-        ax.set_ylabel("FD-digits")
+        ax.set_ylabel({"fd_digits": "FD-digits", "fid": f"FID ({self.cfg.metric_num // 1000}k)"}.get(key, key))
         ax.set_yscale("log")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(self.run_dir / "fd_digits.png")
+        fig.savefig(self.run_dir / f"{key}.png")
         plt.close(fig)
 
     # ------------------------------------------------------------------
@@ -482,9 +495,10 @@ class SiDTrainer:
                     f.write(json.dumps(rec) + "\n")
             too_bad = int(self.max_consec_bad.item()) >= cfg.max_bad_steps
             if done or self.cur_tick % cfg.snap == 0:
-                fd = self.snapshot()
-                if fd is not None:
-                    self.log(f"  FD-digits of G_ema at {self.cur_nimg / 1e3:.1f} kimg: {fd:.3f}")
+                value = self.snapshot()
+                if value is not None:
+                    name = "FD-digits" if cfg.metrics == "fd-digits" else f"FID-{cfg.metric_num // 1000}k"
+                    self.log(f"  {name} of G_ema at {self.cur_nimg / 1e3:.1f} kimg: {value:.3f}")
             if done or stop or too_bad or self.cur_tick % cfg.dump == 0:
                 path = self.save_state()
                 if path is not None:
@@ -540,6 +554,22 @@ def load_state_file(path: Path) -> dict:
     return s
 
 
+def prepare_fid(cfg: TrainConfig, device):
+    """(reference statistics path, detector) for --metrics fid, else (None, None); refuses bad files up front."""
+    if cfg.metrics != "fid":
+        return None, None
+    from sid_fast.metrics import load_ref_stats
+    from sid_fast.metrics.inception import load_detector
+
+    try:
+        ref = checkpoints.resolve_path(cfg.data_stat)
+        detector = load_detector(cfg.detector, device=device)
+        load_ref_stats(ref, dim=detector.feature_dim)
+    except ValueError as e:  # CheckpointError, DetectorError and bad statistics all name the file
+        raise ConfigError(f"--metrics fid: {e}") from None
+    return ref, detector
+
+
 def run(cfg: TrainConfig, log_to_stdout=True) -> Path | None:
     """Run (or resume) a distillation; returns the run directory (rank 0)."""
     device = dist.init()
@@ -552,6 +582,7 @@ def run(cfg: TrainConfig, log_to_stdout=True) -> Path | None:
     # Everything that can be refused is checked before the run directory is made.
     teacher, info = checkpoints.load_network_file(cfg.teacher)
     check_teacher(cfg, teacher, cfg.teacher)
+    fid = prepare_fid(cfg, device)
     run_dir = None
     if dist.rank() == 0:
         desc = cfg.desc or f"{cfg.preset}-alpha{cfg.alpha:g}-batch{cfg.batch}-gpus{world}-{cfg.precision}"
@@ -560,13 +591,14 @@ def run(cfg: TrainConfig, log_to_stdout=True) -> Path | None:
             json.dump(dict(cfg.to_json(), world_size=world), f, indent=2)
     log = Logger(run_dir) if log_to_stdout else (lambda *_: None)
     student = (info["class_name"], info["init_kwargs"], teacher.state_dict())
-    trainer = SiDTrainer(cfg, device, run_dir, log, teacher=teacher, student=student, teacher_info=info)
+    trainer = SiDTrainer(cfg, device, run_dir, log, teacher=teacher, student=student, teacher_info=info, fid=fid)
     if resume_state is not None:
         trainer.load_state_dict(resume_state, cfg.resume)
         log(f"Resumed from {cfg.resume} at {trainer.cur_nimg / 1e3:.1f} kimg.")
     trainer.train()
     if isinstance(log, Logger):
         log.close()
+    dist.finish()
     return run_dir
 
 

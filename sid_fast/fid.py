@@ -1,0 +1,220 @@
+"""FID (and IS) as EDM and SiD compute them (shared/reference/edm.md section 5, shared/reference/sid.md section 3).
+
+    # reference statistics of a dataset (EDM's npz: mu [2048], sigma [2048, 2048], float64)
+    python -m sid_fast.fid ref --data datasets/cifar10-32x32.zip --dest fid-refs/cifar10-32x32.npz
+
+    # FID of a generator against them: 50k images from seeds 0-49999, distributed over ranks with torchrun
+    torchrun --standalone --nproc_per_node=8 -m sid_fast.fid calc --network network-snapshot-400000.pt \
+        --ref fid-refs/cifar10-32x32.npz --num-images 50000
+
+(--num-images is --num: torchrun from torch 2.8 on reads any --num in the command line as an abbreviation of its own
+--numa-binding and stops, so under torchrun the long form is needed.)
+
+    # FID of a folder of images (a random subset of --num, as EDM's calc)
+    python -m sid_fast.fid calc --images out/ --ref fid-refs/cifar10-32x32.npz --num 50000
+
+Features are the detector's 2048-d pool features of uint8 NCHW images (grey repeated to RGB). Statistics: float64
+mean and unbiased covariance, all-reduced over ranks. FID = |mu - mu_ref|^2 + tr(S + S_ref - 2 sqrtm(S S_ref)),
+scipy sqrtm, real part. Generated images are quantised as (x * 127.5 + 128).clip(0, 255) -> uint8 and their seeds
+are split over ranks in batches as EDM's generate.py does. EDM's published reference files work as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+import numpy as np
+import torch
+
+from sid_fast.metrics import FeatureStats, frechet_distance, inception_score, load_ref_stats, save_ref_stats
+from sid_fast.metrics.inception import DetectorError, load_detector
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or not sys.stderr.isatty(), file=sys.stderr)
+
+
+def rank_seed_batches(seeds: list[int], batch: int, rank: int, world: int) -> list[list[int]]:
+    """EDM generate.py: split all seeds into a multiple of `world` near-equal batches of <= `batch`, rank r takes r::world."""
+    if not seeds:
+        return []
+    num_batches = ((len(seeds) - 1) // (batch * world) + 1) * world
+    all_batches = torch.as_tensor(seeds).tensor_split(num_batches)
+    return [b.tolist() for b in all_batches[rank::world] if len(b)]
+
+
+def generator_stats(net, info, seeds, detector, device, batch=64, rank=0, world=1, sampler="auto", steps=18,
+                    init_sigma=None, want_probs=False, progress=True):
+    """Feature statistics (all-reduced) of images generated for the seeds; also class probabilities for IS."""
+    from sid_fast.sample import generate
+    from sid_fast.sampling import to_uint8
+
+    stats = FeatureStats(detector.feature_dim, device=device)
+    probs = []
+    with _progress(len(seeds), "generating", progress and rank == 0) as bar:
+        for batch_seeds in rank_seed_batches(list(seeds), batch, rank, world):
+            images = to_uint8(generate(net, info, batch_seeds, device, sampler, steps, None, init_sigma))
+            stats.add(detector.features(images))
+            if want_probs:
+                probs.append(detector.probabilities(images).cpu())
+            bar.update(len(batch_seeds) * world)
+    stats.all_reduce()
+    return stats, _gather_probs(probs) if want_probs else None
+
+
+def dataset_stats(path, detector, device, batch=64, rank=0, world=1, max_size=None, seed=0, resolution=None,
+                  loader="pil", want_probs=False, progress=True, num_workers=2):
+    """Feature statistics (all-reduced) of a dataset (zip or folder); a random subset of max_size as EDM's calc."""
+    from sid_fast.data.dataset import DatasetError, ImageDataset, uint8_batches
+
+    if loader == "dali":
+        from sid_fast.data.dali import dali_batches
+
+        if max_size is not None:
+            raise DatasetError("--loader dali reads whole folders; --num (a random subset) needs the PIL loader.")
+        n = len(ImageDataset(path, use_labels=False, resolution=resolution))
+        batches = dali_batches(path, resolution, batch, rank, world, device)
+    else:
+        ds = ImageDataset(path, max_size=max_size, random_seed=seed, use_labels=False, resolution=resolution)
+        if max_size is not None and len(ds) < max_size:
+            raise DatasetError(f"{path}: {len(ds)} images, fewer than the {max_size} requested (--num).")
+        n = len(ds)
+        batches = uint8_batches(ds, batch, rank, world, num_workers=num_workers)
+    stats = FeatureStats(detector.feature_dim, device=device)
+    probs = []
+    with _progress(n, "reading", progress and rank == 0) as bar:
+        for images in batches:
+            images = images.to(device)
+            stats.add(detector.features(images))
+            if want_probs:
+                probs.append(detector.probabilities(images).cpu())
+            bar.update(len(images) * world)
+    stats.all_reduce()
+    return stats, _gather_probs(probs) if want_probs else None
+
+
+def _gather_probs(parts):
+    from sid_fast.training import dist
+
+    local = torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float64)
+    return torch.cat([p for p in dist.all_gather_object(local) if p.numel()])
+
+
+def fid_against(stats: FeatureStats, ref_path) -> float:
+    mu, sigma = stats.mean_cov()
+    mu_ref, sigma_ref = load_ref_stats(ref_path, dim=mu.shape[0])
+    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI.
+
+
+def _setup(detector_path):
+    from sid_fast.training import dist
+
+    device = dist.init()
+    try:
+        detector = load_detector(detector_path, device=device)
+    except DetectorError as e:
+        raise click.ClickException(str(e)) from None
+    return device, detector, dist.rank(), dist.world_size()
+
+
+def _finish():
+    from sid_fast.training import dist
+
+    dist.finish()
+
+
+@click.group(context_settings=dict(help_option_names=["-h", "--help"]))
+def main():
+    """FID/IS with the Inception detector, as EDM and SiD compute them."""
+
+
+_detector_option = click.option(
+    "--detector", metavar="PATH|URL",
+    help="Inception detector: NVIDIA's TorchScript inception-2015-12-05.pt or pytorch-fid's .pth "
+         "[default: $SID_FAST_DETECTOR or ~/.cache/sid_fast/inception-2015-12-05.pt]",
+)
+
+
+@main.command()
+@click.option("--data", help="Dataset: EDM zip or folder of images", metavar="ZIP|DIR", required=True)
+@click.option("--dest", help="Where to write the statistics (.npz)", metavar="NPZ", required=True)
+@click.option("--resolution", help="Center-crop and resize images to this side first (PIL LANCZOS)", metavar="INT", type=click.IntRange(min=1))
+@click.option("--loader", help="pil, or dali for folders of JPEGs (GPU decode when there is one)", type=click.Choice(["pil", "dali"]), default="pil", show_default=True)
+@click.option("--batch", help="Images per detector call per GPU", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", help="DataLoader workers (PIL loader)", metavar="INT", type=click.IntRange(min=0), default=2, show_default=True)
+@_detector_option
+def ref(data, dest, resolution, loader, batch, workers, detector):
+    """Reference statistics of a whole dataset, in EDM's npz format."""
+    from sid_fast.data.dataset import DatasetError
+
+    device, det, rank, world = _setup(detector)
+    try:
+        stats, _ = dataset_stats(data, det, device, batch, rank, world, resolution=resolution, loader=loader, num_workers=workers)
+    except DatasetError as e:
+        raise click.ClickException(str(e)) from None
+    if rank == 0:
+        mu, sigma = stats.mean_cov()
+        save_ref_stats(dest, mu, sigma)
+        print(f"Saved statistics of {stats.n} images from {data} to {dest} (detector: {det.kind}, {det.source})")
+    _finish()
+
+
+@main.command()
+@click.option("--network", "network_path", help="Generator or teacher to sample (sid_fast .pt or EDM/SiD .pkl)", metavar="PATH|URL")
+@click.option("--images", help="Or: a folder/zip of images to evaluate", metavar="DIR|ZIP")
+@click.option("--ref", "ref_path", help="Reference statistics (EDM npz)", metavar="NPZ", required=True)
+@click.option("--num", "--num-images", "num", help="Number of images (under torchrun write --num-images: torch>=2.8's torchrun takes --num for its --numa-binding)", metavar="INT", type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option("--seeds", help="First seed (generation: seeds start..start+num-1; images: subset seed)", metavar="INT", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--batch", help="Images per batch per GPU", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--sampler", help="auto: one step for sid_fast generators, Heun otherwise", type=click.Choice(["auto", "onestep", "heun"]), default="auto", show_default=True)
+@click.option("--steps", help="Heun steps", metavar="INT", type=click.IntRange(min=1), default=18, show_default=True)
+@click.option("--init_sigma", "init_sigma", help="Override the generator's sigma_init", metavar="FLOAT", type=float)
+@click.option("--is", "with_is", help="Also compute the Inception Score (10 splits)", is_flag=True)
+@click.option("--json", "json_out", help="Append the result as a JSON line to this file", metavar="FILE")
+@_detector_option
+def calc(network_path, images, ref_path, num, seeds, batch, sampler, steps, init_sigma, with_is, json_out, detector):
+    """FID of a network's samples (or of a folder of images) against reference statistics."""
+    from sid_fast.checkpoints import CheckpointError, load_network_file
+    from sid_fast.data.dataset import DatasetError
+
+    if (network_path is None) == (images is None):
+        raise click.UsageError("Give exactly one of --network and --images.")
+    device, det, rank, world = _setup(detector)
+    try:  # check the reference before spending an hour on generation
+        load_ref_stats(ref_path, dim=det.feature_dim)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        if network_path is not None:
+            net, info = load_network_file(network_path)
+            net = net.to(device)
+            stats, probs = generator_stats(net, info, range(seeds, seeds + num), det, device, batch, rank, world,
+                                           sampler, steps, init_sigma, want_probs=with_is)
+        else:
+            stats, probs = dataset_stats(images, det, device, batch, rank, world, max_size=num, seed=seeds, want_probs=with_is)
+    except (CheckpointError, DatasetError) as e:
+        raise click.ClickException(str(e)) from None
+    if rank != 0:
+        _finish()
+        return
+    result = dict(fid=fid_against(stats, ref_path), num=stats.n, ref=str(ref_path), detector=det.kind,
+                  source=str(network_path or images), first_seed=seeds)
+    if with_is:
+        result["is_mean"], result["is_std"] = inception_score(probs)
+    print(json.dumps(result))
+    if json_out:
+        with open(json_out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    _finish()
+
+
+if __name__ == "__main__":
+    main()
