@@ -21,3 +21,10 @@ if [ "$have_torch" != "ok" ]; then
   $PY -m pip install --quiet "torch==2.13.0" "triton==3.7.1"
 fi
 $PY -m pip install --quiet -e ".[test]"
+# The native sampler (CMakeLists.txt) needs cmake >= 3.18 and a C++17 compiler; AOTInductor needs the compiler too.
+if ! command -v cmake >/dev/null 2>&1; then
+  $PY -m pip install --quiet "cmake>=3.18"
+fi
+if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
+  echo "install.sh: no C++ compiler (c++/g++) found: the exporter and the native sampler need one (e.g. apt-get install g++)." >&2
+fi
