@@ -9,6 +9,12 @@ Ops and shapes:
 - `group_norm_silu` (kernels/group_norm_silu.py) on activations: DDPM++ CIFAR-10 at micro-batch 64
   ([64, 256, 32, 32], 32 groups), ADM ImageNet-64 at micro-batch 32 with scale/shift ([32, 192, 64, 64], 32 groups),
   and a large one ([32, 384, 64, 64]); the eager provider is F.group_norm (+ addcmul) + F.silu.
+- `attention` (kernels/attention.py) on EDM's qkv layout: DDPM++ CIFAR-10 at micro-batch 64 (1 head x 256 at L=256
+  and L=64) and ADM ImageNet-64 at micro-batch 32 (6, 9, 12 heads x 64 at L=1024, 256, 64), plus L=4096 (64x64).
+  Providers: the kernel, EDM's reference op ("edm"), every SDPA backend that accepts the shape (flash,
+  efficient, cudnn, math; each with the transposes from and to EDM's layout) and xformers where it imports.
+  FLOPs: forward 4 N heads L^2 d (two matmuls), backward 10 N heads L^2 d (five matmuls; recomputation not
+  counted), fwd+bwd 14 N heads L^2 d. Peak memory: torch.cuda.max_memory_allocated above the inputs, per mode.
 Modes: fwd, bwd, fwd+bwd. Timing: on CUDA `triton.testing.do_bench` (median, 20th and 80th percentiles); without CUDA
 the median of wall-clock repeats. Bytes moved are the ideal (each tensor read or written once): sid_loss fwd 3
 tensors, bwd 6; edm_loss fwd 2, bwd 3; group_norm_silu fwd 2, bwd 3; fwd+bwd the sum. GB/s is reported with the
@@ -133,11 +139,106 @@ def group_norm_silu_cases(shape, groups, modulate, dtype, device):
     return providers, {"fwd": 2 * n, "bwd": 3 * n, "fwd+bwd": 5 * n}
 
 
+ATTN_SHAPES = {
+    # (label, N, heads, d, H=W)
+    "official": [("ddpmpp-mb64-L256", 64, 1, 256, 16), ("ddpmpp-mb64-L64", 64, 1, 256, 8),
+                 ("adm-mb32-L1024", 32, 6, 64, 32), ("adm-mb32-L256", 32, 9, 64, 16), ("adm-mb32-L64", 32, 12, 64, 8),
+                 ("L4096", 4, 1, 64, 64)],
+    "tiny": [("tiny", 2, 1, 16, 4)],
+}
+
+
+def attention_cases(n, heads, d, res, dtype, device):
+    from kernels.attention import edm_attention_ref, flash_attention
+    from sid_fast.networks.attention import attention_sdpa
+
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(n, heads * 3 * d, res, res, device=device, generator=g).to(dtype)
+    providers = {"triton": _modes(lambda x: flash_attention(x, heads), [qkv], []),
+                 "edm": _modes(lambda x: edm_attention_ref(x, heads), [qkv], [])}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"sdpa-math": SDPBackend.MATH}
+    if device.type == "cuda":
+        backends.update({"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+                         "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION})
+    for name, backend in backends.items():
+        def sdpa(x, b=backend):
+            with sdpa_kernel([b]):
+                return attention_sdpa(x, heads)
+
+        try:  # a backend that rejects the shape or dtype is left out
+            sdpa(qkv.clone().requires_grad_(True)).sum().backward()
+            providers[name] = _modes(sdpa, [qkv], [])
+        except RuntimeError as e:
+            print(f"  {name} does not accept {list(qkv.shape)} {dtype}: {str(e).splitlines()[0][:100]}")
+    try:
+        import xformers.ops as xops
+
+        def xformers_attn(x):
+            q, k, v = (t.reshape(n, heads, d, res * res).permute(0, 3, 1, 2) for t in
+                       x.reshape(n * heads, d, 3, res * res).unbind(2))  # [N, L, heads, d]
+            a = xops.memory_efficient_attention(q.contiguous(), k.contiguous(), v.contiguous())
+            return a.permute(0, 2, 3, 1).reshape(n, heads * d, res, res)
+
+        xformers_attn(qkv.clone().requires_grad_(True)).sum().backward()
+        providers["xformers"] = _modes(xformers_attn, [qkv], [])
+    except Exception as e:  # ImportError without xformers; NotImplementedError for unsupported shapes
+        print(f"  xformers left out: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+    flops = 4 * n * heads * (res * res) ** 2 * d
+    return providers, {"fwd": flops, "bwd": 2.5 * flops, "fwd+bwd": 3.5 * flops}
+
+
+def peak_memory_mb(fn, device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_attention(size, names, dtypes, device, env, records):
+    print(f"{'op':<10} {'shape':<20} {'dtype':<5} {'mode':<8} {'provider':<15} {'ms p50':>9} {'TFLOP/s':>8} "
+          f"{'peak MiB':>9} {'vs edm':>7} {'vs best sdpa':>12}")
+    for dname in names:
+        for label, n, heads, d, res in ATTN_SHAPES[size]:
+            try:
+                providers, flops = attention_cases(n, heads, d, res, dtypes[dname], device)
+            except RuntimeError as e:
+                print(f"  attention {label} {dname} skipped: {str(e).splitlines()[0][:120]}")
+                continue
+            for mode in ("fwd", "bwd", "fwd+bwd"):
+                rows = {}
+                for prov, fns in providers.items():
+                    try:
+                        p50, p20, p80 = timer(fns[mode], device)
+                        mem = peak_memory_mb(fns[mode], device)
+                    except Exception as e:
+                        print(f"  {prov} {mode} failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+                        p50 = p20 = p80 = mem = float("nan")
+                    rows[prov] = (p50, p20, p80, mem)
+                sdpa = [v[0] for k, v in rows.items() if k.startswith("sdpa") and v[0] == v[0]]
+                best_sdpa = min(sdpa) if sdpa else float("nan")
+                for prov, (p50, p20, p80, mem) in rows.items():
+                    tflops = flops[mode] / (p50 * 1e-3) / 1e12
+                    rec = dict(bench="kernels", op="attention", provider=prov, mode=mode, shape=[n, heads, d, res * res],
+                               shape_name=label, dtype=dname, ms_p50=p50, ms_p20=p20, ms_p80=p80, tflops=tflops,
+                               flops=flops[mode], peak_mem_mb=mem, speedup_vs_edm=rows["edm"][0] / p50,
+                               speedup_vs_best_sdpa=best_sdpa / p50, **env)
+                    records.append(rec)
+                    print(f"{'attention':<10} {label:<20} {dname:<5} {mode:<8} {prov:<15} {p50:>9.4f} {tflops:>8.2f} "
+                          f"{mem:>9.1f} {rows['edm'][0] / p50:>6.2f}x {best_sdpa / p50:>11.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", choices=sorted(SHAPES), default=None)
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16")
     ap.add_argument("--out", default="kernels.jsonl")
+    ap.add_argument("--ops", default="sid_loss,edm_loss,group_norm_silu,attention", help="comma list of ops to run")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = SHAPES[a.shapes or ("official" if device.type == "cuda" else "tiny")]
@@ -150,6 +251,7 @@ def main():
     print(f"{'op':<15} {'shape':<22} {'dtype':<5} {'mode':<8} {'provider':<14} {'ms p50':>9} {'GB/s':>8} {'of copy':>8} {'speed-up':>9}")
     size = a.shapes or ("official" if device.type == "cuda" else "tiny")
     cases = []
+    ops = set(a.ops.split(","))
     for dname in names:
         dt = dtypes[dname]
         for label, shape in shapes:
@@ -158,6 +260,7 @@ def main():
         for label, shape, groups, mod in GN_SHAPES[size]:
             cases.append(("group_norm_silu", label, shape, dname,
                           lambda s=shape, gr=groups, m=mod, d=dt: group_norm_silu_cases(s, gr, m, d, device)))
+    cases = [c for c in cases if c[0] in ops]
     for op, label, shape, dname, build in cases:
         providers, nbytes = build()
         for mode in ("fwd", "bwd", "fwd+bwd"):
@@ -180,6 +283,8 @@ def main():
                 records.append(rec)
                 print(f"{op:<15} {str(shape):<22} {dname:<5} {mode:<8} {prov:<14} {p50:>9.4f} {gbs:>8.1f} "
                       f"{gbs / copy_gbs:>8.1%} {base_ms / p50:>8.2f}x")
+    if "attention" in ops:
+        run_attention(size, names, dtypes, device, env, records)
     path = write_jsonl(records, a.out)
     print(f"-> {path}")
 

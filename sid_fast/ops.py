@@ -1,7 +1,7 @@
 """The one switch between sid_fast's fused Triton kernels and their pure-torch references.
 
 Off by default (the reference path reproduces the official numerics). Turn all on with `set_use_kernels(True)` or
-SID_FAST_KERNELS=1, or a subset with `set_use_kernels({"sid_loss", "edm_loss", "group_norm_silu"})`.
+SID_FAST_KERNELS=1, or a subset with `set_use_kernels({"sid_loss", "edm_loss", "group_norm_silu", "attention"})`.
 The kernels run on CUDA tensors, or on CPU under the Triton interpreter (TRITON_INTERPRET=1);
 elsewhere each kernel falls back to its reference by itself.
 """
@@ -14,7 +14,7 @@ import torch
 
 from sid_fast.losses import edm_loss_from_output, edm_weight, sid_generator_loss_elements
 
-KERNELS = frozenset({"sid_loss", "edm_loss", "group_norm_silu"})
+KERNELS = frozenset({"sid_loss", "edm_loss", "group_norm_silu", "attention"})
 _enabled: frozenset = KERNELS if os.environ.get("SID_FAST_KERNELS", "0") == "1" else frozenset()
 
 

@@ -36,7 +36,20 @@ def test_kernel_bench_smoke(tmp_path):
     assert r.returncode == 0, r.stderr
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     ops = ("sid_loss", "edm_loss", "group_norm_silu")
-    assert {(x["op"], x["provider"], x["mode"]) for x in recs} == {
-        (o, p, m) for o in ops for p in ("triton", "torch") for m in ("fwd", "bwd", "fwd+bwd")
-    }
-    assert all(x["ms_p50"] > 0 and x["gb_s"] > 0 and x["copy_gb_s"] > 0 for x in recs)
+    modes = ("fwd", "bwd", "fwd+bwd")
+    mem = [x for x in recs if x["op"] != "attention"]
+    assert {(x["op"], x["provider"], x["mode"]) for x in mem} == {(o, p, m) for o in ops for p in ("triton", "torch") for m in modes}
+    assert all(x["ms_p50"] > 0 and x["gb_s"] > 0 and x["copy_gb_s"] > 0 for x in mem)
+    att = [x for x in recs if x["op"] == "attention"]
+    assert {(x["provider"], x["mode"]) for x in att} == {(p, m) for p in ("triton", "edm", "sdpa-math") for m in modes}
+    # FLOPs as documented: forward 4 N heads L^2 d for the tiny case (2, 1 head, d 16, L 16).
+    fwd = [x for x in att if x["mode"] == "fwd"][0]
+    assert fwd["flops"] == 4 * 2 * 1 * 16**2 * 16 and fwd["tflops"] > 0
+    # The report renders a table with every provider and a plot.
+    md, png = tmp_path / "k.md", tmp_path / "k.png"
+    r = subprocess.run([sys.executable, "-m", "bench.report", str(out), "--md", str(md), "--png", str(png)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = md.read_text()
+    assert "### attention" in text and "### group_norm_silu" in text and "| sdpa-math |" in text
+    assert text.count("\n| ") >= len(recs) and png.stat().st_size > 1000

@@ -9,7 +9,9 @@ Implementations (choose with `set_attention_impl` or the `SID_FAST_ATTENTION` en
           materialised in fp32, stored in the input dtype for backward, whose softmax gradient runs in fp32;
           the weights are applied to v in the activation dtype. This is the reference path.
 - "sdpa": torch.nn.functional.scaled_dot_product_attention on transposed views; PyTorch picks the backend.
-- "triton": reserved for the fused kernel of the Triton-kernels issue; not available yet.
+- "triton": kernels/attention.py, a flash-attention Triton kernel that reads the interleaved qkv channels directly
+          (online fp32 softmax, no L x L matrix, recomputing backward). It is also selected by sid_fast's kernel
+          switch (`sid_fast.ops.set_use_kernels({"attention"})`); where Triton cannot run it falls back to "edm".
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ import os
 import torch
 import torch.nn.functional as F
 
-_IMPLS = ("edm", "sdpa")
+_IMPLS = ("edm", "sdpa", "triton")
 _current_impl = os.environ.get("SID_FAST_ATTENTION", "edm")
 if _current_impl not in _IMPLS:
     raise ValueError(f"SID_FAST_ATTENTION={_current_impl!r} is not one of {_IMPLS}.")
 
 
 def set_attention_impl(name: str) -> None:
-    """Select the attention implementation used by every UNetBlock ("edm" or "sdpa")."""
+    """Select the attention implementation used by every UNetBlock ("edm", "sdpa" or "triton")."""
     global _current_impl
     if name not in _IMPLS:
         raise ValueError(f"Unknown attention implementation {name!r}; expected one of {_IMPLS}.")
@@ -102,6 +104,12 @@ def attention_sdpa(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Multi-head self-attention over EDM's qkv conv output; see the module docstring."""
+    from sid_fast import ops
+
+    if _current_impl == "triton" or ops.use_kernel("attention"):
+        from kernels.attention import flash_attention
+
+        return flash_attention(qkv, num_heads)
     if _current_impl == "sdpa":
         return attention_sdpa(qkv, num_heads)
     return attention_edm(qkv, num_heads)

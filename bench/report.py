@@ -1,0 +1,114 @@
+"""Render kernel benchmark results (JSON lines from bench/kernels.py) as a markdown table and a PNG plot.
+
+    python -m bench.report bench/results/kernels.jsonl --md bench/results/kernels.md --png bench/results/kernels.png
+
+The table has one row per (op, shape, dtype, mode, provider): median ms with the 20th-80th percentile range, GB/s and
+the fraction of the copy bandwidth measured in the same run (memory-bound ops) or TFLOP/s and peak memory
+(attention), and the speed-up over the eager reference (and, for attention, over the best SDPA backend). The plot
+shows the fwd+bwd speed-up over the eager reference per shape and provider, one panel per op. When the file holds
+several runs, only the last one (records sharing the last record's timestamp) is rendered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+
+def load(path) -> list[dict]:
+    recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if r.get("bench") == "kernels"]
+    if not recs:
+        raise SystemExit(f"{path}: no kernel benchmark records (bench == 'kernels').")
+    last = recs[-1].get("timestamp")  # environment() stamps every record of one run with the same time
+    return [r for r in recs if r.get("timestamp") == last]
+
+
+def _fmt(x, spec):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def markdown(recs: list[dict]) -> str:
+    env = recs[0]
+    out = [f"Kernel benchmarks on {env.get('device', '?')} (torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
+           f"commit {str(env.get('git_commit', '?'))[:10]})", ""]
+    by_op = defaultdict(list)
+    for r in recs:
+        by_op[r["op"]].append(r)
+    for op, rows in by_op.items():
+        out.append(f"### {op}")
+        out.append("")
+        if op == "attention":
+            out.append("| shape | dtype | mode | provider | ms p50 (p20-p80) | TFLOP/s | peak MiB | vs edm | vs best SDPA |")
+            out.append("|---|---|---|---|---|---|---|---|---|")
+            for r in rows:
+                out.append(f"| {r['shape_name']} {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
+                           f"{_fmt(r['ms_p50'], '.4f')} ({_fmt(r['ms_p20'], '.4f')}-{_fmt(r['ms_p80'], '.4f')}) | "
+                           f"{_fmt(r['tflops'], '.2f')} | {_fmt(r['peak_mem_mb'], '.1f')} | "
+                           f"{_fmt(r['speedup_vs_edm'], '.2f')}x | {_fmt(r['speedup_vs_best_sdpa'], '.2f')}x |")
+        else:
+            out.append("| shape | dtype | mode | provider | ms p50 (p20-p80) | GB/s | of copy | vs eager |")
+            out.append("|---|---|---|---|---|---|---|---|")
+            for r in rows:
+                out.append(f"| {r['shape_name']} {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
+                           f"{_fmt(r['ms_p50'], '.4f')} ({_fmt(r['ms_p20'], '.4f')}-{_fmt(r['ms_p80'], '.4f')}) | "
+                           f"{_fmt(r['gb_s'], '.1f')} | {_fmt(r['frac_of_copy'], '.1%')} | {_fmt(r['speedup_vs_eager'], '.2f')}x |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(recs: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in recs if r["mode"] == "fwd+bwd"]
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    fig, axes = plt.subplots(1, len(ops), figsize=(4.5 * len(ops), 3.8), dpi=100, squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        sub = [r for r in rows if r["op"] == op]
+        cases = list(dict.fromkeys(f"{r['shape_name']}\n{r['dtype']}" for r in sub))
+        provs = list(dict.fromkeys(r["provider"] for r in sub))
+        width = 0.8 / max(len(provs), 1)
+        for i, p in enumerate(provs):
+            ys = []
+            for c in cases:
+                hit = [r for r in sub if r["provider"] == p and f"{r['shape_name']}\n{r['dtype']}" == c]
+                v = hit[0].get("speedup_vs_edm" if op == "attention" else "speedup_vs_eager") if hit else float("nan")
+                ys.append(v)
+            ax.bar([j + i * width for j in range(len(cases))], ys, width, label=p)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+        ax.set_xticklabels(cases, fontsize=7)
+        ax.set_title(f"{op}: fwd+bwd")
+        ax.set_ylabel("speed-up over eager reference")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", help="JSON lines written by bench/kernels.py")
+    ap.add_argument("--md", help="markdown file to write (default: print)")
+    ap.add_argument("--png", help="plot to write")
+    a = ap.parse_args()
+    recs = load(a.results)
+    text = markdown(recs)
+    if a.md:
+        Path(a.md).write_text(text + "\n")
+        print(f"-> {a.md}")
+    else:
+        print(text)
+    if a.png:
+        plot(recs, a.png)
+        print(f"-> {a.png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+# Flash attention in EDM's own layout, forward and backward.
+#
+# EDM's UNet blocks feed attention straight from a 1x1 qkv convolution: qkv is [N, heads*3*d, H, W] with
+# channel = head*3d + c*3 + j, j in (q, k, v) (shared/reference/edm.md 1.1), and the proj convolution consumes
+# [N, heads*d, H, W] with channel = head*d + c. EDM's AttentionOp reshapes to [N*heads, d, 3, L], computes the whole
+# L x L softmax in fp32 and keeps it for backward. Here, per (sample, head) and block of BLOCK_M queries:
+#     s = q^T k / sqrt(d)  (fp32 accumulation),  online softmax over key blocks (running max m, sum l, in fp32),
+#     o = sum_k p v / l,   lse = m + log(l)  (fp32, [N*heads, L], the only thing kept besides o)
+# reading q, k and v through the interleaved channel strides (NCHW or channels_last; no transposes, no copies) and
+# writing o in the layout of the input's memory format. Backward (FlashAttention-2's recomputation):
+#     delta_i = sum_c do_ic o_ic,  p = exp(s - lse),  dv = p^T do,  dp = do v^T,  ds = p (dp - delta),
+#     dk = ds^T q / sqrt(d),  dq = ds k / sqrt(d)
+# in two kernels (one per key block for dk, dv; one per query block for dq), so no L x L matrix is ever stored and no
+# atomics are needed; dq, dk, dv are written into the interleaved channels of one dqkv tensor shaped like qkv.
+# Precision: scores, softmax statistics and accumulators are fp32; with fp16/bf16 inputs the probabilities are cast
+# to the input dtype before the p @ v product (EDM likewise applies its weights, stored in the input dtype, to v),
+# and ds before its products. fp32 inputs use IEEE fp32 dot products unless torch allows TF32 for matmuls
+# (torch.backends.cuda.matmul.allow_tf32), which sid_fast's reference path keeps off as SiD does.
+# The scale is 1/sqrt(d) as EDM (EDM divides k by sqrt(d) before its fp32 product; for d = 64 and 256 that division
+# is exact in every dtype, so scaling the fp32 scores is the same number).
+#
+# Registered as torch.library.triton_op "sid_fast_kernels::edm_flash_attention" with autograd, so torch.compile
+# traces it; the reference is sid_fast.networks.attention.attention_edm, which also runs wherever Triton cannot.
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from kernels._common import interpreted, triton_available
+
+LOG2E = 1.4426950408889634
+
+
+def _configs(kind: str):
+    """Autotuning candidates on the GPU; one configuration under the interpreter (which cannot autotune)."""
+    if interpreted():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
+    if kind == "fwd":
+        shapes = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
+    else:
+        shapes = [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Large head dims need small tiles (registers/shared memory): d = 256 keeps BLOCK_M * BLOCK_N <= 64 * 64."""
+    d = named_args["D"] if "D" in named_args else kwargs.get("D", 64)
+    keep = [c for c in configs if d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return keep or configs[-1:]
+
+
+@triton.autotune(configs=_configs("fwd"), key=["L", "D", "PREC"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _fwd_kernel(qkv_ptr, o_ptr, lse_ptr, L, H, sm_scale,
+                s_n, s_c, s_l, o_n, o_c, o_l,
+                D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    n = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    base = qkv_ptr + n * s_n + (h * 3 * D) * s_c
+    # q as [BLOCK_M, D], k as [D, BLOCK_N], v as [BLOCK_N, D]; channel of (c, j) = 3c + j.
+    q = tl.load(base + offs_m[:, None] * s_l + (offs_d[None, :] * 3) * s_c,
+                mask=(offs_m[:, None] < L) & d_ok[None, :], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(base + cols[None, :] * s_l + (offs_d[:, None] * 3 + 1) * s_c,
+                    mask=d_ok[:, None] & (cols[None, :] < L), other=0.0)
+        s = tl.dot(q, k, input_precision=PREC) * qk_scale
+        s = tl.where(cols[None, :] < L, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(base + cols[:, None] * s_l + (offs_d[None, :] * 3 + 2) * s_c,
+                    mask=(cols[:, None] < L) & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    row_ok = offs_m < L
+    tl.store(lse_ptr + bh * L + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=row_ok)
+    tl.store(o_ptr + n * o_n + (h * D + offs_d[None, :]) * o_c + offs_m[:, None] * o_l,
+             acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, L, H, o_n, o_c, o_l,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
+    """delta[bh, i] = sum_c do[i, c] o[i, c] in fp32 (o and do share one layout)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    n = bh // H
+    h = bh % H
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    ptr = n * o_n + (h * D + offs_d[None, :]) * o_c + rows[:, None] * o_l
+    m = (rows[:, None] < L) & (offs_d[None, :] < D)
+    o = tl.load(o_ptr + ptr, mask=m, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + ptr, mask=m, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh * L + rows, tl.sum(o * do, 1), mask=rows < L)
+
+
+@triton.autotune(configs=_configs("bwd"), key=["L", "D", "PREC"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale,
+                     s_n, s_c, s_l, o_n, o_c, o_l,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One block of BLOCK_N keys: loop over all queries, accumulate dk and dv."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    n = bh // H
+    h = bh % H
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    col_ok = cols < L
+    base = qkv_ptr + n * s_n + (h * 3 * D) * s_c
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(base + cols[:, None] * s_l + (offs_d[None, :] * 3 + 1) * s_c, mask=kv_mask, other=0.0)  # [N, D]
+    v = tl.load(base + cols[:, None] * s_l + (offs_d[None, :] * 3 + 2) * s_c, mask=kv_mask, other=0.0)  # [N, D]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    do_base = do_ptr + n * o_n + (h * D) * o_c
+    for start_m in range(0, L, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < L
+        qT = tl.load(base + rows[None, :] * s_l + (offs_d[:, None] * 3) * s_c,
+                     mask=d_ok[:, None] & row_ok[None, :], other=0.0)  # [D, M]
+        lse = tl.load(lse_ptr + bh * L + rows, mask=row_ok, other=0.0)
+        # p^T [N, M] = exp(k q^T * scale - lse)
+        sT = tl.dot(k, qT, input_precision=PREC) * qk_scale
+        pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
+        pT = tl.where(col_ok[:, None] & row_ok[None, :], pT, 0.0)
+        do = tl.load(do_base + offs_d[None, :] * o_c + rows[:, None] * o_l,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        delta = tl.load(delta_ptr + bh * L + rows, mask=row_ok, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [N, M]
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
+    dk = dk * sm_scale
+    dbase = dqkv_ptr + n * s_n + (h * 3 * D) * s_c
+    tl.store(dbase + cols[:, None] * s_l + (offs_d[None, :] * 3 + 1) * s_c, dk.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dbase + cols[:, None] * s_l + (offs_d[None, :] * 3 + 2) * s_c, dv.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_configs("bwd"), key=["L", "D", "PREC"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale,
+                   s_n, s_c, s_l, o_n, o_c, o_l,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One block of BLOCK_M queries: loop over all keys, accumulate dq."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    n = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    row_ok = rows < L
+    base = qkv_ptr + n * s_n + (h * 3 * D) * s_c
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(base + rows[:, None] * s_l + (offs_d[None, :] * 3) * s_c, mask=q_mask, other=0.0)  # [M, D]
+    do = tl.load(do_ptr + n * o_n + (h * D + offs_d[None, :]) * o_c + rows[:, None] * o_l, mask=q_mask, other=0.0)
+    lse = tl.load(lse_ptr + bh * L + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + bh * L + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    for start_n in range(0, L, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < L
+        kT = tl.load(base + cols[None, :] * s_l + (offs_d[:, None] * 3 + 1) * s_c,
+                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)  # [D, N]
+        vT = tl.load(base + cols[None, :] * s_l + (offs_d[:, None] * 3 + 2) * s_c,
+                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)  # [D, N]
+        s = tl.dot(q, kT, input_precision=PREC) * qk_scale
+        p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
+    dq = dq * sm_scale
+    dbase = dqkv_ptr + n * s_n + (h * 3 * D) * s_c
+    tl.store(dbase + rows[:, None] * s_l + (offs_d[None, :] * 3) * s_c, dq.to(dqkv_ptr.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host side.
+
+
+def _strides(t: torch.Tensor):
+    """(t in NCHW-contiguous or channels_last, (stride_n, stride_c, stride_l)) with l = y * W + x."""
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        t = t.contiguous()
+    n, c, h, w = t.shape
+    if t.is_contiguous():
+        return t, (c * h * w, h * w, 1)
+    return t, (h * w * c, 1, c)
+
+
+def _precision(t: torch.Tensor) -> str:
+    """tl.dot's input precision for fp32 operands (IEEE unless torch allows TF32); fp16/bf16 use their own MMA."""
+    return "tf32" if t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _out_like(qkv: torch.Tensor, channels: int):
+    n, _, h, w = qkv.shape
+    channels_last = qkv.stride(1) == 1 and qkv.shape[1] > 1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(n, channels, h, w, device=qkv.device, dtype=qkv.dtype).contiguous(memory_format=fmt)
+
+
+@triton_op("sid_fast_kernels::edm_flash_attention", mutates_args=())
+def edm_flash_attention_op(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    qkv, (sn, sc, sl) = _strides(qkv)
+    n, c3, h, w = qkv.shape
+    d, L = c3 // (3 * num_heads), h * w
+    o = _out_like(qkv, c3 // 3)
+    _, (on, oc, ol) = _strides(o)
+    lse = torch.empty(n * num_heads, L, device=qkv.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), n * num_heads)  # noqa: E731
+    wrap_triton(_fwd_kernel)[grid](qkv, o, lse, L, num_heads, 1.0 / math.sqrt(d), sn, sc, sl, on, oc, ol,
+                                   D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), PREC=_precision(qkv))
+    return o, lse
+
+
+@triton_op("sid_fast_kernels::edm_flash_attention_bwd", mutates_args=())
+def edm_flash_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                               num_heads: int) -> torch.Tensor:
+    qkv, (sn, sc, sl) = _strides(qkv)
+    o, (on, oc, ol) = _strides(o)
+    # do must share o's layout so one set of strides addresses both.
+    do = do.contiguous(memory_format=torch.channels_last if oc == 1 and o.shape[1] > 1 else torch.contiguous_format)
+    n, c3, h, w = qkv.shape
+    d, L = c3 // (3 * num_heads), h * w
+    block_d = max(16, triton.next_power_of_2(d))
+    delta = torch.empty_like(lse)
+    wrap_triton(_delta_kernel)[(triton.cdiv(L, 64), n * num_heads)](o, do, delta, L, num_heads, on, oc, ol,
+                                                                     D=d, BLOCK_D=block_d, BLOCK=64)
+    dqkv = torch.empty_like(qkv)
+    args = (qkv, do, lse, delta, dqkv, L, num_heads, 1.0 / math.sqrt(d), sn, sc, sl, on, oc, ol)
+    wrap_triton(_bwd_dkdv_kernel)[lambda meta: (triton.cdiv(L, meta["BLOCK_N"]), n * num_heads)](
+        *args, D=d, BLOCK_D=block_d, PREC=_precision(qkv))
+    wrap_triton(_bwd_dq_kernel)[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), n * num_heads)](
+        *args, D=d, BLOCK_D=block_d, PREC=_precision(qkv))
+    return dqkv
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, num_heads = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.num_heads = num_heads
+
+
+def _backward(ctx, do, dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return edm_flash_attention_bwd_op(do, qkv, o, lse, ctx.num_heads), None
+
+
+torch.library.register_autograd("sid_fast_kernels::edm_flash_attention", _backward, setup_context=_setup_context)
+
+
+def edm_attention_ref(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The reference: EDM's AttentionOp numerics (fp32 softmax weights, L x L materialised)."""
+    from sid_fast.networks.attention import attention_edm
+
+    return attention_edm(qkv, num_heads)
+
+
+def flash_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Attention over EDM's qkv conv output [N, heads*3*d, H, W] -> [N, heads*d, H, W] (same memory format)."""
+    if qkv.dim() != 4:
+        raise ValueError(f"flash_attention: expected qkv of shape [N, heads*3*d, H, W], got {tuple(qkv.shape)}.")
+    if num_heads < 1 or qkv.shape[1] % (3 * num_heads):
+        raise ValueError(f"flash_attention: {qkv.shape[1]} qkv channels are not divisible by 3 * num_heads = {3 * num_heads}.")
+    if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"flash_attention: qkv must be fp32, fp16 or bf16, got {qkv.dtype}.")
+    d = qkv.shape[1] // (3 * num_heads)
+    if d > 256:
+        raise ValueError(f"flash_attention: head dimension {d} > 256 is not supported.")
+    if not triton_available(qkv):
+        return edm_attention_ref(qkv, num_heads)
+    return edm_flash_attention_op(qkv, int(num_heads))[0]
