@@ -1,6 +1,10 @@
-"""Render kernel benchmark results (JSON lines from bench/kernels.py) as a markdown table and a PNG plot.
+"""Render benchmark results (JSON lines from bench/kernels.py or bench/train_step.py) as markdown and a PNG plot.
 
     python -m bench.report bench/results/kernels.jsonl --md bench/results/kernels.md --png bench/results/kernels.png
+    python -m bench.report bench/results/train_step.jsonl --md ladder.md --png ladder.png
+
+Training-step ladders: one row per rung with img/s, the speed-up over the reference rung, MFU, warm-up time, peak
+memory and peak memory per image relative to the reference; the plot shows img/s and MFU per rung.
 
 The table has one row per (op, shape, dtype, mode, provider): median ms with the 20th-80th percentile range, GB/s and
 the fraction of the copy bandwidth measured in the same run (memory-bound ops) or TFLOP/s and peak memory
@@ -20,9 +24,11 @@ from pathlib import Path
 
 def load(path) -> list[dict]:
     recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if r.get("bench") == "kernels"]
+    recs = [r for r in recs if r.get("bench") in ("kernels", "train_step")]
     if not recs:
-        raise SystemExit(f"{path}: no kernel benchmark records (bench == 'kernels').")
+        raise SystemExit(f"{path}: no benchmark records (bench 'kernels' or 'train_step').")
+    kind = recs[-1]["bench"]
+    recs = [r for r in recs if r["bench"] == kind]
     last = recs[-1].get("timestamp")  # environment() stamps every record of one run with the same time
     return [r for r in recs if r.get("timestamp") == last]
 
@@ -31,7 +37,51 @@ def _fmt(x, spec):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def ladder_markdown(recs: list[dict]) -> str:
+    env = recs[0]
+    ref = next((r for r in recs if r["mode"] == "reference" and "error" not in r), None)
+    out = [f"Training-step ladder, {env['config']} at micro-batch {env['batch_gpu']}, on {env.get('device', '?')} "
+           f"(torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, commit {str(env.get('git_commit', '?'))[:10]})", "",
+           "| rung | img/s | vs reference | MFU | ceiling TFLOP/s | warm-up s | peak GB | peak/img vs reference |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        if "error" in r:
+            out.append(f"| {r['mode']} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        vs = r["img_per_s"] / ref["img_per_s"] if ref else float("nan")
+        mem = (r["peak_mem_gb_per_img"] / ref["peak_mem_gb_per_img"]
+               if ref and r.get("peak_mem_gb_per_img") and ref.get("peak_mem_gb_per_img") else None)
+        out.append(f"| {r['mode']} | {_fmt(r['img_per_s'], '.1f')} | {_fmt(vs, '.2f')}x | {_fmt(r['mfu'], '.1%')} | "
+                   f"{_fmt(r['matmul_ceiling_tflops'], '.1f')} ({r.get('matmul_ceiling_dtype', '?')}) | "
+                   f"{_fmt(r['warmup_s'], '.1f')} | {_fmt(r.get('peak_mem_gb'), '.2f')} | {_fmt(mem, '.2f')} |")
+    return "\n".join(out)
+
+
+def ladder_plot(recs: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in recs if "error" not in r]
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=100)
+    xs = range(len(ok))
+    ax.bar(xs, [r["img_per_s"] for r in ok], color="tab:blue")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["mode"] for r in ok], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("img/s")
+    ax2 = ax.twinx()
+    ax2.plot(list(xs), [100 * r["mfu"] for r in ok], "o-", color="tab:red")
+    ax2.set_ylabel("MFU (%)", color="tab:red")
+    ax.set_title(f"SiD training step: {ok[0]['config'] if ok else ''}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def markdown(recs: list[dict]) -> str:
+    if recs[0]["bench"] == "train_step":
+        return ladder_markdown(recs)
     env = recs[0]
     out = [f"Kernel benchmarks on {env.get('device', '?')} (torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
            f"commit {str(env.get('git_commit', '?'))[:10]})", ""]
@@ -61,6 +111,8 @@ def markdown(recs: list[dict]) -> str:
 
 
 def plot(recs: list[dict], path) -> None:
+    if recs[0]["bench"] == "train_step":
+        return ladder_plot(recs, path)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -7,8 +7,18 @@ Configurations: `cifar10` (DDPM++ 32x32, 55.7 M parameters) and `imagenet64` (AD
 in the official shapes, and `digits` (the bundled teacher). One iteration = fake-score step + generator step + EMA,
 one micro-batch each (no accumulation). FLOPs per image = 11 forward-equivalents (shared/design.md "Ceilings"),
 with the forward counted by torch.utils.flop_counter; MFU = achieved / matmul ceiling measured in the same run.
-Only the reference path (fp32, TF32 off) exists so far; the fast modes join this ladder with the performance work.
-Results are appended as JSON lines to bench/results/train_step.jsonl.
+The ladder (`--rungs`, each on a fresh trainer in the same process, side by side):
+    reference      fp32, TF32 off, EDM attention, official Adam and EMA (SiD's numerics)
+    bf16           bf16 UNet bodies (fp32 master weights, losses, optimizer), bf16 teacher weights
+    +channels_last NHWC activations and weights
+    +fused_adam    fused Adam and foreach EMA
+    +compile       torch.compile (Inductor) of every network call site
+    +kernels       the Triton kernels (SiD/EDM losses, GroupNorm+SiLU, flash attention)
+    +cuda_graphs   compile mode reduce-overhead (CUDA only)
+    +checkpointing per-block activation checkpointing of the generator phase
+Each rung reports warm-up time (compilation included) apart from the timed steps, img/s, MFU against the matmul
+ceiling of its dtype measured in the same run (fp32 without TF32, or bf16), peak memory and peak memory per image.
+Results are appended as JSON lines to bench/results/train_step.jsonl; `python -m bench.report` renders them.
 """
 
 from __future__ import annotations
@@ -41,9 +51,21 @@ def forward_flops_per_image(net, kwargs: dict) -> float:
     return float(c.get_total_flops())
 
 
-def make_trainer(name: str, batch_gpu: int, device):
+RUNGS = [
+    ("reference", dict()),
+    ("bf16", dict(precision="bf16")),
+    ("+channels_last", dict(channels_last=True)),
+    ("+fused_adam", dict(optimizer="fused")),
+    ("+compile", dict(compile=True)),
+    ("+kernels", dict(kernels="all")),
+    ("+cuda_graphs", dict(cuda_graphs=True)),
+    ("+checkpointing", dict(checkpointing="blocks")),
+]
+
+
+def make_trainer(name: str, batch_gpu: int, device, **options):
     if name == "digits":
-        cfg = resolve_config("digits", dict(batch=batch_gpu, batch_gpu=batch_gpu, metrics="none"))
+        cfg = resolve_config("digits", dict(batch=batch_gpu, batch_gpu=batch_gpu, metrics="none", **options))
         from sid_fast.checkpoints import load_network_file
 
         teacher, info = load_network_file(DIGITS_TEACHER_PATH)
@@ -53,34 +75,29 @@ def make_trainer(name: str, batch_gpu: int, device):
         kwargs = dict(official_config(stem), use_fp16=False)
         teacher = build_network("EDMPrecond", kwargs)
         cfg = resolve_config("cifar10-uncond", dict(teacher=f"<random {stem}>", resolution=kwargs["img_resolution"],
-                             label_dim=kwargs["label_dim"], batch=batch_gpu, batch_gpu=batch_gpu, **extra))
+                             label_dim=kwargs["label_dim"], batch=batch_gpu, batch_gpu=batch_gpu, metrics="none",
+                             **extra, **options))
         info = dict(class_name="EDMPrecond", init_kwargs=kwargs, meta={})
     tr = SiDTrainer(cfg, device, None, log=lambda *a: None, teacher=teacher,
                     student=("EDMPrecond", kwargs, teacher.state_dict()), teacher_info=info)
     return tr, teacher, kwargs
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=["digits", *CONFIGS], default="cifar10")
-    ap.add_argument("--batch-gpu", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--out", default="train_step.jsonl")
-    a = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = False  # the reference path, as the official code
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.benchmark = True
-    tr, teacher, kwargs = make_trainer(a.config, a.batch_gpu, device)
+def run_rung(a, device, rung, options, ceilings, env):
+    from sid_fast import ops
+
+    torch._dynamo.reset()
+    ops.set_use_kernels(False)
+    tr, teacher, kwargs = make_trainer(a.config, a.batch_gpu, device, **options)
     flops_img = 11 * forward_flops_per_image(teacher, kwargs)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(a.warmup):
         tr.step()
     sync(device)
     warmup_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(a.steps):
         sync(device)
@@ -89,20 +106,61 @@ def main():
         sync(device)
         times.append(time.perf_counter() - t)
     med = sorted(times)[len(times) // 2]
-    ceiling = matmul_ceiling(device)
+    ceiling = ceilings["bf16" if options.get("precision") == "bf16" else "fp32"]
     img_s = a.batch_gpu / med
-    rec = dict(
-        bench="train_step", config=a.config, mode="reference-fp32", batch_gpu=a.batch_gpu, steps=a.steps,
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    ops.set_use_kernels(False)
+    return dict(
+        bench="train_step", config=a.config, mode=rung, options=options, batch_gpu=a.batch_gpu, steps=a.steps,
         step_s=times, step_s_median=med, warmup_s=warmup_s, img_per_s=img_s, sec_per_kimg=1000 / img_s,
         flops_per_img=flops_img, achieved_tflops=flops_img * img_s / 1e12, matmul_ceiling_tflops=ceiling / 1e12,
-        mfu=flops_img * img_s / ceiling,
-        peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        **environment(),
+        matmul_ceiling_dtype="bf16" if options.get("precision") == "bf16" else "fp32", mfu=flops_img * img_s / ceiling,
+        peak_mem_gb=peak, peak_mem_gb_per_img=None if peak is None else peak / a.batch_gpu, **env,
     )
-    path = write_jsonl([rec], a.out)
-    print(f"{a.config} reference-fp32 batch {a.batch_gpu}: {img_s:.1f} img/s, {1000 / img_s:.1f} sec/kimg, "
-          f"{rec['achieved_tflops']:.3f} TFLOP/s, MFU {rec['mfu'] * 100:.1f}% of a measured "
-          f"{rec['matmul_ceiling_tflops']:.2f} TFLOP/s matmul; peak mem {rec['peak_mem_gb']} GB -> {path}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=["digits", *CONFIGS], default="cifar10")
+    ap.add_argument("--batch-gpu", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rungs", default=None, help="comma list of ladder rungs (default: all on CUDA, reference on CPU)")
+    ap.add_argument("--out", default="train_step.jsonl")
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    names = [r for r, _ in RUNGS]
+    wanted = (a.rungs or (",".join(names) if device.type == "cuda" else "reference")).split(",")
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise SystemExit(f"--rungs: unknown {unknown}; the ladder is {names}.")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ceilings = {"fp32": matmul_ceiling(device, torch.float32), "bf16": matmul_ceiling(device, torch.bfloat16)}
+    env = environment()
+    options, records = {}, []
+    for rung, delta in RUNGS:  # each rung adds its options to the previous ones (the ladder)
+        options = {**options, **delta}
+        if rung not in wanted:
+            continue
+        if options.get("cuda_graphs") and device.type != "cuda":
+            print(f"{rung}: skipped (needs CUDA)")
+            continue
+        try:
+            rec = run_rung(a, device, rung, dict(options), ceilings, env)
+        except Exception as e:  # a rung that fails is recorded, the ladder goes on
+            print(f"{rung}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            rec = dict(bench="train_step", config=a.config, mode=rung, options=dict(options), batch_gpu=a.batch_gpu,
+                       error=f"{type(e).__name__}: {e}"[:2000], **env)
+        records.append(rec)
+        if "error" not in rec:
+            base = next((r for r in records if r["mode"] == "reference" and "error" not in r), None)
+            vs = f", {rec['img_per_s'] / base['img_per_s']:.2f}x reference" if base else ""
+            print(f"{a.config} {rung:<15} batch {a.batch_gpu}: {rec['img_per_s']:.1f} img/s{vs}, MFU "
+                  f"{rec['mfu'] * 100:.1f}% of {rec['matmul_ceiling_tflops']:.2f} TFLOP/s ({rec['matmul_ceiling_dtype']}), "
+                  f"warm-up {rec['warmup_s']:.1f} s, peak mem {rec['peak_mem_gb']} GB")
+    path = write_jsonl(records, a.out)
+    print(f"-> {path}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,24 @@ def test_train_step_bench_records_measurements(tmp_path):
     assert 0 < rec["mfu"] < 1 and rec["torch"] and rec["device"].startswith("cpu")
 
 
+def test_train_step_ladder_rungs_accumulate_options(tmp_path):
+    out = tmp_path / "ladder.jsonl"
+    r = subprocess.run([sys.executable, "-m", "bench.train_step", "--config", "digits", "--batch-gpu", "4", "--steps", "1",
+                        "--warmup", "1", "--rungs", "reference,bf16,+channels_last,+fused_adam", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [x["mode"] for x in recs] == ["reference", "bf16", "+channels_last", "+fused_adam"]
+    assert all("error" not in x and x["img_per_s"] > 0 for x in recs), [x.get("error") for x in recs]
+    assert recs[-1]["options"] == dict(precision="bf16", channels_last=True, optimizer="fused")
+    assert recs[1]["matmul_ceiling_dtype"] == "bf16" and recs[0]["matmul_ceiling_dtype"] == "fp32"
+    md = tmp_path / "ladder.md"
+    r = subprocess.run([sys.executable, "-m", "bench.report", str(out), "--md", str(md), "--png", str(tmp_path / "l.png")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| +fused_adam |" in md.read_text()
+
+
 def test_profiler_writes_trace_with_sid_ranges(tmp_path):
     r = subprocess.run([sys.executable, "profile/torch_profile.py", "--config", "digits", "--batch-gpu", "2",
                         "--active", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
@@ -53,3 +71,11 @@ def test_kernel_bench_smoke(tmp_path):
     text = md.read_text()
     assert "### attention" in text and "### group_norm_silu" in text and "| sdpa-math |" in text
     assert text.count("\n| ") >= len(recs) and png.stat().st_size > 1000
+
+
+def test_nsys_step_script_runs_the_fast_path_on_cpu(tmp_path):
+    r = subprocess.run([sys.executable, "profile/nsys_step.py", "--config", "digits", "--batch-gpu", "2", "--warmup", "1",
+                        "--steps", "1", "--precision", "bf16", "--checkpointing", "blocks", "--optimizer", "fused"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "nothing was captured" in r.stdout

@@ -196,7 +196,18 @@ class UNetBlock(torch.nn.Module):
             self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
+    # sid_fast: when True (set by sid_fast.training.fast.checkpointing for the generator phase) and autograd is
+    # recording, the block keeps only its inputs and recomputes its activations during backward.
+    checkpoint_activations = False
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_activations and torch.is_grad_enabled() and (x.requires_grad or emb.requires_grad):
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         orig = x
         x = self.conv0(self.norm0.silu(x))
 

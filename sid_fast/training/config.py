@@ -47,7 +47,15 @@ class TrainConfig:
     ema: float = 0.5  # EMA half-life, Mimg
     augment: float = 0.0  # EDM augmentation probability for the fake-score loss
     dropout: float = 0.13
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 (reference: TF32 off, as SiD), tf32, bf16
+    # The fast path (sid_fast.training.fast); defaults are the reference path.
+    channels_last: bool = False
+    compile: bool = False  # torch.compile of the three networks
+    compile_backend: str = "inductor"  # aot_eager traces the same graphs without code generation (CPU tests)
+    cuda_graphs: bool = False  # compile mode "reduce-overhead" (CUDA only; implies compile)
+    checkpointing: str = "none"  # generator phase: none, nets (teacher + fake score), blocks (per UNet block)
+    optimizer: str = "adam"  # adam (official), foreach, fused (+ foreach EMA)
+    kernels: str = "none"  # none, all, or a comma list of sid_loss,edm_loss,group_norm_silu,attention
     # Schedule.
     duration: float = 500.0  # Mimg
     tick: float = 10.0  # kimg
@@ -104,7 +112,9 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "tf32", "bf16")
+CHECKPOINTING = ("none", "nets", "blocks")
+OPTIMIZERS = ("adam", "foreach", "fused")
 METRICS = ("fid", "fd-digits", "none")
 
 
@@ -150,7 +160,22 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}.")
     if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"--precision {cfg.precision!r} is not available yet; choose one of {PRECISIONS}.")
+        raise ConfigError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}.")
+    if cfg.checkpointing not in CHECKPOINTING:
+        raise ConfigError(f"--checkpointing {cfg.checkpointing!r}: choose one of {', '.join(CHECKPOINTING)}.")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}.")
+    from sid_fast.ops import KERNELS
+
+    if cfg.kernels not in ("none", "all") and not set(cfg.kernels.split(",")) <= KERNELS:
+        raise ConfigError(f"--kernels {cfg.kernels!r}: 'none', 'all' or a comma list of {', '.join(sorted(KERNELS))}.")
+    if cfg.compile_backend not in ("inductor", "aot_eager", "eager"):
+        raise ConfigError(f"--compile-backend {cfg.compile_backend!r}: choose inductor, aot_eager or eager.")
+    if cfg.cuda_graphs:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--cuda-graphs needs a CUDA device; this machine has none.")
     for flag in ("duration", "tick", "ema"):
         if not getattr(cfg, flag) > 0:
             raise ConfigError(f"--{flag} must be positive, got {getattr(cfg, flag)}.")

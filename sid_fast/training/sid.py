@@ -40,7 +40,7 @@ from sid_fast.augment import AugmentPipe
 from sid_fast.losses import sample_edm_sigma, sample_generator_sigma
 from sid_fast.networks import build_network
 from sid_fast.sampling import image_grid, latents_and_labels, onestep_sample, save_image, to_uint8
-from sid_fast.training import dist
+from sid_fast.training import dist, fast
 from sid_fast.training.config import ConfigError, TrainConfig, validate
 from sid_fast.training.ema import ema_beta, update_ema
 
@@ -155,19 +155,23 @@ class SiDTrainer:
         check_teacher(cfg, teacher, cfg.teacher)
         self.teacher_info = info
         self.init_kwargs = dict(student[1], dropout=cfg.dropout, use_fp16=False)
-        teacher.use_fp16 = False  # fp32 reference path for all three networks (the fast modes come later)
+        teacher.use_fp16 = False  # EDM's fp16 mode is replaced by --precision (sid_fast.training.fast)
+        fast.set_matmul_precision(cfg.precision)
+        if fast.kernel_names(cfg) is not None:
+            ops.set_use_kernels(fast.kernel_names(cfg))
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         self.G = self._copy(student[2]).train().requires_grad_(True)
         self.fake = self._copy(student[2]).train().requires_grad_(True)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        fast.prepare_networks(cfg, self.teacher, (self.G, self.fake), self.G_ema)
         self.aug_dim = self.G.model.map_augment.in_features if self.G.model.map_augment is not None else 0
         if cfg.augment > 0 and not self.aug_dim:
             raise ConfigError(f"--augment {cfg.augment}: the networks have no augment labels (augment_dim 0); use --augment 0.")
         self.augment_pipe = AugmentPipe(p=cfg.augment) if cfg.augment > 0 else None
 
         eps = 1e-8  # official: 1e-8 in fp32, 1e-6 with --fp16
-        self.opt_fake = torch.optim.Adam(self.fake.parameters(), lr=cfg.lr, betas=(0.0, 0.999), eps=eps)
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), eps=eps)
+        self.opt_fake = fast.make_adam(self.fake.parameters(), cfg.lr, (0.0, 0.999), eps, cfg.optimizer)
+        self.opt_g = fast.make_adam(self.G.parameters(), cfg.glr, (cfg.g_beta1, 0.999), eps, cfg.optimizer)
         if self.world > 1:
             ddp = dict(broadcast_buffers=False, find_unused_parameters=False)
             if device.type == "cuda":
@@ -176,6 +180,12 @@ class SiDTrainer:
             self.fake_ddp = torch.nn.parallel.DistributedDataParallel(self.fake, **ddp)
         else:
             self.G_ddp, self.fake_ddp = self.G, self.fake
+        # Call sites (compiled with --compile / --cuda-graphs; the modules themselves stay plain for state dicts).
+        self.run_G_train = fast.maybe_compile(self.G_ddp, cfg)
+        self.run_G_eval = fast.maybe_compile(self.G, cfg)
+        self.run_fake_train = fast.maybe_compile(self.fake_ddp, cfg)
+        self.run_fake_eval = fast.maybe_compile(self.fake, cfg)
+        self.run_teacher = fast.maybe_compile(self.teacher, cfg)
 
         # Counters and device-side statistics (read once per tick).
         self.cur_nimg = 0
@@ -215,7 +225,7 @@ class SiDTrainer:
 
     def generate(self, net, z, labels):
         sigma = torch.full([z.shape[0], 1, 1, 1], self.cfg.init_sigma, device=self.device)
-        return net(self.cfg.init_sigma * z, sigma, labels, **self._aug_zeros(z.shape[0]))
+        return net(fast.image_format(self.cfg, self.cfg.init_sigma * z), sigma, labels, **self._aug_zeros(z.shape[0]))
 
     # ------------------------------------------------------------------
     # One iteration.
@@ -238,7 +248,7 @@ class SiDTrainer:
             g = self._gen(FAKE, rnd)
             z, labels = self._draw_z_labels(g)
             with torch.no_grad():
-                x_g = self.generate(self.G, z, labels)
+                x_g = self.generate(self.run_G_eval, z, labels)
             sigma = sample_edm_sigma(cfg.batch_gpu, self.device, generator=g)
             if self.augment_pipe is not None:
                 y, aug = self.augment_pipe(x_g, generator=g)
@@ -248,7 +258,8 @@ class SiDTrainer:
             noise = torch.randn(y.shape, device=self.device, generator=g)
             sync = self.world > 1 and rnd < self.rounds - 1
             with self.fake_ddp.no_sync() if sync else contextlib.nullcontext():
-                D = self.fake_ddp(y + sigma * noise, sigma, labels, **({} if kw is None else dict(augment_labels=kw)))
+                D = self.run_fake_train(fast.image_format(cfg, y + sigma * noise), sigma, labels,
+                                        **({} if kw is None else dict(augment_labels=kw)))
                 loss_sum, ok = ops.fake_score_loss_sum(D, y, sigma)
                 (loss_sum * (cfg.ls / self.batch_gpu_total)).backward()
             self.stats[0] += loss_sum.detach()
@@ -256,7 +267,8 @@ class SiDTrainer:
             self.stats[4] += (~ok).sum()
         bad = self._clean_grads(self.fake.parameters())
         self.stats[6] += bad.double()
-        self.opt_fake.step()
+        with annotate("sid/optimizer"):
+            self.opt_fake.step()
         self.fake.eval().requires_grad_(False)
         return bad
 
@@ -271,20 +283,26 @@ class SiDTrainer:
             sigma = sample_generator_sigma(cfg.batch_gpu, cfg.tmax, self.device, generator=g)
             eps = torch.randn([cfg.batch_gpu, cfg.channels, cfg.resolution, cfg.resolution], device=self.device, generator=g)
             sync = self.world > 1 and rnd < self.rounds - 1
-            with self.G_ddp.no_sync() if sync else contextlib.nullcontext():
-                x_g = self.generate(self.G_ddp, z, labels)
-                x_t = x_g + sigma * eps
+            with self.G_ddp.no_sync() if sync else contextlib.nullcontext(), \
+                    fast.block_checkpointing(cfg.checkpointing, self.teacher, self.fake):
+                with annotate("sid/generator"):
+                    x_g = self.generate(self.run_G_train, z, labels)
+                x_t = fast.image_format(cfg, x_g + sigma * eps)
                 aug = self._aug_zeros(cfg.batch_gpu)
-                y_real = self.teacher(x_t, sigma, labels, **aug)
-                y_fake = self.fake(x_t, sigma, labels, **aug)
+                with annotate("sid/teacher"):
+                    y_real = fast.call_checkpointed(cfg.checkpointing, self.run_teacher, x_t, sigma, labels, **aug)
+                with annotate("sid/fake_score"):
+                    y_fake = fast.call_checkpointed(cfg.checkpointing, self.run_fake_eval, x_t, sigma, labels, **aug)
                 loss_sum, ok = ops.sid_generator_loss_sum(x_g, y_real, y_fake, cfg.alpha)
-                (loss_sum * (cfg.lsg / self.batch_gpu_total)).backward()
+                with annotate("sid/backward"):
+                    (loss_sum * (cfg.lsg / self.batch_gpu_total)).backward()
             self.stats[1] += loss_sum.detach()
             self.stats[3] += ok.sum()
             self.stats[5] += (~ok).sum()
         bad = self._clean_grads(self.G.parameters())
         self.stats[7] += bad.double()
-        self.opt_g.step()
+        with annotate("sid/optimizer"):
+            self.opt_g.step()
         self.G.eval().requires_grad_(False)
         return bad
 
@@ -295,7 +313,11 @@ class SiDTrainer:
             bad_g = self.generator_phase()
         self.cur_nimg += self.cfg.batch
         with annotate("sid/ema"):
-            update_ema(self.G_ema, self.G, ema_beta(self.cfg.batch, self.cur_nimg, self.cfg.ema * 1000))
+            beta = ema_beta(self.cfg.batch, self.cur_nimg, self.cfg.ema * 1000)
+            if self.cfg.optimizer == "adam":
+                update_ema(self.G_ema, self.G, beta)
+            else:
+                fast.update_ema_foreach(self.G_ema, self.G, beta)
         bad = bad_f | bad_g
         self.consec_bad = (self.consec_bad + 1) * bad
         self.max_consec_bad = torch.maximum(self.max_consec_bad, self.consec_bad)

@@ -1,0 +1,62 @@
+"""SiD iterations for Nsight Systems: warm-up outside the capture range, then N steps between cudaProfilerStart/Stop.
+
+    nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop --trace=cuda,nvtx,osrt,cudnn,cublas \
+        -o prof/sid python profile/nsys_step.py --config cifar10 --batch-gpu 64 --precision bf16 --compile
+    (or: profile/nsys.sh OUT_NAME [options])
+
+NVTX ranges: sid/step (each iteration), sid/fake_score_step, sid/generator_step, and inside them sid/generator,
+sid/teacher, sid/fake_score, sid/backward, sid/optimizer, sid/ema. The fast-path options are the trainer's own flags.
+Warm-up (compilation, autotuning, CUDA graph capture) happens before the capture range opens, so the report shows
+steady-state iterations only. Without CUDA it runs the steps and says that nothing was captured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.train_step import CONFIGS, make_trainer  # noqa: E402
+from sid_fast.training.sid import annotate  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=["digits", *CONFIGS], default="cifar10")
+    ap.add_argument("--batch-gpu", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--kernels", default="none")
+    ap.add_argument("--checkpointing", choices=["none", "nets", "blocks"], default="none")
+    ap.add_argument("--optimizer", choices=["adam", "foreach", "fused"], default="adam")
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    options = dict(precision=a.precision, channels_last=a.channels_last, compile=a.compile, cuda_graphs=a.cuda_graphs,
+                   kernels=a.kernels, checkpointing=a.checkpointing, optimizer=a.optimizer)
+    tr, _, _ = make_trainer(a.config, a.batch_gpu, device, **options)
+    for _ in range(a.warmup):
+        tr.step()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+    for _ in range(a.steps):
+        with annotate("sid/step"):
+            tr.step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        print(f"Captured {a.steps} steps of {a.config} (batch {a.batch_gpu}, {options}).")
+    else:
+        print(f"Ran {a.steps} steps on the CPU; Nsight Systems captures CUDA only, so nothing was captured.")
+
+
+if __name__ == "__main__":
+    main()
