@@ -22,3 +22,11 @@ def block_size(n: int, gpu_cap: int) -> int:
     """Power-of-two block covering n, at most gpu_cap on GPU; 64 under the interpreter (fast CPU tests that still
     exercise the loops over several blocks)."""
     return min(64 if interpreted() else gpu_cap, triton.next_power_of_2(max(n, 16)))
+
+
+def warp_configs():
+    """Autotuning candidates for the memory-bound kernels (block sizes are fixed by the shape; warps and stages are
+    tuned on the GPU). The interpreter cannot autotune over several configurations, so it gets one."""
+    if interpreted():
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8, 16) for s in (1, 2)]

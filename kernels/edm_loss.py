@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import block_size, triton_available
+from kernels._common import block_size, triton_available, warp_configs
 
 
 def _blk(n: int) -> int:
@@ -36,6 +36,7 @@ def edm_loss_rows_ref(D_x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, upc
     return torch.where(ok, row, torch.zeros_like(row)), ok
 
 
+@triton.autotune(configs=warp_configs(), key=["D", "BLOCK"])
 @triton.jit
 def _edm_loss_fwd_kernel(
     d_ptr,  # D_x, network output, [N, D] contiguous
@@ -63,6 +64,7 @@ def _edm_loss_fwd_kernel(
     tl.store(ok_ptr + row, tl.where(bad, 0, 1).to(tl.int8))
 
 
+@triton.autotune(configs=warp_configs(), key=["D", "BLOCK"])
 @triton.jit
 def _edm_loss_bwd_kernel(
     d_ptr,  # D_x, [N, D]

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import block_size, triton_available
+from kernels._common import block_size, triton_available, warp_configs
 
 
 def _blk(n: int) -> int:
@@ -81,6 +81,7 @@ def _recompute(v, dy, mean, rstd, gamma, beta, s1, sh, MODULATE: tl.constexpr, S
     return a, t, du
 
 
+@triton.autotune(configs=warp_configs(), key=["C", "HW", "G", "BLOCK"])
 @triton.jit
 def _gn_fwd_kernel(
     x_ptr, y_ptr,  # input / output [N, C, H, W] in NCHW or channels_last
@@ -132,6 +133,7 @@ def _gn_fwd_kernel(
             tl.store(y_ptr + ptr, u.to(y_ptr.dtype.element_ty), mask=m)
 
 
+@triton.autotune(configs=warp_configs(), key=["C", "HW", "G", "BLOCK"])
 @triton.jit
 def _gn_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [N, C, H, W], all in one layout

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import block_size, triton_available
+from kernels._common import block_size, triton_available, warp_configs
 
 
 def _blk(n: int) -> int:
@@ -47,6 +47,7 @@ def sid_loss_rows_ref(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Ten
     return row.float() if upcast and row.dtype != torch.float64 else row, w.float(), ok
 
 
+@triton.autotune(configs=warp_configs(), key=["D", "BLOCK"])
 @triton.jit
 def _sid_loss_fwd_kernel(
     x_ptr,  # x_g, [N, D] contiguous
@@ -85,6 +86,7 @@ def _sid_loss_fwd_kernel(
     tl.store(ok_ptr + row, tl.where(bad, 0, 1).to(tl.int8))
 
 
+@triton.autotune(configs=warp_configs(), key=["D", "BLOCK"])
 @triton.jit
 def _sid_loss_bwd_kernel(
     x_ptr,  # x_g, [N, D]
