@@ -506,8 +506,11 @@ class SiDTrainer:
             if progress is not None:
                 progress.update(self.cur_nimg // 1000 - progress.n)
             done = self.cur_nimg >= total_nimg
-            stop = dist.all_reduce_max_flag(self.stop_requested, self.device)
-            if not done and not stop and self.cur_tick != 0 and self.cur_nimg < self.tick_start_nimg + cfg.tick * 1000:
+            at_tick = done or self.cur_tick == 0 or self.cur_nimg >= self.tick_start_nimg + cfg.tick * 1000
+            # A stop request is agreed on across ranks every 8 iterations and at ticks: the all-reduce is a host sync.
+            check = at_tick or self.world == 1 or (self.cur_nimg // cfg.batch) % 8 == 0
+            stop = dist.all_reduce_max_flag(self.stop_requested, self.device) if check else False
+            if not at_tick and not stop:
                 continue
             now = time.time()
             rec, line = self._status(now - tick_start, now - start, nvml)
