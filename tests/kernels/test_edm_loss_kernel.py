@@ -58,3 +58,25 @@ def test_nan_rows_masked_and_bad_input():
         edm_loss_rows(D, y, lam[:3])
     with pytest.raises(ValueError, match="one dtype"):
         edm_loss_rows(D, y.half(), lam)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_matches_reference_and_compiles(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    D = torch.randn(16, 3, 32, 32, device="cuda", generator=g).to(dtype).requires_grad_(True)
+    y = torch.randn(16, 3, 32, 32, device="cuda", generator=g).to(dtype)
+    lam = torch.rand(16, device="cuda", generator=g) + 0.5
+    ref = edm_loss_rows_ref(D.double(), y.double(), lam.double())[0].sum()
+    pt = edm_loss_rows_ref(D, y, lam, upcast=False)[0].float().sum()  # PyTorch's own error in this dtype
+    ker = edm_loss_rows(D, y, lam)[0].sum()
+    assert (ker.double() - ref).abs().item() <= 2 * (pt.double() - ref).abs().item() + 1e-5 * ref.abs().item()
+    (gk,) = torch.autograd.grad(ker, D)
+    (gr,) = torch.autograd.grad(edm_loss_rows_ref(D.double(), y.double(), lam.double())[0].sum(), D)
+    assert (gk.double() - gr.double()).abs().max().item() <= 1e-2 * gr.abs().max().item()
+
+    @torch.compile(fullgraph=True)
+    def f(D, y, lam):
+        return edm_loss_rows(D, y, lam)[0].sum()
+
+    torch.testing.assert_close(f(D, y, lam), ker, rtol=1e-5, atol=1e-5)
