@@ -190,7 +190,7 @@ def test_nan_samples_are_counted_and_gradients_stay_finite(teacher_file):
         y = real_teacher(x, sigma, labels, **kw)
         return torch.cat([y[:1] * float("nan"), y[1:]])  # the first sample of every micro-batch is NaN
 
-    tr.teacher = poisoned
+    tr.run_teacher = poisoned  # the call site the generator phase uses
     tr.step()
     assert tr.stats[5].item() == 2  # 2 rounds x 1 NaN sample in the generator phase
     assert all(torch.isfinite(p).all() for p in tr.G.parameters())
