@@ -42,7 +42,7 @@ def verdict(runs: list[dict], window: int) -> dict:
         spread = statistics.stdev(ref_means)
     else:
         spread = statistics.stdev(tail[ref[0]]) if len(tail[ref[0]]) > 1 else 0.0
-    lo, hi = min(ref_means) - 2 * spread, max(ref_means) + 2 * spread
+    lo, hi = max(0.0, min(ref_means) - 2 * spread), max(ref_means) + 2 * spread
     checks = {r["run"]: lo <= means[r["run"]] <= hi for r in runs if r["precision"] != "fp32"}
     return dict(window=window, tail_means=means, reference_band=[lo, hi], spread=spread,
                 spread_from="fp32 runs' tail means" if len(ref) > 1 else "the fp32 run's own tail fluctuation",
