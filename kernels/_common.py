@@ -30,3 +30,14 @@ def warp_configs():
     if interpreted():
         return [triton.Config({}, num_warps=4)]
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8, 16) for s in (1, 2)]
+
+
+def nchw_strides(t: torch.Tensor):
+    """(t in NCHW-contiguous or channels_last form, (stride_n, stride_c, stride_hw)) with hw = y * W + x; other strides
+    are copied to NCHW first."""
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        t = t.contiguous()
+    n, c, h, w = t.shape
+    if t.is_contiguous():
+        return t, (c * h * w, h * w, 1)
+    return t, (h * w * c, 1, c)

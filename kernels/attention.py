@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import interpreted, triton_available
+from kernels._common import interpreted, nchw_strides, triton_available
 
 LOG2E = 1.4426950408889634
 
@@ -207,16 +207,6 @@ def _bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale
 # Host side.
 
 
-def _strides(t: torch.Tensor):
-    """(t in NCHW-contiguous or channels_last, (stride_n, stride_c, stride_l)) with l = y * W + x."""
-    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
-        t = t.contiguous()
-    n, c, h, w = t.shape
-    if t.is_contiguous():
-        return t, (c * h * w, h * w, 1)
-    return t, (h * w * c, 1, c)
-
-
 def _precision(t: torch.Tensor) -> str:
     """tl.dot's input precision for fp32 operands (IEEE unless torch allows TF32); fp16/bf16 use their own MMA."""
     return "tf32" if t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -231,11 +221,11 @@ def _out_like(qkv: torch.Tensor, channels: int):
 
 @triton_op("sid_fast_kernels::edm_flash_attention", mutates_args=())
 def edm_flash_attention_op(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    qkv, (sn, sc, sl) = _strides(qkv)
+    qkv, (sn, sc, sl) = nchw_strides(qkv)
     n, c3, h, w = qkv.shape
     d, L = c3 // (3 * num_heads), h * w
     o = _out_like(qkv, c3 // 3)
-    _, (on, oc, ol) = _strides(o)
+    _, (on, oc, ol) = nchw_strides(o)
     lse = torch.empty(n * num_heads, L, device=qkv.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), n * num_heads)  # noqa: E731
     wrap_triton(_fwd_kernel)[grid](qkv, o, lse, L, num_heads, 1.0 / math.sqrt(d), sn, sc, sl, on, oc, ol,
@@ -246,8 +236,8 @@ def edm_flash_attention_op(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Ten
 @triton_op("sid_fast_kernels::edm_flash_attention_bwd", mutates_args=())
 def edm_flash_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                                num_heads: int) -> torch.Tensor:
-    qkv, (sn, sc, sl) = _strides(qkv)
-    o, (on, oc, ol) = _strides(o)
+    qkv, (sn, sc, sl) = nchw_strides(qkv)
+    o, (on, oc, ol) = nchw_strides(o)
     # do must share o's layout so one set of strides addresses both.
     do = do.contiguous(memory_format=torch.channels_last if oc == 1 and o.shape[1] > 1 else torch.contiguous_format)
     n, c3, h, w = qkv.shape

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import block_size, triton_available, warp_configs
+from kernels._common import block_size, nchw_strides, triton_available, warp_configs
 
 
 def _blk(n: int) -> int:
@@ -197,23 +197,11 @@ def _gn_bwd_kernel(
             tl.store(dx_ptr + ptr, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
-def _layout(x: torch.Tensor):
-    """(x in a supported layout, (stride_n, stride_c, stride_hw))."""
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x = x.contiguous()
-    n, c, h, w = x.shape
-    if x.is_contiguous():
-        return x, (c * h * w, h * w, 1)
-    return x, (h * w * c, 1, c)
-
-
-
-
 @triton_op("sid_fast_kernels::group_norm_silu", mutates_args=())
 def group_norm_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: Optional[torch.Tensor],
                        shift: Optional[torch.Tensor], num_groups: int, eps: float, silu: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, (sn, sc, shw) = _layout(x)
+    x, (sn, sc, shw) = nchw_strides(x)
     n, c, h, w = x.shape
     y = torch.empty_like(x)  # preserves the memory format
     mean = torch.empty(n * num_groups, device=x.device, dtype=torch.float32)
@@ -233,7 +221,7 @@ def group_norm_silu_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tens
                            scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], mean: torch.Tensor,
                            rstd: torch.Tensor, num_groups: int, silu: bool
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, (sn, sc, shw) = _layout(x)
+    x, (sn, sc, shw) = nchw_strides(x)
     # dy must share x's layout so that one set of strides addresses both.
     dy = dy.contiguous(memory_format=torch.channels_last if sc == 1 and x.shape[1] > 1 else torch.contiguous_format)
     n, c, h, w = x.shape

@@ -53,17 +53,9 @@ def generator_stats(net, info, seeds, detector, device, batch=64, rank=0, world=
     from sid_fast.sample import generate
     from sid_fast.sampling import to_uint8
 
-    stats = FeatureStats(detector.feature_dim, device=device)
-    probs = []
-    with _progress(len(seeds), "generating", progress and rank == 0) as bar:
-        for batch_seeds in rank_seed_batches(list(seeds), batch, rank, world):
-            images = to_uint8(generate(net, info, batch_seeds, device, sampler, steps, None, init_sigma))
-            stats.add(detector.features(images))
-            if want_probs:
-                probs.append(detector.probabilities(images).cpu())
-            bar.update(len(batch_seeds) * world)
-    stats.all_reduce()
-    return stats, _gather_probs(probs) if want_probs else None
+    batches = (to_uint8(generate(net, info, b, device, sampler, steps, None, init_sigma))
+               for b in rank_seed_batches(list(seeds), batch, rank, world))
+    return _accumulate(batches, detector, device, len(seeds), "generating", want_probs, world, progress and rank == 0)
 
 
 def dataset_stats(path, detector, device, batch=64, rank=0, world=1, max_size=None, seed=0, resolution=None,
@@ -84,9 +76,14 @@ def dataset_stats(path, detector, device, batch=64, rank=0, world=1, max_size=No
             raise DatasetError(f"{path}: {len(ds)} images, fewer than the {max_size} requested (--num).")
         n = len(ds)
         batches = uint8_batches(ds, batch, rank, world, num_workers=num_workers)
+    return _accumulate(batches, detector, device, n, "reading", want_probs, world, progress and rank == 0)
+
+
+def _accumulate(batches, detector, device, total, desc, want_probs, world, progress):
+    """Feature statistics (all-reduced over ranks) of uint8 image batches; class probabilities too for IS."""
     stats = FeatureStats(detector.feature_dim, device=device)
     probs = []
-    with _progress(n, "reading", progress and rank == 0) as bar:
+    with _progress(total, desc, progress) as bar:
         for images in batches:
             images = images.to(device)
             stats.add(detector.features(images))

@@ -3,24 +3,10 @@
 import pytest
 import torch
 
-from sid_fast.checkpoints import save_network
 from sid_fast.networks import build_network
 from sid_fast.training.config import ConfigError
 
-from test_trainer import NET, _cfg, _damp_adam, _params, _trainer
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    torch.manual_seed(0)
-    net = build_network("EDMPrecond", NET)
-    with torch.no_grad():  # non-trivial output layers, so that every path carries gradient
-        for name, p in net.named_parameters():
-            if "conv1" in name or "proj" in name or "aux_conv" in name:
-                p.normal_(0, 0.05)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    save_network(path, net, NET, kind="teacher")
-    return str(path)
+from test_trainer import NET, _cfg, _damp_adam, _params, _trainer, teacher_file  # noqa: F401 (fixture)
 
 
 def _run(teacher_file, steps=3, **kw):
