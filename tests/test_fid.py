@@ -418,3 +418,38 @@ def test_trainer_computes_fid_at_snapshots(pipeline, tmp_path):
         resolve_config("digits", dict(flags, data_stat=None))
     with pytest.raises(ConfigError, match="gone.npz: no such file"):
         SiDTrainer(resolve_config("digits", dict(flags, data_stat=str(tmp_path / "gone.npz"))), torch.device("cpu"), None)
+
+
+def _write_cifar_tarball(path, batches, evil=False):
+    import io as _io
+    import pickle
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for i, (data, labels) in enumerate(batches, start=1):
+            obj = {"batch_label": f"training batch {i} of 5", "labels": labels, "data": data}
+            raw = pickle.dumps(obj, protocol=2)
+            if evil and i == 1:
+                raw = pickle.dumps(os.system, protocol=2)  # a global the reader must refuse
+            info = tarfile.TarInfo(f"cifar-10-batches-py/data_batch_{i}")
+            info.size = len(raw)
+            tar.addfile(info, _io.BytesIO(raw))
+
+
+def test_dataset_tool_reads_the_cifar10_tarball(tmp_path):
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 256, (2, 3072), dtype=np.uint8), [int(v) for v in rng.integers(0, 10, 2)]) for _ in range(5)]
+    tgz = tmp_path / "cifar-10-python.tar.gz"
+    _write_cifar_tarball(tgz, batches)
+    r = CliRunner().invoke(dataset_tool.main, ["--source", str(tgz), "--dest", str(tmp_path / "cifar10-32x32.zip")])
+    assert r.exit_code == 0, r.output
+    ds = ImageDataset(tmp_path / "cifar10-32x32.zip")
+    assert len(ds) == 10 and ds.image_shape == [3, 32, 32]
+    want = np.concatenate([d for d, _ in batches]).reshape(-1, 3, 32, 32)
+    labels = [l for _, ls in batches for l in ls]
+    for i in (0, 3, 9):  # batch order, CHW pixels and labels as EDM's tool stores them
+        img, onehot = ds[i]
+        assert np.array_equal(img, want[i]) and int(np.argmax(onehot)) == labels[i]
+    _write_cifar_tarball(tmp_path / "evil.tar.gz", batches, evil=True)
+    r = CliRunner().invoke(dataset_tool.main, ["--source", str(tmp_path / "evil.tar.gz"), "--dest", str(tmp_path / "e.zip")])
+    assert r.exit_code != 0 and "evil.tar.gz: not a readable CIFAR-10 python tarball" in r.output and "not allowed" in r.output
