@@ -239,6 +239,15 @@ class SiDTrainer:
                 torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
         return bad
 
+    def _apply_gradients(self, net, opt, bad_slot: int):
+        """End of a phase: clean and count the gradients, optimizer step, freeze the network again."""
+        bad = self._clean_grads(net.parameters())
+        self.stats[bad_slot] += bad.double()
+        with annotate("sid/optimizer"):
+            opt.step()
+        net.eval().requires_grad_(False)
+        return bad
+
     def fake_score_phase(self):
         cfg = self.cfg
         self.G.eval()
@@ -265,12 +274,7 @@ class SiDTrainer:
             self.stats[0] += loss_sum.detach()
             self.stats[2] += ok.sum()
             self.stats[4] += (~ok).sum()
-        bad = self._clean_grads(self.fake.parameters())
-        self.stats[6] += bad.double()
-        with annotate("sid/optimizer"):
-            self.opt_fake.step()
-        self.fake.eval().requires_grad_(False)
-        return bad
+        return self._apply_gradients(self.fake, self.opt_fake, bad_slot=6)
 
     def generator_phase(self):
         cfg = self.cfg
@@ -299,12 +303,7 @@ class SiDTrainer:
             self.stats[1] += loss_sum.detach()
             self.stats[3] += ok.sum()
             self.stats[5] += (~ok).sum()
-        bad = self._clean_grads(self.G.parameters())
-        self.stats[7] += bad.double()
-        with annotate("sid/optimizer"):
-            self.opt_g.step()
-        self.G.eval().requires_grad_(False)
-        return bad
+        return self._apply_gradients(self.G, self.opt_g, bad_slot=7)
 
     def step(self):
         with annotate("sid/fake_score_step"):
