@@ -37,8 +37,19 @@ class CheckpointError(ValueError):
     """A file could not be read as a network: the message names the file and what was wrong."""
 
 
+def _describe(e: BaseException, limit: int = 200) -> str:
+    """One line for an exception from a corrupt file (messages of fuzzed inputs can be long or multi-line)."""
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:limit]}{'...' if len(msg) > limit else ''}"
+
+
 # ----------------------------------------------------------------------------
 # Restricted unpickling of EDM persistence pickles.
+
+
+class _Refused(pickle.UnpicklingError):
+    """The reader's own refusal (a global outside the allow-list, a foreign persistent object); other unpickling
+    errors mean a corrupt or truncated stream."""
 
 
 class PersistentStub:
@@ -66,12 +77,14 @@ def _make_container(name: str):
 
 
 def _reconstruct_persistent_obj(meta):
-    if not isinstance(meta, dict) or meta.get("type") != "class" or "class_name" not in meta or "state" not in meta:
-        raise pickle.UnpicklingError("a persistent object without the expected type/class_name/state fields")
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str) \
+            or "state" not in meta:
+        raise _Refused("a persistent object without the expected type/class_name/state fields")
     if meta.get("version") != 6:
-        raise pickle.UnpicklingError(f"persistence format version {meta.get('version')!r}, expected 6")
+        raise _Refused(f"persistence format version {meta.get('version')!r}, expected 6")
     # meta["module_src"] (the embedded Python source) is deliberately never looked at.
-    return PersistentStub(str(meta["class_name"]), meta["state"])
+    # Never str() an object from the file: a tensor's repr runs torch code (and imports) and can be huge.
+    return PersistentStub(meta["class_name"], meta["state"])
 
 
 def _load_storage_from_bytes(b: bytes):
@@ -80,7 +93,7 @@ def _load_storage_from_bytes(b: bytes):
 
 def _numpy_scalar(dtype, data=None):
     if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise pickle.UnpicklingError(f"numpy scalar of unsupported dtype {dtype!r}")
+        raise _Refused(f"numpy scalar of unsupported dtype {dtype!r}")
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
@@ -102,17 +115,43 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class EDMPickleReader(pickle.Unpickler):
-    """pickle.Unpickler that resolves only the globals EDM/SiD network pickles need (Python's 'restricting globals')."""
+class _BoundedReader:
+    """A file view whose reads never ask for more than the bytes left, so a length field in a corrupt stream cannot
+    make the unpickler allocate a buffer of the length it claims."""
+
+    def __init__(self, f, size: int):
+        self.f, self.left = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(self.left if n is None or n < 0 else min(n, self.left))
+        self.left -= len(b)
+        return b
+
+    def readline(self) -> bytes:
+        b = self.f.readline(self.left)
+        self.left -= len(b)
+        return b
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+
+# The pure-Python unpickler, not the C one: C's memo is an array that a single LONG_BINPUT opcode with a large index
+# grows to that index (a 48 kB fuzzed file took 78 s and gigabytes); the Python one keeps its memo in a dict. The
+# opcodes of a network pickle are few (the tensors are inside byte strings), so its speed does not matter.
+class EDMPickleReader(pickle._Unpickler):
+    """An unpickler that resolves only the globals EDM/SiD network pickles need (Python's 'restricting globals')."""
 
     def find_class(self, module: str, name: str):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed") from None
+            raise _Refused(f"global '{module}.{name}' is not allowed") from None
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError("persistent ids are not used by EDM pickles")
+        raise _Refused("persistent ids are not used by EDM pickles")
 
 
 def _stub_state_dict(stub, prefix: str = "", out: dict | None = None, classes: dict | None = None):
@@ -144,14 +183,77 @@ def read_edm_pickle(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            data = EDMPickleReader(f).load()
-    except pickle.UnpicklingError as e:
+            data = EDMPickleReader(_BoundedReader(f, os.fstat(f.fileno()).st_size)).load()
+    except _Refused as e:
         raise CheckpointError(f"{path}: refused to load: {e}.") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, RuntimeError, OverflowError) as e:
-        raise CheckpointError(f"{path}: not a readable EDM/SiD pickle (truncated or corrupt?): {type(e).__name__}: {e}") from None
+    except Exception as e:  # nothing runs but the allow-list, so any other failure means a corrupt stream
+        raise CheckpointError(f"{path}: not a readable EDM/SiD pickle (truncated or corrupt?): {_describe(e)}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict with key 'ema' at the top level, found {type(data).__name__}.")
     return data
+
+
+# Bounds on recorded init kwargs, far above every EDM/EDM2 network (model_channels <= 448, 4-5 levels, <= 4 blocks),
+# so that a file cannot make the loader build something huge before its tensors are compared.
+_MAX_INT_KWARG = 1 << 16
+_MAX_LIST_KWARG = 64
+_MAX_BLOCKS = 64
+
+
+def _check_kwarg_sizes(kwargs: dict, path) -> None:
+    def walk(key, v):
+        if isinstance(v, bool) or v is None:
+            return
+        if isinstance(v, int) and abs(v) > _MAX_INT_KWARG:
+            raise CheckpointError(f"{path}: init kwarg {key}={v} is outside any plausible network size.")
+        if isinstance(v, (list, tuple)):
+            if len(v) > _MAX_LIST_KWARG:
+                raise CheckpointError(f"{path}: init kwarg {key} has {len(v)} entries, more than any plausible network.")
+            for x in v:
+                walk(key, x)
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{key}.{k}", x)
+
+    for k, v in kwargs.items():
+        walk(k, v)
+    for key in ("num_blocks", "channel_mult_emb"):
+        v = kwargs.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > _MAX_BLOCKS:
+            raise CheckpointError(f"{path}: init kwarg {key}={v} is outside any plausible network size.")
+
+
+def build_checked(class_name: str, init_kwargs: dict, tensors: dict, path) -> torch.nn.Module:
+    """Build `class_name(**init_kwargs)` and load `tensors` strictly, refusing a mismatch before allocating anything.
+
+    The network is first built on the meta device (no memory) and its state_dict keys and shapes compared with the
+    file's tensors; only a match is built for real. Any failure is a CheckpointError naming the file.
+    """
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise CheckpointError(f"{path}: the state dict holds values that are not tensors.")
+    init_kwargs = _plain(dict(init_kwargs))  # numpy scalars from EDM pickles -> Python values
+    _check_kwarg_sizes(init_kwargs, path)
+    try:
+        with torch.device("meta"):
+            shape_net = build_network(class_name, init_kwargs)
+    except CheckpointError:
+        raise
+    except Exception as e:  # recorded kwargs of the wrong type or value
+        raise CheckpointError(f"{path}: cannot build {class_name} from its recorded init kwargs: {_describe(e)}") from None
+    want = {k: tuple(v.shape) for k, v in shape_net.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if want != got:
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        wrong = sorted(k for k in want.keys() & got.keys() if want[k] != got[k])
+        detail = "; ".join(f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}" for label, keys in
+                           (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if keys)
+        raise CheckpointError(f"{path}: tensors do not match {class_name} built from its init kwargs: {detail}.")
+    net = build_network(class_name, init_kwargs)
+    try:
+        net.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:  # e.g. a dtype that cannot be copied into the parameter
+        raise CheckpointError(f"{path}: tensors do not load into {class_name}: {_describe(e)}") from None
+    return net
 
 
 def _network_from_stub(stub, path) -> torch.nn.Module:
@@ -166,20 +268,13 @@ def _network_from_stub(stub, path) -> torch.nn.Module:
     init_kwargs = state.get("_init_kwargs")
     if init_args or not isinstance(init_kwargs, dict):
         raise CheckpointError(f"{path}: 'ema' lacks the recorded init kwargs (_init_kwargs) needed to rebuild it.")
-    try:
-        net = build_network(stub.class_name, init_kwargs)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
     tensors, classes = _stub_state_dict(stub)
+    net = build_checked(stub.class_name, init_kwargs, tensors, path)
     # Cross-check the module tree's class names against ours (EDM names are kept throughout).
     for name, module in net.named_modules():
         expected = classes.get(name)
         if expected is not None and expected != type(module).__name__:
             raise CheckpointError(f"{path}: module {name or '<root>'} is a {expected} in the file but a {type(module).__name__} here.")
-    try:
-        net.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: tensors do not match {stub.class_name}({init_kwargs}): {e}") from None
     return net
 
 
@@ -254,8 +349,8 @@ def load_torch_file(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to load (holds objects other than tensors and plain values): {e}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {e}") from None
+    except Exception as e:  # weights_only runs no code: any other failure (torch's reader asserts too) is corruption
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {_describe(e)}") from None
 
 
 def network_from_record(record: dict, path) -> torch.nn.Module:
@@ -263,12 +358,10 @@ def network_from_record(record: dict, path) -> torch.nn.Module:
         raise CheckpointError(f"{path}: a torch file, but not a sid_fast network (no format='{SID_FAST_FORMAT}').")
     if record.get("version") != SID_FAST_FORMAT_VERSION:
         raise CheckpointError(f"{path}: sid_fast network format version {record.get('version')}, expected {SID_FAST_FORMAT_VERSION}.")
-    try:
-        net = build_network(record["class_name"], record["init_kwargs"])
-        net.load_state_dict(record["state_dict"], strict=True)
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    return net
+    class_name, init_kwargs, tensors = (record.get(k) for k in ("class_name", "init_kwargs", "state_dict"))
+    if not isinstance(class_name, str) or not isinstance(init_kwargs, dict) or not isinstance(tensors, dict):
+        raise CheckpointError(f"{path}: a sid_fast network file without class_name, init_kwargs and state_dict.")
+    return build_checked(class_name, init_kwargs, tensors, path)
 
 
 # ----------------------------------------------------------------------------
@@ -321,22 +414,43 @@ def load_network_file(path_or_url) -> tuple[torch.nn.Module, dict]:
         raise CheckpointError(f"{path}: the file is empty.")
     if head.startswith(b"PK"):  # torch.save's zip format
         record = load_torch_file(path)
-        net = network_from_record(record, path)
-        info = dict(source="sid_fast", class_name=record["class_name"], init_kwargs=record["init_kwargs"], meta=record.get("meta", {}))
+        reader = _sid_fast_network
     elif head[:1] == b"\x80":  # a pickle (protocol >= 2)
-        data = read_edm_pickle(path)
-        if "ema" not in data:
-            raise CheckpointError(f"{path}: an EDM-style pickle without the key 'ema' (found keys {sorted(map(str, data))}).")
-        net = _network_from_stub(data["ema"], path)
-        meta = {}
-        if isinstance(data.get("dataset_kwargs"), dict):
-            meta["dataset_kwargs"] = dict(data["dataset_kwargs"])
-        meta["keys"] = sorted(map(str, data))
-        info = dict(source="edm-pickle", class_name=data["ema"].class_name, init_kwargs=_plain(dict(data["ema"].state["_init_kwargs"])), meta=meta)
+        record = read_edm_pickle(path)
+        reader = _edm_network
     else:
         raise CheckpointError(f"{path}: neither an EDM/SiD pickle nor a sid_fast checkpoint (unrecognised first bytes {head!r}).")
+    try:
+        net, info = reader(record, path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a well-formed stream whose objects have the wrong structure (fuzzed or foreign files)
+        raise CheckpointError(f"{path}: not a network file of the expected structure: {_describe(e)}") from None
     net.eval().requires_grad_(False)
     return net, info
+
+
+def _str_keys(d: dict) -> list[str]:
+    return sorted(k for k in d if isinstance(k, str))
+
+
+def _sid_fast_network(record, path):
+    net = network_from_record(record, path)
+    meta = record.get("meta", {})
+    return net, dict(source="sid_fast", class_name=record["class_name"], init_kwargs=record["init_kwargs"],
+                     meta=meta if isinstance(meta, dict) else {})
+
+
+def _edm_network(data, path):
+    if "ema" not in data:
+        raise CheckpointError(f"{path}: an EDM-style pickle without the key 'ema' (found keys {_str_keys(data)}).")
+    net = _network_from_stub(data["ema"], path)
+    meta = {}
+    if isinstance(data.get("dataset_kwargs"), dict):
+        meta["dataset_kwargs"] = dict(data["dataset_kwargs"])
+    meta["keys"] = _str_keys(data)
+    return net, dict(source="edm-pickle", class_name=data["ema"].class_name,
+                     init_kwargs=_plain(dict(data["ema"].state["_init_kwargs"])), meta=meta)
 
 
 def load_network(path_or_url) -> torch.nn.Module:

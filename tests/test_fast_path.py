@@ -84,24 +84,38 @@ def test_checkpointed_and_plain_generator_steps_give_equal_gradients(teacher_fil
             torch.testing.assert_close(grads[mode][n], g, rtol=1e-5, atol=1e-8, msg=f"{mode}: {n}")
 
 
+def _update(tr, init, net):
+    """The whole network's update since initialisation, as one vector (per-tensor statistics of small tensors such
+    as a 16-element GroupNorm weight are noise: their few gradient signs flip with the CPU's bf16 kernels)."""
+    got = _params(tr)
+    return torch.cat([(got[k].float() - init[k[len(net) + 1:]]).flatten() for k in got if k.startswith(net + ".")])
+
+
 def test_bf16_tracks_fp32(teacher_file, reference):
-    """bf16 bodies (8-bit mantissa, ~0.4% relative error per op) change the numbers but not the algorithm: every
-    trained tensor moves the same way (cosine of the updates > 0.9), the fake-score loss agrees within 1%, and the
-    generator loss within 10%: it is built from y_real - y_fake, the difference of two nearly equal outputs (the fake
-    score starts as a copy of the teacher), so the outputs' bf16 error is large relative to it (measured: 7%)."""
+    """bf16 bodies change the numbers, not the algorithm. The yardstick is the reference's own spread: two fp32 runs
+    that draw different samples (seeds 4 and 5 against the reference's 3). bf16 must stay nearer the fp32 run than
+    half that distance, for each trained network as a whole, and its generator loss must move less than half the
+    loss's spread across those draws.
+    Measured (3 steps, 2 threads): distance / |fp32 update| for G 0.29 (AVX-512 and AVX2 kernels) and 0.288
+    (ATEN_CPU_CAPABILITY=default), for the fake score 0.115 / 0.114, against 1.07-1.15 (G) and 1.21-1.23 (fake) between
+    seeds: margins 1.8x and 5x. Generator loss: bf16 - fp32 = 0.12 (AVX-512) and -0.31 (default) against a spread of
+    1.87 across seeds (margin 3x); the loss is built from y_real - y_fake, the difference of two nearly equal outputs,
+    so its relative bf16 error is large and instruction-set dependent (7% and 20%), hence no relative bound on it.
+    The fake-score loss (sum of squared denoising errors) is a well-conditioned sum: within 1% (measured 0.03-0.13%)."""
     ref, init, ref_stats = reference
     tr = _run(teacher_file, precision="bf16")
     assert tr.teacher.model.enc["8x8_conv"].weight.dtype == torch.bfloat16  # frozen teacher stored in bf16
     assert tr.G.model.enc["8x8_conv"].weight.dtype == torch.float32  # master weights fp32
-    got = _params(tr)
-    for k in ref:
-        if not k.startswith("G."):
-            continue
-        du, dr = (got[k].float() - init[k[2:]]).flatten(), (ref[k] - init[k[2:]]).flatten()
-        if dr.norm() > 1e-4:
-            assert torch.nn.functional.cosine_similarity(du, dr, dim=0) > 0.9, k
-    for i, tol in ((0, 0.01), (1, 0.10)):  # summed fake-score and generator losses
-        assert abs(tr.stats[i].item() - ref_stats[i].item()) <= tol * abs(ref_stats[i].item())
+    others = [_run(teacher_file, seed=s) for s in (4, 5)]
+    ref_tr = _run(teacher_file)
+    for net in ("G", "fake"):
+        d_ref = _update(ref_tr, init, net)
+        d_bf16 = (_update(tr, init, net) - d_ref).norm() / d_ref.norm()
+        d_seed = min((_update(o, init, net) - d_ref).norm() / d_ref.norm() for o in others)
+        assert d_bf16 <= 0.5 * d_seed, (net, d_bf16.item(), d_seed.item())
+    losses_g = [ref_stats[1].item()] + [o.stats[1].item() for o in others]
+    assert abs(tr.stats[1].item() - ref_stats[1].item()) <= 0.5 * (max(losses_g) - min(losses_g)), (tr.stats[1], losses_g)
+    assert abs(tr.stats[0].item() - ref_stats[0].item()) <= 0.01 * abs(ref_stats[0].item())
 
 
 @pytest.mark.parametrize("model_type", ["SongUNet", "DhariwalUNet"])

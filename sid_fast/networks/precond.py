@@ -120,8 +120,9 @@ class VPPrecond(_Precond):
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))
-        self.sigma_max = float(self.sigma(1))
+        with torch.device("cpu"):  # Python constants, also when the network is built under another device context
+            self.sigma_min = float(self.sigma(epsilon_t))
+            self.sigma_max = float(self.sigma(1))
 
     def coefficients(self, sigma):
         return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
