@@ -74,3 +74,29 @@ def test_sigterm_finishes_step_writes_state_and_exits(tmp_path):
 
     s = load_state_file(states[-1])
     assert s["cur_nimg"] > 0 and s["cur_nimg"] % 64 == 0  # written at an iteration boundary
+
+
+def test_readme_first_command_runs_from_a_fresh_clone(tmp_path):
+    """The README's first command, exactly as written, in a fresh clone of this repository (the committed tree),
+    shortened to two iterations through SID_FAST_DURATION; install.sh has already run (CI runs it first)."""
+    import os
+    import shutil
+
+    root = Path(__file__).resolve().parent.parent
+    block = (root / "README.md").read_text().split("```bash", 1)[1].split("```", 1)[0]
+    first = block.strip().splitlines()[0].split("#")[0].strip()
+    assert first == "./install.sh && python3 train.py", first
+    clone = tmp_path / "clone"
+    if (root / ".git").exists():
+        subprocess.run(["git", "clone", "--quiet", str(root), str(clone)], check=True, timeout=120)
+    else:  # an exported tree: copy it
+        shutil.copytree(root, clone, ignore=shutil.ignore_patterns("runs", "__pycache__", "*.egg-info"))
+    command = first.split("&&")[-1].split()
+    assert command[0] == "python3"
+    env = dict(os.environ, SID_FAST_DURATION="0.000128")
+    r = subprocess.run([sys.executable, *command[1:]], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run_dir,) = (clone / "runs").iterdir()
+    assert json.loads((run_dir / "training_options.json").read_text())["duration"] == 0.000128
+    assert "FD-digits of G_ema at 0.1 kimg" in r.stdout and "Finished at 0.1 kimg" in r.stdout
+    assert (run_dir / "fd_digits.png").exists() and list(run_dir.glob("network-snapshot-*.pt"))

@@ -498,6 +498,7 @@ class SiDTrainer:
 
             progress = tqdm(total=total_nimg // 1000, initial=self.cur_nimg // 1000, unit="kimg", leave=False)
         start = tick_start = time.time()
+        start_nimg = self.cur_nimg
         self.log(f"Training for {cfg.duration * 1000:g} kimg: batch {cfg.batch} = {self.world} processes x "
                  f"{self.rounds} rounds x {cfg.batch_gpu}; alpha {cfg.alpha}, tmax {cfg.tmax}, init_sigma {cfg.init_sigma}.")
         while True:
@@ -537,6 +538,9 @@ class SiDTrainer:
                 break
         if progress is not None:
             progress.close()
+        wall = time.time() - start
+        self.log(f"{'Stopped' if stop and not done else 'Finished'} at {self.cur_nimg / 1e3:.1f} kimg: {wall:.1f} s wall time, "
+                 f"{(self.cur_nimg - start_nimg) / max(wall, 1e-9):.1f} img/s overall (evaluations and snapshots included).")
         return "stopped" if stop and not done else "done"
 
 
