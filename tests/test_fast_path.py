@@ -9,8 +9,11 @@ from sid_fast.training.config import ConfigError
 from test_trainer import NET, _cfg, _damp_adam, _params, _trainer, teacher_file  # noqa: F401 (fixture)
 
 
-def _run(teacher_file, steps=3, **kw):
+def _run(teacher_file, steps=3, body_dtype=None, **kw):
     tr = _damp_adam(_trainer(_cfg(teacher_file, dropout=0.0, augment=0.0, **kw)))
+    if body_dtype is not None:  # what use_fp16 does on CUDA, forced on the CPU
+        for net in (tr.teacher, tr.G, tr.fake):
+            net.compute_dtype = body_dtype
     for _ in range(steps):
         tr.step()
     return tr
@@ -91,8 +94,9 @@ def _update(tr, init, net):
     return torch.cat([(got[k].float() - init[k[len(net) + 1:]]).flatten() for k in got if k.startswith(net + ".")])
 
 
-def test_bf16_tracks_fp32(teacher_file, reference):
-    """bf16 bodies change the numbers, not the algorithm. The yardstick is the reference's own spread: two fp32 runs
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_tracks_fp32(teacher_file, reference, precision):
+    """Low-precision bodies change the numbers, not the algorithm. The yardstick is the reference's own spread: two fp32 runs
     that draw different samples (seeds 4 and 5 against the reference's 3). bf16 must stay nearer the fp32 run than
     half that distance, for each trained network as a whole, and its generator loss must move less than half the
     loss's spread across those draws.
@@ -101,10 +105,17 @@ def test_bf16_tracks_fp32(teacher_file, reference):
     seeds: margins 1.8x and 5x. Generator loss: bf16 - fp32 = 0.12 (AVX-512) and -0.31 (default) against a spread of
     1.87 across seeds (margin 3x); the loss is built from y_real - y_fake, the difference of two nearly equal outputs,
     so its relative bf16 error is large and instruction-set dependent (7% and 20%), hence no relative bound on it.
-    The fake-score loss (sum of squared denoising errors) is a well-conditioned sum: within 1% (measured 0.03-0.13%)."""
+    The fake-score loss (sum of squared denoising errors) is a well-conditioned sum: within 1% (measured 0.03-0.13%).
+    fp16 (EDM's mode; its bodies forced to fp16 on this CPU as use_fp16 runs them on CUDA, eps 1e-6 vs the damped
+    1e-3 of all runs here) meets the same criteria: it has 3 more mantissa bits than bf16."""
     ref, init, ref_stats = reference
-    tr = _run(teacher_file, precision="bf16")
-    assert tr.teacher.model.enc["8x8_conv"].weight.dtype == torch.bfloat16  # frozen teacher stored in bf16
+    if precision == "bf16":
+        tr = _run(teacher_file, precision="bf16")
+        assert tr.teacher.model.enc["8x8_conv"].weight.dtype == torch.bfloat16  # frozen teacher stored in bf16
+    else:
+        tr = _run(teacher_file, precision="fp16", body_dtype=torch.float16)
+        for o in (tr.opt_g, tr.opt_fake):  # _damp_adam set eps for every run compared; fp16's own is 1e-6
+            assert {g["eps"] for g in o.param_groups} == {1e-3}
     assert tr.G.model.enc["8x8_conv"].weight.dtype == torch.float32  # master weights fp32
     others = [_run(teacher_file, seed=s) for s in (4, 5)]
     ref_tr = _run(teacher_file)

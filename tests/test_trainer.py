@@ -36,7 +36,7 @@ def teacher_file(tmp_path_factory):
 
 def _cfg(teacher, **kw):
     base = dict(teacher=teacher, resolution=8, channels=1, label_dim=3, cond=True, metrics="none", batch=8,
-                batch_gpu=4, lr=1e-4, glr=1e-4, augment=0.3, dropout=0.1, ema=0.0001, seed=3)
+                batch_gpu=4, lr=1e-4, glr=1e-4, augment=0.3, dropout=0.1, ema=0.001, seed=3)
     base.update(kw)
     return resolve_config("digits", base)
 
@@ -256,3 +256,96 @@ def test_sid_loss_kernel_in_the_trainer_matches_reference(teacher_file):
     for k in ref:
         travelled = (ref[k] - init[k.split(".", 1)[1]]).abs().max().item()
         assert (ker[k] - ref[k]).abs().max().item() <= 0.02 * travelled + 1e-7, k
+
+
+def test_ema_follows_the_official_schedule(teacher_file, monkeypatch):
+    """beta over the first iterations equals the official loop's: the half-life int(ema * 1000) kimg, ramped up as
+    min(half-life, 0.05 * images seen BEFORE the iteration); so beta = 0 at the first one and G_ema starts as G."""
+    import sid_fast.training.sid as sid_mod
+
+    betas = []
+    real = sid_mod.update_ema
+    monkeypatch.setattr(sid_mod, "update_ema", lambda ema, net, beta: (betas.append(beta), real(ema, net, beta)))
+    tr = _trainer(_cfg(teacher_file, ema=0.0019))  # int(1.9) = 1 kimg, as the official truncation
+    tr.step()
+    assert betas == [0.0]
+    for k, v in tr.G.state_dict().items():
+        assert torch.equal(tr.G_ema.state_dict()[k], v), k
+    for _ in range(4):
+        tr.step()
+    want = [0.5 ** (8 / max(min(1000, 0.05 * 8 * k), 1e-8)) for k in range(5)]
+    assert betas == want
+    with pytest.raises(ConfigError, match="at least 0.001 Mimg"):
+        _cfg(teacher_file, ema=0.0009)
+
+
+def test_fp16_is_edms_mode_and_runs_fp32_on_a_cpu(teacher_file):
+    """--precision fp16 = EDM's use_fp16 on every network and Adam eps 1e-6 (official sid_train.py). The bodies run
+    in fp16 on CUDA only (EDM's rule), so on a CPU the steps equal an fp32 run with eps 1e-6, bit for bit."""
+    a = _trainer(_cfg(teacher_file, precision="fp16", dropout=0.0, augment=0.0))
+    assert all(n.use_fp16 for n in (a.teacher, a.G, a.fake, a.G_ema)) and a.init_kwargs["use_fp16"] is True
+    assert {g["eps"] for o in (a.opt_g, a.opt_fake) for g in o.param_groups} == {1e-6}
+    b = _trainer(_cfg(teacher_file, dropout=0.0, augment=0.0))
+    assert not b.G.use_fp16 and {g["eps"] for o in (b.opt_g, b.opt_fake) for g in o.param_groups} == {1e-8}
+    for o in (b.opt_g, b.opt_fake):
+        for g in o.param_groups:
+            g["eps"] = 1e-6
+    for _ in range(2):
+        a.step()
+        b.step()
+    pa, pb = _params(a), _params(b)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def _digits_dataset(path, labels, res=8):
+    import json
+
+    import numpy as np
+    import PIL.Image
+
+    path.mkdir()
+    rng = np.random.RandomState(0)
+    names = []
+    for i, _ in enumerate(labels):
+        name = f"00000/img{i:08d}.png"
+        (path / "00000").mkdir(exist_ok=True)
+        PIL.Image.fromarray(rng.randint(0, 256, [res, res], dtype=np.uint8), "L").save(path / name)
+        names.append(name)
+    (path / "dataset.json").write_text(json.dumps({"labels": [[n, int(c)] for n, c in zip(names, labels)]}))
+    return path
+
+
+def test_labels_follow_the_datasets_frequencies(teacher_file, tmp_path):
+    """--data: each label is a uniformly drawn image's label (official: the labels of the images it iterates).
+    90% class 2, 10% class 0: 4,000 draws give class 2 at 0.9 +- 0.005 (one sigma); asserted within 0.03."""
+    data = _digits_dataset(tmp_path / "d", [2] * 9 + [0])
+    tr = _trainer(_cfg(teacher_file, data=str(data)))
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(3)
+    for _ in range(1000):
+        _, labels = tr._draw_z_labels(g)
+        counts += labels.sum(0)
+    freq = counts / counts.sum()
+    assert abs(freq[2] - 0.9) < 0.03 and freq[1] == 0, freq
+    uniform = _trainer(_cfg(teacher_file))
+    assert uniform.label_table is None
+
+
+def test_bad_data_is_refused_naming_both_values(teacher_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"\(label_dim 5\), the teacher has label_dim 3"):
+        _trainer(_cfg(teacher_file, data=str(_digits_dataset(tmp_path / "a", [4, 0, 1]))))
+    with pytest.raises(ConfigError, match="images are 1x16x16, the teacher makes 1x8x8"):
+        _trainer(_cfg(teacher_file, data=str(_digits_dataset(tmp_path / "b", [0, 1, 2], res=16))))
+    with pytest.raises(ConfigError, match="--data .*no such dataset"):
+        _trainer(_cfg(teacher_file, data=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("extra", [True, False])
+def test_snapshot_cadence(teacher_file, extra):
+    """Official: a snapshot before training (kimg 0), every --snap ticks, at ticks 10, 20, ..., 100, and at the end.
+    One iteration per tick here: 12 iterations of 8 images, --snap 50."""
+    tr = _trainer(_cfg(teacher_file, tick=0.008, snap=50, dump=1000, duration=0.000096, extra_snapshots=extra))
+    seen = []
+    tr._snapshot_and_log = lambda: seen.append(tr.cur_nimg)
+    tr.train()
+    assert seen == ([0, 8, 88, 96] if extra else [8, 96])

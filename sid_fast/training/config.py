@@ -1,4 +1,4 @@
-"""SiD training configuration and the official presets (shared/reference/sid.md section 4, `run_sid.sh` at HEAD).
+"""SiD training configuration and the official presets (official `run_sid.sh` at HEAD, `sid_train.py` defaults).
 
 Units follow SiD/EDM: --duration and --ema in Mimg, --tick in kimg, --snap and --dump in ticks.
 """
@@ -13,7 +13,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_TEACHER_PATH = ASSETS / "digits_teacher.pt"
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 FID_REF_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"
-# EDM's published reference statistics per preset (shared/reference/sid.md section 4).
+# EDM's published reference statistics per preset (official run_sid.sh --data_stat values).
 FID_REFS = {"cifar10-uncond": "cifar10-32x32.npz", "cifar10-cond": "cifar10-32x32.npz",
             "imagenet64-cond": "imagenet-64x64.npz", "ffhq64": "ffhq-64x64.npz", "afhqv2-64": "afhqv2-64x64.npz"}
 
@@ -29,6 +29,7 @@ class TrainConfig:
     resume: str | None = None
     # Data-free target: only shape and labels.
     cond: bool = False
+    data: str | None = None  # EDM dataset (zip/folder): conditional labels follow its label frequencies, as official
     resolution: int = 16
     channels: int = 1
     label_dim: int = 0
@@ -47,7 +48,7 @@ class TrainConfig:
     ema: float = 0.5  # EMA half-life, Mimg
     augment: float = 0.0  # EDM augmentation probability for the fake-score loss
     dropout: float = 0.13
-    precision: str = "fp32"  # fp32 (reference: TF32 off, as SiD), tf32, bf16
+    precision: str = "fp32"  # fp32 (reference: TF32 off, as SiD), fp16 (EDM's --fp16 1 mode), tf32, bf16
     # The fast path (sid_fast.training.fast); defaults are the reference path.
     channels_last: bool = False
     compile: bool = False  # torch.compile of the three networks
@@ -61,6 +62,7 @@ class TrainConfig:
     tick: float = 10.0  # kimg
     snap: int = 50  # ticks
     dump: int = 500  # ticks
+    extra_snapshots: bool = True  # official: also snapshot at kimg 0 (before training) and at ticks 10, 20, ..., 100
     # Metrics and faults.
     metrics: str = "none"  # "fid", "fd-digits" or "none"
     metric_num: int = 2000  # images per evaluation (the paper's FID: 50000; 10000 for quick runs)
@@ -85,21 +87,20 @@ PRESETS: dict[str, dict] = {
         alpha=1.2, batch=256, batch_gpu=16, lr=1e-5, glr=1e-5, precision="fp32", dropout=0.13, augment=0.12,
         ema=0.5, duration=800, tick=10, snap=50, dump=500, metrics="fid", metric_num=50000,
     ),
-    # The official ImageNet/FFHQ/AFHQ runs use EDM's --fp16 1 (Adam eps 1e-6); sid_fast's fp16/bf16 modes come with
-    # the performance work, so these presets run in fp32 until then.
+    # The official ImageNet/FFHQ/AFHQ runs use EDM's --fp16 1 (UNet bodies in fp16 on CUDA, Adam eps 1e-6).
     "imagenet64-cond": dict(
         official_teacher="edm-imagenet-64x64-cond-adm.pkl", cond=True, resolution=64, channels=3, label_dim=1000,
-        alpha=1.2, batch=8192, batch_gpu=16, lr=4e-6, glr=4e-6, precision="fp32", dropout=0.1, augment=0.0,
+        alpha=1.2, batch=8192, batch_gpu=16, lr=4e-6, glr=4e-6, precision="fp16", dropout=0.1, augment=0.0,
         ema=2.0, duration=1000, tick=20, snap=50, dump=500, metrics="fid", metric_num=50000,
     ),
     "ffhq64": dict(
         official_teacher="edm-ffhq-64x64-uncond-vp.pkl", cond=False, resolution=64, channels=3, label_dim=0,
-        alpha=1.2, batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, g_beta1=0.9, precision="fp32", dropout=0.05,
+        alpha=1.2, batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, g_beta1=0.9, precision="fp16", dropout=0.05,
         augment=0.15, ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="fid", metric_num=50000,
     ),
     "afhqv2-64": dict(
         official_teacher="edm-afhqv2-64x64-uncond-vp.pkl", cond=False, resolution=64, channels=3, label_dim=0,
-        alpha=1.0, batch=512, batch_gpu=32, lr=5e-6, glr=5e-6, precision="fp32", dropout=0.05, augment=0.15,
+        alpha=1.0, batch=512, batch_gpu=32, lr=5e-6, glr=5e-6, precision="fp16", dropout=0.05, augment=0.15,
         ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="fid", metric_num=50000,
     ),
     # The embedded default: the bundled 16x16 digits teacher, sized to run on a 2-core CPU in about 10 minutes.
@@ -109,10 +110,11 @@ PRESETS: dict[str, dict] = {
         teacher=str(DIGITS_TEACHER_PATH), cond=False, resolution=16, channels=1, label_dim=0,
         alpha=1.2, batch=64, batch_gpu=64, lr=1e-4, glr=1e-4, precision="fp32", dropout=0.0, augment=0.0,
         ema=0.002, duration=0.032, tick=2, snap=2, dump=8, metrics="fd-digits", metric_num=2000,
+        extra_snapshots=False,  # snap=2 already evaluates every tick pair; a kimg-0 evaluation would cost time
     ),
 }
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "fp16", "tf32", "bf16")
 CHECKPOINTING = ("none", "nets", "blocks")
 OPTIMIZERS = ("adam", "foreach", "fused")
 METRICS = ("fid", "fd-digits", "none")
@@ -179,6 +181,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     for flag in ("duration", "tick", "ema"):
         if not getattr(cfg, flag) > 0:
             raise ConfigError(f"--{flag} must be positive, got {getattr(cfg, flag)}.")
+    if int(cfg.ema * 1000) < 1:
+        raise ConfigError(f"--ema {cfg.ema} Mimg: the half-life is taken as int(ema * 1000) kimg, as the official code "
+                          "does, so it must be at least 0.001 Mimg (1 kimg).")
     for flag in ("snap", "dump"):
         if getattr(cfg, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1 tick, got {getattr(cfg, flag)}.")

@@ -1,4 +1,4 @@
-"""EDM's EMA with half-life and ramp-up (shared/reference/sid.md section 3, edm.md section 4)."""
+"""EDM's EMA with half-life and ramp-up (official training/sid_training_loop.py; EDM training/training_loop.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ def ema_beta(batch_size: int, cur_nimg: int, ema_halflife_kimg: float, ema_rampu
     if ema_rampup_ratio is not None:
         halflife_nimg = min(halflife_nimg, cur_nimg * ema_rampup_ratio)
     return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+
+def ema_halflife_kimg(ema_mimg: float) -> int:
+    """The half-life in kimg from --ema in Mimg, truncated to an integer as the official sid_train.py does."""
+    return int(ema_mimg * 1000)
 
 
 @torch.no_grad()

@@ -16,8 +16,8 @@ from a generator seeded by (seed, it, phase, m), with m = rank * rounds + round.
 a run therefore sees the same samples whatever its number of processes (the rounds per process change, the set of
 micro-batches does not), and resuming needs no RNG state for them. Changing --batch-gpu regroups the draws. Dropout draws
 from each rank's global RNG (seeded with seed + rank, as the official code), whose state the training state keeps.
-Without a dataset the class labels of conditional models are uniform (the official code takes them from the
-training set's label frequencies).
+Class labels of conditional models follow --data's label frequencies, as the official loop (which takes them from
+the training images it iterates); without --data they are uniform, and the log and training_options.json say so.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ from sid_fast.networks import build_network
 from sid_fast.sampling import image_grid, latents_and_labels, onestep_sample, save_image, to_uint8
 from sid_fast.training import dist, fast
 from sid_fast.training.config import ConfigError, TrainConfig, validate
-from sid_fast.training.ema import ema_beta, update_ema
+from sid_fast.training.ema import ema_beta, ema_halflife_kimg, update_ema
 
 STATE_FORMAT = "sid_fast.training_state"
+EXTRA_SNAPSHOT_TICKS = frozenset(range(10, 101, 10))  # official sid_training_loop.py, besides every --snap ticks
 FAKE, GEN = 0, 1
 
 
@@ -135,7 +136,7 @@ def check_teacher(cfg: TrainConfig, teacher, path) -> None:
 
 class SiDTrainer:
     def __init__(self, cfg: TrainConfig, device: torch.device, run_dir: Path | None, log=print, teacher=None, student=None,
-                 teacher_info=None, fid=None):
+                 teacher_info=None, fid=None, label_table=None):
         self.cfg = cfg
         self.device = device
         self.run_dir = run_dir
@@ -154,8 +155,14 @@ class SiDTrainer:
             info = teacher_info or dict(class_name=student[0], init_kwargs=student[1], meta={})
         check_teacher(cfg, teacher, cfg.teacher)
         self.teacher_info = info
-        self.init_kwargs = dict(student[1], dropout=cfg.dropout, use_fp16=False)
-        teacher.use_fp16 = False  # EDM's fp16 mode is replaced by --precision (sid_fast.training.fast)
+        # --precision fp16 is EDM's use_fp16 on every network (official sid_train.py sets it for all three; G_ema is a
+        # copy of G): UNet bodies in fp16 on CUDA, fp32 on a CPU (EDM's own rule). Other precisions leave it off.
+        fp16 = cfg.precision == "fp16"
+        self.init_kwargs = dict(student[1], dropout=cfg.dropout, use_fp16=fp16)
+        teacher.use_fp16 = fp16
+        if fp16 and device.type != "cuda":
+            log("--precision fp16: EDM's fp16 mode runs the UNet bodies in fp16 on CUDA only; on this CPU they run in "
+                "fp32, as EDM's code does (Adam eps is 1e-6 all the same).")
         fast.set_matmul_precision(cfg.precision)
         if fast.kernel_names(cfg) is not None:
             ops.set_use_kernels(fast.kernel_names(cfg))
@@ -168,8 +175,19 @@ class SiDTrainer:
         if cfg.augment > 0 and not self.aug_dim:
             raise ConfigError(f"--augment {cfg.augment}: the networks have no augment labels (augment_dim 0); use --augment 0.")
         self.augment_pipe = AugmentPipe(p=cfg.augment) if cfg.augment > 0 else None
+        # Class labels: the dataset's label frequencies (official: labels of the training images it iterates) or,
+        # without --data, uniform over the classes.
+        self.label_table = None
+        if self.G.label_dim:
+            if cfg.data is not None:
+                table = load_label_table(cfg, self.G.label_dim) if label_table is None else label_table
+                self.label_table = torch.as_tensor(table, device=device)
+                log(f"Class labels: drawn with the label frequencies of --data {cfg.data} ({len(self.label_table)} images).")
+            else:
+                log(f"Class labels: uniform over {self.G.label_dim} classes (no --data; the official code follows the "
+                    "training set's label frequencies).")
 
-        eps = 1e-8  # official: 1e-8 in fp32, 1e-6 with --fp16
+        eps = 1e-6 if fp16 else 1e-8  # official sid_train.py: 1e-6 with --fp16 1, else 1e-8
         self.opt_fake = fast.make_adam(self.fake.parameters(), cfg.lr, (0.0, 0.999), eps, cfg.optimizer)
         self.opt_g = fast.make_adam(self.G.parameters(), cfg.glr, (cfg.g_beta1, 0.999), eps, cfg.optimizer)
         if self.world > 1:
@@ -216,7 +234,10 @@ class SiDTrainer:
         z = torch.randn([b, c, r, r], device=self.device, generator=g)
         labels = None
         if self.G.label_dim:
-            idx = torch.randint(self.G.label_dim, [b], device=self.device, generator=g)
+            if self.label_table is None:
+                idx = torch.randint(self.G.label_dim, [b], device=self.device, generator=g)
+            else:  # a uniformly drawn training image's label: the dataset's frequencies
+                idx = self.label_table[torch.randint(len(self.label_table), [b], device=self.device, generator=g)]
             labels = torch.eye(self.G.label_dim, device=self.device)[idx]
         return z, labels
 
@@ -310,13 +331,15 @@ class SiDTrainer:
             bad_f = self.fake_score_phase()
         with annotate("sid/generator_step"):
             bad_g = self.generator_phase()
-        self.cur_nimg += self.cfg.batch
         with annotate("sid/ema"):
-            beta = ema_beta(self.cfg.batch, self.cur_nimg, self.cfg.ema * 1000)
+            # As the official loop: the half-life is int(ema * 1000) kimg and the ramp-up uses the images seen before
+            # this iteration (beta = 0 at the first one, so G_ema starts as G).
+            beta = ema_beta(self.cfg.batch, self.cur_nimg, ema_halflife_kimg(self.cfg.ema))
             if self.cfg.optimizer == "adam":
                 update_ema(self.G_ema, self.G, beta)
             else:
                 fast.update_ema_foreach(self.G_ema, self.G, beta)
+        self.cur_nimg += self.cfg.batch
         bad = bad_f | bad_g
         self.consec_bad = (self.consec_bad + 1) * bad
         self.max_consec_bad = torch.maximum(self.max_consec_bad, self.consec_bad)
@@ -416,6 +439,12 @@ class SiDTrainer:
                 return self._record_metric("fid", fid_against(stats, self.fid_ref), kimg)
         return None
 
+    def _snapshot_and_log(self):
+        value = self.snapshot()
+        if value is not None:
+            name = "FD-digits" if self.cfg.metrics == "fd-digits" else f"FID-{self.cfg.metric_num // 1000}k"
+            self.log(f"  {name} of G_ema at {self.cur_nimg / 1e3:.1f} kimg: {value:.3f}")
+
     def _record_metric(self, key: str, value: float, kimg: int) -> float:
         rec = {"kimg": self.cur_nimg / 1e3, key: value, "num": self.cfg.metric_num,
                "snapshot": f"network-snapshot-{kimg:06d}.pt"}
@@ -497,6 +526,8 @@ class SiDTrainer:
             from tqdm import tqdm
 
             progress = tqdm(total=total_nimg // 1000, initial=self.cur_nimg // 1000, unit="kimg", leave=False)
+        if cfg.extra_snapshots and self.cur_nimg == 0:  # official: a snapshot of the initial G_ema before training
+            self._snapshot_and_log()
         start = tick_start = time.time()
         start_nimg = self.cur_nimg
         self.log(f"Training for {cfg.duration * 1000:g} kimg: batch {cfg.batch} = {self.world} processes x "
@@ -519,11 +550,8 @@ class SiDTrainer:
                 with open(self.run_dir / "stats.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
             too_bad = int(self.max_consec_bad.item()) >= cfg.max_bad_steps
-            if done or self.cur_tick % cfg.snap == 0:
-                value = self.snapshot()
-                if value is not None:
-                    name = "FD-digits" if cfg.metrics == "fd-digits" else f"FID-{cfg.metric_num // 1000}k"
-                    self.log(f"  {name} of G_ema at {self.cur_nimg / 1e3:.1f} kimg: {value:.3f}")
+            if done or self.cur_tick % cfg.snap == 0 or (cfg.extra_snapshots and self.cur_tick in EXTRA_SNAPSHOT_TICKS):
+                self._snapshot_and_log()
             if done or stop or too_bad or self.cur_tick % cfg.dump == 0:
                 path = self.save_state()
                 if path is not None:
@@ -582,6 +610,27 @@ def load_state_file(path: Path) -> dict:
     return s
 
 
+def load_label_table(cfg: TrainConfig, label_dim: int) -> np.ndarray:
+    """The integer labels of --data's images, checked against the teacher; one ConfigError naming both values."""
+    from sid_fast.data.dataset import DatasetError, ImageDataset
+
+    try:
+        ds = ImageDataset(cfg.data)
+    except DatasetError as e:
+        raise ConfigError(f"--data {e}") from None
+    c, h, _ = ds.image_shape
+    if (c, h) != (cfg.channels, cfg.resolution):
+        raise ConfigError(f"--data {cfg.data}: images are {c}x{h}x{h}, the teacher makes {cfg.channels}x"
+                          f"{cfg.resolution}x{cfg.resolution}.")
+    if ds.labels_int is None:
+        raise ConfigError(f"--data {cfg.data}: the dataset has no labels (dataset.json), the teacher is conditional "
+                          f"with {label_dim} classes.")
+    if ds.label_dim != label_dim:
+        raise ConfigError(f"--data {cfg.data}: labels run to class {ds.label_dim - 1} (label_dim {ds.label_dim}), the "
+                          f"teacher has label_dim {label_dim}.")
+    return ds.labels_int
+
+
 def prepare_fid(cfg: TrainConfig, device):
     """(reference statistics path, detector) for --metrics fid, else (None, None); refuses bad files up front."""
     if cfg.metrics != "fid":
@@ -610,16 +659,20 @@ def run(cfg: TrainConfig, log_to_stdout=True) -> Path | None:
     # Everything that can be refused is checked before the run directory is made.
     teacher, info = checkpoints.load_network_file(cfg.teacher)
     check_teacher(cfg, teacher, cfg.teacher)
+    label_table = load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
     fid = prepare_fid(cfg, device)
     run_dir = None
     if dist.rank() == 0:
         desc = cfg.desc or f"{cfg.preset}-alpha{cfg.alpha:g}-batch{cfg.batch}-gpus{world}-{cfg.precision}"
         run_dir = next_run_dir(cfg.outdir, desc)
+        labels = ("none (unconditional)" if not teacher.label_dim else "uniform" if label_table is None
+                  else f"label frequencies of {cfg.data}")
         with open(run_dir / "training_options.json", "w") as f:
-            json.dump(dict(cfg.to_json(), world_size=world), f, indent=2)
+            json.dump(dict(cfg.to_json(), world_size=world, class_labels=labels), f, indent=2)
     log = Logger(run_dir) if log_to_stdout else (lambda *_: None)
     student = (info["class_name"], info["init_kwargs"], teacher.state_dict())
-    trainer = SiDTrainer(cfg, device, run_dir, log, teacher=teacher, student=student, teacher_info=info, fid=fid)
+    trainer = SiDTrainer(cfg, device, run_dir, log, teacher=teacher, student=student, teacher_info=info, fid=fid,
+                         label_table=label_table)
     if resume_state is not None:
         trainer.load_state_dict(resume_state, cfg.resume)
         log(f"Resumed from {cfg.resume} at {trainer.cur_nimg / 1e3:.1f} kimg.")
