@@ -19,8 +19,6 @@ import click
 from sid_fast.training.config import PRESETS, ConfigError, resolve_config
 
 
-
-
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
 # Main options.
 @click.option("--outdir", help="Where to make run directories", metavar="DIR", type=str, default="runs", show_default=True)
@@ -88,7 +86,7 @@ def main(preset, dry_run, **flags):
     import torch
 
     from sid_fast.checkpoints import CheckpointError
-    from sid_fast.training.sid import TrainingAborted, run
+    from sid_fast.training.run import TrainingAborted, run
 
     try:
         run(cfg)

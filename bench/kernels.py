@@ -112,7 +112,7 @@ def edm_loss_cases(shape, dtype, device):
     g = torch.Generator(device=device).manual_seed(0)
     D, y = (torch.randn(shape, device=device, generator=g).to(dtype) for _ in range(2))
     lam = torch.rand(shape[0], device=device, generator=g) + 0.5
-    providers = _providers(lambda d, t, l: edm_loss_rows(d, t, l)[0], lambda d, t, l: edm_loss_rows_ref(d, t, l)[0],
+    providers = _providers(lambda d, t, w: edm_loss_rows(d, t, w)[0], lambda d, t, w: edm_loss_rows_ref(d, t, w)[0],
                            [D], [y, lam], device)
     n = D.numel() * D.element_size()
     return providers, {"fwd": 2 * n, "bwd": 3 * n, "fwd+bwd": 5 * n}
@@ -149,13 +149,12 @@ ATTN_SHAPES = {
 
 
 def attention_cases(n, heads, d, res, dtype, device):
-    from kernels.attention import edm_attention_ref, flash_attention
-    from sid_fast.networks.attention import attention_sdpa
+    from kernels.attention import attention_edm, attention_sdpa, flash_attention
 
     g = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(n, heads * 3 * d, res, res, device=device, generator=g).to(dtype)
     providers = {"triton": _modes(lambda x: flash_attention(x, heads), [qkv], []),
-                 "edm": _modes(lambda x: edm_attention_ref(x, heads), [qkv], [])}
+                 "edm": _modes(lambda x: attention_edm(x, heads), [qkv], [])}
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = {"sdpa-math": SDPBackend.MATH}

@@ -5,7 +5,9 @@
 
 Configurations: `cifar10` (DDPM++ 32x32, 55.7 M parameters) and `imagenet64` (ADM, 295.9 M), both with random weights
 in the official shapes, and `digits` (the bundled teacher). One iteration = fake-score step + generator step + EMA,
-one micro-batch each (no accumulation). FLOPs per image = 11 forward-equivalents (shared/design.md "Ceilings"),
+one micro-batch each (no accumulation). FLOPs per image = 11 forward-equivalents: G's forward for the fake-score step
+(1), the fake score's forward and backward (3), the forwards of G, teacher and fake score (3), the input-gradient
+backwards through teacher and fake score (2) and G's backward (2),
 with the forward counted by torch.utils.flop_counter; MFU = achieved / matmul ceiling measured in the same run.
 The ladder (`--rungs`, each on a fresh trainer in the same process, side by side):
     reference      fp32, TF32 off, EDM attention, official Adam and EMA (SiD's numerics)
@@ -32,7 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.common import environment, matmul_ceiling, sync, write_jsonl
 from sid_fast.networks import build_network, official_config
 from sid_fast.training.config import DIGITS_TEACHER_PATH, resolve_config
-from sid_fast.training.sid import SiDTrainer
+from sid_fast.training.run import build_trainer
+from sid_fast.training.sid import Student
 
 CONFIGS = {
     "cifar10": ("edm-cifar10-32x32-uncond-vp", dict(augment=0.12, dropout=0.13)),
@@ -77,17 +80,13 @@ def make_trainer(name: str, batch_gpu: int, device, **options):
         cfg = resolve_config("cifar10-uncond", dict(teacher=f"<random {stem}>", resolution=kwargs["img_resolution"],
                              label_dim=kwargs["label_dim"], batch=batch_gpu, batch_gpu=batch_gpu, metrics="none",
                              **extra, **options))
-        info = dict(class_name="EDMPrecond", init_kwargs=kwargs, meta={})
-    tr = SiDTrainer(cfg, device, None, log=lambda *a: None, teacher=teacher,
-                    student=("EDMPrecond", kwargs, teacher.state_dict()), teacher_info=info)
+    tr = build_trainer(cfg, device, log=lambda *a: None, teacher=teacher,
+                       student=Student("EDMPrecond", kwargs, teacher.state_dict()))
     return tr, teacher, kwargs
 
 
 def run_rung(a, device, rung, options, ceilings, env):
-    from sid_fast import ops
-
     torch._dynamo.reset()
-    ops.set_use_kernels(False)
     tr, teacher, kwargs = make_trainer(a.config, a.batch_gpu, device, **options)
     flops_img = 11 * forward_flops_per_image(teacher, kwargs)
     if device.type == "cuda":
@@ -109,7 +108,6 @@ def run_rung(a, device, rung, options, ceilings, env):
     ceiling = ceilings["bf16" if options.get("precision") == "bf16" else "fp32"]
     img_s = a.batch_gpu / med
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    ops.set_use_kernels(False)
     return dict(
         bench="train_step", config=a.config, mode=rung, options=options, batch_gpu=a.batch_gpu, steps=a.steps,
         step_s=times, step_s_median=med, warmup_s=warmup_s, img_per_s=img_s, sec_per_kimg=1000 / img_s,

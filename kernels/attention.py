@@ -1,7 +1,7 @@
 # Flash attention in EDM's own layout, forward and backward.
 #
 # EDM's UNet blocks feed attention straight from a 1x1 qkv convolution: qkv is [N, heads*3*d, H, W] with
-# channel = head*3d + c*3 + j, j in (q, k, v) (shared/reference/edm.md 1.1), and the proj convolution consumes
+# channel = head*3d + c*3 + j, j in (q, k, v) (EDM training/networks.py, UNetBlock), and the proj convolution consumes
 # [N, heads*d, H, W] with channel = head*d + c. EDM's AttentionOp reshapes to [N*heads, d, 3, L], computes the whole
 # L x L softmax in fp32 and keeps it for backward. Here, per (sample, head) and block of BLOCK_M queries:
 #     s = q^T k / sqrt(d)  (fp32 accumulation),  online softmax over key blocks (running max m, sum l, in fp32),
@@ -20,7 +20,9 @@
 # is exact in every dtype, so scaling the fp32 scores is the same number).
 #
 # Registered as torch.library.triton_op "sid_fast_kernels::edm_flash_attention" with autograd, so torch.compile
-# traces it; the reference is sid_fast.networks.attention.attention_edm, which also runs wherever Triton cannot.
+# traces it. The references live in this file too: `attention_edm` (EDM's AttentionOp numerics, the reference path,
+# and the fallback wherever Triton cannot run) and `attention_sdpa` (PyTorch's scaled_dot_product_attention on
+# transposed views).
 
 from __future__ import annotations
 
@@ -270,11 +272,61 @@ def _backward(ctx, do, dlse):
 torch.library.register_autograd("sid_fast_kernels::edm_flash_attention", _backward, setup_context=_setup_context)
 
 
-def edm_attention_ref(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """The reference: EDM's AttentionOp numerics (fp32 softmax weights, L x L materialised)."""
-    from sid_fast.networks.attention import attention_edm
+# ----------------------------------------------------------------------------------------------------------------
+# References.
 
-    return attention_edm(qkv, num_heads)
+
+class _EDMAttentionWeights(torch.autograd.Function):
+    """softmax_k(q^T k / sqrt(d)) in fp32, as EDM's AttentionOp (EDM training/networks.py): k is scaled in its own
+    dtype, the weights are materialised in fp32 and stored in q.dtype for backward, whose softmax gradient runs in
+    fp32. q, k: [B, d, L]; returns [B, L, L] in q.dtype."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 / math.sqrt(k.shape[1])
+        w = torch.einsum("ncq,nck->nqk", q.float(), (k * scale).float()).softmax(dim=2).to(q.dtype)
+        ctx.save_for_backward(q, k, w)
+        return w
+
+    @staticmethod
+    def backward(ctx, dw: torch.Tensor):
+        q, k, w = ctx.saved_tensors
+        w32 = w.float()
+        dw32 = dw.float()
+        # Softmax backward in fp32: ds = w * (dw - sum_k(dw * w)).
+        ds = w32 * (dw32 - (dw32 * w32).sum(dim=2, keepdim=True))
+        scale = 1.0 / math.sqrt(k.shape[1])
+        dq = torch.einsum("nck,nqk->ncq", k.float(), ds).mul(scale).to(q.dtype)
+        dk = torch.einsum("ncq,nqk->nck", q.float(), ds).mul(scale).to(k.dtype)
+        return dq, dk
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int):
+    """[N, heads*3*d, H, W] -> q, k, v, each [N*heads, d, L] (views into EDM's interleaved layout)."""
+    n, c3, h, w = qkv.shape
+    if c3 % (3 * num_heads):
+        raise ValueError(f"qkv has {c3} channels, not divisible by 3 * num_heads = {3 * num_heads}.")
+    d = c3 // (3 * num_heads)
+    return qkv.reshape(n * num_heads, d, 3, h * w).unbind(2)
+
+
+def attention_edm(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """EDM's attention: fp32 softmax weights materialised (L x L), applied to v in the activation dtype."""
+    n, c3, h, w = qkv.shape
+    q, k, v = split_qkv(qkv, num_heads)
+    weights = _EDMAttentionWeights.apply(q, k)
+    a = torch.einsum("nqk,nck->ncq", weights, v)
+    return a.reshape(n, c3 // 3, h, w)
+
+
+def attention_sdpa(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """torch.nn.functional.scaled_dot_product_attention on [N, heads, L, d] views; PyTorch picks the backend."""
+    n, c3, h, w = qkv.shape
+    q, k, v = split_qkv(qkv, num_heads)
+    d = q.shape[1]
+    q, k, v = (t.reshape(n, num_heads, d, h * w).transpose(2, 3) for t in (q, k, v))
+    a = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # default scale is 1/sqrt(d), as EDM
+    return a.transpose(2, 3).reshape(n, c3 // 3, h, w)
 
 
 def flash_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -289,5 +341,5 @@ def flash_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     if d > 256:
         raise ValueError(f"flash_attention: head dimension {d} > 256 is not supported.")
     if not triton_available(qkv):
-        return edm_attention_ref(qkv, num_heads)
+        return attention_edm(qkv, num_heads)
     return edm_flash_attention_op(qkv, int(num_heads))[0]

@@ -22,8 +22,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -198,8 +196,8 @@ def _gn_bwd_kernel(
 
 
 @triton_op("sid_fast_kernels::group_norm_silu", mutates_args=())
-def group_norm_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: Optional[torch.Tensor],
-                       shift: Optional[torch.Tensor], num_groups: int, eps: float, silu: bool
+def group_norm_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
+                       shift: torch.Tensor | None, num_groups: int, eps: float, silu: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, (sn, sc, shw) = nchw_strides(x)
     n, c, h, w = x.shape
@@ -218,7 +216,7 @@ def group_norm_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 @triton_op("sid_fast_kernels::group_norm_silu_bwd", mutates_args=())
 def group_norm_silu_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                           scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], mean: torch.Tensor,
+                           scale: torch.Tensor | None, shift: torch.Tensor | None, mean: torch.Tensor,
                            rstd: torch.Tensor, num_groups: int, silu: bool
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x, (sn, sc, shw) = nchw_strides(x)

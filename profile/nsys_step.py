@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.train_step import CONFIGS, make_trainer  # noqa: E402
-from sid_fast.training.sid import annotate  # noqa: E402
+from sid_fast.perf import annotate  # noqa: E402
 
 
 def main():

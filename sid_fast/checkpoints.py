@@ -2,7 +2,7 @@
 
 EDM pickles (`edm-*.pkl`, SiD's `network-snapshot-*.pkl`) store each network module through EDM's `persistent_class`
 mechanism: `torch_utils.persistence._reconstruct_persistent_obj(meta)` where `meta` carries the module's full source
-code, its class name and its `__dict__` (shared/reference/edm.md section 3). Unpickling them the normal way executes
+code, its class name and its `__dict__` (EDM torch_utils/persistence.py). Unpickling them the normal way executes
 that source. We never do: `EDMPickleReader` is a restricted unpickler with an allow-list of globals; persistent objects
 become inert stubs from which we take the class name, the recorded init kwargs and the tensors, then we build our own
 network and load the tensors with `strict=True`.
@@ -20,7 +20,6 @@ import pickle
 import tempfile
 import urllib.parse
 import urllib.request
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +350,24 @@ def load_torch_file(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path}: refused to load (holds objects other than tensors and plain values): {e}") from None
     except Exception as e:  # weights_only runs no code: any other failure (torch's reader asserts too) is corruption
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {_describe(e)}") from None
+
+
+TRAINING_STATE_FORMAT = "sid_fast.training_state"
+
+
+def read_training_state(path: str | os.PathLike) -> dict:
+    """A training state written by the trainer (G, G_ema, fake score, optimizers, RNG states, counters), read with
+    torch.load(weights_only=True); a truncated or foreign file is refused naming the previous state, if any."""
+    path = Path(path)
+    try:
+        s = load_torch_file(path)
+    except CheckpointError as e:
+        older = sorted(o for o in path.parent.glob("training-state-*.pt") if o.name < path.name)
+        hint = f" The previous state is {older[-1]}." if older else ""
+        raise CheckpointError(f"{e}.{hint}") from None
+    if not isinstance(s, dict) or s.get("format") != TRAINING_STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a sid_fast training state.")
+    return s
 
 
 def network_from_record(record: dict, path) -> torch.nn.Module:

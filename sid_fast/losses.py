@@ -1,6 +1,6 @@
 """Losses: EDM's denoising loss (teacher training and SiD's fake-score loss) and SiD's generator loss.
 
-Formulas from shared/reference/sid.md section 1 and edm.md section 4 (official `training/sid_loss.py`, `loss.py`).
+Formulas of the official `training/sid_loss.py` (SiD) and EDM's `training/loss.py`.
 
 Reference numerics:
 - Generator loss per element: (y_real - y_fake) * ((y_real - x_g) - alpha * (y_real - y_fake)) / w, with
@@ -84,16 +84,6 @@ def sid_generator_loss_ref(x_g, y_real, y_fake, alpha: float, loss_scale: float,
     """The reduced loss as the official loop backpropagates it: sum(L) * loss_scale / batch_gpu_total."""
     loss, ok = sid_generator_loss_elements(x_g, y_real, y_fake, alpha)
     return loss.sum() * (loss_scale / batch_total), ok
-
-
-def sid_generator_loss_rowdrop(x_g, y_real, y_fake, alpha: float, loss_scale: float, batch_total: int):
-    """The official formulation with boolean row dropping, kept for the equality test against masking."""
-    ok = finite_rows(x_g, y_real, y_fake)
-    x_g, y_real, y_fake = _f32(x_g[ok]), _f32(y_real[ok]), _f32(y_fake[ok])
-    with torch.no_grad():
-        w = (x_g - y_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-5)
-    loss = (y_real - y_fake) * ((y_real - x_g) - alpha * (y_real - y_fake)) / w
-    return loss.sum() * (loss_scale / batch_total)
 
 
 # ----------------------------------------------------------------------------

@@ -1,39 +1,96 @@
-"""The one switch between sid_fast's fused Triton kernels and their pure-torch references.
+"""The one dispatcher between sid_fast's fused Triton kernels (kernels/) and their pure-torch references.
 
-Off by default (the reference path reproduces the official numerics). Turn all on with `set_use_kernels(True)` or
-SID_FAST_KERNELS=1, or a subset with `set_use_kernels({"sid_loss", "edm_loss", "group_norm_silu", "attention"})`.
-The kernels run on CUDA tensors, or on CPU under the Triton interpreter (TRITON_INTERPRET=1);
-elsewhere each kernel falls back to its reference by itself.
+Four ops: the SiD generator loss, the fake-score (EDM) loss, GroupNorm+SiLU, and attention over EDM's interleaved qkv
+channels. The networks and the trainer call only these functions; which implementation runs is chosen by one scoped
+switch, and outside every scope the references run (the official numerics):
+
+    with ops.kernels("all"):                  # every kernel
+    with ops.kernels("sid_loss,attention"):   # a subset; "attention" is the Triton flash kernel
+    with ops.kernels("sdpa"):                 # attention through torch's scaled_dot_product_attention
+    with ops.kernels("none"):                 # the references, also inside an outer scope
+
+The selection is restored when a scope exits, also when it raises, so nothing leaks between runs. The kernels run
+on CUDA tensors, or on CPU under the Triton interpreter (TRITON_INTERPRET=1); elsewhere each falls back to its
+reference by itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 
+from kernels.attention import attention_edm, attention_sdpa
 from sid_fast.losses import edm_loss_from_output, edm_weight, sid_generator_loss_elements
 
 KERNELS = frozenset({"sid_loss", "edm_loss", "group_norm_silu", "attention"})
-_enabled: frozenset = KERNELS if os.environ.get("SID_FAST_KERNELS", "0") == "1" else frozenset()
+NAMES = KERNELS | {"sdpa"}  # "sdpa": attention through PyTorch's SDPA instead of EDM's op (no Triton)
+# Environment variables of earlier versions; a run refuses them rather than ignore them (see `check_environment`).
+RETIRED_ENV = ("SID_FAST_KERNELS", "SID_FAST_ATTENTION")
 
 
-def set_use_kernels(enabled) -> None:
-    """True (all kernels), False (none), or a set of kernel names from KERNELS."""
-    global _enabled
-    names = KERNELS if enabled is True else frozenset() if enabled is False else frozenset(enabled)
-    if not names <= KERNELS:
-        raise ValueError(f"Unknown kernels {sorted(names - KERNELS)}; known: {sorted(KERNELS)}.")
-    _enabled = names
+@dataclass(frozen=True)
+class Selection:
+    kernels: frozenset = frozenset()  # names from KERNELS
+    attention: str = "edm"  # "edm" (reference), "sdpa" or "triton"
 
 
-def use_kernel(name: str) -> bool:
-    return name in _enabled
+_selection = Selection()
+
+
+def parse(spec) -> Selection:
+    """'none', 'all', a comma list of NAMES, an iterable of names, or a Selection -> Selection."""
+    if isinstance(spec, Selection):
+        return spec
+    if spec is None or spec == "none":
+        names = frozenset()
+    elif spec == "all":
+        names = KERNELS
+    else:
+        names = frozenset(n.strip() for n in spec.split(",")) if isinstance(spec, str) else frozenset(spec)
+    unknown = names - NAMES
+    if unknown:
+        raise ValueError(f"unknown kernels {sorted(unknown)}: 'none', 'all' or a comma list of {', '.join(sorted(NAMES))}.")
+    if {"attention", "sdpa"} <= names:
+        raise ValueError("'attention' (the Triton kernel) and 'sdpa' are two attention implementations; pick one.")
+    attention = "triton" if "attention" in names else "sdpa" if "sdpa" in names else "edm"
+    return Selection(names & KERNELS, attention)
+
+
+@contextlib.contextmanager
+def kernels(spec):
+    """Run the body with the kernels named by `spec` (see `parse`); the previous selection is restored on exit."""
+    global _selection
+    selection = parse(spec)
+    previous = _selection
+    _selection = selection
+    try:
+        yield selection
+    finally:
+        _selection = previous
+
+
+def current() -> Selection:
+    return _selection
+
+
+def check_environment() -> None:
+    """Refuse the retired process-wide switches: they would make a run's kernels differ from what it records."""
+    for var in RETIRED_ENV:
+        if os.environ.get(var):
+            raise ValueError(f"{var} is no longer read; choose kernels with --kernels (or `with sid_fast.ops.kernels(...)`)"
+                             f" and unset {var}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The four ops.
 
 
 def sid_generator_loss_sum(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float):
     """(sum over samples and pixels of the SiD loss, [N] bool of rows without NaN); NaN rows contribute 0."""
-    if use_kernel("sid_loss"):
+    if "sid_loss" in _selection.kernels:
         from kernels.sid_loss import sid_loss_rows
 
         row, _, ok = sid_loss_rows(x_g, y_real, y_fake, alpha)
@@ -44,10 +101,33 @@ def sid_generator_loss_sum(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torc
 
 def fake_score_loss_sum(D: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor):
     """(sum of lambda(sigma) (D - y)^2 over samples and pixels, [N] bool of rows without NaN) for SiD's fake score."""
-    if use_kernel("edm_loss"):
+    if "edm_loss" in _selection.kernels:
         from kernels.edm_loss import edm_loss_rows
 
         row, ok = edm_loss_rows(D, y, edm_weight(sigma).reshape(-1).float())
         return row.sum(), ok
     loss, ok = edm_loss_from_output(D, y, sigma)
     return loss.sum(), ok
+
+
+def group_norm_silu(x, weight, bias, num_groups: int, eps: float, scale=None, shift=None, silu: bool = True):
+    """EDM's GroupNorm (fp32 parameters cast to x.dtype), optional x * (scale + 1) + shift, optional SiLU."""
+    if "group_norm_silu" in _selection.kernels and silu:
+        from kernels.group_norm_silu import group_norm_silu as fused
+
+        return fused(x, weight.to(x.dtype), bias.to(x.dtype), num_groups, eps, scale, shift)
+    from kernels.group_norm_silu import group_norm_silu_ref
+
+    return group_norm_silu_ref(x, weight.to(x.dtype), bias.to(x.dtype), num_groups, eps, scale, shift, silu=silu,
+                               upcast=False)
+
+
+def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Multi-head self-attention over EDM's qkv conv output [N, heads*3*d, H, W] -> [N, heads*d, H, W]."""
+    if _selection.attention == "triton":
+        from kernels.attention import flash_attention
+
+        return flash_attention(qkv, num_heads)
+    if _selection.attention == "sdpa":
+        return attention_sdpa(qkv, num_heads)
+    return attention_edm(qkv, num_heads)

@@ -18,7 +18,7 @@ import click
 import torch
 
 from sid_fast.checkpoints import CheckpointError, load_network_file
-from sid_fast.sampling import edm_sampler, image_grid, latents_and_labels, onestep_sample, save_image, to_uint8
+from sid_fast.sampling import generate, image_grid, save_image, to_uint8
 
 
 def parse_int_list(s: str) -> list[int]:
@@ -33,22 +33,6 @@ def parse_int_list(s: str) -> list[int]:
             raise click.BadParameter(f"range {part.strip()!r} is empty.")
         out.extend(range(lo, hi + 1))
     return out
-
-
-def generate(net, info, seeds, device, sampler="auto", steps=18, class_idx=None, init_sigma=None, churn=None):
-    """Images in [-1, 1] for the given seeds (one batch)."""
-    meta = info.get("meta", {})
-    if sampler == "auto":
-        sampler = "onestep" if meta.get("kind") == "generator" else "heun"
-    latents, labels, rnd = latents_and_labels(net, seeds, device=device, class_idx=class_idx)
-    with torch.no_grad():
-        if sampler == "onestep":
-            sigma = init_sigma if init_sigma is not None else meta.get("sigma_init", 2.5)
-            return onestep_sample(net, latents, sigma, labels)
-        kw = dict(num_steps=steps)
-        if churn:
-            kw.update(S_churn=churn[0], S_min=churn[1], S_max=churn[2], S_noise=churn[3])
-        return edm_sampler(net, latents, labels, randn_like=rnd.randn_like, **kw).float()
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))

@@ -1,4 +1,4 @@
-"""Sampling: EDM's Heun sampler for teachers (shared/reference/edm.md section 4) and the one-step SiD generator.
+"""Sampling: EDM's Heun sampler for teachers (EDM generate.py, edm_sampler) and the one-step SiD generator.
 
 Latents and class labels are drawn per image from `torch.Generator().manual_seed(seed % 2**32)`, as EDM's
 `StackedRandomGenerator` does, so a seed gives the same image whatever the batch it falls in.
@@ -73,7 +73,7 @@ def edm_sampler(
 
 
 def onestep_sample(generator, z, sigma_init: float, class_labels=None):
-    """SiD's one-step generator: x_g = G(sigma_init * z, sigma_init, c) (shared/reference/sid.md section 2)."""
+    """SiD's one-step generator: x_g = G(sigma_init * z, sigma_init, c) (official training/sid_training_loop.py)."""
     sigma = torch.full([z.shape[0], 1, 1, 1], float(sigma_init), device=z.device)
     return generator(sigma_init * z.to(torch.float32), sigma, class_labels)
 
@@ -114,3 +114,19 @@ def save_image(array: np.ndarray, path, scale: int = 1) -> None:
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), PIL.Image.NEAREST)
     img.save(path)
+
+
+def generate(net, info, seeds, device, sampler="auto", steps=18, class_idx=None, init_sigma=None, churn=None):
+    """Images in [-1, 1] for the given seeds (one batch)."""
+    meta = info.get("meta", {})
+    if sampler == "auto":
+        sampler = "onestep" if meta.get("kind") == "generator" else "heun"
+    latents, labels, rnd = latents_and_labels(net, seeds, device=device, class_idx=class_idx)
+    with torch.no_grad():
+        if sampler == "onestep":
+            sigma = init_sigma if init_sigma is not None else meta.get("sigma_init", 2.5)
+            return onestep_sample(net, latents, sigma, labels)
+        kw = dict(num_steps=steps)
+        if churn:
+            kw.update(S_churn=churn[0], S_min=churn[1], S_max=churn[2], S_noise=churn[3])
+        return edm_sampler(net, latents, labels, randn_like=rnd.randn_like, **kw).float()

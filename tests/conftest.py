@@ -38,3 +38,22 @@ def _determinism():
     # SID_FAST_TEST_THREADS pins the thread count (the portability run checks 1 and 2); default: up to 2, as CI has.
     torch.set_num_threads(int(os.environ.get("SID_FAST_TEST_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
     yield
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """helpers.NET with non-trivial output layers (so that every path carries gradient), saved as a sid_fast file."""
+    from helpers import NET
+
+    from sid_fast.checkpoints import save_network
+    from sid_fast.networks import build_network
+
+    torch.manual_seed(0)
+    net = build_network("EDMPrecond", NET)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "conv1" in name or "proj" in name or "aux_conv" in name:
+                p.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_network(path, net, NET, kind="teacher")
+    return str(path)

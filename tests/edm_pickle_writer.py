@@ -1,4 +1,4 @@
-"""Writes pickles in EDM's `persistent_class` format (shared/reference/edm.md section 3), for the loader tests.
+"""Writes pickles in EDM's `persistent_class` format (EDM torch_utils/persistence.py), for the loader tests.
 
 EDM wraps every network module so that it pickles as
     torch_utils.persistence._reconstruct_persistent_obj({type: 'class', version: 6, module_src, class_name, state})

@@ -16,12 +16,12 @@ import torch
 def main() -> None:
     torch.set_num_threads(1)
     from sid_fast.training.config import DIGITS_TEACHER_PATH, resolve_config
-    from sid_fast.training.sid import SiDTrainer
+    from sid_fast.training.run import build_trainer
 
     # The digits preset with dropout on, so that the dropout RNG is covered (the digits teacher has no augment labels).
     cfg = resolve_config("digits", dict(teacher=str(DIGITS_TEACHER_PATH), batch=8, batch_gpu=4, metrics="none",
                                         augment=0.0, dropout=0.1, seed=7))
-    tr = SiDTrainer(cfg, torch.device("cpu"), None, log=lambda *a: None)
+    tr = build_trainer(cfg, torch.device("cpu"), log=lambda *a: None)
     for _ in range(3):
         tr.step()
     h = hashlib.sha256()
@@ -30,7 +30,7 @@ def main() -> None:
         for k, v in net.state_dict().items():
             h.update(v.detach().contiguous().cpu().numpy().tobytes())
             sums[f"{name}.{k}"] = v.double().sum().item()
-    print(json.dumps(dict(sha256=h.hexdigest(), stats=tr.stats.tolist(), sums=sums)))
+    print(json.dumps(dict(sha256=h.hexdigest(), stats=tr.stats.values.tolist(), sums=sums)))
 
 
 if __name__ == "__main__":

@@ -2,15 +2,14 @@
 
 import pytest
 import torch
+from helpers import NET, cfg_for, cpu_trainer, damp_adam, trainer_params
 
 from sid_fast.networks import build_network
 from sid_fast.training.config import ConfigError
 
-from test_trainer import NET, _cfg, _damp_adam, _params, _trainer, teacher_file  # noqa: F401 (fixture)
-
 
 def _run(teacher_file, steps=3, body_dtype=None, **kw):
-    tr = _damp_adam(_trainer(_cfg(teacher_file, dropout=0.0, augment=0.0, **kw)))
+    tr = damp_adam(cpu_trainer(cfg_for(teacher_file, dropout=0.0, augment=0.0, **kw)))
     if body_dtype is not None:  # what use_fp16 does on CUDA, forced on the CPU
         for net in (tr.teacher, tr.G, tr.fake):
             net.compute_dtype = body_dtype
@@ -22,8 +21,8 @@ def _run(teacher_file, steps=3, body_dtype=None, **kw):
 @pytest.fixture(scope="module")
 def reference(teacher_file):
     tr = _run(teacher_file)
-    init = _trainer(_cfg(teacher_file)).teacher.state_dict()
-    return _params(tr), init, tr.stats.clone()
+    init = cpu_trainer(cfg_for(teacher_file)).teacher.state_dict()
+    return trainer_params(tr), init, tr.stats
 
 
 def _assert_same_trajectory(got, ref, init, frac):
@@ -50,8 +49,8 @@ def _assert_same_trajectory(got, ref, init, frac):
 def test_fast_option_matches_reference(teacher_file, reference, options):
     ref, init, ref_stats = reference
     tr = _run(teacher_file, **options)
-    _assert_same_trajectory(_params(tr), ref, init, 0.02)
-    torch.testing.assert_close(tr.stats, ref_stats, rtol=1e-4, atol=1e-6)
+    _assert_same_trajectory(trainer_params(tr), ref, init, 0.02)
+    torch.testing.assert_close(tr.stats.values, ref_stats.values, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -62,20 +61,20 @@ def test_compiled_steps_match_reference_without_recompiles(teacher_file, referen
 
     ref, init, _ = reference
     torch._dynamo.reset()
-    tr = _damp_adam(_trainer(_cfg(teacher_file, dropout=0.0, augment=0.0, compile=True, compile_backend="aot_eager")))
+    tr = damp_adam(cpu_trainer(cfg_for(teacher_file, dropout=0.0, augment=0.0, compile=True, compile_backend="aot_eager")))
     tr.step()
     tr.step()
     before = dict(dutils.counters["stats"])
     tr.step()
     after = dict(dutils.counters["stats"])
     assert after.get("unique_graphs", 0) == before.get("unique_graphs", 0), (before, after)
-    _assert_same_trajectory(_params(tr), ref, init, 0.02)
+    _assert_same_trajectory(trainer_params(tr), ref, init, 0.02)
 
 
 def test_checkpointed_and_plain_generator_steps_give_equal_gradients(teacher_file):
     grads = {}
     for mode in ("none", "nets", "blocks"):
-        tr = _trainer(_cfg(teacher_file, dropout=0.0, augment=0.0, checkpointing=mode))
+        tr = cpu_trainer(cfg_for(teacher_file, dropout=0.0, augment=0.0, checkpointing=mode))
         tr.fake_score_phase()
         tr.opt_g.step = lambda: None  # keep the gradients of one generator phase
         tr.generator_phase()
@@ -90,7 +89,7 @@ def test_checkpointed_and_plain_generator_steps_give_equal_gradients(teacher_fil
 def _update(tr, init, net):
     """The whole network's update since initialisation, as one vector (per-tensor statistics of small tensors such
     as a 16-element GroupNorm weight are noise: their few gradient signs flip with the CPU's bf16 kernels)."""
-    got = _params(tr)
+    got = trainer_params(tr)
     return torch.cat([(got[k].float() - init[k[len(net) + 1:]]).flatten() for k in got if k.startswith(net + ".")])
 
 
@@ -124,9 +123,9 @@ def test_low_precision_tracks_fp32(teacher_file, reference, precision):
         d_bf16 = (_update(tr, init, net) - d_ref).norm() / d_ref.norm()
         d_seed = min((_update(o, init, net) - d_ref).norm() / d_ref.norm() for o in others)
         assert d_bf16 <= 0.5 * d_seed, (net, d_bf16.item(), d_seed.item())
-    losses_g = [ref_stats[1].item()] + [o.stats[1].item() for o in others]
-    assert abs(tr.stats[1].item() - ref_stats[1].item()) <= 0.5 * (max(losses_g) - min(losses_g)), (tr.stats[1], losses_g)
-    assert abs(tr.stats[0].item() - ref_stats[0].item()) <= 0.01 * abs(ref_stats[0].item())
+    losses_g = [ref_stats["loss_G"].item()] + [o.stats["loss_G"].item() for o in others]
+    assert abs(tr.stats["loss_G"].item() - losses_g[0]) <= 0.5 * (max(losses_g) - min(losses_g)), (tr.stats["loss_G"], losses_g)
+    assert abs(tr.stats["loss_fake"].item() - ref_stats["loss_fake"].item()) <= 0.01 * abs(ref_stats["loss_fake"].item())
 
 
 @pytest.mark.parametrize("model_type", ["SongUNet", "DhariwalUNet"])
@@ -147,12 +146,12 @@ def test_networks_trace_without_graph_breaks(model_type):
 
 def test_fast_options_refuse_bad_values(teacher_file):
     with pytest.raises(ConfigError, match="--checkpointing 'all'"):
-        _cfg(teacher_file, checkpointing="all")
+        cfg_for(teacher_file, checkpointing="all")
     with pytest.raises(ConfigError, match="--kernels 'flash'"):
-        _cfg(teacher_file, kernels="flash")
+        cfg_for(teacher_file, kernels="flash")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="--cuda-graphs needs a CUDA device"):
-            _cfg(teacher_file, cuda_graphs=True)
+            cfg_for(teacher_file, cuda_graphs=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,20 +163,19 @@ def test_gpu_bf16_cuda_graphs_kernels_step(teacher_file):
     from sid_fast import ops
 
     def run(**kw):
-        cfg = _cfg(teacher_file, dropout=0.0, augment=0.0, **kw)
-        from sid_fast.training.sid import SiDTrainer
+        cfg = cfg_for(teacher_file, dropout=0.0, augment=0.0, **kw)
+        from sid_fast.training.run import build_trainer
 
-        tr = _damp_adam(SiDTrainer(cfg, torch.device("cuda"), None, log=lambda *a: None))
+        tr = damp_adam(build_trainer(cfg, torch.device("cuda"), log=lambda *a: None))
         for _ in range(4):
             tr.step()
         torch.cuda.synchronize()
         return tr
 
     ref = run()
-    try:
-        fast = run(precision="bf16", channels_last=True, cuda_graphs=True, kernels="all", optimizer="fused")
-    finally:
-        ops.set_use_kernels(False)
-    assert torch.isfinite(fast.stats).all()
-    for i in (0, 1):
-        assert abs(fast.stats[i].item() - ref.stats[i].item()) <= 0.05 * abs(ref.stats[i].item())
+    fast = run(precision="bf16", channels_last=True, cuda_graphs=True, kernels="all", optimizer="fused")
+    assert ops.current() == ops.Selection()
+    assert torch.isfinite(fast.stats.values).all()
+    # The fake-score loss is a well-conditioned sum (see test_low_precision_tracks_fp32); the generator loss, a
+    # difference of nearly equal outputs, is checked against the seed spread there, not by a relative bound.
+    assert abs(fast.stats["loss_fake"].item() - ref.stats["loss_fake"].item()) <= 0.01 * abs(ref.stats["loss_fake"].item())

@@ -12,12 +12,18 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
-
 from fid_helpers import save_torchscript_detector, write_png_folder
+
 from sid_fast.data import dataset_tool
 from sid_fast.data.dataset import DatasetError, ImageDataset
-from sid_fast.metrics import (FeatureStats, feature_stats, frechet_distance, inception_score, load_ref_stats,
-                              save_ref_stats)
+from sid_fast.metrics import (
+    FeatureStats,
+    feature_stats,
+    frechet_distance,
+    inception_score,
+    load_ref_stats,
+    save_ref_stats,
+)
 from sid_fast.metrics.inception import DetectorError, FIDInceptionV3, load_detector
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,7 +194,7 @@ def test_dataset_tool_writes_edm_format_and_reader_reads_it(tmp_path):
         assert names[:2] == ["00000/img00000000.png", "00000/img00000001.png"] and "dataset.json" in names
         assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
         labels = json.loads(z.read("dataset.json"))["labels"]
-    assert [l for _, l in labels] == [0, 0, 0, 1, 1, 1]
+    assert [c for _, c in labels] == [0, 0, 0, 1, 1, 1]
     ds = ImageDataset(dest)
     assert len(ds) == 6 and ds.image_shape == [3, 8, 8] and ds.label_dim == 2
     img, lab = ds[4]
@@ -267,8 +273,7 @@ def _run_fid(*args):
 
 def test_fid_cli_ref_and_calc_on_images_and_network(pipeline):
     from sid_fast.checkpoints import load_network_file
-    from sid_fast.sample import generate
-    from sid_fast.sampling import to_uint8
+    from sid_fast.sampling import generate, to_uint8
 
     p, ref = pipeline, str(pipeline["root"] / "ref.npz")
     r = _run_fid("ref", "--data", p["data"], "--dest", ref, "--detector", p["det"], "--workers", "0", "--batch", "7")
@@ -389,7 +394,7 @@ def test_trainer_computes_fid_at_snapshots(pipeline, tmp_path):
     from sid_fast.networks import build_network
     from sid_fast.sampling import latents_and_labels, onestep_sample, to_uint8
     from sid_fast.training.config import ConfigError, resolve_config
-    from sid_fast.training.sid import SiDTrainer
+    from sid_fast.training.run import build_trainer
 
     kw = dict(model_type="SongUNet", img_resolution=8, img_channels=3, label_dim=0, model_channels=16,
               channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
@@ -401,7 +406,7 @@ def test_trainer_computes_fid_at_snapshots(pipeline, tmp_path):
                  metrics="fid", metric_num=12, data_stat=ref, detector=pipeline["det"], batch=4, batch_gpu=4)
     cfg = resolve_config("digits", flags)
     (tmp_path / "run").mkdir()
-    tr = SiDTrainer(cfg, torch.device("cpu"), tmp_path / "run", log=lambda *a: None)
+    tr = build_trainer(cfg, torch.device("cpu"), run_dir=tmp_path / "run", log=lambda *a: None)
     tr.step()
     value = tr.snapshot()
     rec = json.loads((tmp_path / "run" / "metric-fid.jsonl").read_text().splitlines()[-1])
@@ -417,7 +422,7 @@ def test_trainer_computes_fid_at_snapshots(pipeline, tmp_path):
     with pytest.raises(ConfigError, match="--data-stat"):
         resolve_config("digits", dict(flags, data_stat=None))
     with pytest.raises(ConfigError, match="gone.npz: no such file"):
-        SiDTrainer(resolve_config("digits", dict(flags, data_stat=str(tmp_path / "gone.npz"))), torch.device("cpu"), None)
+        build_trainer(resolve_config("digits", dict(flags, data_stat=str(tmp_path / "gone.npz"))), torch.device("cpu"))
 
 
 def _write_cifar_tarball(path, batches, evil=False):
@@ -446,7 +451,7 @@ def test_dataset_tool_reads_the_cifar10_tarball(tmp_path):
     ds = ImageDataset(tmp_path / "cifar10-32x32.zip")
     assert len(ds) == 10 and ds.image_shape == [3, 32, 32]
     want = np.concatenate([d for d, _ in batches]).reshape(-1, 3, 32, 32)
-    labels = [l for _, ls in batches for l in ls]
+    labels = [c for _, cs in batches for c in cs]
     for i in (0, 3, 9):  # batch order, CHW pixels and labels as EDM's tool stores them
         img, onehot = ds[i]
         assert np.array_equal(img, want[i]) and int(np.argmax(onehot)) == labels[i]

@@ -4,7 +4,6 @@ The long run and its figures are in README.md ("Reliability"). Each finding belo
 """
 
 import io
-import os
 import pickle
 import shutil
 import struct
@@ -180,15 +179,14 @@ def test_wrongly_typed_kwargs_and_structures(tmp_path):
         load_network_file(pkl)
 
 
-@pytest.mark.skipif(os.name != "posix", reason="uses fork-free subprocess timing only on POSIX")
 def test_readers_import_nothing_new(seeds):
     """In a fresh interpreter, reading every seed file imports no module beyond those imported by loading sid_fast
     and reading once (so an allow-list escape that imports would show)."""
     code = (
-        "import sys; sys.path.insert(0, %r); import loader_target as t; from pathlib import Path; "
-        "paths=[Path(p) for p in %r]; t.warm_up(paths); before=set(sys.modules); "
+        f"import sys; sys.path.insert(0, {str(FUZZ)!r}); import loader_target as t; from pathlib import Path; "
+        f"paths=[Path(p) for p in {[str(p) for p in seeds]!r}]; t.warm_up(paths); before=set(sys.modules); "
         "[t.check_input(p.read_bytes()) for p in paths]; print(sorted(set(sys.modules)-before))"
-    ) % (str(FUZZ), [str(p) for p in seeds])
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -5,21 +5,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import attention_reference_fp64
 from torch.utils.flop_counter import FlopCounterMode
 
+from kernels.attention import attention_edm, attention_sdpa
+from sid_fast import ops
 from sid_fast.networks import (
     Conv2d,
     EDMPrecond,
     UNetBlock,
     VEPrecond,
     VPPrecond,
-    attention_impl,
     build_network,
     official_config,
 )
-from sid_fast.networks.attention import attention_edm, attention_reference_fp64, attention_sdpa
 
-# Forward GFLOP per image and parameter counts from shared/reference/perf.md (FlopCounterMode on EDM's own code).
+# Forward GFLOP per image and parameter counts of EDM's own networks (FlopCounterMode on EDM training/networks.py).
 OFFICIAL = {
     "edm-cifar10-32x32-uncond-vp": (42.38, 55.7),
     "edm-cifar10-32x32-cond-vp": (42.38, 55.7),
@@ -79,7 +80,7 @@ def test_ddpmpp_state_dict_names_and_attention_layout():
     assert "model.map_augment.bias" not in sd
     assert "model.enc.32x32_block0.conv0.resample_filter" not in sd  # no filter without resampling
     blocks = _attention_blocks(net)
-    # shared/reference/edm.md 1.5: enc 16x16_block0-3, dec 8x8_in0, dec 16x16_block4, one head of 256.
+    # EDM training/networks.py, DDPM++ config: enc 16x16_block0-3, dec 8x8_in0, dec 16x16_block4, one head of 256.
     assert sorted(blocks) == sorted(
         [f"model.enc.16x16_block{i}" for i in range(4)] + ["model.dec.8x8_in0", "model.dec.16x16_block4"]
     )
@@ -136,7 +137,7 @@ def test_fused_down_ncsnpp_filter():
     torch.testing.assert_close(y[0, :, 2:-2, 2:-2], expect[:, None, None].expand(5, 4, 4))
 
 
-# Official attention shapes (shared/reference/edm.md 1.5) at batch 1: (heads, d, H).
+# Official attention shapes (EDM's DDPM++ and ADM configs) at batch 1: (heads, d, H).
 ATTN_SHAPES = [(1, 256, 16), (1, 256, 8), (6, 64, 32), (9, 64, 16), (12, 64, 8), (2, 8, 3)]
 
 
@@ -180,13 +181,13 @@ def test_whole_network_attention_impls_agree(model_type):
     sigma = torch.tensor([0.3, 4.0])
     labels = torch.eye(3)[[0, 2]]
     outs = {}
-    for impl in ("edm", "sdpa"):
-        with attention_impl(impl):
+    for impl in ("none", "sdpa"):  # EDM's op (the reference) and PyTorch's SDPA
+        with ops.kernels(impl):
             y = net(x, sigma, labels)
             (g,) = torch.autograd.grad(y.square().sum(), x)
         outs[impl] = (y.detach(), g)
-    torch.testing.assert_close(outs["edm"][0], outs["sdpa"][0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outs["edm"][1], outs["sdpa"][1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs["none"][0], outs["sdpa"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["none"][1], outs["sdpa"][1], rtol=1e-4, atol=1e-4)
 
 
 def test_ddpmpp_cifar_full_network_attention_impls_agree():
@@ -198,9 +199,9 @@ def test_ddpmpp_cifar_full_network_attention_impls_agree():
                 p.normal_(0, 0.02)  # undo the 1e-5 init of output layers so attention matters
     x = torch.randn(1, 3, 32, 32)
     sigma = torch.tensor([1.5])
-    with torch.no_grad(), attention_impl("edm"):
+    with torch.no_grad(), ops.kernels("none"):
         a = net(x, sigma)
-    with torch.no_grad(), attention_impl("sdpa"):
+    with torch.no_grad(), ops.kernels("sdpa"):
         b = net(x, sigma)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -242,8 +243,6 @@ def test_unknown_config_is_refused():
 @pytest.mark.parametrize("model_type", ["SongUNet", "DhariwalUNet"])
 def test_whole_network_with_kernels_matches_reference(model_type):
     """Fused GroupNorm+SiLU (Triton interpreter on CPU) in every block vs EDM's ops, forward and input gradient."""
-    from sid_fast import ops
-
     extra = {} if model_type == "SongUNet" else dict(model_channels=64, attn_resolutions=[8])
     net = build_network("EDMPrecond", _tiny_cfg(model_type=model_type, img_resolution=8, channel_mult=[1, 1], **extra)).eval()
     with torch.no_grad():
@@ -252,13 +251,10 @@ def test_whole_network_with_kernels_matches_reference(model_type):
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     sigma = torch.tensor([0.3, 4.0])
     outs = []
-    for enabled in (False, True):
-        ops.set_use_kernels(enabled)
-        try:
+    for spec in ("none", "all"):
+        with ops.kernels(spec):
             y = net(x, sigma)
             (g,) = torch.autograd.grad(y.square().sum(), x)
-        finally:
-            ops.set_use_kernels(False)
         outs.append((y.detach(), g))
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-4)

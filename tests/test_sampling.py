@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import torch
+from analytic import GaussianMixtureDenoiser
 
-from sid_fast.analytic import GaussianMixtureDenoiser
 from sid_fast.checkpoints import save_network
 from sid_fast.networks import build_network
 from sid_fast.sampling import edm_sampler, karras_sigmas, latents_and_labels

@@ -70,7 +70,7 @@ def test_sigterm_finishes_step_writes_state_and_exits(tmp_path):
     assert "Received signal" in stdout
     (run_dir,) = out.iterdir()
     states = sorted(run_dir.glob("training-state-*.pt"))
-    from sid_fast.training.sid import load_state_file
+    from sid_fast.training.run import load_state_file
 
     s = load_state_file(states[-1])
     assert s["cur_nimg"] > 0 and s["cur_nimg"] % 64 == 0  # written at an iteration boundary

@@ -9,71 +9,32 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from analytic import GaussianMixtureDenoiser
+from helpers import NET, cfg_for, cpu_trainer, damp_adam, trainer_params
 
-from sid_fast.analytic import GaussianMixtureDenoiser
 from sid_fast.checkpoints import CheckpointError, atomic_save, save_network
 from sid_fast.metrics import feature_stats, frechet_distance
 from sid_fast.networks import build_network
 from sid_fast.training.config import ConfigError, resolve_config
-from sid_fast.training.sid import SiDTrainer, find_resume_state, load_state_file
-
-NET = dict(model_type="SongUNet", img_resolution=8, img_channels=1, label_dim=3, model_channels=16, channel_mult=[1, 2],
-           num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    torch.manual_seed(0)
-    net = build_network("EDMPrecond", NET)
-    with torch.no_grad():  # non-trivial output layers, so that every path carries gradient
-        for name, p in net.named_parameters():
-            if "conv1" in name or "proj" in name or "aux_conv" in name:
-                p.normal_(0, 0.05)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    save_network(path, net, NET, kind="teacher")
-    return str(path)
-
-
-def _cfg(teacher, **kw):
-    base = dict(teacher=teacher, resolution=8, channels=1, label_dim=3, cond=True, metrics="none", batch=8,
-                batch_gpu=4, lr=1e-4, glr=1e-4, augment=0.3, dropout=0.1, ema=0.001, seed=3)
-    base.update(kw)
-    return resolve_config("digits", base)
-
-
-def _trainer(cfg):
-    return SiDTrainer(cfg, torch.device("cpu"), None, log=lambda *a: None)
-
-
-def _damp_adam(tr):
-    # Parameters whose exact gradient is zero (e.g. the key part of qkv.bias: softmax ignores it) get round-off
-    # gradients whose values depend on summation order; Adam would turn them into full +-lr steps. A large eps
-    # (the same in every run compared) keeps those at round-off size while real gradients still move the weights.
-    for opt in (tr.opt_g, tr.opt_fake):
-        for group in opt.param_groups:
-            group["eps"] = 1e-3
-    return tr
-
-
-def _params(tr):
-    return {f"{n}.{k}": v.clone() for n, m in (("G", tr.G), ("G_ema", tr.G_ema), ("fake", tr.fake)) for k, v in m.state_dict().items()}
+from sid_fast.training.run import build_trainer, find_resume_state, load_state_file
+from sid_fast.training.sid import Student
 
 
 def test_resume_is_bit_exact(teacher_file, tmp_path):
-    cfg = _cfg(teacher_file)
-    a = _trainer(cfg)
+    cfg = cfg_for(teacher_file)
+    a = cpu_trainer(cfg)
     for _ in range(4):
         a.step()
-    b = _trainer(cfg)
+    b = cpu_trainer(cfg)
     for _ in range(2):
         b.step()
     path = tmp_path / "training-state-000000.pt"
     atomic_save(b.state_dict(), path)
-    c = _trainer(cfg)
+    c = cpu_trainer(cfg)
     c.load_state_dict(load_state_file(path), str(path))
     for _ in range(2):
         c.step()
-    pa, pc = _params(a), _params(c)
+    pa, pc = trainer_params(a), trainer_params(c)
     assert pa.keys() == pc.keys()
     for k in pa:
         assert torch.equal(pa[k], pc[k]), k
@@ -89,11 +50,11 @@ def _ddp_worker(rank, world, port, teacher, batch_gpu, out):
     import torch.distributed as dist
 
     try:
-        tr = _damp_adam(SiDTrainer(_cfg(teacher, batch_gpu=batch_gpu, dropout=0.0), torch.device("cpu"), None, log=lambda *a: None))
+        tr = damp_adam(cpu_trainer(cfg_for(teacher, batch_gpu=batch_gpu, dropout=0.0)))
         for _ in range(3):
             tr.step()
         if rank == 0:
-            torch.save(_params(tr), out)
+            torch.save(trainer_params(tr), out)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -103,10 +64,10 @@ def _ddp_worker(rank, world, port, teacher, batch_gpu, out):
 def test_one_process_equals_two_gloo_processes(teacher_file, tmp_path):
     # batch 8: 1 process x 2 rounds x 4 vs 2 processes x 1 round x 4; and 1 x 4 x 2 vs 2 x 2 x 2 (accumulation).
     for i, batch_gpu in enumerate([4, 2]):
-        single = _damp_adam(_trainer(_cfg(teacher_file, dropout=0.0, batch_gpu=batch_gpu)))
+        single = damp_adam(cpu_trainer(cfg_for(teacher_file, dropout=0.0, batch_gpu=batch_gpu)))
         for _ in range(3):
             single.step()
-        ref = _params(single)
+        ref = trainer_params(single)
         out = tmp_path / f"ddp{i}.pt"
         mp.spawn(_ddp_worker, args=(2, 29500 + os.getpid() % 1000 + i, teacher_file, batch_gpu, str(out)), nprocs=2)
         got = torch.load(out, weights_only=True)
@@ -125,9 +86,9 @@ def test_kill_during_state_write_keeps_previous_state(tmp_path):
     path = tmp_path / "training-state-000001.pt"
     atomic_save(dict(format="x", value=torch.arange(5)), path)
     script = (
-        "import torch, sys; sys.path.insert(0, %r)\n"
+        f"import torch, sys; sys.path.insert(0, {os.getcwd()!r})\n"
         "from sid_fast.checkpoints import atomic_save\n"
-        "atomic_save(dict(format='x', value=torch.zeros(200_000_000)), %r)\n" % (os.getcwd(), str(path))
+        f"atomic_save(dict(format='x', value=torch.zeros(200_000_000)), {str(path)!r})\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 60
@@ -140,7 +101,7 @@ def test_kill_during_state_write_keeps_previous_state(tmp_path):
 
 
 def test_truncated_state_is_refused_and_previous_offered(teacher_file, tmp_path):
-    tr = _trainer(_cfg(teacher_file))
+    tr = cpu_trainer(cfg_for(teacher_file))
     tr.step()
     good = tmp_path / "training-state-000001.pt"
     bad = tmp_path / "training-state-000002.pt"
@@ -164,35 +125,35 @@ def test_truncated_state_is_refused_and_previous_offered(teacher_file, tmp_path)
 )
 def test_teacher_mismatch_is_refused(teacher_file, flags, match):
     with pytest.raises(ConfigError, match=match):
-        _trainer(_cfg(teacher_file, **flags))
+        cpu_trainer(cfg_for(teacher_file, **flags))
 
 
 def test_missing_teacher_and_augment_without_labels(teacher_file, tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
-        _trainer(_cfg(str(tmp_path / "nope.pkl")))
+        cpu_trainer(cfg_for(str(tmp_path / "nope.pkl")))
     net = dict(NET, augment_dim=0)
     path = tmp_path / "noaug.pt"
     save_network(path, build_network("EDMPrecond", net), net)
     with pytest.raises(ConfigError, match=r"--augment 0.3.*no augment labels"):
-        _trainer(_cfg(str(path)))
+        cpu_trainer(cfg_for(str(path)))
 
 
 def test_batch_must_divide(teacher_file):
     with pytest.raises(ConfigError, match=r"--batch 8 is not divisible .* --batch-gpu 3"):
-        _cfg(teacher_file, batch_gpu=3)
+        cfg_for(teacher_file, batch_gpu=3)
 
 
 def test_nan_samples_are_counted_and_gradients_stay_finite(teacher_file):
-    tr = _trainer(_cfg(teacher_file))
+    tr = cpu_trainer(cfg_for(teacher_file))
     real_teacher = tr.teacher
 
     def poisoned(x, sigma, labels=None, **kw):
         y = real_teacher(x, sigma, labels, **kw)
         return torch.cat([y[:1] * float("nan"), y[1:]])  # the first sample of every micro-batch is NaN
 
-    tr.run_teacher = poisoned  # the call site the generator phase uses
+    tr.calls.teacher = poisoned  # the call site the generator phase uses
     tr.step()
-    assert tr.stats[5].item() == 2  # 2 rounds x 1 NaN sample in the generator phase
+    assert tr.stats["nan_samples_G"].item() == 2  # 2 rounds x 1 NaN sample in the generator phase
     assert all(torch.isfinite(p).all() for p in tr.G.parameters())
 
 
@@ -215,8 +176,8 @@ def test_sid_on_gaussian_mixture_cuts_frechet_distance():
     ref = feature_stats(teacher.sample(4000, torch.Generator().manual_seed(2)))
     cfg = resolve_config("digits", dict(teacher="<analytic mixture>", resolution=4, channels=1, metrics="none", batch=64,
                                         batch_gpu=64, lr=1e-3, glr=1e-3, ema=0.002, dropout=0.0))
-    tr = SiDTrainer(cfg, torch.device("cpu"), None, log=lambda *a: None, teacher=teacher,
-                    student=("EDMPrecond", MIX_NET, student.state_dict()))
+    tr = build_trainer(cfg, torch.device("cpu"), log=lambda *a: None, teacher=teacher,
+                       student=Student("EDMPrecond", MIX_NET, student.state_dict()))
 
     def fd():
         return frechet_distance(*feature_stats(tr.sample_ema(list(range(4000)))), *ref)
@@ -241,18 +202,15 @@ def test_sid_loss_kernel_in_the_trainer_matches_reference(teacher_file):
     from sid_fast import ops
 
     results = []
-    for enabled in (False, {"sid_loss", "edm_loss"}):
-        ops.set_use_kernels(enabled)
-        try:
-            tr = _damp_adam(_trainer(_cfg(teacher_file, dropout=0.0, augment=0.0)))
-            for _ in range(2):
-                tr.step()
-            results.append((_params(tr), tr.stats[1].item()))
-        finally:
-            ops.set_use_kernels(False)
+    for spec in ("none", "sid_loss,edm_loss"):
+        tr = damp_adam(cpu_trainer(cfg_for(teacher_file, dropout=0.0, augment=0.0, kernels=spec)))
+        for _ in range(2):
+            tr.step()
+        results.append((trainer_params(tr), tr.stats["loss_G"].item()))
+    assert ops.current() == ops.Selection()  # the trainer's scope does not leak
     (ref, loss_ref), (ker, loss_ker) = results
     assert abs(loss_ker - loss_ref) <= 1e-4 * abs(loss_ref) + 1e-4
-    init = _trainer(_cfg(teacher_file)).teacher.state_dict()
+    init = cpu_trainer(cfg_for(teacher_file)).teacher.state_dict()
     for k in ref:
         travelled = (ref[k] - init[k.split(".", 1)[1]]).abs().max().item()
         assert (ker[k] - ref[k]).abs().max().item() <= 0.02 * travelled + 1e-7, k
@@ -261,12 +219,10 @@ def test_sid_loss_kernel_in_the_trainer_matches_reference(teacher_file):
 def test_ema_follows_the_official_schedule(teacher_file, monkeypatch):
     """beta over the first iterations equals the official loop's: the half-life int(ema * 1000) kimg, ramped up as
     min(half-life, 0.05 * images seen BEFORE the iteration); so beta = 0 at the first one and G_ema starts as G."""
-    import sid_fast.training.sid as sid_mod
-
     betas = []
-    real = sid_mod.update_ema
-    monkeypatch.setattr(sid_mod, "update_ema", lambda ema, net, beta: (betas.append(beta), real(ema, net, beta)))
-    tr = _trainer(_cfg(teacher_file, ema=0.0019))  # int(1.9) = 1 kimg, as the official truncation
+    tr = cpu_trainer(cfg_for(teacher_file, ema=0.0019))  # int(1.9) = 1 kimg, as the official truncation
+    real = tr.calls.update_ema
+    tr.calls.update_ema = lambda ema, net, beta: (betas.append(beta), real(ema, net, beta))
     tr.step()
     assert betas == [0.0]
     for k, v in tr.G.state_dict().items():
@@ -276,16 +232,16 @@ def test_ema_follows_the_official_schedule(teacher_file, monkeypatch):
     want = [0.5 ** (8 / max(min(1000, 0.05 * 8 * k), 1e-8)) for k in range(5)]
     assert betas == want
     with pytest.raises(ConfigError, match="at least 0.001 Mimg"):
-        _cfg(teacher_file, ema=0.0009)
+        cfg_for(teacher_file, ema=0.0009)
 
 
 def test_fp16_is_edms_mode_and_runs_fp32_on_a_cpu(teacher_file):
     """--precision fp16 = EDM's use_fp16 on every network and Adam eps 1e-6 (official sid_train.py). The bodies run
     in fp16 on CUDA only (EDM's rule), so on a CPU the steps equal an fp32 run with eps 1e-6, bit for bit."""
-    a = _trainer(_cfg(teacher_file, precision="fp16", dropout=0.0, augment=0.0))
+    a = cpu_trainer(cfg_for(teacher_file, precision="fp16", dropout=0.0, augment=0.0))
     assert all(n.use_fp16 for n in (a.teacher, a.G, a.fake, a.G_ema)) and a.init_kwargs["use_fp16"] is True
     assert {g["eps"] for o in (a.opt_g, a.opt_fake) for g in o.param_groups} == {1e-6}
-    b = _trainer(_cfg(teacher_file, dropout=0.0, augment=0.0))
+    b = cpu_trainer(cfg_for(teacher_file, dropout=0.0, augment=0.0))
     assert not b.G.use_fp16 and {g["eps"] for o in (b.opt_g, b.opt_fake) for g in o.param_groups} == {1e-8}
     for o in (b.opt_g, b.opt_fake):
         for g in o.param_groups:
@@ -293,7 +249,7 @@ def test_fp16_is_edms_mode_and_runs_fp32_on_a_cpu(teacher_file):
     for _ in range(2):
         a.step()
         b.step()
-    pa, pb = _params(a), _params(b)
+    pa, pb = trainer_params(a), trainer_params(b)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
@@ -319,7 +275,7 @@ def test_labels_follow_the_datasets_frequencies(teacher_file, tmp_path):
     """--data: each label is a uniformly drawn image's label (official: the labels of the images it iterates).
     90% class 2, 10% class 0: 4,000 draws give class 2 at 0.9 +- 0.005 (one sigma); asserted within 0.03."""
     data = _digits_dataset(tmp_path / "d", [2] * 9 + [0])
-    tr = _trainer(_cfg(teacher_file, data=str(data)))
+    tr = cpu_trainer(cfg_for(teacher_file, data=str(data)))
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(3)
     for _ in range(1000):
@@ -327,24 +283,24 @@ def test_labels_follow_the_datasets_frequencies(teacher_file, tmp_path):
         counts += labels.sum(0)
     freq = counts / counts.sum()
     assert abs(freq[2] - 0.9) < 0.03 and freq[1] == 0, freq
-    uniform = _trainer(_cfg(teacher_file))
+    uniform = cpu_trainer(cfg_for(teacher_file))
     assert uniform.label_table is None
 
 
 def test_bad_data_is_refused_naming_both_values(teacher_file, tmp_path):
     with pytest.raises(ConfigError, match=r"\(label_dim 5\), the teacher has label_dim 3"):
-        _trainer(_cfg(teacher_file, data=str(_digits_dataset(tmp_path / "a", [4, 0, 1]))))
+        cpu_trainer(cfg_for(teacher_file, data=str(_digits_dataset(tmp_path / "a", [4, 0, 1]))))
     with pytest.raises(ConfigError, match="images are 1x16x16, the teacher makes 1x8x8"):
-        _trainer(_cfg(teacher_file, data=str(_digits_dataset(tmp_path / "b", [0, 1, 2], res=16))))
+        cpu_trainer(cfg_for(teacher_file, data=str(_digits_dataset(tmp_path / "b", [0, 1, 2], res=16))))
     with pytest.raises(ConfigError, match="--data .*no such dataset"):
-        _trainer(_cfg(teacher_file, data=str(tmp_path / "missing")))
+        cpu_trainer(cfg_for(teacher_file, data=str(tmp_path / "missing")))
 
 
 @pytest.mark.parametrize("extra", [True, False])
 def test_snapshot_cadence(teacher_file, extra):
     """Official: a snapshot before training (kimg 0), every --snap ticks, at ticks 10, 20, ..., 100, and at the end.
     One iteration per tick here: 12 iterations of 8 images, --snap 50."""
-    tr = _trainer(_cfg(teacher_file, tick=0.008, snap=50, dump=1000, duration=0.000096, extra_snapshots=extra))
+    tr = cpu_trainer(cfg_for(teacher_file, tick=0.008, snap=50, dump=1000, duration=0.000096, extra_snapshots=extra))
     seen = []
     tr._snapshot_and_log = lambda: seen.append(tr.cur_nimg)
     tr.train()

@@ -1,4 +1,4 @@
-"""Image datasets in EDM's format (shared/reference/edm.md section 5): an uncompressed zip or a folder of images.
+"""Image datasets in EDM's format (EDM training/dataset.py, dataset_tool.py): an uncompressed zip or a folder of images.
 
 Files are found recursively and sorted by their relative path; `dataset.json` (`{"labels": [[name, int], ...]}` or
 `{"labels": null}`) gives integer labels, which become one-hot float32 rows with label_dim = max + 1. Images load as

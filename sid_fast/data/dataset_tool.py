@@ -4,7 +4,7 @@
         --transform center-crop
     python -m sid_fast.data.dataset_tool --source cifar-10-python.tar.gz --dest datasets/cifar10-32x32.zip
 
-Output (as EDM's dataset_tool.py writes it, shared/reference/edm.md section 5): PNGs stored uncompressed
+Output (as EDM's dataset_tool.py writes it): PNGs stored uncompressed
 (`compress_level=0`) under `{idx // 1000:05d}/img{idx:08d}.png`, in a `ZIP_STORED` zip (or a folder when --dest has
 no .zip suffix), and `dataset.json` with `{"labels": [[name, label], ...]}` or `{"labels": null}`. Labels come from
 the source's own `dataset.json` (names relative to --source), or with --labels-from-subdirs from the first-level
@@ -47,7 +47,7 @@ def _source_labels(source: Path, names: list[str], from_subdirs: bool):
         labels = meta["labels"]
         if labels is None:
             return None
-        table = {str(n).replace("\\", "/"): int(l) for n, l in labels}
+        table = {str(n).replace("\\", "/"): int(c) for n, c in labels}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise DatasetError(f"{meta_path}: expected {{\"labels\": [[name, integer], ...]}} or {{\"labels\": null}}.") from None
     missing = [n for n in names if n not in table]

@@ -1,4 +1,4 @@
-"""Frechet distances (FID, FD-digits) computed as EDM computes FID (shared/reference/edm.md section 5)."""
+"""Frechet distances (FID, FD-digits) computed as EDM computes FID (EDM fid.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Inception-v3 detector behind FID and IS, loaded from one of two files (shared/reference/edm.md section 5).
+"""The Inception-v3 detector behind FID and IS, loaded from one of two files (EDM fid.py, StyleGAN2-ADA metrics).
 
 - NVIDIA's TorchScript detector `inception-2015-12-05.pt` (the file SiD's and StyleGAN2-ADA's metrics use), loaded
   with `torch.jit.load` and called as `detector(images_uint8_NCHW, return_features=True)` for the 2048-d pool

@@ -1,13 +1,12 @@
 """EDM networks written for sid_fast: layers, SongUNet (DDPM++/NCSN++), DhariwalUNet (ADM), preconditioners."""
 
-from sid_fast.networks.attention import attention, attention_impl, get_attention_impl, set_attention_impl
 from sid_fast.networks.configs import OFFICIAL_CONFIGS, official_config
 from sid_fast.networks.layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
 from sid_fast.networks.precond import PRECOND_TYPES, EDMPrecond, VEPrecond, VPPrecond, build_network
 from sid_fast.networks.unets import DhariwalUNet, SongUNet
 
 __all__ = [
-    "attention", "attention_impl", "get_attention_impl", "set_attention_impl", "OFFICIAL_CONFIGS", "official_config",
+    "OFFICIAL_CONFIGS", "official_config",
     "Conv2d", "FourierEmbedding", "GroupNorm", "Linear", "PositionalEmbedding", "UNetBlock", "PRECOND_TYPES",
     "EDMPrecond", "VEPrecond", "VPPrecond", "build_network", "DhariwalUNet", "SongUNet",
 ]

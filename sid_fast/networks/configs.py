@@ -1,4 +1,4 @@
-"""Constructor kwargs of the official EDM checkpoints (shared/reference/edm.md section 2).
+"""Constructor kwargs of the official EDM checkpoints (EDM train.py and README.md).
 
 Each entry is what `ema._init_kwargs` records in the corresponding `edm-*.pkl`; all of them are EDMPrecond.
 The safe loader reads the kwargs from the file itself; these entries serve presets, tests and benchmarks.

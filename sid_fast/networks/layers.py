@@ -1,10 +1,10 @@
 """EDM's building blocks (Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models", 2022).
 
-Written for sid_fast from the description in shared/reference/edm.md section 1.1. Parameter and buffer names match
-EDM's `training/networks.py`, so an EDM state_dict loads into these modules with `strict=True`.
+Written for sid_fast from EDM's `training/networks.py` (its formulas, not its code). Parameter and buffer names
+match it, so an EDM state_dict loads into these modules with `strict=True`.
 
-The only deliberate departure: attention goes through `sid_fast.networks.attention.attention`, which dispatches to
-EDM's exact fp32 formulation, PyTorch SDPA or (later) a Triton kernel, all reading EDM's interleaved qkv layout.
+GroupNorm+SiLU and attention go through `sid_fast.ops`, whose scoped switch picks EDM's formulation (the reference)
+or a fused Triton kernel (kernels/), all reading EDM's layouts (attention: the interleaved qkv channels).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from sid_fast import ops
-from sid_fast.networks.attention import attention
 
 # ----------------------------------------------------------------------------
 # Weight initialisation (only matters when training from scratch, never when loading).
@@ -132,20 +131,14 @@ class GroupNorm(torch.nn.Module):
         return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
 
     def silu(self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
-        """silu(shift + self(x) * (scale + 1)) (scale, shift: [N, C] or None), fused when kernels are enabled."""
-        if ops.use_kernel("group_norm_silu"):
-            from kernels.group_norm_silu import group_norm_silu
-
-            return group_norm_silu(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.num_groups, self.eps, scale, shift)
-        if scale is None:
-            return F.silu(self(x))
-        return F.silu(torch.addcmul(shift[:, :, None, None], self(x), scale[:, :, None, None] + 1))
+        """silu(shift + self(x) * (scale + 1)) (scale, shift: [N, C] or None); fused where ops' switch says so."""
+        return ops.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, scale, shift)
 
 
 # ----------------------------------------------------------------------------
 # The UNet block of both DDPM++/NCSN++ (adaptive_scale=False) and ADM (adaptive_scale=True), with optional
 # self-attention. The qkv convolution's output keeps EDM's interleaved per-channel layout:
-# channel = head * 3d + c * 3 + j, j in {q, k, v} (shared/reference/edm.md 1.1).
+# channel = head * 3d + c * 3 + j, j in {q, k, v} (EDM training/networks.py, UNetBlock).
 
 
 class UNetBlock(torch.nn.Module):
@@ -196,7 +189,7 @@ class UNetBlock(torch.nn.Module):
             self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
-    # sid_fast: when True (set by sid_fast.training.fast.checkpointing for the generator phase) and autograd is
+    # sid_fast: when True (set by sid_fast.perf around the generator phase's teacher and fake-score calls) and autograd is
     # recording, the block keeps only its inputs and recomputes its activations during backward.
     checkpoint_activations = False
 
@@ -223,7 +216,7 @@ class UNetBlock(torch.nn.Module):
         x = x * self.skip_scale
 
         if self.num_heads:
-            a = attention(self.qkv(self.norm2(x)), self.num_heads)
+            a = ops.attention(self.qkv(self.norm2(x)), self.num_heads)
             x = (self.proj(a) + x) * self.skip_scale
         return x
 

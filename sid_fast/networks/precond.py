@@ -1,4 +1,4 @@
-"""EDM's preconditioning wrappers (shared/reference/edm.md section 1.4): D(x, sigma) = c_skip x + c_out F(c_in x, c_noise).
+"""EDM's preconditioning wrappers (EDM training/networks.py): D(x, sigma) = c_skip x + c_out F(c_in x, c_noise).
 
 All wrappers hold the UNet as `.model`, so their state_dict keys are `model.<...>` as in EDM's pickles.
 `use_fp16` runs the UNet body in float16 on CUDA exactly as EDM does (fp32 master weights cast per layer, fp32

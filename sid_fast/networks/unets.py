@@ -1,4 +1,4 @@
-"""EDM's two UNet families, written for sid_fast from shared/reference/edm.md sections 1.2 and 1.3.
+"""EDM's two UNet families, written for sid_fast from EDM training/networks.py (SongUNet, DhariwalUNet).
 
 - SongUNet: DDPM++ (positional embedding, standard encoder/decoder, filter [1,1]) and NCSN++ (Fourier embedding,
   residual encoder, filter [1,3,3,1]) from Song et al. 2021, as configured by EDM.

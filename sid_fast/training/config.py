@@ -49,14 +49,14 @@ class TrainConfig:
     augment: float = 0.0  # EDM augmentation probability for the fake-score loss
     dropout: float = 0.13
     precision: str = "fp32"  # fp32 (reference: TF32 off, as SiD), fp16 (EDM's --fp16 1 mode), tf32, bf16
-    # The fast path (sid_fast.training.fast); defaults are the reference path.
+    # The fast path (sid_fast.perf, sid_fast.ops); defaults are the reference path.
     channels_last: bool = False
     compile: bool = False  # torch.compile of the three networks
     compile_backend: str = "inductor"  # aot_eager traces the same graphs without code generation (CPU tests)
     cuda_graphs: bool = False  # compile mode "reduce-overhead" (CUDA only; implies compile)
     checkpointing: str = "none"  # generator phase: none, nets (teacher + fake score), blocks (per UNet block)
     optimizer: str = "adam"  # adam (official), foreach, fused (+ foreach EMA)
-    kernels: str = "none"  # none, all, or a comma list of sid_loss,edm_loss,group_norm_silu,attention
+    kernels: str = "none"  # none, all, or a comma list of sid_loss,edm_loss,group_norm_silu,attention (or sdpa)
     # Schedule.
     duration: float = 500.0  # Mimg
     tick: float = 10.0  # kimg
@@ -137,7 +137,17 @@ def resolve_config(preset: str, overrides: dict) -> TrainConfig:
     return cfg
 
 
-def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+def check_world(cfg: TrainConfig, world_size: int) -> None:
+    """--batch against the number of processes (known once the process group exists)."""
+    if cfg.batch % (world_size * cfg.batch_gpu):
+        raise ConfigError(
+            f"--batch {cfg.batch} is not divisible by the number of processes ({world_size}) times --batch-gpu "
+            f"{cfg.batch_gpu}."
+        )
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every flag on its own and against the others; the process count is checked by `check_world`."""
     if not 0 <= cfg.alpha <= 10:
         raise ConfigError(f"--alpha must be in [0, 10] (SiD uses 1.0 or 1.2), got {cfg.alpha}.")
     if not 0 < cfg.tmax <= 1000:
@@ -147,11 +157,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     for flag in ("batch", "batch_gpu"):
         if getattr(cfg, flag) is None or getattr(cfg, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(cfg, flag)}.")
-    if cfg.batch % (world_size * cfg.batch_gpu):
-        raise ConfigError(
-            f"--batch {cfg.batch} is not divisible by the number of processes ({world_size}) times --batch-gpu "
-            f"{cfg.batch_gpu}."
-        )
+    check_world(cfg, 1)
     for flag in ("lr", "glr"):
         if not getattr(cfg, flag) > 0:
             raise ConfigError(f"--{flag} must be positive, got {getattr(cfg, flag)}.")
@@ -167,10 +173,13 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"--checkpointing {cfg.checkpointing!r}: choose one of {', '.join(CHECKPOINTING)}.")
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"--optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}.")
-    from sid_fast.ops import KERNELS
+    from sid_fast import ops
 
-    if cfg.kernels not in ("none", "all") and not set(cfg.kernels.split(",")) <= KERNELS:
-        raise ConfigError(f"--kernels {cfg.kernels!r}: 'none', 'all' or a comma list of {', '.join(sorted(KERNELS))}.")
+    try:
+        ops.parse(cfg.kernels)
+        ops.check_environment()
+    except ValueError as e:
+        raise ConfigError(f"--kernels {cfg.kernels!r}: {e}") from None
     if cfg.compile_backend not in ("inductor", "aot_eager", "eager"):
         raise ConfigError(f"--compile-backend {cfg.compile_backend!r}: choose inductor, aot_eager or eager.")
     if cfg.cuda_graphs:

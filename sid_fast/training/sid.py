@@ -1,6 +1,6 @@
-"""The SiD distillation loop (Zhou et al., ICML 2024), reference path.
+"""The SiD distillation loop (Zhou et al., ICML 2024): the fake-score phase, the generator phase, the EMA.
 
-One iteration, exactly as shared/design.md "One SiD iteration" and shared/reference/sid.md section 3:
+One iteration, exactly as the official `training/sid_training_loop.py` and `training/sid_loss.py`:
   1. fake-score step: x_g = G(sigma_init z) without gradient (G in eval mode); EDM loss of f_psi on x_g (augmented
      when the preset has augmentation), ln sigma ~ N(-1.2, 1.2^2); summed, times ls / batch_gpu_total; Adam step.
   2. generator step: x_g = G(sigma_init z) with gradient (G in train mode); sigma from t ~ U[0, tmax/1000];
@@ -9,7 +9,11 @@ One iteration, exactly as shared/design.md "One SiD iteration" and shared/refere
   3. EMA of G with EDM's half-life and ramp-up.
 Gradients are accumulated over micro-batches and all-reduced once per phase (DDP no_sync on the other rounds),
 cleaned with nan_to_num (nan -> 0, +-inf -> +-1e5) parameter by parameter; Adam betas (0, 0.999) (generator beta1
-configurable), eps 1e-8 in fp32; no LR schedule, no clipping.
+configurable), eps 1e-8 (1e-6 in EDM's fp16 mode); no LR schedule, no clipping.
+
+How the networks are called (memory format, compile, checkpointing, NVTX) is decided once by `sid_fast.perf`; which
+kernels run is `sid_fast.ops`' scope, entered around every step and snapshot. Run directories, resume and the
+command line live in `sid_fast.training.run`; the per-tick report in `sid_fast.training.tickstats`.
 
 Randomness. Every per-sample draw (z, labels, sigma, noise, augmentation) of micro-batch m of iteration `it` comes
 from a generator seeded by (seed, it, phase, m), with m = rank * rounds + round. For a given --batch and --batch-gpu
@@ -26,51 +30,42 @@ import contextlib
 import copy
 import hashlib
 import json
-import re
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sid_fast import checkpoints, ops
+from sid_fast import checkpoints, dist, ops, perf
 from sid_fast.augment import AugmentPipe
 from sid_fast.losses import sample_edm_sigma, sample_generator_sigma
 from sid_fast.networks import build_network
+from sid_fast.perf import annotate
 from sid_fast.sampling import image_grid, latents_and_labels, onestep_sample, save_image, to_uint8
-from sid_fast.training import dist, fast
-from sid_fast.training.config import ConfigError, TrainConfig, validate
-from sid_fast.training.ema import ema_beta, ema_halflife_kimg, update_ema
+from sid_fast.training import tickstats
+from sid_fast.training.config import ConfigError, TrainConfig
+from sid_fast.training.ema import ema_beta, ema_halflife_kimg
 
-STATE_FORMAT = "sid_fast.training_state"
-EXTRA_SNAPSHOT_TICKS = frozenset(range(10, 101, 10))  # official sid_training_loop.py, besides every --snap ticks
 FAKE, GEN = 0, 1
+EXTRA_SNAPSHOT_TICKS = frozenset(range(10, 101, 10))  # official sid_training_loop.py, besides every --snap ticks
 
 
 class TrainingAborted(RuntimeError):
     pass
 
 
-class annotate:
-    """A named range in torch.profiler traces and, on CUDA, in Nsight Systems (NVTX)."""
+@dataclass
+class Student:
+    """How G and the fake score start: the teacher's class, init kwargs and weights (SiD copies the teacher's EMA
+    weights), and the teacher's metadata (e.g. its own FD-digits, drawn in the metric plot)."""
 
-    def __init__(self, name: str):
-        self.name = name
-        self.nvtx = torch.cuda.is_available()
-
-    def __enter__(self):
-        self.rf = torch.profiler.record_function(self.name)
-        self.rf.__enter__()
-        if self.nvtx:
-            torch.cuda.nvtx.range_push(self.name)
-
-    def __exit__(self, *exc):
-        if self.nvtx:
-            torch.cuda.nvtx.range_pop()
-        self.rf.__exit__(*exc)
-        return False
+    class_name: str
+    init_kwargs: dict
+    state_dict: dict
+    teacher_meta: dict = field(default_factory=dict)
 
 
 def _seed_for(seed: int, it: int, phase: int, m: int) -> int:
@@ -78,118 +73,54 @@ def _seed_for(seed: int, it: int, phase: int, m: int) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-class Logger:
-    """print0 that also appends to <run_dir>/log.txt on rank 0."""
-
-    def __init__(self, run_dir: Path | None):
-        self.file = open(run_dir / "log.txt", "a") if run_dir is not None and dist.rank() == 0 else None
-
-    def __call__(self, msg: str = "") -> None:
-        if dist.rank() == 0:
-            print(msg, flush=True)
-            if self.file:
-                self.file.write(msg + "\n")
-                self.file.flush()
-
-    def close(self):
-        if self.file:
-            self.file.close()
-
-
-class _NVML:
-    def __init__(self, device):
-        self.handle = None
-        if device.type != "cuda":
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self.pynvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        except Exception:  # no NVML (no driver, container without it): the columns show "--"
-            self.handle = None
-
-    def read(self) -> tuple[float | None, float | None]:
-        if self.handle is None:
-            return None, None
-        try:
-            util = self.pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
-            power = self.pynvml.nvmlDeviceGetPowerUsage(self.handle) / 1000
-            return float(util), float(power)
-        except Exception:
-            return None, None
-
-
-def check_teacher(cfg: TrainConfig, teacher, path) -> None:
-    want_labels = cfg.label_dim if cfg.cond else 0
-    problems = []
-    if teacher.img_resolution != cfg.resolution:
-        problems.append(f"resolution {teacher.img_resolution} (preset/flags: {cfg.resolution})")
-    if teacher.img_channels != cfg.channels:
-        problems.append(f"{teacher.img_channels} channels (preset/flags: {cfg.channels})")
-    if teacher.label_dim != want_labels:
-        problems.append(f"label_dim {teacher.label_dim} (preset/flags: {want_labels}, --cond {int(cfg.cond)})")
-    if problems:
-        raise ConfigError(f"--teacher {path}: the network has " + "; ".join(problems) + ".")
-
-
 class SiDTrainer:
-    def __init__(self, cfg: TrainConfig, device: torch.device, run_dir: Path | None, log=print, teacher=None, student=None,
-                 teacher_info=None, fid=None, label_table=None):
+    """Build it with `sid_fast.training.run.build_trainer(cfg)`, which loads and checks the teacher and the data."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, teacher: torch.nn.Module, student: Student,
+                 run_dir: Path | None = None, log=print, fid=(None, None), label_table=None):
         self.cfg = cfg
         self.device = device
         self.run_dir = run_dir
         self.log = log
+        self.student = student
         self.rank, self.world = dist.rank(), dist.world_size()
-        validate(cfg, self.world)
         self.batch_gpu_total = cfg.batch // self.world
         self.rounds = self.batch_gpu_total // cfg.batch_gpu
         torch.manual_seed(cfg.seed + self.rank)  # dropout RNG, per rank as the official code
         np.random.seed((cfg.seed + self.rank) % (1 << 31))
 
-        if teacher is None:
-            teacher, info = checkpoints.load_network_file(cfg.teacher)
-            student = (info["class_name"], info["init_kwargs"], teacher.state_dict())
-        else:  # an already loaded teacher, or an analytic one (tests), with the students' initialisation given
-            info = teacher_info or dict(class_name=student[0], init_kwargs=student[1], meta={})
-        check_teacher(cfg, teacher, cfg.teacher)
-        self.teacher_info = info
         # --precision fp16 is EDM's use_fp16 on every network (official sid_train.py sets it for all three; G_ema is a
         # copy of G): UNet bodies in fp16 on CUDA, fp32 on a CPU (EDM's own rule). Other precisions leave it off.
         fp16 = cfg.precision == "fp16"
-        self.init_kwargs = dict(student[1], dropout=cfg.dropout, use_fp16=fp16)
+        self.init_kwargs = dict(student.init_kwargs, dropout=cfg.dropout, use_fp16=fp16)
         teacher.use_fp16 = fp16
         if fp16 and device.type != "cuda":
             log("--precision fp16: EDM's fp16 mode runs the UNet bodies in fp16 on CUDA only; on this CPU they run in "
                 "fp32, as EDM's code does (Adam eps is 1e-6 all the same).")
-        fast.set_matmul_precision(cfg.precision)
-        if fast.kernel_names(cfg) is not None:
-            ops.set_use_kernels(fast.kernel_names(cfg))
+        perf.set_matmul_precision(cfg.precision)
+        self.kernels = ops.parse(cfg.kernels)  # entered around every step and snapshot: nothing leaks past them
         self.teacher = teacher.to(device).eval().requires_grad_(False)
-        self.G = self._copy(student[2]).train().requires_grad_(True)
-        self.fake = self._copy(student[2]).train().requires_grad_(True)
+        self.G = self._copy(student.state_dict).train().requires_grad_(True)
+        self.fake = self._copy(student.state_dict).train().requires_grad_(True)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        fast.prepare_networks(cfg, self.teacher, (self.G, self.fake), self.G_ema)
+        perf.prepare_networks(cfg, self.teacher, (self.G, self.fake), self.G_ema)
         self.aug_dim = self.G.model.map_augment.in_features if self.G.model.map_augment is not None else 0
         if cfg.augment > 0 and not self.aug_dim:
             raise ConfigError(f"--augment {cfg.augment}: the networks have no augment labels (augment_dim 0); use --augment 0.")
         self.augment_pipe = AugmentPipe(p=cfg.augment) if cfg.augment > 0 else None
-        # Class labels: the dataset's label frequencies (official: labels of the training images it iterates) or,
-        # without --data, uniform over the classes.
+        # Class labels: a uniformly drawn training image's label (the dataset's frequencies) or uniform classes.
         self.label_table = None
         if self.G.label_dim:
-            if cfg.data is not None:
-                table = load_label_table(cfg, self.G.label_dim) if label_table is None else label_table
-                self.label_table = torch.as_tensor(table, device=device)
+            if label_table is not None:
+                self.label_table = torch.as_tensor(label_table, device=device)
                 log(f"Class labels: drawn with the label frequencies of --data {cfg.data} ({len(self.label_table)} images).")
             else:
                 log(f"Class labels: uniform over {self.G.label_dim} classes (no --data; the official code follows the "
                     "training set's label frequencies).")
 
         eps = 1e-6 if fp16 else 1e-8  # official sid_train.py: 1e-6 with --fp16 1, else 1e-8
-        self.opt_fake = fast.make_adam(self.fake.parameters(), cfg.lr, (0.0, 0.999), eps, cfg.optimizer)
-        self.opt_g = fast.make_adam(self.G.parameters(), cfg.glr, (cfg.g_beta1, 0.999), eps, cfg.optimizer)
+        self.opt_fake = perf.make_adam(self.fake.parameters(), cfg.lr, (0.0, 0.999), eps, cfg.optimizer)
+        self.opt_g = perf.make_adam(self.G.parameters(), cfg.glr, (cfg.g_beta1, 0.999), eps, cfg.optimizer)
         if self.world > 1:
             ddp = dict(broadcast_buffers=False, find_unused_parameters=False)
             if device.type == "cuda":
@@ -198,29 +129,25 @@ class SiDTrainer:
             self.fake_ddp = torch.nn.parallel.DistributedDataParallel(self.fake, **ddp)
         else:
             self.G_ddp, self.fake_ddp = self.G, self.fake
-        # Call sites (compiled with --compile / --cuda-graphs; the modules themselves stay plain for state dicts).
-        self.run_G_train = fast.maybe_compile(self.G_ddp, cfg)
-        self.run_G_eval = fast.maybe_compile(self.G, cfg)
-        self.run_fake_train = fast.maybe_compile(self.fake_ddp, cfg)
-        self.run_fake_eval = fast.maybe_compile(self.fake, cfg)
-        self.run_teacher = fast.maybe_compile(self.teacher, cfg)
+        # The modules stay plain (state dicts); the call sites carry the fast path's options.
+        self.calls = perf.call_sites(cfg, self.teacher, self.G, self.fake, self.G_ddp, self.fake_ddp)
 
         # Counters and device-side statistics (read once per tick).
         self.cur_nimg = 0
         self.cur_tick = 0
         self.tick_start_nimg = 0
-        self.stats = torch.zeros(8, dtype=torch.float64, device=device)
+        self.stats = tickstats.TickStats(device)
         self.consec_bad = torch.zeros((), dtype=torch.int64, device=device)
         self.max_consec_bad = torch.zeros((), dtype=torch.int64, device=device)
         self.stop_requested = False
         self.metrics_history: list[dict] = []
-        self.fid_ref, self.detector = fid if fid is not None else prepare_fid(cfg, device)
+        self.fid_ref, self.detector = fid
 
     # ------------------------------------------------------------------
     # Networks and randomness.
 
     def _copy(self, state):
-        net = build_network(self.teacher_info["class_name"], self.init_kwargs)
+        net = build_network(self.student.class_name, self.init_kwargs)
         net.load_state_dict(state)
         return net.to(self.device)
 
@@ -244,9 +171,9 @@ class SiDTrainer:
     def _aug_zeros(self, n):
         return dict(augment_labels=torch.zeros([n, self.aug_dim], device=self.device)) if self.aug_dim else {}
 
-    def generate(self, net, z, labels):
+    def generate(self, call, z, labels):
         sigma = torch.full([z.shape[0], 1, 1, 1], self.cfg.init_sigma, device=self.device)
-        return net(fast.image_format(self.cfg, self.cfg.init_sigma * z), sigma, labels, **self._aug_zeros(z.shape[0]))
+        return call(self.cfg.init_sigma * z, sigma, labels, **self._aug_zeros(z.shape[0]))
 
     # ------------------------------------------------------------------
     # One iteration.
@@ -260,10 +187,10 @@ class SiDTrainer:
                 torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
         return bad
 
-    def _apply_gradients(self, net, opt, bad_slot: int):
+    def _apply_gradients(self, net, opt, bad_slot: str):
         """End of a phase: clean and count the gradients, optimizer step, freeze the network again."""
         bad = self._clean_grads(net.parameters())
-        self.stats[bad_slot] += bad.double()
+        self.stats.add(**{bad_slot: bad.double()})
         with annotate("sid/optimizer"):
             opt.step()
         net.eval().requires_grad_(False)
@@ -278,24 +205,21 @@ class SiDTrainer:
             g = self._gen(FAKE, rnd)
             z, labels = self._draw_z_labels(g)
             with torch.no_grad():
-                x_g = self.generate(self.run_G_eval, z, labels)
+                x_g = self.generate(self.calls.G_eval, z, labels)
             sigma = sample_edm_sigma(cfg.batch_gpu, self.device, generator=g)
             if self.augment_pipe is not None:
                 y, aug = self.augment_pipe(x_g, generator=g)
-                kw = aug
             else:
-                y, kw = x_g, (torch.zeros([cfg.batch_gpu, self.aug_dim], device=self.device) if self.aug_dim else None)
+                y, aug = x_g, (torch.zeros([cfg.batch_gpu, self.aug_dim], device=self.device) if self.aug_dim else None)
             noise = torch.randn(y.shape, device=self.device, generator=g)
             sync = self.world > 1 and rnd < self.rounds - 1
             with self.fake_ddp.no_sync() if sync else contextlib.nullcontext():
-                D = self.run_fake_train(fast.image_format(cfg, y + sigma * noise), sigma, labels,
-                                        **({} if kw is None else dict(augment_labels=kw)))
+                D = self.calls.fake_train(y + sigma * noise, sigma, labels,
+                                          **({} if aug is None else dict(augment_labels=aug)))
                 loss_sum, ok = ops.fake_score_loss_sum(D, y, sigma)
                 (loss_sum * (cfg.ls / self.batch_gpu_total)).backward()
-            self.stats[0] += loss_sum.detach()
-            self.stats[2] += ok.sum()
-            self.stats[4] += (~ok).sum()
-        return self._apply_gradients(self.fake, self.opt_fake, bad_slot=6)
+            self.stats.add(loss_fake=loss_sum.detach(), rows_fake=ok.sum(), nan_samples_fake=(~ok).sum())
+        return self._apply_gradients(self.fake, self.opt_fake, "bad_steps_fake")
 
     def generator_phase(self):
         cfg = self.cfg
@@ -308,37 +232,29 @@ class SiDTrainer:
             sigma = sample_generator_sigma(cfg.batch_gpu, cfg.tmax, self.device, generator=g)
             eps = torch.randn([cfg.batch_gpu, cfg.channels, cfg.resolution, cfg.resolution], device=self.device, generator=g)
             sync = self.world > 1 and rnd < self.rounds - 1
-            with self.G_ddp.no_sync() if sync else contextlib.nullcontext(), \
-                    fast.block_checkpointing(cfg.checkpointing, self.teacher, self.fake):
-                with annotate("sid/generator"):
-                    x_g = self.generate(self.run_G_train, z, labels)
-                x_t = fast.image_format(cfg, x_g + sigma * eps)
+            with self.G_ddp.no_sync() if sync else contextlib.nullcontext():
+                x_g = self.generate(self.calls.G_train, z, labels)
+                x_t = perf.image_format(cfg, x_g + sigma * eps)
                 aug = self._aug_zeros(cfg.batch_gpu)
-                with annotate("sid/teacher"):
-                    y_real = fast.call_checkpointed(cfg.checkpointing, self.run_teacher, x_t, sigma, labels, **aug)
-                with annotate("sid/fake_score"):
-                    y_fake = fast.call_checkpointed(cfg.checkpointing, self.run_fake_eval, x_t, sigma, labels, **aug)
+                y_real = self.calls.teacher(x_t, sigma, labels, **aug)
+                y_fake = self.calls.fake_eval(x_t, sigma, labels, **aug)
                 loss_sum, ok = ops.sid_generator_loss_sum(x_g, y_real, y_fake, cfg.alpha)
                 with annotate("sid/backward"):
                     (loss_sum * (cfg.lsg / self.batch_gpu_total)).backward()
-            self.stats[1] += loss_sum.detach()
-            self.stats[3] += ok.sum()
-            self.stats[5] += (~ok).sum()
-        return self._apply_gradients(self.G, self.opt_g, bad_slot=7)
+            self.stats.add(loss_G=loss_sum.detach(), rows_G=ok.sum(), nan_samples_G=(~ok).sum())
+        return self._apply_gradients(self.G, self.opt_g, "bad_steps_G")
 
     def step(self):
-        with annotate("sid/fake_score_step"):
-            bad_f = self.fake_score_phase()
-        with annotate("sid/generator_step"):
-            bad_g = self.generator_phase()
-        with annotate("sid/ema"):
-            # As the official loop: the half-life is int(ema * 1000) kimg and the ramp-up uses the images seen before
-            # this iteration (beta = 0 at the first one, so G_ema starts as G).
-            beta = ema_beta(self.cfg.batch, self.cur_nimg, ema_halflife_kimg(self.cfg.ema))
-            if self.cfg.optimizer == "adam":
-                update_ema(self.G_ema, self.G, beta)
-            else:
-                fast.update_ema_foreach(self.G_ema, self.G, beta)
+        with ops.kernels(self.kernels):
+            with annotate("sid/fake_score_step"):
+                bad_f = self.fake_score_phase()
+            with annotate("sid/generator_step"):
+                bad_g = self.generator_phase()
+            with annotate("sid/ema"):
+                # As the official loop: the half-life is int(ema * 1000) kimg and the ramp-up uses the images seen
+                # before this iteration (beta = 0 at the first one, so G_ema starts as G).
+                beta = ema_beta(self.cfg.batch, self.cur_nimg, ema_halflife_kimg(self.cfg.ema))
+                self.calls.update_ema(self.G_ema, self.G, beta)
         self.cur_nimg += self.cfg.batch
         bad = bad_f | bad_g
         self.consec_bad = (self.consec_bad + 1) * bad
@@ -351,11 +267,11 @@ class SiDTrainer:
         rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
         all_rng = dist.all_gather_object(rng)
         return dict(
-            format=STATE_FORMAT,
+            format=checkpoints.TRAINING_STATE_FORMAT,
             version=1,
             config=self.cfg.to_json(),
             world_size=self.world,
-            class_name=self.teacher_info["class_name"],
+            class_name=self.student.class_name,
             init_kwargs=self.init_kwargs,
             G=self.G.state_dict(),
             G_ema=self.G_ema.state_dict(),
@@ -366,7 +282,7 @@ class SiDTrainer:
             cur_nimg=self.cur_nimg,
             cur_tick=self.cur_tick,
             tick_start_nimg=self.tick_start_nimg,
-            stats=self.stats.cpu(),
+            stats=self.stats.values.cpu(),
             consec_bad=self.consec_bad.cpu(),
             max_consec_bad=self.max_consec_bad.cpu(),
             metrics_history=json.dumps(self.metrics_history),
@@ -385,7 +301,7 @@ class SiDTrainer:
         except (RuntimeError, KeyError, ValueError) as e:
             raise ConfigError(f"--resume {path}: the state does not match this teacher/configuration: {e}") from None
         self.cur_nimg, self.cur_tick, self.tick_start_nimg = s["cur_nimg"], s["cur_tick"], s["tick_start_nimg"]
-        self.stats = s["stats"].to(self.device)
+        self.stats.values = s["stats"].to(self.device)
         self.consec_bad = s["consec_bad"].to(self.device)
         self.max_consec_bad = s["max_consec_bad"].to(self.device)
         self.metrics_history = json.loads(s.get("metrics_history", "[]"))
@@ -415,6 +331,10 @@ class SiDTrainer:
         return torch.cat(out)
 
     def snapshot(self):
+        with ops.kernels(self.kernels):
+            return self._snapshot()
+
+    def _snapshot(self):
         kimg = self.cur_nimg // 1000
         if self.rank == 0 and self.run_dir is not None:
             grid = to_uint8(self.sample_ema(list(range(64))))
@@ -430,7 +350,7 @@ class SiDTrainer:
             seeds = list(range(10_000_000, 10_000_000 + self.cfg.metric_num))
             return self._record_metric("fd_digits", fd_digits(self.sample_ema(seeds)), kimg)
         if self.cfg.metrics == "fid":  # every rank generates its share of the images
-            from sid_fast.fid import fid_against, generator_stats
+            from sid_fast.metrics.fid import fid_against, generator_stats
 
             info = dict(meta=dict(kind="generator", sigma_init=self.cfg.init_sigma))
             stats, _ = generator_stats(self.G_ema, info, range(self.cfg.metric_num), self.detector, self.device,
@@ -450,33 +370,11 @@ class SiDTrainer:
                "snapshot": f"network-snapshot-{kimg:06d}.pt"}
         self.metrics_history.append(rec)
         if self.run_dir is not None:
-            with open(self.run_dir / f"metric-{key}.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            self._plot_metric(key)
+            tickstats.append_jsonl(self.run_dir / f"metric-{key}.jsonl", rec)
+            teacher = self.student.teacher_meta.get("fd_digits_heun35") if key == "fd_digits" else None
+            tickstats.plot_metric(self.run_dir / f"{key}.png", key, self.metrics_history, teacher_value=teacher,
+                                  metric_num=self.cfg.metric_num)
         return value
-
-    def _plot_metric(self, key: str):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        hist = [r for r in self.metrics_history if key in r]
-        xs = [r["kimg"] for r in hist]
-        ys = [r[key] for r in hist]
-        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-        ax.plot(xs, ys, "o-", label="one-step generator (G_ema)")
-        teacher = self.teacher_info.get("meta", {}).get("fd_digits_heun35") if key == "fd_digits" else None
-        if teacher is not None:
-            ax.axhline(teacher, color="gray", ls="--", label=f"teacher, Heun 35 NFE ({teacher:.2f})")
-        ax.set_xlabel("generator images seen (kimg)")
-        ax.set_ylabel({"fd_digits": "FD-digits", "fid": f"FID ({self.cfg.metric_num // 1000}k)"}.get(key, key))
-        ax.set_yscale("log")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(self.run_dir / f"{key}.png")
-        plt.close(fig)
 
     # ------------------------------------------------------------------
     # The loop.
@@ -494,32 +392,10 @@ class SiDTrainer:
             except ValueError:  # not in the main thread (e.g. under some test runners)
                 pass
 
-    def _status(self, tick_time, total_time, nvml):
-        s = dist.all_reduce_sum(self.stats)
-        self.stats.zero_()
-        s = s.cpu().tolist()
-        loss_f = s[0] / max(s[2], 1)
-        loss_g = s[1] / max(s[3], 1)
-        kimg_tick = (self.cur_nimg - self.tick_start_nimg) / 1e3
-        util, power = nvml.read()
-        mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
-        rec = dict(tick=self.cur_tick, kimg=self.cur_nimg / 1e3, time=total_time, sec_per_tick=tick_time,
-                   sec_per_kimg=tick_time / max(kimg_tick, 1e-9), img_per_s=kimg_tick * 1e3 / max(tick_time, 1e-9),
-                   loss_G=loss_g, loss_fake=loss_f, nan_samples_fake=s[4], nan_samples_G=s[5],
-                   bad_steps_fake=s[6], bad_steps_G=s[7], gpumem_gb=mem, gpu_util=util, power_w=power,
-                   timestamp=time.time())
-        fmt = (f"tick {rec['tick']:<5d} kimg {rec['kimg']:<9.1f} time {rec['time']:<8.1f} sec/kimg {rec['sec_per_kimg']:<8.2f} "
-               f"img/s {rec['img_per_s']:<8.1f} loss_G {loss_g:<+10.4f} loss_fake {loss_f:<9.4f} "
-               f"gpumem {mem:<5.1f} util {'--' if util is None else f'{util:.0f}%':<5} "
-               f"power {'--' if power is None else f'{power:.0f}W':<5}")
-        if s[4] or s[5] or s[6] or s[7]:
-            fmt += f" nan_samples {int(s[4])}/{int(s[5])} bad_steps {int(s[6])}/{int(s[7])}"
-        return rec, fmt
-
     def train(self):
         cfg = self.cfg
         self._install_signal_handlers()
-        nvml = _NVML(self.device)
+        nvml = tickstats.NVML(self.device)
         total_nimg = int(cfg.duration * 1e6)
         progress = None
         if self.rank == 0 and sys.stdout.isatty():
@@ -544,11 +420,12 @@ class SiDTrainer:
             if not at_tick and not stop:
                 continue
             now = time.time()
-            rec, line = self._status(now - tick_start, now - start, nvml)
+            rec, line = tickstats.status(self.stats.reduce(), tick=self.cur_tick, nimg=self.cur_nimg,
+                                         tick_nimg=self.cur_nimg - self.tick_start_nimg, tick_time=now - tick_start,
+                                         total_time=now - start, nvml=nvml, device=self.device)
             self.log(line)
             if self.rank == 0 and self.run_dir is not None:
-                with open(self.run_dir / "stats.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                tickstats.append_jsonl(self.run_dir / "stats.jsonl", rec)
             too_bad = int(self.max_consec_bad.item()) >= cfg.max_bad_steps
             if done or self.cur_tick % cfg.snap == 0 or (cfg.extra_snapshots and self.cur_tick in EXTRA_SNAPSHOT_TICKS):
                 self._snapshot_and_log()
@@ -572,117 +449,4 @@ class SiDTrainer:
         return "stopped" if stop and not done else "done"
 
 
-# ----------------------------------------------------------------------------
-# Run directories and resume.
-
-
-def next_run_dir(outdir: str, desc: str) -> Path:
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    ids = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"^(\d+)-", p.name))]
-    run_dir = out / f"{max(ids, default=-1) + 1:05d}-{desc}"
-    run_dir.mkdir()
-    return run_dir
-
-
-def find_resume_state(path: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        states = sorted(p.glob("training-state-*.pt"))
-        if not states:
-            raise ConfigError(f"--resume {p}: the directory holds no training-state-*.pt file.")
-        return states[-1]
-    if not p.exists():
-        raise ConfigError(f"--resume {p}: no such file.")
-    return p
-
-
-def load_state_file(path: Path) -> dict:
-    try:
-        s = checkpoints.load_torch_file(path)
-    except checkpoints.CheckpointError as e:
-        older = sorted(path.parent.glob("training-state-*.pt"))
-        older = [o for o in older if o.name < path.name]
-        hint = f" The previous state is {older[-1]}." if older else ""
-        raise ConfigError(f"--resume {e}.{hint}") from None
-    if not isinstance(s, dict) or s.get("format") != STATE_FORMAT:
-        raise ConfigError(f"--resume {path}: not a sid_fast training state.")
-    return s
-
-
-def load_label_table(cfg: TrainConfig, label_dim: int) -> np.ndarray:
-    """The integer labels of --data's images, checked against the teacher; one ConfigError naming both values."""
-    from sid_fast.data.dataset import DatasetError, ImageDataset
-
-    try:
-        ds = ImageDataset(cfg.data)
-    except DatasetError as e:
-        raise ConfigError(f"--data {e}") from None
-    c, h, _ = ds.image_shape
-    if (c, h) != (cfg.channels, cfg.resolution):
-        raise ConfigError(f"--data {cfg.data}: images are {c}x{h}x{h}, the teacher makes {cfg.channels}x"
-                          f"{cfg.resolution}x{cfg.resolution}.")
-    if ds.labels_int is None:
-        raise ConfigError(f"--data {cfg.data}: the dataset has no labels (dataset.json), the teacher is conditional "
-                          f"with {label_dim} classes.")
-    if ds.label_dim != label_dim:
-        raise ConfigError(f"--data {cfg.data}: labels run to class {ds.label_dim - 1} (label_dim {ds.label_dim}), the "
-                          f"teacher has label_dim {label_dim}.")
-    return ds.labels_int
-
-
-def prepare_fid(cfg: TrainConfig, device):
-    """(reference statistics path, detector) for --metrics fid, else (None, None); refuses bad files up front."""
-    if cfg.metrics != "fid":
-        return None, None
-    from sid_fast.metrics import load_ref_stats
-    from sid_fast.metrics.inception import load_detector
-
-    try:
-        ref = checkpoints.resolve_path(cfg.data_stat)
-        detector = load_detector(cfg.detector, device=device)
-        load_ref_stats(ref, dim=detector.feature_dim)
-    except ValueError as e:  # CheckpointError, DetectorError and bad statistics all name the file
-        raise ConfigError(f"--metrics fid: {e}") from None
-    return ref, detector
-
-
-def run(cfg: TrainConfig, log_to_stdout=True) -> Path | None:
-    """Run (or resume) a distillation; returns the run directory (rank 0)."""
-    device = dist.init()
-    world = dist.world_size()
-    validate(cfg, world)
-    resume_state = None
-    if cfg.resume:
-        path = find_resume_state(cfg.resume)
-        resume_state = load_state_file(path)
-    # Everything that can be refused is checked before the run directory is made.
-    teacher, info = checkpoints.load_network_file(cfg.teacher)
-    check_teacher(cfg, teacher, cfg.teacher)
-    label_table = load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
-    fid = prepare_fid(cfg, device)
-    run_dir = None
-    if dist.rank() == 0:
-        desc = cfg.desc or f"{cfg.preset}-alpha{cfg.alpha:g}-batch{cfg.batch}-gpus{world}-{cfg.precision}"
-        run_dir = next_run_dir(cfg.outdir, desc)
-        labels = ("none (unconditional)" if not teacher.label_dim else "uniform" if label_table is None
-                  else f"label frequencies of {cfg.data}")
-        with open(run_dir / "training_options.json", "w") as f:
-            json.dump(dict(cfg.to_json(), world_size=world, class_labels=labels), f, indent=2)
-    log = Logger(run_dir) if log_to_stdout else (lambda *_: None)
-    student = (info["class_name"], info["init_kwargs"], teacher.state_dict())
-    trainer = SiDTrainer(cfg, device, run_dir, log, teacher=teacher, student=student, teacher_info=info, fid=fid,
-                         label_table=label_table)
-    if resume_state is not None:
-        trainer.load_state_dict(resume_state, cfg.resume)
-        log(f"Resumed from {cfg.resume} at {trainer.cur_nimg / 1e3:.1f} kimg.")
-    trainer.train()
-    if isinstance(log, Logger):
-        log.close()
-    dist.finish()
-    return run_dir
-
-
-
-
-__all__ = ["SiDTrainer", "run", "TrainingAborted", "next_run_dir", "find_resume_state"]
+__all__ = ["SiDTrainer", "Student", "TrainingAborted"]

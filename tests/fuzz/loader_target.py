@@ -2,8 +2,8 @@
 
 One input = the bytes of a file. The target writes them to a scratch file and hands it to every reader a user can
 point at a file: `load_network_file` (EDM/SiD pickles through the restricted unpickler, sid_fast network files
-through torch.load(weights_only=True)) and the training-state reader behind `--resume`. The contract checked:
-- the only exception a reader may raise is its own one-sentence error (CheckpointError, or ConfigError for states);
+through torch.load(weights_only=True)) and `read_training_state`, behind `--resume`. The contract checked:
+- the only exception a reader may raise is its own one-sentence error (CheckpointError);
 - no input takes more than TIME_LIMIT_S of CPU time (a hang is a bug);
 - no module is imported while reading (an import would mean a global outside the allow-list was resolved; the
   standard library's codec modules, which the unpickler's string opcodes load, are the one exception).
@@ -21,10 +21,14 @@ from pathlib import Path
 
 import torch
 
-from sid_fast.checkpoints import CheckpointError, load_network_file, save_network
+from sid_fast.checkpoints import (
+    TRAINING_STATE_FORMAT,
+    CheckpointError,
+    load_network_file,
+    read_training_state,
+    save_network,
+)
 from sid_fast.networks import build_network
-from sid_fast.training.config import ConfigError
-from sid_fast.training.sid import load_state_file
 
 TIME_LIMIT_S = 1.0
 
@@ -47,13 +51,12 @@ def check_input(data: bytes) -> None:
     """Feed `data` to every reader; raise FuzzFinding if any breaks the contract."""
     path = _scratch_dir() / "input.bin"
     path.write_bytes(data)
-    for name, reader, allowed in (("load_network_file", load_network_file, (CheckpointError,)),
-                                  ("load_state_file", load_state_file, (ConfigError,))):
+    for name, reader in (("load_network_file", load_network_file), ("read_training_state", read_training_state)):
         before = set(sys.modules)
         start = time.process_time()  # CPU time: a hang burns it; another process on the same cores does not
         try:
             reader(path)
-        except allowed:
+        except CheckpointError:
             pass
         except Exception as e:  # anything else is a finding; keep its type and message
             raise FuzzFinding(f"{name}: {type(e).__name__}: {e}") from e
@@ -81,7 +84,7 @@ def seed_files(out_dir: Path) -> list[Path]:
     save_network(paths[1], net, TINY_NET, kind="teacher")
     # A training state as the trainer writes it (format tag, nested dicts of tensors, RNG states, counters).
     buf = io.BytesIO()
-    torch.save(dict(format="sid_fast.training_state", version=1, world_size=1, G=net.state_dict(),
+    torch.save(dict(format=TRAINING_STATE_FORMAT, version=1, world_size=1, G=net.state_dict(),
                     rng=[dict(cpu=torch.get_rng_state(), cuda=None)], cur_nimg=64, stats=torch.zeros(8)), buf)
     paths[2].write_bytes(buf.getvalue())
     return paths
@@ -90,8 +93,8 @@ def seed_files(out_dir: Path) -> list[Path]:
 def warm_up(seeds: list[Path]) -> None:
     """Run every reader once on valid files so that lazy imports inside torch happen before checking starts."""
     for p in seeds:
-        for reader in (load_network_file, load_state_file):
+        for reader in (load_network_file, read_training_state):
             try:
                 reader(p)
-            except (CheckpointError, ConfigError):
+            except CheckpointError:
                 pass

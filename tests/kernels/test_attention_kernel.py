@@ -3,9 +3,10 @@ EDM shapes and speed on GPU)."""
 
 import pytest
 import torch
+from helpers import attention_reference_fp64
 
-from kernels.attention import edm_attention_ref, flash_attention
-from sid_fast.networks.attention import attention_impl, attention_reference_fp64
+from kernels.attention import attention_edm, flash_attention
+from sid_fast import ops
 
 # (N, heads, d, H, W, why)
 SHAPES = [
@@ -46,7 +47,7 @@ def test_forward_backward_against_float64(shape, channels_last, dtype):
         pytest.skip("one d = 256 case keeps the interpreter time down")
     qkv, do = _inputs(n, heads, d, h, w, dtype, channels_last)
     ref_o, ref_g = _run(attention_reference_fp64, qkv.double(), do.double(), heads)
-    pt_o, pt_g = _run(edm_attention_ref, qkv, do, heads)  # PyTorch's own error in this precision
+    pt_o, pt_g = _run(attention_edm, qkv, do, heads)  # PyTorch's own error in this precision
     ker_o, ker_g = _run(flash_attention, qkv, do, heads)
     atol = 1e-6 if dtype == torch.float32 else 1e-3
     assert ker_o.dtype == dtype and ker_g.dtype == dtype
@@ -101,13 +102,13 @@ def test_whole_unet_with_kernel_matches_reference_attention(model_type):
 
     def run(impl):
         net.zero_grad()
-        with attention_impl(impl):
+        with ops.kernels(impl):
             y = net(x, sigma, labels)
         (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
         return y.detach(), {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
 
-    y_ref, g_ref = run("edm")
-    y_ker, g_ker = run("triton")
+    y_ref, g_ref = run("none")
+    y_ker, g_ker = run("attention")
     assert _err(y_ker, y_ref) < 1e-5
     qkv_grads = [k for k in g_ref if "qkv" in k]
     assert qkv_grads and all(g_ref[k].abs().max() > 0 for k in qkv_grads)
@@ -117,19 +118,14 @@ def test_whole_unet_with_kernel_matches_reference_attention(model_type):
 
 def test_selected_by_the_kernel_switch(monkeypatch):
     import kernels.attention as ka
-    from sid_fast import ops
-    from sid_fast.networks.attention import attention
 
     calls = []
-    monkeypatch.setattr(ka, "flash_attention", lambda qkv, h: calls.append(1) or ka.edm_attention_ref(qkv, h))
+    monkeypatch.setattr(ka, "flash_attention", lambda qkv, h: calls.append(1) or ka.attention_edm(qkv, h))
     qkv, _ = _inputs(1, 1, 16, 4, 4, torch.float32, False)
-    attention(qkv, 1)
+    ops.attention(qkv, 1)
     assert not calls
-    ops.set_use_kernels({"attention"})
-    try:
-        attention(qkv, 1)
-    finally:
-        ops.set_use_kernels(False)
+    with ops.kernels("attention"):
+        ops.attention(qkv, 1)
     assert calls == [1]
 
 
@@ -146,7 +142,7 @@ def test_gpu_matches_float64(shape, dtype):
     n, heads, d, h, w = shape
     qkv, do = (t.cuda() for t in _inputs(n, heads, d, h, w, dtype, False))
     ref_o, ref_g = _run(attention_reference_fp64, qkv.double(), do.double(), heads)
-    pt_o, pt_g = _run(edm_attention_ref, qkv, do, heads)
+    pt_o, pt_g = _run(attention_edm, qkv, do, heads)
     ker_o, ker_g = _run(flash_attention, qkv, do, heads)
     atol = 1e-5 if dtype == torch.float32 else 2e-3
     assert _err(ker_o, ref_o) <= 2 * _err(pt_o, ref_o) + atol

@@ -1,0 +1,152 @@
+"""The fast path, applied once when the trainer is built; every option leaves the SiD algorithm unchanged.
+
+`CallSites` hands the trainer one callable per way it uses a network (G in train and eval mode, the fake score in
+train and eval mode, the teacher), with the memory format, checkpointing, torch.compile and NVTX range already
+applied, so that the trainer's phases contain the algorithm only. The options:
+
+- precision: `fp32` is the reference (TF32 off for matmuls and cuDNN, as SiD's loop sets it); `tf32` allows TF32;
+  `bf16` runs the UNet bodies of all three networks in bfloat16 the way EDM runs fp16 (fp32 master weights cast per
+  layer, fp32 mapping network, preconditioning, softmax, losses, w, optimizer state), and stores the frozen teacher's
+  weights in bf16. G_ema samples (snapshots, metrics) stay fp32.
+- channels_last: networks and their image inputs in NHWC memory format (the kernels read both layouts).
+- checkpointing (generator phase only): `nets` recomputes the teacher's and the fake score's forwards during
+  backward (only their inputs are kept); `blocks` does it per UNet block, which keeps the block outputs.
+- optimizer: `adam` is the official torch.optim.Adam (PyTorch picks foreach on CUDA by itself); `foreach` and `fused`
+  force those implementations, and their runs update the EMA with one foreach lerp (same arithmetic, fewer launches).
+- compile / cuda_graphs: torch.compile of each network call site (mode "reduce-overhead" captures CUDA graphs).
+- kernels: the trainer enters `sid_fast.ops.kernels(cfg.kernels)` around each step and snapshot.
+The reference path (fp32, no option) reproduces the official implementation's numerics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sid_fast.networks.layers import UNetBlock
+
+
+class annotate:
+    """A named range in torch.profiler traces and, on CUDA, in Nsight Systems (NVTX)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nvtx = torch.cuda.is_available()
+
+    def __enter__(self):
+        self.rf = torch.profiler.record_function(self.name)
+        self.rf.__enter__()
+        if self.nvtx:
+            torch.cuda.nvtx.range_push(self.name)
+
+    def __exit__(self, *exc):
+        if self.nvtx:
+            torch.cuda.nvtx.range_pop()
+        self.rf.__exit__(*exc)
+        return False
+
+
+def set_matmul_precision(precision: str) -> None:
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def prepare_networks(cfg, teacher, trained, G_ema) -> None:
+    """Dtype and memory format of the networks (in place)."""
+    if cfg.precision == "bf16":
+        for p in teacher.parameters():  # frozen: its weights are only read in bf16 (the mapping MLP casts them to fp32)
+            p.data = p.data.to(torch.bfloat16)  # buffers (resampling filters, Fourier frequencies) stay fp32
+        for net in (teacher, *trained):
+            net.compute_dtype = torch.bfloat16
+        G_ema.compute_dtype = None
+    if cfg.channels_last:
+        for net in (teacher, *trained, G_ema):
+            net.to(memory_format=torch.channels_last)
+
+
+def image_format(cfg, x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+
+@contextlib.contextmanager
+def _blocks_checkpointed(blocks):
+    """Every UNetBlock in `blocks` recomputes its activations in backward for the forwards run inside."""
+    for b in blocks:
+        b.checkpoint_activations = True
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b.checkpoint_activations = False
+
+
+def _site(cfg, fn, name: str, checkpoint_net: torch.nn.Module | None = None) -> Callable:
+    """fn(x, sigma, labels, **kw) with x in the run's memory format, compiled if asked, inside an NVTX range; with
+    `checkpoint_net` its activations are recomputed in backward (--checkpointing nets: the whole forward; blocks: per
+    UNet block of that network)."""
+    compiled = maybe_compile(fn, cfg)
+    mode = cfg.checkpointing if checkpoint_net is not None else "none"
+    blocks = [m for m in checkpoint_net.modules() if isinstance(m, UNetBlock)] if mode == "blocks" else []
+
+    def call(x, sigma, labels, **kw):
+        x = image_format(cfg, x)
+        with annotate(name):
+            if mode == "nets" and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+
+                return checkpoint(compiled, x, sigma, labels, use_reentrant=False, **kw)
+            with _blocks_checkpointed(blocks):
+                return compiled(x, sigma, labels, **kw)
+
+    return call
+
+
+@dataclass
+class CallSites:
+    """The trainer's uses of its networks, each prepared once (see the module docstring)."""
+
+    G_train: Callable  # generator phase: G (DDP-wrapped when distributed) with gradient
+    G_eval: Callable  # fake-score phase: samples of G without gradient
+    fake_train: Callable  # fake-score phase: the fake score (DDP-wrapped) being trained
+    fake_eval: Callable  # generator phase: the fake score as a frozen function of its input (checkpointable)
+    teacher: Callable  # generator phase: the frozen teacher (checkpointable)
+    update_ema: Callable  # (G_ema, G, beta): per-parameter lerp as the official loop, or one foreach lerp
+
+
+def call_sites(cfg, teacher, G, fake, G_ddp, fake_ddp) -> CallSites:
+    from sid_fast.training.ema import update_ema
+
+    return CallSites(
+        G_train=_site(cfg, G_ddp, "sid/generator"),
+        G_eval=_site(cfg, G, "sid/generator"),
+        fake_train=_site(cfg, fake_ddp, "sid/fake_score"),
+        fake_eval=_site(cfg, fake, "sid/fake_score", checkpoint_net=fake),
+        teacher=_site(cfg, teacher, "sid/teacher", checkpoint_net=teacher),
+        update_ema=update_ema if cfg.optimizer == "adam" else update_ema_foreach,
+    )
+
+
+def make_adam(params, lr, betas, eps, kind: str):
+    extra = {"foreach": dict(foreach=True), "fused": dict(fused=True)}.get(kind, {})
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, **extra)
+
+
+@torch.no_grad()
+def update_ema_foreach(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    """p_ema <- p_ema + (1 - beta) (p - p_ema): the official lerp(p, p_ema, beta) in one foreach call per list."""
+    pe, pn = list(ema.parameters()), [p.detach() for p in net.parameters()]
+    torch._foreach_lerp_(pe, pn, 1.0 - beta)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+
+
+def maybe_compile(fn, cfg):
+    if not (cfg.compile or cfg.cuda_graphs):
+        return fn
+    if cfg.cuda_graphs:
+        return torch.compile(fn, mode="reduce-overhead", dynamic=False)
+    return torch.compile(fn, backend=cfg.compile_backend, dynamic=False)
