@@ -49,7 +49,7 @@ from sid_fast.training.config import PRESETS, ConfigError, resolve_config
 @click.option("--cuda-graphs", "cuda_graphs", help="CUDA graphs via torch.compile mode reduce-overhead (CUDA only)", is_flag=True, default=None)
 @click.option("--checkpointing", help="Generator phase activation checkpointing", type=click.Choice(["none", "nets", "blocks"]))
 @click.option("--optimizer", help="adam (official), foreach or fused Adam (the latter two with foreach EMA)", type=click.Choice(["adam", "foreach", "fused"]))
-@click.option("--kernels", help="Fused Triton kernels: none, all, or a comma list (sid_loss,edm_loss,group_norm_silu,attention)", metavar="LIST", type=str)
+@click.option("--kernels", help="Fused Triton kernels: none, all, or a comma list (sid_loss,edm_loss,group_norm_silu,attention; sdpa for PyTorch's attention)", metavar="LIST", type=str)
 # Schedule and I/O.
 @click.option("--duration", help="Training duration", metavar="MIMG", type=float)
 @click.option("--tick", help="How often to print progress", metavar="KIMG", type=float)

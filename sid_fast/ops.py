@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.attention import attention_edm, attention_sdpa
+from kernels.group_norm_silu import group_norm_silu_ref
 from sid_fast.losses import edm_loss_from_output, edm_weight, sid_generator_loss_elements
 
 KERNELS = frozenset({"sid_loss", "edm_loss", "group_norm_silu", "attention"})
@@ -116,8 +117,6 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, scale=None, sh
         from kernels.group_norm_silu import group_norm_silu as fused
 
         return fused(x, weight.to(x.dtype), bias.to(x.dtype), num_groups, eps, scale, shift)
-    from kernels.group_norm_silu import group_norm_silu_ref
-
     return group_norm_silu_ref(x, weight.to(x.dtype), bias.to(x.dtype), num_groups, eps, scale, shift, silu=silu,
                                upcast=False)
 
