@@ -235,8 +235,6 @@ def build_checked(class_name: str, init_kwargs: dict, tensors: dict, path) -> to
     try:
         with torch.device("meta"):
             shape_net = build_network(class_name, init_kwargs)
-    except CheckpointError:
-        raise
     except Exception as e:  # recorded kwargs of the wrong type or value
         raise CheckpointError(f"{path}: cannot build {class_name} from its recorded init kwargs: {_describe(e)}") from None
     want = {k: tuple(v.shape) for k, v in shape_net.state_dict().items()}

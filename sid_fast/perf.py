@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sid_fast.ema import update_ema, update_ema_foreach
 from sid_fast.networks.layers import UNetBlock
 
 
@@ -118,8 +119,6 @@ class CallSites:
 
 
 def call_sites(cfg, teacher, G, fake, G_ddp, fake_ddp) -> CallSites:
-    from sid_fast.training.ema import update_ema
-
     return CallSites(
         G_train=_site(cfg, G_ddp, "sid/generator"),
         G_eval=_site(cfg, G, "sid/generator"),
@@ -133,15 +132,6 @@ def call_sites(cfg, teacher, G, fake, G_ddp, fake_ddp) -> CallSites:
 def make_adam(params, lr, betas, eps, kind: str):
     extra = {"foreach": dict(foreach=True), "fused": dict(fused=True)}.get(kind, {})
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, **extra)
-
-
-@torch.no_grad()
-def update_ema_foreach(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """p_ema <- p_ema + (1 - beta) (p - p_ema): the official lerp(p, p_ema, beta) in one foreach call per list."""
-    pe, pn = list(ema.parameters()), [p.detach() for p in net.parameters()]
-    torch._foreach_lerp_(pe, pn, 1.0 - beta)
-    for b_ema, b in zip(ema.buffers(), net.buffers()):
-        b_ema.copy_(b)
 
 
 def maybe_compile(fn, cfg):

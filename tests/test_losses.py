@@ -7,12 +7,12 @@ import torch
 from helpers import sid_generator_loss_rowdrop
 
 from sid_fast.augment import AugmentPipe
+from sid_fast.ema import ema_beta, update_ema
 from sid_fast.losses import (
     edm_loss_elements,
     sid_generator_loss_ref,
     sigma_from_t,
 )
-from sid_fast.training.ema import ema_beta, update_ema
 
 
 def _triple(n=5, c=3, r=4, dtype=torch.float64):

@@ -41,13 +41,13 @@ import torch
 
 from sid_fast import checkpoints, dist, ops, perf
 from sid_fast.augment import AugmentPipe
+from sid_fast.ema import ema_beta, ema_halflife_kimg
 from sid_fast.losses import sample_edm_sigma, sample_generator_sigma
 from sid_fast.networks import build_network
 from sid_fast.perf import annotate
 from sid_fast.sampling import image_grid, latents_and_labels, onestep_sample, save_image, to_uint8
 from sid_fast.training import tickstats
 from sid_fast.training.config import ConfigError, TrainConfig
-from sid_fast.training.ema import ema_beta, ema_halflife_kimg
 
 FAKE, GEN = 0, 1
 EXTRA_SNAPSHOT_TICKS = frozenset(range(10, 101, 10))  # official sid_training_loop.py, besides every --snap ticks

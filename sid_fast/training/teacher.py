@@ -13,9 +13,9 @@ import time
 import torch
 
 from sid_fast.checkpoints import save_network
+from sid_fast.ema import ema_beta, update_ema
 from sid_fast.losses import EDMLoss
 from sid_fast.networks import build_network
-from sid_fast.training.ema import ema_beta, update_ema
 
 DIGITS_TEACHER = dict(
     model_type="SongUNet",

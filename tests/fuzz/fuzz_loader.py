@@ -11,6 +11,7 @@ that hang; the target itself fails any input slower than loader_target.TIME_LIMI
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import atheris
@@ -22,7 +23,7 @@ with atheris.instrument_imports(include=["sid_fast"]):
 
 def main() -> None:
     dirs = [Path(a) for a in sys.argv[1:] if not a.startswith("-")]
-    seeds = loader_target.seed_files(Path(loader_target.tempfile.gettempdir()) / "sid_fast_fuzz_seeds")
+    seeds = loader_target.seed_files(Path(tempfile.gettempdir()) / "sid_fast_fuzz_seeds")
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
         if not any(d.iterdir()):

@@ -25,3 +25,12 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
         p_ema.copy_(p.detach().lerp(p_ema, beta))
     for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)
+
+
+@torch.no_grad()
+def update_ema_foreach(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    """p_ema <- p_ema + (1 - beta) (p - p_ema): the official lerp(p, p_ema, beta) in one foreach call per list."""
+    pe, pn = list(ema.parameters()), [p.detach() for p in net.parameters()]
+    torch._foreach_lerp_(pe, pn, 1.0 - beta)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
