@@ -24,9 +24,9 @@ from pathlib import Path
 
 def load(path) -> list[dict]:
     recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if r.get("bench") in ("kernels", "train_step")]
+    recs = [r for r in recs if r.get("bench") in ("kernels", "train_step", "static")]
     if not recs:
-        raise SystemExit(f"{path}: no benchmark records (bench 'kernels' or 'train_step').")
+        raise SystemExit(f"{path}: no benchmark records (bench 'kernels', 'train_step' or 'static').")
     kind = recs[-1]["bench"]
     recs = [r for r in recs if r["bench"] == kind]
     last = recs[-1].get("timestamp")  # environment() stamps every record of one run with the same time
@@ -79,7 +79,46 @@ def ladder_plot(recs: list[dict], path) -> None:
     plt.close(fig)
 
 
+def static_markdown(recs: list[dict]) -> str:
+    """One row per (kernel, dtype, layout) over the official shapes: configurations listed and kept by the prune,
+    kept ones that compile, fit shared memory and spill nothing, the worst kept registers / shared memory, the worst
+    spill among listed-but-pruned ones, and the instructions the kept ones use."""
+    env = recs[0]
+    arch = env.get("arch")
+    out = [f"Static survey for sm_{arch} (shared memory limit {env.get('smem_limit', 0) // 1024} KB per block), triton "
+           f"{env.get('triton', '?')}, commit {str(env.get('git_commit', '?'))[:10]}: {len(recs)} cases, "
+           f"{sum(1 for r in recs if not r.get('same_binary_as') and not r.get('routed'))} distinct compiles, "
+           f"{sum(r.get('compile_s', 0) for r in recs):.0f} s of compile time", "",
+           "| kernel | dtype | layout | shapes | kept / listed | kept clean | max regs | max shared KB | "
+           "pruned: worst spill B / shared KB | MMA | cp.async | ld.v4 | scalar 16-bit loads |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups = defaultdict(list)
+    for r in recs:
+        groups[(r["kernel"], r["dtype"], r["layout"])].append(r)
+    for (kern, dt, layout), rows in groups.items():
+        shapes = len({r["shape"] for r in rows})
+        if all(r.get("routed") for r in rows):
+            out.append(f"| attention (all) | {dt} | {layout} | {shapes} | routed to {rows[0]['routed']} | | | | | | | | |")
+            continue
+        kept = [r for r in rows if r["kept"]]
+        pruned = [r for r in rows if not r["kept"] and r.get("ok")]
+        clean = [r for r in kept if r.get("ok") and r.get("fits") and r.get("spills") == 0]
+        ok_kept = [r for r in kept if r.get("ok")]
+        mx = lambda xs, k: max((x.get(k) or 0 for x in xs), default=0)  # noqa: E731
+        mma = sorted({r["mma"] for r in ok_kept})
+        out.append(
+            f"| {kern} | {dt} | {layout} | {shapes} | {len(kept)} / {len(rows)} | {len(clean)} / {len(kept)} | "
+            f"{mx(ok_kept, 'registers')} | {mx(ok_kept, 'shared') / 1024:.0f} | "
+            f"{mx(pruned, 'spills') if pruned else '-'} / {mx(pruned, 'shared') / 1024:.0f} | {', '.join(mma) or '-'} | "
+            f"{'yes' if any(r.get('cp_async') for r in ok_kept) else 'no'} | "
+            f"{'yes' if any(r.get('ld_v4') for r in ok_kept) else 'no'} | "
+            f"{'yes' if any(r.get('ld_b16_scalar') for r in ok_kept) else 'no'} |")
+    return "\n".join(out)
+
+
 def markdown(recs: list[dict]) -> str:
+    if recs[0]["bench"] == "static":
+        return static_markdown(recs)
     if recs[0]["bench"] == "train_step":
         return ladder_markdown(recs)
     env = recs[0]
@@ -111,6 +150,8 @@ def markdown(recs: list[dict]) -> str:
 
 
 def plot(recs: list[dict], path) -> None:
+    if recs[0]["bench"] == "static":
+        raise SystemExit("bench.report: a static survey has no plot; use --md.")
     if recs[0]["bench"] == "train_step":
         return ladder_plot(recs, path)
     import matplotlib

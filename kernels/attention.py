@@ -15,7 +15,11 @@
 # Precision: scores, softmax statistics and accumulators are fp32; with fp16/bf16 inputs the probabilities are cast
 # to the input dtype before the p @ v product (EDM likewise applies its weights, stored in the input dtype, to v),
 # and ds before its products. fp32 inputs use IEEE fp32 dot products unless torch allows TF32 for matmuls
-# (torch.backends.cuda.matmul.allow_tf32), which sid_fast's reference path keeps off as SiD does.
+# (torch.backends.cuda.matmul.allow_tf32), which sid_fast's reference path keeps off as SiD does; at head dims above
+# 64 that case runs EDM's op instead (routed_to_reference: on FMA units every tile spills).
+# Launch: one grid axis of (sample x head) x blocks, 64-bit batch offsets, so sampling batches of any size launch.
+# Tiles: per head-dim class lists (_TILES) checked ahead of time for sm_90 and sm_80 by `python -m bench.static`,
+# pruned per launch by a shared-memory estimate that counts element size and pipeline stages.
 # The scale is 1/sqrt(d) as EDM (EDM divides k by sqrt(d) before its fp32 product; for d = 64 and 256 that division
 # is exact in every dtype, so scaling the fp32 scores is the same number).
 #
@@ -27,6 +31,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import triton
@@ -38,33 +43,129 @@ from kernels._common import interpreted, nchw_strides, triton_available
 LOG2E = 1.4426950408889634
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Tuning space. The lists and the prune below are what `python -m bench.static` compiles for sm_90 and sm_80 and what
+# its CI subset (tests/test_static.py) checks: every configuration kept for an official shape compiles, fits the
+# architecture's shared memory and spills no register.
+
+
+def wide_space(d: int, prec: str = "tf32"):
+    """A broad grid of attention tiles (for choosing the lists with `bench.static --space wide`); tiles of 128 only
+    for d <= 128 with tensor cores (at d = 256, or on FMA units, they spill or overflow shared memory)."""
+    sizes = (16, 32, 64, 128) if d <= 128 and prec != "ieee" else (16, 32, 64)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m in sizes for n in sizes for w in (4, 8) for s in (1, 2, 3)]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen from `bench.static --space wide` on sm_90 (triton 3.7.1): every
+# entry compiles with zero spill bytes for bf16 and fp16, NCHW and channels_last, at the official shapes; the prune
+# drops those whose shared memory would not fit the device (A100: 163 KB, H100: 227 KB per block).
+_TILES = {
+    # Head dim <= 128 on tensor cores (ADM's 64): large tiles, 3-stage cp.async pipelines, wgmma at BLOCK_M >= 64.
+    ("fwd", "small"): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    ("bwd", "small"): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2)],
+    # Head dim 256 (DDPM++'s single head): the fp32 accumulators of [BLOCK, 256] need 8 warps or small tiles.
+    # The dk/dv kernel spilled in every earlier-listed configuration that fit (M64N64 w8 s2, M64N32 w4 s2, ...).
+    ("fwd", "large"): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+    ("bwd", "large"): [(64, 32, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2), (16, 32, 8, 2)],
+    # fp32 without TF32 at head dim <= 64 (FMA units): only tiles whose register tiles do not spill.
+    ("fwd", "ieee"): [(32, 32, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
+    ("bwd", "ieee"): [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+}
+
+
+def tile_space(kind: str, d: int, elem: int, prec: str):
+    """Autotuning candidates for the forward ("fwd") or the two backward kernels ("bwd") at head dim d, element size
+    elem (bytes) and dot precision prec ("ieee" or "tf32"; fp32 "ieee" runs on FMA units and gets its own list)."""
+    tiles = _TILES[(kind, "ieee" if prec == "ieee" and elem == 4 else "small" if d <= 128 else "large")]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+
+
+def smem_estimate(kind: str, block_m: int, block_n: int, block_d: int, elem: int, stages: int) -> int:
+    """Upper estimate of a configuration's shared memory (bytes): the operand tiles the kernel keeps for the whole
+    loop plus one copy per pipeline stage of those it streams. fwd keeps q [M, D] and streams k, v [N, D]; dk/dv keeps
+    k, v [N, D] and streams q, do [M, D] (and M lse/delta values); dq keeps q, do [M, D] and streams k, v [N, D].
+    bench.static checks it against ptxas's figure for every configuration it compiles."""
+    s = max(stages, 1)
+    if kind == "fwd":
+        return elem * block_d * (block_m + 2 * s * block_n)
+    if kind == "bwd_dkdv":
+        return elem * block_d * (2 * block_n + 2 * s * block_m) + 8 * s * block_m
+    return elem * block_d * (2 * block_m + 2 * s * block_n)
+
+
+def prune_tiles(configs, kind: str, d: int, elem: int, prec: str, smem_limit: int | None):
+    """The configurations the autotuner may time: those whose smem_estimate fits smem_limit (bytes; None = unknown)
+    for every kernel of the pass (the backward's two kernels share one list). Never empty: the smallest remains."""
+    block_d = max(16, triton.next_power_of_2(d))
+    kinds = ("fwd",) if kind == "fwd" else ("bwd_dkdv", "bwd_dq")
+
+    def need(c):
+        return max(smem_estimate(k, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, elem, c.num_stages) for k in kinds)
+
+    keep = [c for c in configs if smem_limit is None or need(c) <= smem_limit]
+    return keep or [min(configs, key=need)]
+
+
+def routed_to_reference(d: int, elem: int, prec: str) -> bool:
+    """fp32 without TF32 (the reference numerics, tl.dot on FMA units) at head dims above 64 goes to EDM's op: there
+    every tile either spills or overflows shared memory, and ptxas needs up to 10 minutes per configuration at d = 256
+    (bench.static), so autotuning alone would stall a run for hours; cuBLAS's fp32 GEMMs serve it instead."""
+    return prec == "ieee" and elem == 4 and d > 64
+
+
 def _configs(kind: str):
-    """Autotuning candidates on the GPU; one configuration under the interpreter (which cannot autotune)."""
+    """What the autotuner is given: one configuration under the interpreter (which cannot autotune), else the union
+    of the lists, narrowed per launch by _prune_fwd / _prune_bwd to the class of the case."""
     if interpreted():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
-    if kind == "fwd":
-        shapes = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
-    else:
-        shapes = [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    seen = dict.fromkeys(t for (k, _), tiles in _TILES.items() if k == kind for t in tiles)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in seen]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Large head dims need small tiles (registers/shared memory): d = 256 keeps BLOCK_M * BLOCK_N <= 64 * 64."""
-    d = named_args["D"] if "D" in named_args else kwargs.get("D", 64)
-    keep = [c for c in configs if d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return keep or configs[-1:]
+def _device_smem(t: torch.Tensor) -> int | None:
+    """Per-block shared memory opt-in limit of t's GPU (bytes); None off the GPU."""
+    if not t.is_cuda:
+        return None
+    props = torch.cuda.get_device_properties(t.device)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if limit:
+        return int(limit)
+    return int(triton.runtime.driver.active.utils.get_device_properties(t.device.index or 0)["max_shared_mem"])
 
 
-@triton.autotune(configs=_configs("fwd"), key=["L", "D", "PREC"], prune_configs_by={"early_config_prune": _prune})
+def _prune(kind, configs, named_args, **kwargs):
+    if interpreted():
+        return configs
+    qkv = named_args["qkv_ptr"]
+    d = kwargs.get("D", named_args.get("D"))
+    prec = kwargs.get("PREC", named_args.get("PREC"))
+    wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+              for c in tile_space(kind, d, qkv.element_size(), prec)}
+    listed = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+    return prune_tiles(listed, kind, d, qkv.element_size(), prec, _device_smem(qkv))
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    return _prune("fwd", configs, named_args, **kwargs)
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    return _prune("bwd", configs, named_args, **kwargs)
+
+
+@triton.autotune(configs=_configs("fwd"), key=["L", "D", "PREC", "s_l"], prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _fwd_kernel(qkv_ptr, o_ptr, lse_ptr, L, H, sm_scale,
                 s_n, s_c, s_l, o_n, o_c, o_l,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    n = bh // H
+    # One grid axis (2^31 - 1 programs; axes 1 and 2 allow 65,535) holding (sample x head, query block), query blocks
+    # of one head adjacent so they share its k and v in L2.
+    num_m = tl.cdiv(L, BLOCK_M)
+    bh = tl.program_id(0) // num_m
+    pid_m = tl.program_id(0) % num_m
+    n = (bh // H).to(tl.int64)  # 64-bit batch offsets: n * s_n passes 2^31 elements in large sampling batches
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -94,7 +195,7 @@ def _fwd_kernel(qkv_ptr, o_ptr, lse_ptr, L, H, sm_scale,
         m_i = m_new
     acc = acc / l_i[:, None]
     row_ok = offs_m < L
-    tl.store(lse_ptr + bh * L + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=row_ok)
+    tl.store(lse_ptr + bh.to(tl.int64) * L + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=row_ok)
     tl.store(o_ptr + n * o_n + (h * D + offs_d[None, :]) * o_c + offs_m[:, None] * o_l,
              acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -103,9 +204,10 @@ def _fwd_kernel(qkv_ptr, o_ptr, lse_ptr, L, H, sm_scale,
 def _delta_kernel(o_ptr, do_ptr, delta_ptr, L, H, o_n, o_c, o_l,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     """delta[bh, i] = sum_c do[i, c] o[i, c] in fp32 (o and do share one layout)."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    n = bh // H
+    num_b = tl.cdiv(L, BLOCK)
+    bh = tl.program_id(0) // num_b
+    pid = tl.program_id(0) % num_b
+    n = (bh // H).to(tl.int64)
     h = bh % H
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -113,20 +215,22 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, L, H, o_n, o_c, o_l,
     m = (rows[:, None] < L) & (offs_d[None, :] < D)
     o = tl.load(o_ptr + ptr, mask=m, other=0.0).to(tl.float32)
     do = tl.load(do_ptr + ptr, mask=m, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + bh * L + rows, tl.sum(o * do, 1), mask=rows < L)
+    tl.store(delta_ptr + bh.to(tl.int64) * L + rows, tl.sum(o * do, 1), mask=rows < L)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["L", "D", "PREC"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("bwd"), key=["L", "D", "PREC", "s_l"], prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale,
                      s_n, s_c, s_l, o_n, o_c, o_l,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One block of BLOCK_N keys: loop over all queries, accumulate dk and dv."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    n = bh // H
+    num_n = tl.cdiv(L, BLOCK_N)
+    bh = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    n = (bh // H).to(tl.int64)
     h = bh % H
+    stat = bh.to(tl.int64) * L  # row offset into lse and delta
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -145,7 +249,7 @@ def _bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_sca
         row_ok = rows < L
         qT = tl.load(base + rows[None, :] * s_l + (offs_d[:, None] * 3) * s_c,
                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)  # [D, M]
-        lse = tl.load(lse_ptr + bh * L + rows, mask=row_ok, other=0.0)
+        lse = tl.load(lse_ptr + stat + rows, mask=row_ok, other=0.0)
         # p^T [N, M] = exp(k q^T * scale - lse)
         sT = tl.dot(k, qT, input_precision=PREC) * qk_scale
         pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
@@ -153,7 +257,7 @@ def _bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_sca
         do = tl.load(do_base + offs_d[None, :] * o_c + rows[:, None] * o_l,
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
-        delta = tl.load(delta_ptr + bh * L + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + stat + rows, mask=row_ok, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [N, M]
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
@@ -163,17 +267,19 @@ def _bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_sca
     tl.store(dbase + cols[:, None] * s_l + (offs_d[None, :] * 3 + 2) * s_c, dv.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["L", "D", "PREC"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("bwd"), key=["L", "D", "PREC", "s_l"], prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale,
                    s_n, s_c, s_l, o_n, o_c, o_l,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One block of BLOCK_M queries: loop over all keys, accumulate dq."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    n = bh // H
+    num_m = tl.cdiv(L, BLOCK_M)
+    bh = tl.program_id(0) // num_m
+    pid_m = tl.program_id(0) % num_m
+    n = (bh // H).to(tl.int64)
     h = bh % H
+    stat = bh.to(tl.int64) * L
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -183,8 +289,8 @@ def _bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale
     q_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(base + rows[:, None] * s_l + (offs_d[None, :] * 3) * s_c, mask=q_mask, other=0.0)  # [M, D]
     do = tl.load(do_ptr + n * o_n + (h * D + offs_d[None, :]) * o_c + rows[:, None] * o_l, mask=q_mask, other=0.0)
-    lse = tl.load(lse_ptr + bh * L + rows, mask=row_ok, other=0.0)
-    delta = tl.load(delta_ptr + bh * L + rows, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + stat + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + stat + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     for start_n in range(0, L, BLOCK_N):
@@ -229,7 +335,7 @@ def edm_flash_attention_op(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Ten
     o = _out_like(qkv, c3 // 3)
     _, (on, oc, ol) = nchw_strides(o)
     lse = torch.empty(n * num_heads, L, device=qkv.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), n * num_heads)  # noqa: E731
+    grid = lambda meta: (n * num_heads * triton.cdiv(L, meta["BLOCK_M"]),)  # noqa: E731
     wrap_triton(_fwd_kernel)[grid](qkv, o, lse, L, num_heads, 1.0 / math.sqrt(d), sn, sc, sl, on, oc, ol,
                                    D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), PREC=_precision(qkv))
     return o, lse
@@ -246,13 +352,13 @@ def edm_flash_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Ten
     d, L = c3 // (3 * num_heads), h * w
     block_d = max(16, triton.next_power_of_2(d))
     delta = torch.empty_like(lse)
-    wrap_triton(_delta_kernel)[(triton.cdiv(L, 64), n * num_heads)](o, do, delta, L, num_heads, on, oc, ol,
+    wrap_triton(_delta_kernel)[(n * num_heads * triton.cdiv(L, 64),)](o, do, delta, L, num_heads, on, oc, ol,
                                                                      D=d, BLOCK_D=block_d, BLOCK=64)
     dqkv = torch.empty_like(qkv)
     args = (qkv, do, lse, delta, dqkv, L, num_heads, 1.0 / math.sqrt(d), sn, sc, sl, on, oc, ol)
-    wrap_triton(_bwd_dkdv_kernel)[lambda meta: (triton.cdiv(L, meta["BLOCK_N"]), n * num_heads)](
+    wrap_triton(_bwd_dkdv_kernel)[lambda meta: (n * num_heads * triton.cdiv(L, meta["BLOCK_N"]),)](
         *args, D=d, BLOCK_D=block_d, PREC=_precision(qkv))
-    wrap_triton(_bwd_dq_kernel)[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), n * num_heads)](
+    wrap_triton(_bwd_dq_kernel)[lambda meta: (n * num_heads * triton.cdiv(L, meta["BLOCK_M"]),)](
         *args, D=d, BLOCK_D=block_d, PREC=_precision(qkv))
     return dqkv
 
@@ -342,4 +448,14 @@ def flash_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
         raise ValueError(f"flash_attention: head dimension {d} > 256 is not supported.")
     if not triton_available(qkv):
         return attention_edm(qkv, num_heads)
+    if routed_to_reference(d, qkv.element_size(), _precision(qkv)):
+        if d not in _ROUTED_WARNED:
+            _ROUTED_WARNED.add(d)
+            warnings.warn(f"flash_attention: fp32 attention without TF32 at head dim {d} runs EDM's attention op, not "
+                          "the Triton kernel (on FMA units it spills at every tile; kernels/attention.py, "
+                          "routed_to_reference); bf16, fp16 or TF32 use the kernel.", stacklevel=2)
+        return attention_edm(qkv, num_heads)
     return edm_flash_attention_op(qkv, int(num_heads))[0]
+
+
+_ROUTED_WARNED: set = set()

@@ -16,6 +16,8 @@
 # fp32/bf16/fp16 inputs; the output has x's dtype and memory format.
 #
 # Layouts: NCHW-contiguous and channels_last, addressed through (n, c, hw) strides. Other strides are copied first.
+# Each pass walks the group in tiles of [pixels, channels of the group], so both layouts read contiguous runs: pixels
+# in NCHW, the group's channels of each pixel in channels_last (bench.static shows the vector loads).
 # The group rule (EDM: min(32, C // 4)) belongs to the caller; C must be divisible by the number of groups.
 # Registered as torch.library.triton_op "sid_fast_kernels::group_norm_silu" with autograd; the reference is
 # `group_norm_silu_ref`. Without CUDA and without the Triton interpreter the reference runs instead.
@@ -28,11 +30,26 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import block_size, nchw_strides, triton_available, warp_configs
+from kernels._common import block_size, interpreted, nchw_strides, triton_available, warp_configs
 
 
-def _blk(n: int) -> int:
-    return block_size(n, 1024)
+ELEMS_GPU = 2048  # elements per tile on the GPU (a tile is [BLOCK_HW pixels, BLOCK_C channels] of one group)
+
+
+def _blocks(cpg: int, hw: int, gpu: bool = False) -> dict:
+    """Tile of one group: BLOCK_C >= cpg channels (power of two, masked), BLOCK_HW pixels; under the interpreter
+    BLOCK_HW is at most 64 so CPU tests still loop over several tiles."""
+    block_c = triton.next_power_of_2(max(cpg, 1))
+    if gpu or not interpreted():
+        block_hw = min(max(ELEMS_GPU // block_c, 16), triton.next_power_of_2(max(hw, 16)))
+    else:
+        block_hw = block_size(hw, 64)
+    return dict(CPG=cpg, BLOCK_C=block_c, BLOCK_HW=block_hw)
+
+
+def gpu_blocks(cpg: int, hw: int) -> dict:
+    """The block constexprs of a GPU launch for cpg channels per group and hw pixels."""
+    return _blocks(cpg, hw, gpu=True)
 
 
 def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, scale=None, shift=None, silu: bool = True,
@@ -52,26 +69,27 @@ def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, scale=None
 
 
 @triton.jit
-def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c, MODULATE: tl.constexpr):
-    """gamma_c, beta_c, (1 + scale_nc), shift_nc as fp32 (1 and 0 without modulation)."""
-    gamma = tl.load(w_ptr + c).to(tl.float32)
-    beta = tl.load(b_ptr + c).to(tl.float32)
-    s1 = 1.0
-    sh = 0.0
+def _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c, c_ok, MODULATE: tl.constexpr):
+    """gamma, beta, (1 + scale_n), shift_n for the channel vector c (fp32; 1 and 0 without modulation)."""
+    gamma = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    beta = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    s1 = tl.full(gamma.shape, 1.0, tl.float32)
+    sh = tl.zeros(gamma.shape, tl.float32)
     if MODULATE:
-        s1 = 1.0 + tl.load(scale_ptr + n * C + c).to(tl.float32)
-        sh = tl.load(shift_ptr + n * C + c).to(tl.float32)
+        s1 = 1.0 + tl.load(scale_ptr + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
     return gamma, beta, s1, sh
 
 
 @triton.jit
 def _recompute(v, dy, mean, rstd, gamma, beta, s1, sh, MODULATE: tl.constexpr, SILU: tl.constexpr):
-    """From x and dy: a = normalised x, t = affine(a), du = dy * d(output)/du at u = modulate(t)."""
+    """From x and dy tiles ([BLOCK_HW, BLOCK_C]; channel vectors broadcast along pixels): a = normalised x,
+    t = affine(a), du = dy * d(output)/du at u = modulate(t)."""
     a = (v - mean) * rstd
-    t = a * gamma + beta
+    t = a * gamma[None, :] + beta[None, :]
     u = t
     if MODULATE:
-        u = sh + t * s1
+        u = sh[None, :] + t * s1[None, :]
     du = dy
     if SILU:
         sg = tl.sigmoid(u)
@@ -79,7 +97,13 @@ def _recompute(v, dy, mean, rstd, gamma, beta, s1, sh, MODULATE: tl.constexpr, S
     return a, t, du
 
 
-@triton.autotune(configs=warp_configs(), key=["C", "HW", "G", "BLOCK"])
+# Autotuned over warps only: the tile is fixed by the shape, and num_stages 1 and 2 compile to the same code for these
+# loops (bench.static). The key holds everything that changes the compiled code or the best warp count: the shape,
+# the modulation and SiLU flags, and the layout (stride_c is 1 for channels_last, HW for NCHW).
+_KEY = ["C", "HW", "G", "CPG", "BLOCK_HW", "MODULATE", "SILU", "stride_c"]
+
+
+@triton.autotune(configs=warp_configs(), key=_KEY)
 @triton.jit
 def _gn_fwd_kernel(
     x_ptr, y_ptr,  # input / output [N, C, H, W] in NCHW or channels_last
@@ -89,49 +113,51 @@ def _gn_fwd_kernel(
     C, HW, G,
     stride_n, stride_c, stride_hw,  # of x and y (same layout)
     eps,
-    MODULATE: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr,
+    MODULATE: tl.constexpr, SILU: tl.constexpr,
+    CPG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
+    # One program per (sample, group); tiles of [BLOCK_HW pixels, BLOCK_C channels] with the channel offsets a
+    # vector, so channels_last (stride_c = 1) reads each pixel's channels of the group as one contiguous run and NCHW
+    # (stride_hw = 1) reads contiguous pixel runs.
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
-    cpg = C // G
-    c0 = g * cpg
+    c = g * CPG + tl.arange(0, BLOCK_C)
+    c_ok = tl.arange(0, BLOCK_C) < CPG
     base = n.to(tl.int64) * stride_n
-    count = cpg * HW
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for c in range(c0, c0 + cpg):
-        for start in range(0, HW, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = offs < HW
-            acc += tl.load(x_ptr + base + c * stride_c + offs * stride_hw, mask=m, other=0.0).to(tl.float32)
-    mean = tl.sum(acc, axis=0) / count
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for c in range(c0, c0 + cpg):
-        for start in range(0, HW, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = offs < HW
-            v = tl.load(x_ptr + base + c * stride_c + offs * stride_hw, mask=m, other=0.0).to(tl.float32)
-            v = tl.where(m, v - mean, 0.0)
-            acc += v * v
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / count + eps)
+    col = c.to(tl.int64)[None, :] * stride_c
+    count = CPG * HW
+    acc = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        m = (hw < HW)[:, None] & c_ok[None, :]
+        acc += tl.load(x_ptr + base + hw[:, None] * stride_hw + col, mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / count
+    acc = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        m = (hw < HW)[:, None] & c_ok[None, :]
+        v = tl.load(x_ptr + base + hw[:, None] * stride_hw + col, mask=m, other=0.0).to(tl.float32)
+        v = tl.where(m, v - mean, 0.0)
+        acc += v * v
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / count + eps)
     tl.store(mean_ptr + pid, mean)
     tl.store(rstd_ptr + pid, rstd)
-    for c in range(c0, c0 + cpg):
-        gamma, beta, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c, MODULATE)
-        for start in range(0, HW, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = offs < HW
-            ptr = base + c * stride_c + offs * stride_hw
-            v = tl.load(x_ptr + ptr, mask=m, other=0.0).to(tl.float32)
-            u = (v - mean) * rstd * gamma + beta
-            if MODULATE:
-                u = sh + u * s1
-            if SILU:
-                u = u * tl.sigmoid(u)
-            tl.store(y_ptr + ptr, u.to(y_ptr.dtype.element_ty), mask=m)
+    gamma, beta, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c, c_ok, MODULATE)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        m = (hw < HW)[:, None] & c_ok[None, :]
+        ptr = base + hw[:, None] * stride_hw + col
+        v = tl.load(x_ptr + ptr, mask=m, other=0.0).to(tl.float32)
+        u = (v - mean) * rstd * gamma[None, :] + beta[None, :]
+        if MODULATE:
+            u = sh[None, :] + u * s1[None, :]
+        if SILU:
+            u = u * tl.sigmoid(u)
+        tl.store(y_ptr + ptr, u.to(y_ptr.dtype.element_ty), mask=m)
 
 
-@triton.autotune(configs=warp_configs(), key=["C", "HW", "G", "BLOCK"])
+@triton.autotune(configs=warp_configs(), key=_KEY)
 @triton.jit
 def _gn_bwd_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [N, C, H, W], all in one layout
@@ -141,58 +167,54 @@ def _gn_bwd_kernel(
     dscale_ptr, dshift_ptr,  # out: [N, C] fp32 (written only if MODULATE)
     C, HW, G,
     stride_n, stride_c, stride_hw,
-    MODULATE: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr,
+    MODULATE: tl.constexpr, SILU: tl.constexpr,
+    CPG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
-    cpg = C // G
-    c0 = g * cpg
+    c = g * CPG + tl.arange(0, BLOCK_C)
+    c_ok = tl.arange(0, BLOCK_C) < CPG
     base = n.to(tl.int64) * stride_n
-    count = cpg * HW
+    col = c.to(tl.int64)[None, :] * stride_c
+    count = CPG * HW
     mean = tl.load(mean_ptr + pid)
     rstd = tl.load(rstd_ptr + pid)
-    s_da = 0.0
-    s_daa = 0.0
-    for c in range(c0, c0 + cpg):
-        gamma, beta, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c, MODULATE)
-        acc_du = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_dut = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_dta = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, HW, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = offs < HW
-            ptr = base + c * stride_c + offs * stride_hw
-            v = tl.load(x_ptr + ptr, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + ptr, mask=m, other=0.0).to(tl.float32)
-            a, t, du = _recompute(v, dy, mean, rstd, gamma, beta, s1, sh, MODULATE, SILU)
-            du = tl.where(m, du, 0.0)
-            acc_du += du
-            acc_dut += du * t
-            acc_dta += du * a
-        sum_du = tl.sum(acc_du, axis=0)
-        # dt = du * s1, so dbeta_c = s1 * sum du and dgamma_c = s1 * sum du a; da = dt * gamma.
-        tl.store(db_part_ptr + n * C + c, sum_du * s1)
-        tl.store(dw_part_ptr + n * C + c, tl.sum(acc_dta, axis=0) * s1)
-        if MODULATE:
-            tl.store(dshift_ptr + n * C + c, sum_du)
-            tl.store(dscale_ptr + n * C + c, tl.sum(acc_dut, axis=0))
-        s_da += sum_du * s1 * gamma
-        s_daa += tl.sum(acc_dta, axis=0) * s1 * gamma
-    m_da = s_da / count
-    m_daa = s_daa / count
-    for c in range(c0, c0 + cpg):
-        gamma, beta, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c, MODULATE)
-        for start in range(0, HW, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = offs < HW
-            ptr = base + c * stride_c + offs * stride_hw
-            v = tl.load(x_ptr + ptr, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + ptr, mask=m, other=0.0).to(tl.float32)
-            a, _, du = _recompute(v, dy, mean, rstd, gamma, beta, s1, sh, MODULATE, SILU)
-            da = du * s1 * gamma
-            dx = rstd * (da - m_da - a * m_daa)
-            tl.store(dx_ptr + ptr, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    gamma, beta, s1, sh = _channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c, c_ok, MODULATE)
+    acc_du = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    acc_dut = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    acc_dta = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        m = (hw < HW)[:, None] & c_ok[None, :]
+        ptr = base + hw[:, None] * stride_hw + col
+        v = tl.load(x_ptr + ptr, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + ptr, mask=m, other=0.0).to(tl.float32)
+        a, t, du = _recompute(v, dy, mean, rstd, gamma, beta, s1, sh, MODULATE, SILU)
+        du = tl.where(m, du, 0.0)
+        acc_du += du
+        acc_dut += du * t
+        acc_dta += du * a
+    sum_du = tl.sum(acc_du, axis=0)  # per channel
+    sum_dua = tl.sum(acc_dta, axis=0)
+    # dt = du * s1, so dbeta_c = s1 * sum du and dgamma_c = s1 * sum du a; da = dt * gamma.
+    tl.store(db_part_ptr + n * C + c, sum_du * s1, mask=c_ok)
+    tl.store(dw_part_ptr + n * C + c, sum_dua * s1, mask=c_ok)
+    if MODULATE:
+        tl.store(dshift_ptr + n * C + c, sum_du, mask=c_ok)
+        tl.store(dscale_ptr + n * C + c, tl.sum(acc_dut, axis=0), mask=c_ok)
+    m_da = tl.sum(sum_du * s1 * gamma, axis=0) / count
+    m_daa = tl.sum(sum_dua * s1 * gamma, axis=0) / count
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        m = (hw < HW)[:, None] & c_ok[None, :]
+        ptr = base + hw[:, None] * stride_hw + col
+        v = tl.load(x_ptr + ptr, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + ptr, mask=m, other=0.0).to(tl.float32)
+        a, _, du = _recompute(v, dy, mean, rstd, gamma, beta, s1, sh, MODULATE, SILU)
+        da = du * (s1 * gamma)[None, :]
+        dx = rstd * (da - m_da - a * m_daa)
+        tl.store(dx_ptr + ptr, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 @triton_op("sid_fast_kernels::group_norm_silu", mutates_args=())
@@ -209,7 +231,7 @@ def group_norm_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     sh_t = shift.contiguous() if mod else weight
     wrap_triton(_gn_fwd_kernel)[(n * num_groups,)](
         x, y, weight, bias, sc_t, sh_t, mean, rstd, c, h * w, num_groups, sn, sc, shw, eps,
-        MODULATE=mod, SILU=silu, BLOCK=_blk(h * w),
+        MODULATE=mod, SILU=silu, **_blocks(c // num_groups, h * w),
     )
     return y, mean, rstd
 
@@ -232,7 +254,7 @@ def group_norm_silu_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     sh_t = shift.contiguous() if mod else weight
     wrap_triton(_gn_bwd_kernel)[(n * num_groups,)](
         x, dy, dx, weight, bias, sc_t, sh_t, mean, rstd, dw_part, db_part, dscale, dshift,
-        c, h * w, num_groups, sn, sc, shw, MODULATE=mod, SILU=silu, BLOCK=_blk(h * w),
+        c, h * w, num_groups, sn, sc, shw, MODULATE=mod, SILU=silu, **_blocks(c // num_groups, h * w),
     )
     return dx, dw_part.sum(0), db_part.sum(0), dscale, dshift
 

@@ -27,8 +27,16 @@ from torch.library import triton_op, wrap_triton
 from kernels._common import block_size, triton_available, warp_configs
 
 
+GPU_BLOCK_CAP = 2048
+
+
 def _blk(n: int) -> int:
-    return block_size(n, 2048)
+    return block_size(n, GPU_BLOCK_CAP)
+
+
+def gpu_block(n: int) -> int:
+    """The block a GPU launch uses for rows of n elements."""
+    return min(GPU_BLOCK_CAP, triton.next_power_of_2(max(n, 16)))
 
 
 def sid_loss_rows_ref(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float, upcast: bool = True):

@@ -11,6 +11,7 @@ SHAPES = [
     (1, 12, 5, 7, 3, "batch 1, HW = 35 (not a power of two), 4 channels per group"),
     (2, 32, 16, 16, 8, "HW = 256: several blocks per channel"),
     (3, 8, 4, 4, 2, "small C"),
+    (2, 24, 9, 9, 4, "6 channels per group (ADM's 192 / 32): a masked channel tile, HW = 81"),
 ]
 
 
