@@ -241,7 +241,7 @@ def _attention_cases(dtypes, space, arch):
                     todo = kept if space == "kept" else listed
                     for c in todo:
                         cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-                        est = A.smem_estimate(tune, cfg["BLOCK_M"], cfg["BLOCK_N"], common["BLOCK_D"], ELEM[dt],
+                        est = A.smem_estimate(kind, cfg["BLOCK_M"], cfg["BLOCK_N"], common["BLOCK_D"], ELEM[dt],
                                               cfg["num_stages"])
                         cases.append(Case(f"attention.{kind}", "kernels.attention", attr, shape, layout, dt,
                                           {**common, **extra}, cfg, _cfg(c) in kept_keys, est))

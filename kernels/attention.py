@@ -64,6 +64,8 @@ _TILES = {
     # Head dim <= 128 on tensor cores (ADM's 64): large tiles, 3-stage cp.async pipelines, wgmma at BLOCK_M >= 64.
     ("fwd", "small"): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
     ("bwd", "small"): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2)],
+    # TF32 (4-byte operands) at head dim <= 128: the same without M64N64 w4 s3, whose dk/dv kernel spills 128 bytes.
+    ("bwd", "small-tf32"): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (128, 32, 8, 2)],
     # Head dim 256 (DDPM++'s single head): the fp32 accumulators of [BLOCK, 256] need 8 warps or small tiles.
     # The dk/dv kernel spilled in every earlier-listed configuration that fit (M64N64 w8 s2, M64N32 w4 s2, ...).
     ("fwd", "large"): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
@@ -77,7 +79,13 @@ _TILES = {
 def tile_space(kind: str, d: int, elem: int, prec: str):
     """Autotuning candidates for the forward ("fwd") or the two backward kernels ("bwd") at head dim d, element size
     elem (bytes) and dot precision prec ("ieee" or "tf32"; fp32 "ieee" runs on FMA units and gets its own list)."""
-    tiles = _TILES[(kind, "ieee" if prec == "ieee" and elem == 4 else "small" if d <= 128 else "large")]
+    if prec == "ieee" and elem == 4:
+        cls = "ieee"
+    elif d > 128:
+        cls = "large"
+    else:
+        cls = "small-tf32" if elem == 4 and (kind, "small-tf32") in _TILES else "small"
+    tiles = _TILES[(kind, cls)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 

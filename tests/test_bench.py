@@ -44,15 +44,25 @@ def test_profiler_writes_trace_with_sid_ranges(tmp_path):
     assert "sid/fake_score_step" in text and "sid/generator_step" in text
 
 
-def test_kernel_bench_smoke(tmp_path):
+def test_acceptance_script_cpu_mode_and_kernel_bench(tmp_path):
+    """bench/acceptance.sh --cpu: the GPU acceptance run's steps at toy sizes (so the script cannot rot), with the
+    kernel benchmark's records and the rendered tables checked."""
     import os
 
-    out = tmp_path / "k.jsonl"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "bench.kernels", "--shapes", "tiny", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    out = tmp_path / "acc"
+    r = subprocess.run(["bash", "bench/acceptance.sh", "--cpu", str(out)], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    steps = {x["step"]: x for x in map(json.loads, (out / "steps.jsonl").read_text().splitlines())}
+    assert [k for k, v in steps.items() if v["rc"] == 0] == ["env", "gpu_tests", "kernels", "ladder_digits"]
+    assert steps["nsys"]["skipped"] == steps["export"]["skipped"] == "CPU mode"
+    env = json.loads((out / "env.json").read_text())
+    assert env["cpu_mode"] and env["torch"] and env["triton"]
+    summary = (out / "summary.md").read_text()
+    assert "| kernels | ok |" in summary and "| reference |" in summary  # the ladder's table is embedded
+    ladder = [json.loads(line) for line in (out / "train_step_digits.jsonl").read_text().splitlines()]
+    assert [x["mode"] for x in ladder] == ["reference"] and ladder[0]["img_per_s"] > 0
+    recs = [json.loads(line) for line in (out / "kernels.jsonl").read_text().splitlines()]
     ops = ("sid_loss", "edm_loss", "group_norm_silu")
     modes = ("fwd", "bwd", "fwd+bwd")
     mem = [x for x in recs if x["op"] != "attention"]
@@ -63,11 +73,8 @@ def test_kernel_bench_smoke(tmp_path):
     # FLOPs as documented: forward 4 N heads L^2 d for the tiny case (2, 1 head, d 16, L 16).
     fwd = [x for x in att if x["mode"] == "fwd"][0]
     assert fwd["flops"] == 4 * 2 * 1 * 16**2 * 16 and fwd["tflops"] > 0
-    # The report renders a table with every provider and a plot.
-    md, png = tmp_path / "k.md", tmp_path / "k.png"
-    r = subprocess.run([sys.executable, "-m", "bench.report", str(out), "--md", str(md), "--png", str(png)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    # The script rendered a table with every provider and a plot.
+    md, png = out / "kernels.md", out / "kernels.png"
     text = md.read_text()
     assert "### attention" in text and "### group_norm_silu" in text and "| sdpa-math |" in text
     assert text.count("\n| ") >= len(recs) and png.stat().st_size > 1000
