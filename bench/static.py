@@ -310,7 +310,7 @@ def _gn_cases(dtypes):
                 common = dict(x_ptr=p, w_ptr="*fp32", b_ptr="*fp32", scale_ptr="*fp32" if mod else "*fp32",
                               shift_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32", C=c, HW=h * w, G=groups,
                               stride_n=sn, stride_c=sc, stride_hw=shw, MODULATE=mod, SILU=True, **blocks)
-                for cfg in _elementwise(_common.warp_configs(gpu=True)):
+                for cfg in _elementwise(_common.warp_configs(gpu=True, warps=G.WARPS)):
                     cases.append(Case("group_norm_silu.fwd", "kernels.group_norm_silu", "_gn_fwd_kernel", shape, layout,
                                       name, dict(common, y_ptr=p, eps=1e-5), cfg, True))
                     cases.append(Case("group_norm_silu.bwd", "kernels.group_norm_silu", "_gn_bwd_kernel", shape, layout,

@@ -24,14 +24,14 @@ def block_size(n: int, gpu_cap: int) -> int:
     return min(64 if interpreted() else gpu_cap, triton.next_power_of_2(max(n, 16)))
 
 
-def warp_configs(gpu: bool = False):
+def warp_configs(gpu: bool = False, warps=(2, 4, 8, 16)):
     """Autotuning candidates for the memory-bound kernels: block sizes are fixed by the shape, the warp count is
     tuned on the GPU. No stage axis: the ahead-of-time survey (bench.static) found num_stages 1 and 2 compiling to
     the same code for all 336 pairs of these kernels, so timing both only doubled the autotuning. The interpreter
     cannot autotune over several configurations, so it gets one (gpu=True: the GPU list regardless)."""
     if interpreted() and not gpu:
         return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=w, num_stages=1) for w in (2, 4, 8, 16)]
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in warps]
 
 
 def nchw_strides(t: torch.Tensor):
