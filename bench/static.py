@@ -17,6 +17,10 @@ prune keeps for the case (`kept`); `--space kept` compiles only those (the CI su
 of attention tiles, for choosing the lists. The fp32 attention without TF32 ("fp32-ieee") at head dim > 64 is
 routed to EDM's attention op by the dispatcher (see kernels/attention.py), so it is recorded as routed, not compiled.
 
+Attention is compiled for four layouts: NCHW and channels_last, each with EDM's interleaved qkv channels (what
+`flash_attention` takes by default) and with the blocked order that UNetBlock feeds it (`-blocked`; q, k, v contiguous
+per head).
+
 One JSON line per compile goes to bench/results/static_sm{arch}.jsonl (appended; `bench.report` renders the last
 run). Each line: kernel, shape, layout, dtype, config, kept, arch, ok / error, registers, spill bytes, shared bytes and
 limit, fits, MMA kind and count, cp.async / TMA / vector-load counts, compile seconds, estimate of shared memory used
@@ -219,9 +223,10 @@ def _attention_cases(dtypes, space, arch):
             continue  # the wide grid compiles one shape per head dim (L and heads are runtime arguments)
         seen_d.add(d)
         L = h * w
-        for layout in ("nchw", "channels_last"):
-            sn, sc, sl = _strides(n, 3 * heads * d, h, w, layout)
-            on, oc, ol = _strides(n, heads * d, h, w, layout)
+        for layout in ("nchw", "channels_last", "nchw-blocked", "channels_last-blocked"):
+            mem = layout.split("-")[0]
+            sn, sc, sl = _strides(n, 3 * heads * d, h, w, mem)
+            on, oc, ol = _strides(n, heads * d, h, w, mem)
             for dt in dtypes:
                 prec = "tf32" if dt == "fp32-tf32" else "ieee"
                 shape = f"{label} N={n} heads={heads} d={d} L={L}"
@@ -230,7 +235,7 @@ def _attention_cases(dtypes, space, arch):
                     continue
                 common = dict(qkv_ptr=PTR[dt], lse_ptr="*fp32", L=L, H=heads, sm_scale=1.0 / d**0.5,
                               s_n=sn, s_c=sc, s_l=sl, o_n=on, o_c=oc, o_l=ol, D=d,
-                              BLOCK_D=max(16, 1 << (d - 1).bit_length()), PREC=prec)
+                              BLOCK_D=max(16, 1 << (d - 1).bit_length()), PREC=prec, BLOCKED=layout.endswith("blocked"))
                 for kind, attr, extra in (("fwd", "_fwd_kernel", dict(o_ptr=PTR[dt])),
                                           ("bwd_dkdv", "_bwd_dkdv_kernel", dict(do_ptr=PTR[dt], delta_ptr="*fp32", dqkv_ptr=PTR[dt])),
                                           ("bwd_dq", "_bwd_dq_kernel", dict(do_ptr=PTR[dt], delta_ptr="*fp32", dqkv_ptr=PTR[dt]))):
@@ -245,10 +250,11 @@ def _attention_cases(dtypes, space, arch):
                                               cfg["num_stages"])
                         cases.append(Case(f"attention.{kind}", "kernels.attention", attr, shape, layout, dt,
                                           {**common, **extra}, cfg, _cfg(c) in kept_keys, est))
-                cases.append(Case("attention.delta", "kernels.attention", "_delta_kernel", shape, layout, dt,
-                                  dict(o_ptr=PTR[dt], do_ptr=PTR[dt], delta_ptr="*fp32", L=L, H=heads, o_n=on, o_c=oc,
-                                       o_l=ol, D=d, BLOCK_D=common["BLOCK_D"], BLOCK=64),
-                                  dict(num_warps=4, num_stages=3), True))
+                if not layout.endswith("blocked"):  # the delta kernel reads o and do, whose layout has no blocks
+                    cases.append(Case("attention.delta", "kernels.attention", "_delta_kernel", shape, layout, dt,
+                                      dict(o_ptr=PTR[dt], do_ptr=PTR[dt], delta_ptr="*fp32", L=L, H=heads, o_n=on,
+                                           o_c=oc, o_l=ol, D=d, BLOCK_D=common["BLOCK_D"], BLOCK=64),
+                                      dict(num_warps=4, num_stages=3), True))
     return cases
 
 

@@ -162,11 +162,21 @@ def _prune_bwd(configs, named_args, **kwargs):
     return _prune("bwd", configs, named_args, **kwargs)
 
 
+@triton.jit
+def _chan(offs_d, j: tl.constexpr, D: tl.constexpr, BLOCKED: tl.constexpr):
+    """Channel of (c, j), j in (q, k, v), within a head's 3D channels: EDM's interleaved 3c + j, or the blocked
+    j D + c that UNetBlock produces for this kernel (contiguous q, k and v per head)."""
+    if BLOCKED:
+        return j * D + offs_d
+    else:
+        return offs_d * 3 + j
+
+
 @triton.autotune(configs=_configs("fwd"), key=["L", "D", "PREC", "s_l"], prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _fwd_kernel(qkv_ptr, o_ptr, lse_ptr, L, H, sm_scale,
                 s_n, s_c, s_l, o_n, o_c, o_l,
-                D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCKED: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One grid axis (2^31 - 1 programs; axes 1 and 2 allow 65,535) holding (sample x head, query block), query blocks
     # of one head adjacent so they share its k and v in L2.
@@ -181,7 +191,7 @@ def _fwd_kernel(qkv_ptr, o_ptr, lse_ptr, L, H, sm_scale,
     d_ok = offs_d < D
     base = qkv_ptr + n * s_n + (h * 3 * D) * s_c
     # q as [BLOCK_M, D], k as [D, BLOCK_N], v as [BLOCK_N, D]; channel of (c, j) = 3c + j.
-    q = tl.load(base + offs_m[:, None] * s_l + (offs_d[None, :] * 3) * s_c,
+    q = tl.load(base + offs_m[:, None] * s_l + _chan(offs_d[None, :], 0, D, BLOCKED) * s_c,
                 mask=(offs_m[:, None] < L) & d_ok[None, :], other=0.0)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -189,7 +199,7 @@ def _fwd_kernel(qkv_ptr, o_ptr, lse_ptr, L, H, sm_scale,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
         cols = start_n + offs_n
-        k = tl.load(base + cols[None, :] * s_l + (offs_d[:, None] * 3 + 1) * s_c,
+        k = tl.load(base + cols[None, :] * s_l + _chan(offs_d[:, None], 1, D, BLOCKED) * s_c,
                     mask=d_ok[:, None] & (cols[None, :] < L), other=0.0)
         s = tl.dot(q, k, input_precision=PREC) * qk_scale
         s = tl.where(cols[None, :] < L, s, float("-inf"))
@@ -197,7 +207,7 @@ def _fwd_kernel(qkv_ptr, o_ptr, lse_ptr, L, H, sm_scale,
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(base + cols[:, None] * s_l + (offs_d[None, :] * 3 + 2) * s_c,
+        v = tl.load(base + cols[:, None] * s_l + _chan(offs_d[None, :], 2, D, BLOCKED) * s_c,
                     mask=(cols[:, None] < L) & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
@@ -230,7 +240,7 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, L, H, o_n, o_c, o_l,
 @triton.jit
 def _bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale,
                      s_n, s_c, s_l, o_n, o_c, o_l,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCKED: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One block of BLOCK_N keys: loop over all queries, accumulate dk and dv."""
     num_n = tl.cdiv(L, BLOCK_N)
@@ -246,8 +256,8 @@ def _bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_sca
     col_ok = cols < L
     base = qkv_ptr + n * s_n + (h * 3 * D) * s_c
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(base + cols[:, None] * s_l + (offs_d[None, :] * 3 + 1) * s_c, mask=kv_mask, other=0.0)  # [N, D]
-    v = tl.load(base + cols[:, None] * s_l + (offs_d[None, :] * 3 + 2) * s_c, mask=kv_mask, other=0.0)  # [N, D]
+    k = tl.load(base + cols[:, None] * s_l + _chan(offs_d[None, :], 1, D, BLOCKED) * s_c, mask=kv_mask, other=0.0)  # [N, D]
+    v = tl.load(base + cols[:, None] * s_l + _chan(offs_d[None, :], 2, D, BLOCKED) * s_c, mask=kv_mask, other=0.0)  # [N, D]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -255,7 +265,7 @@ def _bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_sca
     for start_m in range(0, L, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < L
-        qT = tl.load(base + rows[None, :] * s_l + (offs_d[:, None] * 3) * s_c,
+        qT = tl.load(base + rows[None, :] * s_l + _chan(offs_d[:, None], 0, D, BLOCKED) * s_c,
                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)  # [D, M]
         lse = tl.load(lse_ptr + stat + rows, mask=row_ok, other=0.0)
         # p^T [N, M] = exp(k q^T * scale - lse)
@@ -271,15 +281,15 @@ def _bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_sca
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
     dk = dk * sm_scale
     dbase = dqkv_ptr + n * s_n + (h * 3 * D) * s_c
-    tl.store(dbase + cols[:, None] * s_l + (offs_d[None, :] * 3 + 1) * s_c, dk.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dbase + cols[:, None] * s_l + (offs_d[None, :] * 3 + 2) * s_c, dv.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dbase + cols[:, None] * s_l + _chan(offs_d[None, :], 1, D, BLOCKED) * s_c, dk.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dbase + cols[:, None] * s_l + _chan(offs_d[None, :], 2, D, BLOCKED) * s_c, dv.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.autotune(configs=_configs("bwd"), key=["L", "D", "PREC", "s_l"], prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale,
                    s_n, s_c, s_l, o_n, o_c, o_l,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCKED: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One block of BLOCK_M queries: loop over all keys, accumulate dq."""
     num_m = tl.cdiv(L, BLOCK_M)
@@ -295,7 +305,7 @@ def _bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale
     row_ok = rows < L
     base = qkv_ptr + n * s_n + (h * 3 * D) * s_c
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(base + rows[:, None] * s_l + (offs_d[None, :] * 3) * s_c, mask=q_mask, other=0.0)  # [M, D]
+    q = tl.load(base + rows[:, None] * s_l + _chan(offs_d[None, :], 0, D, BLOCKED) * s_c, mask=q_mask, other=0.0)  # [M, D]
     do = tl.load(do_ptr + n * o_n + (h * D + offs_d[None, :]) * o_c + rows[:, None] * o_l, mask=q_mask, other=0.0)
     lse = tl.load(lse_ptr + stat + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + stat + rows, mask=row_ok, other=0.0)
@@ -304,9 +314,9 @@ def _bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale
     for start_n in range(0, L, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < L
-        kT = tl.load(base + cols[None, :] * s_l + (offs_d[:, None] * 3 + 1) * s_c,
+        kT = tl.load(base + cols[None, :] * s_l + _chan(offs_d[:, None], 1, D, BLOCKED) * s_c,
                      mask=d_ok[:, None] & col_ok[None, :], other=0.0)  # [D, N]
-        vT = tl.load(base + cols[None, :] * s_l + (offs_d[:, None] * 3 + 2) * s_c,
+        vT = tl.load(base + cols[None, :] * s_l + _chan(offs_d[:, None], 2, D, BLOCKED) * s_c,
                      mask=d_ok[:, None] & col_ok[None, :], other=0.0)  # [D, N]
         s = tl.dot(q, kT, input_precision=PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
@@ -316,7 +326,7 @@ def _bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
     dq = dq * sm_scale
     dbase = dqkv_ptr + n * s_n + (h * 3 * D) * s_c
-    tl.store(dbase + rows[:, None] * s_l + (offs_d[None, :] * 3) * s_c, dq.to(dqkv_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(dbase + rows[:, None] * s_l + _chan(offs_d[None, :], 0, D, BLOCKED) * s_c, dq.to(dqkv_ptr.dtype.element_ty), mask=q_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,7 +346,7 @@ def _out_like(qkv: torch.Tensor, channels: int):
 
 
 @triton_op("sid_fast_kernels::edm_flash_attention", mutates_args=())
-def edm_flash_attention_op(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def edm_flash_attention_op(qkv: torch.Tensor, num_heads: int, blocked: bool) -> tuple[torch.Tensor, torch.Tensor]:
     qkv, (sn, sc, sl) = nchw_strides(qkv)
     n, c3, h, w = qkv.shape
     d, L = c3 // (3 * num_heads), h * w
@@ -345,13 +355,14 @@ def edm_flash_attention_op(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Ten
     lse = torch.empty(n * num_heads, L, device=qkv.device, dtype=torch.float32)
     grid = lambda meta: (n * num_heads * triton.cdiv(L, meta["BLOCK_M"]),)  # noqa: E731
     wrap_triton(_fwd_kernel)[grid](qkv, o, lse, L, num_heads, 1.0 / math.sqrt(d), sn, sc, sl, on, oc, ol,
-                                   D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), PREC=_precision(qkv))
+                                   D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), PREC=_precision(qkv),
+                                   BLOCKED=blocked)
     return o, lse
 
 
 @triton_op("sid_fast_kernels::edm_flash_attention_bwd", mutates_args=())
 def edm_flash_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                               num_heads: int) -> torch.Tensor:
+                               num_heads: int, blocked: bool) -> torch.Tensor:
     qkv, (sn, sc, sl) = nchw_strides(qkv)
     o, (on, oc, ol) = nchw_strides(o)
     # do must share o's layout so one set of strides addresses both.
@@ -365,22 +376,22 @@ def edm_flash_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Ten
     dqkv = torch.empty_like(qkv)
     args = (qkv, do, lse, delta, dqkv, L, num_heads, 1.0 / math.sqrt(d), sn, sc, sl, on, oc, ol)
     wrap_triton(_bwd_dkdv_kernel)[lambda meta: (n * num_heads * triton.cdiv(L, meta["BLOCK_N"]),)](
-        *args, D=d, BLOCK_D=block_d, PREC=_precision(qkv))
+        *args, D=d, BLOCK_D=block_d, PREC=_precision(qkv), BLOCKED=blocked)
     wrap_triton(_bwd_dq_kernel)[lambda meta: (n * num_heads * triton.cdiv(L, meta["BLOCK_M"]),)](
-        *args, D=d, BLOCK_D=block_d, PREC=_precision(qkv))
+        *args, D=d, BLOCK_D=block_d, PREC=_precision(qkv), BLOCKED=blocked)
     return dqkv
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, num_heads = inputs
+    qkv, num_heads, blocked = inputs
     o, lse = output
     ctx.save_for_backward(qkv, o, lse)
-    ctx.num_heads = num_heads
+    ctx.num_heads, ctx.blocked = num_heads, blocked
 
 
 def _backward(ctx, do, dlse):
     qkv, o, lse = ctx.saved_tensors
-    return edm_flash_attention_bwd_op(do, qkv, o, lse, ctx.num_heads), None
+    return edm_flash_attention_bwd_op(do, qkv, o, lse, ctx.num_heads, ctx.blocked), None, None
 
 
 torch.library.register_autograd("sid_fast_kernels::edm_flash_attention", _backward, setup_context=_setup_context)
@@ -424,6 +435,26 @@ def split_qkv(qkv: torch.Tensor, num_heads: int):
     return qkv.reshape(n * num_heads, d, 3, h * w).unbind(2)
 
 
+_ORDER_CACHE: dict = {}
+
+
+def blocked_order(num_heads: int, d: int, device) -> torch.Tensor:
+    """Index into EDM's interleaved qkv channels (head*3d + 3c + j) that lists them in the blocked order
+    (head*3d + j*d + c): qkv[:, order] is the blocked tensor, and a convolution whose weight rows and bias are gathered
+    by it computes the blocked tensor directly."""
+    key = (num_heads, d, str(device))
+    if key not in _ORDER_CACHE:
+        _ORDER_CACHE[key] = torch.arange(3 * num_heads * d, device=device).view(num_heads, d, 3).transpose(1, 2).reshape(-1)
+    return _ORDER_CACHE[key]
+
+
+def blocked_to_interleaved(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[N, heads*3*d, H, W] from the blocked channel order back to EDM's interleaved one (differentiable)."""
+    n, c3, h, w = qkv.shape
+    d = c3 // (3 * num_heads)
+    return qkv.reshape(n, num_heads, 3, d, h, w).transpose(2, 3).reshape(n, c3, h, w)
+
+
 def attention_edm(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """EDM's attention: fp32 softmax weights materialised (L x L), applied to v in the activation dtype."""
     n, c3, h, w = qkv.shape
@@ -443,8 +474,10 @@ def attention_sdpa(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return a.transpose(2, 3).reshape(n, c3 // 3, h, w)
 
 
-def flash_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Attention over EDM's qkv conv output [N, heads*3*d, H, W] -> [N, heads*d, H, W] (same memory format)."""
+def flash_attention(qkv: torch.Tensor, num_heads: int, blocked: bool = False) -> torch.Tensor:
+    """Attention over EDM's qkv conv output [N, heads*3*d, H, W] -> [N, heads*d, H, W] (same memory format).
+    blocked=True: qkv's channels are in the blocked order head*3d + j*d + c (see blocked_order), which gives the kernel
+    contiguous q, k and v per head, hence vector loads and cp.async in channels_last too."""
     if qkv.dim() != 4:
         raise ValueError(f"flash_attention: expected qkv of shape [N, heads*3*d, H, W], got {tuple(qkv.shape)}.")
     if num_heads < 1 or qkv.shape[1] % (3 * num_heads):
@@ -455,15 +488,15 @@ def flash_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     if d > 256:
         raise ValueError(f"flash_attention: head dimension {d} > 256 is not supported.")
     if not triton_available(qkv):
-        return attention_edm(qkv, num_heads)
+        return attention_edm(blocked_to_interleaved(qkv, num_heads) if blocked else qkv, num_heads)
     if routed_to_reference(d, qkv.element_size(), _precision(qkv)):
         if d not in _ROUTED_WARNED:
             _ROUTED_WARNED.add(d)
             warnings.warn(f"flash_attention: fp32 attention without TF32 at head dim {d} runs EDM's attention op, not "
                           "the Triton kernel (on FMA units it spills at every tile; kernels/attention.py, "
                           "routed_to_reference); bf16, fp16 or TF32 use the kernel.", stacklevel=2)
-        return attention_edm(qkv, num_heads)
-    return edm_flash_attention_op(qkv, int(num_heads))[0]
+        return attention_edm(blocked_to_interleaved(qkv, num_heads) if blocked else qkv, num_heads)
+    return edm_flash_attention_op(qkv, int(num_heads), bool(blocked))[0]
 
 
 _ROUTED_WARNED: set = set()

@@ -121,6 +121,22 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, scale=None, sh
                                upcast=False)
 
 
+def attention_from_conv(conv, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """attention(conv(x), num_heads) for EDM's UNetBlock, whose qkv convolution `conv` (1x1, sid_fast's Conv2d) writes
+    the interleaved channels head*3d + 3c + j. With the Triton kernel the convolution's weight rows and bias are
+    gathered into the blocked order head*3d + j*d + c first (the same products, in another channel order), so the
+    kernel reads q, k and v as contiguous runs per head: vector loads and cp.async in channels_last as in NCHW."""
+    if _selection.attention == "triton":
+        from kernels.attention import blocked_order, flash_attention
+
+        order = blocked_order(num_heads, conv.out_channels // (3 * num_heads), x.device)
+        qkv = torch.nn.functional.conv2d(x, conv.weight.to(x.dtype)[order])
+        if conv.bias is not None:  # added apart, as sid_fast.networks.layers.Conv2d does
+            qkv = qkv + conv.bias.to(x.dtype)[order].reshape(1, -1, 1, 1)
+        return flash_attention(qkv, num_heads, blocked=True)
+    return attention(conv(x), num_heads)
+
+
 def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Multi-head self-attention over EDM's qkv conv output [N, heads*3*d, H, W] -> [N, heads*d, H, W]."""
     if _selection.attention == "triton":

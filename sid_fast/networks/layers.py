@@ -216,7 +216,7 @@ class UNetBlock(torch.nn.Module):
         x = x * self.skip_scale
 
         if self.num_heads:
-            a = ops.attention(self.qkv(self.norm2(x)), self.num_heads)
+            a = ops.attention_from_conv(self.qkv, self.norm2(x), self.num_heads)
             x = (self.proj(a) + x) * self.skip_scale
         return x
 

@@ -58,6 +58,28 @@ def test_forward_backward_against_float64(shape, channels_last, dtype):
     assert ker_o.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_blocked_channel_order_matches_interleaved(channels_last):
+    """The blocked order (head*3d + j*d + c; what UNetBlock feeds the kernel) gives the interleaved layout's output,
+    and its gradient is the interleaved gradient in the blocked order; the reference fallback takes it too."""
+    from kernels.attention import blocked_order, blocked_to_interleaved
+
+    n, heads, d, h, w = 2, 2, 16, 5, 7
+    qkv, do = _inputs(n, heads, d, h, w, torch.float32, channels_last)
+    order = blocked_order(heads, d, "cpu")
+    blocked = qkv[:, order]
+    if channels_last:
+        blocked = blocked.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(blocked_to_interleaved(blocked, heads), qkv)
+    ref_o, ref_g = _run(attention_reference_fp64, qkv.double(), do.double(), heads)
+    ker_o, ker_g = _run(lambda x, k: flash_attention(x, k, blocked=True), blocked, do, heads)
+    pt_o, pt_g = _run(attention_edm, qkv, do, heads)
+    assert _err(ker_o, ref_o) <= 2 * _err(pt_o, ref_o) + 1e-6
+    assert _err(ker_g, ref_g[:, order]) <= 2 * _err(pt_g, ref_g) + 1e-6
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert ker_o.is_contiguous(memory_format=fmt)
+
+
 def test_fp32_without_tf32_above_d64_is_routed_to_edm_op():
     """fp32 IEEE attention at d > 64 runs EDM's op (same numbers, with a warning naming why); d = 64 keeps the kernel,
     as do 16-bit inputs and TF32 at any d."""
