@@ -11,7 +11,8 @@ Ops and shapes:
   and a large one ([32, 384, 64, 64]); the eager provider is F.group_norm (+ addcmul) + F.silu.
 - `attention` (kernels/attention.py) on EDM's qkv layout: DDPM++ CIFAR-10 at micro-batch 64 (1 head x 256 at L=256
   and L=64) and ADM ImageNet-64 at micro-batch 32 (6, 9, 12 heads x 64 at L=1024, 256, 64), plus L=4096 (64x64).
-  Providers: the kernel, EDM's reference op ("edm"), every SDPA backend that accepts the shape (flash,
+  Providers: the kernel (NCHW; on CUDA also channels_last with EDM's interleaved qkv order and with the blocked order
+  UNetBlock feeds it), EDM's reference op ("edm"), every SDPA backend that accepts the shape (flash,
   efficient, cudnn, math; each with the transposes from and to EDM's layout) and xformers where it imports.
   FLOPs: forward 4 N heads L^2 d (two matmuls), backward 10 N heads L^2 d (five matmuls; recomputation not
   counted), fwd+bwd 14 N heads L^2 d. Peak memory: torch.cuda.max_memory_allocated above the inputs, per mode.
@@ -155,6 +156,13 @@ def attention_cases(n, heads, d, res, dtype, device):
     qkv = torch.randn(n, heads * 3 * d, res, res, device=device, generator=g).to(dtype)
     providers = {"triton": _modes(lambda x: flash_attention(x, heads), [qkv], []),
                  "edm": _modes(lambda x: attention_edm(x, heads), [qkv], [])}
+    if device.type == "cuda":  # the kernel in channels_last: EDM's interleaved qkv order, and the blocked order UNetBlock feeds it
+        from kernels.attention import blocked_order
+
+        cl = qkv.contiguous(memory_format=torch.channels_last)
+        blk = qkv[:, blocked_order(heads, d, device)].contiguous(memory_format=torch.channels_last)
+        providers["triton-channels_last"] = _modes(lambda x: flash_attention(x, heads), [cl], [])
+        providers["triton-channels_last-blocked"] = _modes(lambda x: flash_attention(x, heads, blocked=True), [blk], [])
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = {"sdpa-math": SDPBackend.MATH}

@@ -58,8 +58,8 @@ def wide_space(d: int, prec: str = "tf32"):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen from `bench.static --space wide` on sm_90 (triton 3.7.1): every
-# entry compiles with zero spill bytes for bf16 and fp16, NCHW and channels_last, at the official shapes; the prune
-# drops those whose shared memory would not fit the device (A100: 163 KB, H100: 227 KB per block).
+# entry compiles with zero spill bytes at the official shapes in every layout; _SPILL_BEFORE_SM90 drops those that
+# spill on sm_80, and the prune those whose shared memory would not fit the device (A100: 163 KB, H100: 227 KB).
 _TILES = {
     # Head dim <= 128 on tensor cores (ADM's 64): large tiles, 3-stage cp.async pipelines, wgmma at BLOCK_M >= 64.
     ("fwd", "small"): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
@@ -69,23 +69,37 @@ _TILES = {
     # Head dim 256 (DDPM++'s single head): the fp32 accumulators of [BLOCK, 256] need 8 warps or small tiles.
     # The dk/dv kernel spilled in every earlier-listed configuration that fit (M64N64 w8 s2, M64N32 w4 s2, ...).
     ("fwd", "large"): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
-    ("bwd", "large"): [(64, 32, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2), (16, 32, 8, 2)],
+    ("bwd", "large"): [(64, 32, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)],
     # fp32 without TF32 at head dim <= 64 (FMA units): only tiles whose register tiles do not spill.
     ("fwd", "ieee"): [(32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (16, 64, 8, 2)],
     ("bwd", "ieee"): [(32, 64, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 2)],
 }
 
 
-def tile_space(kind: str, d: int, elem: int, prec: str):
+# Entries that spill before Hopper (sm_80's mma.sync keeps more in registers than wgmma), by (kind, class, element
+# size), from bench.static's sm_80 survey; dropped on devices of compute capability below 9.0.
+_SPILL_BEFORE_SM90 = {
+    ("fwd", "small", 4): {(64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 3)},
+    ("bwd", "small", 2): {(64, 64, 4, 3), (64, 64, 8, 2)},
+    ("bwd", "small-tf32", 4): {(32, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)},
+    ("bwd", "large", 2): {(64, 16, 8, 2), (64, 32, 8, 2)},
+    ("bwd", "large", 4): {(16, 32, 8, 2)},
+    ("bwd", "ieee", 4): {(32, 32, 4, 2), (32, 64, 8, 2)},
+}
+
+
+def tile_space(kind: str, d: int, elem: int, prec: str, arch: int = 90):
     """Autotuning candidates for the forward ("fwd") or the two backward kernels ("bwd") at head dim d, element size
-    elem (bytes) and dot precision prec ("ieee" or "tf32"; fp32 "ieee" runs on FMA units and gets its own list)."""
+    elem (bytes) and dot precision prec ("ieee" or "tf32"; fp32 "ieee" runs on FMA units and gets its own list), for
+    compute capability arch (major * 10 + minor)."""
     if prec == "ieee" and elem == 4:
         cls = "ieee"
     elif d > 128:
         cls = "large"
     else:
         cls = "small-tf32" if elem == 4 and (kind, "small-tf32") in _TILES else "small"
-    tiles = _TILES[(kind, cls)]
+    drop = _SPILL_BEFORE_SM90.get((kind, cls, elem), set()) if arch < 90 else set()
+    tiles = [t for t in _TILES[(kind, cls)] if t not in drop]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
@@ -148,8 +162,9 @@ def _prune(kind, configs, named_args, **kwargs):
     qkv = named_args["qkv_ptr"]
     d = kwargs.get("D", named_args.get("D"))
     prec = kwargs.get("PREC", named_args.get("PREC"))
+    major, minor = torch.cuda.get_device_capability(qkv.device) if qkv.is_cuda else (9, 0)
     wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-              for c in tile_space(kind, d, qkv.element_size(), prec)}
+              for c in tile_space(kind, d, qkv.element_size(), prec, 10 * major + minor)}
     listed = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
     return prune_tiles(listed, kind, d, qkv.element_size(), prec, _device_smem(qkv))
 
