@@ -240,9 +240,9 @@ def _attention_cases(dtypes, space, arch):
                                           ("bwd_dkdv", "_bwd_dkdv_kernel", dict(do_ptr=PTR[dt], delta_ptr="*fp32", dqkv_ptr=PTR[dt])),
                                           ("bwd_dq", "_bwd_dq_kernel", dict(do_ptr=PTR[dt], delta_ptr="*fp32", dqkv_ptr=PTR[dt]))):
                     tune = "fwd" if kind == "fwd" else "bwd"
-                    # Listed: the whole list (the Hopper one); kept: what the autotuner may time on this arch
-                    # (entries known to spill before sm_90 dropped, then the shared-memory prune).
-                    listed = A.tile_space(tune, d, ELEM[dt], prec, 90) if space != "wide" else A.wide_space(d, prec)
+                    # Listed: the whole list; kept: what the autotuner may time on this arch (the entries known
+                    # to spill there dropped, then the shared-memory prune).
+                    listed = A.tile_space(tune, d, ELEM[dt], prec, None) if space != "wide" else A.wide_space(d, prec)
                     kept = A.prune_tiles(A.tile_space(tune, d, ELEM[dt], prec, arch) if space != "wide" else listed,
                                          tune, d, ELEM[dt], prec, SMEM_LIMIT[arch])
                     kept_keys = {_cfg(c) for c in kept}

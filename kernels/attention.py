@@ -57,9 +57,10 @@ def wide_space(d: int, prec: str = "tf32"):
             for m in sizes for n in sizes for w in (4, 8) for s in (1, 2, 3)]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen from `bench.static --space wide` on sm_90 (triton 3.7.1): every
-# entry compiles with zero spill bytes at the official shapes in every layout; _SPILL_BEFORE_SM90 drops those that
-# spill on sm_80, and the prune those whose shared memory would not fit the device (A100: 163 KB, H100: 227 KB).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen from `bench.static --space wide` on sm_90 (triton 3.7.1, bf16
+# and fp32 IEEE) to compile without spills at the official shapes; the exclusions below drop what the full surveys
+# (sm_90 and sm_80, triton 3.7.1 and 3.6.0) found spilling, and the prune what would not fit the device's shared
+# memory (A100: 163 KB, H100: 227 KB per block).
 _TILES = {
     # Head dim <= 128 on tensor cores (ADM's 64): large tiles, 3-stage cp.async pipelines, wgmma at BLOCK_M >= 64.
     ("fwd", "small"): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
@@ -76,29 +77,39 @@ _TILES = {
 }
 
 
-# Entries that spill before Hopper (sm_80's mma.sync keeps more in registers than wgmma), by (kind, class, element
-# size), from bench.static's sm_80 survey; dropped on devices of compute capability below 9.0.
+# Entries found spilling by bench.static (both triton 3.7.1 and 3.6.0, the version on the GPU machines this project
+# is lent), by (kind, class, element size): on sm_90 (dropped on every device), and in addition on sm_80, whose
+# mma.sync keeps more in registers than wgmma (dropped below compute capability 9.0).
+_SPILL_ON_SM90 = {
+    ("fwd", "large", 4): {(32, 64, 8, 2)},
+    ("bwd", "large", 2): {(64, 16, 8, 2), (64, 32, 8, 2)},
+    ("bwd", "large", 4): {(64, 32, 8, 2)},
+    ("bwd", "ieee", 4): {(32, 32, 4, 2), (32, 64, 8, 2)},
+}
 _SPILL_BEFORE_SM90 = {
     ("fwd", "small", 4): {(64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 3)},
+    ("fwd", "ieee", 4): {(64, 32, 8, 2)},
     ("bwd", "small", 2): {(64, 64, 4, 3), (64, 64, 8, 2)},
-    ("bwd", "small-tf32", 4): {(32, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)},
-    ("bwd", "large", 2): {(64, 16, 8, 2), (64, 32, 8, 2)},
-    ("bwd", "large", 4): {(16, 32, 8, 2)},
-    ("bwd", "ieee", 4): {(32, 32, 4, 2), (32, 64, 8, 2)},
+    ("bwd", "small-tf32", 4): {(32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)},
+    ("bwd", "large", 4): {(16, 32, 8, 2), (64, 16, 8, 2)},
+    ("bwd", "ieee", 4): {(32, 32, 8, 2)},
 }
 
 
-def tile_space(kind: str, d: int, elem: int, prec: str, arch: int = 90):
+def tile_space(kind: str, d: int, elem: int, prec: str, arch: int | None = 90):
     """Autotuning candidates for the forward ("fwd") or the two backward kernels ("bwd") at head dim d, element size
     elem (bytes) and dot precision prec ("ieee" or "tf32"; fp32 "ieee" runs on FMA units and gets its own list), for
-    compute capability arch (major * 10 + minor)."""
+    compute capability arch (major * 10 + minor); arch=None: the whole list, before the spill exclusions."""
     if prec == "ieee" and elem == 4:
         cls = "ieee"
     elif d > 128:
         cls = "large"
     else:
         cls = "small-tf32" if elem == 4 and (kind, "small-tf32") in _TILES else "small"
-    drop = _SPILL_BEFORE_SM90.get((kind, cls, elem), set()) if arch < 90 else set()
+    drop = set()
+    if arch is not None:
+        drop = _SPILL_ON_SM90.get((kind, cls, elem), set()) | (
+            _SPILL_BEFORE_SM90.get((kind, cls, elem), set()) if arch < 90 else set())
     tiles = [t for t in _TILES[(kind, cls)] if t not in drop]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
