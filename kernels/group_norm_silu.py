@@ -32,7 +32,6 @@ from torch.library import triton_op, wrap_triton
 
 from kernels._common import block_size, interpreted, nchw_strides, triton_available, warp_configs
 
-
 # Elements per tile on the GPU (a tile is [BLOCK_HW pixels, BLOCK_C channels] of one group). 2048 spilled at 2 warps
 # for ADM's 18-channel groups (bench.static); 1024 compiles without spills for every official shape and warp count.
 ELEMS_GPU = 1024

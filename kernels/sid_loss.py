@@ -26,7 +26,6 @@ from torch.library import triton_op, wrap_triton
 
 from kernels._common import block_size, triton_available, warp_configs
 
-
 GPU_BLOCK_CAP = 2048
 
 
