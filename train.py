@@ -47,7 +47,7 @@ from sid_fast.training.config import PRESETS, ConfigError, resolve_config
 @click.option("--compile", "compile", help="torch.compile the networks", is_flag=True, default=None)
 @click.option("--compile-backend", "compile_backend", help="torch.compile backend", type=click.Choice(["inductor", "aot_eager", "eager"]))
 @click.option("--cuda-graphs", "cuda_graphs", help="CUDA graphs via torch.compile mode reduce-overhead (CUDA only)", is_flag=True, default=None)
-@click.option("--checkpointing", help="Generator phase activation checkpointing", type=click.Choice(["none", "nets", "blocks"]))
+@click.option("--checkpointing", help="Activation checkpointing: nets/blocks (teacher and fake score, generator phase) or selective (every network with gradient, per UNet block, recomputing memory-bound ops only)", type=click.Choice(["none", "nets", "blocks", "selective"]))
 @click.option("--optimizer", help="adam (official), foreach or fused Adam (the latter two with foreach EMA)", type=click.Choice(["adam", "foreach", "fused"]))
 @click.option("--kernels", help="Fused Triton kernels: none, all, or a comma list (sid_loss,edm_loss,group_norm_silu,attention; sdpa for PyTorch's attention)", metavar="LIST", type=str)
 # Schedule and I/O.
@@ -97,7 +97,8 @@ def main(preset, dry_run, **flags):
     except torch.cuda.OutOfMemoryError:
         raise click.ClickException(
             "Out of GPU memory. Lower --batch-gpu (more accumulation rounds give the same batch), "
-            "or use activation checkpointing once available."
+            "or recompute activations with --checkpointing selective (or nets); python -m bench.memory predicts the "
+            "largest batch that fits."
         ) from None
 
 

@@ -10,6 +10,7 @@
 #   gpu_tests    the pytest tests marked gpu (kernels vs float64 at EDM shapes, compile, export)  -> gpu_tests.log
 #   kernels      kernel benchmarks at the official shapes (bench.kernels)               -> kernels.jsonl/.md/.png
 #   ladder_*     the training-step ladder for cifar10, then imagenet64 if time remains  -> train_step_*.jsonl/.md/.png
+#   memory       bench.memory: cifar10 rungs on CUDA, torch.cuda.max_memory_allocated vs the prediction -> memory.jsonl/.md
 #   nsys         one Nsight Systems capture of the bf16+kernels+compile step, if nsys is on PATH
 #   export       CUDA export of a generator and the native sampler (cmake + ctest native_smoke) if cmake exists
 # steps.jsonl holds one line per step (name, rc, seconds, log); summary.md gathers the tables.
@@ -79,11 +80,14 @@ if [ $cpu = 1 ]; then
   step kernels 240 $py -m bench.kernels --shapes tiny --out "$out/kernels.jsonl"
   step ladder_digits 240 $py -m bench.train_step --config digits --batch-gpu 4 --steps 1 --warmup 1 \
     --rungs reference --out "$out/train_step_digits.jsonl"
+  step memory 120 $py -m bench.memory --configs cifar10 --rungs reference --out "$out/memory.jsonl"
 else
   step gpu_tests 150 $py -m pytest -q -m gpu tests -p no:cacheprovider
   step kernels 110 $py -m bench.kernels --out "$out/kernels.jsonl"
   step ladder_cifar10 170 $py -m bench.train_step --config cifar10 --batch-gpu 64 --steps 8 --warmup 2 \
     --out "$out/train_step_cifar10.jsonl"
+  step memory 90 $py -m bench.memory --device cuda --configs cifar10 --rungs reference,bf16,+kernels,+ckpt_nets \
+    --batches 8,16 --out "$out/memory.jsonl"
   if [ $((budget - SECONDS)) -gt 150 ]; then
     step ladder_imagenet64 120 $py -m bench.train_step --config imagenet64 --batch-gpu 32 --steps 5 --warmup 2 \
       --rungs reference,bf16,+channels_last,+kernels,+checkpointing --out "$out/train_step_imagenet64.jsonl"
@@ -113,6 +117,9 @@ for f in "$out"/kernels.jsonl "$out"/train_step_*.jsonl; do
   b=${f%.jsonl}
   $py -m bench.report "$f" --md "$b.md" --png "$b.png" >> "$out/report.log" 2>&1 || echo "report failed for $f" >> "$out/report.log"
 done
+if [ -s "$out/memory.jsonl" ]; then
+  $py -m bench.report "$out/memory.jsonl" --md "$out/memory.md" >> "$out/report.log" 2>&1 || echo "report failed for memory.jsonl" >> "$out/report.log"
+fi
 $py - "$out" <<'EOF'
 import json, sys
 from pathlib import Path

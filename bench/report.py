@@ -1,4 +1,5 @@
-"""Render benchmark results (JSON lines from bench/kernels.py or bench/train_step.py) as markdown and a PNG plot.
+"""Render benchmark results (JSON lines from bench/kernels.py, train_step.py, static.py or memory.py) as markdown and
+a PNG plot (kernels and training-step ladders).
 
     python -m bench.report bench/results/kernels.jsonl --md bench/results/kernels.md --png bench/results/kernels.png
     python -m bench.report bench/results/train_step.jsonl --md ladder.md --png ladder.png
@@ -24,9 +25,9 @@ from pathlib import Path
 
 def load(path) -> list[dict]:
     recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if r.get("bench") in ("kernels", "train_step", "static")]
+    recs = [r for r in recs if r.get("bench") in ("kernels", "train_step", "static", "memory")]
     if not recs:
-        raise SystemExit(f"{path}: no benchmark records (bench 'kernels', 'train_step' or 'static').")
+        raise SystemExit(f"{path}: no benchmark records (bench 'kernels', 'train_step', 'static' or 'memory').")
     kind = recs[-1]["bench"]
     recs = [r for r in recs if r["bench"] == kind]
     last = recs[-1].get("timestamp")  # environment() stamps every record of one run with the same time
@@ -116,9 +117,29 @@ def static_markdown(recs: list[dict]) -> str:
     return "\n".join(out)
 
 
+def memory_markdown(recs: list[dict]) -> str:
+    """bench.memory: per config and rung, the generator phase's bytes per image against the reference rung."""
+    MiB, GiB = 2**20, 2**30
+    rows = ["| config | rung | generator held MiB/img | vs reference | saved (hooks) MiB/img | backward peak MiB/img "
+            "+ per batch | fake-score phase held MiB/img | recompute FLOPs | static GiB | batch-gpu fits 80 / 141 GB |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        g, f, d = r["generator"], r["fake_score"], r.get("derived", {})
+        ratio = (d.get("held_vs_reference") or {}).get("generator")
+        fits = d.get("batch_gpu_fits", {})
+        rows.append(f"| {r['config']} | {r['mode']} | {g['held']['per_image'] / MiB:.1f} | {_fmt(ratio, '.3f')}x | "
+                    f"{g['saved']['per_image'] / MiB:.1f} | {g['bwd_peak']['per_image'] / MiB:.1f} + "
+                    f"{g['bwd_peak']['intercept'] / MiB:.0f} | {f['held']['per_image'] / MiB:.1f} | "
+                    f"{_fmt(100 * d.get('recompute_flops_fraction', float('nan')), '.1f')}% | "
+                    f"{r['static']['total'] / GiB:.2f} | {fits.get('80GB', 'n/a')} / {fits.get('141GB', 'n/a')} |")
+    return "\n".join(rows)
+
+
 def markdown(recs: list[dict]) -> str:
     if recs[0]["bench"] == "static":
         return static_markdown(recs)
+    if recs[0]["bench"] == "memory":
+        return memory_markdown(recs)
     if recs[0]["bench"] == "train_step":
         return ladder_markdown(recs)
     env = recs[0]
@@ -150,8 +171,8 @@ def markdown(recs: list[dict]) -> str:
 
 
 def plot(recs: list[dict], path) -> None:
-    if recs[0]["bench"] == "static":
-        raise SystemExit("bench.report: a static survey has no plot; use --md.")
+    if recs[0]["bench"] in ("static", "memory"):
+        raise SystemExit(f"bench.report: {recs[0]['bench']} results have no plot; use --md.")
     if recs[0]["bench"] == "train_step":
         return ladder_plot(recs, path)
     import matplotlib

@@ -14,8 +14,9 @@ def interpreted() -> bool:
 
 
 def triton_available(t: torch.Tensor) -> bool:
-    """Kernels run on CUDA tensors, or on any tensor under the interpreter; elsewhere the reference runs."""
-    return t.is_cuda or interpreted()
+    """Kernels run on CUDA tensors, or on any tensor under the interpreter; elsewhere the reference runs. On the meta
+    device the kernel ops run their shape functions (memory accounting, bench.memory)."""
+    return t.is_cuda or t.is_meta or interpreted()
 
 
 def block_size(n: int, gpu_cap: int) -> int:

@@ -9,8 +9,11 @@ applied, so that the trainer's phases contain the algorithm only. The options:
   layer, fp32 mapping network, preconditioning, softmax, losses, w, optimizer state), and stores the frozen teacher's
   weights in bf16. G_ema samples (snapshots, metrics) stay fp32.
 - channels_last: networks and their image inputs in NHWC memory format (the kernels read both layouts).
-- checkpointing (generator phase only): `nets` recomputes the teacher's and the fake score's forwards during
-  backward (only their inputs are kept); `blocks` does it per UNet block, which keeps the block outputs.
+- checkpointing: `nets` recomputes the teacher's and the fake score's forwards during the generator phase's backward
+  (only their inputs are kept); `blocks` does it per UNet block, which keeps the block outputs; `selective` runs every
+  network that records gradients (G, teacher and fake score in the generator phase, the fake score in its own phase)
+  with per-block selective checkpointing: the outputs of dense convolutions, matmuls and attention are kept, the
+  memory-bound rest (GroupNorm, SiLU, dropout, adds, weight casts) is recomputed (no tensor-core FLOPs added).
 - optimizer: `adam` is the official torch.optim.Adam (PyTorch picks foreach on CUDA by itself); `foreach` and `fused`
   force those implementations, and their runs update the EMA with one foreach lerp (same arithmetic, fewer launches).
 - compile / cuda_graphs: torch.compile of each network call site (mode "reduce-overhead" captures CUDA graphs).
@@ -74,24 +77,26 @@ def image_format(cfg, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _blocks_checkpointed(blocks):
-    """Every UNetBlock in `blocks` recomputes its activations in backward for the forwards run inside."""
+def _blocks_checkpointed(blocks, mode: str):
+    """Every UNetBlock in `blocks` checkpoints its activations ("full" or "selective") for the forwards run inside."""
     for b in blocks:
-        b.checkpoint_activations = True
+        b.checkpoint_activations = mode
     try:
         yield
     finally:
         for b in blocks:
-            b.checkpoint_activations = False
+            b.checkpoint_activations = None
 
 
-def _site(cfg, fn, name: str, checkpoint_net: torch.nn.Module | None = None) -> Callable:
+def _site(cfg, fn, name: str, checkpoint_net: torch.nn.Module | None = None,
+          modes=("nets", "blocks", "selective")) -> Callable:
     """fn(x, sigma, labels, **kw) with x in the run's memory format, compiled if asked, inside an NVTX range; with
-    `checkpoint_net` its activations are recomputed in backward (--checkpointing nets: the whole forward; blocks: per
-    UNet block of that network)."""
+    `checkpoint_net` and --checkpointing in `modes` its activations are recomputed in backward (nets: the whole
+    forward; blocks: per UNet block; selective: per UNet block, keeping convolution, matmul and attention outputs)."""
     compiled = maybe_compile(fn, cfg)
-    mode = cfg.checkpointing if checkpoint_net is not None else "none"
-    blocks = [m for m in checkpoint_net.modules() if isinstance(m, UNetBlock)] if mode == "blocks" else []
+    mode = cfg.checkpointing if checkpoint_net is not None and cfg.checkpointing in modes else "none"
+    block_mode = {"blocks": "full", "selective": "selective"}.get(mode)
+    blocks = [m for m in checkpoint_net.modules() if isinstance(m, UNetBlock)] if block_mode else []
 
     def call(x, sigma, labels, **kw):
         x = image_format(cfg, x)
@@ -100,7 +105,7 @@ def _site(cfg, fn, name: str, checkpoint_net: torch.nn.Module | None = None) -> 
                 from torch.utils.checkpoint import checkpoint
 
                 return checkpoint(compiled, x, sigma, labels, use_reentrant=False, **kw)
-            with _blocks_checkpointed(blocks):
+            with _blocks_checkpointed(blocks, block_mode):
                 return compiled(x, sigma, labels, **kw)
 
     return call
@@ -120,9 +125,9 @@ class CallSites:
 
 def call_sites(cfg, teacher, G, fake, G_ddp, fake_ddp) -> CallSites:
     return CallSites(
-        G_train=_site(cfg, G_ddp, "sid/generator"),
+        G_train=_site(cfg, G_ddp, "sid/generator", checkpoint_net=G, modes=("selective",)),
         G_eval=_site(cfg, G, "sid/generator"),
-        fake_train=_site(cfg, fake_ddp, "sid/fake_score"),
+        fake_train=_site(cfg, fake_ddp, "sid/fake_score", checkpoint_net=fake, modes=("selective",)),
         fake_eval=_site(cfg, fake, "sid/fake_score", checkpoint_net=fake),
         teacher=_site(cfg, teacher, "sid/teacher", checkpoint_net=teacher),
         update_ema=update_ema if cfg.optimizer == "adam" else update_ema_foreach,

@@ -54,12 +54,14 @@ def test_acceptance_script_cpu_mode_and_kernel_bench(tmp_path):
                        env=dict(os.environ, TRITON_INTERPRET="1"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     steps = {x["step"]: x for x in map(json.loads, (out / "steps.jsonl").read_text().splitlines())}
-    assert [k for k, v in steps.items() if v["rc"] == 0] == ["env", "gpu_tests", "kernels", "ladder_digits"]
+    assert [k for k, v in steps.items() if v["rc"] == 0] == ["env", "gpu_tests", "kernels", "ladder_digits", "memory"]
     assert steps["nsys"]["skipped"] == steps["export"]["skipped"] == "CPU mode"
     env = json.loads((out / "env.json").read_text())
     assert env["cpu_mode"] and env["torch"] and env["triton"]
     summary = (out / "summary.md").read_text()
     assert "| kernels | ok |" in summary and "| reference |" in summary  # the ladder's table is embedded
+    # the memory table: the reference generator phase of CIFAR-10 DDPM++ holds 352.6 MiB per image (bench.memory)
+    assert "| cifar10 | reference | 352.6 | 1.000x |" in (out / "memory.md").read_text()
     ladder = [json.loads(line) for line in (out / "train_step_digits.jsonl").read_text().splitlines()]
     assert [x["mode"] for x in ladder] == ["reference"] and ladder[0]["img_per_s"] > 0
     recs = [json.loads(line) for line in (out / "kernels.jsonl").read_text().splitlines()]

@@ -73,14 +73,17 @@ def test_compiled_steps_match_reference_without_recompiles(teacher_file, referen
 
 def test_checkpointed_and_plain_generator_steps_give_equal_gradients(teacher_file):
     grads = {}
-    for mode in ("none", "nets", "blocks"):
-        tr = cpu_trainer(cfg_for(teacher_file, dropout=0.0, augment=0.0, checkpointing=mode))
+    for mode in ("none", "nets", "blocks", "selective"):
+        # dropout > 0: "selective" recomputes G's dropout in backward, which must redraw the same masks
+        tr = cpu_trainer(cfg_for(teacher_file, dropout=0.1, augment=0.0, checkpointing=mode))
         tr.fake_score_phase()
-        tr.opt_g.step = lambda: None  # keep the gradients of one generator phase
+        # the gradients of one generator phase, read where the optimizer would step (they are freed after it)
+        tr.opt_g.step = lambda tr=tr, mode=mode: grads.__setitem__(
+            mode, {n: p.grad.clone() for n, p in tr.G.named_parameters() if p.grad is not None})
         tr.generator_phase()
-        grads[mode] = {n: p.grad.clone() for n, p in tr.G.named_parameters() if p.grad is not None}
+        assert all(p.grad is None for p in tr.G.parameters())
     assert grads["none"] and any(g.abs().max() > 0 for g in grads["none"].values())
-    for mode in ("nets", "blocks"):
+    for mode in ("nets", "blocks", "selective"):
         assert grads[mode].keys() == grads["none"].keys()
         for n, g in grads["none"].items():
             torch.testing.assert_close(grads[mode][n], g, rtol=1e-5, atol=1e-8, msg=f"{mode}: {n}")

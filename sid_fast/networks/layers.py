@@ -189,15 +189,19 @@ class UNetBlock(torch.nn.Module):
             self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
-    # sid_fast: when True (set by sid_fast.perf around the generator phase's teacher and fake-score calls) and autograd is
-    # recording, the block keeps only its inputs and recomputes its activations during backward.
-    checkpoint_activations = False
+    # sid_fast: set by sid_fast.perf around the network calls of a step that runs with --checkpointing. While autograd
+    # records, "full" keeps only the block's inputs and recomputes all of its activations in backward; "selective"
+    # keeps the outputs of its dense convolutions, matmuls and attention and recomputes the rest (GroupNorm, SiLU,
+    # dropout with the same RNG draws, adds, dtype casts, resampling filters), see `selective_checkpoint_policy`.
+    checkpoint_activations: str | None = None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_activations and torch.is_grad_enabled() and (x.requires_grad or emb.requires_grad):
+        mode = self.checkpoint_activations
+        if mode and torch.is_grad_enabled() and (x.requires_grad or emb.requires_grad or self.conv0.weight.requires_grad):
             from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
+            extra = dict(context_fn=_selective_context) if mode == "selective" else {}
+            return checkpoint(self._forward, x, emb, use_reentrant=False, **extra)
         return self._forward(x, emb)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -219,6 +223,36 @@ class UNetBlock(torch.nn.Module):
             a = ops.attention_from_conv(self.qkv, self.norm2(x), self.num_heads)
             x = (self.proj(a) + x) * self.skip_scale
         return x
+
+
+def selective_checkpoint_policy(ctx, op, *args, **kwargs):
+    """What a block checkpointed with "selective" keeps: the outputs of dense convolutions (groups == 1), matmuls and
+    attention, whose recomputation would cost tensor-core FLOPs; everything else is memory-bound and recomputed in
+    backward (GroupNorm+SiLU, dropout masks, adds, per-layer weight casts, depthwise resampling filters)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    if op is aten.convolution.default:
+        keep = args[8] == 1  # groups
+    elif getattr(op, "namespace", None) == "sid_fast_kernels":
+        keep = op.name() == _KERNEL_ATTENTION
+    else:
+        keep = op in _SAVED_OPS
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAVED_OPS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                        torch.ops.aten._scaled_dot_product_flash_attention.default,
+                        torch.ops.aten._scaled_dot_product_cudnn_attention.default})
+_KERNEL_ATTENTION = "sid_fast_kernels::edm_flash_attention"  # registered by kernels/attention.py when imported
+
+
+def _selective_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(selective_checkpoint_policy)
 
 
 # ----------------------------------------------------------------------------

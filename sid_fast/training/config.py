@@ -54,7 +54,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile of the three networks
     compile_backend: str = "inductor"  # aot_eager traces the same graphs without code generation (CPU tests)
     cuda_graphs: bool = False  # compile mode "reduce-overhead" (CUDA only; implies compile)
-    checkpointing: str = "none"  # generator phase: none, nets (teacher + fake score), blocks (per UNet block)
+    checkpointing: str = "none"  # none, nets / blocks (teacher + fake score, generator phase), selective (sid_fast.perf)
     optimizer: str = "adam"  # adam (official), foreach, fused (+ foreach EMA)
     kernels: str = "none"  # none, all, or a comma list of sid_loss,edm_loss,group_norm_silu,attention (or sdpa)
     # Schedule.
@@ -115,7 +115,7 @@ PRESETS: dict[str, dict] = {
 }
 
 PRECISIONS = ("fp32", "fp16", "tf32", "bf16")
-CHECKPOINTING = ("none", "nets", "blocks")
+CHECKPOINTING = ("none", "nets", "blocks", "selective")
 OPTIMIZERS = ("adam", "foreach", "fused")
 METRICS = ("fid", "fd-digits", "none")
 

@@ -151,7 +151,9 @@ class SiDTrainer:
         net.load_state_dict(state)
         return net.to(self.device)
 
-    def _gen(self, phase: int, rnd: int) -> torch.Generator:
+    def _gen(self, phase: int, rnd: int) -> torch.Generator | None:
+        if self.device.type == "meta":  # memory accounting (bench.memory): draws have shapes, no values
+            return None
         it = self.cur_nimg // self.cfg.batch
         m = self.rank * self.rounds + rnd
         return torch.Generator(device=self.device).manual_seed(_seed_for(self.cfg.seed, it, phase, m))
@@ -193,6 +195,9 @@ class SiDTrainer:
         self.stats.add(**{bad_slot: bad.double()})
         with annotate("sid/optimizer"):
             opt.step()
+        # The gradients are dead from here (each phase starts from zero): freed now, they no longer sit through the
+        # other phase (the official loop keeps them until its next zero_grad; bench.memory counts the difference).
+        opt.zero_grad(set_to_none=True)
         net.eval().requires_grad_(False)
         return bad
 

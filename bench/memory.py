@@ -1,0 +1,375 @@
+"""Exact memory accounting of a SiD step, on the CPU: bytes held for backward, peaks, static bytes, recompute FLOPs.
+
+    python -m bench.memory                                   # cifar10, ffhq64, imagenet64; every rung
+    python -m bench.memory --configs cifar10 --rungs reference,+kernels --batches 2,4
+    python -m bench.memory --device cuda --configs cifar10 --batches 8,16    # prediction vs the CUDA allocator
+
+Memory depends on shapes and dtypes, not on the device, so the trainer's own phases (`SiDTrainer.fake_score_phase`,
+`generator_phase`) run here on the meta device: every tensor has a shape, a dtype and a storage but no values, the
+Triton kernel ops run their shape functions, and a full ImageNet-64 step takes seconds. Two instruments watch them:
+
+- the ledger (a TorchDispatchMode): every storage an op creates is counted from its allocation until its last
+  reference dies (a weakref finaliser on the storage); views and in-place results add nothing. From it: `held`, the
+  bytes allocated in the phase that are alive when backward starts (what the graph keeps: saved activations,
+  checkpoints' stashed inputs, the outputs the trainer holds); `bwd_peak`, the most bytes alive during backward
+  (recomputation, gradients of the activations and of the trained parameters included); `peak`, the most alive at any
+  time in the phase. Each storage is attributed to the network whose forward allocated it (G, teacher, fake score;
+  "loss" for the rest of the phase). Python's cyclic garbage collector is paused during a phase, so that a storage
+  kept by a reference cycle counts until the phase ends (an upper bound that does not depend on when a collection
+  happens to run).
+- `torch.autograd.graph.saved_tensors_hooks`: the unique storages packed for backward, parameters excluded (`saved`).
+  Tensors saved inside a checkpointed region are not packed (they are recomputed), and a checkpoint's stashed inputs
+  are not packed either: `held` is the complete figure, `saved` the classic one.
+
+Each quantity is measured at two batch sizes per GPU and reported per image (the slope) and per batch (the
+intercept: weight casts, per-layer bf16 copies, the trained network's gradients). Static bytes are counted after a
+warm step: the parameters and buffers of the four networks, the gradients that outlive their phase and the Adam
+states. FLOPs per phase come from torch.utils.flop_counter (with formulas for the Triton attention op); a
+checkpointing policy's recomputation is the difference to the same rung without it. The largest batch-gpu that fits
+a GPU: static + the larger phase peak, with --headroom-gib left for the CUDA context, cuDNN workspaces and allocator
+slack (not modelled). The fake-score phase runs without augmentation (EDM's augmentation needs values to size its
+padding; it runs without gradient and holds nothing for backward).
+
+Rungs (each adds to the previous one, as bench.train_step's ladder; rungs that change only time are left out):
+    reference      fp32 (SiD's numerics)
+    bf16           bf16 UNet bodies, bf16 teacher weights
+    +channels_last NHWC activations and weights
+    +kernels       the Triton kernels (losses, GroupNorm+SiLU, flash attention)
+    +ckpt_blocks   --checkpointing blocks (teacher and fake score, per UNet block, generator phase)
+    +ckpt_nets     --checkpointing nets (teacher and fake score, whole forwards, generator phase)
+    +ckpt_selective --checkpointing selective (every network with gradient, per UNet block: convolution, matmul and
+                   attention outputs kept, the memory-bound rest recomputed)
+Results: JSON lines in bench/results/memory.jsonl; `python -m bench.report` renders the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import time
+import weakref
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+from bench.common import environment, write_jsonl
+from sid_fast import ops
+from sid_fast.networks import build_network, official_config
+from sid_fast.training.config import resolve_config
+from sid_fast.training.run import build_trainer
+from sid_fast.training.sid import Student
+
+MiB = 2**20
+GiB = 2**30
+
+# name -> (official EDM checkpoint, SiD preset, preset values for a data-free run).
+CONFIGS = {
+    "cifar10": ("edm-cifar10-32x32-uncond-vp", "cifar10-uncond"),
+    "ffhq64": ("edm-ffhq-64x64-uncond-vp", "ffhq64"),
+    "imagenet64": ("edm-imagenet-64x64-cond-adm", "imagenet64-cond"),
+}
+
+RUNGS = [
+    ("reference", dict(precision="fp32")),
+    ("bf16", dict(precision="bf16")),
+    ("+channels_last", dict(channels_last=True)),
+    ("+kernels", dict(kernels="all")),
+    ("+ckpt_blocks", dict(checkpointing="blocks")),
+    ("+ckpt_nets", dict(checkpointing="nets")),
+    ("+ckpt_selective", dict(checkpointing="selective")),
+]
+PHASES = ("fake_score", "generator")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The ledger.
+
+
+def _storage(t: torch.Tensor):
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+        return None
+
+
+class Ledger(TorchDispatchMode):
+    """Live bytes of the storages created by ops run under it (see the module docstring), with their owners."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[int, str, str]] = {}  # storage key -> (bytes, owner, op that allocated it)
+        self.cur = self.peak = self.bwd_peak = 0
+        self.bwd_start: int | None = None
+        self.held_by: dict[str, int] = {}
+        self.held_by_op: dict[str, int] = {}
+        self.owner = ["loss"]
+
+    def _free(self, key: int) -> None:
+        nbytes = self.live.pop(key, (0,))[0]
+        self.cur -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        in_backward = torch._C._current_graph_task_id() != -1
+        if in_backward and self.bwd_start is None:
+            self.bwd_start = self.cur
+            by, by_op = Counter(), Counter()
+            for nbytes, owner, op in self.live.values():
+                by[owner] += nbytes
+                by_op[f"{owner}/{op}"] += nbytes
+            self.held_by = dict(by)
+            self.held_by_op = {k: v for k, v in by_op.items() if v}
+        out = func(*args, **kwargs)
+        inputs = {s._cdata for s in (_storage(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor))
+                  if s is not None}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            s = _storage(t)
+            if s is None or s._cdata in inputs:
+                continue
+            key = s._cdata
+            if key in self.live or s.nbytes() == 0:
+                continue
+            self.live[key] = (s.nbytes(), self.owner[-1], f"{func.__name__.split('.')[0]}:{str(t.dtype)[6:]}")
+            self.cur += s.nbytes()
+            weakref.finalize(s, self._free, key)
+        self.peak = max(self.peak, self.cur)
+        if in_backward:
+            self.bwd_peak = max(self.bwd_peak, self.cur)
+        return out
+
+
+class SavedTensors:
+    """saved_tensors_hooks that count the unique storages packed for backward (parameters excluded), by owner."""
+
+    def __init__(self, ledger: Ledger, exclude: set[int]):
+        self.ledger, self.exclude = ledger, exclude
+        self.seen: set[int] = set()
+        self.by: Counter = Counter()
+
+    def pack(self, t: torch.Tensor):
+        s = _storage(t)
+        if s is not None and s._cdata not in self.exclude and s._cdata not in self.seen:
+            self.seen.add(s._cdata)
+            self.by[self.ledger.owner[-1]] += s.nbytes()
+        return t
+
+    @staticmethod
+    def unpack(t):
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+@contextlib.contextmanager
+def owners(ledger: Ledger, nets: dict[str, torch.nn.Module]):
+    """Storages allocated inside a network's forward (also when recomputed) belong to that network."""
+    handles = []
+    for name, net in nets.items():
+        handles.append(net.register_forward_pre_hook(lambda m, a, name=name: ledger.owner.append(name)))
+        handles.append(net.register_forward_hook(lambda m, a, o: ledger.owner.pop() and None))  # hooks return None
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs of the Triton attention op (torch's counter knows the matmuls of the reference, not custom ops).
+
+
+@register_flop_formula(torch.ops.sid_fast_kernels.edm_flash_attention)
+def _attention_flops(qkv_shape, num_heads, blocked, *args, out_shape=None, **kwargs) -> int:
+    n, c3, h, w = qkv_shape
+    L, d = h * w, c3 // (3 * num_heads)
+    return 4 * n * num_heads * L * L * d  # S = QK^T and O = PV
+
+
+@register_flop_formula(torch.ops.sid_fast_kernels.edm_flash_attention_bwd)
+def _attention_bwd_flops(do_shape, qkv_shape, o_shape, lse_shape, num_heads, blocked, *args, out_shape=None,
+                         **kwargs) -> int:
+    n, c3, h, w = qkv_shape
+    L, d = h * w, c3 // (3 * num_heads)
+    return 10 * n * num_heads * L * L * d  # S recomputed, dV, dP, dQ, dK: five L x L x d products
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainers on the meta device.
+
+
+def make_trainer(config: str, batch_gpu: int, options: dict, device: str = "meta"):
+    """A trainer for `config` with random weights in the official shapes (values matter only off the meta device)."""
+    stem, preset = CONFIGS[config]
+    kwargs = dict(official_config(stem), use_fp16=False)
+    with torch.device(device):
+        teacher = build_network("EDMPrecond", kwargs)
+    cfg = resolve_config(preset, dict(teacher=f"<{stem}, random weights>", batch=batch_gpu, batch_gpu=batch_gpu,
+                                      metrics="none", augment=0.0, **options))
+    with torch.device(device):
+        tr = build_trainer(cfg, torch.device(device), log=lambda *a: None, teacher=teacher,
+                           student=Student("EDMPrecond", kwargs, teacher.state_dict()))
+    return tr
+
+
+def _storages_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        s = _storage(t)
+        if s is not None and s._cdata not in seen:
+            seen.add(s._cdata)
+            total += s.nbytes()
+    return total
+
+
+def static_bytes(tr) -> dict:
+    """Bytes alive between steps: networks' weights and buffers, gradients left from their phase, Adam states."""
+    nets = dict(G=tr.G, G_ema=tr.G_ema, fake_score=tr.fake, teacher=tr.teacher)
+    out = {f"weights_{k}": _storages_bytes([*v.parameters(), *v.buffers()]) for k, v in nets.items()}
+    out["grads"] = _storages_bytes([p.grad for net in (tr.G, tr.fake) for p in net.parameters() if p.grad is not None])
+    out["adam"] = _storages_bytes([t for opt in (tr.opt_g, tr.opt_fake) for st in opt.state.values()
+                                   for t in st.values() if isinstance(t, torch.Tensor)])
+    out["total"] = sum(out.values())
+    return out
+
+
+def measure_phase(tr, phase: str) -> dict:
+    """One phase of a warm trainer under the ledger, the saved-tensor hooks and the FLOP counter."""
+    ledger = Ledger()
+    exclude = {s._cdata for net in (tr.G, tr.fake, tr.teacher, tr.G_ema) for t in (*net.parameters(), *net.buffers())
+               if (s := _storage(t)) is not None}
+    saved = SavedTensors(ledger, exclude)
+    run = tr.fake_score_phase if phase == "fake_score" else tr.generator_phase
+    nets = dict(G=tr.G, teacher=tr.teacher, fake_score=tr.fake)
+    flops = FlopCounterMode(display=False)
+    cuda = tr.device.type == "cuda"
+    if cuda:  # the prediction's check: the caching allocator's own peak over the same phase
+        torch.cuda.synchronize(tr.device)
+        torch.cuda.reset_peak_memory_stats(tr.device)
+        base = torch.cuda.memory_allocated(tr.device)
+    gc.collect()
+    gc.disable()  # storages in reference cycles die at the next collection, which must not depend on timing
+    try:
+        with ops.kernels(tr.kernels), owners(ledger, nets), flops, ledger, saved.hooks():
+            run()
+    finally:
+        gc.enable()
+    measured = torch.cuda.max_memory_allocated(tr.device) - base if cuda else None
+    return dict(measured_peak=measured, held=ledger.bwd_start or 0, held_by=ledger.held_by, held_by_op=ledger.held_by_op, saved=sum(saved.by.values()),
+                saved_by=dict(saved.by), bwd_peak=ledger.bwd_peak, peak=ledger.peak,
+                flops=float(flops.get_total_flops()))
+
+
+def measure(config: str, rung: str, options: dict, batches: tuple[int, int], device: str = "meta") -> dict:
+    per_batch = {}
+    static = None
+    for b in batches:
+        tr = make_trainer(config, b, options, device)
+        tr.step()  # warm: gradients and Adam states exist, as in every step but the first
+        static = static_bytes(tr)
+        per_batch[b] = {ph: measure_phase(tr, ph) for ph in PHASES}
+    b0, b1 = batches
+    rec = dict(bench="memory", config=config, mode=rung, options=options, batches=list(batches), device=device,
+               static=static)
+    for ph in PHASES:
+        m0, m1 = per_batch[b0][ph], per_batch[b1][ph]
+        d = {}
+        for q in ("held", "saved", "bwd_peak", "peak"):
+            slope = (m1[q] - m0[q]) / (b1 - b0)
+            d[q] = dict(per_image=slope, intercept=m0[q] - slope * b0, at=[m0[q], m1[q]])
+        for q in ("held_by", "held_by_op", "saved_by"):
+            owners_ = set(m0[q]) | set(m1[q])
+            d[q + "_per_image"] = {o: (m1[q].get(o, 0) - m0[q].get(o, 0)) / (b1 - b0) for o in sorted(owners_)}
+        d["flops_per_image"] = (m1["flops"] - m0["flops"]) / (b1 - b0)
+        if m0["measured_peak"] is not None:  # CUDA: torch.cuda.max_memory_allocated over the phase, at both batches
+            d["measured_peak_at"] = [m0["measured_peak"], m1["measured_peak"]]
+            d["measured_vs_predicted_peak"] = [m["measured_peak"] / m["peak"] for m in (m0, m1)]
+        rec[ph] = d
+    return rec
+
+
+def fit_batch(rec: dict, capacity_gib: float, headroom_gib: float) -> int:
+    """Largest batch-gpu whose predicted peak (static + the larger phase peak) fits capacity - headroom."""
+    budget = (capacity_gib - headroom_gib) * GiB - rec["static"]["total"]
+    best = 0
+    for ph in PHASES:
+        p = rec[ph]["peak"]
+        n = int((budget - p["intercept"]) // p["per_image"]) if p["per_image"] > 0 else 0
+        best = n if ph == PHASES[0] else min(best, n)
+    return max(best, 0)
+
+
+def add_derived(records: list[dict], headroom_gib: float) -> None:
+    """Ratios to the reference rung of the same config, recompute FLOPs and the batch sizes that fit."""
+    for rec in records:
+        ref = next((r for r in records if r["config"] == rec["config"] and r["mode"] == "reference"), None)
+        step_flops = rec["fake_score"]["flops_per_image"] + rec["generator"]["flops_per_image"]
+        base = next((r for r in records if r["config"] == rec["config"] and r["mode"] == "+kernels"), None)
+        rec["derived"] = dict(
+            held_vs_reference={ph: rec[ph]["held"]["per_image"] / ref[ph]["held"]["per_image"] for ph in PHASES} if ref else None,
+            saved_vs_reference={ph: rec[ph]["saved"]["per_image"] / ref[ph]["saved"]["per_image"] for ph in PHASES} if ref else None,
+            recompute_flops_fraction=(
+                (rec["generator"]["flops_per_image"] - base["generator"]["flops_per_image"])
+                / (base["fake_score"]["flops_per_image"] + base["generator"]["flops_per_image"])
+                if base and rec["options"].get("checkpointing", "none") != "none" else 0.0),
+            step_flops_per_image=step_flops,
+            batch_gpu_fits={f"{cap}GB": fit_batch(rec, cap * 1e9 / GiB, headroom_gib) for cap in (80, 141)},
+            headroom_gib=headroom_gib,
+        )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--rungs", default=",".join(r for r, _ in RUNGS))
+    ap.add_argument("--batches", default="2,4", help="two batch-gpu sizes: slope per image and intercept")
+    ap.add_argument("--headroom-gib", type=float, default=2.0)
+    ap.add_argument("--device", default="meta", choices=["meta", "cuda", "cpu"],
+                    help="meta: shapes only (seconds); cuda: also torch.cuda.max_memory_allocated per phase, to check "
+                         "the prediction; cpu: real arithmetic (slow)")
+    ap.add_argument("--out", default="memory.jsonl")
+    a = ap.parse_args()
+    configs = a.configs.split(",")
+    names = [r for r, _ in RUNGS]
+    wanted = a.rungs.split(",")
+    for bad, known, flag in ((set(configs) - set(CONFIGS), list(CONFIGS), "--configs"), (set(wanted) - set(names), names, "--rungs")):
+        if bad:
+            raise SystemExit(f"{flag}: unknown {sorted(bad)}; known: {known}.")
+    batches = tuple(int(b) for b in a.batches.split(","))
+    if len(batches) != 2 or batches[0] >= batches[1] or batches[0] < 1:
+        raise SystemExit(f"--batches {a.batches}: give two increasing batch sizes, e.g. 2,4.")
+    env = environment()
+    records = []
+    for config in configs:
+        options = {}
+        for rung, delta in RUNGS:
+            options = {**options, **delta}
+            if rung not in wanted:
+                continue
+            t0 = time.perf_counter()
+            rec = measure(config, rung, dict(options), batches, a.device)
+            rec["wall_s"] = time.perf_counter() - t0
+            records.append(rec)
+            g = rec["generator"]
+            print(f"{config:<10} {rung:<15} generator: held {g['held']['per_image'] / MiB:7.1f} MiB/img "
+                  f"(saved {g['saved']['per_image'] / MiB:7.1f}), bwd peak {g['bwd_peak']['per_image'] / MiB:7.1f} "
+                  f"MiB/img + {g['bwd_peak']['intercept'] / MiB:6.0f} MiB; fake score: held "
+                  f"{rec['fake_score']['held']['per_image'] / MiB:7.1f} MiB/img; static {rec['static']['total'] / GiB:.2f} "
+                  f"GiB ({rec['wall_s']:.0f} s)", flush=True)
+            if "measured_vs_predicted_peak" in g:
+                print(f"{'':<27}generator peak: torch.cuda.max_memory_allocated / predicted = "
+                      f"{', '.join(f'{x:.3f}' for x in g['measured_vs_predicted_peak'])} at batch {a.batches}")
+    add_derived(records, a.headroom_gib)
+    for r in records:
+        r.update(env)
+    print(f"-> {write_jsonl(records, a.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""bench.memory: the accounting against hand counts, checkpointing's measured cut, and one meta-device SiD step."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from bench import memory
+
+F32 = 4
+
+
+def _account(fn, *params):
+    """(held, saved) bytes of fn()'s graph: allocated under the ledger and alive when backward starts."""
+    ledger = memory.Ledger()
+    saved = memory.SavedTensors(ledger, {p.untyped_storage()._cdata for p in params})
+    with ledger, saved.hooks():
+        out = fn()
+        held = ledger.cur
+        out.sum().backward()
+    return held, sum(saved.by.values()), ledger
+
+
+def test_hand_count_of_a_known_layer():
+    """y = relu(x W^T), z = y * y: mm saves x only when W needs a gradient (W is a parameter: excluded), relu saves its
+    output y, the square saves y too (one storage), and the graph holds z. Every number is a product of shapes."""
+    n, i, o = 3, 5, 7
+    for w_grad in (False, True):
+        x = torch.randn(n, i, requires_grad=True)
+        w = torch.nn.Parameter(torch.randn(o, i), requires_grad=w_grad)
+        held, saved, ledger = _account(lambda: (lambda y: y * y)(torch.relu(F.linear(x, w))), w)
+        # saved: relu's output y (shared by the product); x itself when the weight needs a gradient.
+        assert saved == n * o * F32 + (n * i * F32 if w_grad else 0), (w_grad, saved)
+        # held: y and z (the mm output x W^T is relu's input, saved by nothing: freed at once).
+        assert held == 2 * n * o * F32, (w_grad, held)
+        # when backward starts: also the scalar sum and the seed gradient (ones) that backward() makes
+        assert ledger.bwd_start == held + 2 * F32 and ledger.peak >= ledger.bwd_start
+
+
+def test_convolution_saves_its_input_even_for_a_frozen_weight():
+    """Autograd's convolution saves its input whatever needs a gradient (linear does not): the measurement behind the
+    frozen teacher's and fake score's bytes in the generator phase."""
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(4, 3, 3, 3), requires_grad=False)
+    _, saved, _ = _account(lambda: F.conv2d(x, w, padding=1), w)
+    assert saved == x.numel() * F32
+
+
+def test_checkpointing_cuts_the_counted_bytes_by_the_activations_it_drops():
+    n, c = 4, 16
+    x = torch.randn(n, c, requires_grad=True)
+
+    def block(t):
+        a = torch.tanh(t)  # saves its output a
+        b = torch.sigmoid(a * 2)  # a * 2 saves nothing (scalar); sigmoid saves its output b
+        return b * a  # saves a and b (already counted)
+
+    plain, _, _ = _account(lambda: block(x) + 0)
+    ckpt, _, _ = _account(lambda: checkpoint(block, x, use_reentrant=False) + 0)
+    act = n * c * F32
+    # plain: a, b and the final + 0 (a * 2 and b * a are inputs of ops that save nothing: freed at once)
+    assert plain == 3 * act, plain
+    # checkpointed: the final + 0 only; a and b are recomputed in backward
+    assert ckpt == act, ckpt
+    assert plain - ckpt == 2 * act
+
+
+def test_meta_step_of_the_digits_network_counts_what_the_phases_hold(tmp_path):
+    """One SiD step of a small DDPM++ on the meta device: generator phase held bytes grow linearly with the batch, bf16
+    halves the activations, checkpointing nets leaves only G's activations, and the Adam states are twice G's and the
+    fake score's parameters."""
+    cfg = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
+               channel_mult_noise=1, resample_filter=[1, 1], model_channels=16, channel_mult=[1, 2], num_blocks=1,
+               attn_resolutions=[8], augment_dim=0, dropout=0.0, use_fp16=False, img_resolution=16, img_channels=1,
+               label_dim=0)
+    memory.CONFIGS["_tiny"] = ("_tiny", "digits")
+    real = memory.official_config
+    memory.official_config = lambda stem: dict(cfg) if stem == "_tiny" else real(stem)
+    try:
+        recs = {rung: memory.measure("_tiny", rung, opts, (2, 4))
+                for rung, opts in [("reference", dict(precision="fp32")), ("bf16", dict(precision="bf16")),
+                                   ("nets", dict(precision="fp32", checkpointing="nets"))]}
+    finally:
+        memory.official_config = real
+        del memory.CONFIGS["_tiny"]
+    ref, bf, nets = (recs[k]["generator"] for k in ("reference", "bf16", "nets"))
+    # linear in the batch: the slope measured between 2 and 4 predicts batch 2 from the intercept
+    assert ref["held"]["intercept"] + 2 * ref["held"]["per_image"] == ref["held"]["at"][0]
+    assert ref["held"]["per_image"] > 0
+    # bf16 bodies: the saved activations are half (the fp32 parts at the edges: within 5%)
+    assert abs(bf["held"]["per_image"] / ref["held"]["per_image"] - 0.5) < 0.05
+    # nets: the teacher and fake score hold only their outputs (the loss's inputs, 1 x 16 x 16 fp32 per image);
+    # G's share is unchanged
+    by_nets, by_ref = nets["held_by_per_image"], ref["held_by_per_image"]
+    assert by_nets["teacher"] == by_nets["fake_score"] == 16 * 16 * F32
+    assert by_ref["teacher"] > 10 * by_nets["teacher"]
+    assert by_nets["G"] == by_ref["G"]
+    assert nets["flops_per_image"] > ref["flops_per_image"]  # the recomputed forwards
+    st = recs["reference"]["static"]
+    with torch.device("meta"):
+        params = list(memory.build_network("EDMPrecond", dict(cfg)).parameters())
+    n_params = sum(p.numel() for p in params)
+    # exp_avg and exp_avg_sq of G and of the fake score, and one fp32 step count per parameter tensor
+    assert st["adam"] == 2 * (2 * n_params + len(params)) * F32
+    assert st["grads"] == 0  # freed after each optimizer step
