@@ -43,6 +43,7 @@ def _assert_same_trajectory(got, ref, init, frac):
     dict(channels_last=True),
     dict(checkpointing="nets"),
     dict(checkpointing="blocks"),
+    dict(checkpointing="selective"),
     dict(precision="tf32"),
     dict(channels_last=True, checkpointing="blocks", optimizer="fused"),
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
