@@ -116,3 +116,54 @@ class EDMLoss:
         y, aug = (images, None) if self.augment_pipe is None else self.augment_pipe(images, generator)
         noise = torch.randn(y.shape, device=y.device, generator=generator)
         return edm_loss_elements(net, y, sigma, labels, aug, noise)
+
+
+# ----------------------------------------------------------------------------
+# SiDA (Zhou et al., "Adversarial Score identity Distillation", ICLR 2025): the fake score f_psi is also the
+# discriminator; its logits are the channel mean of its encoder's last feature map (networks: return_flag).
+# Formulas of the official sida branch, sida_training/sida_loss.py and sida_training_loop.py:
+# - discriminator, per sample: lambda(sigma_i) * (BCE(logits_real, 1) + BCE(logits_fake, 0)) / 2, where each BCE is
+#   PyTorch's BCEWithLogitsLoss with its default 'mean' reduction over every logit of the micro-batch (a scalar that
+#   each sample's lambda multiplies); real and fake share sigma ~ LogNormal(-1.2, 1.2) and the noise; no clamp.
+# - generator GAN term, per sample: BCE(clamp(logits, -10, 10), 1) / w_i on the x_t of the SiD term (w: SiD's weight).
+# - reductions: sum(L_D) * lsd / batch_gpu_total; C*H*W * sum(L_gan) * lsg_gan / batch_gpu_total.
+# - schedule by images seen before the iteration: no generator step up to 100k images, SiD alone up to 200k, then
+#   0.5 SiD + 0.5 GAN.
+# NaN samples are masked as in SiD above; a mean over the micro-batch then averages over the finite samples only,
+# which is the official drop-then-mean.
+
+GAN_LOGIT_CLAMP = 10.0
+SIDA_GENERATOR_START_NIMG = 100_000
+SIDA_GAN_START_NIMG = 200_000
+
+
+def bce_mean_rows(logits: torch.Tensor, target: float, ok: torch.Tensor) -> torch.Tensor:
+    """BCEWithLogitsLoss(reduction='mean') against a constant target over every logit of the rows where `ok` (fp32
+    or float64 scalar; 0 when no row is finite)."""
+    x = _mask(ok, _f32(logits))
+    per = torch.nn.functional.binary_cross_entropy_with_logits(x, torch.full_like(x, target), reduction="none")
+    count = ok.sum() * (x[0].numel() if x.shape[0] else 0)
+    return _mask(ok, per).sum() / count.clamp(min=1)
+
+
+def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, sigma: torch.Tensor,
+                            ok: torch.Tensor) -> torch.Tensor:
+    """Per-sample discriminator loss [N, 1, 1, 1]: lambda(sigma_i) (BCE_mean(real, 1) + BCE_mean(fake, 0)) / 2, zero
+    where not `ok` (the official filter: NaN in y, D_fake, logits_fake or logits_real)."""
+    bce = (bce_mean_rows(logits_real, 1.0, ok) + bce_mean_rows(logits_fake, 0.0, ok)) / 2
+    lam = edm_weight(_f32(sigma).reshape(-1, 1, 1, 1))
+    return _mask(ok, lam * bce)
+
+
+def sida_generator_gan_loss(logits: torch.Tensor, w: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Per-sample GAN term of the generator [N, 1, 1, 1]: BCE_mean(clamp(logits, -10, 10), 1) / w_i, zero where not
+    `ok` (the SiD term's filter: NaN in x_g, y_real or y_fake; a NaN logit in a finite row stays NaN, as upstream)."""
+    bce = bce_mean_rows(_f32(logits).clamp(-GAN_LOGIT_CLAMP, GAN_LOGIT_CLAMP), 1.0, ok)
+    return _mask(ok, bce / _f32(w).reshape(-1, 1, 1, 1))
+
+
+def sida_schedule(cur_nimg: int) -> tuple[bool, float, float]:
+    """(step the generator?, weight of the SiD term, weight of the GAN term) for an iteration that starts with
+    `cur_nimg` images seen (the official loop compares before counting the iteration's images)."""
+    step = cur_nimg > SIDA_GENERATOR_START_NIMG
+    return (step, 0.5, 0.5) if cur_nimg > SIDA_GAN_START_NIMG else (step, 1.0, 0.0)

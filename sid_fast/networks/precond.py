@@ -64,11 +64,20 @@ class _Precond(torch.nn.Module):
         """(c_skip, c_out, c_in, c_noise) for sigma [N, 1, 1, 1]."""
         raise NotImplementedError
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, return_flag="decoder", **model_kwargs):
+        """D(x, sigma); SiDA's calls (official sida branch): return_flag "encoder" gives only the discriminator logits
+        [N, 1, h, w] in fp32 (the decoder is not run), "encoder_decoder" gives (D(x, sigma), logits) from one forward."""
         x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        if return_flag != "decoder":
+            model_kwargs["return_flag"] = return_flag
+        out = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        if return_flag == "encoder":
+            return out.to(torch.float32)
+        if return_flag == "encoder_decoder":
+            F_x, logits = out
+            return c_skip * x + c_out * F_x.to(torch.float32), logits.to(torch.float32)
+        return c_skip * x + c_out * out.to(torch.float32)
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)

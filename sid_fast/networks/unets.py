@@ -27,6 +27,20 @@ def _drop_labels(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor
 # DDPM++ / NCSN++
 
 
+RETURN_FLAGS = ("decoder", "encoder", "encoder_decoder")
+
+
+def _encoder_logits(x: torch.Tensor, return_flag: str):
+    """SiDA's discriminator logits (official sida branch, sida_training/sida_networks.py): the channel mean of the
+    encoder's last feature map, [N, 1, h, w] (8 x 8 in every published configuration), no head of their own; None
+    for the plain denoiser call."""
+    if return_flag == "decoder":
+        return None
+    if return_flag not in RETURN_FLAGS:
+        raise ValueError(f"return_flag {return_flag!r}: choose one of {', '.join(RETURN_FLAGS)}.")
+    return x.mean(dim=1, keepdim=True)
+
+
 class SongUNet(torch.nn.Module):
     def __init__(
         self,
@@ -135,7 +149,7 @@ class SongUNet(torch.nn.Module):
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(num_channels=cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
-    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+    def forward(self, x, noise_labels, class_labels, augment_labels=None, return_flag="decoder"):
         # Mapping. The embedding's halves are swapped to [sin, cos] for both embedding types (EDM).
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
@@ -160,6 +174,9 @@ class SongUNet(torch.nn.Module):
             else:
                 x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
+        logits = _encoder_logits(x, return_flag)
+        if return_flag == "encoder":  # SiDA's real branch: the decoder is not run
+            return logits
 
         # Decoder.
         aux = None
@@ -176,7 +193,7 @@ class SongUNet(torch.nn.Module):
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
-        return aux
+        return aux if logits is None else (aux, logits)
 
 
 # ----------------------------------------------------------------------------
@@ -257,7 +274,7 @@ class DhariwalUNet(torch.nn.Module):
         self.out_norm = GroupNorm(num_channels=cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
-    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+    def forward(self, x, noise_labels, class_labels, augment_labels=None, return_flag="decoder"):
         # Mapping. ADM keeps the [cos, sin] order and adds the (unscaled) label after the MLP.
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
@@ -273,8 +290,12 @@ class DhariwalUNet(torch.nn.Module):
         for block in self.enc.values():
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
+        logits = _encoder_logits(x, return_flag)
+        if return_flag == "encoder":  # SiDA's real branch: the decoder is not run
+            return logits
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
-        return self.out_conv(self.out_norm.silu(x))
+        out = self.out_conv(self.out_norm.silu(x))
+        return out if logits is None else (out, logits)
