@@ -73,8 +73,8 @@ def test_encoder_call_runs_no_decoder_and_encoder_decoder_matches_two_calls(mode
 
 def _bce64(logits, target):
     """Mean over all logits of -[t log s(l) + (1 - t) log(1 - s(l))], in float64 through log-sigmoid."""
-    l = logits.double()
-    return -(target * torch.nn.functional.logsigmoid(l) + (1 - target) * torch.nn.functional.logsigmoid(-l)).mean()
+    x = logits.double()
+    return -(target * torch.nn.functional.logsigmoid(x) + (1 - target) * torch.nn.functional.logsigmoid(-x)).mean()
 
 
 def _drop(ok, *ts):
