@@ -26,13 +26,23 @@ from sid_fast.training.config import PRESETS, ConfigError, resolve_config
 @click.option("--teacher", help="Teacher network: EDM/SiD pickle or sid_fast checkpoint, path or URL", metavar="PATH|URL", type=str)
 @click.option("--cond", help="Class-conditional distillation", type=bool)
 @click.option("--desc", help="String to include in the run directory name", metavar="STR", type=str)
-@click.option("--data", help="EDM dataset (zip or folder): conditional labels follow its label frequencies", metavar="ZIP|DIR", type=str)
+@click.option("--data", help="EDM dataset (zip or folder; 'digits': the bundled digits): conditional labels follow its label frequencies; SiDA's real images", metavar="ZIP|DIR", type=str)
 # SiD hyperparameters.
 @click.option("--alpha", help="SiD alpha", metavar="FLOAT", type=float)
 @click.option("--tmax", help="Largest t (x1000) for the generator loss's noise level", metavar="INT", type=int)
 @click.option("--init_sigma", "init_sigma", help="Generator noise level sigma_init", metavar="FLOAT", type=float)
 @click.option("--ls", help="Fake-score loss scale", metavar="FLOAT", type=float)
 @click.option("--lsg", help="Generator loss scale", metavar="FLOAT", type=float)
+# SiDA (official sida branch): the fake score is also a discriminator on real images (--data).
+@click.option("--method", help="sid (data-free, default) or sida (adversarial, real images from --data)", type=click.Choice(["sid", "sida"]))
+@click.option("--use_gan", "--use-gan", "use_gan", help="The official sida flag: 1 = --method sida, 0 = --method sid", type=bool)
+@click.option("--lsd", help="SiDA: discriminator loss scale", metavar="FLOAT", type=float)
+@click.option("--lsg_gan", "--lsg-gan", "lsg_gan", help="SiDA: generator GAN term scale (times C*H*W)", metavar="FLOAT", type=float)
+@click.option("--xflip", help="SiDA: real images also mirrored (EDM's dataset x-flip)", type=bool)
+@click.option("--sid-model", "--sid_model", "sid_model", help="SiD²A: a SiD generator that G and G_ema start from (the fake score starts from the teacher)", metavar="PATH|URL", type=str)
+@click.option("--workers", help="SiDA: DataLoader worker processes for real images (CUDA runs)", metavar="INT", type=click.IntRange(min=0))
+@click.option("--sida-g-start-kimg", "sida_g_start_kimg", help="SiDA: no generator step before this (official 100)", metavar="KIMG", type=float)
+@click.option("--sida-gan-start-kimg", "sida_gan_start_kimg", help="SiDA: SiD alone before this, then 0.5 SiD + 0.5 GAN (official 200)", metavar="KIMG", type=float)
 # Optimisation.
 @click.option("--batch", help="Total batch size", metavar="INT", type=click.IntRange(min=1))
 @click.option("--batch-gpu", "batch_gpu", help="Micro-batch per process (accumulation rounds = batch / (gpus x batch-gpu))", metavar="INT", type=click.IntRange(min=1))
@@ -75,6 +85,11 @@ def main(preset, dry_run, **flags):
         except ValueError:
             raise click.ClickException(f"SID_FAST_DURATION={env_duration!r} is not a number of Mimg.") from None
         print(f"SID_FAST_DURATION={env_duration}: training for {flags['duration'] * 1000:g} kimg instead of the preset's duration.")
+    use_gan = flags.pop("use_gan")
+    if use_gan is not None:
+        if flags.get("method") is not None and flags["method"] != ("sida" if use_gan else "sid"):
+            raise click.ClickException(f"--use_gan {int(use_gan)} contradicts --method {flags['method']}; give one of them.")
+        flags["method"] = "sida" if use_gan else "sid"
     try:
         cfg = resolve_config(preset, flags)
     except ConfigError as e:

@@ -162,8 +162,10 @@ def sida_generator_gan_loss(logits: torch.Tensor, w: torch.Tensor, ok: torch.Ten
     return _mask(ok, bce / _f32(w).reshape(-1, 1, 1, 1))
 
 
-def sida_schedule(cur_nimg: int) -> tuple[bool, float, float]:
+def sida_schedule(cur_nimg: int, generator_start: int = SIDA_GENERATOR_START_NIMG,
+                  gan_start: int = SIDA_GAN_START_NIMG) -> tuple[bool, float, float]:
     """(step the generator?, weight of the SiD term, weight of the GAN term) for an iteration that starts with
-    `cur_nimg` images seen (the official loop compares before counting the iteration's images)."""
-    step = cur_nimg > SIDA_GENERATOR_START_NIMG
-    return (step, 0.5, 0.5) if cur_nimg > SIDA_GAN_START_NIMG else (step, 1.0, 0.0)
+    `cur_nimg` images seen (the official loop compares before counting the iteration's images; its thresholds are
+    100k and 200k images, the defaults)."""
+    step = cur_nimg > generator_start
+    return (step, 0.5, 0.5) if cur_nimg > gan_start else (step, 1.0, 0.0)

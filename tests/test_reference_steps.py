@@ -28,4 +28,5 @@ def test_reference_steps_are_bit_identical_to_the_recorded_ones():
         diffs = sorted(((abs(got["sums"][k] - v), k) for k, v in want["sums"].items()), reverse=True)[:5]
         raise AssertionError(f"parameters differ from the recorded reference; largest per-tensor sum changes: {diffs}; "
                              f"stats {got['stats']} vs {want['stats']}")
-    assert got["stats"] == want["stats"]
+    n = len(want["stats"])  # statistics slots added since the recording (SiDA's loss_D, loss_G_gan) stay zero in SiD
+    assert got["stats"][:n] == want["stats"] and not any(got["stats"][n:])

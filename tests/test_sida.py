@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -159,3 +160,207 @@ def test_schedule_thresholds_at_the_exact_image_counts():
     assert sida_schedule(100_001) == (True, 1.0, 0.0)
     assert sida_schedule(200_000) == (True, 1.0, 0.0)
     assert sida_schedule(200_001) == (True, 0.5, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The SiDA trainer on the tiny conditional teacher (tests/helpers.NET: 8 x 8, 1 channel, 3 classes).
+
+
+def _data(tmp_path, n=20, size=8, channels=1, labels=True):
+    from fid_helpers import write_png_folder
+
+    folder = tmp_path / f"data{size}x{channels}"
+    write_png_folder(folder, n, size=size, channels=channels, labels=[i % 3 for i in range(n)] if labels else None)
+    return str(folder)
+
+
+def _sida_trainer(teacher_file, tmp_path, **kw):
+    from helpers import cfg_for, cpu_trainer
+
+    return cpu_trainer(cfg_for(teacher_file, method="sida", data=_data(tmp_path), **kw))
+
+
+def test_sida_step_trains_the_discriminator_then_the_generator_on_schedule(teacher_file, tmp_path):
+    from sid_fast.training.sida import SiDATrainer
+
+    tr = _sida_trainer(teacher_file, tmp_path, augment=0.3)
+    assert isinstance(tr, SiDATrainer)
+    g0 = {k: v.clone() for k, v in tr.G.state_dict().items()}
+    f0 = {k: v.clone() for k, v in tr.fake.state_dict().items()}
+    tr.step()  # 0 images seen: only the fake score / discriminator moves
+    assert all(torch.equal(v, g0[k]) for k, v in tr.G.state_dict().items())
+    assert any(not torch.equal(v, f0[k]) for k, v in tr.fake.state_dict().items())
+    assert float(tr.stats["loss_D"]) > 0 and float(tr.stats["loss_G_gan"]) == 0
+    tr.cur_nimg = 200_008  # past both thresholds: the generator steps with SiD + GAN
+    tr.step()
+    assert any(not torch.equal(v, g0[k]) for k, v in tr.G.state_dict().items())
+    assert float(tr.stats["loss_G_gan"]) > 0
+
+
+def test_sida_clips_the_fake_scores_gradients_at_one(teacher_file, tmp_path):
+    tr = _sida_trainer(teacher_file, tmp_path, lsd=1e6)  # a huge discriminator scale: raw gradients far above 1
+    seen = {}
+    step = tr.opt_fake.step
+
+    def spy():
+        seen["max"] = max(float(p.grad.abs().max()) for p in tr.fake.parameters() if p.grad is not None)
+        step()
+
+    tr.opt_fake.step = spy
+    tr.fake_score_phase()
+    assert seen["max"] == 1.0
+
+
+def test_real_image_stream_is_the_same_across_resume_and_process_counts(tmp_path):
+    from sid_fast.data.dataset import ImageDataset
+    from sid_fast.training.sida import RealImages, _MicroBatches
+
+    ds = ImageDataset(_data(tmp_path, n=7))
+    stream = RealImages(ds, seed=5, xflip=True)
+    # every image (and its mirror) once per epoch of 14 samples, in a seed-dependent order
+    assert sorted(stream.index(k) for k in range(14)) == list(range(14))
+    assert [stream.index(k) for k in range(14)] != [RealImages(ds, 6, True).index(k) for k in range(14)]
+    img_k, _, _ = stream[0]
+    i = stream.index(0)
+    raw = torch.tensor(ds[i % 7][0])
+    torch.testing.assert_close(img_k, raw.flip(-1) if i >= 7 else raw, rtol=0, atol=0)
+    # one process with 2 rounds reads the samples that two processes with 1 round read, micro-batch for micro-batch
+    one = _MicroBatches(it0=3, batch=8, batch_gpu=4, rounds=2, rank=0)
+    two = [_MicroBatches(it0=3, batch=8, batch_gpu=4, rounds=1, rank=r) for r in (0, 1)]
+    it1 = iter(one)
+    first = [next(it1) for _ in range(4)]
+    its = [iter(s) for s in two]
+    assert first == [next(its[0]), next(its[1]), next(its[0]), next(its[1])]
+    assert first[0] == list(range(24, 28))  # iteration 3 starts at sample 3 * 8: a resume needs only the images seen
+
+
+def test_sida_resume_reads_the_same_real_images(teacher_file, tmp_path):
+    a = _sida_trainer(teacher_file, tmp_path)
+    a.step()
+    state = copy.deepcopy(a.state_dict())  # as saved to disk: not the live tensors
+    seen = []
+    orig = a._real_batch
+
+    def record(rnd):
+        x, lab = orig(rnd)
+        seen.append(x.clone())
+        return x, lab
+
+    a._real_batch = record
+    a.step()
+    b = _sida_trainer(teacher_file, tmp_path)
+    b.load_state_dict(state, "state")
+    seen_b = []
+    orig_b = b._real_batch
+    b._real_batch = lambda rnd: (lambda r: (seen_b.append(r[0].clone()), r)[1])(orig_b(rnd))
+    b.step()
+    assert len(seen) == len(seen_b) == a.rounds
+    for x, y in zip(seen, seen_b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    for k, v in a.fake.state_dict().items():
+        torch.testing.assert_close(b.fake.state_dict()[k], v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case, kw, match", [
+    ("no data", dict(method="sida"), r"--method sida trains its discriminator on real images: give --data"),
+    ("wrong resolution", dict(method="sida", data="16x1"), r"images are 1x16x16, the teacher makes 1x8x8"),
+    ("wrong channels", dict(method="sida", data="8x3"), r"images are 3x8x8, the teacher makes 1x8x8"),
+    ("no labels", dict(method="sida", data="8x1-nolabels"), r"the dataset has no labels \(dataset.json\)"),
+])
+def test_sida_bad_input_is_one_sentence_before_any_work(teacher_file, tmp_path, case, kw, match):
+    from helpers import cfg_for, cpu_trainer
+
+    from sid_fast.training.config import ConfigError
+
+    if "data" in kw:
+        size, ch = kw["data"].split("-")[0].split("x")
+        kw = dict(kw, data=_data(tmp_path, size=int(size), channels=int(ch), labels="nolabels" not in kw["data"]))
+    with pytest.raises(ConfigError, match=match):
+        cpu_trainer(cfg_for(teacher_file, **kw))
+
+
+def _ddp_worker(rank, world, port, teacher, data, out):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from helpers import cfg_for, cpu_trainer, damp_adam, trainer_params
+
+    try:
+        tr = damp_adam(cpu_trainer(cfg_for(teacher, **_DDP_KW, data=data)))
+        for _ in range(3):
+            tr.step()
+        if rank == 0:
+            torch.save(trainer_params(tr), out)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# GAN term from the first step (warm-ups 0), so that both phases run their adversarial parts in the comparison.
+_DDP_KW = dict(method="sida", dropout=0.0, batch_gpu=4, augment=0.0, sida_g_start_kimg=0.0, sida_gan_start_kimg=0.0)
+
+
+@pytest.mark.slow
+def test_sida_one_process_equals_two_gloo_processes(teacher_file, tmp_path):
+    """batch 8: 1 process x 2 rounds x 4 vs 2 processes x 1 round x 4, with the fake score called twice per forward
+    (fake and real branches) under DistributedDataParallel."""
+    import os
+
+    import torch.multiprocessing as mp
+    from helpers import cfg_for, cpu_trainer, damp_adam, trainer_params
+
+    data = _data(tmp_path)
+    single = damp_adam(cpu_trainer(cfg_for(teacher_file, **_DDP_KW, data=data)))
+    for _ in range(3):
+        single.step()
+    ref = trainer_params(single)
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, 29700 + os.getpid() % 200, teacher_file, data, str(out)), nprocs=2)
+    got = torch.load(out, weights_only=True)
+    init = single.teacher.state_dict()
+    for k in ref:
+        travelled = (ref[k] - init[k.split(".", 1)[1]]).abs().max().item()
+        diff = (got[k] - ref[k]).abs().max().item()
+        assert diff <= 0.02 * travelled + 1e-7, (k, diff, travelled)  # as SiD's test (tests/test_trainer.py)
+    assert (ref["G.model.dec.8x8_aux_conv.weight"] - init["model.dec.8x8_aux_conv.weight"]).abs().max() > 1e-5
+
+
+def test_sid2a_starts_g_from_a_sid_generator_and_refuses_other_shapes(teacher_file, tmp_path):
+    from helpers import NET, cfg_for, cpu_trainer
+
+    from sid_fast.checkpoints import save_network
+    from sid_fast.training.config import ConfigError
+
+    torch.manual_seed(3)
+    sid_g = build_network("EDMPrecond", NET)  # stands for a SiD generator of this teacher's network
+    path = tmp_path / "sid-generator.pt"
+    save_network(path, sid_g, NET, kind="generator")
+    tr = cpu_trainer(cfg_for(teacher_file, method="sida", data=_data(tmp_path), sid_model=str(path)))
+    for k, v in sid_g.state_dict().items():
+        assert torch.equal(tr.G.state_dict()[k], v) and torch.equal(tr.G_ema.state_dict()[k], v), k
+    assert all(torch.equal(tr.fake.state_dict()[k], v) for k, v in tr.teacher.state_dict().items()
+               if v.dtype == torch.float32)  # the fake score starts from the teacher
+    assert tr.cur_nimg == 0
+    other = dict(NET, model_channels=8)
+    bad = tmp_path / "other.pt"
+    save_network(bad, build_network("EDMPrecond", other), other, kind="generator")
+    with pytest.raises(ConfigError, match=r"--sid-model .*other.pt: not a generator of this teacher's network"):
+        cpu_trainer(cfg_for(teacher_file, method="sida", data=_data(tmp_path), sid_model=str(bad)))
+
+
+def test_sida_presets_carry_the_official_values():
+    from sid_fast.training.config import ConfigError, resolve_config
+
+    c = resolve_config("imagenet64-cond-sida", dict(teacher="t.pkl", data="imagenet-64x64.zip", data_stat="r.npz"))
+    assert (c.method, c.alpha, c.batch, c.batch_gpu, c.lr, c.glr, c.precision, c.duration, c.lsd, c.lsg_gan) == \
+        ("sida", 1.0, 8192, 32, 4e-6, 4e-6, "fp16", 300, 1.0, 0.01)
+    assert (c.sida_g_start_kimg, c.sida_gan_start_kimg, c.tick, c.snap, c.dump, c.ema) == (100, 200, 20, 50, 200, 2.0)
+    c = resolve_config("ffhq64-sida", dict(teacher="t.pkl", data="ffhq-64x64.zip", data_stat="r.npz"))
+    assert (c.g_beta1, c.batch, c.batch_gpu, c.augment, c.dropout, c.duration) == (0.0, 512, 64, 0.15, 0.05, 200)
+    with pytest.raises(ConfigError, match=r"--preset cifar10-uncond-sid2a is SiD²A: give --sid-model"):
+        resolve_config("cifar10-uncond-sid2a", dict(teacher="t.pkl", data="c.zip", data_stat="r.npz"))
+    c = resolve_config("afhqv2-64-sid2a", dict(teacher="t.pkl", data="a.zip", data_stat="r.npz", sid_model="g.pkl"))
+    assert (c.duration, c.lr, c.official_data) == (100, 5e-6, "afhqv2-64x64.zip")

@@ -31,3 +31,24 @@ def digits_tensor() -> tuple[torch.Tensor, torch.Tensor]:
     """(images float32 in [-1, 1], [1797, 1, 16, 16]; labels int64 [1797])."""
     imgs, labels = digits_uint8()
     return torch.from_numpy(imgs).float() / 127.5 - 1, torch.from_numpy(labels)
+
+
+class DigitsDataset:
+    """The digits as an EDM-style dataset (`--data digits`): dataset[i] -> (uint8 [1, 16, 16], one-hot label)."""
+
+    def __init__(self):
+        self.images, self.labels_int = digits_uint8()
+        self.image_shape = list(self.images.shape[1:])
+        self.path = "digits"
+
+    @property
+    def label_dim(self) -> int:
+        return NUM_CLASSES
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        onehot = np.zeros(NUM_CLASSES, np.float32)
+        onehot[self.labels_int[i]] = 1
+        return self.images[i], onehot

@@ -39,6 +39,14 @@ class TrainConfig:
     init_sigma: float = 2.5
     ls: float = 1.0  # fake-score loss scale
     lsg: float = 100.0  # generator loss scale
+    # SiDA (official sida branch): the fake score is also the discriminator, trained on real images from --data.
+    method: str = "sid"  # sid, sida
+    lsd: float = 1.0  # discriminator loss scale (fake-score phase)
+    lsg_gan: float = 0.01  # generator GAN term scale (times C*H*W)
+    xflip: bool = False  # real images also mirrored (EDM's dataset x-flip)
+    workers: int = 2  # DataLoader workers for real images (CUDA runs; the CPU reads in-process)
+    sida_g_start_kimg: float = 100.0  # no generator step up to here (official: 100k images)
+    sida_gan_start_kimg: float = 200.0  # SiD alone up to here, then 0.5 SiD + 0.5 GAN (official: 200k images)
     # Optimisation.
     batch: int = 64
     batch_gpu: int | None = None
@@ -69,7 +77,10 @@ class TrainConfig:
     data_stat: str | None = None  # FID reference statistics (EDM npz), path or URL (SiD's --data_stat)
     detector: str | None = None  # Inception detector, path or URL (default: $SID_FAST_DETECTOR or the cache)
     max_bad_steps: int = 100  # consecutive steps with non-finite gradients before aborting (with a checkpoint)
+    sid_model: str | None = None  # SiD²A: G and G_ema start from this SiD generator (path or URL)
     official_teacher: str | None = field(default=None, repr=False)
+    official_data: str | None = field(default=None, repr=False)  # the SiDA presets' real images (for messages)
+    needs_sid_model: bool = field(default=False, repr=False)  # the SiD²A presets
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,12 +123,41 @@ PRESETS: dict[str, dict] = {
         ema=0.002, duration=0.032, tick=2, snap=2, dump=8, metrics="fd-digits", metric_num=2000,
         extra_snapshots=False,  # snap=2 already evaluates every tick pair; a kimg-0 evaluation would cost time
     ),
+    # SiDA on the bundled digits (real data: the 1,797 digits the teacher was trained on). The official warm-ups
+    # (100k images without generator steps, 200k without the GAN term) would outlast the whole CPU-sized run; here
+    # they are scaled to the run's 32 kimg.
+    "digits-sida": dict(
+        teacher=str(DIGITS_TEACHER_PATH), cond=False, resolution=16, channels=1, label_dim=0, method="sida",
+        data="digits", alpha=1.2, batch=64, batch_gpu=64, lr=1e-4, glr=1e-4, precision="fp32", dropout=0.0,
+        augment=0.0, ema=0.002, duration=0.032, tick=2, snap=2, dump=8, metrics="fd-digits", metric_num=2000,
+        extra_snapshots=False, lsd=1.0, lsg_gan=0.01, sida_g_start_kimg=1.0, sida_gan_start_kimg=2.0,
+    ),
 }
+
+# SiDA and SiD²A (official sida branch, run_sida.sh and run_sid_sida.sh; 4 GPUs there): alpha 1, lsd 1, lsg_gan 0.01,
+# snap 50, dump 200. SiD²A is the same run with G and G_ema from a SiD generator (--sid-model) and a shorter duration.
+# The official AFHQ scripts read ffhq-64x64.zip (a copy-paste slip); these presets expect the AFHQv2 images.
+_SIDA = dict(method="sida", alpha=1.0, lsd=1.0, lsg_gan=0.01, snap=50, dump=200)
+_SIDA_DATA = {"cifar10-uncond": "cifar10-32x32.zip", "cifar10-cond": "cifar10-32x32.zip",
+              "imagenet64-cond": "imagenet-64x64.zip", "ffhq64": "ffhq-64x64.zip", "afhqv2-64": "afhqv2-64x64.zip"}
+_SIDA_RUNS = {  # preset: (batch, batch_gpu, lr = glr, g_beta1, SiDA duration Mimg, SiD²A duration Mimg)
+    "cifar10-uncond": (256, 32, 1e-5, 0.0, 300, 100),
+    "cifar10-cond": (256, 32, 1e-5, 0.0, 300, 100),
+    "imagenet64-cond": (8192, 32, 4e-6, 0.0, 300, 100),
+    "ffhq64": (512, 64, 1e-5, 0.0, 200, 100),
+    "afhqv2-64": (512, 64, 5e-6, 0.0, 200, 100),
+}
+for _name, (_b, _bg, _lr, _b1, _d, _d2) in _SIDA_RUNS.items():
+    _v = dict(PRESETS[_name], **_SIDA, batch=_b, batch_gpu=_bg, lr=_lr, glr=_lr, g_beta1=_b1, official_data=_SIDA_DATA[_name])
+    PRESETS[f"{_name}-sida"] = dict(_v, duration=_d)
+    PRESETS[f"{_name}-sid2a"] = dict(_v, duration=_d2, needs_sid_model=True)
+    FID_REFS[f"{_name}-sida"] = FID_REFS[f"{_name}-sid2a"] = FID_REFS[_name]
 
 PRECISIONS = ("fp32", "fp16", "tf32", "bf16")
 CHECKPOINTING = ("none", "nets", "blocks", "selective")
 OPTIMIZERS = ("adam", "foreach", "fused")
 METRICS = ("fid", "fd-digits", "none")
+METHODS = ("sid", "sida")
 
 
 class ConfigError(ValueError):
@@ -201,6 +241,24 @@ def validate(cfg: TrainConfig) -> None:
             f"--teacher is required for preset {cfg.preset!r}: a local path or a URL, e.g. "
             f"{EDM_URL}{cfg.official_teacher}"
         )
+    if cfg.method not in METHODS:
+        raise ConfigError(f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}.")
+    if cfg.method == "sida" and cfg.data is None:
+        raise ConfigError("--method sida trains its discriminator on real images: give --data (an EDM dataset, zip or "
+                          "folder, of the teacher's resolution and channels" +
+                          (f"; this preset's: {cfg.official_data}, made with sid_fast.data.dataset_tool" if cfg.official_data
+                           else "") + ").")
+    if cfg.needs_sid_model and cfg.sid_model is None:
+        raise ConfigError(f"--preset {cfg.preset} is SiD²A: give --sid-model, the SiD generator (network-snapshot pickle "
+                          "or sid_fast file) that G and G_ema start from.")
+    if not 0 <= cfg.sida_g_start_kimg <= cfg.sida_gan_start_kimg:
+        raise ConfigError(f"--sida-g-start-kimg {cfg.sida_g_start_kimg} and --sida-gan-start-kimg "
+                          f"{cfg.sida_gan_start_kimg}: need 0 <= generator start <= GAN start (official: 100 and 200).")
+    for flag in ("lsd", "lsg_gan"):
+        if not getattr(cfg, flag) >= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be non-negative, got {getattr(cfg, flag)}.")
+    if cfg.workers < 0:
+        raise ConfigError(f"--workers must be a non-negative integer, got {cfg.workers}.")
     if cfg.metrics not in METRICS:
         raise ConfigError(f"--metrics must be one of {', '.join(METRICS)}, got {cfg.metrics!r}.")
     if cfg.metrics == "fid" and cfg.data_stat is None:

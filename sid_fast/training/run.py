@@ -35,12 +35,7 @@ def check_teacher(cfg: TrainConfig, teacher, path) -> None:
 
 def load_label_table(cfg: TrainConfig, label_dim: int) -> np.ndarray:
     """The integer labels of --data's images, checked against the teacher; one ConfigError naming both values."""
-    from sid_fast.data.dataset import DatasetError, ImageDataset
-
-    try:
-        ds = ImageDataset(cfg.data)
-    except DatasetError as e:
-        raise ConfigError(f"--data {e}") from None
+    ds = open_dataset(cfg)
     c, h, _ = ds.image_shape
     if (c, h) != (cfg.channels, cfg.resolution):
         raise ConfigError(f"--data {cfg.data}: images are {c}x{h}x{h}, the teacher makes {cfg.channels}x"
@@ -52,6 +47,45 @@ def load_label_table(cfg: TrainConfig, label_dim: int) -> np.ndarray:
         raise ConfigError(f"--data {cfg.data}: labels run to class {ds.label_dim - 1} (label_dim {ds.label_dim}), the "
                           f"teacher has label_dim {label_dim}.")
     return ds.labels_int
+
+
+def open_dataset(cfg: TrainConfig):
+    """--data: an EDM dataset (zip or folder) or 'digits', the bundled digits."""
+    from sid_fast.data.dataset import DatasetError, ImageDataset
+
+    if cfg.data == "digits":
+        from sid_fast.data.digits import DigitsDataset
+
+        return DigitsDataset()
+    try:
+        return ImageDataset(cfg.data)
+    except DatasetError as e:
+        raise ConfigError(f"--data {e}") from None
+
+
+def load_real_dataset(cfg: TrainConfig):
+    """SiDA's real images (--data), checked against the teacher's shape (labels: by load_label_table)."""
+    ds = open_dataset(cfg)
+    c, h, _ = ds.image_shape
+    if (c, h) != (cfg.channels, cfg.resolution):
+        raise ConfigError(f"--data {cfg.data}: images are {c}x{h}x{h}, the teacher makes {cfg.channels}x"
+                          f"{cfg.resolution}x{cfg.resolution}.")
+    return ds
+
+
+def load_sid_model(cfg: TrainConfig, teacher) -> dict:
+    """SiD²A's generator weights (--sid-model, through the safe loader), which must fit the teacher's network exactly."""
+    try:
+        net, _ = checkpoints.load_network_file(cfg.sid_model)
+    except ValueError as e:
+        raise ConfigError(f"--sid-model {e}") from None
+    want = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    if got != want:
+        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+        raise ConfigError(f"--sid-model {cfg.sid_model}: not a generator of this teacher's network ({len(diff)} "
+                          f"tensors differ in name or shape, e.g. {diff[0]}).")
+    return {k: v.float() for k, v in net.state_dict().items()}
 
 
 def prepare_fid(cfg: TrainConfig, device):
@@ -83,9 +117,17 @@ def build_trainer(cfg: TrainConfig, device: torch.device | None = None, *, teach
         raise ValueError("build_trainer: a teacher given without the students' initialisation (a Student).")
     check_teacher(cfg, teacher, cfg.teacher)
     label_table = load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
+    real = load_real_dataset(cfg) if cfg.method == "sida" else None
+    generator_init = load_sid_model(cfg, teacher) if cfg.sid_model is not None else None
     if fid is None:
         fid = prepare_fid(cfg, device)
-    return SiDTrainer(cfg, device, teacher, student, run_dir=run_dir, log=log, fid=fid, label_table=label_table)
+    if real is not None:
+        from sid_fast.training.sida import SiDATrainer
+
+        return SiDATrainer(cfg, device, teacher, student, run_dir=run_dir, log=log, fid=fid, label_table=label_table,
+                           real_dataset=real, generator_init=generator_init)
+    return SiDTrainer(cfg, device, teacher, student, run_dir=run_dir, log=log, fid=fid, label_table=label_table,
+                      generator_init=generator_init)
 
 
 def next_run_dir(outdir: str, desc: str) -> Path:

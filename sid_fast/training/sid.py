@@ -77,7 +77,7 @@ class SiDTrainer:
     """Build it with `sid_fast.training.run.build_trainer(cfg)`, which loads and checks the teacher and the data."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device, teacher: torch.nn.Module, student: Student,
-                 run_dir: Path | None = None, log=print, fid=(None, None), label_table=None):
+                 run_dir: Path | None = None, log=print, fid=(None, None), label_table=None, generator_init=None):
         self.cfg = cfg
         self.device = device
         self.run_dir = run_dir
@@ -100,7 +100,9 @@ class SiDTrainer:
         perf.set_matmul_precision(cfg.precision)
         self.kernels = ops.parse(cfg.kernels)  # entered around every step and snapshot: nothing leaks past them
         self.teacher = teacher.to(device).eval().requires_grad_(False)
-        self.G = self._copy(student.state_dict).train().requires_grad_(True)
+        # G starts from the teacher, or (SiD²A, --sid-model) from a SiD generator's weights; the fake score always
+        # from the teacher.
+        self.G = self._copy(generator_init if generator_init is not None else student.state_dict).train().requires_grad_(True)
         self.fake = self._copy(student.state_dict).train().requires_grad_(True)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         perf.prepare_networks(cfg, self.teacher, (self.G, self.fake), self.G_ema)
@@ -189,9 +191,12 @@ class SiDTrainer:
                 torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
         return bad
 
-    def _apply_gradients(self, net, opt, bad_slot: str):
-        """End of a phase: clean and count the gradients, optimizer step, freeze the network again."""
+    def _apply_gradients(self, net, opt, bad_slot: str, clip_value: float | None = None):
+        """End of a phase: clean and count the gradients (SiDA: then clip each element at +-clip_value, as the official
+        sida loop's clip_grad_value_), optimizer step, freeze the network again."""
         bad = self._clean_grads(net.parameters())
+        if clip_value is not None:
+            torch.nn.utils.clip_grad_value_(net.parameters(), clip_value)
         self.stats.add(**{bad_slot: bad.double()})
         with annotate("sid/optimizer"):
             opt.step()
@@ -306,7 +311,8 @@ class SiDTrainer:
         except (RuntimeError, KeyError, ValueError) as e:
             raise ConfigError(f"--resume {path}: the state does not match this teacher/configuration: {e}") from None
         self.cur_nimg, self.cur_tick, self.tick_start_nimg = s["cur_nimg"], s["cur_tick"], s["tick_start_nimg"]
-        self.stats.values = s["stats"].to(self.device)
+        stats = s["stats"].to(self.device)  # states written before the SiDA slots existed have fewer
+        self.stats.values = torch.cat([stats, self.stats.values[len(stats):]])
         self.consec_bad = s["consec_bad"].to(self.device)
         self.max_consec_bad = s["max_consec_bad"].to(self.device)
         self.metrics_history = json.loads(s.get("metrics_history", "[]"))

@@ -1,0 +1,192 @@
+"""SiDA: adversarial Score identity Distillation with real data (Zhou et al., ICLR 2025; official SiD repository,
+branch `sida`: sida_training/sida_training_loop.py and sida_training/sida_loss.py).
+
+The fake score f_psi is also the discriminator: its logits are the channel mean of its encoder's last feature map
+(sid_fast.networks, return_flag). One iteration, as the official loop:
+  1. fake-score/discriminator step: a batch of real images (and its labels) from --data; x_g = G(sigma_init z, labels)
+     without gradient (G in eval mode); sigma ~ LogNormal(-1.2, 1.2); fake y (and its augment labels) and real y_r
+     augmented with independent draws when --augment > 0; one noise n shared by both branches;
+     (D_fake, logits_fake) = f_psi(y + sigma n, 'encoder_decoder'), logits_real = f_psi(y_r + sigma n, 'encoder');
+     loss = sum(lambda (D_fake - y)^2) * ls / B + sum(L_D) * lsd / B; gradients cleaned with nan_to_num, then clipped
+     elementwise at 1 (clip_grad_value_), Adam step.
+  2. generator step, only after 100k images: SiD's term on x_t = x_g + sigma eps (sigma from tmax) and, after 200k
+     images, 0.5 SiD + 0.5 GAN, the GAN term BCE(clamp(f_psi's logits on the same x_t, +-10), 1) / w scaled by
+     C*H*W * lsg_gan / B. During the first 100k images the official loop runs G's forward and backward and discards
+     the gradients; here that phase is skipped (the same parameters; the global dropout RNG stream then differs).
+  3. EMA of G as SiD.
+Real images are read in a fixed global order: sample k of the run (k = it * batch + m * batch_gpu + j for micro-batch
+m) is entry k mod N of a permutation drawn from (seed, k div N), so resuming needs only the images seen, whatever
+the number of processes (the official sampler restarts its order on resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from sid_fast import ops, perf
+from sid_fast.losses import (
+    edm_loss_from_output,
+    finite_rows,
+    sample_edm_sigma,
+    sample_generator_sigma,
+    sid_weight,
+    sida_discriminator_loss,
+    sida_generator_gan_loss,
+    sida_schedule,
+)
+from sid_fast.perf import annotate
+from sid_fast.training.sid import FAKE, GEN, SiDTrainer
+
+
+class RealImages(torch.utils.data.Dataset):
+    """Sample k of the run's real-image stream: (uint8 image [C, H, W], integer label or -1, k). With xflip the
+    dataset counts twice, the second half mirrored (EDM's --xflip)."""
+
+    def __init__(self, dataset, seed: int, xflip: bool):
+        self.dataset, self.seed, self.xflip = dataset, seed, xflip
+        self.n = len(dataset) * (2 if xflip else 1)
+        self._perm_epoch, self._perm = None, None
+
+    def index(self, k: int) -> int:
+        epoch, pos = divmod(k, self.n)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.RandomState([self.seed % (1 << 31), epoch % (1 << 31)]).permutation(self.n)
+            self._perm_epoch = epoch
+        return int(self._perm[pos])
+
+    def __len__(self):  # a stream without end; the sampler says which k to read
+        return 1 << 62
+
+    def __getitem__(self, k: int):
+        i = self.index(k)
+        img, _ = self.dataset[i % len(self.dataset)]
+        if i >= len(self.dataset):
+            img = img[:, :, ::-1]
+        labels = self.dataset.labels_int
+        label = int(labels[i % len(self.dataset)]) if labels is not None else -1
+        return torch.from_numpy(np.array(img)), label, k  # np.array: a writable copy
+
+
+class _MicroBatches(torch.utils.data.Sampler):
+    """The sample numbers of this rank's micro-batches from iteration `it0` on, in the order the trainer reads them."""
+
+    def __init__(self, it0: int, batch: int, batch_gpu: int, rounds: int, rank: int):
+        self.it0, self.batch, self.batch_gpu, self.rounds, self.rank = it0, batch, batch_gpu, rounds, rank
+
+    def __iter__(self):
+        it = self.it0
+        while True:
+            for rnd in range(self.rounds):
+                start = it * self.batch + (self.rank * self.rounds + rnd) * self.batch_gpu
+                yield list(range(start, start + self.batch_gpu))
+            it += 1
+
+
+class SiDATrainer(SiDTrainer):
+    """SiDTrainer with the discriminator in the fake-score phase and the GAN term in the generator phase."""
+
+    def __init__(self, *args, real_dataset=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if real_dataset is None:
+            raise ValueError("SiDATrainer: real images are needed (--data).")
+        self.real = RealImages(real_dataset, self.cfg.seed, self.cfg.xflip)
+        self._loader = None
+
+    # Real data: opened lazily at the current iteration, so that resuming (which sets cur_nimg) starts in place.
+    def _real_batch(self, rnd: int):
+        it = self.cur_nimg // self.cfg.batch
+        if self._loader is None or self._loader_pos != (it, rnd):
+            sampler = _MicroBatches(it, self.cfg.batch, self.cfg.batch_gpu, self.rounds, self.rank)
+            workers = self.cfg.workers if self.device.type == "cuda" else 0
+            # Its own generator: a DataLoader draws a base seed when iterated, which must not move the global RNG
+            # (dropout), or a resumed run would differ from an uninterrupted one.
+            loader = torch.utils.data.DataLoader(self.real, batch_sampler=sampler, num_workers=workers,
+                                                 pin_memory=self.device.type == "cuda",
+                                                 generator=torch.Generator().manual_seed(self.cfg.seed))
+            self._loader = iter(loader)
+        img, labels, ks = next(self._loader)
+        first = it * self.cfg.batch + (self.rank * self.rounds + rnd) * self.cfg.batch_gpu
+        assert int(ks[0]) == first, (int(ks[0]), first)  # the stream and the trainer agree on the samples
+        self._loader_pos = (it, rnd + 1) if rnd + 1 < self.rounds else (it + 1, 0)
+        x = img.to(self.device, non_blocking=True).float() / 127.5 - 1
+        onehot = None
+        if self.G.label_dim:
+            onehot = torch.eye(self.G.label_dim, device=self.device)[labels.to(self.device)]
+        return x, onehot
+
+    def _augment(self, images, g):
+        if self.augment_pipe is not None:
+            return self.augment_pipe(images, generator=g)
+        return images, (torch.zeros([images.shape[0], self.aug_dim], device=self.device) if self.aug_dim else None)
+
+    def fake_score_phase(self):
+        cfg = self.cfg
+        self.G.eval()
+        self.fake.train().requires_grad_(True)
+        self.opt_fake.zero_grad(set_to_none=True)
+        for rnd in range(self.rounds):
+            g = self._gen(FAKE, rnd)
+            real, labels = self._real_batch(rnd)
+            z = torch.randn(real.shape, device=self.device, generator=g)
+            with torch.no_grad():
+                x_g = self.generate(self.calls.G_eval, z, labels)
+            sigma = sample_edm_sigma(cfg.batch_gpu, self.device, generator=g)
+            y, aug = self._augment(x_g, g)
+            y_r, aug_r = self._augment(real, g)  # an independent draw, after the fake one
+            noise = torch.randn(y.shape, device=self.device, generator=g) * sigma  # shared by both branches
+            sync = self.world > 1 and rnd < self.rounds - 1
+            with self.fake_ddp.no_sync() if sync else contextlib.nullcontext():
+                kw = {} if aug is None else dict(augment_labels=aug)
+                D, logits_fake = self.calls.fake_train(y + noise, sigma, labels, return_flag="encoder_decoder", **kw)
+                kw_r = {} if aug_r is None else dict(augment_labels=aug_r)
+                logits_real = self.calls.fake_train(y_r + noise, sigma, labels, return_flag="encoder", **kw_r)
+                ok = finite_rows(y, D, logits_fake, logits_real)  # the official filter of this phase
+                loss_el, _ = edm_loss_from_output(D, y, sigma)
+                loss_fake = torch.where(ok.reshape(-1, 1, 1, 1), loss_el, 0).sum()
+                loss_D = sida_discriminator_loss(logits_real, logits_fake, sigma, ok).sum()
+                ((loss_fake * cfg.ls + loss_D * cfg.lsd) / self.batch_gpu_total).backward()
+            self.stats.add(loss_fake=loss_fake.detach(), loss_D=loss_D.detach(), rows_fake=ok.sum(),
+                           nan_samples_fake=(~ok).sum())
+        return self._apply_gradients(self.fake, self.opt_fake, "bad_steps_fake", clip_value=1.0)
+
+    def generator_phase(self):
+        cfg = self.cfg
+        step, w_sid, w_gan = sida_schedule(self.cur_nimg, round(cfg.sida_g_start_kimg * 1000),
+                                           round(cfg.sida_gan_start_kimg * 1000))
+        if not step:  # the official loop computes and discards this phase during the first 100k images
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        self.G.train().requires_grad_(True)
+        self.fake.eval().requires_grad_(False)
+        self.opt_g.zero_grad(set_to_none=True)
+        for rnd in range(self.rounds):
+            g = self._gen(GEN, rnd)
+            z, labels = self._draw_z_labels(g)
+            sigma = sample_generator_sigma(cfg.batch_gpu, cfg.tmax, self.device, generator=g)
+            eps = torch.randn([cfg.batch_gpu, cfg.channels, cfg.resolution, cfg.resolution], device=self.device, generator=g)
+            sync = self.world > 1 and rnd < self.rounds - 1
+            with self.G_ddp.no_sync() if sync else contextlib.nullcontext():
+                x_g = self.generate(self.calls.G_train, z, labels)
+                x_t = perf.image_format(cfg, x_g + sigma * eps)
+                aug = self._aug_zeros(cfg.batch_gpu)  # no augmentation in the generator phase
+                y_real = self.calls.teacher(x_t, sigma, labels, **aug)
+                if w_gan > 0:
+                    y_fake, logits = self.calls.fake_eval(x_t, sigma, labels, return_flag="encoder_decoder", **aug)
+                else:
+                    y_fake, logits = self.calls.fake_eval(x_t, sigma, labels, **aug), None
+                loss_sid, ok = ops.sid_generator_loss_sum(x_g, y_real, y_fake, cfg.alpha)
+                total = w_sid * cfg.lsg * loss_sid
+                loss_gan = torch.zeros((), device=self.device)
+                if logits is not None:
+                    mask = ok.reshape(-1, 1, 1, 1)
+                    w = sid_weight(torch.where(mask, x_g, 0), torch.where(mask, y_real, 0))
+                    chw = x_g[0].numel()
+                    loss_gan = chw * sida_generator_gan_loss(logits, w, ok).sum()
+                    total = total + w_gan * cfg.lsg_gan * loss_gan
+                with annotate("sid/backward"):
+                    (total / self.batch_gpu_total).backward()
+            self.stats.add(loss_G=loss_sid.detach(), loss_G_gan=loss_gan.detach(), rows_G=ok.sum(),
+                           nan_samples_G=(~ok).sum())
+        return self._apply_gradients(self.G, self.opt_g, "bad_steps_G")
