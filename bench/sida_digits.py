@@ -1,0 +1,95 @@
+"""SiDA against SiD on the digits: FD-digits curves of G_ema at equal images seen, several seeds.
+
+    for s in 0 1 2; do
+      python3 train.py --preset digits --seed $s --duration 0.012 --desc sid-seed$s --outdir runs/sida-study
+      python3 train.py --preset digits-sida --seed $s --duration 0.012 --desc sida-seed$s --outdir runs/sida-study
+    done
+    python -m bench.sida_digits runs/sida-study/* --png bench/results/sida_digits.png
+
+Both presets share every SiD setting (teacher, batch 64, lr, EMA, evaluations every 4 kimg on 2,000 samples);
+digits-sida adds the discriminator on the bundled digits with the official loss algebra and warm-ups scaled to 1 and
+2 kimg. Writes one JSON line per run (method, seed, the whole curve) to bench/results/sida_digits.jsonl and, per
+method, the mean and spread of the final FD-digits over seeds; `--png` plots the curves (re-created from the JSON
+lines with `--from-jsonl`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from bench.common import environment, write_jsonl
+
+
+def read_run(path) -> dict:
+    p = Path(path)
+    opts = json.loads((p / "training_options.json").read_text())
+    curve = [json.loads(line) for line in (p / "metric-fd_digits.jsonl").read_text().splitlines() if line.strip()]
+    if not curve:
+        raise SystemExit(f"{p}: no FD-digits evaluations in metric-fd_digits.jsonl.")
+    return dict(run=p.name, method=opts.get("method", "sid"), seed=opts["seed"], kimg=[r["kimg"] for r in curve],
+                fd_digits=[r["fd_digits"] for r in curve], num=curve[-1].get("num"))
+
+
+def summary(runs: list[dict]) -> dict:
+    out = {}
+    for m in sorted({r["method"] for r in runs}):
+        finals = [r["fd_digits"][-1] for r in runs if r["method"] == m]
+        out[m] = dict(final=finals, mean=statistics.fmean(finals),
+                      stdev=statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                      kimg=[r["kimg"][-1] for r in runs if r["method"] == m])
+    return out
+
+
+def plot(runs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
+    colors = {"sid": "tab:blue", "sida": "tab:red"}
+    for r in runs:
+        ax.plot(r["kimg"], r["fd_digits"], "o-" if r["method"] == "sid" else "s--", color=colors.get(r["method"]),
+                alpha=0.8, label=f"{r['method']} seed {r['seed']}")
+    ax.set_xlabel("images seen (kimg)")
+    ax.set_ylabel("FD-digits of G_ema")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="*", help="run directories of train.py (digits and digits-sida presets)")
+    ap.add_argument("--png", help="plot of the curves")
+    ap.add_argument("--out", default="sida_digits.jsonl")
+    ap.add_argument("--from-jsonl", help="re-create the plot from recorded JSON lines instead of run directories")
+    a = ap.parse_args()
+    if a.from_jsonl:
+        recs = [json.loads(line) for line in Path(a.from_jsonl).read_text().splitlines() if line.strip()]
+        runs = [r for r in recs if r.get("bench") == "sida_digits"]
+    else:
+        if not a.runs:
+            raise SystemExit("bench.sida_digits: give run directories, or --from-jsonl FILE.")
+        runs = [read_run(p) for p in a.runs]
+        env = environment()
+        s = summary(runs)
+        path = write_jsonl([dict(bench="sida_digits", **r, **env) for r in runs] +
+                           [dict(bench="sida_digits_summary", summary=s, **env)], a.out)
+        for m, v in s.items():
+            print(f"{m}: final FD-digits {', '.join(f'{x:.2f}' for x in v['final'])} at kimg {v['kimg']} -> mean "
+                  f"{v['mean']:.2f} +- {v['stdev']:.2f}")
+        print(f"-> {path}")
+    if a.png:
+        plot(runs, a.png)
+        print(f"-> {a.png}")
+
+
+if __name__ == "__main__":
+    main()
