@@ -172,6 +172,15 @@ class SiDTrainer:
             labels = torch.eye(self.G.label_dim, device=self.device)[idx]
         return z, labels
 
+    def _generator_draws(self, rnd: int):
+        """(z, labels, sigma, eps) of generator-phase micro-batch `rnd`, drawn in this order from its generator."""
+        cfg = self.cfg
+        g = self._gen(GEN, rnd)
+        z, labels = self._draw_z_labels(g)
+        sigma = sample_generator_sigma(cfg.batch_gpu, cfg.tmax, self.device, generator=g)
+        eps = torch.randn([cfg.batch_gpu, cfg.channels, cfg.resolution, cfg.resolution], device=self.device, generator=g)
+        return z, labels, sigma, eps
+
     def _aug_zeros(self, n):
         return dict(augment_labels=torch.zeros([n, self.aug_dim], device=self.device)) if self.aug_dim else {}
 
@@ -237,10 +246,7 @@ class SiDTrainer:
         self.fake.eval().requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
         for rnd in range(self.rounds):
-            g = self._gen(GEN, rnd)
-            z, labels = self._draw_z_labels(g)
-            sigma = sample_generator_sigma(cfg.batch_gpu, cfg.tmax, self.device, generator=g)
-            eps = torch.randn([cfg.batch_gpu, cfg.channels, cfg.resolution, cfg.resolution], device=self.device, generator=g)
+            z, labels, sigma, eps = self._generator_draws(rnd)
             sync = self.world > 1 and rnd < self.rounds - 1
             with self.G_ddp.no_sync() if sync else contextlib.nullcontext():
                 x_g = self.generate(self.calls.G_train, z, labels)

@@ -31,14 +31,13 @@ from sid_fast.losses import (
     edm_loss_from_output,
     finite_rows,
     sample_edm_sigma,
-    sample_generator_sigma,
     sid_weight,
     sida_discriminator_loss,
     sida_generator_gan_loss,
     sida_schedule,
 )
 from sid_fast.perf import annotate
-from sid_fast.training.sid import FAKE, GEN, SiDTrainer
+from sid_fast.training.sid import FAKE, SiDTrainer
 
 
 class RealImages(torch.utils.data.Dataset):
@@ -162,10 +161,7 @@ class SiDATrainer(SiDTrainer):
         self.fake.eval().requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
         for rnd in range(self.rounds):
-            g = self._gen(GEN, rnd)
-            z, labels = self._draw_z_labels(g)
-            sigma = sample_generator_sigma(cfg.batch_gpu, cfg.tmax, self.device, generator=g)
-            eps = torch.randn([cfg.batch_gpu, cfg.channels, cfg.resolution, cfg.resolution], device=self.device, generator=g)
+            z, labels, sigma, eps = self._generator_draws(rnd)
             sync = self.world > 1 and rnd < self.rounds - 1
             with self.G_ddp.no_sync() if sync else contextlib.nullcontext():
                 x_g = self.generate(self.calls.G_train, z, labels)
