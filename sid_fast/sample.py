@@ -76,7 +76,7 @@ def main(network_path, outdir, seeds, sampler, steps, churn, class_idx, init_sig
             save_image(image_grid(img[None], cols=1), d / f"{seed:06d}.png")
         all_images.append(images)
     if grid:
-        save_image(image_grid(torch.cat(all_images)), grid, scale=max(1, 64 // net.img_resolution))
+        save_image(image_grid(torch.cat(all_images), scale=max(1, 64 // net.img_resolution), gap=2), grid)
     print(f"Saved {len(seed_list)} images to {outdir}" + (f" and a grid to {grid}" if grid else ""))
 
 

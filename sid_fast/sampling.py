@@ -96,14 +96,27 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
-def image_grid(images_uint8: torch.Tensor, cols: int | None = None) -> np.ndarray:
-    """uint8 [N, C, H, W] -> one HWC (or HW) uint8 array with the images on a grid."""
+def image_grid(images_uint8: torch.Tensor, cols: int | None = None, scale: int = 1, gap: int = 0,
+               fill: int = 128) -> np.ndarray:
+    """uint8 [N, C, H, W] -> one HWC (or HW) uint8 array with the images on a grid.
+
+    Each image is enlarged `scale` times (nearest neighbour); `gap` pixels of grey `fill` separate the tiles (and
+    frame the grid), so small images such as the 8x8 digits do not run into each other.
+    """
     n, c, h, w = images_uint8.shape
     cols = cols or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
-    grid = torch.zeros(rows * cols, c, h, w, dtype=torch.uint8)
-    grid[:n] = images_uint8.cpu()
-    grid = grid.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c).numpy()
+    tiles = images_uint8.cpu()
+    if scale > 1:
+        tiles = tiles.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        h, w = h * scale, w * scale
+    grid = torch.full((rows * cols, c, h + gap, w + gap), fill, dtype=torch.uint8)
+    grid[:n, :, gap:, gap:] = tiles
+    grid = grid.reshape(rows, cols, c, h + gap, w + gap).permute(0, 3, 1, 4, 2)
+    grid = grid.reshape(rows * (h + gap), cols * (w + gap), c)
+    if gap:  # close the frame on the right and at the bottom
+        grid = torch.nn.functional.pad(grid.permute(2, 0, 1), (0, gap, 0, gap), value=fill).permute(1, 2, 0)
+    grid = grid.contiguous().numpy()
     return grid[:, :, 0] if c == 1 else grid
 
 

@@ -12,8 +12,8 @@ def test_train_step_bench_records_measurements(tmp_path):
     assert r.returncode == 0, r.stderr
     (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert rec["config"] == "digits" and len(rec["step_s"]) == 2 and all(t > 0 for t in rec["step_s"])
-    # 11 forward-equivalents of the 16x16 teacher per image (about 0.2 GFLOP forward).
-    assert 1e9 < rec["flops_per_img"] < 1e10
+    # 11 forward-equivalents of the 8x8 digits teacher per image (about 0.04 GFLOP forward; 0.43 GFLOP measured).
+    assert 2e8 < rec["flops_per_img"] < 1e9
     assert 0 < rec["mfu"] < 1 and rec["torch"] and rec["device"].startswith("cpu")
 
 

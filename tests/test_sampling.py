@@ -68,3 +68,17 @@ def test_sample_cli_onestep_generator(tmp_path):
     assert r.returncode != 0 and "--class 7: the network has 3 classes" in r.stderr
     r = _run("--network", str(tmp_path / "missing.pt"), "--outdir", str(tmp_path / "o3"))
     assert r.returncode != 0 and "missing.pt: no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_image_grid_separates_tiles_with_a_gap():
+    from sid_fast.sampling import image_grid
+
+    imgs = torch.full((5, 1, 8, 8), 255, dtype=torch.uint8)
+    g = image_grid(imgs, cols=3, scale=2, gap=2, fill=128)
+    assert g.shape == (2 + 2 * (16 + 2), 2 + 3 * (16 + 2))  # 2 rows x 3 columns of 16-pixel tiles, framed
+    assert (g[:2] == 128).all() and (g[:, :2] == 128).all() and (g[-2:] == 128).all() and (g[:, -2:] == 128).all()
+    assert (g[2:18, 2:18] == 255).all() and (g[2:18, 18:20] == 128).all()  # first tile, then the gap to the second
+    assert (g[20:36, 38:54] == 128).all()  # the sixth cell holds no image: background
+    rgb = image_grid(torch.zeros(4, 3, 4, 4, dtype=torch.uint8), gap=1)
+    assert rgb.shape == (1 + 2 * 5, 1 + 2 * 5, 3)
+    assert image_grid(imgs[:1], cols=1).shape == (8, 8)  # no gap: the image itself

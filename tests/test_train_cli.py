@@ -13,26 +13,29 @@ def _train(*args):
 
 
 def test_digits_default_runs_resumes_and_samples(tmp_path):
+    """The default's first 4 kimg (16 iterations of 256): the files of a run, FD-digits falling from the teacher's
+    one-step output, then resume and the sampler."""
     out = tmp_path / "runs"
-    common = ["--outdir", str(out), "--tick", "0.128", "--snap", "2", "--dump", "2", "--metric-num", "300"]
-    r = _train(*common, "--duration", "0.000384")  # 6 iterations of 64
+    common = ["--outdir", str(out), "--tick", "1.024", "--snap", "4", "--dump", "4"]
+    r = _train(*common, "--duration", "0.004096")
     assert r.returncode == 0, r.stderr[-2000:]
     (run_dir,) = out.iterdir()
     names = {p.name for p in run_dir.iterdir()}
     assert {"training_options.json", "log.txt", "stats.jsonl", "metric-fd_digits.jsonl", "fd_digits.png"} <= names
     assert any(n.startswith("fakes-") for n in names) and any(n.startswith("network-snapshot-") for n in names)
     stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
-    assert stats[-1]["kimg"] == 0.384 and all(s["loss_fake"] > 0 for s in stats)
+    assert stats[-1]["kimg"] == 4.096 and all(s["loss_fake"] > 0 for s in stats)
     fds = [json.loads(line)["fd_digits"] for line in (run_dir / "metric-fd_digits.jsonl").read_text().splitlines()]
-    assert all(f > 0 for f in fds)
+    # Measured (CPU, torch 2.13, one thread): 290.1 at 0.3 kimg -> 14.2 at 4.1 kimg (20x). Asserted with margin: 5x.
+    assert fds[0] > 150 and fds[-1] < fds[0] / 5, fds
     assert "tick 0" in r.stdout and "FD-digits of G_ema" in r.stdout
 
-    r = _train(*common, "--duration", "0.000512", "--resume", str(run_dir))
+    r = _train(*common, "--duration", "0.004608", "--metrics", "none", "--resume", str(run_dir))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "Resumed from" in r.stdout and "at 0.4 kimg" in r.stdout
+    assert "Resumed from" in r.stdout and "at 4.1 kimg" in r.stdout
     resumed = sorted(out.iterdir())[-1]
     stats = [json.loads(line) for line in (resumed / "stats.jsonl").read_text().splitlines()]
-    assert stats[-1]["kimg"] == 0.512
+    assert stats[-1]["kimg"] == 4.608
 
     snap = sorted(resumed.glob("network-snapshot-*.pt"))[-1]
     net, info = load_network_file(snap)
@@ -78,7 +81,7 @@ def test_sigterm_finishes_step_writes_state_and_exits(tmp_path):
 
 def test_readme_first_command_runs_from_a_fresh_clone(tmp_path):
     """The README's first command, exactly as written, in a fresh clone of this repository (the committed tree),
-    shortened to two iterations through SID_FAST_DURATION; install.sh has already run (CI runs it first)."""
+    shortened to one iteration through SID_FAST_DURATION; install.sh has already run (CI runs it first)."""
     import os
     import shutil
 
@@ -93,10 +96,10 @@ def test_readme_first_command_runs_from_a_fresh_clone(tmp_path):
         shutil.copytree(root, clone, ignore=shutil.ignore_patterns("runs", "__pycache__", "*.egg-info"))
     command = first.split("&&")[-1].split()
     assert command[0] == "python3"
-    env = dict(os.environ, SID_FAST_DURATION="0.000128")
+    env = dict(os.environ, SID_FAST_DURATION="0.000256")
     r = subprocess.run([sys.executable, *command[1:]], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     (run_dir,) = (clone / "runs").iterdir()
-    assert json.loads((run_dir / "training_options.json").read_text())["duration"] == 0.000128
-    assert "FD-digits of G_ema at 0.1 kimg" in r.stdout and "Finished at 0.1 kimg" in r.stdout
+    assert json.loads((run_dir / "training_options.json").read_text())["duration"] == 0.000256
+    assert "FD-digits of G_ema at 0.3 kimg" in r.stdout and "Finished at 0.3 kimg" in r.stdout
     assert (run_dir / "fd_digits.png").exists() and list(run_dir.glob("network-snapshot-*.pt"))

@@ -165,17 +165,22 @@ MIX_NET = dict(model_type="SongUNet", img_resolution=4, img_channels=1, label_di
 
 
 def test_sid_on_gaussian_mixture_cuts_frechet_distance():
+    """With an exact teacher SiD must get close to the mixture, and stay there."""
     from sid_fast.training.teacher import train_edm
 
     torch.manual_seed(0)
     rows = torch.tensor([[0.6, 0.6, -0.6, -0.6], [-0.6, 0.6, -0.6, 0.6], [0.6, -0.6, 0.6, -0.6], [-0.6, -0.6, 0.6, 0.6]])
     teacher = GaussianMixtureDenoiser(rows.reshape(4, 1, 1, 4).expand(4, 1, 4, 4).contiguous(), [0.15] * 4)
     data = teacher.sample(4096, torch.Generator().manual_seed(1)).float()
-    # Students start, as in SiD, from a denoiser trained on the target (a short EDM run on mixture samples).
-    student = train_edm(build_network("EDMPrecond", MIX_NET), data, steps=150, batch=128, lr=2e-3, ema_halflife_kimg=2, log=None)
+    # Students start, as in SiD, from a denoiser trained on the target (an EDM run on mixture samples). 500 steps
+    # rather than 150: the fake score starts from it, and with the 150-step denoiser SiD stalled at 0.04-0.06.
+    student = train_edm(build_network("EDMPrecond", MIX_NET), data, steps=500, batch=128, lr=2e-3, ema_halflife_kimg=2, log=None)
     ref = feature_stats(teacher.sample(4000, torch.Generator().manual_seed(2)))
-    cfg = resolve_config("digits", dict(teacher="<analytic mixture>", resolution=4, channels=1, metrics="none", batch=64,
-                                        batch_gpu=64, lr=1e-3, glr=1e-3, ema=0.002, dropout=0.0))
+    # A fake score ten times faster than the generator (lr 1e-3, glr 1e-4) and batch 128: with lr = glr = 1e-3 at
+    # batch 64 the distance jumped between 0.04 and 1.35 from one evaluation to the next. alpha 1 (SiD's other
+    # published value): with an exact teacher there is no FID to trade diversity against.
+    cfg = resolve_config("digits", dict(teacher="<analytic mixture>", resolution=4, channels=1, metrics="none", batch=128,
+                                        batch_gpu=128, lr=1e-3, glr=1e-4, alpha=1.0, ema=0.002, dropout=0.0))
     tr = build_trainer(cfg, torch.device("cpu"), log=lambda *a: None, teacher=teacher,
                        student=Student("EDMPrecond", MIX_NET, student.state_dict()))
 
@@ -188,10 +193,10 @@ def test_sid_on_gaussian_mixture_cuts_frechet_distance():
         tr.step()
         if i + 1 in (400, 500, 600):
             late.append(fd())
-    # After the first ~100 steps the distance fluctuates from evaluation to evaluation (measured 0.07 to 0.5 at
-    # every 100 steps), so the mean of the last three evaluations is compared. Measured on CPU, torch 2.13:
-    # 1.16 -> mean 0.26 (4.4x); asserted with margin: 3x.
-    assert sum(late) / 3 < fd0 / 3, (fd0, late)
+    # Measured on CPU, torch 2.13: 1.72 -> 0.038, 0.027, 0.019 (one thread) and 0.018, 0.012, 0.037 (two threads): the
+    # worst late evaluation 46x below the start, the mean 62-78x (two independent sets of 4000 mixture samples are
+    # 0.002-0.005 apart). Asserted with margin: every late evaluation 20x below the start.
+    assert max(late) < fd0 / 20, (fd0, late)
 
 
 def test_sid_loss_kernel_in_the_trainer_matches_reference(teacher_file):

@@ -1,6 +1,6 @@
 """FD-digits: the Frechet distance between images and the digits set in the feature space of a small classifier.
 
-It plays FID's role for the embedded default. The classifier (`DigitsFeatureNet`) is trained on the same 16x16 digits
+It plays FID's role for the embedded default. The classifier (`DigitsFeatureNet`) is trained on the same 8x8 digits
 (`python -m sid_fast.metrics.digits --out sid_fast/assets/digits_features.pt`) and checked in; features are its
 64-d penultimate activations; the reference statistics are those of all 1797 digits. Statistics and distance are
 computed exactly as for FID (sid_fast.metrics).
@@ -24,11 +24,11 @@ class DigitsFeatureNet(torch.nn.Module):
         super().__init__()
         self.conv0 = torch.nn.Conv2d(1, 16, 3, padding=1)
         self.conv1 = torch.nn.Conv2d(16, 32, 3, padding=1)
-        self.fc = torch.nn.Linear(32 * 4 * 4, feature_dim)
+        self.fc = torch.nn.Linear(32 * 2 * 2, feature_dim)
         self.head = torch.nn.Linear(feature_dim, 10)
 
     def features(self, x):
-        """x: [N, 1, 16, 16] in [-1, 1] -> [N, 64]."""
+        """x: [N, 1, 8, 8] in [-1, 1] -> [N, 64]."""
         x = F.avg_pool2d(F.silu(self.conv0(x)), 2)
         x = F.avg_pool2d(F.silu(self.conv1(x)), 2)
         return self.fc(x.flatten(1))
@@ -37,7 +37,7 @@ class DigitsFeatureNet(torch.nn.Module):
         return self.head(F.silu(self.features(x)))
 
 
-def train_feature_net(steps=1500, seed=0) -> tuple[DigitsFeatureNet, float]:
+def train_feature_net(steps=3000, seed=0) -> tuple[DigitsFeatureNet, float]:
     """Train on all digits with small random shifts and noise; returns (net, training accuracy)."""
     from sid_fast.data.digits import digits_tensor
 
@@ -86,7 +86,7 @@ def reference_stats():
 
 
 def fd_digits(images: torch.Tensor) -> float:
-    """FD-digits of images [N, 1, 16, 16] in [-1, 1] against all 1797 digits (N >= 2; use >= 1000 for stability)."""
+    """FD-digits of images [N, 1, 8, 8] in [-1, 1] against all 1797 digits (N >= 2; use >= 1000 for stability)."""
     mu, sigma = feature_stats(digits_features(images))
     mu_r, sigma_r = reference_stats()
     return frechet_distance(mu, sigma, mu_r, sigma_r)
@@ -97,7 +97,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description="Train the FD-digits feature network.")
     ap.add_argument("--out", default=str(ASSET))
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     net, acc = train_feature_net(a.steps, a.seed)

@@ -355,7 +355,7 @@ class SiDTrainer:
         kimg = self.cur_nimg // 1000
         if self.rank == 0 and self.run_dir is not None:
             grid = to_uint8(self.sample_ema(list(range(64))))
-            save_image(image_grid(grid), self.run_dir / f"fakes-{kimg:06d}.png", scale=max(1, 128 // self.cfg.resolution))
+            save_image(image_grid(grid, scale=max(1, 64 // self.cfg.resolution), gap=2), self.run_dir / f"fakes-{kimg:06d}.png")
             checkpoints.save_network(
                 self.run_dir / f"network-snapshot-{kimg:06d}.pt", self.G_ema, self.init_kwargs, kind="generator",
                 sigma_init=self.cfg.init_sigma, alpha=self.cfg.alpha, preset=self.cfg.preset, kimg=self.cur_nimg / 1e3,

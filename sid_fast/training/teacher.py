@@ -19,13 +19,13 @@ from sid_fast.networks import build_network
 
 DIGITS_TEACHER = dict(
     model_type="SongUNet",
-    img_resolution=16,
+    img_resolution=8,
     img_channels=1,
     label_dim=0,
     model_channels=32,
     channel_mult=[1, 2, 2],
     num_blocks=1,
-    attn_resolutions=[8],
+    attn_resolutions=[4],
     dropout=0.1,
 )
 
@@ -81,7 +81,7 @@ def main():
     ema = train_edm(net, images, steps=a.steps, batch=a.batch, lr=a.lr, ema_halflife_kimg=a.ema, seed=a.seed)
     cmd = (f"python -m sid_fast.training.teacher --out {a.out} --steps {a.steps} --batch {a.batch} --lr {a.lr} "
            f"--ema {a.ema} --seed {a.seed}")
-    save_network(a.out, ema, DIGITS_TEACHER, kind="teacher", dataset="sklearn-digits-16x16", command=cmd,
+    save_network(a.out, ema, DIGITS_TEACHER, kind="teacher", dataset="sklearn-digits-8x8", command=cmd,
                  torch_version=torch.__version__)
     print(f"saved {a.out}")
     print(f"FD-digits of the teacher (Heun, 35 NFE): {evaluate_digits_teacher(a.out):.3f}")

@@ -1,0 +1,124 @@
+"""The digits default as a study: FD-digits curves of short SiD runs, one setting changed at a time, several seeds.
+
+    python3 train.py --seed 0 --desc base --outdir runs/digits-study            # one run per variant and seed
+    python3 train.py --seed 0 --batch 128 --desc batch128 --outdir runs/digits-study
+    python -m bench.digits_study runs/digits-study/* --png bench/results/digits_study.png
+
+Every run is a `train.py` run directory; its variant is its `--desc`. Writes one JSON line per run and evaluation
+(variant, seed, the run's settings, kimg, FD-digits, wall seconds, img/s) and one summary line per variant to
+bench/results/digits_study.jsonl. The summary holds the two numbers the default is judged by (issue: "as good as its
+teacher, steadily"): the final FD-digits, and the worst ratio of an evaluation after the first 30% of the run to the
+final value. `--png` plots the curves with the teacher's own FD-digits (Heun, 35 network evaluations);
+`--from-jsonl` re-creates the plot from the recorded lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+from bench.common import environment, write_jsonl
+
+# Settings recorded with each run (training_options.json keys).
+SETTINGS = ("batch", "lr", "glr", "g_beta1", "alpha", "ema", "duration", "tmax", "init_sigma", "dropout", "metric_num",
+            "teacher")
+
+
+def steadiness(kimg: list[float], fd: list[float], skip: float = 0.3) -> float:
+    """Largest FD / final FD over the evaluations after the first `skip` of the run (1.0 = never above the end)."""
+    end = kimg[-1]
+    late = [v for k, v in zip(kimg, fd) if k > skip * end]
+    return max(late) / fd[-1]
+
+
+def read_run(path) -> dict:
+    p = Path(path)
+    opts = json.loads((p / "training_options.json").read_text())
+    curve = [json.loads(line) for line in (p / "metric-fd_digits.jsonl").read_text().splitlines() if line.strip()]
+    if not curve:
+        raise SystemExit(f"{p}: no FD-digits evaluations in metric-fd_digits.jsonl.")
+    # The run's last log line: "Finished at K kimg: W s wall time, R img/s overall (...)".
+    m = re.search(r"Finished at [0-9.]+ kimg: ([0-9.]+) s wall time, ([0-9.]+) img/s", (p / "log.txt").read_text())
+    wall, rate = (float(m.group(1)), float(m.group(2))) if m else (None, None)
+    return dict(run=p.name, variant=opts.get("desc") or "default", seed=opts["seed"],
+                settings={k: opts.get(k) for k in SETTINGS}, kimg=[r["kimg"] for r in curve],
+                fd_digits=[r["fd_digits"] for r in curve], num=curve[-1].get("num"), wall_s=wall, img_per_s=rate)
+
+
+def summary(runs: list[dict]) -> dict:
+    out = {}
+    for v in sorted({r["variant"] for r in runs}):
+        rs = [r for r in runs if r["variant"] == v]
+        finals = [r["fd_digits"][-1] for r in rs]
+        out[v] = dict(seeds=[r["seed"] for r in rs], final=finals, mean=statistics.fmean(finals),
+                      worst=max(finals), steadiness=[steadiness(r["kimg"], r["fd_digits"]) for r in rs],
+                      kimg=rs[0]["kimg"][-1], wall_s=[r["wall_s"] for r in rs])
+    return out
+
+
+def plot(runs, path, teacher=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = sorted({r["variant"] for r in runs})
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 3.2), dpi=100, sharey=True, squeeze=False)
+    for ax, v in zip(axes[0], variants):
+        for r in (r for r in runs if r["variant"] == v):
+            ax.plot(r["kimg"], r["fd_digits"], "o-", ms=3, alpha=0.8, label=f"seed {r['seed']}")
+        if teacher:
+            ax.axhline(teacher, color="k", ls="--", lw=1, label="teacher, Heun 35")
+        ax.set_title(v, fontsize=9)
+        ax.set_xlabel("kimg")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("FD-digits of G_ema")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def teacher_fd() -> float | None:
+    from sid_fast.checkpoints import load_network_file
+    from sid_fast.training.config import DIGITS_TEACHER_PATH
+
+    return load_network_file(DIGITS_TEACHER_PATH)[1]["meta"].get("fd_digits_heun35")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="*", help="run directories of train.py (variant = --desc)")
+    ap.add_argument("--png", help="plot of the curves, one panel per variant")
+    ap.add_argument("--out", default="digits_study.jsonl")
+    ap.add_argument("--from-jsonl", help="re-create the plot from recorded JSON lines instead of run directories")
+    a = ap.parse_args()
+    if a.from_jsonl:
+        recs = [json.loads(line) for line in Path(a.from_jsonl).read_text().splitlines() if line.strip()]
+        runs = [r for r in recs if r.get("bench") == "digits_study"]
+        teacher = next((r["teacher_fd_digits"] for r in recs if r.get("bench") == "digits_study_summary"), None)
+    else:
+        if not a.runs:
+            raise SystemExit("bench.digits_study: give run directories, or --from-jsonl FILE.")
+        runs = [read_run(p) for p in a.runs]
+        env = environment()
+        teacher = teacher_fd()
+        s = summary(runs)
+        path = write_jsonl([dict(bench="digits_study", **r, **env) for r in runs] +
+                           [dict(bench="digits_study_summary", summary=s, teacher_fd_digits=teacher, **env)], a.out)
+        print(f"teacher (Heun, 35 NFE): {teacher}")
+        for v, x in s.items():
+            print(f"{v:>24}: final {', '.join(f'{f:.2f}' for f in x['final'])} (mean {x['mean']:.2f}) at "
+                  f"{x['kimg']:.1f} kimg; worst late / final {', '.join(f'{q:.2f}' for q in x['steadiness'])}")
+        print(f"-> {path}")
+    if a.png:
+        plot(runs, a.png, teacher)
+        print(f"-> {a.png}")
+
+
+if __name__ == "__main__":
+    main()
