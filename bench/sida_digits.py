@@ -1,16 +1,17 @@
 """SiDA against SiD on the digits: FD-digits curves of G_ema at equal images seen, several seeds.
 
     for s in 0 1 2; do
-      python3 train.py --preset digits --seed $s --duration 0.012 --desc sid-seed$s --outdir runs/sida-study
-      python3 train.py --preset digits-sida --seed $s --duration 0.012 --desc sida-seed$s --outdir runs/sida-study
+      python3 train.py --preset digits --seed $s --desc sid-seed$s --outdir runs/sida-study
+      python3 train.py --preset digits-sida --seed $s --desc sida-seed$s --outdir runs/sida-study
     done
-    python -m bench.sida_digits runs/sida-study/* --png bench/results/sida_digits.png
+    python -m bench.sida_digits runs/sida-study/* --out sida_digits_8x8.jsonl --png bench/results/sida_digits_8x8.png
 
-Both presets share every SiD setting (teacher, batch 64, lr, EMA, evaluations every 4 kimg on 2,000 samples);
-digits-sida adds the discriminator on the bundled digits with the official loss algebra and warm-ups scaled to 1 and
-2 kimg. Writes one JSON line per run (method, seed, the whole curve) to bench/results/sida_digits.jsonl and, per
+Both presets share every SiD setting (teacher, batch 256, lr, EMA, 48 kimg, evaluations every 8 kimg on 2,000
+samples); digits-sida adds the discriminator on the bundled digits with the official loss algebra and warm-ups scaled
+to 1 and 2 kimg. Writes one JSON line per run (method, seed, the whole curve) to bench/results/ (`--out`) and, per
 method, the mean and spread of the final FD-digits over seeds; `--png` plots the curves (re-created from the JSON
-lines with `--from-jsonl`).
+lines with `--from-jsonl`). sida_digits.jsonl holds the earlier study on the former 16x16 default (12 kimg at batch
+64), sida_digits_8x8.jsonl the one on the 8x8 default.
 """
 
 from __future__ import annotations
