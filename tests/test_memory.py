@@ -72,7 +72,7 @@ def test_meta_step_of_the_digits_network_counts_what_the_phases_hold(tmp_path):
     fake score's parameters."""
     cfg = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
                channel_mult_noise=1, resample_filter=[1, 1], model_channels=16, channel_mult=[1, 2], num_blocks=1,
-               attn_resolutions=[8], augment_dim=0, dropout=0.0, use_fp16=False, img_resolution=16, img_channels=1,
+               attn_resolutions=[4], augment_dim=0, dropout=0.0, use_fp16=False, img_resolution=8, img_channels=1,
                label_dim=0)
     memory.CONFIGS["_tiny"] = ("_tiny", "digits")
     real = memory.official_config
@@ -90,10 +90,10 @@ def test_meta_step_of_the_digits_network_counts_what_the_phases_hold(tmp_path):
     assert ref["held"]["per_image"] > 0
     # bf16 bodies: the saved activations are half (the fp32 parts at the edges: within 5%)
     assert abs(bf["held"]["per_image"] / ref["held"]["per_image"] - 0.5) < 0.05
-    # nets: the teacher and fake score hold only their outputs (the loss's inputs, 1 x 16 x 16 fp32 per image);
+    # nets: the teacher and fake score hold only their outputs (the loss's inputs, 1 x 8 x 8 fp32 per image);
     # G's share is unchanged
     by_nets, by_ref = nets["held_by_per_image"], ref["held_by_per_image"]
-    assert by_nets["teacher"] == by_nets["fake_score"] == 16 * 16 * F32
+    assert by_nets["teacher"] == by_nets["fake_score"] == 8 * 8 * F32
     assert by_ref["teacher"] > 10 * by_nets["teacher"]
     assert by_nets["G"] == by_ref["G"]
     assert nets["flops_per_image"] > ref["flops_per_image"]  # the recomputed forwards

@@ -64,7 +64,7 @@ def main():
     ap = argparse.ArgumentParser(description="Train the bundled digits EDM teacher.")
     ap.add_argument("--out", default="sid_fast/assets/digits_teacher.pt")
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=10.0, help="EMA half-life in kimg")
     ap.add_argument("--seed", type=int, default=0)
