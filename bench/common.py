@@ -69,3 +69,13 @@ def write_jsonl(records: list[dict], name: str) -> Path:
         for r in records:
             f.write(json.dumps(r) + "\n")
     return path
+
+
+def read_fd_digits_run(path) -> tuple[Path, dict, list[dict]]:
+    """A train.py run directory's (path, training options, FD-digits evaluations); exits with one sentence if empty."""
+    p = Path(path)
+    opts = json.loads((p / "training_options.json").read_text())
+    curve = [json.loads(line) for line in (p / "metric-fd_digits.jsonl").read_text().splitlines() if line.strip()]
+    if not curve:
+        raise SystemExit(f"{p}: no FD-digits evaluations in metric-fd_digits.jsonl.")
+    return p, opts, curve

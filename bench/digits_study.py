@@ -20,7 +20,7 @@ import re
 import statistics
 from pathlib import Path
 
-from bench.common import environment, write_jsonl
+from bench.common import environment, read_fd_digits_run, write_jsonl
 
 # Settings recorded with each run (training_options.json keys).
 SETTINGS = ("batch", "lr", "glr", "g_beta1", "alpha", "ema", "duration", "tmax", "init_sigma", "dropout", "metric_num",
@@ -35,11 +35,7 @@ def steadiness(kimg: list[float], fd: list[float], skip: float = 0.3) -> float:
 
 
 def read_run(path) -> dict:
-    p = Path(path)
-    opts = json.loads((p / "training_options.json").read_text())
-    curve = [json.loads(line) for line in (p / "metric-fd_digits.jsonl").read_text().splitlines() if line.strip()]
-    if not curve:
-        raise SystemExit(f"{p}: no FD-digits evaluations in metric-fd_digits.jsonl.")
+    p, opts, curve = read_fd_digits_run(path)
     # The run's last log line: "Finished at K kimg: W s wall time, R img/s overall (...)".
     m = re.search(r"Finished at [0-9.]+ kimg: ([0-9.]+) s wall time, ([0-9.]+) img/s", (p / "log.txt").read_text())
     wall, rate = (float(m.group(1)), float(m.group(2))) if m else (None, None)

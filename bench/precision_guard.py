@@ -14,19 +14,13 @@ which on the digits default is large: the curve oscillates by up to 4x between e
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from pathlib import Path
 
-from bench.common import environment, write_jsonl
+from bench.common import environment, read_fd_digits_run, write_jsonl
 
 
 def read_run(path) -> dict:
-    p = Path(path)
-    opts = json.loads((p / "training_options.json").read_text())
-    curve = [json.loads(line) for line in (p / "metric-fd_digits.jsonl").read_text().splitlines() if line.strip()]
-    if not curve:
-        raise SystemExit(f"{p}: no FD-digits evaluations in metric-fd_digits.jsonl.")
+    p, opts, curve = read_fd_digits_run(path)
     return dict(run=p.name, precision=opts["precision"], seed=opts["seed"], kimg=[r["kimg"] for r in curve],
                 fd_digits=[r["fd_digits"] for r in curve])
 
