@@ -7,6 +7,11 @@ that source. We never do: `EDMPickleReader` is a restricted unpickler with an al
 become inert stubs from which we take the class name, the recorded init kwargs and the tensors, then we build our own
 network and load the tensors with `strict=True`.
 
+The same reader takes EDM2's snapshots and post-hoc reconstructions (a dnnlib EasyDict whose `ema` is an EDM2
+Precond in float16, beside the VAE encoder, the loss and numpy arrays: edm2 training/training_loop.py) and the official
+SiD/SiDA-EDM2 generator pickles, whose forward pre-hooks pickle as `builtins.getattr(module, name)`: that global
+becomes an inert stub, nothing is looked up. float16 tensors are copied into our float32 parameters.
+
 sid_fast's own checkpoints are plain dicts of tensors and Python values read with `torch.load(weights_only=True)`.
 """
 
@@ -26,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sid_fast.networks.precond import PRECOND_TYPES, _plain, build_network
+from sid_fast.networks.precond import FILE_CLASS_ALIASES, PRECOND_TYPES, _plain, build_network
 
 SID_FAST_FORMAT = "sid_fast.network"
 SID_FAST_FORMAT_VERSION = 1
@@ -96,7 +101,41 @@ def _numpy_scalar(dtype, data=None):
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
+class EasyDictStub(dict):
+    """dnnlib.util.EasyDict (EDM2 snapshots' top level and dataset_kwargs) read as a plain dict."""
+
+
+class BoundMethodStub:
+    """What `builtins.getattr(obj, name)` becomes: SiDA-EDM2 generator pickles store their MPConvs' forward pre-hooks,
+    bound methods, that way (official sida branch, sida_training_edm2/networks_edm2_modified.py). Nothing is looked up."""
+
+    def __init__(self, obj, name):
+        self.name = name if isinstance(name, str) else "?"
+
+    def __repr__(self) -> str:
+        return f"BoundMethodStub({self.name})"
+
+
+def _numpy_dtype(*args):
+    d = np.dtype(*args)
+    if d.hasobject:
+        raise _Refused("numpy arrays of Python objects are not allowed")
+    return d
+
+
+def _numpy_reconstruct(cls, shape, dtype_code):
+    """numpy's array pickling: an empty array that BUILD (ndarray.__setstate__) fills with the stored bytes."""
+    if cls is not np.ndarray:
+        raise _Refused("numpy array of a subclass")
+    return np.ndarray.__new__(np.ndarray, (0,), np.uint8)
+
+
 _ALLOWED_GLOBALS = {
+    ("dnnlib.util", "EasyDict"): EasyDictStub,
+    ("builtins", "getattr"): BoundMethodStub,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
@@ -107,7 +146,7 @@ _ALLOWED_GLOBALS = {
     ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _numpy_dtype,
     ("torch.nn.modules.container", "ModuleDict"): _make_container("ModuleDict"),
     ("torch.nn.modules.container", "ModuleList"): _make_container("ModuleList"),
     ("torch.nn.modules.container", "Sequential"): _make_container("Sequential"),
@@ -256,9 +295,10 @@ def build_checked(class_name: str, init_kwargs: dict, tensors: dict, path) -> to
 def _network_from_stub(stub, path) -> torch.nn.Module:
     if not isinstance(stub, PersistentStub):
         raise CheckpointError(f"{path}: 'ema' is a {type(stub).__name__}, not an EDM persistent network.")
-    if stub.class_name not in PRECOND_TYPES:
+    if stub.class_name not in PRECOND_TYPES and stub.class_name not in FILE_CLASS_ALIASES:
         raise CheckpointError(
-            f"{path}: 'ema' is a {stub.class_name}; sid_fast can build {sorted(PRECOND_TYPES)} only."
+            f"{path}: 'ema' is a {stub.class_name}; sid_fast can build {sorted(PRECOND_TYPES)} (and the official "
+            f"SiDA classes {sorted(FILE_CLASS_ALIASES)}) only."
         )
     state = stub.state
     init_args = state.get("_init_args", ())
@@ -270,6 +310,7 @@ def _network_from_stub(stub, path) -> torch.nn.Module:
     # Cross-check the module tree's class names against ours (EDM names are kept throughout).
     for name, module in net.named_modules():
         expected = classes.get(name)
+        expected = FILE_CLASS_ALIASES.get(expected, expected)
         if expected is not None and expected != type(module).__name__:
             raise CheckpointError(f"{path}: module {name or '<root>'} is a {expected} in the file but a {type(module).__name__} here.")
     return net

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sid_fast.networks import edm2
 from sid_fast.networks.unets import DhariwalUNet, SongUNet
 
 MODEL_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
@@ -165,11 +166,41 @@ class VEPrecond(_Precond):
         return 1, sigma, 1, (0.5 * sigma).log()
 
 
-PRECOND_TYPES = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond}
+PRECOND_TYPES = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond, "Precond": edm2.Precond}
+
+# Class names in the official SiDA pickles (sida branch: sida_training/sida_networks.py and
+# sida_training_edm2/sida_networks_edm2.py) -> ours. Their modules hold the same parameters under the same names; the
+# extra init kwargs are how upstream switched the discriminator and forced weight normalisation, which sid_fast does
+# at call time (return_flag) and once per optimizer step (edm2.force_weight_norm_).
+FILE_CLASS_ALIASES = {
+    "EDMPrecond_EncoderDecoder": "EDMPrecond",
+    "SongUNet_EncoderDecoder": "SongUNet",
+    "DhariwalUNet_EncoderDecoder": "DhariwalUNet",
+    "EDM_2_Precond_EncoderDecoder": "Precond",
+    "EDM_2_Precond_Generator": "Precond",
+    "UNet_EncoderDecoder": "UNet",
+}
+
+
+def _official_kwargs(class_name: str, kwargs: dict) -> tuple[str, dict]:
+    """(our class name, our init kwargs) for a class name and kwargs recorded in an official pickle."""
+    if class_name not in FILE_CLASS_ALIASES:
+        return class_name, kwargs
+    kwargs = dict(kwargs)
+    if class_name.startswith("EDM_2_"):
+        kwargs.pop("force_normalization", None)
+        kwargs.pop("use_gan", None)
+        if class_name == "EDM_2_Precond_Generator":
+            kwargs["logvar_channels"] = 0  # the generator class has no log-variance head
+    elif isinstance(kwargs.get("model_type"), str):
+        kwargs["model_type"] = FILE_CLASS_ALIASES.get(kwargs["model_type"], kwargs["model_type"])
+    return FILE_CLASS_ALIASES[class_name], kwargs
 
 
 def build_network(class_name: str, init_kwargs: dict) -> torch.nn.Module:
-    """Build a preconditioned network from its class name and EDM-style init kwargs."""
+    """Build a preconditioned network (EDM's wrappers or EDM2's Precond) from its class name and init kwargs; the
+    class names of the official SiDA pickles are accepted too (FILE_CLASS_ALIASES)."""
+    class_name, init_kwargs = _official_kwargs(class_name, init_kwargs)
     if class_name not in PRECOND_TYPES:
         raise ValueError(f"Unknown network class {class_name!r}; sid_fast builds {sorted(PRECOND_TYPES)}.")
     kwargs = {k: _plain(v) for k, v in init_kwargs.items()}
