@@ -33,6 +33,8 @@ from sid_fast.training.config import PRESETS, ConfigError, resolve_config
 @click.option("--init_sigma", "init_sigma", help="Generator noise level sigma_init", metavar="FLOAT", type=float)
 @click.option("--ls", help="Fake-score loss scale", metavar="FLOAT", type=float)
 @click.option("--lsg", help="Generator loss scale", metavar="FLOAT", type=float)
+@click.option("--p-mean", "--P_mean", "P_mean", help="Fake-score loss: mean of ln sigma (default -1.2 on EDM teachers, -0.4 on EDM2)", metavar="FLOAT", type=float)
+@click.option("--p-std", "--P_std", "P_std", help="Fake-score loss: std of ln sigma (default 1.2 on EDM teachers, 1.0 on EDM2)", metavar="FLOAT", type=float)
 # SiDA (official sida branch): the fake score is also a discriminator on real images (--data).
 @click.option("--method", help="sid (data-free, default) or sida (adversarial, real images from --data)", type=click.Choice(["sid", "sida"]))
 @click.option("--use_gan", "--use-gan", "use_gan", help="The official sida flag: 1 = --method sida, 0 = --method sid", type=bool)

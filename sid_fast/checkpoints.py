@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sid_fast.networks.precond import FILE_CLASS_ALIASES, PRECOND_TYPES, _plain, build_network
+from sid_fast.networks.precond import FILE_CLASS_ALIASES, PRECOND_TYPES, _plain, build_network, official_kwargs
 
 SID_FAST_FORMAT = "sid_fast.network"
 SID_FAST_FORMAT_VERSION = 1
@@ -505,8 +505,12 @@ def _edm_network(data, path):
     if isinstance(data.get("dataset_kwargs"), dict):
         meta["dataset_kwargs"] = dict(data["dataset_kwargs"])
     meta["keys"] = _str_keys(data)
-    return net, dict(source="edm-pickle", class_name=data["ema"].class_name,
-                     init_kwargs=_plain(dict(data["ema"].state["_init_kwargs"])), meta=meta)
+    # Our class name and kwargs (the official SiDA classes' names and switches translated), so that the network can
+    # be rebuilt from `info` alone.
+    class_name, init_kwargs = official_kwargs(data["ema"].class_name, _plain(dict(data["ema"].state["_init_kwargs"])))
+    if data["ema"].class_name != class_name:
+        meta["file_class_name"] = data["ema"].class_name
+    return net, dict(source="edm-pickle", class_name=class_name, init_kwargs=init_kwargs, meta=meta)
 
 
 def load_network(path_or_url) -> torch.nn.Module:

@@ -70,13 +70,17 @@ def sid_weight(x_g: torch.Tensor, y_real: torch.Tensor) -> torch.Tensor:
         return w.clamp(min=1e-5)
 
 
-def sid_generator_loss_elements(x_g, y_real, y_fake, alpha: float):
-    """Per-element SiD loss [N, C, H, W] (fp32) with NaN rows zeroed; also returns the [N] finite-row mask."""
-    ok = finite_rows(x_g, y_real, y_fake)
+def sid_generator_loss_elements(x_g, y_real, y_fake, alpha: float, u=None):
+    """Per-element SiD loss [N, C, H, W] (fp32) with NaN rows zeroed; also returns the [N] finite-row mask.
+    u: the fake score's learned log-variance u(sigma) [N, 1, 1, 1] on EDM2 networks, which divides the loss by e^u
+    (official sida branch, sida_training_edm2/sida_loss_edm2.py: generator_loss)."""
+    ok = finite_rows(x_g, y_real, y_fake) if u is None else finite_rows(x_g, y_real, y_fake, u)
     x_g, y_real, y_fake = (_mask(ok, _f32(t)) for t in (x_g, y_real, y_fake))
     w = sid_weight(x_g, y_real)
     diff = y_real - y_fake
     loss = diff * ((y_real - x_g) - alpha * diff) / w
+    if u is not None:
+        loss = loss / _mask(ok, _f32(u).reshape(-1, 1, 1, 1)).exp()
     return _mask(ok, loss), ok
 
 
@@ -97,6 +101,16 @@ def edm_loss_from_output(D, y, sigma):
     return _mask(ok, loss), ok
 
 
+def edm2_loss_from_output(D, y, sigma, u):
+    """EDM2's loss with the learned log-variance u(sigma) [N, 1, 1, 1]: lambda(sigma) / e^u * (D - y)^2 + u per element
+    (edm2 training/training_loop.py EDM2Loss; SiD's fake-score loss on EDM2, official sida_loss_edm2.py), NaN rows
+    (in y, D or u) zeroed; returns (loss, ok)."""
+    ok = finite_rows(y, D, u)
+    u = _mask(ok, _f32(u).reshape(-1, 1, 1, 1))
+    loss = edm_weight(sigma) / u.exp() * (_mask(ok, _f32(D)) - _mask(ok, _f32(y))) ** 2 + u
+    return _mask(ok, loss), ok
+
+
 def edm_loss_elements(net, y, sigma, labels=None, augment_labels=None, noise=None):
     """lambda(sigma) * (D(y + sigma n, sigma) - y)^2 per element, NaN rows zeroed; returns (loss, ok)."""
     n = torch.randn_like(y) if noise is None else noise
@@ -105,7 +119,8 @@ def edm_loss_elements(net, y, sigma, labels=None, augment_labels=None, noise=Non
 
 
 class EDMLoss:
-    """EDM's loss: ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2) / (sigma sd)^2, optional augmentation."""
+    """EDM's loss: ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2) / (sigma sd)^2, optional augmentation; on an
+    EDM2 network with a log-variance head, EDM2's form lambda / e^u (D - y)^2 + u (same sigma and noise draws)."""
 
     def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5, augment_pipe=None):
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
@@ -115,6 +130,11 @@ class EDMLoss:
         sigma = sample_edm_sigma(images.shape[0], images.device, self.P_mean, self.P_std, generator)
         y, aug = (images, None) if self.augment_pipe is None else self.augment_pipe(images, generator)
         noise = torch.randn(y.shape, device=y.device, generator=generator)
+        if getattr(net, "logvar_linear", None) is not None:  # an EDM2 network with its log-variance head: EDM2Loss
+            if aug is not None:
+                raise ValueError("EDM2 networks take no augmentation labels; train them without an augment pipe.")
+            D, u = net(y + sigma * noise, sigma, labels, return_logvar=True)
+            return edm2_loss_from_output(D, y, sigma, u)
         return edm_loss_elements(net, y, sigma, labels, aug, noise)
 
 

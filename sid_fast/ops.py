@@ -24,7 +24,7 @@ import torch
 
 from kernels.attention import attention_edm, attention_sdpa
 from kernels.group_norm_silu import group_norm_silu_ref
-from sid_fast.losses import edm_loss_from_output, edm_weight, sid_generator_loss_elements
+from sid_fast.losses import edm2_loss_from_output, edm_loss_from_output, edm_weight, sid_generator_loss_elements
 
 KERNELS = frozenset({"sid_loss", "edm_loss", "group_norm_silu", "attention"})
 NAMES = KERNELS | {"sdpa"}  # "sdpa": attention through PyTorch's SDPA instead of EDM's op (no Triton)
@@ -89,25 +89,45 @@ def check_environment() -> None:
 # The four ops.
 
 
-def sid_generator_loss_sum(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float):
-    """(sum over samples and pixels of the SiD loss, [N] bool of rows without NaN); NaN rows contribute 0."""
+def sid_generator_loss_sum(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float, u=None):
+    """(sum over samples and pixels of the SiD loss, [N] bool of rows without NaN); NaN rows contribute 0.
+    u: the fake score's log-variance on EDM2 networks [N, 1, 1, 1]; each sample's loss is divided by e^u."""
     if "sid_loss" in _selection.kernels:
         from kernels.sid_loss import sid_loss_rows
 
         row, _, ok = sid_loss_rows(x_g, y_real, y_fake, alpha)
+        if u is not None:  # the kernel's per-sample sums, each divided by its e^u
+            u = u.reshape(-1).float()
+            ok = ok & ~torch.isnan(u)
+            row = torch.where(ok, row / torch.where(ok, u, 0).exp(), 0)
         return row.sum(), ok
-    loss, ok = sid_generator_loss_elements(x_g, y_real, y_fake, alpha)
+    loss, ok = sid_generator_loss_elements(x_g, y_real, y_fake, alpha, u=u)
     return loss.sum(), ok
 
 
-def fake_score_loss_sum(D: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor):
-    """(sum of lambda(sigma) (D - y)^2 over samples and pixels, [N] bool of rows without NaN) for SiD's fake score."""
+def fake_score_loss_sum(D: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, u=None):
+    """(sum of lambda(sigma) (D - y)^2 over samples and pixels, [N] bool of rows without NaN) for SiD's fake score;
+    with EDM2's log-variance u [N, 1, 1, 1]: lambda / e^u (D - y)^2 + u per element."""
     if "edm_loss" in _selection.kernels:
         from kernels.edm_loss import edm_loss_rows
 
-        row, ok = edm_loss_rows(D, y, edm_weight(sigma).reshape(-1).float())
+        weight = edm_weight(sigma).reshape(-1).float()
+        if u is None:
+            row, ok = edm_loss_rows(D, y, weight)
+            return row.sum(), ok
+        u = u.reshape(-1).float()
+        u_ok = ~torch.isnan(u)
+        u0 = torch.where(u_ok, u, 0)
+        row, ok = edm_loss_rows(D, y, weight)
+        ok = ok & u_ok
+        # Each row's sum is linear in its weight: e^-u multiplies it outside the kernel, so u (the fake score's
+        # log-variance head, trained by this loss) gets its gradient -row e^-u + C*H*W through autograd.
+        row = torch.where(ok, row * torch.exp(-u0) + u0 * D[0].numel(), 0)
         return row.sum(), ok
-    loss, ok = edm_loss_from_output(D, y, sigma)
+    if u is not None:
+        loss, ok = edm2_loss_from_output(D, y, sigma, u)
+    else:
+        loss, ok = edm_loss_from_output(D, y, sigma)
     return loss.sum(), ok
 
 

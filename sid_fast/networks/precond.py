@@ -182,7 +182,7 @@ FILE_CLASS_ALIASES = {
 }
 
 
-def _official_kwargs(class_name: str, kwargs: dict) -> tuple[str, dict]:
+def official_kwargs(class_name: str, kwargs: dict) -> tuple[str, dict]:
     """(our class name, our init kwargs) for a class name and kwargs recorded in an official pickle."""
     if class_name not in FILE_CLASS_ALIASES:
         return class_name, kwargs
@@ -200,7 +200,7 @@ def _official_kwargs(class_name: str, kwargs: dict) -> tuple[str, dict]:
 def build_network(class_name: str, init_kwargs: dict) -> torch.nn.Module:
     """Build a preconditioned network (EDM's wrappers or EDM2's Precond) from its class name and init kwargs; the
     class names of the official SiDA pickles are accepted too (FILE_CLASS_ALIASES)."""
-    class_name, init_kwargs = _official_kwargs(class_name, init_kwargs)
+    class_name, init_kwargs = official_kwargs(class_name, init_kwargs)
     if class_name not in PRECOND_TYPES:
         raise ValueError(f"Unknown network class {class_name!r}; sid_fast builds {sorted(PRECOND_TYPES)}.")
     kwargs = {k: _plain(v) for k, v in init_kwargs.items()}

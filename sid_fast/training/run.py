@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from sid_fast import checkpoints, dist
+from sid_fast.networks import edm2
 from sid_fast.training.config import ConfigError, TrainConfig, check_world
 from sid_fast.training.sid import SiDTrainer, Student, TrainingAborted
 from sid_fast.training.tickstats import Logger
@@ -79,8 +80,12 @@ def load_sid_model(cfg: TrainConfig, teacher) -> dict:
         net, _ = checkpoints.load_network_file(cfg.sid_model)
     except ValueError as e:
         raise ConfigError(f"--sid-model {e}") from None
-    want = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    # An EDM2 generator has no log-variance head (official EDM_2_Precond_Generator): compare the rest.
+    def compared(k):
+        return not (isinstance(teacher, edm2.Precond) and k.startswith("logvar_"))
+
+    want = {k: tuple(v.shape) for k, v in teacher.state_dict().items() if compared(k)}
+    got = {k: tuple(v.shape) for k, v in net.state_dict().items() if compared(k)}
     if got != want:
         diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
         raise ConfigError(f"--sid-model {cfg.sid_model}: not a generator of this teacher's network ({len(diff)} "
@@ -116,6 +121,9 @@ def build_trainer(cfg: TrainConfig, device: torch.device | None = None, *, teach
     elif student is None:
         raise ValueError("build_trainer: a teacher given without the students' initialisation (a Student).")
     check_teacher(cfg, teacher, cfg.teacher)
+    if cfg.method == "sida" and isinstance(teacher, edm2.Precond):
+        raise ConfigError(f"--teacher {cfg.teacher}: an EDM2 network; SiDA on EDM2 is not implemented yet in sid_fast "
+                          "(SiD on EDM2 is: --method sid).")
     label_table = load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
     real = load_real_dataset(cfg) if cfg.method == "sida" else None
     generator_init = load_sid_model(cfg, teacher) if cfg.sid_model is not None else None

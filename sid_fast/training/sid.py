@@ -7,6 +7,10 @@ One iteration, exactly as the official `training/sid_training_loop.py` and `trai
      x_t = x_g + sigma eps; y_real = f_phi(x_t), y_fake = f_psi(x_t) (f_psi in eval mode, teacher always eval);
      SiD loss summed, times lsg / batch_gpu_total; Adam step.
   3. EMA of G with EDM's half-life and ramp-up.
+On EDM2 networks (official sida branch, sida_training_edm2/: SiD with `--return_logvar 1`): ln sigma ~ N(-0.4, 1.0^2)
+for the fake score, whose learned log-variance u(sigma) turns its loss into lambda / e^u (D - y)^2 + u and divides the
+generator's SiD loss by e^u (u of the fake score at the generator loss's sigma); G has no log-variance head; EDM2's
+forced weight normalisation is applied to the trained network at the start of its phase (sid_fast.networks.edm2).
 Gradients are accumulated over micro-batches and all-reduced once per phase (DDP no_sync on the other rounds),
 cleaned with nan_to_num (nan -> 0, +-inf -> +-1e5) parameter by parameter; Adam betas (0, 0.999) (generator beta1
 configurable), eps 1e-8 (1e-6 in EDM's fp16 mode); no LR schedule, no clipping.
@@ -43,7 +47,7 @@ from sid_fast import checkpoints, dist, ops, perf
 from sid_fast.augment import AugmentPipe
 from sid_fast.ema import ema_beta, ema_halflife_kimg
 from sid_fast.losses import sample_edm_sigma, sample_generator_sigma
-from sid_fast.networks import build_network
+from sid_fast.networks import build_network, edm2
 from sid_fast.perf import annotate
 from sid_fast.sampling import image_grid, latents_and_labels, onestep_sample, save_image, to_uint8
 from sid_fast.training import tickstats
@@ -93,6 +97,12 @@ class SiDTrainer:
         # copy of G): UNet bodies in fp16 on CUDA, fp32 on a CPU (EDM's own rule). Other precisions leave it off.
         fp16 = cfg.precision == "fp16"
         self.init_kwargs = dict(student.init_kwargs, dropout=cfg.dropout, use_fp16=fp16)
+        # EDM2 (official sida_edm2_train.py): G is the Precond without the log-variance head; the fake score keeps the
+        # teacher's head when it has one (u(sigma) then weights the losses), and P_mean/P_std default to -0.4/1.0.
+        self.edm2 = isinstance(teacher, edm2.Precond)
+        self.logvar = self.edm2 and teacher.logvar_linear is not None
+        self.g_init_kwargs = dict(self.init_kwargs, logvar_channels=0) if self.edm2 else self.init_kwargs
+        self.P_mean, self.P_std = (cfg.P_mean, cfg.P_std) if cfg.P_mean is not None else (-0.4, 1.0) if self.edm2 else (-1.2, 1.2)
         teacher.use_fp16 = fp16
         if fp16 and device.type != "cuda":
             log("--precision fp16: EDM's fp16 mode runs the UNet bodies in fp16 on CUDA only; on this CPU they run in "
@@ -102,11 +112,14 @@ class SiDTrainer:
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         # G starts from the teacher, or (SiD²A, --sid-model) from a SiD generator's weights; the fake score always
         # from the teacher.
-        self.G = self._copy(generator_init if generator_init is not None else student.state_dict).train().requires_grad_(True)
+        g_state = generator_init if generator_init is not None else student.state_dict
+        if self.edm2:
+            g_state = {k: v for k, v in g_state.items() if not k.startswith("logvar_")}
+        self.G = self._copy(g_state, self.g_init_kwargs).train().requires_grad_(True)
         self.fake = self._copy(student.state_dict).train().requires_grad_(True)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         perf.prepare_networks(cfg, self.teacher, (self.G, self.fake), self.G_ema)
-        self.aug_dim = self.G.model.map_augment.in_features if self.G.model.map_augment is not None else 0
+        self.aug_dim = 0 if self.edm2 or self.G.model.map_augment is None else self.G.model.map_augment.in_features
         if cfg.augment > 0 and not self.aug_dim:
             raise ConfigError(f"--augment {cfg.augment}: the networks have no augment labels (augment_dim 0); use --augment 0.")
         self.augment_pipe = AugmentPipe(p=cfg.augment) if cfg.augment > 0 else None
@@ -148,8 +161,8 @@ class SiDTrainer:
     # ------------------------------------------------------------------
     # Networks and randomness.
 
-    def _copy(self, state):
-        net = build_network(self.student.class_name, self.init_kwargs)
+    def _copy(self, state, init_kwargs=None):
+        net = build_network(self.student.class_name, self.init_kwargs if init_kwargs is None else init_kwargs)
         net.load_state_dict(state)
         return net.to(self.device)
 
@@ -215,17 +228,24 @@ class SiDTrainer:
         net.eval().requires_grad_(False)
         return bad
 
+    def _force_weight_norm(self, net):
+        """EDM2's forced weight normalisation, once per optimizer step before the network's first train-mode call
+        (upstream does it inside every train-mode forward; see sid_fast.networks.edm2)."""
+        if self.edm2:
+            edm2.force_weight_norm_(net)
+
     def fake_score_phase(self):
         cfg = self.cfg
         self.G.eval()
         self.fake.train().requires_grad_(True)
+        self._force_weight_norm(self.fake)
         self.opt_fake.zero_grad(set_to_none=True)
         for rnd in range(self.rounds):
             g = self._gen(FAKE, rnd)
             z, labels = self._draw_z_labels(g)
             with torch.no_grad():
                 x_g = self.generate(self.calls.G_eval, z, labels)
-            sigma = sample_edm_sigma(cfg.batch_gpu, self.device, generator=g)
+            sigma = sample_edm_sigma(cfg.batch_gpu, self.device, self.P_mean, self.P_std, generator=g)
             if self.augment_pipe is not None:
                 y, aug = self.augment_pipe(x_g, generator=g)
             else:
@@ -233,16 +253,21 @@ class SiDTrainer:
             noise = torch.randn(y.shape, device=self.device, generator=g)
             sync = self.world > 1 and rnd < self.rounds - 1
             with self.fake_ddp.no_sync() if sync else contextlib.nullcontext():
-                D = self.calls.fake_train(y + sigma * noise, sigma, labels,
-                                          **({} if aug is None else dict(augment_labels=aug)))
-                loss_sum, ok = ops.fake_score_loss_sum(D, y, sigma)
+                out = self.calls.fake_train(y + sigma * noise, sigma, labels, **self._fake_kwargs(aug))
+                D, u = out if self.logvar else (out, None)
+                loss_sum, ok = ops.fake_score_loss_sum(D, y, sigma, u=u)
                 (loss_sum * (cfg.ls / self.batch_gpu_total)).backward()
             self.stats.add(loss_fake=loss_sum.detach(), rows_fake=ok.sum(), nan_samples_fake=(~ok).sum())
         return self._apply_gradients(self.fake, self.opt_fake, "bad_steps_fake")
 
+    def _fake_kwargs(self, aug=None):
+        kw = {} if aug is None else dict(augment_labels=aug)
+        return dict(kw, return_logvar=True) if self.logvar else kw
+
     def generator_phase(self):
         cfg = self.cfg
         self.G.train().requires_grad_(True)
+        self._force_weight_norm(self.G)
         self.fake.eval().requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
         for rnd in range(self.rounds):
@@ -253,8 +278,9 @@ class SiDTrainer:
                 x_t = perf.image_format(cfg, x_g + sigma * eps)
                 aug = self._aug_zeros(cfg.batch_gpu)
                 y_real = self.calls.teacher(x_t, sigma, labels, **aug)
-                y_fake = self.calls.fake_eval(x_t, sigma, labels, **aug)
-                loss_sum, ok = ops.sid_generator_loss_sum(x_g, y_real, y_fake, cfg.alpha)
+                out = self.calls.fake_eval(x_t, sigma, labels, **aug, **self._fake_kwargs())
+                y_fake, u = out if self.logvar else (out, None)
+                loss_sum, ok = ops.sid_generator_loss_sum(x_g, y_real, y_fake, cfg.alpha, u=u)
                 with annotate("sid/backward"):
                     (loss_sum * (cfg.lsg / self.batch_gpu_total)).backward()
             self.stats.add(loss_G=loss_sum.detach(), rows_G=ok.sum(), nan_samples_G=(~ok).sum())
@@ -357,7 +383,7 @@ class SiDTrainer:
             grid = to_uint8(self.sample_ema(list(range(64))))
             save_image(image_grid(grid, scale=max(1, 64 // self.cfg.resolution), gap=2), self.run_dir / f"fakes-{kimg:06d}.png")
             checkpoints.save_network(
-                self.run_dir / f"network-snapshot-{kimg:06d}.pt", self.G_ema, self.init_kwargs, kind="generator",
+                self.run_dir / f"network-snapshot-{kimg:06d}.pt", self.G_ema, self.g_init_kwargs, kind="generator",
                 sigma_init=self.cfg.init_sigma, alpha=self.cfg.alpha, preset=self.cfg.preset, kimg=self.cur_nimg / 1e3,
                 teacher=str(self.cfg.teacher),
             )

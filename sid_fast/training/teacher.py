@@ -1,4 +1,7 @@
 """EDM teacher training (EDM's recipe: EDMLoss, Adam 0.9/0.999, linear lr ramp-up, EMA, gradient cleaning).
+EDM2 networks train with the same loop, EDM2's loss form (learned log-variance) and forced weight normalisation; EDM2's
+own schedule (inverse-square-root learning rate decay, power-function EMA) is not reproduced: these are small teachers
+for tests and the CPU presets.
 
 Used to make the bundled digits teacher:
     python -m sid_fast.training.teacher --out sid_fast/assets/digits_teacher.pt
@@ -15,7 +18,7 @@ import torch
 from sid_fast.checkpoints import save_network
 from sid_fast.ema import ema_beta, update_ema
 from sid_fast.losses import EDMLoss
-from sid_fast.networks import build_network
+from sid_fast.networks import build_network, edm2
 
 DIGITS_TEACHER = dict(
     model_type="SongUNet",
@@ -28,6 +31,22 @@ DIGITS_TEACHER = dict(
     attn_resolutions=[4],
     dropout=0.1,
 )
+# A tiny EDM2-architecture teacher of the same digits (magnitude-preserving UNet, learned log-variance): levels 8 and 4,
+# one block per level, attention at 4x4 (2 heads of 16 channels); 180,683 parameters.
+DIGITS_EDM2_TEACHER = dict(
+    img_resolution=8,
+    img_channels=1,
+    label_dim=0,
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[4],
+    channels_per_head=16,
+    dropout=0.0,
+    use_fp16=False,
+    logvar_channels=16,
+)
+ARCHS = {"edm": ("EDMPrecond", DIGITS_TEACHER), "edm2": ("Precond", DIGITS_EDM2_TEACHER)}
 
 
 def train_edm(net, images, labels=None, *, steps, batch, lr, lr_rampup_kimg=10, ema_halflife_kimg=10,
@@ -44,6 +63,8 @@ def train_edm(net, images, labels=None, *, steps, batch, lr, lr_rampup_kimg=10, 
         idx = torch.randint(len(images), [batch], generator=g)
         y = images[idx]
         c = labels[idx] if labels is not None else None
+        if isinstance(net, edm2.Precond):
+            edm2.force_weight_norm_(net)  # EDM2's forced weight normalisation, once per step
         loss, _ = loss_fn(net, y, c, generator=g)
         opt.zero_grad(set_to_none=True)
         (loss.sum() / batch).backward()
@@ -63,10 +84,12 @@ def train_edm(net, images, labels=None, *, steps, batch, lr, lr_rampup_kimg=10, 
 def main():
     ap = argparse.ArgumentParser(description="Train the bundled digits EDM teacher.")
     ap.add_argument("--out", default="sid_fast/assets/digits_teacher.pt")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="edm", help="edm: DDPM++ SongUNet; edm2: EDM2's UNet")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=10.0, help="EMA half-life in kimg")
+    ap.add_argument("--rampup", type=float, default=10.0, help="learning-rate ramp-up in kimg")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--evaluate-only", action="store_true", help="only (re)compute the teacher's FD-digits (Heun, 35 NFE)")
     a = ap.parse_args()
@@ -77,11 +100,13 @@ def main():
 
     images, _ = digits_tensor()
     torch.manual_seed(a.seed)
-    net = build_network("EDMPrecond", DIGITS_TEACHER)
-    ema = train_edm(net, images, steps=a.steps, batch=a.batch, lr=a.lr, ema_halflife_kimg=a.ema, seed=a.seed)
-    cmd = (f"python -m sid_fast.training.teacher --out {a.out} --steps {a.steps} --batch {a.batch} --lr {a.lr} "
-           f"--ema {a.ema} --seed {a.seed}")
-    save_network(a.out, ema, DIGITS_TEACHER, kind="teacher", dataset="sklearn-digits-8x8", command=cmd,
+    class_name, kwargs = ARCHS[a.arch]
+    net = build_network(class_name, kwargs)
+    ema = train_edm(net, images, steps=a.steps, batch=a.batch, lr=a.lr, lr_rampup_kimg=a.rampup,
+                    ema_halflife_kimg=a.ema, seed=a.seed)
+    cmd = (f"python -m sid_fast.training.teacher --arch {a.arch} --out {a.out} --steps {a.steps} --batch {a.batch} "
+           f"--lr {a.lr} --ema {a.ema} --rampup {a.rampup} --seed {a.seed}")
+    save_network(a.out, ema, kwargs, kind="teacher", dataset="sklearn-digits-8x8", command=cmd,
                  torch_version=torch.__version__)
     print(f"saved {a.out}")
     print(f"FD-digits of the teacher (Heun, 35 NFE): {evaluate_digits_teacher(a.out):.3f}")
