@@ -121,16 +121,34 @@ def _folder_items(source: Path, max_images, labels_from_subdirs: bool):
     return len(names), labels is not None, items()
 
 
+TRANSFORMS = ("none", "center-crop", "center-crop-dhariwal")
+
+
+def center_crop_dhariwal(img, resolution: int):
+    """ADM's crop (Dhariwal & Nichol), EDM2's `--transform=center-crop-dhariwal` for ImageNet-512: halve with a box
+    filter while the short side is at least twice the resolution, resize the short side to the resolution with
+    bicubic filtering, then crop the center square."""
+    import PIL.Image
+
+    while min(img.size) >= 2 * resolution:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=PIL.Image.BOX)
+    scale = resolution / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=PIL.Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
 def convert(source, dest, resolution: int | None = None, transform: str = "none", max_images: int | None = None,
             grey: bool = False, labels_from_subdirs: bool = False) -> int:
     """Write the dataset; returns the number of images."""
     import PIL.Image
 
     source, dest = Path(source), Path(dest)
-    if transform not in ("none", "center-crop"):
-        raise DatasetError(f"--transform {transform!r}: expected 'none' or 'center-crop'.")
-    if transform == "center-crop" and resolution is None:
-        raise DatasetError("--transform center-crop needs --resolution.")
+    if transform not in TRANSFORMS:
+        raise DatasetError(f"--transform {transform!r}: expected one of {', '.join(TRANSFORMS)}.")
+    if transform != "none" and resolution is None:
+        raise DatasetError(f"--transform {transform} needs --resolution.")
     if source.is_dir():
         count, has_labels, items = _folder_items(source, max_images, labels_from_subdirs)
     elif source.is_file() and source.name.endswith((".tar.gz", ".tgz")):
@@ -162,6 +180,8 @@ def convert(source, dest, resolution: int | None = None, transform: str = "none"
             img = img.convert("L" if grey else "RGB")
             if transform == "center-crop":
                 img = center_crop_resize(img, resolution)
+            elif transform == "center-crop-dhariwal":
+                img = center_crop_dhariwal(img, resolution)
             elif resolution is not None and img.size != (resolution, resolution):
                 if img.size[0] != img.size[1]:
                     raise DatasetError(f"{where}: {img.size[0]}x{img.size[1]} is not square; use --transform center-crop.")
@@ -198,7 +218,7 @@ def convert(source, dest, resolution: int | None = None, transform: str = "none"
 @click.option("--source", help="Folder of images (searched recursively) or cifar-10-python.tar.gz", metavar="DIR|TGZ", required=True)
 @click.option("--dest", help="Output: a .zip (stored, as EDM) or a folder", metavar="PATH", required=True)
 @click.option("--resolution", help="Output side in pixels (power of two)", metavar="INT", type=click.IntRange(min=1))
-@click.option("--transform", help="center-crop: crop to square before resizing", type=click.Choice(["none", "center-crop"]), default="none", show_default=True)
+@click.option("--transform", help="center-crop: crop to square, then resize (LANCZOS); center-crop-dhariwal: ADM's crop (EDM2's ImageNet-512)", type=click.Choice(list(TRANSFORMS)), default="none", show_default=True)
 @click.option("--max-images", "max_images", help="Use only the first N images (sorted by path)", metavar="INT", type=click.IntRange(min=1))
 @click.option("--grey", help="Write single-channel images", is_flag=True)
 @click.option("--labels-from-subdirs", "labels_from_subdirs", help="Label = index of the first-level subfolder", is_flag=True)
