@@ -71,6 +71,7 @@ from sid_fast.training.config import PRESETS, ConfigError, resolve_config
 @click.option("--metrics", help="Metric of G_ema at snapshots", type=click.Choice(["fid", "fd-digits", "none"]))
 @click.option("--metric-num", "metric_num", help="Images per metric evaluation (50000 as the paper, 10000 for quick runs)", metavar="INT", type=click.IntRange(min=2))
 @click.option("--data-stat", "--data_stat", "data_stat", help="FID reference statistics (EDM npz)", metavar="NPZ|URL", type=str)
+@click.option("--vae", help="EDM2 latent teachers: the Stability VAE (local diffusers folder of stabilityai/sd-vae-ft-mse) that decodes grids and FID images", metavar="DIR", type=str)
 @click.option("--detector", help="Inception detector for FID (TorchScript .pt or pytorch-fid .pth)", metavar="PATH|URL", type=str)
 @click.option("--max-bad-steps", "max_bad_steps", help="Abort after this many consecutive steps with non-finite gradients", metavar="INT", type=click.IntRange(min=1))
 @click.option("--seed", help="Random seed", metavar="INT", type=int)

@@ -89,8 +89,9 @@ def ref(data, dest, resolution, loader, batch, workers, detector):
 @click.option("--init_sigma", "init_sigma", help="Override the generator's sigma_init", metavar="FLOAT", type=float)
 @click.option("--is", "with_is", help="Also compute the Inception Score (10 splits)", is_flag=True)
 @click.option("--json", "json_out", help="Append the result as a JSON line to this file", metavar="FILE")
+@click.option("--vae", help="EDM2 latent networks: the Stability VAE (local diffusers folder of stabilityai/sd-vae-ft-mse) that decodes them", metavar="DIR", type=str)
 @_detector_option
-def calc(network_path, images, ref_path, num, seeds, batch, sampler, steps, init_sigma, with_is, json_out, detector):
+def calc(network_path, images, ref_path, num, seeds, batch, sampler, steps, init_sigma, with_is, json_out, vae, detector):
     """FID of a network's samples (or of a folder of images) against reference statistics."""
     from sid_fast.checkpoints import CheckpointError, load_network_file
     from sid_fast.data.dataset import DatasetError
@@ -104,13 +105,21 @@ def calc(network_path, images, ref_path, num, seeds, batch, sampler, steps, init
         raise click.ClickException(str(e)) from None
     try:
         if network_path is not None:
+            from sid_fast.sampling import check_vae
+
             net, info = load_network_file(network_path)
+            vae_model = None
+            if vae is not None:
+                from sid_fast.latents import StabilityVAE
+
+                vae_model = StabilityVAE.load(vae, device)
+            check_vae(net, vae_model)
             net = net.to(device)
             stats, probs = generator_stats(net, info, range(seeds, seeds + num), det, device, batch, rank, world,
-                                           sampler, steps, init_sigma, want_probs=with_is)
+                                           sampler, steps, init_sigma, want_probs=with_is, vae=vae_model)
         else:
             stats, probs = dataset_stats(images, det, device, batch, rank, world, max_size=num, seed=seeds, want_probs=with_is)
-    except (CheckpointError, DatasetError) as e:
+    except (CheckpointError, DatasetError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if rank != 0:
         _finish()

@@ -153,6 +153,10 @@ class LatentDataset(torch.utils.data.Dataset):
     def __getstate__(self):
         return dict(self.__dict__, _latents=None)
 
+    @property
+    def image_shape(self) -> list[int]:
+        return list(self.shape)
+
     def __len__(self):
         return self._n
 

@@ -18,7 +18,7 @@ import click
 import torch
 
 from sid_fast.checkpoints import CheckpointError, load_network_file
-from sid_fast.sampling import generate, image_grid, save_image, to_uint8
+from sid_fast.sampling import check_vae, generate_uint8, image_grid, save_image
 
 
 def parse_int_list(s: str) -> list[int]:
@@ -47,7 +47,8 @@ def parse_int_list(s: str) -> list[int]:
 @click.option("--batch", "max_batch", help="Maximum batch size", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--subdirs", help="Save into subdirectories of 1000 seeds", is_flag=True)
 @click.option("--grid", help="Also save a grid of all images to this file (PNG)", metavar="FILE", type=str)
-def main(network_path, outdir, seeds, sampler, steps, churn, class_idx, init_sigma, max_batch, subdirs, grid):
+@click.option("--vae", help="EDM2 latent networks: the Stability VAE (local diffusers folder of stabilityai/sd-vae-ft-mse) that decodes them", metavar="DIR", type=str)
+def main(network_path, outdir, seeds, sampler, steps, churn, class_idx, init_sigma, max_batch, subdirs, grid, vae):
     """Generate images from a SiD generator or an EDM teacher."""
     seed_list = parse_int_list(seeds)
     churn_t = None
@@ -64,19 +65,29 @@ def main(network_path, outdir, seeds, sampler, steps, churn, class_idx, init_sig
         raise click.ClickException(str(e)) from None
     if class_idx is not None and not 0 <= class_idx < max(net.label_dim, 1):
         raise click.ClickException(f"--class {class_idx}: the network has {net.label_dim} classes.")
+    vae_model = None
+    try:
+        if vae is not None:
+            from sid_fast.latents import StabilityVAE
+
+            vae_model = StabilityVAE.load(vae, device)
+        check_vae(net, vae_model)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     net = net.to(device)
     all_images = []
     os.makedirs(outdir, exist_ok=True)
     for i in range(0, len(seed_list), max_batch):
         batch_seeds = seed_list[i : i + max_batch]
-        images = to_uint8(generate(net, info, batch_seeds, device, sampler, steps, class_idx, init_sigma, churn_t)).cpu()
+        images = generate_uint8(net, info, batch_seeds, device, sampler, steps, class_idx, init_sigma, churn_t, vae_model).cpu()
         for seed, img in zip(batch_seeds, images):
             d = Path(outdir) / (f"{seed - seed % 1000:06d}" if subdirs else "")
             d.mkdir(parents=True, exist_ok=True)
             save_image(image_grid(img[None], cols=1), d / f"{seed:06d}.png")
         all_images.append(images)
     if grid:
-        save_image(image_grid(torch.cat(all_images), scale=max(1, 64 // net.img_resolution), gap=2), grid)
+        side = all_images[0].shape[-1]
+        save_image(image_grid(torch.cat(all_images), scale=max(1, 64 // side), gap=2), grid)
     print(f"Saved {len(seed_list)} images to {outdir}" + (f" and a grid to {grid}" if grid else ""))
 
 

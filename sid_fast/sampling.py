@@ -129,6 +129,23 @@ def save_image(array: np.ndarray, path, scale: int = 1) -> None:
     img.save(path)
 
 
+def check_vae(net, vae, flag="--vae") -> None:
+    """A 4-channel network makes EDM2's VAE latents: images need the VAE; a pixel network must not get one."""
+    if vae is None and net.img_channels == 4:
+        raise ValueError(f"the network makes 4-channel outputs, EDM2's VAE latents: give {flag}, the folder of "
+                         "stabilityai/sd-vae-ft-mse in diffusers' format, to decode them to images.")
+    if vae is not None and net.img_channels != 4:
+        raise ValueError(f"{flag} given, but the network makes {net.img_channels}-channel images, not VAE latents.")
+
+
+def generate_uint8(net, info, seeds, device, sampler="auto", steps=18, class_idx=None, init_sigma=None, churn=None,
+                   vae=None) -> torch.Tensor:
+    """uint8 images [N, C, H, W] for the seeds: pixels as EDM (to_uint8), or EDM2's latents decoded by `vae` (a
+    sid_fast.latents.StabilityVAE: clamp to [0, 1], x 255, truncated)."""
+    out = generate(net, info, seeds, device, sampler, steps, class_idx, init_sigma, churn)
+    return vae.decode(out) if vae is not None else to_uint8(out)
+
+
 def generate(net, info, seeds, device, sampler="auto", steps=18, class_idx=None, init_sigma=None, churn=None):
     """Images in [-1, 1] for the given seeds (one batch)."""
     meta = info.get("meta", {})

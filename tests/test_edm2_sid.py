@@ -106,3 +106,77 @@ def test_sid_distills_the_edm2_digits_teacher(tmp_path, monkeypatch):
     assert len(fd) == 2 and fd[-1] < fd[0] / 5, fd
     g, ginfo = load_network_file(sorted(tmp_path.glob("network-snapshot-*.pt"))[-1])
     assert isinstance(g, Precond) and g.logvar_linear is None and ginfo["meta"]["kind"] == "generator"
+
+
+@pytest.mark.parametrize("size,batch_gpu,dropout,duration", [("xs", 64, 0.0, 200), ("s", 64, 0.0, 200),
+                                                             ("m", 32, 0.1, 200), ("l", 32, 0.1, 200),
+                                                             ("xl", 16, 0.1, 200), ("xxl", 2, 0.1, 100)])
+def test_edm2_presets_carry_the_official_values(size, batch_gpu, dropout, duration):
+    # official sida branch run_sid_edm2.sh and sida_edm2_train.py's size table
+    cfg = resolve_config(f"edm2-img512-{size}", dict(teacher="t.pkl", data_stat="img512.pkl"))
+    assert (cfg.batch, cfg.batch_gpu, cfg.lr, cfg.glr, cfg.alpha, cfg.tmax, cfg.init_sigma) == (2048, batch_gpu, 5e-5, 5e-5, 1.0, 800, 2.5)
+    assert (cfg.precision, cfg.dropout, cfg.ema, cfg.duration, cfg.augment, cfg.lsg, cfg.ls) == ("fp16", dropout, 2.0, duration, 0.0, 100.0, 1.0)
+    assert (cfg.resolution, cfg.channels, cfg.label_dim, cfg.cond, cfg.metrics) == (64, 4, 1000, True, "fid")
+    assert cfg.official_teacher.endswith(f"posthoc-reconstructions/edm2-img512-{size}-" +
+                                         {"xs": "2147483-0.135", "s": "2147483-0.130", "m": "2147483-0.100",
+                                          "l": "1879048-0.085", "xl": "1342177-0.085", "xxl": "0939524-0.070"}[size] + ".pkl")
+
+
+# A tiny conditional latent-space EDM2 network: 4 channels at 8x8 (latents of 64x64 images), 3 classes.
+LATENT_TINY = dict(img_resolution=8, img_channels=4, label_dim=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                   attn_resolutions=[4], channels_per_head=16, use_fp16=False, logvar_channels=8)
+
+
+def _latent_teacher(tmp_path):
+    from sid_fast.checkpoints import save_network
+
+    torch.manual_seed(0)
+    path = tmp_path / "latent_teacher.pt"
+    save_network(path, Precond(**LATENT_TINY), LATENT_TINY, kind="teacher")
+    return path
+
+
+def test_labels_only_data_and_vae_refusals(tmp_path):
+    import json
+
+    from sid_fast.training.config import ConfigError
+
+    teacher = _latent_teacher(tmp_path)
+    labels = tmp_path / "dataset.json"
+    labels.write_text(json.dumps({"labels": [[f"img{i}.png", c] for i, c in enumerate([0, 0, 0, 2])]}))
+    over = dict(teacher=str(teacher), resolution=8, channels=4, label_dim=3, cond=True, metrics="none", data=str(labels),
+                batch=4, batch_gpu=4)
+    trainer = build_trainer(resolve_config("digits-edm2", over), torch.device("cpu"), log=lambda *_: None)
+    assert sorted(trainer.label_table.tolist()) == [0, 0, 0, 2]  # the file's label frequencies
+    trainer.step()
+    with pytest.raises(ConfigError, match="EDM2's VAE latents: give --vae"):
+        build_trainer(resolve_config("digits-edm2", dict(over, metrics="fid", data_stat="img512.pkl")),
+                      torch.device("cpu"), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="labels only; SiDA needs real images"):
+        build_trainer(resolve_config("digits-sida", dict(data=str(labels))), torch.device("cpu"), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="SiDA on EDM2 is not implemented yet"):
+        build_trainer(resolve_config("digits-edm2", dict(method="sida", data="digits")), torch.device("cpu"),
+                      log=lambda *_: None)
+
+
+def test_sample_cli_decodes_latents_with_the_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from click.testing import CliRunner
+
+    from sid_fast.checkpoints import save_network
+    from sid_fast.latents import SD_VAE_FT_MSE_CONFIG
+    from sid_fast.sample import main
+
+    torch.manual_seed(1)
+    diffusers.AutoencoderKL(**dict(SD_VAE_FT_MSE_CONFIG, block_out_channels=[32] * 4)).save_pretrained(tmp_path / "vae")
+    gen = tmp_path / "gen.pt"
+    save_network(gen, Precond(**dict(LATENT_TINY, logvar_channels=0)), dict(LATENT_TINY, logvar_channels=0),
+                 kind="generator", sigma_init=2.5)
+    out = CliRunner().invoke(main, ["--network", str(gen), "--outdir", str(tmp_path / "out"), "--seeds", "0-2",
+                                    "--vae", str(tmp_path / "vae"), "--grid", str(tmp_path / "grid.png")])
+    assert out.exit_code == 0, out.output
+    import PIL.Image
+
+    assert PIL.Image.open(tmp_path / "out" / "000002.png").size == (64, 64)  # 8x8 latents -> 64x64 pixels
+    out = CliRunner().invoke(main, ["--network", str(gen), "--outdir", str(tmp_path / "out2")])
+    assert out.exit_code != 0 and "give --vae" in out.output

@@ -148,3 +148,21 @@ def test_center_crop_dhariwal():
     out = np.asarray(center_crop_dhariwal(PIL.Image.fromarray(a), 32))
     assert out.shape == (32, 32, 3)
     assert (out[:, :14] == 0).all() and (out[:, 18:] == 255).all()
+
+
+def test_edm2_reference_pickle(tmp_path):
+    """EDM2's dataset-refs/img512.pkl: a plain pickle of {'fid': {'mu', 'sigma'}, 'fd_dinov2': ...} with numpy arrays,
+    read by the restricted unpickler."""
+    from sid_fast.metrics import load_ref_stats
+
+    rng = np.random.default_rng(0)
+    mu, a = rng.standard_normal(6), rng.standard_normal((6, 6))
+    ref = dict(fid=dict(mu=mu.astype(np.float64), sigma=a @ a.T), fd_dinov2=dict(mu=np.zeros(3), sigma=np.eye(3)))
+    with open(tmp_path / "img512.pkl", "wb") as f:
+        pickle.dump(ref, f)
+    got_mu, got_sigma = load_ref_stats(tmp_path / "img512.pkl", dim=6)
+    assert np.array_equal(got_mu, mu) and np.array_equal(got_sigma, a @ a.T)
+    with open(tmp_path / "bad.pkl", "wb") as f:
+        pickle.dump(dict(fid=dict(mu=np.zeros(2), sigma=np.zeros(2, dtype=object))), f)
+    with pytest.raises(ValueError, match="bad.pkl: refused to load"):
+        load_ref_stats(tmp_path / "bad.pkl")

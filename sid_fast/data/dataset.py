@@ -172,6 +172,36 @@ class ImageDataset:
         return np.ascontiguousarray(img), self.label_onehot(i)
 
 
+class LabelsDataset:
+    """Only the labels of a dataset: its `dataset.json` ({"labels": [[name, int], ...]}). Data-free SiD of a conditional
+    teacher needs nothing else (the official EDM2 runs pass img512_labels/dataset.json: ImageNet's label frequencies)."""
+
+    image_shape = None
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            meta = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{self.path}: cannot be read as a dataset.json ({type(e).__name__}: {e}).") from None
+        entries = meta.get("labels") if isinstance(meta, dict) else None
+        if not isinstance(entries, list) or not entries:
+            raise DatasetError(f"{self.path}: expected {{\"labels\": [[name, label], ...]}} with at least one entry.")
+        try:
+            self.labels_int = np.array([int(label) for _, label in entries], dtype=np.int64)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{self.path}: every entry of 'labels' must be [file name, integer label].") from None
+        if self.labels_int.min() < 0:
+            raise DatasetError(f"{self.path}: labels must be non-negative integers, found {self.labels_int.min()}.")
+
+    @property
+    def label_dim(self) -> int:
+        return int(self.labels_int.max()) + 1
+
+    def __len__(self) -> int:
+        return len(self.labels_int)
+
+
 class _RankShare:
     """This rank's indices (rank::world) of a dataset, as uint8 torch tensors (module level, so workers can pickle it)."""
 

@@ -77,12 +77,21 @@ def save_ref_stats(path, mu, sigma) -> None:
 
 
 def load_ref_stats(path, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read `mu`, `sigma` from an EDM npz (e.g. fid-refs/cifar10-32x32.npz); every problem names the file."""
+    """Read `mu`, `sigma` from an EDM npz (e.g. fid-refs/cifar10-32x32.npz) or the 'fid' entry of an EDM2 reference
+    pickle (dataset-refs/img512.pkl, read by the restricted unpickler); every problem names the file."""
     from pathlib import Path
 
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{p}: no such reference statistics file (make one with `python -m sid_fast.fid ref`).")
+    if p.suffix == ".pkl":
+        from sid_fast.checkpoints import read_edm_pickle
+
+        fid = read_edm_pickle(p).get("fid")
+        if not isinstance(fid, dict) or not {"mu", "sigma"} <= set(fid):
+            raise ValueError(f"{p}: an EDM2 reference pickle needs 'fid' = {{'mu', 'sigma'}}.")
+        mu, sigma = (np.asarray(fid[k], dtype=np.float64) for k in ("mu", "sigma"))
+        return _check_stats(p, mu, sigma, dim)
     try:
         z = np.load(p, allow_pickle=False)
     except Exception as e:
@@ -93,6 +102,10 @@ def load_ref_stats(path, dim: int | None = None) -> tuple[np.ndarray, np.ndarray
         if not {"mu", "sigma"} <= set(z.files):
             raise ValueError(f"{p}: reference statistics need the keys 'mu' and 'sigma', found {sorted(z.files)}.")
         mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    return _check_stats(p, mu, sigma, dim)
+
+
+def _check_stats(p, mu, sigma, dim):
     d = mu.shape[0] if mu.ndim == 1 else -1
     if mu.ndim != 1 or sigma.shape != (d, d):
         raise ValueError(f"{p}: 'mu' must be [D] and 'sigma' [D, D]; got {list(mu.shape)} and {list(sigma.shape)}.")

@@ -15,7 +15,7 @@ import torch
 
 from sid_fast import dist
 from sid_fast.metrics import FeatureStats, frechet_distance, load_ref_stats
-from sid_fast.sampling import generate, to_uint8
+from sid_fast.sampling import generate_uint8
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -34,10 +34,11 @@ def rank_seed_batches(seeds: list[int], batch: int, rank: int, world: int) -> li
 
 
 def generator_stats(net, info, seeds, detector, device, batch=64, rank=0, world=1, sampler="auto", steps=18,
-                    init_sigma=None, want_probs=False, progress=True):
-    """Feature statistics (all-reduced) of images generated for the seeds; also class probabilities for IS."""
+                    init_sigma=None, want_probs=False, progress=True, vae=None):
+    """Feature statistics (all-reduced) of images generated for the seeds; also class probabilities for IS. EDM2
+    latent networks need `vae` (sid_fast.latents.StabilityVAE), which decodes them to images first."""
 
-    batches = (to_uint8(generate(net, info, b, device, sampler, steps, None, init_sigma))
+    batches = (generate_uint8(net, info, b, device, sampler, steps, None, init_sigma, vae=vae)
                for b in rank_seed_batches(list(seeds), batch, rank, world))
     return _accumulate(batches, detector, device, len(seeds), "generating", want_probs, world, progress and rank == 0)
 

@@ -78,6 +78,7 @@ class TrainConfig:
     metric_num: int = 2000  # images per evaluation (the paper's FID: 50000; 10000 for quick runs)
     data_stat: str | None = None  # FID reference statistics (EDM npz), path or URL (SiD's --data_stat)
     detector: str | None = None  # Inception detector, path or URL (default: $SID_FAST_DETECTOR or the cache)
+    vae: str | None = None  # EDM2 latent teachers: the Stability VAE (local diffusers folder) for grids and FID
     max_bad_steps: int = 100  # consecutive steps with non-finite gradients before aborting (with a checkpoint)
     sid_model: str | None = None  # SiD²A: G and G_ema start from this SiD generator (path or URL)
     official_teacher: str | None = field(default=None, repr=False)
@@ -143,6 +144,24 @@ PRESETS: dict[str, dict] = {
 # preset's 1e-4 (FD-digits 270 after 8 kimg, against 27 at 3e-3), hence higher learning rates.
 PRESETS["digits-edm2"] = dict(PRESETS["digits"], teacher=str(ASSETS / "digits_edm2_teacher.pt"), lr=3e-3, glr=3e-3)
 
+# SiD on EDM2's ImageNet-512 teachers (official sida branch: run_sid_edm2.sh, sida_edm2_train.py; 4 GPUs there): the
+# post-hoc EMA reconstructions EDM2 calls its FID presets, alpha 1, tmax 800, init_sigma 2.5, batch 2048, lr = glr =
+# 5e-5, fp16, ls 1, lsg 100, ema 2 Mimg, no augmentation, tick 10, snap 50, dump 200, 200 Mimg (XXL 100); dropout 0
+# (XS, S) or 0.1; labels with ImageNet's frequencies from --data (img512_labels/dataset.json, or the latent dataset);
+# latents decoded by --vae for grids and FID; P_mean/P_std -0.4/1.0 and u(sigma) come with the EDM2 networks.
+EDM2_URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/"
+_EDM2_TEACHERS = {"xs": ("xs-2147483-0.135", 64), "s": ("s-2147483-0.130", 64), "m": ("m-2147483-0.100", 32),
+                  "l": ("l-1879048-0.085", 32), "xl": ("xl-1342177-0.085", 16), "xxl": ("xxl-0939524-0.070", 2)}
+for _size, (_stem, _bg) in _EDM2_TEACHERS.items():
+    PRESETS[f"edm2-img512-{_size}"] = dict(
+        official_teacher=f"{EDM2_URL}posthoc-reconstructions/edm2-img512-{_stem}.pkl", cond=True, resolution=64,
+        channels=4, label_dim=1000, alpha=1.0, tmax=800, init_sigma=2.5, batch=2048, batch_gpu=_bg, lr=5e-5,
+        glr=5e-5, precision="fp16", dropout=0.0 if _size in ("xs", "s") else 0.1, augment=0.0, ema=2.0,
+        duration=100 if _size == "xxl" else 200, tick=10, snap=50, dump=200, metrics="fid", metric_num=50000,
+        official_data="img512_labels/dataset.json",
+    )
+    FID_REFS[f"edm2-img512-{_size}"] = f"{EDM2_URL}dataset-refs/img512.pkl"
+
 # SiDA and SiD²A (official sida branch, run_sida.sh and run_sid_sida.sh; 4 GPUs there): alpha 1, lsd 1, lsg_gan 0.01,
 # snap 50, dump 200. SiD²A is the same run with G and G_ema from a SiD generator (--sid-model) and a shorter duration.
 # The official AFHQ scripts read ffhq-64x64.zip (a copy-paste slip); these presets expect the AFHQv2 images.
@@ -167,6 +186,11 @@ CHECKPOINTING = ("none", "nets", "blocks", "selective")
 OPTIMIZERS = ("adam", "foreach", "fused")
 METRICS = ("fid", "fd-digits", "none")
 METHODS = ("sid", "sida")
+
+
+def _ref_url(preset: str) -> str:
+    ref = FID_REFS.get(preset, "<dataset>.npz")
+    return ref if ref.startswith("http") else FID_REF_URL + ref
 
 
 class ConfigError(ValueError):
@@ -246,9 +270,10 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1 tick, got {getattr(cfg, flag)}.")
     if cfg.teacher is None:
+        official = cfg.official_teacher or ""
         raise ConfigError(
             f"--teacher is required for preset {cfg.preset!r}: a local path or a URL, e.g. "
-            f"{EDM_URL}{cfg.official_teacher}"
+            f"{official if official.startswith('http') else EDM_URL + official}"
         )
     if (cfg.P_mean is None) != (cfg.P_std is None):
         raise ConfigError(f"--p-mean and --p-std go together (got --p-mean {cfg.P_mean}, --p-std {cfg.P_std}).")
@@ -277,7 +302,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.metrics == "fid" and cfg.data_stat is None:
         raise ConfigError(
             f"--metrics fid needs --data-stat REF.npz, the reference statistics (path or URL; EDM's for this preset: "
-            f"{FID_REF_URL}{FID_REFS.get(cfg.preset, '<dataset>.npz')}, or make one with `python -m sid_fast.fid ref`); "
+            f"{_ref_url(cfg.preset)}, or make one with `python -m sid_fast.fid ref`); "
             f"or pass --metrics none."
         )
     if cfg.metrics == "fd-digits" and (cfg.resolution, cfg.channels) != (8, 1):

@@ -37,10 +37,14 @@ def check_teacher(cfg: TrainConfig, teacher, path) -> None:
 def load_label_table(cfg: TrainConfig, label_dim: int) -> np.ndarray:
     """The integer labels of --data's images, checked against the teacher; one ConfigError naming both values."""
     ds = open_dataset(cfg)
-    c, h, _ = ds.image_shape
-    if (c, h) != (cfg.channels, cfg.resolution):
-        raise ConfigError(f"--data {cfg.data}: images are {c}x{h}x{h}, the teacher makes {cfg.channels}x"
-                          f"{cfg.resolution}x{cfg.resolution}.")
+    if ds.image_shape is not None:  # a dataset.json alone has no images to check
+        c, h, _ = ds.image_shape
+        latents = getattr(ds, "meta", {}).get("format") == "sid_fast.latents"
+        if latents:  # stored as the VAE posterior's mean and std: twice the teacher's channels
+            c //= 2
+        if (c, h) != (cfg.channels, cfg.resolution):
+            raise ConfigError(f"--data {cfg.data}: {'latents' if latents else 'images'} are {c}x{h}x{h}, the teacher "
+                              f"makes {cfg.channels}x{cfg.resolution}x{cfg.resolution}.")
     if ds.labels_int is None:
         raise ConfigError(f"--data {cfg.data}: the dataset has no labels (dataset.json), the teacher is conditional "
                           f"with {label_dim} classes.")
@@ -51,22 +55,32 @@ def load_label_table(cfg: TrainConfig, label_dim: int) -> np.ndarray:
 
 
 def open_dataset(cfg: TrainConfig):
-    """--data: an EDM dataset (zip or folder) or 'digits', the bundled digits."""
-    from sid_fast.data.dataset import DatasetError, ImageDataset
+    """--data: an EDM dataset (zip or folder), a latent dataset (sid_fast.latents), a dataset.json alone (labels for
+    data-free SiD), or 'digits', the bundled digits."""
+    from sid_fast.data.dataset import DatasetError, ImageDataset, LabelsDataset
 
     if cfg.data == "digits":
         from sid_fast.data.digits import DigitsDataset
 
         return DigitsDataset()
+    path = Path(cfg.data)
     try:
+        if path.suffix == ".json":
+            return LabelsDataset(path)
+        if (path / "meta.json").is_file():
+            from sid_fast.latents import LatentDataset
+
+            return LatentDataset(path)
         return ImageDataset(cfg.data)
-    except DatasetError as e:
+    except (DatasetError, ValueError) as e:
         raise ConfigError(f"--data {e}") from None
 
 
 def load_real_dataset(cfg: TrainConfig):
     """SiDA's real images (--data), checked against the teacher's shape (labels: by load_label_table)."""
     ds = open_dataset(cfg)
+    if ds.image_shape is None:
+        raise ConfigError(f"--data {cfg.data}: a dataset.json holds labels only; SiDA needs real images (a zip or folder).")
     c, h, _ = ds.image_shape
     if (c, h) != (cfg.channels, cfg.resolution):
         raise ConfigError(f"--data {cfg.data}: images are {c}x{h}x{h}, the teacher makes {cfg.channels}x"
@@ -109,6 +123,26 @@ def prepare_fid(cfg: TrainConfig, device):
     return ref, detector
 
 
+def load_vae_for(cfg: TrainConfig, teacher, device):
+    """--vae (EDM2 latent teachers): loaded and checked against the teacher before any work; required for FID."""
+    from sid_fast.sampling import check_vae
+
+    vae = None
+    if cfg.vae is not None:
+        from sid_fast.latents import StabilityVAE
+
+        try:
+            vae = StabilityVAE.load(cfg.vae, device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if vae is not None or cfg.metrics == "fid":
+        try:
+            check_vae(teacher, vae)
+        except ValueError as e:
+            raise ConfigError(f"--teacher {cfg.teacher}: {e}") from None
+    return vae
+
+
 def build_trainer(cfg: TrainConfig, device: torch.device | None = None, *, teacher=None, student: Student | None = None,
                   run_dir: Path | None = None, log=print, fid=None) -> SiDTrainer:
     """Load and check the teacher (from cfg.teacher unless given), the data's labels and the FID inputs, once; then
@@ -127,15 +161,16 @@ def build_trainer(cfg: TrainConfig, device: torch.device | None = None, *, teach
     label_table = load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
     real = load_real_dataset(cfg) if cfg.method == "sida" else None
     generator_init = load_sid_model(cfg, teacher) if cfg.sid_model is not None else None
+    vae = load_vae_for(cfg, teacher, device)
     if fid is None:
         fid = prepare_fid(cfg, device)
     if real is not None:
         from sid_fast.training.sida import SiDATrainer
 
         return SiDATrainer(cfg, device, teacher, student, run_dir=run_dir, log=log, fid=fid, label_table=label_table,
-                           real_dataset=real, generator_init=generator_init)
+                           real_dataset=real, generator_init=generator_init, vae=vae)
     return SiDTrainer(cfg, device, teacher, student, run_dir=run_dir, log=log, fid=fid, label_table=label_table,
-                      generator_init=generator_init)
+                      generator_init=generator_init, vae=vae)
 
 
 def next_run_dir(outdir: str, desc: str) -> Path:

@@ -81,7 +81,8 @@ class SiDTrainer:
     """Build it with `sid_fast.training.run.build_trainer(cfg)`, which loads and checks the teacher and the data."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device, teacher: torch.nn.Module, student: Student,
-                 run_dir: Path | None = None, log=print, fid=(None, None), label_table=None, generator_init=None):
+                 run_dir: Path | None = None, log=print, fid=(None, None), label_table=None, generator_init=None,
+                 vae=None):
         self.cfg = cfg
         self.device = device
         self.run_dir = run_dir
@@ -157,6 +158,7 @@ class SiDTrainer:
         self.stop_requested = False
         self.metrics_history: list[dict] = []
         self.fid_ref, self.detector = fid
+        self.vae = vae  # EDM2 latents -> images (grids, FID); sid_fast.latents.StabilityVAE
 
     # ------------------------------------------------------------------
     # Networks and randomness.
@@ -380,8 +382,15 @@ class SiDTrainer:
     def _snapshot(self):
         kimg = self.cur_nimg // 1000
         if self.rank == 0 and self.run_dir is not None:
-            grid = to_uint8(self.sample_ema(list(range(64))))
-            save_image(image_grid(grid, scale=max(1, 64 // self.cfg.resolution), gap=2), self.run_dir / f"fakes-{kimg:06d}.png")
+            samples = self.sample_ema(list(range(64)))
+            if self.vae is not None:
+                grid = self.vae.decode(samples.to(self.device)).cpu()
+            elif self.G_ema.img_channels == 4:  # EDM2 latents without --vae: no picture to draw
+                grid = None
+            else:
+                grid = to_uint8(samples)
+            if grid is not None:
+                save_image(image_grid(grid, scale=max(1, 64 // grid.shape[-1]), gap=2), self.run_dir / f"fakes-{kimg:06d}.png")
             checkpoints.save_network(
                 self.run_dir / f"network-snapshot-{kimg:06d}.pt", self.G_ema, self.g_init_kwargs, kind="generator",
                 sigma_init=self.cfg.init_sigma, alpha=self.cfg.alpha, preset=self.cfg.preset, kimg=self.cur_nimg / 1e3,
@@ -397,7 +406,8 @@ class SiDTrainer:
 
             info = dict(meta=dict(kind="generator", sigma_init=self.cfg.init_sigma))
             stats, _ = generator_stats(self.G_ema, info, range(self.cfg.metric_num), self.detector, self.device,
-                                       batch=self.cfg.batch_gpu, rank=self.rank, world=self.world, progress=False)
+                                       batch=self.cfg.batch_gpu, rank=self.rank, world=self.world, progress=False,
+                                       vae=self.vae)
             if self.rank == 0:
                 return self._record_metric("fid", fid_against(stats, self.fid_ref), kimg)
         return None
