@@ -61,6 +61,7 @@ from sid_fast.training.config import PRESETS, ConfigError, resolve_config
 @click.option("--cuda-graphs", "cuda_graphs", help="CUDA graphs via torch.compile mode reduce-overhead (CUDA only)", is_flag=True, default=None)
 @click.option("--checkpointing", help="Activation checkpointing: nets/blocks (teacher and fake score, generator phase) or selective (every network with gradient, per UNet block, recomputing memory-bound ops only)", type=click.Choice(["none", "nets", "blocks", "selective"]))
 @click.option("--optimizer", help="adam (official), foreach or fused Adam (the latter two with foreach EMA)", type=click.Choice(["adam", "foreach", "fused"]))
+@click.option("--fsdp/--no-fsdp", "fsdp", help="Shard G, the fake score and their optimizer states over the processes with FSDP2 (fully_shard) instead of replicating them with DDP; for networks that do not fit one GPU (EDM2 XL, XXL)", default=None)
 @click.option("--kernels", help="Fused Triton kernels: none, all, or a comma list (sid_loss,edm_loss,group_norm_silu,attention; sdpa for PyTorch's attention)", metavar="LIST", type=str)
 # Schedule and I/O.
 @click.option("--duration", help="Training duration", metavar="MIMG", type=float)

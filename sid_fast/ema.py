@@ -28,6 +28,17 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
 
 
 @torch.no_grad()
+def update_ema_sharded(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    """update_ema for a network sharded with FSDP2 (`--fsdp`) into a whole EMA copy on every rank: each parameter is
+    all-gathered in turn (a collective: every rank calls it), then the same lerp as the official loop."""
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        p_ema.copy_(full.detach().lerp(p_ema, beta))
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
+
+
+@torch.no_grad()
 def update_ema_foreach(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
     """p_ema <- p_ema + (1 - beta) (p - p_ema): the official lerp(p, p_ema, beta) in one foreach call per list."""
     pe, pn = list(ema.parameters()), [p.detach() for p in net.parameters()]

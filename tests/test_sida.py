@@ -289,7 +289,11 @@ def _ddp_worker(rank, world, port, teacher, data, out):
     from helpers import cfg_for, cpu_trainer, damp_adam, trainer_params
 
     try:
+        from sid_fast import dist as sid_dist
+
+        sid_dist.init()  # the process group from the environment, as train.py
         tr = damp_adam(cpu_trainer(cfg_for(teacher, **_DDP_KW, data=data)))
+        assert tr.world == world  # really distributed
         for _ in range(3):
             tr.step()
         if rank == 0:

@@ -50,7 +50,11 @@ def _ddp_worker(rank, world, port, teacher, batch_gpu, out):
     import torch.distributed as dist
 
     try:
+        from sid_fast import dist as sid_dist
+
+        sid_dist.init()  # the process group from the environment, as train.py
         tr = damp_adam(cpu_trainer(cfg_for(teacher, batch_gpu=batch_gpu, dropout=0.0)))
+        assert tr.world == world  # really distributed
         for _ in range(3):
             tr.step()
         if rank == 0:

@@ -113,10 +113,14 @@ class MPConv(torch.nn.Module):
 
 @torch.no_grad()
 def force_weight_norm_(net: torch.nn.Module) -> None:
-    """EDM2's forced weight normalisation: every MPConv weight <- normalize(weight), in place, outside autograd."""
+    """EDM2's forced weight normalisation: every MPConv weight <- normalize(weight), in place, outside autograd.
+    A weight sharded by FSDP2 (a DTensor split along its first dimension, the output rows) is normalised shard by
+    shard: each row is whole on one rank and the norm is per row, so no communication is needed."""
     for m in net.modules():
         if isinstance(m, MPConv):
-            m.weight.copy_(normalize(m.weight.to(torch.float32)))
+            w = m.weight.to_local() if hasattr(m.weight, "to_local") else m.weight
+            if w.numel():  # an FSDP2 shard can be empty when a layer has fewer rows than ranks
+                w.copy_(normalize(w.to(torch.float32)))
 
 
 def has_forced_weight_norm(net: torch.nn.Module) -> bool:

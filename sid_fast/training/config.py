@@ -66,6 +66,7 @@ class TrainConfig:
     cuda_graphs: bool = False  # compile mode "reduce-overhead" (CUDA only; implies compile)
     checkpointing: str = "none"  # none, nets / blocks (teacher + fake score, generator phase), selective (sid_fast.perf)
     optimizer: str = "adam"  # adam (official), foreach, fused (+ foreach EMA)
+    fsdp: bool = False  # shard G and the fake score and their Adam states with FSDP2 (fully_shard) instead of DDP
     kernels: str = "none"  # none, all, or a comma list of sid_loss,edm_loss,group_norm_silu,attention (or sdpa)
     # Schedule.
     duration: float = 500.0  # Mimg

@@ -45,7 +45,7 @@ import torch
 
 from sid_fast import checkpoints, dist, ops, perf
 from sid_fast.augment import AugmentPipe
-from sid_fast.ema import ema_beta, ema_halflife_kimg
+from sid_fast.ema import ema_beta, ema_halflife_kimg, update_ema_sharded
 from sid_fast.losses import sample_edm_sigma, sample_generator_sigma
 from sid_fast.networks import build_network, edm2
 from sid_fast.perf import annotate
@@ -134,10 +134,33 @@ class SiDTrainer:
                 log(f"Class labels: uniform over {self.G.label_dim} classes (no --data; the official code follows the "
                     "training set's label frequencies).")
 
+        # --fsdp: G and the fake score are sharded over the ranks (every UNet block, then the whole network) before
+        # their optimizers exist, so the Adam states are sharded too; the teacher and G_ema stay whole on every rank.
+        self.fsdp = cfg.fsdp and self.world > 1
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            from sid_fast.networks.layers import UNetBlock
+
+            # FSDP2 shards no 0-d parameter (EDM2's gains emb_gain and out_gain are scalars, as in EDM2's files): those
+            # stay whole on every rank, and their gradients are averaged over the ranks after each phase, as DDP would.
+            self.replicated = {}
+            for net in (self.G, self.fake):
+                scalars = {p for p in net.parameters() if p.ndim == 0}
+                self.replicated[id(net)] = [p for p in net.parameters() if p.ndim == 0]
+                for m in net.modules():
+                    if isinstance(m, (UNetBlock, edm2.Block)):
+                        fully_shard(m, ignored_params={p for p in m.parameters() if p in scalars})
+                # The root reshards after every forward too (FSDP2 keeps a root's parameters gathered by default):
+                # between calls every parameter is its shard, which the optimizer and the forced weight
+                # normalisation of EDM2 update in place.
+                fully_shard(net, ignored_params=scalars, reshard_after_forward=True)
         eps = 1e-6 if fp16 else 1e-8  # official sid_train.py: 1e-6 with --fp16 1, else 1e-8
         self.opt_fake = perf.make_adam(self.fake.parameters(), cfg.lr, (0.0, 0.999), eps, cfg.optimizer)
         self.opt_g = perf.make_adam(self.G.parameters(), cfg.glr, (cfg.g_beta1, 0.999), eps, cfg.optimizer)
-        if self.world > 1:
+        if self.fsdp:
+            self.G_ddp, self.fake_ddp = self.G, self.fake
+        elif self.world > 1:
             ddp = dict(broadcast_buffers=False, find_unused_parameters=False)
             if device.type == "cuda":
                 ddp["device_ids"] = [device]
@@ -147,6 +170,8 @@ class SiDTrainer:
             self.G_ddp, self.fake_ddp = self.G, self.fake
         # The modules stay plain (state dicts); the call sites carry the fast path's options.
         self.calls = perf.call_sites(cfg, self.teacher, self.G, self.fake, self.G_ddp, self.fake_ddp)
+        if self.fsdp:
+            self.calls.update_ema = update_ema_sharded
 
         # Counters and device-side statistics (read once per tick).
         self.cur_nimg = 0
@@ -207,17 +232,39 @@ class SiDTrainer:
     # One iteration.
 
     def _clean_grads(self, params):
-        """nan_to_num on every gradient (official cleaning); returns a device bool: were any non-finite?"""
+        """nan_to_num on every gradient (official cleaning); returns a device bool: were any non-finite? (With --fsdp
+        each rank cleans its shards and the flag is agreed on by all ranks.)"""
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         for p in params:
             if p.grad is not None:
-                bad = bad | ~torch.isfinite(p.grad).all()
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                bad = bad | ~torch.isfinite(g).all()
+                torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+        if self.fsdp:
+            flag = bad.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = flag.bool()
         return bad
+
+    def _no_sync(self, net_ddp, rnd: int):
+        """Gradients are reduced once per phase, after the last round: DDP's no_sync, FSDP2's gradient-sync switch."""
+        if self.world == 1 or rnd == self.rounds - 1:
+            if self.fsdp:
+                net_ddp.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.fsdp:
+            net_ddp.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return net_ddp.no_sync()
 
     def _apply_gradients(self, net, opt, bad_slot: str, clip_value: float | None = None):
         """End of a phase: clean and count the gradients (SiDA: then clip each element at +-clip_value, as the official
         sida loop's clip_grad_value_), optimizer step, freeze the network again."""
+        if self.fsdp:  # the parameters FSDP2 leaves whole: gradients averaged over the ranks here
+            for p in self.replicated[id(net)]:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(self.world)
         bad = self._clean_grads(net.parameters())
         if clip_value is not None:
             torch.nn.utils.clip_grad_value_(net.parameters(), clip_value)
@@ -253,8 +300,7 @@ class SiDTrainer:
             else:
                 y, aug = x_g, (torch.zeros([cfg.batch_gpu, self.aug_dim], device=self.device) if self.aug_dim else None)
             noise = torch.randn(y.shape, device=self.device, generator=g)
-            sync = self.world > 1 and rnd < self.rounds - 1
-            with self.fake_ddp.no_sync() if sync else contextlib.nullcontext():
+            with self._no_sync(self.fake_ddp, rnd):
                 out = self.calls.fake_train(y + sigma * noise, sigma, labels, **self._fake_kwargs(aug))
                 D, u = out if self.logvar else (out, None)
                 loss_sum, ok = ops.fake_score_loss_sum(D, y, sigma, u=u)
@@ -274,8 +320,7 @@ class SiDTrainer:
         self.opt_g.zero_grad(set_to_none=True)
         for rnd in range(self.rounds):
             z, labels, sigma, eps = self._generator_draws(rnd)
-            sync = self.world > 1 and rnd < self.rounds - 1
-            with self.G_ddp.no_sync() if sync else contextlib.nullcontext():
+            with self._no_sync(self.G_ddp, rnd):
                 x_g = self.generate(self.calls.G_train, z, labels)
                 x_t = perf.image_format(cfg, x_g + sigma * eps)
                 aug = self._aug_zeros(cfg.batch_gpu)
@@ -307,6 +352,42 @@ class SiDTrainer:
     # ------------------------------------------------------------------
     # Training state.
 
+    def _trained_states(self) -> dict:
+        """G, fake score and their Adam states; with --fsdp gathered whole onto rank 0 (a collective; the other ranks
+        get empty dicts), with the optimizer states keyed by parameter name (torch.distributed.checkpoint)."""
+        if not self.fsdp:
+            return dict(G=self.G.state_dict(), fake_score=self.fake.state_dict(), opt_g=self.opt_g.state_dict(),
+                        opt_fake=self.opt_fake.state_dict())
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return dict(G=get_model_state_dict(self.G, options=o), fake_score=get_model_state_dict(self.fake, options=o),
+                    opt_g=get_optimizer_state_dict(self.G, self.opt_g, options=o),
+                    opt_fake=get_optimizer_state_dict(self.fake, self.opt_fake, options=o))
+
+    def _load_trained_states(self, s: dict) -> None:
+        if not self.fsdp:
+            self.G.load_state_dict(s["G"])
+            self.fake.load_state_dict(s["fake_score"])
+            self.opt_g.load_state_dict(s["opt_g"])
+            self.opt_fake.load_state_dict(s["opt_fake"])
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        o = StateDictOptions(full_state_dict=True)  # every rank read the whole file and keeps its own shards
+        set_model_state_dict(self.G, s["G"], options=o)
+        set_model_state_dict(self.fake, s["fake_score"], options=o)
+        set_optimizer_state_dict(self.G, self.opt_g, s["opt_g"], options=o)
+        set_optimizer_state_dict(self.fake, self.opt_fake, s["opt_fake"], options=o)
+
     def state_dict(self) -> dict:
         rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
         all_rng = dist.all_gather_object(rng)
@@ -317,11 +398,9 @@ class SiDTrainer:
             world_size=self.world,
             class_name=self.student.class_name,
             init_kwargs=self.init_kwargs,
-            G=self.G.state_dict(),
+            fsdp=self.fsdp,
             G_ema=self.G_ema.state_dict(),
-            fake_score=self.fake.state_dict(),
-            opt_g=self.opt_g.state_dict(),
-            opt_fake=self.opt_fake.state_dict(),
+            **self._trained_states(),
             rng=all_rng,
             cur_nimg=self.cur_nimg,
             cur_tick=self.cur_tick,
@@ -336,12 +415,12 @@ class SiDTrainer:
         if s.get("world_size") != self.world:
             raise ConfigError(f"--resume {path}: written by {s.get('world_size')} processes, this run has {self.world}; "
                               "resume with the same number of processes.")
+        if bool(s.get("fsdp", False)) != self.fsdp:
+            raise ConfigError(f"--resume {path}: written {'with' if s.get('fsdp') else 'without'} --fsdp (sharded "
+                              f"optimizer states are stored by parameter name); resume {'with' if s.get('fsdp') else 'without'} it.")
         try:
-            self.G.load_state_dict(s["G"])
             self.G_ema.load_state_dict(s["G_ema"])
-            self.fake.load_state_dict(s["fake_score"])
-            self.opt_g.load_state_dict(s["opt_g"])
-            self.opt_fake.load_state_dict(s["opt_fake"])
+            self._load_trained_states(s)
         except (RuntimeError, KeyError, ValueError) as e:
             raise ConfigError(f"--resume {path}: the state does not match this teacher/configuration: {e}") from None
         self.cur_nimg, self.cur_tick, self.tick_start_nimg = s["cur_nimg"], s["cur_tick"], s["tick_start_nimg"]

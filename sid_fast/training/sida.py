@@ -21,8 +21,6 @@ the number of processes (the official sampler restarts its order on resume).
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
@@ -136,8 +134,7 @@ class SiDATrainer(SiDTrainer):
             y, aug = self._augment(x_g, g)
             y_r, aug_r = self._augment(real, g)  # an independent draw, after the fake one
             noise = torch.randn(y.shape, device=self.device, generator=g) * sigma  # shared by both branches
-            sync = self.world > 1 and rnd < self.rounds - 1
-            with self.fake_ddp.no_sync() if sync else contextlib.nullcontext():
+            with self._no_sync(self.fake_ddp, rnd):
                 kw = {} if aug is None else dict(augment_labels=aug)
                 D, logits_fake = self.calls.fake_train(y + noise, sigma, labels, return_flag="encoder_decoder", **kw)
                 kw_r = {} if aug_r is None else dict(augment_labels=aug_r)
@@ -162,8 +159,7 @@ class SiDATrainer(SiDTrainer):
         self.opt_g.zero_grad(set_to_none=True)
         for rnd in range(self.rounds):
             z, labels, sigma, eps = self._generator_draws(rnd)
-            sync = self.world > 1 and rnd < self.rounds - 1
-            with self.G_ddp.no_sync() if sync else contextlib.nullcontext():
+            with self._no_sync(self.G_ddp, rnd):
                 x_g = self.generate(self.calls.G_train, z, labels)
                 x_t = perf.image_format(cfg, x_g + sigma * eps)
                 aug = self._aug_zeros(cfg.batch_gpu)  # no augmentation in the generator phase
