@@ -79,11 +79,15 @@ def plot(runs, path, teacher=None):
     plt.close(fig)
 
 
-def teacher_fd() -> float | None:
+def teacher_fd(runs) -> float | None:
+    """The FD-digits (Heun, 35 NFE) stored in the runs' teacher file (all runs of a study share one teacher)."""
     from sid_fast.checkpoints import load_network_file
     from sid_fast.training.config import DIGITS_TEACHER_PATH
 
-    return load_network_file(DIGITS_TEACHER_PATH)[1]["meta"].get("fd_digits_heun35")
+    teachers = {r["settings"].get("teacher") or str(DIGITS_TEACHER_PATH) for r in runs}
+    if len(teachers) != 1:
+        raise SystemExit(f"bench.digits_study: the runs have different teachers ({sorted(teachers)}); study one at a time.")
+    return load_network_file(teachers.pop())[1]["meta"].get("fd_digits_heun35")
 
 
 def main():
@@ -102,7 +106,7 @@ def main():
             raise SystemExit("bench.digits_study: give run directories, or --from-jsonl FILE.")
         runs = [read_run(p) for p in a.runs]
         env = environment()
-        teacher = teacher_fd()
+        teacher = teacher_fd(runs)
         s = summary(runs)
         path = write_jsonl([dict(bench="digits_study", **r, **env) for r in runs] +
                            [dict(bench="digits_study_summary", summary=s, teacher_fd_digits=teacher, **env)], a.out)

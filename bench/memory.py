@@ -59,6 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 from bench.common import environment, write_jsonl
 from sid_fast import ops
 from sid_fast.networks import build_network, official_config
+from sid_fast.networks.edm2 import edm2_config
 from sid_fast.training.config import resolve_config
 from sid_fast.training.run import build_trainer
 from sid_fast.training.sid import Student
@@ -72,6 +73,8 @@ CONFIGS = {
     "ffhq64": ("edm-ffhq-64x64-uncond-vp", "ffhq64"),
     "imagenet64": ("edm-imagenet-64x64-cond-adm", "imagenet64-cond"),
 }
+# EDM2's ImageNet-512 networks (latents 4x64x64), SiD presets edm2-img512-{size}: `--configs edm2-xs,...,edm2-xxl`.
+EDM2_CONFIGS = {f"edm2-{s}": (s, f"edm2-img512-{s}") for s in ("xs", "s", "m", "l", "xl", "xxl")}
 
 RUNGS = [
     ("reference", dict(precision="fp32")),
@@ -206,15 +209,19 @@ def _attention_bwd_flops(do_shape, qkv_shape, o_shape, lse_shape, num_heads, blo
 
 def make_trainer(config: str, batch_gpu: int, options: dict, device: str = "meta"):
     """A trainer for `config` with random weights in the official shapes (values matter only off the meta device)."""
-    stem, preset = CONFIGS[config]
-    kwargs = dict(official_config(stem), use_fp16=False)
+    if config in EDM2_CONFIGS:
+        stem, preset = EDM2_CONFIGS[config]
+        class_name, kwargs = "Precond", dict(edm2_config(stem), use_fp16=False)
+    else:
+        stem, preset = CONFIGS[config]
+        class_name, kwargs = "EDMPrecond", dict(official_config(stem), use_fp16=False)
     with torch.device(device):
-        teacher = build_network("EDMPrecond", kwargs)
+        teacher = build_network(class_name, kwargs)
     cfg = resolve_config(preset, dict(teacher=f"<{stem}, random weights>", batch=batch_gpu, batch_gpu=batch_gpu,
                                       metrics="none", augment=0.0, **options))
     with torch.device(device):
         tr = build_trainer(cfg, torch.device(device), log=lambda *a: None, teacher=teacher,
-                           student=Student("EDMPrecond", kwargs, teacher.state_dict()))
+                           student=Student(class_name, kwargs, teacher.state_dict()))
     return tr
 
 
@@ -305,6 +312,23 @@ def fit_batch(rec: dict, capacity_gib: float, headroom_gib: float) -> int:
     return max(best, 0)
 
 
+def fit_batch_fsdp(rec: dict, capacity_gib: float, headroom_gib: float, world: int) -> int:
+    """fit_batch under --fsdp over `world` GPUs, derived from the same measurement: G, the fake score and their Adam
+    states are 1/world per GPU (teacher and G_ema stay whole), and the trained network's gradient, counted whole in
+    each phase's peak, is 1/world too. Not modelled: FSDP2's all-gather buffers of the block being run and the
+    next one (for XXL about 0.7 GB at fp32), which the headroom has to cover."""
+    st = rec["static"]
+    static = st["weights_teacher"] + st["weights_G_ema"] + (st["weights_G"] + st["weights_fake_score"] + st["adam"]) / world
+    budget = (capacity_gib - headroom_gib) * GiB - static
+    best = None
+    for ph, trained in (("fake_score", "weights_fake_score"), ("generator", "weights_G")):
+        p = rec[ph]["peak"]
+        intercept = p["intercept"] - st[trained] * (1 - 1 / world)  # the phase's full gradient -> one shard
+        n = int((budget - intercept) // p["per_image"]) if p["per_image"] > 0 else 0
+        best = n if best is None else min(best, n)
+    return max(best, 0)
+
+
 def add_derived(records: list[dict], headroom_gib: float) -> None:
     """Ratios to the reference rung of the same config, recompute FLOPs and the batch sizes that fit."""
     for rec in records:
@@ -320,6 +344,8 @@ def add_derived(records: list[dict], headroom_gib: float) -> None:
                 if base and rec["options"].get("checkpointing", "none") != "none" else 0.0),
             step_flops_per_image=step_flops,
             batch_gpu_fits={f"{cap}GB": fit_batch(rec, cap * 1e9 / GiB, headroom_gib) for cap in (80, 141)},
+            batch_gpu_fits_fsdp={f"{cap}GB x{n}": fit_batch_fsdp(rec, cap * 1e9 / GiB, headroom_gib, n)
+                                 for cap in (80, 141) for n in (2, 4, 8)},
             headroom_gib=headroom_gib,
         )
 
@@ -338,7 +364,7 @@ def main():
     configs = a.configs.split(",")
     names = [r for r, _ in RUNGS]
     wanted = a.rungs.split(",")
-    for bad, known, flag in ((set(configs) - set(CONFIGS), list(CONFIGS), "--configs"), (set(wanted) - set(names), names, "--rungs")):
+    for bad, known, flag in ((set(configs) - set(CONFIGS) - set(EDM2_CONFIGS), [*CONFIGS, *EDM2_CONFIGS], "--configs"), (set(wanted) - set(names), names, "--rungs")):
         if bad:
             raise SystemExit(f"{flag}: unknown {sorted(bad)}; known: {known}.")
     batches = tuple(int(b) for b in a.batches.split(","))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from sid_fast.ema import update_ema, update_ema_foreach
+from sid_fast.networks import edm2
 from sid_fast.networks.layers import UNetBlock
 
 
@@ -78,7 +79,8 @@ def image_format(cfg, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _blocks_checkpointed(blocks, mode: str):
-    """Every UNetBlock in `blocks` checkpoints its activations ("full" or "selective") for the forwards run inside."""
+    """Every UNet block (EDM's UNetBlock, EDM2's Block) in `blocks` checkpoints its activations ("full" or
+    "selective") for the forwards run inside."""
     for b in blocks:
         b.checkpoint_activations = mode
     try:
@@ -96,7 +98,7 @@ def _site(cfg, fn, name: str, checkpoint_net: torch.nn.Module | None = None,
     compiled = maybe_compile(fn, cfg)
     mode = cfg.checkpointing if checkpoint_net is not None and cfg.checkpointing in modes else "none"
     block_mode = {"blocks": "full", "selective": "selective"}.get(mode)
-    blocks = [m for m in checkpoint_net.modules() if isinstance(m, UNetBlock)] if block_mode else []
+    blocks = [m for m in checkpoint_net.modules() if isinstance(m, (UNetBlock, edm2.Block))] if block_mode else []
 
     def call(x, sigma, labels, **kw):
         x = image_format(cfg, x)

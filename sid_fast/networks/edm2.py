@@ -172,7 +172,23 @@ class Block(torch.nn.Module):
         self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
 
+    # sid_fast: activation checkpointing set by sid_fast.perf (--checkpointing blocks / selective), as on EDM's
+    # UNetBlock: "full" recomputes the whole block in backward, "selective" keeps convolution, matmul and attention
+    # outputs (sid_fast.networks.layers.selective_checkpoint_policy).
+    checkpoint_activations: str | None = None
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        mode = self.checkpoint_activations
+        if mode and torch.is_grad_enabled() and (x.requires_grad or emb.requires_grad or self.conv_res0.weight.requires_grad):
+            from torch.utils.checkpoint import checkpoint
+
+            from sid_fast.networks.layers import _selective_context
+
+            extra = dict(context_fn=_selective_context) if mode == "selective" else {}
+            return checkpoint(self._forward, x, emb, use_reentrant=False, **extra)
+        return self._forward(x, emb)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = resample(x, f=self.resample_filter, mode=self.resample_mode)
         if self.flavor == "enc":
             if self.conv_skip is not None:
