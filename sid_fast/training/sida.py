@@ -123,6 +123,7 @@ class SiDATrainer(SiDTrainer):
         cfg = self.cfg
         self.G.eval()
         self.fake.train().requires_grad_(True)
+        self._force_weight_norm(self.fake)  # EDM2 networks only
         self.opt_fake.zero_grad(set_to_none=True)
         for rnd in range(self.rounds):
             g = self._gen(FAKE, rnd)
@@ -155,6 +156,7 @@ class SiDATrainer(SiDTrainer):
         if not step:  # the official loop computes and discards this phase during the first 100k images
             return torch.zeros((), dtype=torch.bool, device=self.device)
         self.G.train().requires_grad_(True)
+        self._force_weight_norm(self.G)
         self.fake.eval().requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
         for rnd in range(self.rounds):
