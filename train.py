@@ -33,6 +33,8 @@ from sid_fast.training.config import PRESETS, ConfigError, resolve_config
 @click.option("--init_sigma", "init_sigma", help="Generator noise level sigma_init", metavar="FLOAT", type=float)
 @click.option("--ls", help="Fake-score loss scale", metavar="FLOAT", type=float)
 @click.option("--lsg", help="Generator loss scale", metavar="FLOAT", type=float)
+@click.option("--return-logvar/--no-return-logvar", "--return_logvar", "return_logvar", help="EDM2 teachers: weight the losses by the fake score's learned log-variance u(sigma) (official default: on)", default=None)
+@click.option("--force-normalization/--no-force-normalization", "--force_normalization", "force_normalization", help="EDM2 teachers, SiDA: forced weight normalisation of the trained networks (official default: on; SiD always)", default=None)
 @click.option("--p-mean", "--P_mean", "P_mean", help="Fake-score loss: mean of ln sigma (default -1.2 on EDM teachers, -0.4 on EDM2)", metavar="FLOAT", type=float)
 @click.option("--p-std", "--P_std", "P_std", help="Fake-score loss: std of ln sigma (default 1.2 on EDM teachers, 1.0 on EDM2)", metavar="FLOAT", type=float)
 # SiDA (official sida branch): the fake score is also a discriminator on real images (--data).

@@ -103,11 +103,7 @@ class StabilityVAE:
 
     def encode_latents(self, raw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """raw latents [N, 8, h, w] -> training latents [N, 4, h, w]: mean + eps * std, then scale and bias."""
-        raw = raw.to(torch.float32)
-        mean, std = raw[:, :4], raw[:, 4:]
-        eps = torch.randn(mean.shape, device=raw.device, generator=generator)
-        scale, bias = self._consts(raw)
-        return (mean + eps * std) * scale + bias
+        return encode_latents(raw, generator)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -119,6 +115,17 @@ class StabilityVAE:
             img = self.vae.decode(z[i : i + self.batch_size].to(self.device)).sample
             out.append((img.clamp(0, 1) * 255).to(torch.uint8))
         return torch.cat(out)
+
+
+def encode_latents(raw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """EDM2's encode_latents: raw latents [N, 8, h, w] (posterior mean and std) -> [N, 4, h, w], a fresh draw
+    mean + eps * std scaled per channel (no VAE needed: SiDA reads real latents this way)."""
+    raw = raw.to(torch.float32)
+    mean, std = raw[:, :4], raw[:, 4:]
+    eps = torch.randn(mean.shape, device=raw.device, generator=generator)
+    scale = torch.as_tensor(SCALE, device=raw.device).reshape(1, -1, 1, 1)
+    bias = torch.as_tensor(BIAS, device=raw.device).reshape(1, -1, 1, 1)
+    return (mean + eps * std) * scale + bias
 
 
 # ----------------------------------------------------------------------------

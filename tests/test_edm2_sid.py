@@ -154,9 +154,6 @@ def test_labels_only_data_and_vae_refusals(tmp_path):
                       torch.device("cpu"), log=lambda *_: None)
     with pytest.raises(ConfigError, match="labels only; SiDA needs real images"):
         build_trainer(resolve_config("digits-sida", dict(data=str(labels))), torch.device("cpu"), log=lambda *_: None)
-    with pytest.raises(ConfigError, match="SiDA on EDM2 is not implemented yet"):
-        build_trainer(resolve_config("digits-edm2", dict(method="sida", data="digits")), torch.device("cpu"),
-                      log=lambda *_: None)
 
 
 def test_sample_cli_decodes_latents_with_the_vae(tmp_path):
@@ -180,3 +177,112 @@ def test_sample_cli_decodes_latents_with_the_vae(tmp_path):
     assert PIL.Image.open(tmp_path / "out" / "000002.png").size == (64, 64)  # 8x8 latents -> 64x64 pixels
     out = CliRunner().invoke(main, ["--network", str(gen), "--outdir", str(tmp_path / "out2")])
     assert out.exit_code != 0 and "give --vae" in out.output
+
+
+def test_fid_of_decoded_latents(tmp_path):
+    """fid calc --vae: a latent generator's samples decoded by the VAE, against statistics of the same images written
+    as PNGs by sample --vae (same seeds): FID ~ 0; without --vae the 4-channel network is refused."""
+    diffusers = pytest.importorskip("diffusers")
+    from click.testing import CliRunner
+    from fid_helpers import save_torchscript_detector
+
+    from sid_fast import fid
+    from sid_fast.checkpoints import save_network
+    from sid_fast.latents import SD_VAE_FT_MSE_CONFIG
+    from sid_fast.sample import main as sample_main
+
+    torch.manual_seed(2)
+    diffusers.AutoencoderKL(**dict(SD_VAE_FT_MSE_CONFIG, block_out_channels=[32] * 4)).save_pretrained(tmp_path / "vae")
+    gen = tmp_path / "gen.pt"
+    kw = dict(LATENT_TINY, logvar_channels=0)
+    save_network(gen, Precond(**kw), kw, kind="generator", sigma_init=2.5)
+    det = str(save_torchscript_detector(tmp_path / "det.pt", dim=16))
+    r = CliRunner().invoke(sample_main, ["--network", str(gen), "--outdir", str(tmp_path / "png"), "--seeds", "0-23",
+                                         "--vae", str(tmp_path / "vae")])
+    assert r.exit_code == 0, r.output
+    ref = str(tmp_path / "ref.npz")
+    r = CliRunner().invoke(fid.main, ["ref", "--data", str(tmp_path / "png"), "--dest", ref, "--detector", det,
+                                      "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(fid.main, ["calc", "--network", str(gen), "--ref", ref, "--num", "24", "--vae",
+                                      str(tmp_path / "vae"), "--detector", det])
+    assert r.exit_code == 0, r.output
+    import json
+
+    assert abs(json.loads(r.output.strip().splitlines()[-1])["fid"]) < 1e-3
+    r = CliRunner().invoke(fid.main, ["calc", "--network", str(gen), "--ref", ref, "--num", "24", "--detector", det])
+    assert r.exit_code != 0 and "give --vae" in r.output
+
+
+def test_per_sample_division_by_exp_u():
+    from sid_fast.training.sida import _per_exp_u
+
+    rows = torch.tensor([2.0, 3.0, float("nan"), 5.0]).reshape(4, 1, 1, 1)
+    u = torch.tensor([0.0, 1.0, 0.5, float("nan")]).reshape(4, 1, 1, 1)
+    ok = torch.tensor([True, True, False, False])
+    out = _per_exp_u(rows, u, ok)
+    assert torch.allclose(out.flatten(), torch.tensor([2.0, 3.0 / torch.e, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("logvar", [True, False])
+def test_sida_on_the_edm2_digits_teacher(logvar, monkeypatch):
+    """SiDA with an EDM2 teacher (official sida_loss_edm2.py): the discriminator and GAN terms divided by e^u, the
+    fake score's u trained by its loss (it moves), no gradient clipping; --no-return-logvar builds the fake score
+    without the head; forced normalisation per --force-normalization."""
+    from sid_fast.training import sid
+
+    over = dict(method="sida", data="digits", batch=16, batch_gpu=8, metrics="none", sida_g_start_kimg=0.0,
+                sida_gan_start_kimg=0.0, return_logvar=logvar, force_normalization=logvar)
+    trainer = build_trainer(resolve_config("digits-edm2", over), torch.device("cpu"), log=lambda *_: None)
+    assert trainer.logvar == logvar and (trainer.fake.logvar_linear is not None) == logvar
+    forced = []
+    monkeypatch.setattr(sid.edm2, "force_weight_norm_", lambda net: forced.append(net))
+    clipped = []
+    real_apply = trainer._apply_gradients
+    monkeypatch.setattr(trainer, "_apply_gradients",
+                        lambda net, opt, slot, clip_value=None: (clipped.append(clip_value), real_apply(net, opt, slot, clip_value))[1])
+    head = trainer.fake.logvar_linear.weight.detach().clone() if logvar else None
+    G0 = trainer.G.unet.out_conv.weight.detach().clone()
+    for _ in range(2):
+        trainer.step()
+    stats = trainer.stats.reduce()
+    for key in ("loss_fake", "loss_D", "loss_G", "loss_G_gan"):
+        assert torch.isfinite(torch.tensor(float(stats[key]))), key
+    # Two fake-score phases and one generator phase (the official schedule steps G once more than 0 images are seen).
+    assert clipped == [None, None, None]  # EDM2: no clipping, in either phase
+    assert len(forced) == (3 if logvar else 0)
+    assert not torch.equal(trainer.G.unet.out_conv.weight, G0)
+    if logvar:
+        assert not torch.equal(trainer.fake.logvar_linear.weight, head)  # u is trained by the fake-score loss
+
+
+def test_sida_reads_real_latents(tmp_path):
+    """SiDA on a latent teacher with a latent dataset: each real sample is mean + eps * std of its stored latents,
+    scaled as EDM2, with eps from the micro-batch's own generator (the same on resume and on any process count)."""
+    diffusers = pytest.importorskip("diffusers")
+    import numpy as np
+    import PIL.Image
+
+    from sid_fast.checkpoints import save_network
+    from sid_fast.latents import SD_VAE_FT_MSE_CONFIG, LatentDataset, StabilityVAE, encode_dataset, encode_latents
+    from sid_fast.training.sida import REAL_LATENTS
+
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    torch.manual_seed(3)
+    vae = StabilityVAE(diffusers.AutoencoderKL(**dict(SD_VAE_FT_MSE_CONFIG, block_out_channels=[32] * 4)))
+    encode_dataset(tmp_path / "imgs", tmp_path / "lat", vae, log=None)
+    kw = dict(LATENT_TINY, label_dim=0)
+    torch.manual_seed(0)
+    save_network(tmp_path / "t.pt", Precond(**kw), kw, kind="teacher")
+    over = dict(teacher=str(tmp_path / "t.pt"), method="sida", data=str(tmp_path / "lat"), resolution=8, channels=4,
+                label_dim=0, cond=False, metrics="none", batch=4, batch_gpu=4)
+    tr = build_trainer(resolve_config("digits-edm2", over), torch.device("cpu"), log=lambda *_: None)
+    x, _ = tr._real_batch(0)
+    ds = LatentDataset(tmp_path / "lat")
+    raw = torch.stack([ds[tr.real.index(k)][0] for k in range(4)])
+    torch.testing.assert_close(x, encode_latents(raw, tr._gen(REAL_LATENTS, 0)), rtol=0, atol=0)
+    tr.step()
+    assert torch.isfinite(tr.stats.values).all()

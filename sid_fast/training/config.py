@@ -41,6 +41,10 @@ class TrainConfig:
     lsg: float = 100.0  # generator loss scale
     P_mean: float | None = None  # fake-score loss: ln sigma ~ N(P_mean, P_std^2); None: -1.2/1.2 (EDM), -0.4/1.0 (EDM2)
     P_std: float | None = None
+    # EDM2 teachers (official sida_edm2_train.py --return_logvar, --force_normalization): weight the losses by the fake
+    # score's learned log-variance; SiDA: forced weight normalisation (SiD always normalises, as upstream).
+    return_logvar: bool = True
+    force_normalization: bool = True
     # SiDA (official sida branch): the fake score is also the discriminator, trained on real images from --data.
     method: str = "sid"  # sid, sida
     lsd: float = 1.0  # discriminator loss scale (fake-score phase)
@@ -162,6 +166,19 @@ for _size, (_stem, _bg) in _EDM2_TEACHERS.items():
         official_data="img512_labels/dataset.json",
     )
     FID_REFS[f"edm2-img512-{_size}"] = f"{EDM2_URL}dataset-refs/img512.pkl"
+# SiDA and SiD²A on EDM2 (run_sida_edm2.sh, run_sid_sida_edm2.sh): lsd 100, lsg_gan 0.01, real latents from a latent
+# dataset of ImageNet-512 (python -m sid_fast.latents encode); S runs without the log-variance and without forced
+# normalisation; SiD²A durations 30/80/200/55/50/30 Mimg, M with lsg 50.
+_EDM2_SID2A = {"xs": (30, 100.0), "s": (80, 100.0), "m": (200, 50.0), "l": (55, 100.0), "xl": (50, 100.0),
+               "xxl": (30, 100.0)}
+for _size, (_d2, _lsg2) in _EDM2_SID2A.items():
+    _base = dict(PRESETS[f"edm2-img512-{_size}"], method="sida", lsd=100.0, lsg_gan=0.01,
+                 official_data="img512-sd latents (python -m sid_fast.latents encode)")
+    if _size == "s":
+        _base.update(return_logvar=False, force_normalization=False)
+    PRESETS[f"edm2-img512-{_size}-sida"] = _base
+    PRESETS[f"edm2-img512-{_size}-sid2a"] = dict(_base, duration=_d2, lsg=_lsg2, needs_sid_model=True)
+    FID_REFS[f"edm2-img512-{_size}-sida"] = FID_REFS[f"edm2-img512-{_size}-sid2a"] = FID_REFS[f"edm2-img512-{_size}"]
 
 # SiDA and SiD²A (official sida branch, run_sida.sh and run_sid_sida.sh; 4 GPUs there): alpha 1, lsd 1, lsg_gan 0.01,
 # snap 50, dump 200. SiD²A is the same run with G and G_ema from a SiD generator (--sid-model) and a shorter duration.

@@ -82,9 +82,12 @@ def load_real_dataset(cfg: TrainConfig):
     if ds.image_shape is None:
         raise ConfigError(f"--data {cfg.data}: a dataset.json holds labels only; SiDA needs real images (a zip or folder).")
     c, h, _ = ds.image_shape
+    latents = getattr(ds, "meta", {}).get("format") == "sid_fast.latents"
+    if latents:
+        c //= 2  # stored as the posterior's mean and std
     if (c, h) != (cfg.channels, cfg.resolution):
-        raise ConfigError(f"--data {cfg.data}: images are {c}x{h}x{h}, the teacher makes {cfg.channels}x"
-                          f"{cfg.resolution}x{cfg.resolution}.")
+        raise ConfigError(f"--data {cfg.data}: {'latents' if latents else 'images'} are {c}x{h}x{h}, the teacher makes "
+                          f"{cfg.channels}x{cfg.resolution}x{cfg.resolution}.")
     return ds
 
 
@@ -155,9 +158,6 @@ def build_trainer(cfg: TrainConfig, device: torch.device | None = None, *, teach
     elif student is None:
         raise ValueError("build_trainer: a teacher given without the students' initialisation (a Student).")
     check_teacher(cfg, teacher, cfg.teacher)
-    if cfg.method == "sida" and isinstance(teacher, edm2.Precond):
-        raise ConfigError(f"--teacher {cfg.teacher}: an EDM2 network; SiDA on EDM2 is not implemented yet in sid_fast "
-                          "(SiD on EDM2 is: --method sid).")
     label_table = load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
     real = load_real_dataset(cfg) if cfg.method == "sida" else None
     generator_init = load_sid_model(cfg, teacher) if cfg.sid_model is not None else None

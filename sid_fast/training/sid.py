@@ -101,7 +101,9 @@ class SiDTrainer:
         # EDM2 (official sida_edm2_train.py): G is the Precond without the log-variance head; the fake score keeps the
         # teacher's head when it has one (u(sigma) then weights the losses), and P_mean/P_std default to -0.4/1.0.
         self.edm2 = isinstance(teacher, edm2.Precond)
-        self.logvar = self.edm2 and teacher.logvar_linear is not None
+        self.logvar = self.edm2 and cfg.return_logvar and teacher.logvar_linear is not None
+        # Upstream normalises inside every train-mode forward unless SiDA runs with --force_normalization 0.
+        self.force_wn = self.edm2 and (cfg.method == "sid" or cfg.force_normalization)
         self.g_init_kwargs = dict(self.init_kwargs, logvar_channels=0) if self.edm2 else self.init_kwargs
         self.P_mean, self.P_std = (cfg.P_mean, cfg.P_std) if cfg.P_mean is not None else (-0.4, 1.0) if self.edm2 else (-1.2, 1.2)
         teacher.use_fp16 = fp16
@@ -117,7 +119,12 @@ class SiDTrainer:
         if self.edm2:
             g_state = {k: v for k, v in g_state.items() if not k.startswith("logvar_")}
         self.G = self._copy(g_state, self.g_init_kwargs).train().requires_grad_(True)
-        self.fake = self._copy(student.state_dict).train().requires_grad_(True)
+        if self.edm2 and not self.logvar:  # without u the fake score is built without the head (nothing unused)
+            self.fake_init_kwargs = dict(self.init_kwargs, logvar_channels=0)
+            fake_state = {k: v for k, v in student.state_dict.items() if not k.startswith("logvar_")}
+        else:
+            self.fake_init_kwargs, fake_state = self.init_kwargs, student.state_dict
+        self.fake = self._copy(fake_state, self.fake_init_kwargs).train().requires_grad_(True)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         perf.prepare_networks(cfg, self.teacher, (self.G, self.fake), self.G_ema)
         self.aug_dim = 0 if self.edm2 or self.G.model.map_augment is None else self.G.model.map_augment.in_features
@@ -280,7 +287,7 @@ class SiDTrainer:
     def _force_weight_norm(self, net):
         """EDM2's forced weight normalisation, once per optimizer step before the network's first train-mode call
         (upstream does it inside every train-mode forward; see sid_fast.networks.edm2)."""
-        if self.edm2:
+        if self.force_wn:
             edm2.force_weight_norm_(net)
 
     def fake_score_phase(self):

@@ -26,6 +26,7 @@ import torch
 
 from sid_fast import ops, perf
 from sid_fast.losses import (
+    edm2_loss_from_output,
     edm_loss_from_output,
     finite_rows,
     sample_edm_sigma,
@@ -36,6 +37,8 @@ from sid_fast.losses import (
 )
 from sid_fast.perf import annotate
 from sid_fast.training.sid import FAKE, SiDTrainer
+
+REAL_LATENTS = 2  # the generator stream of the draws that turn stored latents (mean, std) into samples
 
 
 class RealImages(torch.utils.data.Dataset):
@@ -60,6 +63,7 @@ class RealImages(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         i = self.index(k)
         img, _ = self.dataset[i % len(self.dataset)]
+        img = np.asarray(img)  # uint8 images, or float32 raw latents of a latent dataset
         if i >= len(self.dataset):
             img = img[:, :, ::-1]
         labels = self.dataset.labels_int
@@ -90,6 +94,9 @@ class SiDATrainer(SiDTrainer):
         if real_dataset is None:
             raise ValueError("SiDATrainer: real images are needed (--data).")
         self.real = RealImages(real_dataset, self.cfg.seed, self.cfg.xflip)
+        # A latent dataset (EDM2): each real sample is drawn afresh from its stored mean and std (official
+        # vae_edm2_encode_latents), with a generator seeded per micro-batch like every other draw.
+        self.real_latents = getattr(real_dataset, "meta", {}).get("format") == "sid_fast.latents"
         self._loader = None
 
     # Real data: opened lazily at the current iteration, so that resuming (which sets cur_nimg) starts in place.
@@ -108,7 +115,12 @@ class SiDATrainer(SiDTrainer):
         first = it * self.cfg.batch + (self.rank * self.rounds + rnd) * self.cfg.batch_gpu
         assert int(ks[0]) == first, (int(ks[0]), first)  # the stream and the trainer agree on the samples
         self._loader_pos = (it, rnd + 1) if rnd + 1 < self.rounds else (it + 1, 0)
-        x = img.to(self.device, non_blocking=True).float() / 127.5 - 1
+        if self.real_latents:
+            from sid_fast.latents import encode_latents
+
+            x = encode_latents(img.to(self.device, non_blocking=True), self._gen(REAL_LATENTS, rnd))
+        else:
+            x = img.to(self.device, non_blocking=True).float() / 127.5 - 1
         onehot = None
         if self.G.label_dim:
             onehot = torch.eye(self.G.label_dim, device=self.device)[labels.to(self.device)]
@@ -131,23 +143,32 @@ class SiDATrainer(SiDTrainer):
             z = torch.randn(real.shape, device=self.device, generator=g)
             with torch.no_grad():
                 x_g = self.generate(self.calls.G_eval, z, labels)
-            sigma = sample_edm_sigma(cfg.batch_gpu, self.device, generator=g)
+            sigma = sample_edm_sigma(cfg.batch_gpu, self.device, self.P_mean, self.P_std, generator=g)
             y, aug = self._augment(x_g, g)
             y_r, aug_r = self._augment(real, g)  # an independent draw, after the fake one
             noise = torch.randn(y.shape, device=self.device, generator=g) * sigma  # shared by both branches
             with self._no_sync(self.fake_ddp, rnd):
-                kw = {} if aug is None else dict(augment_labels=aug)
-                D, logits_fake = self.calls.fake_train(y + noise, sigma, labels, return_flag="encoder_decoder", **kw)
+                out = self.calls.fake_train(y + noise, sigma, labels, return_flag="encoder_decoder",
+                                            **self._fake_kwargs(aug))
+                D, logits_fake, u = out if self.logvar else (*out, None)
                 kw_r = {} if aug_r is None else dict(augment_labels=aug_r)
                 logits_real = self.calls.fake_train(y_r + noise, sigma, labels, return_flag="encoder", **kw_r)
-                ok = finite_rows(y, D, logits_fake, logits_real)  # the official filter of this phase
-                loss_el, _ = edm_loss_from_output(D, y, sigma)
+                # The official filter of this phase (EDM2: u too, official sida_loss_edm2.py).
+                ok = finite_rows(y, D, logits_fake, logits_real, *(() if u is None else (u,)))
+                if u is None:
+                    loss_el, _ = edm_loss_from_output(D, y, sigma)
+                else:  # EDM2: lambda / e^u (D - y)^2 + u; the discriminator term divided by e^u (no +u)
+                    loss_el, _ = edm2_loss_from_output(D, y, sigma, u)
                 loss_fake = torch.where(ok.reshape(-1, 1, 1, 1), loss_el, 0).sum()
-                loss_D = sida_discriminator_loss(logits_real, logits_fake, sigma, ok).sum()
+                loss_D_rows = sida_discriminator_loss(logits_real, logits_fake, sigma, ok)
+                if u is not None:
+                    loss_D_rows = _per_exp_u(loss_D_rows, u, ok)
+                loss_D = loss_D_rows.sum()
                 ((loss_fake * cfg.ls + loss_D * cfg.lsd) / self.batch_gpu_total).backward()
             self.stats.add(loss_fake=loss_fake.detach(), loss_D=loss_D.detach(), rows_fake=ok.sum(),
                            nan_samples_fake=(~ok).sum())
-        return self._apply_gradients(self.fake, self.opt_fake, "bad_steps_fake", clip_value=1.0)
+        # Elementwise clipping at 1 of the fake score's gradients in the EDM loop; none in the EDM2 loop (official).
+        return self._apply_gradients(self.fake, self.opt_fake, "bad_steps_fake", clip_value=None if self.edm2 else 1.0)
 
     def generator_phase(self):
         cfg = self.cfg
@@ -167,20 +188,33 @@ class SiDATrainer(SiDTrainer):
                 aug = self._aug_zeros(cfg.batch_gpu)  # no augmentation in the generator phase
                 y_real = self.calls.teacher(x_t, sigma, labels, **aug)
                 if w_gan > 0:
-                    y_fake, logits = self.calls.fake_eval(x_t, sigma, labels, return_flag="encoder_decoder", **aug)
+                    out = self.calls.fake_eval(x_t, sigma, labels, return_flag="encoder_decoder", **aug,
+                                               **self._fake_kwargs())
+                    y_fake, logits, u = out if self.logvar else (*out, None)
                 else:
-                    y_fake, logits = self.calls.fake_eval(x_t, sigma, labels, **aug), None
-                loss_sid, ok = ops.sid_generator_loss_sum(x_g, y_real, y_fake, cfg.alpha)
+                    out = self.calls.fake_eval(x_t, sigma, labels, **aug, **self._fake_kwargs())
+                    (y_fake, u), logits = (out if self.logvar else (out, None)), None
+                # EDM2: both terms divided by e^u of the fake score (official sida_loss_edm2.py).
+                loss_sid, ok = ops.sid_generator_loss_sum(x_g, y_real, y_fake, cfg.alpha, u=u)
                 total = w_sid * cfg.lsg * loss_sid
                 loss_gan = torch.zeros((), device=self.device)
                 if logits is not None:
                     mask = ok.reshape(-1, 1, 1, 1)
                     w = sid_weight(torch.where(mask, x_g, 0), torch.where(mask, y_real, 0))
                     chw = x_g[0].numel()
-                    loss_gan = chw * sida_generator_gan_loss(logits, w, ok).sum()
+                    gan_rows = sida_generator_gan_loss(logits, w, ok)
+                    if u is not None:
+                        gan_rows = _per_exp_u(gan_rows, u, ok)
+                    loss_gan = chw * gan_rows.sum()
                     total = total + w_gan * cfg.lsg_gan * loss_gan
                 with annotate("sid/backward"):
                     (total / self.batch_gpu_total).backward()
             self.stats.add(loss_G=loss_sid.detach(), loss_G_gan=loss_gan.detach(), rows_G=ok.sum(),
                            nan_samples_G=(~ok).sum())
         return self._apply_gradients(self.G, self.opt_g, "bad_steps_G")
+
+
+def _per_exp_u(rows: torch.Tensor, u: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Per-sample terms [N, 1, 1, 1] divided by e^u of their sample, zero where not `ok` (EDM2's SiDA terms)."""
+    m = ok.reshape(-1, 1, 1, 1)
+    return torch.where(m, rows / torch.where(m, u.reshape(-1, 1, 1, 1).float(), 0).exp(), 0)
