@@ -35,8 +35,11 @@ def _determinism():
     random.seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    # SID_FAST_TEST_THREADS pins the thread count (the portability run checks 1 and 2); default: up to 2, as CI has.
-    torch.set_num_threads(int(os.environ.get("SID_FAST_TEST_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
+    # SID_FAST_TEST_THREADS pins the thread count (the portability run checks 1 and 2); default: up to 2, as CI has,
+    # shared among pytest-xdist's workers when the suite runs with -n (one thread each on CI's two cores).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    default = max(1, min(2, os.cpu_count() or 1) // workers)
+    torch.set_num_threads(int(os.environ.get("SID_FAST_TEST_THREADS", 0)) or default)
     yield
 
 

@@ -360,21 +360,24 @@ class SiDTrainer:
     # Training state.
 
     def _trained_states(self) -> dict:
-        """G, fake score and their Adam states; with --fsdp gathered whole onto rank 0 (a collective; the other ranks
-        get empty dicts), with the optimizer states keyed by parameter name (torch.distributed.checkpoint)."""
+        """G, fake score and their Adam states. With --fsdp every sharded tensor (parameters and Adam moments) is
+        gathered whole (a collective), so the file has the format of an unsharded run's. (PyTorch's
+        get_optimizer_state_dict is not used: it initialises the state of an optimizer that has not stepped yet, e.g.
+        SiDA's G before its warm-up ends, with a zero step that shifts Adam's bias correction afterwards.)"""
         if not self.fsdp:
             return dict(G=self.G.state_dict(), fake_score=self.fake.state_dict(), opt_g=self.opt_g.state_dict(),
                         opt_fake=self.opt_fake.state_dict())
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
 
-        o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return dict(G=get_model_state_dict(self.G, options=o), fake_score=get_model_state_dict(self.fake, options=o),
-                    opt_g=get_optimizer_state_dict(self.G, self.opt_g, options=o),
-                    opt_fake=get_optimizer_state_dict(self.fake, self.opt_fake, options=o))
+        def whole(t):
+            return t.full_tensor().cpu() if hasattr(t, "full_tensor") else t
+
+        def opt_state(opt):
+            sd = opt.state_dict()
+            return dict(sd, state={i: {k: whole(v) for k, v in st.items()} for i, st in sd["state"].items()})
+
+        return dict(G={k: whole(v) for k, v in self.G.state_dict().items()},
+                    fake_score={k: whole(v) for k, v in self.fake.state_dict().items()},
+                    opt_g=opt_state(self.opt_g), opt_fake=opt_state(self.opt_fake))
 
     def _load_trained_states(self, s: dict) -> None:
         if not self.fsdp:
@@ -383,17 +386,31 @@ class SiDTrainer:
             self.opt_g.load_state_dict(s["opt_g"])
             self.opt_fake.load_state_dict(s["opt_fake"])
             return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+        from torch.distributed.tensor import distribute_tensor
 
-        o = StateDictOptions(full_state_dict=True)  # every rank read the whole file and keeps its own shards
-        set_model_state_dict(self.G, s["G"], options=o)
-        set_model_state_dict(self.fake, s["fake_score"], options=o)
-        set_optimizer_state_dict(self.G, self.opt_g, s["opt_g"], options=o)
-        set_optimizer_state_dict(self.fake, self.opt_fake, s["opt_fake"], options=o)
+        def shard_like(t, like):
+            return distribute_tensor(t.to(like.device, like.dtype), like.device_mesh, like.placements)
+
+        for net, key in ((self.G, "G"), (self.fake, "fake_score")):
+            own = net.state_dict()
+            with torch.no_grad():
+                for k, v in s[key].items():
+                    if k not in own:
+                        raise KeyError(k)
+                    target = own[k]
+                    if hasattr(target, "full_tensor"):  # every rank read the whole file and keeps its own shard
+                        target.to_local().copy_(shard_like(v, target).to_local())
+                    else:
+                        target.copy_(v)
+        for net, opt, key in ((self.G, self.opt_g, "opt_g"), (self.fake, self.opt_fake, "opt_fake")):
+            params = list(net.parameters())
+            sd = s[key]
+            state = {}
+            for i, st in sd["state"].items():
+                p = params[int(i)]
+                state[i] = {k: shard_like(v, p) if hasattr(p, "full_tensor") and v.ndim and v.shape == p.shape else v
+                            for k, v in st.items()}
+            opt.load_state_dict(dict(sd, state=state))
 
     def state_dict(self) -> dict:
         rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
@@ -422,9 +439,6 @@ class SiDTrainer:
         if s.get("world_size") != self.world:
             raise ConfigError(f"--resume {path}: written by {s.get('world_size')} processes, this run has {self.world}; "
                               "resume with the same number of processes.")
-        if bool(s.get("fsdp", False)) != self.fsdp:
-            raise ConfigError(f"--resume {path}: written {'with' if s.get('fsdp') else 'without'} --fsdp (sharded "
-                              f"optimizer states are stored by parameter name); resume {'with' if s.get('fsdp') else 'without'} it.")
         try:
             self.G_ema.load_state_dict(s["G_ema"])
             self._load_trained_states(s)
