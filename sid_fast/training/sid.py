@@ -11,6 +11,7 @@ On EDM2 networks (official sida branch, sida_training_edm2/: SiD with `--return_
 for the fake score, whose learned log-variance u(sigma) turns its loss into lambda / e^u (D - y)^2 + u and divides the
 generator's SiD loss by e^u (u of the fake score at the generator loss's sigma); G has no log-variance head; EDM2's
 forced weight normalisation is applied to the trained network at the start of its phase (sid_fast.networks.edm2).
+With --fsdp, G and the fake score are sharded with FSDP2 instead of replicated with DDP (see __init__).
 Gradients are accumulated over micro-batches and all-reduced once per phase (DDP no_sync on the other rounds),
 cleaned with nan_to_num (nan -> 0, +-inf -> +-1e5) parameter by parameter; Adam betas (0, 0.999) (generator beta1
 configurable), eps 1e-8 (1e-6 in EDM's fp16 mode); no LR schedule, no clipping.
