@@ -29,16 +29,18 @@ class PersistentObject:
 
 
 @contextlib.contextmanager
-def _fake_dnnlib():
-    """A stand-in dnnlib.util whose EasyDict pickles under that name (a dict subclass, as dnnlib's)."""
-    pkg, mod = types.ModuleType("dnnlib"), types.ModuleType("dnnlib.util")
-    easy = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})
-    mod.EasyDict = easy
-    pkg.util = mod
-    saved = {k: sys.modules.get(k) for k in ("dnnlib", "dnnlib.util")}
-    sys.modules.update({"dnnlib": pkg, "dnnlib.util": mod})
+def _stand_in_module(package: str, name: str, attr: str, obj):
+    """Registers `package.name` with `attr` = obj (its __module__ set to match) for the time of a pickling, so that
+    pickle can name the global; sys.modules is restored afterwards."""
+    full = f"{package}.{name}"
+    pkg, mod = types.ModuleType(package), types.ModuleType(full)
+    obj.__module__, obj.__qualname__ = full, attr
+    setattr(mod, attr, obj)
+    setattr(pkg, name, mod)
+    saved = {k: sys.modules.get(k) for k in (package, full)}
+    sys.modules.update({package: pkg, full: mod})
     try:
-        yield easy
+        yield obj
     finally:
         for k, v in saved.items():
             if v is None:
@@ -47,28 +49,16 @@ def _fake_dnnlib():
                 sys.modules[k] = v
 
 
-@contextlib.contextmanager
+def _fake_dnnlib():
+    """dnnlib.util.EasyDict: a dict subclass, as dnnlib's."""
+    return _stand_in_module("dnnlib", "util", "EasyDict", type("EasyDict", (dict,), {}))
+
+
 def _fake_persistence_module():
     def _reconstruct_persistent_obj(meta):  # never called while writing
         raise AssertionError("writer only")
 
-    pkg = types.ModuleType("torch_utils")
-    mod = types.ModuleType("torch_utils.persistence")
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    pkg.persistence = mod
-    saved = {k: sys.modules.get(k) for k in ("torch_utils", "torch_utils.persistence")}
-    sys.modules["torch_utils"] = pkg
-    sys.modules["torch_utils.persistence"] = mod
-    try:
-        yield _reconstruct_persistent_obj
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+    return _stand_in_module("torch_utils", "persistence", "_reconstruct_persistent_obj", _reconstruct_persistent_obj)
 
 
 class _EDMPickler(pickle.Pickler):

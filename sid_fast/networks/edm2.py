@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from sid_fast import ops
+from sid_fast.networks.common import prepare_inputs
+from sid_fast.networks.layers import call_block
 
 # ----------------------------------------------------------------------------
 # Magnitude-preserving primitives (edm2 training/networks_edm2.py L20-67).
@@ -178,15 +180,7 @@ class Block(torch.nn.Module):
     checkpoint_activations: str | None = None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        mode = self.checkpoint_activations
-        if mode and torch.is_grad_enabled() and (x.requires_grad or emb.requires_grad or self.conv_res0.weight.requires_grad):
-            from torch.utils.checkpoint import checkpoint
-
-            from sid_fast.networks.layers import _selective_context
-
-            extra = dict(context_fn=_selective_context) if mode == "selective" else {}
-            return checkpoint(self._forward, x, emb, use_reentrant=False, **extra)
-        return self._forward(x, emb)
+        return call_block(self, x, emb, self.conv_res0.weight)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = resample(x, f=self.resample_filter, mode=self.resample_mode)
@@ -302,31 +296,13 @@ class Precond(torch.nn.Module):
         else:  # sid_fast: a generator (official EDM_2_Precond_Generator) has no log-variance head
             self.logvar_fourier = self.logvar_linear = None
 
-    @property
-    def augment_dim(self) -> int:
-        return 0  # EDM2 networks take no augmentation labels
-
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, return_flag="decoder"):
         """D(x, sigma); with return_logvar also u(sigma) [N, 1, 1, 1]; return_flag as on sid_fast's EDM wrappers
         ("encoder": logits only; "encoder_decoder": (D, logits)); u comes last when both are asked for."""
-        x = x.to(torch.float32)
-        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1) if torch.is_tensor(sigma) else torch.full(
-            [1, 1, 1, 1], float(sigma), device=x.device)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        if force_fp32:
-            dtype = torch.float32
-        elif self.compute_dtype is not None:
-            dtype = self.compute_dtype
-        else:
-            dtype = torch.float16 if (self.use_fp16 and x.device.type == "cuda") else torch.float32
+        x, sigma, class_labels, dtype = prepare_inputs(self, x, sigma, class_labels, force_fp32)
         sd = self.sigma_data
         c_skip = sd**2 / (sigma**2 + sd**2)
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()

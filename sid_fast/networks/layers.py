@@ -196,13 +196,7 @@ class UNetBlock(torch.nn.Module):
     checkpoint_activations: str | None = None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        mode = self.checkpoint_activations
-        if mode and torch.is_grad_enabled() and (x.requires_grad or emb.requires_grad or self.conv0.weight.requires_grad):
-            from torch.utils.checkpoint import checkpoint
-
-            extra = dict(context_fn=_selective_context) if mode == "selective" else {}
-            return checkpoint(self._forward, x, emb, use_reentrant=False, **extra)
-        return self._forward(x, emb)
+        return call_block(self, x, emb, self.conv0.weight)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         orig = x
@@ -223,6 +217,18 @@ class UNetBlock(torch.nn.Module):
             a = ops.attention_from_conv(self.qkv, self.norm2(x), self.num_heads)
             x = (self.proj(a) + x) * self.skip_scale
         return x
+
+
+def call_block(block, x: torch.Tensor, emb: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """block._forward(x, emb), checkpointed as block.checkpoint_activations says ("full" or "selective") while autograd
+    records something of it (its inputs or `weight`, one of its parameters); shared by EDM's and EDM2's blocks."""
+    mode = block.checkpoint_activations
+    if mode and torch.is_grad_enabled() and (x.requires_grad or emb.requires_grad or weight.requires_grad):
+        from torch.utils.checkpoint import checkpoint
+
+        extra = dict(context_fn=_selective_context) if mode == "selective" else {}
+        return checkpoint(block._forward, x, emb, use_reentrant=False, **extra)
+    return block._forward(x, emb)
 
 
 def selective_checkpoint_policy(ctx, op, *args, **kwargs):

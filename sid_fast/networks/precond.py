@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from sid_fast.networks import edm2
+from sid_fast.networks.common import prepare_inputs
 from sid_fast.networks.unets import DhariwalUNet, SongUNet
 
 MODEL_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
@@ -43,23 +44,7 @@ class _Precond(torch.nn.Module):
         )
 
     def _prepare(self, x, sigma, class_labels, force_fp32):
-        x = x.to(torch.float32)
-        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1) if torch.is_tensor(sigma) else torch.full(
-            [1, 1, 1, 1], float(sigma), device=x.device
-        )
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        if force_fp32:
-            dtype = torch.float32
-        elif self.compute_dtype is not None:
-            dtype = self.compute_dtype
-        else:
-            dtype = torch.float16 if (self.use_fp16 and x.is_cuda) else torch.float32
-        return x, sigma, class_labels, dtype
+        return prepare_inputs(self, x, sigma, class_labels, force_fp32)
 
     def coefficients(self, sigma):
         """(c_skip, c_out, c_in, c_noise) for sigma [N, 1, 1, 1]."""
