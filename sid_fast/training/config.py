@@ -146,7 +146,7 @@ PRESETS: dict[str, dict] = {
 
 # SiD on a tiny EDM2-architecture teacher of the same digits (magnitude-preserving UNet, learned log-variance; 180k
 # parameters; FD-digits 1.85): the EDM2 code path at CPU size. EDM2's unit-norm weights barely move at the digits
-# preset's 1e-4 (FD-digits 270 after 8 kimg, against 27 at 3e-3), hence higher learning rates.
+# preset's 1e-4 (FD-digits 264 after 8.2 kimg, against 25.7 at 3e-3), hence higher learning rates.
 PRESETS["digits-edm2"] = dict(PRESETS["digits"], teacher=str(ASSETS / "digits_edm2_teacher.pt"), lr=3e-3, glr=3e-3)
 
 # SiD on EDM2's ImageNet-512 teachers (official sida branch: run_sid_edm2.sh, sida_edm2_train.py; 4 GPUs there): the
