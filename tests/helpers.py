@@ -1,7 +1,9 @@
 """Test-only helpers: float64 references the library does not need, and the small trainer set-up the trainer,
 fast-path and FID tests share (the teacher-file fixture itself is in conftest.py)."""
 
+import contextlib
 import math
+import os
 
 import torch
 
@@ -58,3 +60,22 @@ def sid_generator_loss_rowdrop(x_g, y_real, y_fake, alpha: float, loss_scale: fl
         w = (x_g - y_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-5)
     loss = (y_real - y_fake) * ((y_real - x_g) - alpha * (y_real - y_fake)) / w
     return loss.sum() * (loss_scale / batch_total)
+
+
+@contextlib.contextmanager
+def gloo_process(rank: int, world: int, port: int):
+    """Inside a process started by torch.multiprocessing.spawn: torchrun's environment, one thread, the process group
+    initialised as train.py does (sid_fast.dist.init), and torn down on the way out."""
+    import torch.distributed as dist
+
+    from sid_fast import dist as sid_dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        sid_dist.init()
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import damp_adam
+from helpers import damp_adam, gloo_process
 
 from sid_fast.checkpoints import atomic_save
 from sid_fast.training.config import ASSETS, resolve_config
@@ -47,15 +47,9 @@ def _params(tr) -> dict:
 
 
 def _worker(rank, world, port, out_dir, case, teacher):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     import torch.distributed as dist
 
-    try:
-        from sid_fast import dist as sid_dist
-
-        sid_dist.init()  # the process group from the environment, as train.py
+    with gloo_process(rank, world, port):
         tr = damp_adam(build_trainer(_cfg(case, teacher, fsdp=True), torch.device("cpu"), log=lambda *a: None))
         assert tr.world == world  # really distributed
         assert tr.fsdp and all(hasattr(p, "full_tensor") for p in tr.G.parameters() if p.ndim)  # sharded
@@ -75,9 +69,6 @@ def _worker(rank, world, port, out_dir, case, teacher):
         again = _params(resumed)
         if rank == 0:
             torch.save(dict(straight=straight, resumed=again), os.path.join(out_dir, "fsdp.pt"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -280,27 +280,15 @@ def test_sida_bad_input_is_one_sentence_before_any_work(teacher_file, tmp_path, 
 
 
 def _ddp_worker(rank, world, port, teacher, data, out):
-    import os
+    from helpers import cfg_for, cpu_trainer, damp_adam, gloo_process, trainer_params
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-    from helpers import cfg_for, cpu_trainer, damp_adam, trainer_params
-
-    try:
-        from sid_fast import dist as sid_dist
-
-        sid_dist.init()  # the process group from the environment, as train.py
+    with gloo_process(rank, world, port):
         tr = damp_adam(cpu_trainer(cfg_for(teacher, **_DDP_KW, data=data)))
         assert tr.world == world  # really distributed
         for _ in range(3):
             tr.step()
         if rank == 0:
             torch.save(trainer_params(tr), out)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 # GAN term from the first step (warm-ups 0), so that both phases run their adversarial parts in the comparison.

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from analytic import GaussianMixtureDenoiser
-from helpers import NET, cfg_for, cpu_trainer, damp_adam, trainer_params
+from helpers import NET, cfg_for, cpu_trainer, damp_adam, gloo_process, trainer_params
 
 from sid_fast.checkpoints import CheckpointError, atomic_save, save_network
 from sid_fast.metrics import feature_stats, frechet_distance
@@ -44,24 +44,13 @@ def test_resume_is_bit_exact(teacher_file, tmp_path):
 
 
 def _ddp_worker(rank, world, port, teacher, batch_gpu, out):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    try:
-        from sid_fast import dist as sid_dist
-
-        sid_dist.init()  # the process group from the environment, as train.py
+    with gloo_process(rank, world, port):
         tr = damp_adam(cpu_trainer(cfg_for(teacher, batch_gpu=batch_gpu, dropout=0.0)))
         assert tr.world == world  # really distributed
         for _ in range(3):
             tr.step()
         if rank == 0:
             torch.save(trainer_params(tr), out)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @pytest.mark.slow
