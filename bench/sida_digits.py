@@ -26,17 +26,26 @@ from bench.common import environment, read_fd_digits_run, write_jsonl
 
 def read_run(path) -> dict:
     p, opts, curve = read_fd_digits_run(path)
-    return dict(run=p.name, method=opts.get("method", "sid"), seed=opts["seed"], kimg=[r["kimg"] for r in curve],
-                fd_digits=[r["fd_digits"] for r in curve], num=curve[-1].get("num"))
+    method, lsg_gan = opts.get("method", "sid"), opts.get("lsg_gan")
+    # The arm: SiD, SiDA at the official --lsg-gan 0.01, or SiDA with another GAN weight (the weight study).
+    arm = method if method == "sid" or lsg_gan == 0.01 else f"sida lsg_gan {lsg_gan:g}"
+    return dict(run=p.name, method=method, arm=arm, lsg_gan=lsg_gan, seed=opts["seed"],
+                kimg=[r["kimg"] for r in curve], fd_digits=[r["fd_digits"] for r in curve], num=curve[-1].get("num"))
+
+
+def arm(r: dict) -> str:
+    return r.get("arm", r["method"])  # records written before the weight study have no arm
 
 
 def summary(runs: list[dict]) -> dict:
     out = {}
-    for m in sorted({r["method"] for r in runs}):
-        finals = [r["fd_digits"][-1] for r in runs if r["method"] == m]
-        out[m] = dict(final=finals, mean=statistics.fmean(finals),
-                      stdev=statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                      kimg=[r["kimg"][-1] for r in runs if r["method"] == m])
+    for m in sorted({arm(r) for r in runs}):
+        rs = [r for r in runs if arm(r) == m]
+        finals = [r["fd_digits"][-1] for r in rs]
+        last3 = [statistics.fmean(r["fd_digits"][-3:]) for r in rs]
+        out[m] = dict(seeds=[r["seed"] for r in rs], final=finals, mean=statistics.fmean(finals),
+                      stdev=statistics.stdev(finals) if len(finals) > 1 else 0.0, last3=last3,
+                      last3_mean=statistics.fmean(last3), kimg=[r["kimg"][-1] for r in rs])
     return out
 
 
@@ -47,10 +56,14 @@ def plot(runs, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
+    arms = sorted({arm(r) for r in runs})
+    palette = ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:green", "tab:brown"]
     colors = {"sid": "tab:blue", "sida": "tab:red"}
+    for m in arms:
+        colors.setdefault(m, palette[(len(colors)) % len(palette)])
     for r in runs:
-        ax.plot(r["kimg"], r["fd_digits"], "o-" if r["method"] == "sid" else "s--", color=colors.get(r["method"]),
-                alpha=0.8, label=f"{r['method']} seed {r['seed']}")
+        ax.plot(r["kimg"], r["fd_digits"], "o-" if r["method"] == "sid" else "s--", color=colors[arm(r)],
+                alpha=0.8, label=f"{arm(r)} seed {r['seed']}")
     ax.set_xlabel("images seen (kimg)")
     ax.set_ylabel("FD-digits of G_ema")
     ax.set_yscale("log")
@@ -81,7 +94,7 @@ def main():
                            [dict(bench="sida_digits_summary", summary=s, **env)], a.out)
         for m, v in s.items():
             print(f"{m}: final FD-digits {', '.join(f'{x:.2f}' for x in v['final'])} at kimg {v['kimg']} -> mean "
-                  f"{v['mean']:.2f} +- {v['stdev']:.2f}")
+                  f"{v['mean']:.2f} +- {v['stdev']:.2f}; mean of the last three evaluations {v['last3_mean']:.2f}")
         print(f"-> {path}")
     if a.png:
         plot(runs, a.png)

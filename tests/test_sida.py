@@ -211,6 +211,33 @@ def test_sida_clips_the_fake_scores_gradients_at_one(teacher_file, tmp_path):
     assert seen["max"] == 1.0
 
 
+def test_probe_gradients_are_the_two_terms_of_the_generator_phase(teacher_file, tmp_path):
+    """bench.sida_probe's GAN:SiD gradient ratio measures what SiDA's generator steps on: its two gradients add up
+    to the gradient the generator phase hands to the optimizer, on the same draws."""
+    from bench.sida_probe import probe_gradients
+
+    tr = _sida_trainer(teacher_file, tmp_path, batch=4, batch_gpu=4, dropout=0.0, augment=0.0, lsg_gan=10.0)
+    tr.fake_score_phase()  # the fake score moves off the teacher: the SiD term's gradient is no longer ~0
+    tr.cur_nimg = 200_004  # past both warm-ups: 0.5 SiD + 0.5 GAN
+    seen = {}
+    step = tr.opt_g.step
+
+    def spy():
+        seen["grads"] = [p.grad.clone() for p in tr.G.parameters()]
+        step()
+
+    tr.opt_g.step = spy
+    draws = tr._generator_draws(0)
+    probe = probe_gradients(tr, 4, 0, draws=draws)
+    tr.generator_phase()
+    both = torch.cat([(gs if gs is not None else torch.zeros_like(p)).flatten() + (gg if gg is not None else 0).flatten()
+                      for gs, gg, p in zip(probe["grads"]["sid"], probe["grads"]["gan"], tr.G.parameters())])
+    trained = torch.cat([g.flatten() for g in seen["grads"]])
+    # Two backward passes summed against one of the sum: fp32 rounding of a few hundred thousand products.
+    assert float((both - trained).norm()) <= 1e-5 * float(trained.norm())
+    assert probe["grad_gan"] > 1e-3 * float(trained.norm()) and probe["grad_sid"] > 1e-3 * float(trained.norm())
+
+
 def test_real_image_stream_is_the_same_across_resume_and_process_counts(tmp_path):
     from sid_fast.data.dataset import ImageDataset
     from sid_fast.training.sida import RealImages, _MicroBatches

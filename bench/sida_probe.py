@@ -1,0 +1,234 @@
+"""Why SiDA does or does not help on the digits: probes of a run's saved states, and the metric's own noise.
+
+    python -m bench.sida_probe RUN_DIR [RUN_DIR ...] --out sida_probe.jsonl
+
+For every training-state-*.pt of each run (SiD or SiDA, built from its training_options.json) it measures, on
+`--n` fresh draws (fixed seeds, the training distributions):
+
+- the discriminator (the fake score's encoder logits, official `return_flag='encoder'`): mean logit on real and on
+  generated images sharing sigma and noise, the fraction classified right (logit > 0 for real, < 0 for fake), the
+  area under the ROC curve (0.5 = chance, blind to the logits' offset), and the unweighted BCE of the discriminator term, per band of the fake-score phase's sigma ~ EDM lognormal. A SiD run's
+  fake score was never trained to discriminate: its figures are the control.
+- the generator gradient of each term of SiDA's generator loss as training weighs it (0.5 lsg SiD and
+  0.5 lsg_gan C*H*W GAN, per image of the batch): the L2 norms over G's parameters, their ratio, and their cosine.
+  With the official lsg_gan / lsg = 1e-4 the ratio says how much of each step the adversarial term moves.
+
+`--metric-noise` also evaluates FD-digits of each network-snapshot-*.pt on `--noise-sets` disjoint sets of
+`metric_num` samples (the training run uses one fixed set): the spread across sets is the metric's sampling noise,
+to compare with the swings between evaluations of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from bench.common import environment, write_jsonl
+
+SIGMA_BANDS = (0.0, 0.1, 0.5, 2.0, 10.0, math.inf)
+
+
+def load_trainer(run_dir: Path, state_path: Path | None):
+    from sid_fast.training.config import TrainConfig
+    from sid_fast.training.run import build_trainer, load_state_file
+
+    opts = json.loads((run_dir / "training_options.json").read_text())
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in opts.items() if k in names})
+    cfg.method = "sida"  # the probe needs the real data and the discriminator branch, whatever the run trained
+    cfg.data = cfg.data or "digits"
+    cfg.metrics = "none"
+    trainer = build_trainer(cfg, torch.device("cpu"), log=lambda *_: None)
+    if state_path is not None:
+        trainer.load_state_dict(load_state_file(state_path), state_path)
+    return opts, trainer
+
+
+def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Area under the ROC curve of scores `pos` (real) against `neg` (fake): the probability that a real image's
+    logit exceeds a fake one's (ties count half); 0.5 = chance, whatever the logits' offset."""
+    d = pos.double().reshape(-1, 1) - neg.double().reshape(1, -1)
+    return float((d > 0).double().mean() + 0.5 * (d == 0).double().mean())
+
+
+def _onehot(trainer, idx):
+    return None if not trainer.G.label_dim else torch.eye(trainer.G.label_dim)[idx]
+
+
+@torch.no_grad()
+def probe_discriminator(trainer, n: int, seed: int) -> list[dict]:
+    """Per sigma band: the discriminator on n real images (the run's data, its labels) and n generated ones with the
+    same labels, sigma and noise, sigma from the fake-score phase's distribution (no augmentation)."""
+    from sid_fast.losses import sample_edm_sigma
+
+    g = torch.Generator().manual_seed(seed)
+    trainer.G.eval()
+    trainer.fake.eval()
+    items = [trainer.real[k] for k in range(seed * n, seed * n + n)]
+    real = torch.stack([im for im, _, _ in items]).float() / 127.5 - 1
+    labels = _onehot(trainer, torch.tensor([max(lab, 0) for _, lab, _ in items]))
+    z = torch.randn(real.shape, generator=g)
+    x_g = trainer.generate(trainer.calls.G_eval, z, labels)
+    sigma = sample_edm_sigma(n, "cpu", trainer.P_mean, trainer.P_std, generator=g)
+    noise = torch.randn(real.shape, generator=g) * sigma
+    aug = trainer._aug_zeros(n)
+    lr = trainer.fake(real + noise, sigma, labels, return_flag="encoder", **aug).float().flatten(1).mean(1)
+    lf = trainer.fake(x_g + noise, sigma, labels, return_flag="encoder_decoder", **aug)[1].float().flatten(1).mean(1)
+    s = sigma.flatten()
+    rows = []
+    for lo, hi in zip(SIGMA_BANDS[:-1], SIGMA_BANDS[1:]):
+        m = (s >= lo) & (s < hi)
+        if not m.any():
+            continue
+        r, f = lr[m], lf[m]
+        bce = 0.5 * (torch.nn.functional.softplus(-r).mean() + torch.nn.functional.softplus(f).mean())
+        rows.append(dict(sigma_lo=lo, sigma_hi=hi if hi < math.inf else None, count=int(m.sum()),
+                         logit_real=float(r.mean()), logit_fake=float(f.mean()),
+                         accuracy=float(0.5 * ((r > 0).float().mean() + (f < 0).float().mean())),
+                         auc=auc(r, f), bce=float(bce)))
+    return rows
+
+
+def probe_gradients(trainer, n: int, seed: int, draws=None) -> dict:
+    """Gradients over G's parameters of the two generator-loss terms, each weighed as the generator phase weighs it
+    after the GAN warm-up (0.5 lsg SiD, 0.5 lsg_gan C*H*W GAN, per image). `draws`: (z, labels, sigma, eps) of the
+    trainer's own micro-batch (the test compares with its generator phase); otherwise n fresh ones."""
+    from sid_fast import ops
+    from sid_fast.losses import sample_generator_sigma, sid_weight, sida_generator_gan_loss
+
+    cfg = trainer.cfg
+    G, fake = trainer.G, trainer.fake
+    if draws is None:
+        g = torch.Generator().manual_seed(seed + 1)
+        z = torch.randn([n, cfg.channels, cfg.resolution, cfg.resolution], generator=g)
+        labels = _onehot(trainer, torch.randint(max(G.label_dim, 1), [n], generator=g))
+        sigma = sample_generator_sigma(n, cfg.tmax, "cpu", generator=g)
+        eps = torch.randn(z.shape, generator=g)
+    else:
+        z, labels, sigma, eps = draws
+        n = z.shape[0]
+    G.train().requires_grad_(True)
+    fake.eval().requires_grad_(False)
+    x_g = trainer.generate(trainer.calls.G_train, z, labels)
+    x_t = x_g + sigma * eps
+    aug = trainer._aug_zeros(n)
+    y_real = trainer.teacher(x_t, sigma, labels, **aug)  # gradients reach x_g through both networks (as SiD's)
+    y_fake, logits = fake(x_t, sigma, labels, return_flag="encoder_decoder", **aug)
+    loss_sid, ok = ops.sid_generator_loss_sum(x_g, y_real, y_fake, cfg.alpha)
+    w = sid_weight(x_g, y_real)
+    loss_gan = x_g[0].numel() * sida_generator_gan_loss(logits, w, ok).sum()
+    params = [p for p in G.parameters() if p.requires_grad]
+    terms = {"sid": 0.5 * cfg.lsg * loss_sid / n, "gan": 0.5 * cfg.lsg_gan * loss_gan / n}
+    grads = {k: torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) for k, v in terms.items()}
+    flat = {k: torch.cat([(torch.zeros_like(p) if x is None else x).flatten() for x, p in zip(v, params)])
+            for k, v in grads.items()}
+    ns, ng = flat["sid"].norm(), flat["gan"].norm()
+    G.eval().requires_grad_(False)
+    return dict(grad_sid=float(ns), grad_gan=float(ng), ratio_gan_sid=float(ng / ns),
+                cosine=float(flat["sid"] @ flat["gan"] / (ns * ng)), lsg=cfg.lsg, lsg_gan=cfg.lsg_gan,
+                logits_mean=float(logits.detach().float().mean()), w_mean=float(w.detach().mean()),
+                grads={k: [None if x is None else x.detach() for x in v] for k, v in grads.items()})
+
+
+def discriminator_learning(run_dir: Path, steps: int, every: int, n: int, seed: int, lsd: float | None):
+    """The fake-score phase of SiDA alone, from the teacher, against the fixed generator of the run's last training
+    state: how the discriminator's accuracy grows with its optimizer steps when the generator does not move."""
+    opts, tr = load_trainer(run_dir, None)
+    state = torch.load(sorted(run_dir.glob("training-state-*.pt"))[-1], map_location="cpu", weights_only=False)
+    tr.G.load_state_dict(state["G"])
+    if lsd is not None:
+        tr.cfg.lsd = lsd
+    rows = []
+    for k in range(steps + 1):
+        if k % every == 0:
+            d = probe_discriminator(tr, n, seed)
+            rows.append(dict(step=k, discriminator=d))
+            print(f"{run_dir.name} D alone, step {k:4d}: AUC by sigma band "
+                  + " ".join(f"{r['auc']:.2f}" for r in d), flush=True)
+        if k < steps:
+            tr.fake_score_phase()
+            tr.cur_nimg += tr.cfg.batch
+    return opts, rows
+
+
+def metric_noise(snapshot: Path, metric_num: int, sets: int) -> list[float]:
+    from sid_fast.checkpoints import load_network_file
+    from sid_fast.metrics.digits import fd_digits
+    from sid_fast.sampling import latents_and_labels, onestep_sample
+
+    net, info = load_network_file(snapshot)
+    sigma_init = info.get("meta", {}).get("sigma_init", 2.5)
+    out = []
+    for k in range(sets):  # disjoint seed sets, none the training run's own (10,000,000 + i)
+        seeds = list(range(20_000_000 + k * metric_num, 20_000_000 + (k + 1) * metric_num))
+        z, labels, _ = latents_and_labels(net, seeds, device="cpu")
+        with torch.no_grad():
+            x = torch.cat([onestep_sample(net, z[i : i + 256], sigma_init, None) for i in range(0, len(seeds), 256)])
+        out.append(fd_digits(x))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="train.py run directories (digits or digits-sida)")
+    ap.add_argument("--n", type=int, default=1024, help="draws per probe")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--states", default="all", choices=("all", "last", "none"),
+                    help="which training states to probe ('none': only --metric-noise)")
+    ap.add_argument("--metric-noise", action="store_true")
+    ap.add_argument("--noise-sets", type=int, default=5)
+    ap.add_argument("--train-d", type=int, default=0, metavar="STEPS",
+                    help="instead: train the discriminator alone for STEPS steps against each run's last generator")
+    ap.add_argument("--every", type=int, default=25, help="with --train-d: probe every this many steps")
+    ap.add_argument("--lsd", type=float, help="with --train-d: the discriminator's weight (default: the run's)")
+    ap.add_argument("--out", default="sida_probe.jsonl")
+    a = ap.parse_args()
+    torch.manual_seed(a.seed)
+    env = environment()
+    recs = []
+    for rd in map(Path, a.runs):
+        if a.train_d:
+            opts, rows = discriminator_learning(rd, a.train_d, a.every, a.n, a.seed, a.lsd)
+            recs.append(dict(bench="sida_probe_d_alone", run=rd.name, method=opts.get("method", "sid"),
+                             seed=opts["seed"], lsd=a.lsd if a.lsd is not None else opts.get("lsd"),
+                             lr=opts["lr"], batch=opts["batch"], curve=rows, **env))
+            continue
+        states = sorted(rd.glob("training-state-*.pt"))
+        states = {"all": states, "last": states[-1:], "none": []}[a.states]
+        for sp in states:
+            opts, tr = load_trainer(rd, sp)
+            rec = dict(bench="sida_probe", run=rd.name, method=opts.get("method", "sid"), seed=opts["seed"],
+                       lsg_gan=opts.get("lsg_gan"), kimg=tr.cur_nimg / 1e3,
+                       discriminator=probe_discriminator(tr, a.n, a.seed), gradients=probe_gradients(tr, a.n, a.seed))
+            rec["gradients"].pop("grads")
+            d, gr = rec["discriminator"], rec["gradients"]
+            print(f"{rd.name} {rec['kimg']:6.1f} kimg  D accuracy by sigma band "
+                  + " ".join(f"{r['accuracy']:.2f}" for r in d)
+                  + f"  |grad gan|/|grad sid| {gr['ratio_gan_sid']:.2e} cos {gr['cosine']:+.3f}", flush=True)
+            recs.append(dict(rec, **env))
+        if a.metric_noise:
+            opts = json.loads((rd / "training_options.json").read_text())
+            curve = [json.loads(x) for x in (rd / "metric-fd_digits.jsonl").read_text().splitlines() if x.strip()]
+            for snap in sorted(rd.glob("network-snapshot-*.pt")):
+                kimg = int(snap.stem.rsplit("-", 1)[1])
+                fds = metric_noise(snap, opts["metric_num"], a.noise_sets)
+                own = [r["fd_digits"] for r in curve if r.get("snapshot") == snap.name]
+                rec = dict(bench="sida_metric_noise", run=rd.name, method=opts.get("method", "sid"),
+                           seed=opts["seed"], kimg=kimg, metric_num=opts["metric_num"], fd_digits_sets=fds,
+                           mean=statistics.fmean(fds), stdev=statistics.stdev(fds) if len(fds) > 1 else 0.0,
+                           fd_digits_run=own[0] if own else None)
+                print(f"{rd.name} snapshot {kimg:3d} kimg  FD-digits over {len(fds)} sample sets: "
+                      f"{rec['mean']:.2f} +- {rec['stdev']:.2f} (the run's own: {rec['fd_digits_run']})", flush=True)
+                recs.append(dict(rec, **env))
+    path = write_jsonl(recs, a.out)
+    print(f"wrote {len(recs)} records to {path}")
+
+
+if __name__ == "__main__":
+    main()
