@@ -1,6 +1,6 @@
 """--fsdp: G and the fake score sharded with FSDP2 (fully_shard) over two gloo processes on the CPU give the steps of the
-unsharded single process, and a sharded run resumes exactly: SiD and SiDA on the EDM2 digits teacher, SiD on EDM's
-SongUNet. The SiDA case writes its state before G's first step (the warm-up), where PyTorch's own optimizer
+unsharded single process, and a sharded run resumes exactly: SiD and SiDA on the EDM2 digits teacher, SiD and SiDA
+(with its elementwise gradient clipping) on EDM's SongUNet. The SiDA case writes its state before G's first step (the warm-up), where PyTorch's own optimizer
 state-dict helper would have initialised Adam with a zero step."""
 
 import os
@@ -26,6 +26,10 @@ CASES = {
                       sida_gan_start_kimg=0.0),
     # EDM's SongUNet (helpers.NET, conditional, with augmentation labels): UNetBlocks sharded
     "edm-sid": dict(preset="digits", resolution=8, channels=1, label_dim=3, cond=True),
+    # SiDA on EDM's SongUNet: the fake score's gradients are clipped elementwise at 1 (EDM loop), here on shards; a
+    # huge --lsd so that the clipping bites. data=None: labelled PNGs the test writes.
+    "edm-sida": dict(preset="digits", resolution=8, channels=1, label_dim=3, cond=True, method="sida", data=None,
+                     lsd=1e4, sida_g_start_kimg=0.0, sida_gan_start_kimg=0.0),
 }
 
 
@@ -46,11 +50,21 @@ def _params(tr) -> dict:
     return out
 
 
-def _worker(rank, world, port, out_dir, case, teacher):
+def _data(case, tmp_path) -> dict:
+    if "data" not in CASES[case] or CASES[case]["data"] is not None:
+        return {}
+    from fid_helpers import write_png_folder
+
+    folder = tmp_path / "data"
+    write_png_folder(folder, 20, size=8, channels=1, labels=[i % 3 for i in range(20)])
+    return dict(data=str(folder))
+
+
+def _worker(rank, world, port, out_dir, case, teacher, data):
     import torch.distributed as dist
 
     with gloo_process(rank, world, port):
-        tr = damp_adam(build_trainer(_cfg(case, teacher, fsdp=True), torch.device("cpu"), log=lambda *a: None))
+        tr = damp_adam(build_trainer(_cfg(case, teacher, fsdp=True, **data), torch.device("cpu"), log=lambda *a: None))
         assert tr.world == world  # really distributed
         assert tr.fsdp and all(hasattr(p, "full_tensor") for p in tr.G.parameters() if p.ndim)  # sharded
         tr.step()
@@ -62,7 +76,8 @@ def _worker(rank, world, port, out_dir, case, teacher):
         for _ in range(STEPS - 1):
             tr.step()
         straight = _params(tr)
-        resumed = damp_adam(build_trainer(_cfg(case, teacher, fsdp=True), torch.device("cpu"), log=lambda *a: None))
+        resumed = damp_adam(build_trainer(_cfg(case, teacher, fsdp=True, **data), torch.device("cpu"),
+                                          log=lambda *a: None))
         resumed.load_state_dict(load_state_file(path), path)
         for _ in range(STEPS - 1):
             resumed.step()
@@ -74,13 +89,14 @@ def _worker(rank, world, port, out_dir, case, teacher):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp_two_processes_equal_one_unsharded_process_and_resume_exactly(case, teacher_file, tmp_path):
-    single = damp_adam(build_trainer(_cfg(case, teacher_file), torch.device("cpu"), log=lambda *a: None))
+    data = _data(case, tmp_path)
+    single = damp_adam(build_trainer(_cfg(case, teacher_file, **data), torch.device("cpu"), log=lambda *a: None))
     init = {k: v.clone() for k, v in single.G.state_dict().items()}
     for _ in range(STEPS):
         single.step()
     ref = _params(single)
     mp.spawn(_worker, args=(2, 29700 + os.getpid() % 200 + 211 * list(CASES).index(case), str(tmp_path), case,
-                            teacher_file), nprocs=2)
+                            teacher_file, data), nprocs=2)
     got = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     assert got["straight"].keys() == ref.keys()
     bad = []
