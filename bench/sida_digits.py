@@ -10,8 +10,11 @@ Both presets share every SiD setting (teacher, batch 256, lr, EMA, 48 kimg, eval
 samples); digits-sida adds the discriminator on the bundled digits with the official loss algebra and warm-ups scaled
 to 1 and 2 kimg. Writes one JSON line per run (method, seed, the whole curve) to bench/results/ (`--out`) and, per
 method, the mean and spread of the final FD-digits over seeds; `--png` plots the curves (re-created from the JSON
-lines with `--from-jsonl`). sida_digits.jsonl holds the earlier study on the former 16x16 default (12 kimg at batch
-64), sida_digits_8x8.jsonl the one on the 8x8 default.
+lines with `--from-jsonl`). Runs are grouped by arm: SiD, SiDA at the official `--lsg-gan 0.01`, and SiDA with
+another GAN weight. sida_digits.jsonl holds the earlier study on the former 16x16 default (12 kimg at batch 64),
+sida_digits_8x8*.jsonl the ones on the 8x8 default, sida_digits_gan_weight.jsonl the GAN-weight study (lsg_gan 0.1
+and 1.0), sida_digits_weak_teacher.jsonl SiD against SiDA distilling a deliberately weak teacher
+(`python -m sid_fast.training.teacher --steps 200`, FD-digits 9.3, passed as `--teacher`).
 """
 
 from __future__ import annotations

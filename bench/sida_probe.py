@@ -1,21 +1,27 @@
-"""Why SiDA does or does not help on the digits: probes of a run's saved states, and the metric's own noise.
+"""Why SiDA does or does not help on the digits: probes of runs' saved states, the discriminator alone, a dedicated
+classifier, and the metric's own noise.
 
     python -m bench.sida_probe RUN_DIR [RUN_DIR ...] --out sida_probe.jsonl
 
-For every training-state-*.pt of each run (SiD or SiDA, built from its training_options.json) it measures, on
-`--n` fresh draws (fixed seeds, the training distributions):
+For every training-state-*.pt of each run (SiD or SiDA, rebuilt from its training_options.json; `--states`) it
+measures, on `--n` draws with fixed seeds from the training distributions:
 
-- the discriminator (the fake score's encoder logits, official `return_flag='encoder'`): mean logit on real and on
-  generated images sharing sigma and noise, the fraction classified right (logit > 0 for real, < 0 for fake), the
-  area under the ROC curve (0.5 = chance, blind to the logits' offset), and the unweighted BCE of the discriminator term, per band of the fake-score phase's sigma ~ EDM lognormal. A SiD run's
-  fake score was never trained to discriminate: its figures are the control.
-- the generator gradient of each term of SiDA's generator loss as training weighs it (0.5 lsg SiD and
-  0.5 lsg_gan C*H*W GAN, per image of the batch): the L2 norms over G's parameters, their ratio, and their cosine.
-  With the official lsg_gan / lsg = 1e-4 the ratio says how much of each step the adversarial term moves.
+- the discriminator (the fake score's encoder logits, official `return_flag='encoder'`) on real and generated images
+  sharing sigma and noise, per band of the fake-score phase's sigma ~ EDM lognormal: the mean logits, the fraction
+  classified right (logit > 0 real, < 0 fake), the area under the ROC curve (0.5 = chance, blind to the logits'
+  offset) and the unweighted BCE. A SiD run's fake score was never trained to discriminate: its figures are the
+  control.
+- the generator gradient of each term of SiDA's generator loss as training weighs it after the warm-ups (0.5 lsg SiD,
+  0.5 lsg_gan C*H*W GAN, per image): L2 norms over G's parameters, their ratio and their cosine.
 
-`--metric-noise` also evaluates FD-digits of each network-snapshot-*.pt on `--noise-sets` disjoint sets of
-`metric_num` samples (the training run uses one fixed set): the spread across sets is the metric's sampling noise,
-to compare with the swings between evaluations of one run.
+Other modes (each run directory):
+- `--train-d STEPS`: SiDA's fake-score phase alone, from the teacher, against the fixed generator of the run's last
+  state, probing the discriminator and the two gradients every `--every` steps: how fast it learns when the
+  generator does not move, and how much larger the GAN term's gradient becomes as it does.
+- `--separability 200,600,...`: a dedicated CNN trained for that many steps to tell real digits from the last
+  snapshot's, its held-out AUC at noise levels 0, 0.3 and 1: how separable the generated digits are at all.
+- `--metric-noise`: FD-digits of each network-snapshot-*.pt on `--noise-sets` disjoint sets of `metric_num` samples
+  (training evaluates one fixed set): the metric's sampling noise, against the swings between evaluations of a run.
 """
 
 from __future__ import annotations
@@ -138,7 +144,8 @@ def probe_gradients(trainer, n: int, seed: int, draws=None) -> dict:
 
 def discriminator_learning(run_dir: Path, steps: int, every: int, n: int, seed: int, lsd: float | None):
     """The fake-score phase of SiDA alone, from the teacher, against the fixed generator of the run's last training
-    state: how the discriminator's accuracy grows with its optimizer steps when the generator does not move."""
+    state: how the discriminator's AUC, and with it the GAN term's share of the generator's gradient, grows with its
+    optimizer steps when the generator does not move."""
     opts, tr = load_trainer(run_dir, None)
     state = torch.load(sorted(run_dir.glob("training-state-*.pt"))[-1], map_location="cpu", weights_only=False)
     tr.G.load_state_dict(state["G"])
@@ -148,13 +155,59 @@ def discriminator_learning(run_dir: Path, steps: int, every: int, n: int, seed: 
     for k in range(steps + 1):
         if k % every == 0:
             d = probe_discriminator(tr, n, seed)
-            rows.append(dict(step=k, discriminator=d))
+            gr = probe_gradients(tr, n, seed)
+            gr.pop("grads")
+            rows.append(dict(step=k, discriminator=d, gradients=gr))
             print(f"{run_dir.name} D alone, step {k:4d}: AUC by sigma band "
-                  + " ".join(f"{r['auc']:.2f}" for r in d), flush=True)
+                  + " ".join(f"{r['auc']:.2f}" for r in d) + f"  |grad gan|/|grad sid| {gr['ratio_gan_sid']:.2e}",
+                  flush=True)
         if k < steps:
             tr.fake_score_phase()
             tr.cur_nimg += tr.cfg.batch
     return opts, rows
+
+
+def separability(snapshot: Path, sigmas=(0.0, 0.3, 1.0), steps: int = 600, seed: int = 0) -> list[dict]:
+    """Can a dedicated discriminator tell the generator's digits from real ones? For each noise level, a small CNN
+    (FD-digits' feature network's shape, fresh weights, a binary head) trained on 1,200 real and 1,200 generated
+    images with that noise added to both, scored by its AUC on the 597 held-out real digits and 597 new fakes. The
+    generated digits are first rounded to the data's grey levels (17), so that quantisation is not the cue."""
+    from sid_fast.checkpoints import load_network_file
+    from sid_fast.data.digits import digits_tensor
+    from sid_fast.metrics.digits import DigitsFeatureNet
+    from sid_fast.sampling import latents_and_labels, onestep_sample
+
+    net, info = load_network_file(snapshot)
+    sigma_init = info.get("meta", {}).get("sigma_init", 2.5)
+    real = digits_tensor()[0]
+    g = torch.Generator().manual_seed(seed)
+    real = real[torch.randperm(len(real), generator=g)]
+    n_train, n_test = 1200, len(real) - 1200
+    z, _, _ = latents_and_labels(net, list(range(30_000_000, 30_000_000 + len(real))), device="cpu")
+    with torch.no_grad():
+        fake = torch.cat([onestep_sample(net, z[i : i + 256], sigma_init, None) for i in range(0, len(z), 256)])
+    levels = real.unique()
+    fake = levels[(fake.reshape(-1, 1) - levels.reshape(1, -1)).abs().argmin(1)].reshape(fake.shape)
+    out = []
+    for sigma in sigmas:
+        torch.manual_seed(seed)
+        clf = DigitsFeatureNet(feature_dim=64)
+        clf.head = torch.nn.Linear(64, 1)
+        opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+        x = torch.cat([real[:n_train], fake[:n_train]])
+        y = torch.cat([torch.ones(n_train), torch.zeros(n_train)])
+        for _ in range(steps):
+            idx = torch.randint(len(x), [128], generator=g)
+            xb = x[idx] + sigma * torch.randn(x[idx].shape, generator=g)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(clf(xb).squeeze(1), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            r = clf(real[n_train:] + sigma * torch.randn(real[n_train:].shape, generator=g)).squeeze(1)
+            f = clf(fake[n_train : n_train + n_test] + sigma * torch.randn([n_test, *real.shape[1:]], generator=g))
+        out.append(dict(sigma=sigma, auc=auc(r, f.squeeze(1)), steps=steps, n_train=n_train, n_test=n_test))
+    return out
 
 
 def metric_noise(snapshot: Path, metric_num: int, sets: int) -> list[float]:
@@ -183,6 +236,9 @@ def main():
                     help="which training states to probe ('none': only --metric-noise)")
     ap.add_argument("--metric-noise", action="store_true")
     ap.add_argument("--noise-sets", type=int, default=5)
+    ap.add_argument("--separability", default="", metavar="STEPS,...",
+                    help="also: a dedicated CNN's held-out AUC on real vs the last snapshot's digits, per noise level "
+                         "(0, 0.3, 1), after each of these numbers of training steps (e.g. 200,600,2000,6000)")
     ap.add_argument("--train-d", type=int, default=0, metavar="STEPS",
                     help="instead: train the discriminator alone for STEPS steps against each run's last generator")
     ap.add_argument("--every", type=int, default=25, help="with --train-d: probe every this many steps")
@@ -208,10 +264,19 @@ def main():
                        discriminator=probe_discriminator(tr, a.n, a.seed), gradients=probe_gradients(tr, a.n, a.seed))
             rec["gradients"].pop("grads")
             d, gr = rec["discriminator"], rec["gradients"]
-            print(f"{rd.name} {rec['kimg']:6.1f} kimg  D accuracy by sigma band "
-                  + " ".join(f"{r['accuracy']:.2f}" for r in d)
+            print(f"{rd.name} {rec['kimg']:6.1f} kimg  D AUC by sigma band "
+                  + " ".join(f"{r['auc']:.2f}" for r in d)
                   + f"  |grad gan|/|grad sid| {gr['ratio_gan_sid']:.2e} cos {gr['cosine']:+.3f}", flush=True)
             recs.append(dict(rec, **env))
+        if a.separability:
+            opts = json.loads((rd / "training_options.json").read_text())
+            snap = sorted(rd.glob("network-snapshot-*.pt"))[-1]
+            for steps in map(int, a.separability.split(",")):
+                rows = separability(snap, steps=steps, seed=a.seed)
+                recs.append(dict(bench="sida_separability", run=rd.name, method=opts.get("method", "sid"),
+                                 seed=opts["seed"], snapshot=snap.name, steps=steps, levels=rows, **env))
+                print(f"{rd.name} {snap.name}: a dedicated CNN's held-out AUC after {steps} steps at sigma "
+                      + ", ".join(f"{r['sigma']:g}: {r['auc']:.3f}" for r in rows), flush=True)
         if a.metric_noise:
             opts = json.loads((rd / "training_options.json").read_text())
             curve = [json.loads(x) for x in (rd / "metric-fd_digits.jsonl").read_text().splitlines() if x.strip()]

@@ -238,6 +238,14 @@ def test_probe_gradients_are_the_two_terms_of_the_generator_phase(teacher_file, 
     assert probe["grad_gan"] > 1e-3 * float(trained.norm()) and probe["grad_sid"] > 1e-3 * float(trained.norm())
 
 
+def test_probe_auc_counts_pairs_and_ties():
+    from bench.sida_probe import auc
+
+    # pairs (real > fake): 1>0, 2>0, 2=2 (half), 3>0, 3>2 of six
+    assert auc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 2.0])) == 4.5 / 6
+    assert auc(torch.tensor([5.0]), torch.tensor([1.0, 2.0])) == 1.0 and auc(torch.zeros(3), torch.zeros(2)) == 0.5
+
+
 def test_real_image_stream_is_the_same_across_resume_and_process_counts(tmp_path):
     from sid_fast.data.dataset import ImageDataset
     from sid_fast.training.sida import RealImages, _MicroBatches
