@@ -167,11 +167,13 @@ def discriminator_learning(run_dir: Path, steps: int, every: int, n: int, seed: 
     return opts, rows
 
 
-def separability(snapshot: Path, sigmas=(0.0, 0.3, 1.0), steps: int = 600, seed: int = 0) -> list[dict]:
+def separability(snapshot: Path, sigmas=(0.0, 0.3, 1.0), steps: int = 600, seed: int = 0,
+                 round_fakes: bool = True) -> list[dict]:
     """Can a dedicated discriminator tell the generator's digits from real ones? For each noise level, a small CNN
     (FD-digits' feature network's shape, fresh weights, a binary head) trained on 1,200 real and 1,200 generated
     images with that noise added to both, scored by its AUC on the 597 held-out real digits and 597 new fakes. The
-    generated digits are first rounded to the data's grey levels (17), so that quantisation is not the cue."""
+    generated digits are first rounded to the data's grey levels (17), so that quantisation is not the cue
+    (`round_fakes=False`: not rounded, only clamped to [-1, 1])."""
     from sid_fast.checkpoints import load_network_file
     from sid_fast.data.digits import digits_tensor
     from sid_fast.metrics.digits import DigitsFeatureNet
@@ -186,8 +188,11 @@ def separability(snapshot: Path, sigmas=(0.0, 0.3, 1.0), steps: int = 600, seed:
     z, _, _ = latents_and_labels(net, list(range(30_000_000, 30_000_000 + len(real))), device="cpu")
     with torch.no_grad():
         fake = torch.cat([onestep_sample(net, z[i : i + 256], sigma_init, None) for i in range(0, len(z), 256)])
-    levels = real.unique()
-    fake = levels[(fake.reshape(-1, 1) - levels.reshape(1, -1)).abs().argmin(1)].reshape(fake.shape)
+    if round_fakes:
+        levels = real.unique()
+        fake = levels[(fake.reshape(-1, 1) - levels.reshape(1, -1)).abs().argmin(1)].reshape(fake.shape)
+    else:
+        fake = fake.clamp(-1, 1)
     out = []
     for sigma in sigmas:
         torch.manual_seed(seed)
@@ -239,6 +244,8 @@ def main():
     ap.add_argument("--separability", default="", metavar="STEPS,...",
                     help="also: a dedicated CNN's held-out AUC on real vs the last snapshot's digits, per noise level "
                          "(0, 0.3, 1), after each of these numbers of training steps (e.g. 200,600,2000,6000)")
+    ap.add_argument("--no-round", action="store_true",
+                    help="with --separability: do not round the generated digits to the data's grey levels")
     ap.add_argument("--train-d", type=int, default=0, metavar="STEPS",
                     help="instead: train the discriminator alone for STEPS steps against each run's last generator")
     ap.add_argument("--every", type=int, default=25, help="with --train-d: probe every this many steps")
@@ -272,9 +279,10 @@ def main():
             opts = json.loads((rd / "training_options.json").read_text())
             snap = sorted(rd.glob("network-snapshot-*.pt"))[-1]
             for steps in map(int, a.separability.split(",")):
-                rows = separability(snap, steps=steps, seed=a.seed)
+                rows = separability(snap, steps=steps, seed=a.seed, round_fakes=not a.no_round)
                 recs.append(dict(bench="sida_separability", run=rd.name, method=opts.get("method", "sid"),
-                                 seed=opts["seed"], snapshot=snap.name, steps=steps, levels=rows, **env))
+                                 seed=opts["seed"], snapshot=snap.name, steps=steps, round_fakes=not a.no_round,
+                                 levels=rows, **env))
                 print(f"{rd.name} {snap.name}: a dedicated CNN's held-out AUC after {steps} steps at sigma "
                       + ", ".join(f"{r['sigma']:g}: {r['auc']:.3f}" for r in rows), flush=True)
         if a.metric_noise:
