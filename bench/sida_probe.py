@@ -145,10 +145,12 @@ def probe_gradients(trainer, n: int, seed: int, draws=None) -> dict:
 def discriminator_learning(run_dir: Path, steps: int, every: int, n: int, seed: int, lsd: float | None):
     """The fake-score phase of SiDA alone, from the teacher, against the fixed generator of the run's last training
     state: how the discriminator's AUC, and with it the GAN term's share of the generator's gradient, grows with its
-    optimizer steps when the generator does not move."""
+    optimizer steps when the generator does not move. The fake score starts as the teacher, so the SiD term's gradient
+    starts near zero here: compare the GAN gradient's norm, not the ratio, with the training runs'."""
+    from sid_fast.training.run import load_state_file
+
     opts, tr = load_trainer(run_dir, None)
-    state = torch.load(sorted(run_dir.glob("training-state-*.pt"))[-1], map_location="cpu", weights_only=False)
-    tr.G.load_state_dict(state["G"])
+    tr.G.load_state_dict(load_state_file(sorted(run_dir.glob("training-state-*.pt"))[-1])["G"])
     if lsd is not None:
         tr.cfg.lsd = lsd
     rows = []
@@ -238,7 +240,7 @@ def main():
     ap.add_argument("--n", type=int, default=1024, help="draws per probe")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--states", default="all", choices=("all", "last", "none"),
-                    help="which training states to probe ('none': only --metric-noise)")
+                    help="which training states to probe ('none': only --separability or --metric-noise)")
     ap.add_argument("--metric-noise", action="store_true")
     ap.add_argument("--noise-sets", type=int, default=5)
     ap.add_argument("--separability", default="", metavar="STEPS,...",

@@ -1,7 +1,7 @@
 """--fsdp: G and the fake score sharded with FSDP2 (fully_shard) over two gloo processes on the CPU give the steps of the
 unsharded single process, and a sharded run resumes exactly: SiD and SiDA on the EDM2 digits teacher, SiD and SiDA
-(with its elementwise gradient clipping) on EDM's SongUNet. The SiDA case writes its state before G's first step (the warm-up), where PyTorch's own optimizer
-state-dict helper would have initialised Adam with a zero step."""
+(with its elementwise gradient clipping) on EDM's SongUNet. The SiDA cases write their state before G's first step
+(the warm-up), where PyTorch's own optimizer state-dict helper would have initialised Adam with a zero step."""
 
 import os
 

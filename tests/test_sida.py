@@ -230,11 +230,16 @@ def test_probe_gradients_are_the_two_terms_of_the_generator_phase(teacher_file, 
     draws = tr._generator_draws(0)
     probe = probe_gradients(tr, 4, 0, draws=draws)
     tr.generator_phase()
-    both = torch.cat([(gs if gs is not None else torch.zeros_like(p)).flatten() + (gg if gg is not None else 0).flatten()
+    def whole(g, p):
+        return (g if g is not None else torch.zeros_like(p)).flatten()
+
+    both = torch.cat([whole(gs, p) + whole(gg, p)
                       for gs, gg, p in zip(probe["grads"]["sid"], probe["grads"]["gan"], tr.G.parameters())])
     trained = torch.cat([g.flatten() for g in seen["grads"]])
-    # Two backward passes summed against one of the sum: fp32 rounding of a few hundred thousand products.
-    assert float((both - trained).norm()) <= 1e-5 * float(trained.norm())
+    # Two backward passes summed against one of the sum: fp32 rounding only (9e-7 relative measured here); a term
+    # missing or weighed wrongly (0.5, C*H*W, lsg_gan, the batch mean) would differ by 20% or more: here the two
+    # gradients' norms are 419 and 816 against 921 for their sum.
+    assert float((both - trained).norm()) <= 1e-4 * float(trained.norm())
     assert probe["grad_gan"] > 1e-3 * float(trained.norm()) and probe["grad_sid"] > 1e-3 * float(trained.norm())
 
 
