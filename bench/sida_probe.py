@@ -169,6 +169,16 @@ def discriminator_learning(run_dir: Path, steps: int, every: int, n: int, seed: 
     return opts, rows
 
 
+def snapshot_samples(snapshot: Path, seeds) -> torch.Tensor:
+    """One-step samples in [-1, 1] of a generator snapshot for the seeds (sid_fast.sampling.generate, 256 at a time)."""
+    from sid_fast.checkpoints import load_network_file
+    from sid_fast.sampling import generate
+
+    net, info = load_network_file(snapshot)
+    seeds = list(seeds)
+    return torch.cat([generate(net, info, seeds[i : i + 256], "cpu") for i in range(0, len(seeds), 256)])
+
+
 def separability(snapshot: Path, sigmas=(0.0, 0.3, 1.0), steps: int = 600, seed: int = 0,
                  round_fakes: bool = True) -> list[dict]:
     """Can a dedicated discriminator tell the generator's digits from real ones? For each noise level, a small CNN
@@ -176,20 +186,14 @@ def separability(snapshot: Path, sigmas=(0.0, 0.3, 1.0), steps: int = 600, seed:
     images with that noise added to both, scored by its AUC on the 597 held-out real digits and 597 new fakes. The
     generated digits are first rounded to the data's grey levels (17), so that quantisation is not the cue
     (`round_fakes=False`: not rounded, only clamped to [-1, 1])."""
-    from sid_fast.checkpoints import load_network_file
     from sid_fast.data.digits import digits_tensor
     from sid_fast.metrics.digits import DigitsFeatureNet
-    from sid_fast.sampling import latents_and_labels, onestep_sample
 
-    net, info = load_network_file(snapshot)
-    sigma_init = info.get("meta", {}).get("sigma_init", 2.5)
     real = digits_tensor()[0]
     g = torch.Generator().manual_seed(seed)
     real = real[torch.randperm(len(real), generator=g)]
     n_train, n_test = 1200, len(real) - 1200
-    z, _, _ = latents_and_labels(net, list(range(30_000_000, 30_000_000 + len(real))), device="cpu")
-    with torch.no_grad():
-        fake = torch.cat([onestep_sample(net, z[i : i + 256], sigma_init, None) for i in range(0, len(z), 256)])
+    fake = snapshot_samples(snapshot, range(30_000_000, 30_000_000 + len(real)))
     if round_fakes:
         levels = real.unique()
         fake = levels[(fake.reshape(-1, 1) - levels.reshape(1, -1)).abs().argmin(1)].reshape(fake.shape)
@@ -218,20 +222,11 @@ def separability(snapshot: Path, sigmas=(0.0, 0.3, 1.0), steps: int = 600, seed:
 
 
 def metric_noise(snapshot: Path, metric_num: int, sets: int) -> list[float]:
-    from sid_fast.checkpoints import load_network_file
     from sid_fast.metrics.digits import fd_digits
-    from sid_fast.sampling import latents_and_labels, onestep_sample
 
-    net, info = load_network_file(snapshot)
-    sigma_init = info.get("meta", {}).get("sigma_init", 2.5)
-    out = []
-    for k in range(sets):  # disjoint seed sets, none the training run's own (10,000,000 + i)
-        seeds = list(range(20_000_000 + k * metric_num, 20_000_000 + (k + 1) * metric_num))
-        z, labels, _ = latents_and_labels(net, seeds, device="cpu")
-        with torch.no_grad():
-            x = torch.cat([onestep_sample(net, z[i : i + 256], sigma_init, None) for i in range(0, len(seeds), 256)])
-        out.append(fd_digits(x))
-    return out
+    # disjoint seed sets, none the training run's own (10,000,000 + i)
+    return [fd_digits(snapshot_samples(snapshot, range(20_000_000 + k * metric_num, 20_000_000 + (k + 1) * metric_num)))
+            for k in range(sets)]
 
 
 def main():
