@@ -21,64 +21,222 @@ from sid_fast.training.config import PRESETS, ConfigError, resolve_config
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
 # Main options.
-@click.option("--outdir", help="Where to make run directories", metavar="DIR", type=str, default="runs", show_default=True)
-@click.option("--preset", help="Official settings to start from", type=click.Choice(sorted(PRESETS)), default="digits", show_default=True)
-@click.option("--teacher", help="Teacher network: EDM/SiD pickle or sid_fast checkpoint, path or URL", metavar="PATH|URL", type=str)
+@click.option(
+    "--outdir", help="Where to make run directories", metavar="DIR", type=str, default="runs", show_default=True
+)
+@click.option(
+    "--preset",
+    help="Official settings to start from",
+    type=click.Choice(sorted(PRESETS)),
+    default="digits",
+    show_default=True,
+)
+@click.option(
+    "--teacher",
+    help="Teacher network: EDM/SiD pickle or sid_fast checkpoint, path or URL",
+    metavar="PATH|URL",
+    type=str,
+)
 @click.option("--cond", help="Class-conditional distillation", type=bool)
 @click.option("--desc", help="String to include in the run directory name", metavar="STR", type=str)
-@click.option("--data", help="EDM dataset (zip or folder; 'digits': the bundled digits): conditional labels follow its label frequencies; SiDA's real images", metavar="ZIP|DIR", type=str)
+@click.option(
+    "--data",
+    help="EDM dataset (zip or folder; 'digits': the bundled digits): conditional labels follow its label "
+    "frequencies; SiDA's real images",
+    metavar="ZIP|DIR",
+    type=str,
+)
 # SiD hyperparameters.
 @click.option("--alpha", help="SiD alpha", metavar="FLOAT", type=float)
 @click.option("--tmax", help="Largest t (x1000) for the generator loss's noise level", metavar="INT", type=int)
 @click.option("--init_sigma", "init_sigma", help="Generator noise level sigma_init", metavar="FLOAT", type=float)
 @click.option("--ls", help="Fake-score loss scale", metavar="FLOAT", type=float)
 @click.option("--lsg", help="Generator loss scale", metavar="FLOAT", type=float)
-@click.option("--return-logvar/--no-return-logvar", "--return_logvar", "return_logvar", help="EDM2 teachers: weight the losses by the fake score's learned log-variance u(sigma) (official default: on)", default=None)
-@click.option("--force-normalization/--no-force-normalization", "--force_normalization", "force_normalization", help="EDM2 teachers, SiDA: forced weight normalisation of the trained networks (official default: on; SiD always)", default=None)
-@click.option("--p-mean", "--P_mean", "P_mean", help="Fake-score loss: mean of ln sigma (default -1.2 on EDM teachers, -0.4 on EDM2)", metavar="FLOAT", type=float)
-@click.option("--p-std", "--P_std", "P_std", help="Fake-score loss: std of ln sigma (default 1.2 on EDM teachers, 1.0 on EDM2)", metavar="FLOAT", type=float)
+@click.option(
+    "--return-logvar/--no-return-logvar",
+    "--return_logvar",
+    "return_logvar",
+    help="EDM2 teachers: weight the losses by the fake score's learned log-variance u(sigma) (official default: on)",
+    default=None,
+)
+@click.option(
+    "--force-normalization/--no-force-normalization",
+    "--force_normalization",
+    "force_normalization",
+    help="EDM2 teachers, SiDA: forced weight normalisation of the trained networks (official default: on; SiD always)",
+    default=None,
+)
+@click.option(
+    "--p-mean",
+    "--P_mean",
+    "P_mean",
+    help="Fake-score loss: mean of ln sigma (default -1.2 on EDM teachers, -0.4 on EDM2)",
+    metavar="FLOAT",
+    type=float,
+)
+@click.option(
+    "--p-std",
+    "--P_std",
+    "P_std",
+    help="Fake-score loss: std of ln sigma (default 1.2 on EDM teachers, 1.0 on EDM2)",
+    metavar="FLOAT",
+    type=float,
+)
 # SiDA (official sida branch): the fake score is also a discriminator on real images (--data).
-@click.option("--method", help="sid (data-free, default) or sida (adversarial, real images from --data)", type=click.Choice(["sid", "sida"]))
-@click.option("--use_gan", "--use-gan", "use_gan", help="The official sida flag: 1 = --method sida, 0 = --method sid", type=bool)
+@click.option(
+    "--method",
+    help="sid (data-free, default) or sida (adversarial, real images from --data)",
+    type=click.Choice(["sid", "sida"]),
+)
+@click.option(
+    "--use_gan", "--use-gan", "use_gan", help="The official sida flag: 1 = --method sida, 0 = --method sid", type=bool
+)
 @click.option("--lsd", help="SiDA: discriminator loss scale", metavar="FLOAT", type=float)
-@click.option("--lsg_gan", "--lsg-gan", "lsg_gan", help="SiDA: generator GAN term scale (times C*H*W)", metavar="FLOAT", type=float)
+@click.option(
+    "--lsg_gan",
+    "--lsg-gan",
+    "lsg_gan",
+    help="SiDA: generator GAN term scale (times C*H*W)",
+    metavar="FLOAT",
+    type=float,
+)
 @click.option("--xflip", help="SiDA: real images also mirrored (EDM's dataset x-flip)", type=bool)
-@click.option("--sid-model", "--sid_model", "sid_model", help="SiD²A: a SiD generator that G and G_ema start from (the fake score starts from the teacher)", metavar="PATH|URL", type=str)
-@click.option("--workers", help="SiDA: DataLoader worker processes for real images (CUDA runs)", metavar="INT", type=click.IntRange(min=0))
-@click.option("--sida-g-start-kimg", "sida_g_start_kimg", help="SiDA: no generator step before this (official 100)", metavar="KIMG", type=float)
-@click.option("--sida-gan-start-kimg", "sida_gan_start_kimg", help="SiDA: SiD alone before this, then 0.5 SiD + 0.5 GAN (official 200)", metavar="KIMG", type=float)
+@click.option(
+    "--sid-model",
+    "--sid_model",
+    "sid_model",
+    help="SiD²A: a SiD generator that G and G_ema start from (the fake score starts from the teacher)",
+    metavar="PATH|URL",
+    type=str,
+)
+@click.option(
+    "--workers",
+    help="SiDA: DataLoader worker processes for real images (CUDA runs)",
+    metavar="INT",
+    type=click.IntRange(min=0),
+)
+@click.option(
+    "--sida-g-start-kimg",
+    "sida_g_start_kimg",
+    help="SiDA: no generator step before this (official 100)",
+    metavar="KIMG",
+    type=float,
+)
+@click.option(
+    "--sida-gan-start-kimg",
+    "sida_gan_start_kimg",
+    help="SiDA: SiD alone before this, then 0.5 SiD + 0.5 GAN (official 200)",
+    metavar="KIMG",
+    type=float,
+)
 # Optimisation.
 @click.option("--batch", help="Total batch size", metavar="INT", type=click.IntRange(min=1))
-@click.option("--batch-gpu", "batch_gpu", help="Micro-batch per process (accumulation rounds = batch / (gpus x batch-gpu))", metavar="INT", type=click.IntRange(min=1))
+@click.option(
+    "--batch-gpu",
+    "batch_gpu",
+    help="Micro-batch per process (accumulation rounds = batch / (gpus x batch-gpu))",
+    metavar="INT",
+    type=click.IntRange(min=1),
+)
 @click.option("--lr", help="Fake-score learning rate", metavar="FLOAT", type=float)
 @click.option("--glr", help="Generator learning rate", metavar="FLOAT", type=float)
 @click.option("--g_beta1", "g_beta1", help="Generator Adam beta1", metavar="FLOAT", type=float)
 @click.option("--ema", help="EMA half-life of G_ema", metavar="MIMG", type=float)
 @click.option("--augment", help="EDM augmentation probability for the fake-score loss", metavar="P", type=float)
 @click.option("--dropout", help="Dropout in the trained networks", metavar="P", type=float)
-@click.option("--precision", help="fp32 = reference (TF32 off, as SiD); fp16 = EDM's --fp16 mode (CUDA); tf32; bf16 (bf16 UNet bodies, fp32 weights/losses)", type=click.Choice(["fp32", "fp16", "tf32", "bf16"]))
-@click.option("--channels-last", "channels_last", help="NHWC memory format for networks and images", is_flag=True, default=None)
+@click.option(
+    "--precision",
+    help="fp32 = reference (TF32 off, as SiD); fp16 = EDM's --fp16 mode (CUDA); tf32; bf16 (bf16 UNet bodies, "
+    "fp32 weights/losses)",
+    type=click.Choice(["fp32", "fp16", "tf32", "bf16"]),
+)
+@click.option(
+    "--channels-last", "channels_last", help="NHWC memory format for networks and images", is_flag=True, default=None
+)
 @click.option("--compile", "compile", help="torch.compile the networks", is_flag=True, default=None)
-@click.option("--compile-backend", "compile_backend", help="torch.compile backend", type=click.Choice(["inductor", "aot_eager", "eager"]))
-@click.option("--cuda-graphs", "cuda_graphs", help="CUDA graphs via torch.compile mode reduce-overhead (CUDA only)", is_flag=True, default=None)
-@click.option("--checkpointing", help="Activation checkpointing: nets/blocks (teacher and fake score, generator phase) or selective (every network with gradient, per UNet block, recomputing memory-bound ops only)", type=click.Choice(["none", "nets", "blocks", "selective"]))
-@click.option("--optimizer", help="adam (official), foreach or fused Adam (the latter two with foreach EMA)", type=click.Choice(["adam", "foreach", "fused"]))
-@click.option("--fsdp/--no-fsdp", "fsdp", help="Shard G, the fake score and their optimizer states over the processes with FSDP2 (fully_shard) instead of replicating them with DDP; for networks that do not fit one GPU (EDM2 XL, XXL)", default=None)
-@click.option("--kernels", help="Fused Triton kernels: none, all, or a comma list (sid_loss,edm_loss,group_norm_silu,attention; sdpa for PyTorch's attention)", metavar="LIST", type=str)
+@click.option(
+    "--compile-backend",
+    "compile_backend",
+    help="torch.compile backend",
+    type=click.Choice(["inductor", "aot_eager", "eager"]),
+)
+@click.option(
+    "--cuda-graphs",
+    "cuda_graphs",
+    help="CUDA graphs via torch.compile mode reduce-overhead (CUDA only)",
+    is_flag=True,
+    default=None,
+)
+@click.option(
+    "--checkpointing",
+    help="Activation checkpointing: nets/blocks (teacher and fake score, generator phase) or selective (every "
+    "network with gradient, per UNet block, recomputing memory-bound ops only)",
+    type=click.Choice(["none", "nets", "blocks", "selective"]),
+)
+@click.option(
+    "--optimizer",
+    help="adam (official), foreach or fused Adam (the latter two with foreach EMA)",
+    type=click.Choice(["adam", "foreach", "fused"]),
+)
+@click.option(
+    "--fsdp/--no-fsdp",
+    "fsdp",
+    help="Shard G, the fake score and their optimizer states over the processes with FSDP2 (fully_shard) instead "
+    "of replicating them with DDP; for networks that do not fit one GPU (EDM2 XL, XXL)",
+    default=None,
+)
+@click.option(
+    "--kernels",
+    help="Fused Triton kernels: none, all, or a comma list (sid_loss,edm_loss,group_norm_silu,attention; sdpa for "
+    "PyTorch's attention)",
+    metavar="LIST",
+    type=str,
+)
 # Schedule and I/O.
 @click.option("--duration", help="Training duration", metavar="MIMG", type=float)
 @click.option("--tick", help="How often to print progress", metavar="KIMG", type=float)
-@click.option("--snap", help="How often to save snapshots (and evaluate metrics)", metavar="TICKS", type=click.IntRange(min=1))
+@click.option(
+    "--snap", help="How often to save snapshots (and evaluate metrics)", metavar="TICKS", type=click.IntRange(min=1)
+)
 @click.option("--dump", help="How often to write training states", metavar="TICKS", type=click.IntRange(min=1))
-@click.option("--extra-snapshots/--no-extra-snapshots", "extra_snapshots", help="Also snapshot at kimg 0 and ticks 10, 20, ..., 100, as the official loop (official presets: on)", default=None)
+@click.option(
+    "--extra-snapshots/--no-extra-snapshots",
+    "extra_snapshots",
+    help="Also snapshot at kimg 0 and ticks 10, 20, ..., 100, as the official loop (official presets: on)",
+    default=None,
+)
 @click.option("--metrics", help="Metric of G_ema at snapshots", type=click.Choice(["fid", "fd-digits", "none"]))
-@click.option("--metric-num", "metric_num", help="Images per metric evaluation (50000 as the paper, 10000 for quick runs)", metavar="INT", type=click.IntRange(min=2))
-@click.option("--data-stat", "--data_stat", "data_stat", help="FID reference statistics (EDM npz)", metavar="NPZ|URL", type=str)
-@click.option("--vae", help="EDM2 latent teachers: the Stability VAE (local diffusers folder of stabilityai/sd-vae-ft-mse) that decodes grids and FID images", metavar="DIR", type=str)
-@click.option("--detector", help="Inception detector for FID (TorchScript .pt or pytorch-fid .pth)", metavar="PATH|URL", type=str)
-@click.option("--max-bad-steps", "max_bad_steps", help="Abort after this many consecutive steps with non-finite gradients", metavar="INT", type=click.IntRange(min=1))
+@click.option(
+    "--metric-num",
+    "metric_num",
+    help="Images per metric evaluation (50000 as the paper, 10000 for quick runs)",
+    metavar="INT",
+    type=click.IntRange(min=2),
+)
+@click.option(
+    "--data-stat", "--data_stat", "data_stat", help="FID reference statistics (EDM npz)", metavar="NPZ|URL", type=str
+)
+@click.option(
+    "--vae",
+    help="EDM2 latent teachers: the Stability VAE (local diffusers folder of stabilityai/sd-vae-ft-mse) that "
+    "decodes grids and FID images",
+    metavar="DIR",
+    type=str,
+)
+@click.option(
+    "--detector", help="Inception detector for FID (TorchScript .pt or pytorch-fid .pth)", metavar="PATH|URL", type=str
+)
+@click.option(
+    "--max-bad-steps",
+    "max_bad_steps",
+    help="Abort after this many consecutive steps with non-finite gradients",
+    metavar="INT",
+    type=click.IntRange(min=1),
+)
 @click.option("--seed", help="Random seed", metavar="INT", type=int)
-@click.option("--resume", help="Resume from a training state (file, or run directory for its latest)", metavar="PATH", type=str)
+@click.option(
+    "--resume", help="Resume from a training state (file, or run directory for its latest)", metavar="PATH", type=str
+)
 @click.option("--dry-run", "dry_run", help="Print the resolved configuration and exit", is_flag=True)
 def main(preset, dry_run, **flags):
     """Distill an EDM teacher into a one-step generator with SiD."""
@@ -90,11 +248,16 @@ def main(preset, dry_run, **flags):
             flags["duration"] = float(env_duration)
         except ValueError:
             raise click.ClickException(f"SID_FAST_DURATION={env_duration!r} is not a number of Mimg.") from None
-        print(f"SID_FAST_DURATION={env_duration}: training for {flags['duration'] * 1000:g} kimg instead of the preset's duration.")
+        print(
+            f"SID_FAST_DURATION={env_duration}: training for {flags['duration'] * 1000:g} kimg instead of the "
+            f"preset's duration."
+        )
     use_gan = flags.pop("use_gan")
     if use_gan is not None:
         if flags.get("method") is not None and flags["method"] != ("sida" if use_gan else "sid"):
-            raise click.ClickException(f"--use_gan {int(use_gan)} contradicts --method {flags['method']}; give one of them.")
+            raise click.ClickException(
+                f"--use_gan {int(use_gan)} contradicts --method {flags['method']}; give one of them."
+            )
         flags["method"] = "sida" if use_gan else "sid"
     try:
         cfg = resolve_config(preset, flags)

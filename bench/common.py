@@ -16,8 +16,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def environment() -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent,
-                                timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         commit = None
     try:
@@ -28,8 +32,9 @@ def environment() -> dict:
         triton_version = None
     cuda = torch.cuda.is_available()
     return dict(
-        device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads)",
+        device=torch.cuda.get_device_name()
+        if cuda
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         torch=torch.__version__,
         triton=triton_version,
         cuda=torch.version.cuda if cuda else None,

@@ -23,8 +23,20 @@ from pathlib import Path
 from bench.common import environment, read_fd_digits_run, write_jsonl
 
 # Settings recorded with each run (training_options.json keys).
-SETTINGS = ("batch", "lr", "glr", "g_beta1", "alpha", "ema", "duration", "tmax", "init_sigma", "dropout", "metric_num",
-            "teacher")
+SETTINGS = (
+    "batch",
+    "lr",
+    "glr",
+    "g_beta1",
+    "alpha",
+    "ema",
+    "duration",
+    "tmax",
+    "init_sigma",
+    "dropout",
+    "metric_num",
+    "teacher",
+)
 
 
 def steadiness(kimg: list[float], fd: list[float], skip: float = 0.3) -> float:
@@ -39,9 +51,17 @@ def read_run(path) -> dict:
     # The run's last log line: "Finished at K kimg: W s wall time, R img/s overall (...)".
     m = re.search(r"Finished at [0-9.]+ kimg: ([0-9.]+) s wall time, ([0-9.]+) img/s", (p / "log.txt").read_text())
     wall, rate = (float(m.group(1)), float(m.group(2))) if m else (None, None)
-    return dict(run=p.name, variant=opts.get("desc") or "default", seed=opts["seed"],
-                settings={k: opts.get(k) for k in SETTINGS}, kimg=[r["kimg"] for r in curve],
-                fd_digits=[r["fd_digits"] for r in curve], num=curve[-1].get("num"), wall_s=wall, img_per_s=rate)
+    return dict(
+        run=p.name,
+        variant=opts.get("desc") or "default",
+        seed=opts["seed"],
+        settings={k: opts.get(k) for k in SETTINGS},
+        kimg=[r["kimg"] for r in curve],
+        fd_digits=[r["fd_digits"] for r in curve],
+        num=curve[-1].get("num"),
+        wall_s=wall,
+        img_per_s=rate,
+    )
 
 
 def summary(runs: list[dict]) -> dict:
@@ -49,9 +69,15 @@ def summary(runs: list[dict]) -> dict:
     for v in sorted({r["variant"] for r in runs}):
         rs = [r for r in runs if r["variant"] == v]
         finals = [r["fd_digits"][-1] for r in rs]
-        out[v] = dict(seeds=[r["seed"] for r in rs], final=finals, mean=statistics.fmean(finals),
-                      worst=max(finals), steadiness=[steadiness(r["kimg"], r["fd_digits"]) for r in rs],
-                      kimg=rs[0]["kimg"][-1], wall_s=[r["wall_s"] for r in rs])
+        out[v] = dict(
+            seeds=[r["seed"] for r in rs],
+            final=finals,
+            mean=statistics.fmean(finals),
+            worst=max(finals),
+            steadiness=[steadiness(r["kimg"], r["fd_digits"]) for r in rs],
+            kimg=rs[0]["kimg"][-1],
+            wall_s=[r["wall_s"] for r in rs],
+        )
     return out
 
 
@@ -86,7 +112,9 @@ def teacher_fd(runs) -> float | None:
 
     teachers = {r["settings"].get("teacher") or str(DIGITS_TEACHER_PATH) for r in runs}
     if len(teachers) != 1:
-        raise SystemExit(f"bench.digits_study: the runs have different teachers ({sorted(teachers)}); study one at a time.")
+        raise SystemExit(
+            f"bench.digits_study: the runs have different teachers ({sorted(teachers)}); study one at a time."
+        )
     return load_network_file(teachers.pop())[1]["meta"].get("fd_digits_heun35")
 
 
@@ -108,12 +136,17 @@ def main():
         env = environment()
         teacher = teacher_fd(runs)
         s = summary(runs)
-        path = write_jsonl([dict(bench="digits_study", **r, **env) for r in runs] +
-                           [dict(bench="digits_study_summary", summary=s, teacher_fd_digits=teacher, **env)], a.out)
+        path = write_jsonl(
+            [dict(bench="digits_study", **r, **env) for r in runs]
+            + [dict(bench="digits_study_summary", summary=s, teacher_fd_digits=teacher, **env)],
+            a.out,
+        )
         print(f"teacher (Heun, 35 NFE): {teacher}")
         for v, x in s.items():
-            print(f"{v:>24}: final {', '.join(f'{f:.2f}' for f in x['final'])} (mean {x['mean']:.2f}) at "
-                  f"{x['kimg']:.1f} kimg; worst late / final {', '.join(f'{q:.2f}' for q in x['steadiness'])}")
+            print(
+                f"{v:>24}: final {', '.join(f'{f:.2f}' for f in x['final'])} (mean {x['mean']:.2f}) at "
+                f"{x['kimg']:.1f} kimg; worst late / final {', '.join(f'{q:.2f}' for q in x['steadiness'])}"
+            )
         print(f"-> {path}")
     if a.png:
         plot(runs, a.png, teacher)

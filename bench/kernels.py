@@ -32,12 +32,19 @@ import torch
 from bench.common import environment, write_jsonl
 
 SHAPES = {
-    "official": [("cifar10-ddpmpp-mb64", (64, 3, 32, 32)), ("imagenet64-adm-mb32", (32, 3, 64, 64)), ("large", (256, 3, 64, 64))],
+    "official": [
+        ("cifar10-ddpmpp-mb64", (64, 3, 32, 32)),
+        ("imagenet64-adm-mb32", (32, 3, 64, 64)),
+        ("large", (256, 3, 64, 64)),
+    ],
     "tiny": [("tiny", (2, 3, 8, 8))],
 }
 GN_SHAPES = {
-    "official": [("cifar10-ddpmpp-mb64", (64, 256, 32, 32), 32, False), ("imagenet64-adm-mb32", (32, 192, 64, 64), 32, True),
-                 ("large", (32, 384, 64, 64), 32, True)],
+    "official": [
+        ("cifar10-ddpmpp-mb64", (64, 256, 32, 32), 32, False),
+        ("imagenet64-adm-mb32", (32, 192, 64, 64), 32, True),
+        ("large", (32, 384, 64, 64), 32, True),
+    ],
     "tiny": [("tiny", (2, 16, 8, 8), 4, True)],
 }
 
@@ -101,8 +108,13 @@ def sid_loss_cases(shape, dtype, device):
 
     g = torch.Generator(device=device).manual_seed(0)
     base = [torch.randn(shape, device=device, generator=g).to(dtype) for _ in range(3)]
-    providers = _providers(lambda x, r, f, a: sid_loss_rows(x, r, f, a)[0],
-                           lambda x, r, f, a: sid_loss_rows_ref(x, r, f, a)[0], base, [1.2], device)
+    providers = _providers(
+        lambda x, r, f, a: sid_loss_rows(x, r, f, a)[0],
+        lambda x, r, f, a: sid_loss_rows_ref(x, r, f, a)[0],
+        base,
+        [1.2],
+        device,
+    )
     n = base[0].numel() * base[0].element_size()
     return providers, {"fwd": 3 * n, "bwd": 6 * n, "fwd+bwd": 9 * n}
 
@@ -113,8 +125,9 @@ def edm_loss_cases(shape, dtype, device):
     g = torch.Generator(device=device).manual_seed(0)
     D, y = (torch.randn(shape, device=device, generator=g).to(dtype) for _ in range(2))
     lam = torch.rand(shape[0], device=device, generator=g) + 0.5
-    providers = _providers(lambda d, t, w: edm_loss_rows(d, t, w)[0], lambda d, t, w: edm_loss_rows_ref(d, t, w)[0],
-                           [D], [y, lam], device)
+    providers = _providers(
+        lambda d, t, w: edm_loss_rows(d, t, w)[0], lambda d, t, w: edm_loss_rows_ref(d, t, w)[0], [D], [y, lam], device
+    )
     n = D.numel() * D.element_size()
     return providers, {"fwd": 2 * n, "bwd": 3 * n, "fwd+bwd": 5 * n}
 
@@ -126,7 +139,9 @@ def group_norm_silu_cases(shape, groups, modulate, dtype, device):
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(shape, device=device, generator=g).to(dtype)
     gamma, beta = torch.ones(c, device=device, dtype=dtype), torch.zeros(c, device=device, dtype=dtype)
-    mod = [0.1 * torch.randn(n_, c, device=device, generator=g).to(dtype) for _ in range(2)] if modulate else [None, None]
+    mod = (
+        [0.1 * torch.randn(n_, c, device=device, generator=g).to(dtype) for _ in range(2)] if modulate else [None, None]
+    )
 
     def kern(x, w, b, s=None, t=None):
         return group_norm_silu(x, w, b, groups, 1e-5, s, t)
@@ -142,9 +157,14 @@ def group_norm_silu_cases(shape, groups, modulate, dtype, device):
 
 ATTN_SHAPES = {
     # (label, N, heads, d, H=W)
-    "official": [("ddpmpp-mb64-L256", 64, 1, 256, 16), ("ddpmpp-mb64-L64", 64, 1, 256, 8),
-                 ("adm-mb32-L1024", 32, 6, 64, 32), ("adm-mb32-L256", 32, 9, 64, 16), ("adm-mb32-L64", 32, 12, 64, 8),
-                 ("L4096", 4, 1, 64, 64)],
+    "official": [
+        ("ddpmpp-mb64-L256", 64, 1, 256, 16),
+        ("ddpmpp-mb64-L64", 64, 1, 256, 8),
+        ("adm-mb32-L1024", 32, 6, 64, 32),
+        ("adm-mb32-L256", 32, 9, 64, 16),
+        ("adm-mb32-L64", 32, 12, 64, 8),
+        ("L4096", 4, 1, 64, 64),
+    ],
     "tiny": [("tiny", 2, 1, 16, 4)],
 }
 
@@ -154,9 +174,13 @@ def attention_cases(n, heads, d, res, dtype, device):
 
     g = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(n, heads * 3 * d, res, res, device=device, generator=g).to(dtype)
-    providers = {"triton": _modes(lambda x: flash_attention(x, heads), [qkv], []),
-                 "edm": _modes(lambda x: attention_edm(x, heads), [qkv], [])}
-    if device.type == "cuda":  # the kernel in channels_last: EDM's interleaved qkv order, and the blocked order UNetBlock feeds it
+    providers = {
+        "triton": _modes(lambda x: flash_attention(x, heads), [qkv], []),
+        "edm": _modes(lambda x: attention_edm(x, heads), [qkv], []),
+    }
+    if (
+        device.type == "cuda"
+    ):  # the kernel in channels_last: EDM's interleaved qkv order, and the blocked order UNetBlock feeds it
         from kernels.attention import blocked_order
 
         cl = qkv.contiguous(memory_format=torch.channels_last)
@@ -167,9 +191,15 @@ def attention_cases(n, heads, d, res, dtype, device):
 
     backends = {"sdpa-math": SDPBackend.MATH}
     if device.type == "cuda":
-        backends.update({"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
-                         "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION})
+        backends.update(
+            {
+                "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+                "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+            }
+        )
     for name, backend in backends.items():
+
         def sdpa(x, b=backend):
             with sdpa_kernel([b]):
                 return attention_sdpa(x, heads)
@@ -183,8 +213,10 @@ def attention_cases(n, heads, d, res, dtype, device):
         import xformers.ops as xops
 
         def xformers_attn(x):
-            q, k, v = (t.reshape(n, heads, d, res * res).permute(0, 3, 1, 2) for t in
-                       x.reshape(n * heads, d, 3, res * res).unbind(2))  # [N, L, heads, d]
+            q, k, v = (
+                t.reshape(n, heads, d, res * res).permute(0, 3, 1, 2)
+                for t in x.reshape(n * heads, d, 3, res * res).unbind(2)
+            )  # [N, L, heads, d]
             a = xops.memory_efficient_attention(q.contiguous(), k.contiguous(), v.contiguous())
             return a.permute(0, 2, 3, 1).reshape(n, heads * d, res, res)
 
@@ -208,8 +240,10 @@ def peak_memory_mb(fn, device) -> float:
 
 
 def run_attention(size, names, dtypes, device, env, records):
-    print(f"{'op':<10} {'shape':<20} {'dtype':<5} {'mode':<8} {'provider':<15} {'ms p50':>9} {'TFLOP/s':>8} "
-          f"{'peak MiB':>9} {'vs edm':>7} {'vs best sdpa':>12}")
+    print(
+        f"{'op':<10} {'shape':<20} {'dtype':<5} {'mode':<8} {'provider':<15} {'ms p50':>9} {'TFLOP/s':>8} "
+        f"{'peak MiB':>9} {'vs edm':>7} {'vs best sdpa':>12}"
+    )
     for dname in names:
         for label, n, heads, d, res in ATTN_SHAPES[size]:
             try:
@@ -231,13 +265,29 @@ def run_attention(size, names, dtypes, device, env, records):
                 best_sdpa = min(sdpa) if sdpa else float("nan")
                 for prov, (p50, p20, p80, mem) in rows.items():
                     tflops = flops[mode] / (p50 * 1e-3) / 1e12
-                    rec = dict(bench="kernels", op="attention", provider=prov, mode=mode, shape=[n, heads, d, res * res],
-                               shape_name=label, dtype=dname, ms_p50=p50, ms_p20=p20, ms_p80=p80, tflops=tflops,
-                               flops=flops[mode], peak_mem_mb=mem, speedup_vs_edm=rows["edm"][0] / p50,
-                               speedup_vs_best_sdpa=best_sdpa / p50, **env)
+                    rec = dict(
+                        bench="kernels",
+                        op="attention",
+                        provider=prov,
+                        mode=mode,
+                        shape=[n, heads, d, res * res],
+                        shape_name=label,
+                        dtype=dname,
+                        ms_p50=p50,
+                        ms_p20=p20,
+                        ms_p80=p80,
+                        tflops=tflops,
+                        flops=flops[mode],
+                        peak_mem_mb=mem,
+                        speedup_vs_edm=rows["edm"][0] / p50,
+                        speedup_vs_best_sdpa=best_sdpa / p50,
+                        **env,
+                    )
                     records.append(rec)
-                    print(f"{'attention':<10} {label:<20} {dname:<5} {mode:<8} {prov:<15} {p50:>9.4f} {tflops:>8.2f} "
-                          f"{mem:>9.1f} {rows['edm'][0] / p50:>6.2f}x {best_sdpa / p50:>11.2f}x")
+                    print(
+                        f"{'attention':<10} {label:<20} {dname:<5} {mode:<8} {prov:<15} {p50:>9.4f} {tflops:>8.2f} "
+                        f"{mem:>9.1f} {rows['edm'][0] / p50:>6.2f}x {best_sdpa / p50:>11.2f}x"
+                    )
 
 
 def main():
@@ -255,7 +305,10 @@ def main():
     copy_gbs = copy_bandwidth(device)
     records = []
     print(f"{env['device']}: device-to-device copy {copy_gbs:.0f} GB/s")
-    print(f"{'op':<15} {'shape':<22} {'dtype':<5} {'mode':<8} {'provider':<14} {'ms p50':>9} {'GB/s':>8} {'of copy':>8} {'speed-up':>9}")
+    print(
+        f"{'op':<15} {'shape':<22} {'dtype':<5} {'mode':<8} {'provider':<14} {'ms p50':>9} {'GB/s':>8} "
+        f"{'of copy':>8} {'speed-up':>9}"
+    )
     size = a.shapes or ("official" if device.type == "cuda" else "tiny")
     cases = []
     ops = set(a.ops.split(","))
@@ -265,8 +318,15 @@ def main():
             cases.append(("sid_loss", label, shape, dname, lambda s=shape, d=dt: sid_loss_cases(s, d, device)))
             cases.append(("edm_loss", label, shape, dname, lambda s=shape, d=dt: edm_loss_cases(s, d, device)))
         for label, shape, groups, mod in GN_SHAPES[size]:
-            cases.append(("group_norm_silu", label, shape, dname,
-                          lambda s=shape, gr=groups, m=mod, d=dt: group_norm_silu_cases(s, gr, m, d, device)))
+            cases.append(
+                (
+                    "group_norm_silu",
+                    label,
+                    shape,
+                    dname,
+                    lambda s=shape, gr=groups, m=mod, d=dt: group_norm_silu_cases(s, gr, m, d, device),
+                )
+            )
     cases = [c for c in cases if c[0] in ops]
     for op, label, shape, dname, build in cases:
         providers, nbytes = build()
@@ -284,12 +344,28 @@ def main():
                 if prov == "torch":
                     base_ms = p50
             for prov, p50, p20, p80, gbs in rows:
-                rec = dict(bench="kernels", op=op, provider=prov, mode=mode, shape=list(shape), shape_name=label,
-                           dtype=dname, ms_p50=p50, ms_p20=p20, ms_p80=p80, gb_s=gbs, copy_gb_s=copy_gbs,
-                           frac_of_copy=gbs / copy_gbs, speedup_vs_eager=base_ms / p50, **env)
+                rec = dict(
+                    bench="kernels",
+                    op=op,
+                    provider=prov,
+                    mode=mode,
+                    shape=list(shape),
+                    shape_name=label,
+                    dtype=dname,
+                    ms_p50=p50,
+                    ms_p20=p20,
+                    ms_p80=p80,
+                    gb_s=gbs,
+                    copy_gb_s=copy_gbs,
+                    frac_of_copy=gbs / copy_gbs,
+                    speedup_vs_eager=base_ms / p50,
+                    **env,
+                )
                 records.append(rec)
-                print(f"{op:<15} {str(shape):<22} {dname:<5} {mode:<8} {prov:<14} {p50:>9.4f} {gbs:>8.1f} "
-                      f"{gbs / copy_gbs:>8.1%} {base_ms / p50:>8.2f}x")
+                print(
+                    f"{op:<15} {str(shape):<22} {dname:<5} {mode:<8} {prov:<14} {p50:>9.4f} {gbs:>8.1f} "
+                    f"{gbs / copy_gbs:>8.1%} {base_ms / p50:>8.2f}x"
+                )
     if "attention" in ops:
         run_attention(size, names, dtypes, device, env, records)
     path = write_jsonl(records, a.out)

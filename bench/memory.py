@@ -127,8 +127,11 @@ class Ledger(TorchDispatchMode):
             self.held_by = dict(by)
             self.held_by_op = {k: v for k, v in by_op.items() if v}
         out = func(*args, **kwargs)
-        inputs = {s._cdata for s in (_storage(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor))
-                  if s is not None}
+        inputs = {
+            s._cdata
+            for s in (_storage(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor))
+            if s is not None
+        }
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
@@ -196,8 +199,9 @@ def _attention_flops(qkv_shape, num_heads, blocked, *args, out_shape=None, **kwa
 
 
 @register_flop_formula(torch.ops.sid_fast_kernels.edm_flash_attention_bwd)
-def _attention_bwd_flops(do_shape, qkv_shape, o_shape, lse_shape, num_heads, blocked, *args, out_shape=None,
-                         **kwargs) -> int:
+def _attention_bwd_flops(
+    do_shape, qkv_shape, o_shape, lse_shape, num_heads, blocked, *args, out_shape=None, **kwargs
+) -> int:
     n, c3, h, w = qkv_shape
     L, d = h * w, c3 // (3 * num_heads)
     return 10 * n * num_heads * L * L * d  # S recomputed, dV, dP, dQ, dK: five L x L x d products
@@ -217,11 +221,25 @@ def make_trainer(config: str, batch_gpu: int, options: dict, device: str = "meta
         class_name, kwargs = "EDMPrecond", dict(official_config(stem), use_fp16=False)
     with torch.device(device):
         teacher = build_network(class_name, kwargs)
-    cfg = resolve_config(preset, dict(teacher=f"<{stem}, random weights>", batch=batch_gpu, batch_gpu=batch_gpu,
-                                      metrics="none", augment=0.0, **options))
+    cfg = resolve_config(
+        preset,
+        dict(
+            teacher=f"<{stem}, random weights>",
+            batch=batch_gpu,
+            batch_gpu=batch_gpu,
+            metrics="none",
+            augment=0.0,
+            **options,
+        ),
+    )
     with torch.device(device):
-        tr = build_trainer(cfg, torch.device(device), log=lambda *a: None, teacher=teacher,
-                           student=Student(class_name, kwargs, teacher.state_dict()))
+        tr = build_trainer(
+            cfg,
+            torch.device(device),
+            log=lambda *a: None,
+            teacher=teacher,
+            student=Student(class_name, kwargs, teacher.state_dict()),
+        )
     return tr
 
 
@@ -240,8 +258,15 @@ def static_bytes(tr) -> dict:
     nets = dict(G=tr.G, G_ema=tr.G_ema, fake_score=tr.fake, teacher=tr.teacher)
     out = {f"weights_{k}": _storages_bytes([*v.parameters(), *v.buffers()]) for k, v in nets.items()}
     out["grads"] = _storages_bytes([p.grad for net in (tr.G, tr.fake) for p in net.parameters() if p.grad is not None])
-    out["adam"] = _storages_bytes([t for opt in (tr.opt_g, tr.opt_fake) for st in opt.state.values()
-                                   for t in st.values() if isinstance(t, torch.Tensor)])
+    out["adam"] = _storages_bytes(
+        [
+            t
+            for opt in (tr.opt_g, tr.opt_fake)
+            for st in opt.state.values()
+            for t in st.values()
+            if isinstance(t, torch.Tensor)
+        ]
+    )
     out["total"] = sum(out.values())
     return out
 
@@ -249,8 +274,12 @@ def static_bytes(tr) -> dict:
 def measure_phase(tr, phase: str) -> dict:
     """One phase of a warm trainer under the ledger, the saved-tensor hooks and the FLOP counter."""
     ledger = Ledger()
-    exclude = {s._cdata for net in (tr.G, tr.fake, tr.teacher, tr.G_ema) for t in (*net.parameters(), *net.buffers())
-               if (s := _storage(t)) is not None}
+    exclude = {
+        s._cdata
+        for net in (tr.G, tr.fake, tr.teacher, tr.G_ema)
+        for t in (*net.parameters(), *net.buffers())
+        if (s := _storage(t)) is not None
+    }
     saved = SavedTensors(ledger, exclude)
     run = tr.fake_score_phase if phase == "fake_score" else tr.generator_phase
     nets = dict(G=tr.G, teacher=tr.teacher, fake_score=tr.fake)
@@ -268,9 +297,17 @@ def measure_phase(tr, phase: str) -> dict:
     finally:
         gc.enable()
     measured = torch.cuda.max_memory_allocated(tr.device) - base if cuda else None
-    return dict(measured_peak=measured, held=ledger.bwd_start or 0, held_by=ledger.held_by, held_by_op=ledger.held_by_op, saved=sum(saved.by.values()),
-                saved_by=dict(saved.by), bwd_peak=ledger.bwd_peak, peak=ledger.peak,
-                flops=float(flops.get_total_flops()))
+    return dict(
+        measured_peak=measured,
+        held=ledger.bwd_start or 0,
+        held_by=ledger.held_by,
+        held_by_op=ledger.held_by_op,
+        saved=sum(saved.by.values()),
+        saved_by=dict(saved.by),
+        bwd_peak=ledger.bwd_peak,
+        peak=ledger.peak,
+        flops=float(flops.get_total_flops()),
+    )
 
 
 def measure(config: str, rung: str, options: dict, batches: tuple[int, int], device: str = "meta") -> dict:
@@ -282,8 +319,9 @@ def measure(config: str, rung: str, options: dict, batches: tuple[int, int], dev
         static = static_bytes(tr)
         per_batch[b] = {ph: measure_phase(tr, ph) for ph in PHASES}
     b0, b1 = batches
-    rec = dict(bench="memory", config=config, mode=rung, options=options, batches=list(batches), device=device,
-               static=static)
+    rec = dict(
+        bench="memory", config=config, mode=rung, options=options, batches=list(batches), device=device, static=static
+    )
     for ph in PHASES:
         m0, m1 = per_batch[b0][ph], per_batch[b1][ph]
         d = {}
@@ -318,7 +356,9 @@ def fit_batch_fsdp(rec: dict, capacity_gib: float, headroom_gib: float, world: i
     each phase's peak, is 1/world too. Not modelled: FSDP2's all-gather buffers of the block being run and the
     next one (for XXL about 0.7 GB at fp32), which the headroom has to cover."""
     st = rec["static"]
-    static = st["weights_teacher"] + st["weights_G_ema"] + (st["weights_G"] + st["weights_fake_score"] + st["adam"]) / world
+    static = (
+        st["weights_teacher"] + st["weights_G_ema"] + (st["weights_G"] + st["weights_fake_score"] + st["adam"]) / world
+    )
     budget = (capacity_gib - headroom_gib) * GiB - static
     best = None
     for ph, trained in (("fake_score", "weights_fake_score"), ("generator", "weights_G")):
@@ -336,16 +376,25 @@ def add_derived(records: list[dict], headroom_gib: float) -> None:
         step_flops = rec["fake_score"]["flops_per_image"] + rec["generator"]["flops_per_image"]
         base = next((r for r in records if r["config"] == rec["config"] and r["mode"] == "+kernels"), None)
         rec["derived"] = dict(
-            held_vs_reference={ph: rec[ph]["held"]["per_image"] / ref[ph]["held"]["per_image"] for ph in PHASES} if ref else None,
-            saved_vs_reference={ph: rec[ph]["saved"]["per_image"] / ref[ph]["saved"]["per_image"] for ph in PHASES} if ref else None,
+            held_vs_reference={ph: rec[ph]["held"]["per_image"] / ref[ph]["held"]["per_image"] for ph in PHASES}
+            if ref
+            else None,
+            saved_vs_reference={ph: rec[ph]["saved"]["per_image"] / ref[ph]["saved"]["per_image"] for ph in PHASES}
+            if ref
+            else None,
             recompute_flops_fraction=(
                 (rec["generator"]["flops_per_image"] - base["generator"]["flops_per_image"])
                 / (base["fake_score"]["flops_per_image"] + base["generator"]["flops_per_image"])
-                if base and rec["options"].get("checkpointing", "none") != "none" else 0.0),
+                if base and rec["options"].get("checkpointing", "none") != "none"
+                else 0.0
+            ),
             step_flops_per_image=step_flops,
             batch_gpu_fits={f"{cap}GB": fit_batch(rec, cap * 1e9 / GiB, headroom_gib) for cap in (80, 141)},
-            batch_gpu_fits_fsdp={f"{cap}GB x{n}": fit_batch_fsdp(rec, cap * 1e9 / GiB, headroom_gib, n)
-                                 for cap in (80, 141) for n in (2, 4, 8)},
+            batch_gpu_fits_fsdp={
+                f"{cap}GB x{n}": fit_batch_fsdp(rec, cap * 1e9 / GiB, headroom_gib, n)
+                for cap in (80, 141)
+                for n in (2, 4, 8)
+            },
             headroom_gib=headroom_gib,
         )
 
@@ -356,15 +405,22 @@ def main():
     ap.add_argument("--rungs", default=",".join(r for r, _ in RUNGS))
     ap.add_argument("--batches", default="2,4", help="two batch-gpu sizes: slope per image and intercept")
     ap.add_argument("--headroom-gib", type=float, default=2.0)
-    ap.add_argument("--device", default="meta", choices=["meta", "cuda", "cpu"],
-                    help="meta: shapes only (seconds); cuda: also torch.cuda.max_memory_allocated per phase, to check "
-                         "the prediction; cpu: real arithmetic (slow)")
+    ap.add_argument(
+        "--device",
+        default="meta",
+        choices=["meta", "cuda", "cpu"],
+        help="meta: shapes only (seconds); cuda: also torch.cuda.max_memory_allocated per phase, to check "
+        "the prediction; cpu: real arithmetic (slow)",
+    )
     ap.add_argument("--out", default="memory.jsonl")
     a = ap.parse_args()
     configs = a.configs.split(",")
     names = [r for r, _ in RUNGS]
     wanted = a.rungs.split(",")
-    for bad, known, flag in ((set(configs) - set(CONFIGS) - set(EDM2_CONFIGS), [*CONFIGS, *EDM2_CONFIGS], "--configs"), (set(wanted) - set(names), names, "--rungs")):
+    for bad, known, flag in (
+        (set(configs) - set(CONFIGS) - set(EDM2_CONFIGS), [*CONFIGS, *EDM2_CONFIGS], "--configs"),
+        (set(wanted) - set(names), names, "--rungs"),
+    ):
         if bad:
             raise SystemExit(f"{flag}: unknown {sorted(bad)}; known: {known}.")
     batches = tuple(int(b) for b in a.batches.split(","))
@@ -383,14 +439,20 @@ def main():
             rec["wall_s"] = time.perf_counter() - t0
             records.append(rec)
             g = rec["generator"]
-            print(f"{config:<10} {rung:<15} generator: held {g['held']['per_image'] / MiB:7.1f} MiB/img "
-                  f"(saved {g['saved']['per_image'] / MiB:7.1f}), bwd peak {g['bwd_peak']['per_image'] / MiB:7.1f} "
-                  f"MiB/img + {g['bwd_peak']['intercept'] / MiB:6.0f} MiB; fake score: held "
-                  f"{rec['fake_score']['held']['per_image'] / MiB:7.1f} MiB/img; static {rec['static']['total'] / GiB:.2f} "
-                  f"GiB ({rec['wall_s']:.0f} s)", flush=True)
+            print(
+                f"{config:<10} {rung:<15} generator: held {g['held']['per_image'] / MiB:7.1f} MiB/img "
+                f"(saved {g['saved']['per_image'] / MiB:7.1f}), bwd peak {g['bwd_peak']['per_image'] / MiB:7.1f} "
+                f"MiB/img + {g['bwd_peak']['intercept'] / MiB:6.0f} MiB; fake score: held "
+                f"{rec['fake_score']['held']['per_image'] / MiB:7.1f} MiB/img; static "
+                f"{rec['static']['total'] / GiB:.2f} "
+                f"GiB ({rec['wall_s']:.0f} s)",
+                flush=True,
+            )
             if "measured_vs_predicted_peak" in g:
-                print(f"{'':<27}generator peak: torch.cuda.max_memory_allocated / predicted = "
-                      f"{', '.join(f'{x:.3f}' for x in g['measured_vs_predicted_peak'])} at batch {a.batches}")
+                print(
+                    f"{'':<27}generator peak: torch.cuda.max_memory_allocated / predicted = "
+                    f"{', '.join(f'{x:.3f}' for x in g['measured_vs_predicted_peak'])} at batch {a.batches}"
+                )
     add_derived(records, a.headroom_gib)
     for r in records:
         r.update(env)

@@ -21,8 +21,13 @@ from bench.common import environment, read_fd_digits_run, write_jsonl
 
 def read_run(path) -> dict:
     p, opts, curve = read_fd_digits_run(path)
-    return dict(run=p.name, precision=opts["precision"], seed=opts["seed"], kimg=[r["kimg"] for r in curve],
-                fd_digits=[r["fd_digits"] for r in curve])
+    return dict(
+        run=p.name,
+        precision=opts["precision"],
+        seed=opts["seed"],
+        kimg=[r["kimg"] for r in curve],
+        fd_digits=[r["fd_digits"] for r in curve],
+    )
 
 
 def verdict(runs: list[dict], window: int) -> dict:
@@ -38,9 +43,15 @@ def verdict(runs: list[dict], window: int) -> dict:
         spread = statistics.stdev(tail[ref[0]]) if len(tail[ref[0]]) > 1 else 0.0
     lo, hi = max(0.0, min(ref_means) - 2 * spread), max(ref_means) + 2 * spread
     checks = {r["run"]: lo <= means[r["run"]] <= hi for r in runs if r["precision"] != "fp32"}
-    return dict(window=window, tail_means=means, reference_band=[lo, hi], spread=spread,
-                spread_from="fp32 runs' tail means" if len(ref) > 1 else "the fp32 run's own tail fluctuation",
-                within_band=checks, passed=all(checks.values()))
+    return dict(
+        window=window,
+        tail_means=means,
+        reference_band=[lo, hi],
+        spread=spread,
+        spread_from="fp32 runs' tail means" if len(ref) > 1 else "the fp32 run's own tail fluctuation",
+        within_band=checks,
+        passed=all(checks.values()),
+    )
 
 
 def plot(runs, path):
@@ -51,7 +62,12 @@ def plot(runs, path):
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
     for r in runs:
-        ax.plot(r["kimg"], r["fd_digits"], "o-" if r["precision"] == "fp32" else "s--", label=f"{r['precision']} seed {r['seed']}")
+        ax.plot(
+            r["kimg"],
+            r["fd_digits"],
+            "o-" if r["precision"] == "fp32" else "s--",
+            label=f"{r['precision']} seed {r['seed']}",
+        )
     ax.set_xlabel("generator images seen (kimg)")
     ax.set_ylabel("FD-digits")
     ax.set_yscale("log")
@@ -72,15 +88,21 @@ def main():
     runs = [read_run(p) for p in a.runs]
     v = verdict(runs, a.window)
     env = environment()
-    path = write_jsonl([dict(bench="precision_guard", **r, **env) for r in runs] +
-                       [dict(bench="precision_guard_verdict", **v, **env)], a.out)
+    path = write_jsonl(
+        [dict(bench="precision_guard", **r, **env) for r in runs] + [dict(bench="precision_guard_verdict", **v, **env)],
+        a.out,
+    )
     if a.png:
         plot(runs, a.png)
     for r in runs:
-        print(f"{r['run']}: {r['precision']} seed {r['seed']}: last {a.window} FD-digits {r['fd_digits'][-a.window:]} "
-              f"-> mean {v['tail_means'][r['run']]:.2f}")
-    print(f"fp32 band {v['reference_band'][0]:.2f}..{v['reference_band'][1]:.2f} (2 x spread {v['spread']:.2f}, from "
-          f"{v['spread_from']}); {'PASS' if v['passed'] else 'FAIL'} -> {path}")
+        print(
+            f"{r['run']}: {r['precision']} seed {r['seed']}: last {a.window} FD-digits {r['fd_digits'][-a.window :]} "
+            f"-> mean {v['tail_means'][r['run']]:.2f}"
+        )
+    print(
+        f"fp32 band {v['reference_band'][0]:.2f}..{v['reference_band'][1]:.2f} (2 x spread {v['spread']:.2f}, from "
+        f"{v['spread_from']}); {'PASS' if v['passed'] else 'FAIL'} -> {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -41,20 +41,29 @@ def _fmt(x, spec):
 def ladder_markdown(recs: list[dict]) -> str:
     env = recs[0]
     ref = next((r for r in recs if r["mode"] == "reference" and "error" not in r), None)
-    out = [f"Training-step ladder, {env['config']} at micro-batch {env['batch_gpu']}, on {env.get('device', '?')} "
-           f"(torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, commit {str(env.get('git_commit', '?'))[:10]})", "",
-           "| rung | img/s | vs reference | MFU | ceiling TFLOP/s | warm-up s | peak GB | peak/img vs reference |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"Training-step ladder, {env['config']} at micro-batch {env['batch_gpu']}, on {env.get('device', '?')} "
+        f"(torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, commit "
+        f"{str(env.get('git_commit', '?'))[:10]})",
+        "",
+        "| rung | img/s | vs reference | MFU | ceiling TFLOP/s | warm-up s | peak GB | peak/img vs reference |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in recs:
         if "error" in r:
             out.append(f"| {r['mode']} | failed: {r['error'][:80]} | | | | | | |")
             continue
         vs = r["img_per_s"] / ref["img_per_s"] if ref else float("nan")
-        mem = (r["peak_mem_gb_per_img"] / ref["peak_mem_gb_per_img"]
-               if ref and r.get("peak_mem_gb_per_img") and ref.get("peak_mem_gb_per_img") else None)
-        out.append(f"| {r['mode']} | {_fmt(r['img_per_s'], '.1f')} | {_fmt(vs, '.2f')}x | {_fmt(r['mfu'], '.1%')} | "
-                   f"{_fmt(r['matmul_ceiling_tflops'], '.1f')} ({r.get('matmul_ceiling_dtype', '?')}) | "
-                   f"{_fmt(r['warmup_s'], '.1f')} | {_fmt(r.get('peak_mem_gb'), '.2f')} | {_fmt(mem, '.2f')} |")
+        mem = (
+            r["peak_mem_gb_per_img"] / ref["peak_mem_gb_per_img"]
+            if ref and r.get("peak_mem_gb_per_img") and ref.get("peak_mem_gb_per_img")
+            else None
+        )
+        out.append(
+            f"| {r['mode']} | {_fmt(r['img_per_s'], '.1f')} | {_fmt(vs, '.2f')}x | {_fmt(r['mfu'], '.1%')} | "
+            f"{_fmt(r['matmul_ceiling_tflops'], '.1f')} ({r.get('matmul_ceiling_dtype', '?')}) | "
+            f"{_fmt(r['warmup_s'], '.1f')} | {_fmt(r.get('peak_mem_gb'), '.2f')} | {_fmt(mem, '.2f')} |"
+        )
     return "\n".join(out)
 
 
@@ -86,20 +95,25 @@ def static_markdown(recs: list[dict]) -> str:
     spill among listed-but-pruned ones, and the instructions the kept ones use."""
     env = recs[0]
     arch = env.get("arch")
-    out = [f"Static survey for sm_{arch} (shared memory limit {env.get('smem_limit', 0) // 1024} KB per block), triton "
-           f"{env.get('triton', '?')}, commit {str(env.get('git_commit', '?'))[:10]}: {len(recs)} cases, "
-           f"{sum(1 for r in recs if not r.get('same_binary_as') and not r.get('routed'))} distinct compiles, "
-           f"{sum(r.get('compile_s', 0) for r in recs):.0f} s of compile time", "",
-           "| kernel | dtype | layout | shapes | kept / listed | kept clean | max regs | max shared KB | "
-           "pruned: worst spill B / shared KB | MMA | cp.async | ld.v4 | scalar 16-bit loads |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"Static survey for sm_{arch} (shared memory limit {env.get('smem_limit', 0) // 1024} KB per block), triton "
+        f"{env.get('triton', '?')}, commit {str(env.get('git_commit', '?'))[:10]}: {len(recs)} cases, "
+        f"{sum(1 for r in recs if not r.get('same_binary_as') and not r.get('routed'))} distinct compiles, "
+        f"{sum(r.get('compile_s', 0) for r in recs):.0f} s of compile time",
+        "",
+        "| kernel | dtype | layout | shapes | kept / listed | kept clean | max regs | max shared KB | "
+        "pruned: worst spill B / shared KB | MMA | cp.async | ld.v4 | scalar 16-bit loads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     groups = defaultdict(list)
     for r in recs:
         groups[(r["kernel"], r["dtype"], r["layout"])].append(r)
     for (kern, dt, layout), rows in groups.items():
         shapes = len({r["shape"] for r in rows})
         if all(r.get("routed") for r in rows):
-            out.append(f"| attention (all) | {dt} | {layout} | {shapes} | routed to {rows[0]['routed']} | | | | | | | | |")
+            out.append(
+                f"| attention (all) | {dt} | {layout} | {shapes} | routed to {rows[0]['routed']} | | | | | | | | |"
+            )
             continue
         kept = [r for r in rows if r["kept"]]
         pruned = [r for r in rows if not r["kept"] and r.get("ok")]
@@ -110,28 +124,34 @@ def static_markdown(recs: list[dict]) -> str:
         out.append(
             f"| {kern} | {dt} | {layout} | {shapes} | {len(kept)} / {len(rows)} | {len(clean)} / {len(kept)} | "
             f"{mx(ok_kept, 'registers')} | {mx(ok_kept, 'shared') / 1024:.0f} | "
-            f"{mx(pruned, 'spills') if pruned else '-'} / {mx(pruned, 'shared') / 1024:.0f} | {', '.join(mma) or '-'} | "
+            f"{mx(pruned, 'spills') if pruned else '-'} / {mx(pruned, 'shared') / 1024:.0f} | "
+            f"{', '.join(mma) or '-'} | "
             f"{'yes' if any(r.get('cp_async') for r in ok_kept) else 'no'} | "
             f"{'yes' if any(r.get('ld_v4') for r in ok_kept) else 'no'} | "
-            f"{'yes' if any(r.get('ld_b16_scalar') for r in ok_kept) else 'no'} |")
+            f"{'yes' if any(r.get('ld_b16_scalar') for r in ok_kept) else 'no'} |"
+        )
     return "\n".join(out)
 
 
 def memory_markdown(recs: list[dict]) -> str:
     """bench.memory: per config and rung, the generator phase's bytes per image against the reference rung."""
     MiB, GiB = 2**20, 2**30
-    rows = ["| config | rung | generator held MiB/img | vs reference | saved (hooks) MiB/img | backward peak MiB/img "
-            "+ per batch | fake-score phase held MiB/img | recompute FLOPs | static GiB | batch-gpu fits 80 / 141 GB |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| config | rung | generator held MiB/img | vs reference | saved (hooks) MiB/img | backward peak MiB/img "
+        "+ per batch | fake-score phase held MiB/img | recompute FLOPs | static GiB | batch-gpu fits 80 / 141 GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in recs:
         g, f, d = r["generator"], r["fake_score"], r.get("derived", {})
         ratio = (d.get("held_vs_reference") or {}).get("generator")
         fits = d.get("batch_gpu_fits", {})
-        rows.append(f"| {r['config']} | {r['mode']} | {g['held']['per_image'] / MiB:.1f} | {_fmt(ratio, '.3f')}x | "
-                    f"{g['saved']['per_image'] / MiB:.1f} | {g['bwd_peak']['per_image'] / MiB:.1f} + "
-                    f"{g['bwd_peak']['intercept'] / MiB:.0f} | {f['held']['per_image'] / MiB:.1f} | "
-                    f"{_fmt(100 * d.get('recompute_flops_fraction', float('nan')), '.1f')}% | "
-                    f"{r['static']['total'] / GiB:.2f} | {fits.get('80GB', 'n/a')} / {fits.get('141GB', 'n/a')} |")
+        rows.append(
+            f"| {r['config']} | {r['mode']} | {g['held']['per_image'] / MiB:.1f} | {_fmt(ratio, '.3f')}x | "
+            f"{g['saved']['per_image'] / MiB:.1f} | {g['bwd_peak']['per_image'] / MiB:.1f} + "
+            f"{g['bwd_peak']['intercept'] / MiB:.0f} | {f['held']['per_image'] / MiB:.1f} | "
+            f"{_fmt(100 * d.get('recompute_flops_fraction', float('nan')), '.1f')}% | "
+            f"{r['static']['total'] / GiB:.2f} | {fits.get('80GB', 'n/a')} / {fits.get('141GB', 'n/a')} |"
+        )
     return "\n".join(rows)
 
 
@@ -143,8 +163,12 @@ def markdown(recs: list[dict]) -> str:
     if recs[0]["bench"] == "train_step":
         return ladder_markdown(recs)
     env = recs[0]
-    out = [f"Kernel benchmarks on {env.get('device', '?')} (torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
-           f"commit {str(env.get('git_commit', '?'))[:10]})", ""]
+    out = [
+        f"Kernel benchmarks on {env.get('device', '?')} (torch {env.get('torch', '?')}, triton "
+        f"{env.get('triton', '?')}, "
+        f"commit {str(env.get('git_commit', '?'))[:10]})",
+        "",
+    ]
     by_op = defaultdict(list)
     for r in recs:
         by_op[r["op"]].append(r)
@@ -152,20 +176,27 @@ def markdown(recs: list[dict]) -> str:
         out.append(f"### {op}")
         out.append("")
         if op == "attention":
-            out.append("| shape | dtype | mode | provider | ms p50 (p20-p80) | TFLOP/s | peak MiB | vs edm | vs best SDPA |")
+            out.append(
+                "| shape | dtype | mode | provider | ms p50 (p20-p80) | TFLOP/s | peak MiB | vs edm | vs best SDPA |"
+            )
             out.append("|---|---|---|---|---|---|---|---|---|")
             for r in rows:
-                out.append(f"| {r['shape_name']} {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
-                           f"{_fmt(r['ms_p50'], '.4f')} ({_fmt(r['ms_p20'], '.4f')}-{_fmt(r['ms_p80'], '.4f')}) | "
-                           f"{_fmt(r['tflops'], '.2f')} | {_fmt(r['peak_mem_mb'], '.1f')} | "
-                           f"{_fmt(r['speedup_vs_edm'], '.2f')}x | {_fmt(r['speedup_vs_best_sdpa'], '.2f')}x |")
+                out.append(
+                    f"| {r['shape_name']} {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
+                    f"{_fmt(r['ms_p50'], '.4f')} ({_fmt(r['ms_p20'], '.4f')}-{_fmt(r['ms_p80'], '.4f')}) | "
+                    f"{_fmt(r['tflops'], '.2f')} | {_fmt(r['peak_mem_mb'], '.1f')} | "
+                    f"{_fmt(r['speedup_vs_edm'], '.2f')}x | {_fmt(r['speedup_vs_best_sdpa'], '.2f')}x |"
+                )
         else:
             out.append("| shape | dtype | mode | provider | ms p50 (p20-p80) | GB/s | of copy | vs eager |")
             out.append("|---|---|---|---|---|---|---|---|")
             for r in rows:
-                out.append(f"| {r['shape_name']} {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
-                           f"{_fmt(r['ms_p50'], '.4f')} ({_fmt(r['ms_p20'], '.4f')}-{_fmt(r['ms_p80'], '.4f')}) | "
-                           f"{_fmt(r['gb_s'], '.1f')} | {_fmt(r['frac_of_copy'], '.1%')} | {_fmt(r['speedup_vs_eager'], '.2f')}x |")
+                out.append(
+                    f"| {r['shape_name']} {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
+                    f"{_fmt(r['ms_p50'], '.4f')} ({_fmt(r['ms_p20'], '.4f')}-{_fmt(r['ms_p80'], '.4f')}) | "
+                    f"{_fmt(r['gb_s'], '.1f')} | {_fmt(r['frac_of_copy'], '.1%')} | "
+                    f"{_fmt(r['speedup_vs_eager'], '.2f')}x |"
+                )
         out.append("")
     return "\n".join(out)
 

@@ -32,8 +32,16 @@ def read_run(path) -> dict:
     method, lsg_gan = opts.get("method", "sid"), opts.get("lsg_gan")
     # The arm: SiD, SiDA at the official --lsg-gan 0.01, or SiDA with another GAN weight (the weight study).
     arm = method if method == "sid" or lsg_gan == 0.01 else f"sida lsg_gan {lsg_gan:g}"
-    return dict(run=p.name, method=method, arm=arm, lsg_gan=lsg_gan, seed=opts["seed"],
-                kimg=[r["kimg"] for r in curve], fd_digits=[r["fd_digits"] for r in curve], num=curve[-1].get("num"))
+    return dict(
+        run=p.name,
+        method=method,
+        arm=arm,
+        lsg_gan=lsg_gan,
+        seed=opts["seed"],
+        kimg=[r["kimg"] for r in curve],
+        fd_digits=[r["fd_digits"] for r in curve],
+        num=curve[-1].get("num"),
+    )
 
 
 def arm(r: dict) -> str:
@@ -46,9 +54,15 @@ def summary(runs: list[dict]) -> dict:
         rs = [r for r in runs if arm(r) == m]
         finals = [r["fd_digits"][-1] for r in rs]
         last3 = [statistics.fmean(r["fd_digits"][-3:]) for r in rs]
-        out[m] = dict(seeds=[r["seed"] for r in rs], final=finals, mean=statistics.fmean(finals),
-                      stdev=statistics.stdev(finals) if len(finals) > 1 else 0.0, last3=last3,
-                      last3_mean=statistics.fmean(last3), kimg=[r["kimg"][-1] for r in rs])
+        out[m] = dict(
+            seeds=[r["seed"] for r in rs],
+            final=finals,
+            mean=statistics.fmean(finals),
+            stdev=statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            last3=last3,
+            last3_mean=statistics.fmean(last3),
+            kimg=[r["kimg"][-1] for r in rs],
+        )
     return out
 
 
@@ -65,8 +79,14 @@ def plot(runs, path):
     for m in arms:
         colors.setdefault(m, palette[(len(colors)) % len(palette)])
     for r in runs:
-        ax.plot(r["kimg"], r["fd_digits"], "o-" if r["method"] == "sid" else "s--", color=colors[arm(r)],
-                alpha=0.8, label=f"{arm(r)} seed {r['seed']}")
+        ax.plot(
+            r["kimg"],
+            r["fd_digits"],
+            "o-" if r["method"] == "sid" else "s--",
+            color=colors[arm(r)],
+            alpha=0.8,
+            label=f"{arm(r)} seed {r['seed']}",
+        )
     ax.set_xlabel("images seen (kimg)")
     ax.set_ylabel("FD-digits of G_ema")
     ax.set_yscale("log")
@@ -93,11 +113,16 @@ def main():
         runs = [read_run(p) for p in a.runs]
         env = environment()
         s = summary(runs)
-        path = write_jsonl([dict(bench="sida_digits", **r, **env) for r in runs] +
-                           [dict(bench="sida_digits_summary", summary=s, **env)], a.out)
+        path = write_jsonl(
+            [dict(bench="sida_digits", **r, **env) for r in runs]
+            + [dict(bench="sida_digits_summary", summary=s, **env)],
+            a.out,
+        )
         for m, v in s.items():
-            print(f"{m}: final FD-digits {', '.join(f'{x:.2f}' for x in v['final'])} at kimg {v['kimg']} -> mean "
-                  f"{v['mean']:.2f} +- {v['stdev']:.2f}; mean of the last three evaluations {v['last3_mean']:.2f}")
+            print(
+                f"{m}: final FD-digits {', '.join(f'{x:.2f}' for x in v['final'])} at kimg {v['kimg']} -> mean "
+                f"{v['mean']:.2f} +- {v['stdev']:.2f}; mean of the last three evaluations {v['last3_mean']:.2f}"
+            )
         print(f"-> {path}")
     if a.png:
         plot(runs, a.png)

@@ -94,10 +94,18 @@ def probe_discriminator(trainer, n: int, seed: int) -> list[dict]:
             continue
         r, f = lr[m], lf[m]
         bce = 0.5 * (torch.nn.functional.softplus(-r).mean() + torch.nn.functional.softplus(f).mean())
-        rows.append(dict(sigma_lo=lo, sigma_hi=hi if hi < math.inf else None, count=int(m.sum()),
-                         logit_real=float(r.mean()), logit_fake=float(f.mean()),
-                         accuracy=float(0.5 * ((r > 0).float().mean() + (f < 0).float().mean())),
-                         auc=auc(r, f), bce=float(bce)))
+        rows.append(
+            dict(
+                sigma_lo=lo,
+                sigma_hi=hi if hi < math.inf else None,
+                count=int(m.sum()),
+                logit_real=float(r.mean()),
+                logit_fake=float(f.mean()),
+                accuracy=float(0.5 * ((r > 0).float().mean() + (f < 0).float().mean())),
+                auc=auc(r, f),
+                bce=float(bce),
+            )
+        )
     return rows
 
 
@@ -132,14 +140,23 @@ def probe_gradients(trainer, n: int, seed: int, draws=None) -> dict:
     params = [p for p in G.parameters() if p.requires_grad]
     terms = {"sid": 0.5 * cfg.lsg * loss_sid / n, "gan": 0.5 * cfg.lsg_gan * loss_gan / n}
     grads = {k: torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) for k, v in terms.items()}
-    flat = {k: torch.cat([(torch.zeros_like(p) if x is None else x).flatten() for x, p in zip(v, params)])
-            for k, v in grads.items()}
+    flat = {
+        k: torch.cat([(torch.zeros_like(p) if x is None else x).flatten() for x, p in zip(v, params)])
+        for k, v in grads.items()
+    }
     ns, ng = flat["sid"].norm(), flat["gan"].norm()
     G.eval().requires_grad_(False)
-    return dict(grad_sid=float(ns), grad_gan=float(ng), ratio_gan_sid=float(ng / ns),
-                cosine=float(flat["sid"] @ flat["gan"] / (ns * ng)), lsg=cfg.lsg, lsg_gan=cfg.lsg_gan,
-                logits_mean=float(logits.detach().float().mean()), w_mean=float(w.detach().mean()),
-                grads={k: [None if x is None else x.detach() for x in v] for k, v in grads.items()})
+    return dict(
+        grad_sid=float(ns),
+        grad_gan=float(ng),
+        ratio_gan_sid=float(ng / ns),
+        cosine=float(flat["sid"] @ flat["gan"] / (ns * ng)),
+        lsg=cfg.lsg,
+        lsg_gan=cfg.lsg_gan,
+        logits_mean=float(logits.detach().float().mean()),
+        w_mean=float(w.detach().mean()),
+        grads={k: [None if x is None else x.detach() for x in v] for k, v in grads.items()},
+    )
 
 
 def discriminator_learning(run_dir: Path, steps: int, every: int, n: int, seed: int, lsd: float | None):
@@ -160,9 +177,12 @@ def discriminator_learning(run_dir: Path, steps: int, every: int, n: int, seed: 
             gr = probe_gradients(tr, n, seed)
             gr.pop("grads")
             rows.append(dict(step=k, discriminator=d, gradients=gr))
-            print(f"{run_dir.name} D alone, step {k:4d}: AUC by sigma band "
-                  + " ".join(f"{r['auc']:.2f}" for r in d) + f"  |grad gan|/|grad sid| {gr['ratio_gan_sid']:.2e}",
-                  flush=True)
+            print(
+                f"{run_dir.name} D alone, step {k:4d}: AUC by sigma band "
+                + " ".join(f"{r['auc']:.2f}" for r in d)
+                + f"  |grad gan|/|grad sid| {gr['ratio_gan_sid']:.2e}",
+                flush=True,
+            )
         if k < steps:
             tr.fake_score_phase()
             tr.cur_nimg += tr.cfg.batch
@@ -179,8 +199,9 @@ def snapshot_samples(snapshot: Path, seeds) -> torch.Tensor:
     return torch.cat([generate(net, info, seeds[i : i + 256], "cpu") for i in range(0, len(seeds), 256)])
 
 
-def separability(snapshot: Path, sigmas=(0.0, 0.3, 1.0), steps: int = 600, seed: int = 0,
-                 round_fakes: bool = True) -> list[dict]:
+def separability(
+    snapshot: Path, sigmas=(0.0, 0.3, 1.0), steps: int = 600, seed: int = 0, round_fakes: bool = True
+) -> list[dict]:
     """Can a dedicated discriminator tell the generator's digits from real ones? For each noise level, a small CNN
     (FD-digits' feature network's shape, fresh weights, a binary head) trained on 1,200 real and 1,200 generated
     images with that noise added to both, scored by its AUC on the 597 held-out real digits and 597 new fakes. The
@@ -225,8 +246,10 @@ def metric_noise(snapshot: Path, metric_num: int, sets: int) -> list[float]:
     from sid_fast.metrics.digits import fd_digits
 
     # disjoint seed sets, none the training run's own (10,000,000 + i)
-    return [fd_digits(snapshot_samples(snapshot, range(20_000_000 + k * metric_num, 20_000_000 + (k + 1) * metric_num)))
-            for k in range(sets)]
+    return [
+        fd_digits(snapshot_samples(snapshot, range(20_000_000 + k * metric_num, 20_000_000 + (k + 1) * metric_num)))
+        for k in range(sets)
+    ]
 
 
 def main():
@@ -234,17 +257,33 @@ def main():
     ap.add_argument("runs", nargs="+", help="train.py run directories (digits or digits-sida)")
     ap.add_argument("--n", type=int, default=1024, help="draws per probe")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--states", default="all", choices=("all", "last", "none"),
-                    help="which training states to probe ('none': only --separability or --metric-noise)")
+    ap.add_argument(
+        "--states",
+        default="all",
+        choices=("all", "last", "none"),
+        help="which training states to probe ('none': only --separability or --metric-noise)",
+    )
     ap.add_argument("--metric-noise", action="store_true")
     ap.add_argument("--noise-sets", type=int, default=5)
-    ap.add_argument("--separability", default="", metavar="STEPS,...",
-                    help="also: a dedicated CNN's held-out AUC on real vs the last snapshot's digits, per noise level "
-                         "(0, 0.3, 1), after each of these numbers of training steps (e.g. 200,600,2000,6000)")
-    ap.add_argument("--no-round", action="store_true",
-                    help="with --separability: do not round the generated digits to the data's grey levels")
-    ap.add_argument("--train-d", type=int, default=0, metavar="STEPS",
-                    help="instead: train the discriminator alone for STEPS steps against each run's last generator")
+    ap.add_argument(
+        "--separability",
+        default="",
+        metavar="STEPS,...",
+        help="also: a dedicated CNN's held-out AUC on real vs the last snapshot's digits, per noise level "
+        "(0, 0.3, 1), after each of these numbers of training steps (e.g. 200,600,2000,6000)",
+    )
+    ap.add_argument(
+        "--no-round",
+        action="store_true",
+        help="with --separability: do not round the generated digits to the data's grey levels",
+    )
+    ap.add_argument(
+        "--train-d",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="instead: train the discriminator alone for STEPS steps against each run's last generator",
+    )
     ap.add_argument("--every", type=int, default=25, help="with --train-d: probe every this many steps")
     ap.add_argument("--lsd", type=float, help="with --train-d: the discriminator's weight (default: the run's)")
     ap.add_argument("--out", default="sida_probe.jsonl")
@@ -255,33 +294,66 @@ def main():
     for rd in map(Path, a.runs):
         if a.train_d:
             opts, rows = discriminator_learning(rd, a.train_d, a.every, a.n, a.seed, a.lsd)
-            recs.append(dict(bench="sida_probe_d_alone", run=rd.name, method=opts.get("method", "sid"),
-                             seed=opts["seed"], lsd=a.lsd if a.lsd is not None else opts.get("lsd"),
-                             lr=opts["lr"], batch=opts["batch"], curve=rows, **env))
+            recs.append(
+                dict(
+                    bench="sida_probe_d_alone",
+                    run=rd.name,
+                    method=opts.get("method", "sid"),
+                    seed=opts["seed"],
+                    lsd=a.lsd if a.lsd is not None else opts.get("lsd"),
+                    lr=opts["lr"],
+                    batch=opts["batch"],
+                    curve=rows,
+                    **env,
+                )
+            )
             continue
         states = sorted(rd.glob("training-state-*.pt"))
         states = {"all": states, "last": states[-1:], "none": []}[a.states]
         for sp in states:
             opts, tr = load_trainer(rd, sp)
-            rec = dict(bench="sida_probe", run=rd.name, method=opts.get("method", "sid"), seed=opts["seed"],
-                       lsg_gan=opts.get("lsg_gan"), kimg=tr.cur_nimg / 1e3,
-                       discriminator=probe_discriminator(tr, a.n, a.seed), gradients=probe_gradients(tr, a.n, a.seed))
+            rec = dict(
+                bench="sida_probe",
+                run=rd.name,
+                method=opts.get("method", "sid"),
+                seed=opts["seed"],
+                lsg_gan=opts.get("lsg_gan"),
+                kimg=tr.cur_nimg / 1e3,
+                discriminator=probe_discriminator(tr, a.n, a.seed),
+                gradients=probe_gradients(tr, a.n, a.seed),
+            )
             rec["gradients"].pop("grads")
             d, gr = rec["discriminator"], rec["gradients"]
-            print(f"{rd.name} {rec['kimg']:6.1f} kimg  D AUC by sigma band "
-                  + " ".join(f"{r['auc']:.2f}" for r in d)
-                  + f"  |grad gan|/|grad sid| {gr['ratio_gan_sid']:.2e} cos {gr['cosine']:+.3f}", flush=True)
+            print(
+                f"{rd.name} {rec['kimg']:6.1f} kimg  D AUC by sigma band "
+                + " ".join(f"{r['auc']:.2f}" for r in d)
+                + f"  |grad gan|/|grad sid| {gr['ratio_gan_sid']:.2e} cos {gr['cosine']:+.3f}",
+                flush=True,
+            )
             recs.append(dict(rec, **env))
         if a.separability:
             opts = json.loads((rd / "training_options.json").read_text())
             snap = sorted(rd.glob("network-snapshot-*.pt"))[-1]
             for steps in map(int, a.separability.split(",")):
                 rows = separability(snap, steps=steps, seed=a.seed, round_fakes=not a.no_round)
-                recs.append(dict(bench="sida_separability", run=rd.name, method=opts.get("method", "sid"),
-                                 seed=opts["seed"], snapshot=snap.name, steps=steps, round_fakes=not a.no_round,
-                                 levels=rows, **env))
-                print(f"{rd.name} {snap.name}: a dedicated CNN's held-out AUC after {steps} steps at sigma "
-                      + ", ".join(f"{r['sigma']:g}: {r['auc']:.3f}" for r in rows), flush=True)
+                recs.append(
+                    dict(
+                        bench="sida_separability",
+                        run=rd.name,
+                        method=opts.get("method", "sid"),
+                        seed=opts["seed"],
+                        snapshot=snap.name,
+                        steps=steps,
+                        round_fakes=not a.no_round,
+                        levels=rows,
+                        **env,
+                    )
+                )
+                print(
+                    f"{rd.name} {snap.name}: a dedicated CNN's held-out AUC after {steps} steps at sigma "
+                    + ", ".join(f"{r['sigma']:g}: {r['auc']:.3f}" for r in rows),
+                    flush=True,
+                )
         if a.metric_noise:
             opts = json.loads((rd / "training_options.json").read_text())
             curve = [json.loads(x) for x in (rd / "metric-fd_digits.jsonl").read_text().splitlines() if x.strip()]
@@ -289,12 +361,23 @@ def main():
                 kimg = int(snap.stem.rsplit("-", 1)[1])
                 fds = metric_noise(snap, opts["metric_num"], a.noise_sets)
                 own = [r["fd_digits"] for r in curve if r.get("snapshot") == snap.name]
-                rec = dict(bench="sida_metric_noise", run=rd.name, method=opts.get("method", "sid"),
-                           seed=opts["seed"], kimg=kimg, metric_num=opts["metric_num"], fd_digits_sets=fds,
-                           mean=statistics.fmean(fds), stdev=statistics.stdev(fds) if len(fds) > 1 else 0.0,
-                           fd_digits_run=own[0] if own else None)
-                print(f"{rd.name} snapshot {kimg:3d} kimg  FD-digits over {len(fds)} sample sets: "
-                      f"{rec['mean']:.2f} +- {rec['stdev']:.2f} (the run's own: {rec['fd_digits_run']})", flush=True)
+                rec = dict(
+                    bench="sida_metric_noise",
+                    run=rd.name,
+                    method=opts.get("method", "sid"),
+                    seed=opts["seed"],
+                    kimg=kimg,
+                    metric_num=opts["metric_num"],
+                    fd_digits_sets=fds,
+                    mean=statistics.fmean(fds),
+                    stdev=statistics.stdev(fds) if len(fds) > 1 else 0.0,
+                    fd_digits_run=own[0] if own else None,
+                )
+                print(
+                    f"{rd.name} snapshot {kimg:3d} kimg  FD-digits over {len(fds)} sample sets: "
+                    f"{rec['mean']:.2f} +- {rec['stdev']:.2f} (the run's own: {rec['fd_digits_run']})",
+                    flush=True,
+                )
                 recs.append(dict(rec, **env))
     path = write_jsonl(recs, a.out)
     print(f"wrote {len(recs)} records to {path}")

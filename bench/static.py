@@ -168,32 +168,42 @@ def compile_case(case: Case, arch: int, timeout: int = 0) -> dict:
         signal.alarm(timeout)
     try:
         fn = _jit_fn(case.module, case.attr)
-        sig, constexprs, attrs = specialise(fn, {**case.args, **{k: v for k, v in case.config.items()
-                                                                  if not k.startswith("num_")}})
+        sig, constexprs, attrs = specialise(
+            fn, {**case.args, **{k: v for k, v in case.config.items() if not k.startswith("num_")}}
+        )
         knobs.nvidia.dump_ptxas_log = True
         knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                               options=dict(num_warps=case.config["num_warps"],
-                                            num_stages=case.config.get("num_stages", 3)))
+            k = triton.compile(
+                ASTSource(fn, sig, constexprs, attrs),
+                target=GPUTarget("cuda", arch, 32),
+                options=dict(num_warps=case.config["num_warps"], num_stages=case.config.get("num_stages", 3)),
+            )
         log = buf.getvalue()
         regs, spill = _PTXAS.search(log), _SPILL.search(log)
         ptx = k.asm["ptx"]
         counts = {name: len(re.findall(pat, ptx)) for name, pat in PTX_COUNTS.items()}
         shared = int(k.metadata.shared)
         rec["ptx_sha256"] = __import__("hashlib").sha256(re.sub(r"//.*", "", ptx).encode()).hexdigest()[:16]
-        rec.update(ok=True, registers=int(regs.group(1)) if regs else None,
-                   spill_stores=int(spill.group(1)) if spill else None,
-                   spill_loads=int(spill.group(2)) if spill else None,
-                   shared=shared, fits=shared <= SMEM_LIMIT[arch],
-                   mma="wgmma" if counts["wgmma"] else "mma.sync" if counts["mma_sync"] else "none",
-                   mma_count=counts["wgmma"] or counts["mma_sync"], **counts)
+        rec.update(
+            ok=True,
+            registers=int(regs.group(1)) if regs else None,
+            spill_stores=int(spill.group(1)) if spill else None,
+            spill_loads=int(spill.group(2)) if spill else None,
+            shared=shared,
+            fits=shared <= SMEM_LIMIT[arch],
+            mma="wgmma" if counts["wgmma"] else "mma.sync" if counts["mma_sync"] else "none",
+            mma_count=counts["wgmma"] or counts["mma_sync"],
+            **counts,
+        )
         rec["spills"] = (rec["spill_stores"] or 0) + (rec["spill_loads"] or 0)
     except _Timeout:
         rec.update(ok=False, error=f"timeout: no result after {timeout} s")
     except Exception as e:  # a compile failure is a finding, recorded as such
-        rec.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+        rec.update(
+            ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        )
     finally:
         if timeout:
             signal.alarm(0)
@@ -230,31 +240,87 @@ def _attention_cases(dtypes, space, arch):
                 if A.routed_to_reference(d, ELEM[dt], prec):
                     cases.append(Case("attention.*", "", "", shape, layout, dt, {}, {}, False))
                     continue
-                common = dict(qkv_ptr=PTR[dt], lse_ptr="*fp32", L=L, H=heads, sm_scale=1.0 / d**0.5,
-                              s_n=sn, s_c=sc, s_l=sl, o_n=on, o_c=oc, o_l=ol, D=d,
-                              BLOCK_D=max(16, 1 << (d - 1).bit_length()), PREC=prec, BLOCKED=layout.endswith("blocked"))
-                for kind, attr, extra in (("fwd", "_fwd_kernel", dict(o_ptr=PTR[dt])),
-                                          ("bwd_dkdv", "_bwd_dkdv_kernel", dict(do_ptr=PTR[dt], delta_ptr="*fp32", dqkv_ptr=PTR[dt])),
-                                          ("bwd_dq", "_bwd_dq_kernel", dict(do_ptr=PTR[dt], delta_ptr="*fp32", dqkv_ptr=PTR[dt]))):
+                common = dict(
+                    qkv_ptr=PTR[dt],
+                    lse_ptr="*fp32",
+                    L=L,
+                    H=heads,
+                    sm_scale=1.0 / d**0.5,
+                    s_n=sn,
+                    s_c=sc,
+                    s_l=sl,
+                    o_n=on,
+                    o_c=oc,
+                    o_l=ol,
+                    D=d,
+                    BLOCK_D=max(16, 1 << (d - 1).bit_length()),
+                    PREC=prec,
+                    BLOCKED=layout.endswith("blocked"),
+                )
+                for kind, attr, extra in (
+                    ("fwd", "_fwd_kernel", dict(o_ptr=PTR[dt])),
+                    ("bwd_dkdv", "_bwd_dkdv_kernel", dict(do_ptr=PTR[dt], delta_ptr="*fp32", dqkv_ptr=PTR[dt])),
+                    ("bwd_dq", "_bwd_dq_kernel", dict(do_ptr=PTR[dt], delta_ptr="*fp32", dqkv_ptr=PTR[dt])),
+                ):
                     tune = "fwd" if kind == "fwd" else "bwd"
                     # Listed: the whole list; kept: what the autotuner may time on this arch (the entries known
                     # to spill there dropped, then the shared-memory prune).
                     listed = A.tile_space(tune, d, ELEM[dt], prec, None) if space != "wide" else A.wide_space(d, prec)
-                    kept = A.prune_tiles(A.tile_space(tune, d, ELEM[dt], prec, arch) if space != "wide" else listed,
-                                         tune, d, ELEM[dt], prec, SMEM_LIMIT[arch])
+                    kept = A.prune_tiles(
+                        A.tile_space(tune, d, ELEM[dt], prec, arch) if space != "wide" else listed,
+                        tune,
+                        d,
+                        ELEM[dt],
+                        prec,
+                        SMEM_LIMIT[arch],
+                    )
                     kept_keys = {_cfg(c) for c in kept}
                     todo = kept if space == "kept" else listed
                     for c in todo:
                         cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-                        est = A.smem_estimate(kind, cfg["BLOCK_M"], cfg["BLOCK_N"], common["BLOCK_D"], ELEM[dt],
-                                              cfg["num_stages"])
-                        cases.append(Case(f"attention.{kind}", "kernels.attention", attr, shape, layout, dt,
-                                          {**common, **extra}, cfg, _cfg(c) in kept_keys, est))
+                        est = A.smem_estimate(
+                            kind, cfg["BLOCK_M"], cfg["BLOCK_N"], common["BLOCK_D"], ELEM[dt], cfg["num_stages"]
+                        )
+                        cases.append(
+                            Case(
+                                f"attention.{kind}",
+                                "kernels.attention",
+                                attr,
+                                shape,
+                                layout,
+                                dt,
+                                {**common, **extra},
+                                cfg,
+                                _cfg(c) in kept_keys,
+                                est,
+                            )
+                        )
                 if not layout.endswith("blocked"):  # the delta kernel reads o and do, whose layout has no blocks
-                    cases.append(Case("attention.delta", "kernels.attention", "_delta_kernel", shape, layout, dt,
-                                      dict(o_ptr=PTR[dt], do_ptr=PTR[dt], delta_ptr="*fp32", L=L, H=heads, o_n=on,
-                                           o_c=oc, o_l=ol, D=d, BLOCK_D=common["BLOCK_D"], BLOCK=64),
-                                      dict(num_warps=4, num_stages=3), True))
+                    cases.append(
+                        Case(
+                            "attention.delta",
+                            "kernels.attention",
+                            "_delta_kernel",
+                            shape,
+                            layout,
+                            dt,
+                            dict(
+                                o_ptr=PTR[dt],
+                                do_ptr=PTR[dt],
+                                delta_ptr="*fp32",
+                                L=L,
+                                H=heads,
+                                o_n=on,
+                                o_c=oc,
+                                o_l=ol,
+                                D=d,
+                                BLOCK_D=common["BLOCK_D"],
+                                BLOCK=64,
+                            ),
+                            dict(num_warps=4, num_stages=3),
+                            True,
+                        )
+                    )
     return cases
 
 
@@ -282,18 +348,81 @@ def _loss_cases(dtypes):
             name = "fp32" if dt == "fp32-tf32" else dt
             blk = sid_loss.gpu_block(D)
             for cfg in _elementwise(_common.warp_configs(gpu=True)):
-                cases.append(Case("sid_loss.fwd", "kernels.sid_loss", "_sid_loss_fwd_kernel", shape, "rows", name,
-                                  dict(x_ptr=p, r_ptr=p, f_ptr=p, row_ptr="*fp32", w_ptr="*fp32", ok_ptr="*i8", D=D,
-                                       alpha=1.2, BLOCK=blk), cfg, True))
-                cases.append(Case("sid_loss.bwd", "kernels.sid_loss", "_sid_loss_bwd_kernel", shape, "rows", name,
-                                  dict(x_ptr=p, r_ptr=p, f_ptr=p, g_ptr="*fp32", w_ptr="*fp32", ok_ptr="*i8", dx_ptr=p,
-                                       dr_ptr=p, df_ptr=p, D=D, alpha=1.2, BLOCK=blk), cfg, True))
-                cases.append(Case("edm_loss.fwd", "kernels.edm_loss", "_edm_loss_fwd_kernel", shape, "rows", name,
-                                  dict(d_ptr=p, y_ptr=p, lam_ptr="*fp32", row_ptr="*fp32", ok_ptr="*i8", D=D,
-                                       BLOCK=blk), cfg, True))
-                cases.append(Case("edm_loss.bwd", "kernels.edm_loss", "_edm_loss_bwd_kernel", shape, "rows", name,
-                                  dict(d_ptr=p, y_ptr=p, lam_ptr="*fp32", g_ptr="*fp32", ok_ptr="*i8", dd_ptr=p, D=D,
-                                       BLOCK=blk), cfg, True))
+                cases.append(
+                    Case(
+                        "sid_loss.fwd",
+                        "kernels.sid_loss",
+                        "_sid_loss_fwd_kernel",
+                        shape,
+                        "rows",
+                        name,
+                        dict(
+                            x_ptr=p,
+                            r_ptr=p,
+                            f_ptr=p,
+                            row_ptr="*fp32",
+                            w_ptr="*fp32",
+                            ok_ptr="*i8",
+                            D=D,
+                            alpha=1.2,
+                            BLOCK=blk,
+                        ),
+                        cfg,
+                        True,
+                    )
+                )
+                cases.append(
+                    Case(
+                        "sid_loss.bwd",
+                        "kernels.sid_loss",
+                        "_sid_loss_bwd_kernel",
+                        shape,
+                        "rows",
+                        name,
+                        dict(
+                            x_ptr=p,
+                            r_ptr=p,
+                            f_ptr=p,
+                            g_ptr="*fp32",
+                            w_ptr="*fp32",
+                            ok_ptr="*i8",
+                            dx_ptr=p,
+                            dr_ptr=p,
+                            df_ptr=p,
+                            D=D,
+                            alpha=1.2,
+                            BLOCK=blk,
+                        ),
+                        cfg,
+                        True,
+                    )
+                )
+                cases.append(
+                    Case(
+                        "edm_loss.fwd",
+                        "kernels.edm_loss",
+                        "_edm_loss_fwd_kernel",
+                        shape,
+                        "rows",
+                        name,
+                        dict(d_ptr=p, y_ptr=p, lam_ptr="*fp32", row_ptr="*fp32", ok_ptr="*i8", D=D, BLOCK=blk),
+                        cfg,
+                        True,
+                    )
+                )
+                cases.append(
+                    Case(
+                        "edm_loss.bwd",
+                        "kernels.edm_loss",
+                        "_edm_loss_bwd_kernel",
+                        shape,
+                        "rows",
+                        name,
+                        dict(d_ptr=p, y_ptr=p, lam_ptr="*fp32", g_ptr="*fp32", ok_ptr="*i8", dd_ptr=p, D=D, BLOCK=blk),
+                        cfg,
+                        True,
+                    )
+                )
     return cases
 
 
@@ -313,15 +442,59 @@ def _gn_cases(dtypes):
                 p = PTR[dt]
                 name = "fp32" if dt == "fp32-tf32" else dt
                 blocks = G.gpu_blocks(c // groups, h * w)
-                common = dict(x_ptr=p, w_ptr="*fp32", b_ptr="*fp32", scale_ptr="*fp32" if mod else "*fp32",
-                              shift_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32", C=c, HW=h * w, G=groups,
-                              stride_n=sn, stride_c=sc, stride_hw=shw, MODULATE=mod, SILU=True, **blocks)
+                common = dict(
+                    x_ptr=p,
+                    w_ptr="*fp32",
+                    b_ptr="*fp32",
+                    scale_ptr="*fp32" if mod else "*fp32",
+                    shift_ptr="*fp32",
+                    mean_ptr="*fp32",
+                    rstd_ptr="*fp32",
+                    C=c,
+                    HW=h * w,
+                    G=groups,
+                    stride_n=sn,
+                    stride_c=sc,
+                    stride_hw=shw,
+                    MODULATE=mod,
+                    SILU=True,
+                    **blocks,
+                )
                 for cfg in _elementwise(_common.warp_configs(gpu=True, warps=G.WARPS)):
-                    cases.append(Case("group_norm_silu.fwd", "kernels.group_norm_silu", "_gn_fwd_kernel", shape, layout,
-                                      name, dict(common, y_ptr=p, eps=1e-5), cfg, True))
-                    cases.append(Case("group_norm_silu.bwd", "kernels.group_norm_silu", "_gn_bwd_kernel", shape, layout,
-                                      name, dict(common, dy_ptr=p, dx_ptr=p, dw_part_ptr="*fp32", db_part_ptr="*fp32",
-                                                 dscale_ptr="*fp32", dshift_ptr="*fp32"), cfg, True))
+                    cases.append(
+                        Case(
+                            "group_norm_silu.fwd",
+                            "kernels.group_norm_silu",
+                            "_gn_fwd_kernel",
+                            shape,
+                            layout,
+                            name,
+                            dict(common, y_ptr=p, eps=1e-5),
+                            cfg,
+                            True,
+                        )
+                    )
+                    cases.append(
+                        Case(
+                            "group_norm_silu.bwd",
+                            "kernels.group_norm_silu",
+                            "_gn_bwd_kernel",
+                            shape,
+                            layout,
+                            name,
+                            dict(
+                                common,
+                                dy_ptr=p,
+                                dx_ptr=p,
+                                dw_part_ptr="*fp32",
+                                db_part_ptr="*fp32",
+                                dscale_ptr="*fp32",
+                                dshift_ptr="*fp32",
+                            ),
+                            cfg,
+                            True,
+                        )
+                    )
     return cases
 
 
@@ -337,8 +510,7 @@ def build_cases(kernels, dtypes, space, arch):
 
 
 def _routed_record(case: Case, arch: int) -> dict:
-    rec = dict(asdict(case), arch=arch, smem_limit=SMEM_LIMIT[arch], ok=True, routed="attention_edm",
-               compile_s=0.0)
+    rec = dict(asdict(case), arch=arch, smem_limit=SMEM_LIMIT[arch], ok=True, routed="attention_edm", compile_s=0.0)
     rec.pop("module"), rec.pop("attr")
     return rec
 
@@ -348,13 +520,17 @@ def _worker(item):
     return compile_case(case, arch, timeout)
 
 
-def run(arch: int, kernels, dtypes, space: str, jobs: int, out: Path | None, log=print, timeout: int = 300) -> list[dict]:
+def run(
+    arch: int, kernels, dtypes, space: str, jobs: int, out: Path | None, log=print, timeout: int = 300
+) -> list[dict]:
     env = environment()
     env.pop("device", None)
     cases = build_cases(kernels, dtypes, space, arch)
     # Longest first (attention backward, fp32) so the pool finishes together.
-    order = sorted(range(len(cases)), key=lambda i: (not cases[i].kernel.startswith("attention.bwd"),
-                                                    cases[i].dtype != "fp32-ieee"))
+    order = sorted(
+        range(len(cases)),
+        key=lambda i: (not cases[i].kernel.startswith("attention.bwd"), cases[i].dtype != "fp32-ieee"),
+    )
     records = [None] * len(cases)
     # Cases that specialise identically (shapes differing only in runtime integers) compile once.
     first, same = {}, {}
@@ -366,8 +542,11 @@ def run(arch: int, kernels, dtypes, space: str, jobs: int, out: Path | None, log
         try:
             fn = _jit_fn(c.module, c.attr)
             spec = specialise(fn, {**c.args, **{k: v for k, v in c.config.items() if not k.startswith("num_")}})
-            key = json.dumps([c.module, c.attr, spec[0], spec[1], sorted((str(k), v) for k, v in spec[2].items()),
-                              c.config], sort_keys=True, default=str)
+            key = json.dumps(
+                [c.module, c.attr, spec[0], spec[1], sorted((str(k), v) for k, v in spec[2].items()), c.config],
+                sort_keys=True,
+                default=str,
+            )
         except Exception:
             key = f"unique-{i}"  # compile_case records the error
         if key in first:
@@ -387,7 +566,11 @@ def run(arch: int, kernels, dtypes, space: str, jobs: int, out: Path | None, log
                 log(f"  sm_{arch}: {done}/{len(todo)} distinct compiles ({time.perf_counter() - t0:.0f} s)")
     for i, j in same.items():  # the same binary: its facts, with this case's own labels
         rec = dict(records[j])
-        rec.update({k: v for k, v in asdict(cases[i]).items() if k not in ("module", "attr")}, same_binary_as=cases[j].shape, compile_s=0.0)
+        rec.update(
+            {k: v for k, v in asdict(cases[i]).items() if k not in ("module", "attr")},
+            same_binary_as=cases[j].shape,
+            compile_s=0.0,
+        )
         records[i] = rec
     for r in records:
         r.update(bench="static", **env)
@@ -422,9 +605,14 @@ def violations(records: list[dict]) -> list[str]:
                 out.append(f"{where}: needs {r['shared']} bytes of shared memory, over the {r['smem_limit']} limit")
             if r["spills"]:
                 out.append(f"{where}: spills {r['spill_stores']} bytes (stores) / {r['spill_loads']} (loads)")
-            if (r["arch"] == 90 and r["kernel"] in ("attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv")
-                    and r["dtype"] in ("bf16", "fp16") and mma_m(r) >= 64 and r["config"]["num_warps"] >= 4
-                    and not r.get("wgmma")):
+            if (
+                r["arch"] == 90
+                and r["kernel"] in ("attention.fwd", "attention.bwd_dq", "attention.bwd_dkdv")
+                and r["dtype"] in ("bf16", "fp16")
+                and mma_m(r) >= 64
+                and r["config"]["num_warps"] >= 4
+                and not r.get("wgmma")
+            ):
                 out.append(f"{where}: no wgmma although the products have M = {mma_m(r)} (uses {r['mma']})")
         if r.get("ok") and r.get("smem_estimate") is not None and r["smem_estimate"] < r["shared"]:
             out.append(f"{where}: shared-memory estimate {r['smem_estimate']} below the compiled {r['shared']}")
@@ -458,8 +646,13 @@ def main(argv=None):
     # imported (done lazily, below). Importing this module changes nothing, so tests may use violations().
     os.environ.pop("TRITON_INTERPRET", None)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", type=int, action="append", choices=sorted(SMEM_LIMIT),
-                    help="compute capability to compile for (repeatable; default 90 and 80)")
+    ap.add_argument(
+        "--arch",
+        type=int,
+        action="append",
+        choices=sorted(SMEM_LIMIT),
+        help="compute capability to compile for (repeatable; default 90 and 80)",
+    )
     ap.add_argument("--kernels", default="attention,loss,group_norm", help="comma list of attention, loss, group_norm")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma list of {', '.join(DTYPES)}")
     ap.add_argument("--space", choices=("all", "kept", "wide"), default="all")

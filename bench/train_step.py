@@ -77,11 +77,22 @@ def make_trainer(name: str, batch_gpu: int, device, **options):
         stem, extra = CONFIGS[name]
         kwargs = dict(official_config(stem), use_fp16=False)
         teacher = build_network("EDMPrecond", kwargs)
-        cfg = resolve_config("cifar10-uncond", dict(teacher=f"<random {stem}>", resolution=kwargs["img_resolution"],
-                             label_dim=kwargs["label_dim"], batch=batch_gpu, batch_gpu=batch_gpu, metrics="none",
-                             **extra, **options))
-    tr = build_trainer(cfg, device, log=lambda *a: None, teacher=teacher,
-                       student=Student("EDMPrecond", kwargs, teacher.state_dict()))
+        cfg = resolve_config(
+            "cifar10-uncond",
+            dict(
+                teacher=f"<random {stem}>",
+                resolution=kwargs["img_resolution"],
+                label_dim=kwargs["label_dim"],
+                batch=batch_gpu,
+                batch_gpu=batch_gpu,
+                metrics="none",
+                **extra,
+                **options,
+            ),
+        )
+    tr = build_trainer(
+        cfg, device, log=lambda *a: None, teacher=teacher, student=Student("EDMPrecond", kwargs, teacher.state_dict())
+    )
     return tr, teacher, kwargs
 
 
@@ -109,11 +120,25 @@ def run_rung(a, device, rung, options, ceilings, env):
     img_s = a.batch_gpu / med
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return dict(
-        bench="train_step", config=a.config, mode=rung, options=options, batch_gpu=a.batch_gpu, steps=a.steps,
-        step_s=times, step_s_median=med, warmup_s=warmup_s, img_per_s=img_s, sec_per_kimg=1000 / img_s,
-        flops_per_img=flops_img, achieved_tflops=flops_img * img_s / 1e12, matmul_ceiling_tflops=ceiling / 1e12,
-        matmul_ceiling_dtype="bf16" if options.get("precision") == "bf16" else "fp32", mfu=flops_img * img_s / ceiling,
-        peak_mem_gb=peak, peak_mem_gb_per_img=None if peak is None else peak / a.batch_gpu, **env,
+        bench="train_step",
+        config=a.config,
+        mode=rung,
+        options=options,
+        batch_gpu=a.batch_gpu,
+        steps=a.steps,
+        step_s=times,
+        step_s_median=med,
+        warmup_s=warmup_s,
+        img_per_s=img_s,
+        sec_per_kimg=1000 / img_s,
+        flops_per_img=flops_img,
+        achieved_tflops=flops_img * img_s / 1e12,
+        matmul_ceiling_tflops=ceiling / 1e12,
+        matmul_ceiling_dtype="bf16" if options.get("precision") == "bf16" else "fp32",
+        mfu=flops_img * img_s / ceiling,
+        peak_mem_gb=peak,
+        peak_mem_gb_per_img=None if peak is None else peak / a.batch_gpu,
+        **env,
     )
 
 
@@ -148,15 +173,25 @@ def main():
             rec = run_rung(a, device, rung, dict(options), ceilings, env)
         except Exception as e:  # a rung that fails is recorded, the ladder goes on
             print(f"{rung}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-            rec = dict(bench="train_step", config=a.config, mode=rung, options=dict(options), batch_gpu=a.batch_gpu,
-                       error=f"{type(e).__name__}: {e}"[:2000], **env)
+            rec = dict(
+                bench="train_step",
+                config=a.config,
+                mode=rung,
+                options=dict(options),
+                batch_gpu=a.batch_gpu,
+                error=f"{type(e).__name__}: {e}"[:2000],
+                **env,
+            )
         records.append(rec)
         if "error" not in rec:
             base = next((r for r in records if r["mode"] == "reference" and "error" not in r), None)
             vs = f", {rec['img_per_s'] / base['img_per_s']:.2f}x reference" if base else ""
-            print(f"{a.config} {rung:<15} batch {a.batch_gpu}: {rec['img_per_s']:.1f} img/s{vs}, MFU "
-                  f"{rec['mfu'] * 100:.1f}% of {rec['matmul_ceiling_tflops']:.2f} TFLOP/s ({rec['matmul_ceiling_dtype']}), "
-                  f"warm-up {rec['warmup_s']:.1f} s, peak mem {rec['peak_mem_gb']} GB")
+            print(
+                f"{a.config} {rung:<15} batch {a.batch_gpu}: {rec['img_per_s']:.1f} img/s{vs}, MFU "
+                f"{rec['mfu'] * 100:.1f}% of {rec['matmul_ceiling_tflops']:.2f} TFLOP/s "
+                f"({rec['matmul_ceiling_dtype']}), "
+                f"warm-up {rec['warmup_s']:.1f} s, peak mem {rec['peak_mem_gb']} GB"
+            )
     path = write_jsonl(records, a.out)
     print(f"-> {path}")
 

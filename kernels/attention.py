@@ -53,8 +53,13 @@ def wide_space(d: int, prec: str = "tf32"):
     """A broad grid of attention tiles (for choosing the lists with `bench.static --space wide`); tiles of 128 only
     for d <= 128 with tensor cores (at d = 256, or on FMA units, they spill or overflow shared memory)."""
     sizes = (16, 32, 64, 128) if d <= 128 and prec != "ieee" else (16, 32, 64)
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m in sizes for n in sizes for w in (4, 8) for s in (1, 2, 3)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m in sizes
+        for n in sizes
+        for w in (4, 8)
+        for s in (1, 2, 3)
+    ]
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen from `bench.static --space wide` on sm_90 (triton 3.7.1, bf16
@@ -63,7 +68,14 @@ def wide_space(d: int, prec: str = "tf32"):
 # memory (A100: 163 KB, H100: 227 KB per block).
 _TILES = {
     # Head dim <= 128 on tensor cores (ADM's 64): large tiles, 3-stage cp.async pipelines, wgmma at BLOCK_M >= 64.
-    ("fwd", "small"): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    ("fwd", "small"): [
+        (128, 64, 8, 3),
+        (128, 32, 8, 3),
+        (64, 64, 4, 3),
+        (64, 32, 4, 2),
+        (64, 64, 8, 2),
+        (32, 32, 4, 2),
+    ],
     ("bwd", "small"): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2)],
     # TF32 (4-byte operands) at head dim <= 128: the same without M64N64 w4 s3, whose dk/dv kernel spills 128 bytes.
     ("bwd", "small-tf32"): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (128, 32, 8, 2)],
@@ -109,7 +121,8 @@ def tile_space(kind: str, d: int, elem: int, prec: str, arch: int | None = 90):
     drop = set()
     if arch is not None:
         drop = _SPILL_ON_SM90.get((kind, cls, elem), set()) | (
-            _SPILL_BEFORE_SM90.get((kind, cls, elem), set()) if arch < 90 else set())
+            _SPILL_BEFORE_SM90.get((kind, cls, elem), set()) if arch < 90 else set()
+        )
     tiles = [t for t in _TILES[(kind, cls)] if t not in drop]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
@@ -134,7 +147,9 @@ def prune_tiles(configs, kind: str, d: int, elem: int, prec: str, smem_limit: in
     kinds = ("fwd",) if kind == "fwd" else ("bwd_dkdv", "bwd_dq")
 
     def need(c):
-        return max(smem_estimate(k, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, elem, c.num_stages) for k in kinds)
+        return max(
+            smem_estimate(k, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, elem, c.num_stages) for k in kinds
+        )
 
     keep = [c for c in configs if smem_limit is None or need(c) <= smem_limit]
     return keep or [min(configs, key=need)]
@@ -174,8 +189,10 @@ def _prune(kind, configs, named_args, **kwargs):
     d = kwargs.get("D", named_args.get("D"))
     prec = kwargs.get("PREC", named_args.get("PREC"))
     major, minor = torch.cuda.get_device_capability(qkv.device) if qkv.is_cuda else (9, 0)
-    wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-              for c in tile_space(kind, d, qkv.element_size(), prec, 10 * major + minor)}
+    wanted = {
+        (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        for c in tile_space(kind, d, qkv.element_size(), prec, 10 * major + minor)
+    }
     listed = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
     return prune_tiles(listed, kind, d, qkv.element_size(), prec, _device_smem(qkv))
 
@@ -198,12 +215,30 @@ def _chan(offs_d, j: tl.constexpr, D: tl.constexpr, BLOCKED: tl.constexpr):
         return offs_d * 3 + j
 
 
-@triton.autotune(configs=_configs("fwd"), key=["L", "D", "PREC", "s_l"], prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.autotune(
+    configs=_configs("fwd"), key=["L", "D", "PREC", "s_l"], prune_configs_by={"early_config_prune": _prune_fwd}
+)
 @triton.jit
-def _fwd_kernel(qkv_ptr, o_ptr, lse_ptr, L, H, sm_scale,
-                s_n, s_c, s_l, o_n, o_c, o_l,
-                D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCKED: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_kernel(
+    qkv_ptr,
+    o_ptr,
+    lse_ptr,
+    L,
+    H,
+    sm_scale,
+    s_n,
+    s_c,
+    s_l,
+    o_n,
+    o_c,
+    o_l,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCKED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # One grid axis (2^31 - 1 programs; axes 1 and 2 allow 65,535) holding (sample x head, query block), query blocks
     # of one head adjacent so they share its k and v in L2.
     num_m = tl.cdiv(L, BLOCK_M)
@@ -217,36 +252,49 @@ def _fwd_kernel(qkv_ptr, o_ptr, lse_ptr, L, H, sm_scale,
     d_ok = offs_d < D
     base = qkv_ptr + n * s_n + (h * 3 * D) * s_c
     # q as [BLOCK_M, D], k as [D, BLOCK_N], v as [BLOCK_N, D]; channel of (c, j) = 3c + j.
-    q = tl.load(base + offs_m[:, None] * s_l + _chan(offs_d[None, :], 0, D, BLOCKED) * s_c,
-                mask=(offs_m[:, None] < L) & d_ok[None, :], other=0.0)
+    q = tl.load(
+        base + offs_m[:, None] * s_l + _chan(offs_d[None, :], 0, D, BLOCKED) * s_c,
+        mask=(offs_m[:, None] < L) & d_ok[None, :],
+        other=0.0,
+    )
     qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, L, BLOCK_N):
         cols = start_n + offs_n
-        k = tl.load(base + cols[None, :] * s_l + _chan(offs_d[:, None], 1, D, BLOCKED) * s_c,
-                    mask=d_ok[:, None] & (cols[None, :] < L), other=0.0)
+        k = tl.load(
+            base + cols[None, :] * s_l + _chan(offs_d[:, None], 1, D, BLOCKED) * s_c,
+            mask=d_ok[:, None] & (cols[None, :] < L),
+            other=0.0,
+        )
         s = tl.dot(q, k, input_precision=PREC) * qk_scale
         s = tl.where(cols[None, :] < L, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(base + cols[:, None] * s_l + _chan(offs_d[None, :], 2, D, BLOCKED) * s_c,
-                    mask=(cols[:, None] < L) & d_ok[None, :], other=0.0)
+        v = tl.load(
+            base + cols[:, None] * s_l + _chan(offs_d[None, :], 2, D, BLOCKED) * s_c,
+            mask=(cols[:, None] < L) & d_ok[None, :],
+            other=0.0,
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     acc = acc / l_i[:, None]
     row_ok = offs_m < L
     tl.store(lse_ptr + bh.to(tl.int64) * L + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=row_ok)
-    tl.store(o_ptr + n * o_n + (h * D + offs_d[None, :]) * o_c + offs_m[:, None] * o_l,
-             acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        o_ptr + n * o_n + (h * D + offs_d[None, :]) * o_c + offs_m[:, None] * o_l,
+        acc.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
 
 
 @triton.jit
-def _delta_kernel(o_ptr, do_ptr, delta_ptr, L, H, o_n, o_c, o_l,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
+def _delta_kernel(
+    o_ptr, do_ptr, delta_ptr, L, H, o_n, o_c, o_l, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr
+):
     """delta[bh, i] = sum_c do[i, c] o[i, c] in fp32 (o and do share one layout)."""
     num_b = tl.cdiv(L, BLOCK)
     bh = tl.program_id(0) // num_b
@@ -262,12 +310,32 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, L, H, o_n, o_c, o_l,
     tl.store(delta_ptr + bh.to(tl.int64) * L + rows, tl.sum(o * do, 1), mask=rows < L)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["L", "D", "PREC", "s_l"], prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.autotune(
+    configs=_configs("bwd"), key=["L", "D", "PREC", "s_l"], prune_configs_by={"early_config_prune": _prune_bwd}
+)
 @triton.jit
-def _bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale,
-                     s_n, s_c, s_l, o_n, o_c, o_l,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCKED: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bwd_dkdv_kernel(
+    qkv_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dqkv_ptr,
+    L,
+    H,
+    sm_scale,
+    s_n,
+    s_c,
+    s_l,
+    o_n,
+    o_c,
+    o_l,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCKED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One block of BLOCK_N keys: loop over all queries, accumulate dk and dv."""
     num_n = tl.cdiv(L, BLOCK_N)
     bh = tl.program_id(0) // num_n
@@ -282,8 +350,12 @@ def _bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_sca
     col_ok = cols < L
     base = qkv_ptr + n * s_n + (h * 3 * D) * s_c
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(base + cols[:, None] * s_l + _chan(offs_d[None, :], 1, D, BLOCKED) * s_c, mask=kv_mask, other=0.0)  # [N, D]
-    v = tl.load(base + cols[:, None] * s_l + _chan(offs_d[None, :], 2, D, BLOCKED) * s_c, mask=kv_mask, other=0.0)  # [N, D]
+    k = tl.load(
+        base + cols[:, None] * s_l + _chan(offs_d[None, :], 1, D, BLOCKED) * s_c, mask=kv_mask, other=0.0
+    )  # [N, D]
+    v = tl.load(
+        base + cols[:, None] * s_l + _chan(offs_d[None, :], 2, D, BLOCKED) * s_c, mask=kv_mask, other=0.0
+    )  # [N, D]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -291,15 +363,19 @@ def _bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_sca
     for start_m in range(0, L, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < L
-        qT = tl.load(base + rows[None, :] * s_l + _chan(offs_d[:, None], 0, D, BLOCKED) * s_c,
-                     mask=d_ok[:, None] & row_ok[None, :], other=0.0)  # [D, M]
+        qT = tl.load(
+            base + rows[None, :] * s_l + _chan(offs_d[:, None], 0, D, BLOCKED) * s_c,
+            mask=d_ok[:, None] & row_ok[None, :],
+            other=0.0,
+        )  # [D, M]
         lse = tl.load(lse_ptr + stat + rows, mask=row_ok, other=0.0)
         # p^T [N, M] = exp(k q^T * scale - lse)
         sT = tl.dot(k, qT, input_precision=PREC) * qk_scale
         pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
         pT = tl.where(col_ok[:, None] & row_ok[None, :], pT, 0.0)
-        do = tl.load(do_base + offs_d[None, :] * o_c + rows[:, None] * o_l,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
+        do = tl.load(
+            do_base + offs_d[None, :] * o_c + rows[:, None] * o_l, mask=row_ok[:, None] & d_ok[None, :], other=0.0
+        )  # [M, D]
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
         delta = tl.load(delta_ptr + stat + rows, mask=row_ok, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [N, M]
@@ -307,16 +383,44 @@ def _bwd_dkdv_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_sca
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
     dk = dk * sm_scale
     dbase = dqkv_ptr + n * s_n + (h * 3 * D) * s_c
-    tl.store(dbase + cols[:, None] * s_l + _chan(offs_d[None, :], 1, D, BLOCKED) * s_c, dk.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dbase + cols[:, None] * s_l + _chan(offs_d[None, :], 2, D, BLOCKED) * s_c, dv.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        dbase + cols[:, None] * s_l + _chan(offs_d[None, :], 1, D, BLOCKED) * s_c,
+        dk.to(dqkv_ptr.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        dbase + cols[:, None] * s_l + _chan(offs_d[None, :], 2, D, BLOCKED) * s_c,
+        dv.to(dqkv_ptr.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
-@triton.autotune(configs=_configs("bwd"), key=["L", "D", "PREC", "s_l"], prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.autotune(
+    configs=_configs("bwd"), key=["L", "D", "PREC", "s_l"], prune_configs_by={"early_config_prune": _prune_bwd}
+)
 @triton.jit
-def _bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale,
-                   s_n, s_c, s_l, o_n, o_c, o_l,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, BLOCKED: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bwd_dq_kernel(
+    qkv_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dqkv_ptr,
+    L,
+    H,
+    sm_scale,
+    s_n,
+    s_c,
+    s_l,
+    o_n,
+    o_c,
+    o_l,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCKED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One block of BLOCK_M queries: loop over all keys, accumulate dq."""
     num_m = tl.cdiv(L, BLOCK_M)
     bh = tl.program_id(0) // num_m
@@ -331,7 +435,9 @@ def _bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale
     row_ok = rows < L
     base = qkv_ptr + n * s_n + (h * 3 * D) * s_c
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(base + rows[:, None] * s_l + _chan(offs_d[None, :], 0, D, BLOCKED) * s_c, mask=q_mask, other=0.0)  # [M, D]
+    q = tl.load(
+        base + rows[:, None] * s_l + _chan(offs_d[None, :], 0, D, BLOCKED) * s_c, mask=q_mask, other=0.0
+    )  # [M, D]
     do = tl.load(do_ptr + n * o_n + (h * D + offs_d[None, :]) * o_c + rows[:, None] * o_l, mask=q_mask, other=0.0)
     lse = tl.load(lse_ptr + stat + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + stat + rows, mask=row_ok, other=0.0)
@@ -340,10 +446,16 @@ def _bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale
     for start_n in range(0, L, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < L
-        kT = tl.load(base + cols[None, :] * s_l + _chan(offs_d[:, None], 1, D, BLOCKED) * s_c,
-                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)  # [D, N]
-        vT = tl.load(base + cols[None, :] * s_l + _chan(offs_d[:, None], 2, D, BLOCKED) * s_c,
-                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)  # [D, N]
+        kT = tl.load(
+            base + cols[None, :] * s_l + _chan(offs_d[:, None], 1, D, BLOCKED) * s_c,
+            mask=d_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )  # [D, N]
+        vT = tl.load(
+            base + cols[None, :] * s_l + _chan(offs_d[:, None], 2, D, BLOCKED) * s_c,
+            mask=d_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )  # [D, N]
         s = tl.dot(q, kT, input_precision=PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
         p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
@@ -352,7 +464,11 @@ def _bwd_dq_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, L, H, sm_scale
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
     dq = dq * sm_scale
     dbase = dqkv_ptr + n * s_n + (h * 3 * D) * s_c
-    tl.store(dbase + rows[:, None] * s_l + _chan(offs_d[None, :], 0, D, BLOCKED) * s_c, dq.to(dqkv_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(
+        dbase + rows[:, None] * s_l + _chan(offs_d[None, :], 0, D, BLOCKED) * s_c,
+        dq.to(dqkv_ptr.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,15 +496,31 @@ def edm_flash_attention_op(qkv: torch.Tensor, num_heads: int, blocked: bool) -> 
     _, (on, oc, ol) = nchw_strides(o)
     lse = torch.empty(n * num_heads, L, device=qkv.device, dtype=torch.float32)
     grid = lambda meta: (n * num_heads * triton.cdiv(L, meta["BLOCK_M"]),)  # noqa: E731
-    wrap_triton(_fwd_kernel)[grid](qkv, o, lse, L, num_heads, 1.0 / math.sqrt(d), sn, sc, sl, on, oc, ol,
-                                   D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), PREC=_precision(qkv),
-                                   BLOCKED=blocked)
+    wrap_triton(_fwd_kernel)[grid](
+        qkv,
+        o,
+        lse,
+        L,
+        num_heads,
+        1.0 / math.sqrt(d),
+        sn,
+        sc,
+        sl,
+        on,
+        oc,
+        ol,
+        D=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        PREC=_precision(qkv),
+        BLOCKED=blocked,
+    )
     return o, lse
 
 
 @triton_op("sid_fast_kernels::edm_flash_attention_bwd", mutates_args=())
-def edm_flash_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                               num_heads: int, blocked: bool) -> torch.Tensor:
+def edm_flash_attention_bwd_op(
+    do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int, blocked: bool
+) -> torch.Tensor:
     qkv, (sn, sc, sl) = nchw_strides(qkv)
     o, (on, oc, ol) = nchw_strides(o)
     # do must share o's layout so one set of strides addresses both.
@@ -397,14 +529,17 @@ def edm_flash_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Ten
     d, L = c3 // (3 * num_heads), h * w
     block_d = max(16, triton.next_power_of_2(d))
     delta = torch.empty_like(lse)
-    wrap_triton(_delta_kernel)[(n * num_heads * triton.cdiv(L, 64),)](o, do, delta, L, num_heads, on, oc, ol,
-                                                                     D=d, BLOCK_D=block_d, BLOCK=64)
+    wrap_triton(_delta_kernel)[(n * num_heads * triton.cdiv(L, 64),)](
+        o, do, delta, L, num_heads, on, oc, ol, D=d, BLOCK_D=block_d, BLOCK=64
+    )
     dqkv = torch.empty_like(qkv)
     args = (qkv, do, lse, delta, dqkv, L, num_heads, 1.0 / math.sqrt(d), sn, sc, sl, on, oc, ol)
     wrap_triton(_bwd_dkdv_kernel)[lambda meta: (n * num_heads * triton.cdiv(L, meta["BLOCK_N"]),)](
-        *args, D=d, BLOCK_D=block_d, PREC=_precision(qkv), BLOCKED=blocked)
+        *args, D=d, BLOCK_D=block_d, PREC=_precision(qkv), BLOCKED=blocked
+    )
     wrap_triton(_bwd_dq_kernel)[lambda meta: (n * num_heads * triton.cdiv(L, meta["BLOCK_M"]),)](
-        *args, D=d, BLOCK_D=block_d, PREC=_precision(qkv), BLOCKED=blocked)
+        *args, D=d, BLOCK_D=block_d, PREC=_precision(qkv), BLOCKED=blocked
+    )
     return dqkv
 
 
@@ -470,7 +605,9 @@ def blocked_order(num_heads: int, d: int, device) -> torch.Tensor:
     by it computes the blocked tensor directly."""
     key = (num_heads, d, str(device))
     if key not in _ORDER_CACHE:
-        _ORDER_CACHE[key] = torch.arange(3 * num_heads * d, device=device).view(num_heads, d, 3).transpose(1, 2).reshape(-1)
+        _ORDER_CACHE[key] = (
+            torch.arange(3 * num_heads * d, device=device).view(num_heads, d, 3).transpose(1, 2).reshape(-1)
+        )
     return _ORDER_CACHE[key]
 
 
@@ -507,7 +644,9 @@ def flash_attention(qkv: torch.Tensor, num_heads: int, blocked: bool = False) ->
     if qkv.dim() != 4:
         raise ValueError(f"flash_attention: expected qkv of shape [N, heads*3*d, H, W], got {tuple(qkv.shape)}.")
     if num_heads < 1 or qkv.shape[1] % (3 * num_heads):
-        raise ValueError(f"flash_attention: {qkv.shape[1]} qkv channels are not divisible by 3 * num_heads = {3 * num_heads}.")
+        raise ValueError(
+            f"flash_attention: {qkv.shape[1]} qkv channels are not divisible by 3 * num_heads = {3 * num_heads}."
+        )
     if qkv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"flash_attention: qkv must be fp32, fp16 or bf16, got {qkv.dtype}.")
     d = qkv.shape[1] // (3 * num_heads)
@@ -518,9 +657,12 @@ def flash_attention(qkv: torch.Tensor, num_heads: int, blocked: bool = False) ->
     if routed_to_reference(d, qkv.element_size(), _precision(qkv)):
         if d not in _ROUTED_WARNED:
             _ROUTED_WARNED.add(d)
-            warnings.warn(f"flash_attention: fp32 attention without TF32 at head dim {d} runs EDM's attention op, not "
-                          "the Triton kernel (on FMA units it spills at every tile; kernels/attention.py, "
-                          "routed_to_reference); bf16, fp16 or TF32 use the kernel.", stacklevel=2)
+            warnings.warn(
+                f"flash_attention: fp32 attention without TF32 at head dim {d} runs EDM's attention op, not "
+                "the Triton kernel (on FMA units it spills at every tile; kernels/attention.py, "
+                "routed_to_reference); bf16, fp16 or TF32 use the kernel.",
+                stacklevel=2,
+            )
         return attention_edm(blocked_to_interleaved(qkv, num_heads) if blocked else qkv, num_heads)
     return edm_flash_attention_op(qkv, int(num_heads), bool(blocked))[0]
 

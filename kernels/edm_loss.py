@@ -87,8 +87,6 @@ def _edm_loss_bwd_kernel(
     tl.store(dd_ptr + base + offs, tl.where(ok, k * (a - b), 0.0).to(dd_ptr.dtype.element_ty), mask=m)
 
 
-
-
 @triton_op("sid_fast_kernels::edm_loss_rows", mutates_args=())
 def edm_loss_rows_op(D_x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = D_x.shape[0]
@@ -101,8 +99,9 @@ def edm_loss_rows_op(D_x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> t
 
 
 @triton_op("sid_fast_kernels::edm_loss_rows_bwd", mutates_args=())
-def edm_loss_rows_bwd_op(D_x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, grad_row: torch.Tensor,
-                         ok: torch.Tensor) -> torch.Tensor:
+def edm_loss_rows_bwd_op(
+    D_x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, grad_row: torch.Tensor, ok: torch.Tensor
+) -> torch.Tensor:
     n = D_x.shape[0]
     D = D_x.numel() // n
     d, t = D_x.contiguous(), y.contiguous()

@@ -53,8 +53,9 @@ def gpu_blocks(cpg: int, hw: int) -> dict:
     return _blocks(cpg, hw, gpu=True)
 
 
-def group_norm_silu_ref(x, weight, bias, num_groups: int, eps: float, scale=None, shift=None, silu: bool = True,
-                        upcast: bool = True):
+def group_norm_silu_ref(
+    x, weight, bias, num_groups: int, eps: float, scale=None, shift=None, silu: bool = True, upcast: bool = True
+):
     """Reference: silu(shift + group_norm(x) * (1 + scale)) with scale/shift [N, C] optional."""
     dt = x.dtype
     if upcast:
@@ -109,15 +110,26 @@ _KEY = ["C", "HW", "G", "CPG", "BLOCK_HW", "MODULATE", "SILU", "stride_c"]
 @triton.autotune(configs=warp_configs(warps=WARPS), key=_KEY)
 @triton.jit
 def _gn_fwd_kernel(
-    x_ptr, y_ptr,  # input / output [N, C, H, W] in NCHW or channels_last
-    w_ptr, b_ptr,  # gamma, beta [C]
-    scale_ptr, shift_ptr,  # per-sample modulation [N, C] (contiguous); unused unless MODULATE
-    mean_ptr, rstd_ptr,  # out: [N, G] fp32
-    C, HW, G,
-    stride_n, stride_c, stride_hw,  # of x and y (same layout)
+    x_ptr,
+    y_ptr,  # input / output [N, C, H, W] in NCHW or channels_last
+    w_ptr,
+    b_ptr,  # gamma, beta [C]
+    scale_ptr,
+    shift_ptr,  # per-sample modulation [N, C] (contiguous); unused unless MODULATE
+    mean_ptr,
+    rstd_ptr,  # out: [N, G] fp32
+    C,
+    HW,
+    G,
+    stride_n,
+    stride_c,
+    stride_hw,  # of x and y (same layout)
     eps,
-    MODULATE: tl.constexpr, SILU: tl.constexpr,
-    CPG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    MODULATE: tl.constexpr,
+    SILU: tl.constexpr,
+    CPG: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
 ):
     # One program per (sample, group); tiles of [BLOCK_HW pixels, BLOCK_C channels] with the channel offsets a
     # vector, so channels_last (stride_c = 1) reads each pixel's channels of the group as one contiguous run and NCHW
@@ -163,15 +175,30 @@ def _gn_fwd_kernel(
 @triton.autotune(configs=warp_configs(warps=WARPS), key=_KEY)
 @triton.jit
 def _gn_bwd_kernel(
-    x_ptr, dy_ptr, dx_ptr,  # [N, C, H, W], all in one layout
-    w_ptr, b_ptr, scale_ptr, shift_ptr,
-    mean_ptr, rstd_ptr,  # [N, G]
-    dw_part_ptr, db_part_ptr,  # out: per-sample partial dgamma, dbeta [N, C] fp32
-    dscale_ptr, dshift_ptr,  # out: [N, C] fp32 (written only if MODULATE)
-    C, HW, G,
-    stride_n, stride_c, stride_hw,
-    MODULATE: tl.constexpr, SILU: tl.constexpr,
-    CPG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    x_ptr,
+    dy_ptr,
+    dx_ptr,  # [N, C, H, W], all in one layout
+    w_ptr,
+    b_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    rstd_ptr,  # [N, G]
+    dw_part_ptr,
+    db_part_ptr,  # out: per-sample partial dgamma, dbeta [N, C] fp32
+    dscale_ptr,
+    dshift_ptr,  # out: [N, C] fp32 (written only if MODULATE)
+    C,
+    HW,
+    G,
+    stride_n,
+    stride_c,
+    stride_hw,
+    MODULATE: tl.constexpr,
+    SILU: tl.constexpr,
+    CPG: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // G
@@ -221,9 +248,16 @@ def _gn_bwd_kernel(
 
 
 @triton_op("sid_fast_kernels::group_norm_silu", mutates_args=())
-def group_norm_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
-                       shift: torch.Tensor | None, num_groups: int, eps: float, silu: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_norm_silu_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, (sn, sc, shw) = nchw_strides(x)
     n, c, h, w = x.shape
     y = torch.empty_like(x)  # preserves the memory format
@@ -233,17 +267,41 @@ def group_norm_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     sc_t = scale.contiguous() if mod else weight
     sh_t = shift.contiguous() if mod else weight
     wrap_triton(_gn_fwd_kernel)[(n * num_groups,)](
-        x, y, weight, bias, sc_t, sh_t, mean, rstd, c, h * w, num_groups, sn, sc, shw, eps,
-        MODULATE=mod, SILU=silu, **_blocks(c // num_groups, h * w),
+        x,
+        y,
+        weight,
+        bias,
+        sc_t,
+        sh_t,
+        mean,
+        rstd,
+        c,
+        h * w,
+        num_groups,
+        sn,
+        sc,
+        shw,
+        eps,
+        MODULATE=mod,
+        SILU=silu,
+        **_blocks(c // num_groups, h * w),
     )
     return y, mean, rstd
 
 
 @triton_op("sid_fast_kernels::group_norm_silu_bwd", mutates_args=())
-def group_norm_silu_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                           scale: torch.Tensor | None, shift: torch.Tensor | None, mean: torch.Tensor,
-                           rstd: torch.Tensor, num_groups: int, silu: bool
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_norm_silu_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x, (sn, sc, shw) = nchw_strides(x)
     # dy must share x's layout so that one set of strides addresses both.
     dy = dy.contiguous(memory_format=torch.channels_last if sc == 1 and x.shape[1] > 1 else torch.contiguous_format)
@@ -256,8 +314,28 @@ def group_norm_silu_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     sc_t = scale.contiguous() if mod else weight
     sh_t = shift.contiguous() if mod else weight
     wrap_triton(_gn_bwd_kernel)[(n * num_groups,)](
-        x, dy, dx, weight, bias, sc_t, sh_t, mean, rstd, dw_part, db_part, dscale, dshift,
-        c, h * w, num_groups, sn, sc, shw, MODULATE=mod, SILU=silu, **_blocks(c // num_groups, h * w),
+        x,
+        dy,
+        dx,
+        weight,
+        bias,
+        sc_t,
+        sh_t,
+        mean,
+        rstd,
+        dw_part,
+        db_part,
+        dscale,
+        dshift,
+        c,
+        h * w,
+        num_groups,
+        sn,
+        sc,
+        shw,
+        MODULATE=mod,
+        SILU=silu,
+        **_blocks(c // num_groups, h * w),
     )
     return dx, dw_part.sum(0), db_part.sum(0), dscale, dshift
 
@@ -271,18 +349,35 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dmean, drstd):
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    dx, dw, db, dscale, dshift = group_norm_silu_bwd_op(dy, x, weight, bias, scale, shift, mean, rstd,
-                                                        ctx.num_groups, ctx.silu)
+    dx, dw, db, dscale, dshift = group_norm_silu_bwd_op(
+        dy, x, weight, bias, scale, shift, mean, rstd, ctx.num_groups, ctx.silu
+    )
     mod = scale is not None
-    return (dx, dw.to(weight.dtype), db.to(bias.dtype), dscale.to(scale.dtype) if mod else None,
-            dshift.to(shift.dtype) if mod else None, None, None, None)
+    return (
+        dx,
+        dw.to(weight.dtype),
+        db.to(bias.dtype),
+        dscale.to(scale.dtype) if mod else None,
+        dshift.to(shift.dtype) if mod else None,
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd("sid_fast_kernels::group_norm_silu", _backward, setup_context=_setup_context)
 
 
-def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-5,
-                    scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, silu: bool = True):
+def group_norm_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float = 1e-5,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    silu: bool = True,
+):
     """y = silu(shift + group_norm(x, num_groups, weight, bias, eps) * (1 + scale)); scale, shift: [N, C] or None."""
     if x.dim() != 4:
         raise ValueError(f"group_norm_silu: expected x of shape [N, C, H, W], got {tuple(x.shape)}.")
@@ -296,7 +391,9 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n
     if (scale is None) != (shift is None):
         raise ValueError("group_norm_silu: give both scale and shift, or neither.")
     if scale is not None and (scale.shape != (n, c) or shift.shape != (n, c)):
-        raise ValueError(f"group_norm_silu: scale {tuple(scale.shape)} and shift {tuple(shift.shape)} must be [{n}, {c}].")
+        raise ValueError(
+            f"group_norm_silu: scale {tuple(scale.shape)} and shift {tuple(shift.shape)} must be [{n}, {c}]."
+        )
     if not triton_available(x):
         return group_norm_silu_ref(x, weight, bias, num_groups, eps, scale, shift, silu, upcast=False)
     return group_norm_silu_op(x, weight, bias, scale, shift, num_groups, float(eps), bool(silu))[0]

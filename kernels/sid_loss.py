@@ -4,7 +4,8 @@
 # y_real and y_fake (NaN checks, |x_g - y_real| and its mean, d = y_real - y_fake, the product, the masks) and autograd
 # keeps several temporaries for backward. Here the forward reads each input once and keeps three fp32 running sums
 # per row:  S1 = sum |x - r|,  S2 = sum d (r - x),  S3 = sum d^2,  with d = r - f, and a NaN flag, giving
-#     w = max(S1 / D, 1e-5),   loss_row = (S2 - alpha S3) / w   (0 for rows with a NaN, as the official code drops them).
+#     w = max(S1 / D, 1e-5),   loss_row = (S2 - alpha S3) / w   (0 for rows with a NaN, as the official code drops
+# them).
 # The backward reads the three inputs once more and writes the three gradients in one pass:
 #     dL/dx = -d k,   dL/dr = ((r - x) + (1 - 2 alpha) d) k,   dL/df = (-(r - x) + 2 alpha d) k,   k = g_row / w,
 # with w a constant (stop-gradient, as in SiD) and k = 0 for NaN rows. Arithmetic is fp32 for fp32/bf16/fp16 inputs.
@@ -132,23 +133,27 @@ def _sid_loss_bwd_kernel(
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-
-
 def _check(x_g, y_real, y_fake):
     if not (x_g.shape == y_real.shape == y_fake.shape):
-        raise ValueError(f"sid_loss: x_g {tuple(x_g.shape)}, y_real {tuple(y_real.shape)} and y_fake "
-                         f"{tuple(y_fake.shape)} must have one shape.")
+        raise ValueError(
+            f"sid_loss: x_g {tuple(x_g.shape)}, y_real {tuple(y_real.shape)} and y_fake "
+            f"{tuple(y_fake.shape)} must have one shape."
+        )
     if x_g.dim() < 2 or x_g.shape[0] == 0:
         raise ValueError(f"sid_loss: expected [N, ...] with N >= 1, got shape {tuple(x_g.shape)}.")
     if not (x_g.dtype == y_real.dtype == y_fake.dtype) or x_g.dtype not in _DTYPES:
-        raise ValueError(f"sid_loss: inputs must share one dtype among fp32/fp16/bf16, got {x_g.dtype}, "
-                         f"{y_real.dtype}, {y_fake.dtype}.")
+        raise ValueError(
+            f"sid_loss: inputs must share one dtype among fp32/fp16/bf16, got {x_g.dtype}, "
+            f"{y_real.dtype}, {y_fake.dtype}."
+        )
     if not (x_g.device == y_real.device == y_fake.device):
         raise ValueError(f"sid_loss: inputs are on different devices ({x_g.device}, {y_real.device}, {y_fake.device}).")
 
 
 @triton_op("sid_fast_kernels::sid_loss_rows", mutates_args=())
-def sid_loss_rows_op(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sid_loss_rows_op(
+    x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = x_g.shape[0]
     D = x_g.numel() // n
     x, r, f = (t.contiguous() for t in (x_g, y_real, y_fake))
@@ -160,8 +165,15 @@ def sid_loss_rows_op(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tens
 
 
 @triton_op("sid_fast_kernels::sid_loss_rows_bwd", mutates_args=())
-def sid_loss_rows_bwd_op(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, grad_row: torch.Tensor,
-                         w: torch.Tensor, ok: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sid_loss_rows_bwd_op(
+    x_g: torch.Tensor,
+    y_real: torch.Tensor,
+    y_fake: torch.Tensor,
+    grad_row: torch.Tensor,
+    w: torch.Tensor,
+    ok: torch.Tensor,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = x_g.shape[0]
     D = x_g.numel() // n
     x, r, f = (t.contiguous() for t in (x_g, y_real, y_fake))

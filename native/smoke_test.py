@@ -17,8 +17,17 @@ from sid_fast.export import export_generator
 from sid_fast.networks import build_network
 from sid_fast.sampling import latents_and_labels, onestep_sample, to_uint8
 
-NET = dict(model_type="SongUNet", img_resolution=8, img_channels=3, label_dim=3, model_channels=16, channel_mult=[1, 2],
-           num_blocks=1, attn_resolutions=[4], dropout=0.0)
+NET = dict(
+    model_type="SongUNet",
+    img_resolution=8,
+    img_channels=3,
+    label_dim=3,
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[4],
+    dropout=0.0,
+)
 
 
 def check(cond, msg):
@@ -43,8 +52,24 @@ def main(binary, work):
     seeds = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1000, 4294967297]  # the last wraps mod 2^32 as in Python
     for extra, class_idx in (([], None), (["--class", "2"], 2)):
         out = work / f"out{'' if class_idx is None else class_idx}"
-        r = subprocess.run([binary, "--package", str(package), "--seeds", ",".join(map(str, seeds)), "--outdir", str(out),
-                            "--batch", "5", "--raw", str(out / "raw.npy")] + extra, capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                binary,
+                "--package",
+                str(package),
+                "--seeds",
+                ",".join(map(str, seeds)),
+                "--outdir",
+                str(out),
+                "--batch",
+                "5",
+                "--raw",
+                str(out / "raw.npy"),
+            ]
+            + extra,
+            capture_output=True,
+            text=True,
+        )
         check(r.returncode == 0, f"sid_sample runs (class {class_idx}): {r.stdout.strip()} {r.stderr.strip()}")
         g, _ = load_network_file(work / "gen.pt")
         z, labels, _ = latents_and_labels(g, seeds, class_idx=class_idx)
@@ -52,7 +77,10 @@ def main(binary, work):
             ref = onestep_sample(g, z, 2.5, labels)
         raw = np.load(out / "raw.npy")
         err = float(np.abs(raw - ref.numpy()).max())
-        check(raw.shape == tuple(ref.shape) and err <= 1e-5, f"raw output within 1e-5 of the Python sampler (max {err:.3g})")
+        check(
+            raw.shape == tuple(ref.shape) and err <= 1e-5,
+            f"raw output within 1e-5 of the Python sampler (max {err:.3g})",
+        )
         png = np.stack([np.asarray(PIL.Image.open(out / f"{s:06d}.png")) for s in seeds])
         u8 = to_uint8(ref).permute(0, 2, 3, 1).numpy()
         diff = int(np.abs(png.astype(int) - u8.astype(int)).max())
@@ -71,7 +99,10 @@ def main(binary, work):
     ]
     for args, code, text in cases:
         r = subprocess.run([binary, *args, "--outdir", str(work / "err")], capture_output=True, text=True)
-        check(r.returncode == code and text in r.stderr, f"{' '.join(args[2:]) or args[1]} -> exit {r.returncode}: {r.stderr.strip()}")
+        check(
+            r.returncode == code and text in r.stderr,
+            f"{' '.join(args[2:]) or args[1]} -> exit {r.returncode}: {r.stderr.strip()}",
+        )
     print("native smoke test passed")
 
 

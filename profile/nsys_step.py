@@ -38,8 +38,15 @@ def main():
     ap.add_argument("--optimizer", choices=["adam", "foreach", "fused"], default="adam")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    options = dict(precision=a.precision, channels_last=a.channels_last, compile=a.compile, cuda_graphs=a.cuda_graphs,
-                   kernels=a.kernels, checkpointing=a.checkpointing, optimizer=a.optimizer)
+    options = dict(
+        precision=a.precision,
+        channels_last=a.channels_last,
+        compile=a.compile,
+        cuda_graphs=a.cuda_graphs,
+        kernels=a.kernels,
+        checkpointing=a.checkpointing,
+        optimizer=a.optimizer,
+    )
     tr, _, _ = make_trainer(a.config, a.batch_gpu, device, **options)
     for _ in range(a.warmup):
         tr.step()

@@ -30,9 +30,20 @@ import torch.nn.functional as F
 AUGMENT_DIM = 9
 
 # Low-pass decomposition filter of the Symlet-6 wavelet (PyWavelets' `sym6` dec_lo), the filter EDM resamples with.
-SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633, 0.4910559419267466,
-        0.787641141030194, 0.3379294217276218, -0.07263752278646252, -0.021060292512300564, 0.04472490177066578,
-        0.0017677118642428036, -0.007800708325034148)
+SYM6 = (
+    0.015404109327027373,
+    0.0034907120842174702,
+    -0.11799011114819057,
+    -0.048311742585633,
+    0.4910559419267466,
+    0.787641141030194,
+    0.3379294217276218,
+    -0.07263752278646252,
+    -0.021060292512300564,
+    0.04472490177066578,
+    0.0017677118642428036,
+    -0.007800708325034148,
+)
 
 
 # 3x3 homogeneous 2-D transforms, batched: every argument is a [N] tensor or a Python number.
@@ -56,8 +67,21 @@ def rotate2d(theta, like):
 
 
 class AugmentPipe:
-    def __init__(self, p: float = 0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1,
-                 scale_std=0.2, rotate_frac_max=1, aniso_std=0.2, aniso_rotate_prob=0.5, translate_frac_std=0.125):
+    def __init__(
+        self,
+        p: float = 0.12,
+        xflip=1e8,
+        yflip=1,
+        scale=1,
+        rotate_frac=1,
+        aniso=1,
+        translate_frac=1,
+        scale_std=0.2,
+        rotate_frac_max=1,
+        aniso_std=0.2,
+        aniso_rotate_prob=0.5,
+        translate_frac_std=0.125,
+    ):
         if not 0 <= p <= 1:
             raise ValueError(f"augment probability must be in [0, 1], got {p}.")
         self.p = float(p)
@@ -114,8 +138,9 @@ class AugmentPipe:
             labels += [w * r.cos(), w * r.sin()]
         if self.translate_frac > 0:
             w = gate(randn(2, N), self.translate_frac, 1, N)
-            G_inv = _compose(G_inv, translate2d(-w[0] * (W * self.translate_frac_std),
-                                                -w[1] * (H * self.translate_frac_std), ref))
+            G_inv = _compose(
+                G_inv, translate2d(-w[0] * (W * self.translate_frac_std), -w[1] * (H * self.translate_frac_std), ref)
+            )
             labels += [w[0], w[1]]
         if G_inv is not None:
             images = warp(images, G_inv)

@@ -81,8 +81,12 @@ def _make_container(name: str):
 
 
 def _reconstruct_persistent_obj(meta):
-    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str) \
-            or "state" not in meta:
+    if (
+        not isinstance(meta, dict)
+        or meta.get("type") != "class"
+        or not isinstance(meta.get("class_name"), str)
+        or "state" not in meta
+    ):
         raise _Refused("a persistent object without the expected type/class_name/state fields")
     if meta.get("version") != 6:
         raise _Refused(f"persistence format version {meta.get('version')!r}, expected 6")
@@ -107,7 +111,8 @@ class EasyDictStub(dict):
 
 class BoundMethodStub:
     """What `builtins.getattr(obj, name)` becomes: SiDA-EDM2 generator pickles store their MPConvs' forward pre-hooks,
-    bound methods, that way (official sida branch, sida_training_edm2/networks_edm2_modified.py). Nothing is looked up."""
+    bound methods, that way (official sida branch, sida_training_edm2/networks_edm2_modified.py). Nothing is looked
+    up."""
 
     def __init__(self, obj, name):
         self.name = name if isinstance(name, str) else "?"
@@ -225,7 +230,9 @@ def read_edm_pickle(path: str | os.PathLike) -> dict:
     except _Refused as e:
         raise CheckpointError(f"{path}: refused to load: {e}.") from None
     except Exception as e:  # nothing runs but the allow-list, so any other failure means a corrupt stream
-        raise CheckpointError(f"{path}: not a readable EDM/SiD pickle (truncated or corrupt?): {_describe(e)}") from None
+        raise CheckpointError(
+            f"{path}: not a readable EDM/SiD pickle (truncated or corrupt?): {_describe(e)}"
+        ) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict with key 'ema' at the top level, found {type(data).__name__}.")
     return data
@@ -246,7 +253,9 @@ def _check_kwarg_sizes(kwargs: dict, path) -> None:
             raise CheckpointError(f"{path}: init kwarg {key}={v} is outside any plausible network size.")
         if isinstance(v, (list, tuple)):
             if len(v) > _MAX_LIST_KWARG:
-                raise CheckpointError(f"{path}: init kwarg {key} has {len(v)} entries, more than any plausible network.")
+                raise CheckpointError(
+                    f"{path}: init kwarg {key} has {len(v)} entries, more than any plausible network."
+                )
             for x in v:
                 walk(key, x)
         if isinstance(v, dict):
@@ -275,14 +284,19 @@ def build_checked(class_name: str, init_kwargs: dict, tensors: dict, path) -> to
         with torch.device("meta"):
             shape_net = build_network(class_name, init_kwargs)
     except Exception as e:  # recorded kwargs of the wrong type or value
-        raise CheckpointError(f"{path}: cannot build {class_name} from its recorded init kwargs: {_describe(e)}") from None
+        raise CheckpointError(
+            f"{path}: cannot build {class_name} from its recorded init kwargs: {_describe(e)}"
+        ) from None
     want = {k: tuple(v.shape) for k, v in shape_net.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if want != got:
         missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
         wrong = sorted(k for k in want.keys() & got.keys() if want[k] != got[k])
-        detail = "; ".join(f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}" for label, keys in
-                           (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if keys)
+        detail = "; ".join(
+            f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
+            if keys
+        )
         raise CheckpointError(f"{path}: tensors do not match {class_name} built from its init kwargs: {detail}.")
     net = build_network(class_name, init_kwargs)
     try:
@@ -312,7 +326,9 @@ def _network_from_stub(stub, path) -> torch.nn.Module:
         expected = classes.get(name)
         expected = FILE_CLASS_ALIASES.get(expected, expected)
         if expected is not None and expected != type(module).__name__:
-            raise CheckpointError(f"{path}: module {name or '<root>'} is a {expected} in the file but a {type(module).__name__} here.")
+            raise CheckpointError(
+                f"{path}: module {name or '<root>'} is a {expected} in the file but a {type(module).__name__} here."
+            )
     return net
 
 
@@ -372,7 +388,10 @@ def network_record(net: torch.nn.Module, init_kwargs: dict, **meta) -> dict:
         version=SID_FAST_FORMAT_VERSION,
         class_name=type(net).__name__,
         init_kwargs=_plain_value(init_kwargs),
-        state_dict={k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone() for k, v in net.state_dict().items()},
+        state_dict={
+            k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
+            for k, v in net.state_dict().items()
+        },
         meta=_plain_value(meta),
     )
 
@@ -386,9 +405,13 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load (holds objects other than tensors and plain values): {e}") from None
+        raise CheckpointError(
+            f"{path}: refused to load (holds objects other than tensors and plain values): {e}"
+        ) from None
     except Exception as e:  # weights_only runs no code: any other failure (torch's reader asserts too) is corruption
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {_describe(e)}") from None
+        raise CheckpointError(
+            f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {_describe(e)}"
+        ) from None
 
 
 TRAINING_STATE_FORMAT = "sid_fast.training_state"
@@ -413,7 +436,9 @@ def network_from_record(record: dict, path) -> torch.nn.Module:
     if not isinstance(record, dict) or record.get("format") != SID_FAST_FORMAT:
         raise CheckpointError(f"{path}: a torch file, but not a sid_fast network (no format='{SID_FAST_FORMAT}').")
     if record.get("version") != SID_FAST_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: sid_fast network format version {record.get('version')}, expected {SID_FAST_FORMAT_VERSION}.")
+        raise CheckpointError(
+            f"{path}: sid_fast network format version {record.get('version')}, expected {SID_FAST_FORMAT_VERSION}."
+        )
     class_name, init_kwargs, tensors = (record.get(k) for k in ("class_name", "init_kwargs", "state_dict"))
     if not isinstance(class_name, str) or not isinstance(init_kwargs, dict) or not isinstance(tensors, dict):
         raise CheckpointError(f"{path}: a sid_fast network file without class_name, init_kwargs and state_dict.")
@@ -475,7 +500,9 @@ def load_network_file(path_or_url) -> tuple[torch.nn.Module, dict]:
         record = read_edm_pickle(path)
         reader = _edm_network
     else:
-        raise CheckpointError(f"{path}: neither an EDM/SiD pickle nor a sid_fast checkpoint (unrecognised first bytes {head!r}).")
+        raise CheckpointError(
+            f"{path}: neither an EDM/SiD pickle nor a sid_fast checkpoint (unrecognised first bytes {head!r})."
+        )
     try:
         net, info = reader(record, path)
     except CheckpointError:
@@ -493,8 +520,12 @@ def _str_keys(d: dict) -> list[str]:
 def _sid_fast_network(record, path):
     net = network_from_record(record, path)
     meta = record.get("meta", {})
-    return net, dict(source="sid_fast", class_name=record["class_name"], init_kwargs=record["init_kwargs"],
-                     meta=meta if isinstance(meta, dict) else {})
+    return net, dict(
+        source="sid_fast",
+        class_name=record["class_name"],
+        init_kwargs=record["init_kwargs"],
+        meta=meta if isinstance(meta, dict) else {},
+    )
 
 
 def _edm_network(data, path):

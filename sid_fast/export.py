@@ -94,19 +94,31 @@ def export_generator(network, out, device="cpu", max_batch=256, init_sigma=None,
     dynamic = {"z": {0: batch}}
     if gen.label_dim:
         dynamic["labels"] = {0: batch}
-    log(f"Exporting {network} ({info['class_name']}, {net.img_channels}x{net.img_resolution}x{net.img_resolution}, "
-        f"{net.label_dim} classes, sigma_init {gen.sigma_init}) for {device.type}, batch 1..{max_batch}")
+    log(
+        f"Exporting {network} ({info['class_name']}, {net.img_channels}x{net.img_resolution}x{net.img_resolution}, "
+        f"{net.label_dim} classes, sigma_init {gen.sigma_init}) for {device.type}, batch 1..{max_batch}"
+    )
     with torch.no_grad():
         ep = torch.export.export(gen, inputs, dynamic_shapes=dynamic)
-    meta = dict(sid_fast_format="1", img_resolution=net.img_resolution, img_channels=net.img_channels,
-                label_dim=net.label_dim, sigma_init=repr(gen.sigma_init), max_batch=max_batch, device=device.type,
-                source=str(network), class_name=info["class_name"])
+    meta = dict(
+        sid_fast_format="1",
+        img_resolution=net.img_resolution,
+        img_channels=net.img_channels,
+        label_dim=net.label_dim,
+        sigma_init=repr(gen.sigma_init),
+        max_batch=max_batch,
+        device=device.type,
+        source=str(network),
+        class_name=info["class_name"],
+    )
     meta = {k: str(v) for k, v in meta.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".part.pt2")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs={"aot_inductor.metadata": meta})
+        torch._inductor.aoti_compile_and_package(
+            ep, package_path=str(tmp), inductor_configs={"aot_inductor.metadata": meta}
+        )
 
     # Verify the compiled package against the eager generator.
     runner = torch._inductor.aoti_load_package(str(tmp))
@@ -117,19 +129,45 @@ def export_generator(network, out, device="cpu", max_batch=256, init_sigma=None,
             worst = max(worst, (runner(*x) - gen(*x)).abs().max().item())
     if not worst <= tolerance:
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"{out}: the compiled package differs from the eager generator by {worst:.3g} (> {tolerance}).")
+        raise ExportError(
+            f"{out}: the compiled package differs from the eager generator by {worst:.3g} (> {tolerance})."
+        )
     os.replace(tmp, out)
     log(f"Wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); max |package - eager| = {worst:.3g}")
     return out
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
-@click.option("--network", help="Generator snapshot (sid_fast .pt, or SiD .pkl with --init_sigma)", metavar="PATH|URL", required=True)
+@click.option(
+    "--network",
+    help="Generator snapshot (sid_fast .pt, or SiD .pkl with --init_sigma)",
+    metavar="PATH|URL",
+    required=True,
+)
 @click.option("--out", help="Package to write", metavar="FILE.pt2", required=True)
-@click.option("--device", help="Compile for this device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--max-batch", "max_batch", help="Largest batch the package accepts", metavar="INT", type=int, default=256, show_default=True)
-@click.option("--init_sigma", "init_sigma", help="Generator noise level (default: the snapshot's)", metavar="FLOAT", type=float)
-@click.option("--tolerance", help="Largest accepted |package - eager|", metavar="FLOAT", type=float, default=1e-4, show_default=True)
+@click.option(
+    "--device", help="Compile for this device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True
+)
+@click.option(
+    "--max-batch",
+    "max_batch",
+    help="Largest batch the package accepts",
+    metavar="INT",
+    type=int,
+    default=256,
+    show_default=True,
+)
+@click.option(
+    "--init_sigma", "init_sigma", help="Generator noise level (default: the snapshot's)", metavar="FLOAT", type=float
+)
+@click.option(
+    "--tolerance",
+    help="Largest accepted |package - eager|",
+    metavar="FLOAT",
+    type=float,
+    default=1e-4,
+    show_default=True,
+)
 def main(network, out, device, max_batch, init_sigma, tolerance):
     """Export a one-step generator as an AOTInductor package."""
     try:

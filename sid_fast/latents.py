@@ -36,9 +36,18 @@ SCALE = np.float32(FINAL_STD) / np.float32(RAW_STD)
 BIAS = np.float32(FINAL_MEAN) - np.float32(RAW_MEAN) * SCALE
 SD_VAE_FT_MSE = "stabilityai/sd-vae-ft-mse"
 # The AutoencoderKL configuration of sd-vae-ft-mse (its config.json), for tests and for building the network offline.
-SD_VAE_FT_MSE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
-                            layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=256)
+SD_VAE_FT_MSE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=256,
+)
 
 
 class LatentError(ValueError):
@@ -60,15 +69,18 @@ def load_vae(path_or_id: str, device="cpu"):
     p = Path(path_or_id)
     local = p.exists()
     if local and not (p.is_dir() and (p / "config.json").exists()):
-        raise LatentError(f"--vae {p}: expected a folder in diffusers' format (config.json and the weights), e.g. a "
-                          f"download of {SD_VAE_FT_MSE}.")
+        raise LatentError(
+            f"--vae {p}: expected a folder in diffusers' format (config.json and the weights), e.g. a "
+            f"download of {SD_VAE_FT_MSE}."
+        )
     if not local and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path_or_id)):
         raise LatentError(f"--vae {path_or_id}: no such folder (and not a hub id such as {SD_VAE_FT_MSE}).")
     try:
         vae = AutoencoderKL.from_pretrained(str(path_or_id), local_files_only=local, torch_dtype=torch.float32)
     except Exception as e:  # diffusers/hub errors: one sentence naming the source
-        raise LatentError(f"--vae {path_or_id}: cannot load an AutoencoderKL ({type(e).__name__}: "
-                          f"{' '.join(str(e).split())[:200]}).") from None
+        raise LatentError(
+            f"--vae {path_or_id}: cannot load an AutoencoderKL ({type(e).__name__}: {' '.join(str(e).split())[:200]})."
+        ) from None
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -140,8 +152,9 @@ class LatentDataset(torch.utils.data.Dataset):
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
-            raise LatentError(f"{self.path}: not a latent dataset (no meta.json); make one with "
-                              "`python -m sid_fast.latents encode`.")
+            raise LatentError(
+                f"{self.path}: not a latent dataset (no meta.json); make one with `python -m sid_fast.latents encode`."
+            )
         self.meta = json.loads(meta_path.read_text())
         self.labels_int = np.load(self.path / "labels.npy")
         if (self.labels_int < 0).all():
@@ -189,7 +202,9 @@ def encode_dataset(source, dest, vae: StabilityVAE, dtype: str = "float32", batc
     ds = ImageDataset(source)
     c, h, w = ds.image_shape
     if c != 3 or h % 8 or w % 8:
-        raise LatentError(f"--source {source}: images are {c}x{h}x{w}; the VAE takes RGB images with sides divisible by 8.")
+        raise LatentError(
+            f"--source {source}: images are {c}x{h}x{w}; the VAE takes RGB images with sides divisible by 8."
+        )
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise LatentError(f"--dest {dest}: exists and is not empty.")
@@ -206,9 +221,20 @@ def encode_dataset(source, dest, vae: StabilityVAE, dtype: str = "float32", batc
     del arr
     labels = ds.labels_int if ds.labels_int is not None else np.full(n, -1)
     np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
-    meta = dict(format="sid_fast.latents", version=1, source=str(source), count=n, dtype=dtype,
-                shape=[8, h // 8, w // 8], image_shape=[c, h, w], label_dim=ds.label_dim,
-                raw_mean=list(RAW_MEAN), raw_std=list(RAW_STD), final_mean=FINAL_MEAN, final_std=FINAL_STD)
+    meta = dict(
+        format="sid_fast.latents",
+        version=1,
+        source=str(source),
+        count=n,
+        dtype=dtype,
+        shape=[8, h // 8, w // 8],
+        image_shape=[c, h, w],
+        label_dim=ds.label_dim,
+        raw_mean=list(RAW_MEAN),
+        raw_std=list(RAW_STD),
+        final_mean=FINAL_MEAN,
+        final_std=FINAL_STD,
+    )
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if dest.exists():
         dest.rmdir()
@@ -222,10 +248,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m sid_fast.latents", description="EDM2 latents with the Stability VAE.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("encode", help="encode an EDM image dataset (zip or folder) into a memory-mapped latent dataset")
-    e.add_argument("--source", required=True, help="EDM dataset of RGB images, e.g. img512.zip (sid_fast.data.dataset_tool "
-                   "--transform center-crop-dhariwal --resolution 512)")
+    e.add_argument(
+        "--source",
+        required=True,
+        help="EDM dataset of RGB images, e.g. img512.zip (sid_fast.data.dataset_tool "
+        "--transform center-crop-dhariwal --resolution 512)",
+    )
     e.add_argument("--dest", required=True, help="output folder (latents.npy, labels.npy, meta.json)")
-    e.add_argument("--vae", required=True, help=f"local diffusers folder of {SD_VAE_FT_MSE} (or that hub id, downloaded)")
+    e.add_argument(
+        "--vae", required=True, help=f"local diffusers folder of {SD_VAE_FT_MSE} (or that hub id, downloaded)"
+    )
     e.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     e.add_argument("--batch", type=int, default=8)
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -166,8 +166,9 @@ def bce_mean_rows(logits: torch.Tensor, target: float, ok: torch.Tensor) -> torc
     return _mask(ok, per).sum() / count.clamp(min=1)
 
 
-def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, sigma: torch.Tensor,
-                            ok: torch.Tensor) -> torch.Tensor:
+def sida_discriminator_loss(
+    logits_real: torch.Tensor, logits_fake: torch.Tensor, sigma: torch.Tensor, ok: torch.Tensor
+) -> torch.Tensor:
     """Per-sample discriminator loss [N, 1, 1, 1]: lambda(sigma_i) (BCE_mean(real, 1) + BCE_mean(fake, 0)) / 2, zero
     where not `ok` (the official filter: NaN in y, D_fake, logits_fake or logits_real)."""
     bce = (bce_mean_rows(logits_real, 1.0, ok) + bce_mean_rows(logits_fake, 0.0, ok)) / 2
@@ -182,8 +183,9 @@ def sida_generator_gan_loss(logits: torch.Tensor, w: torch.Tensor, ok: torch.Ten
     return _mask(ok, bce / _f32(w).reshape(-1, 1, 1, 1))
 
 
-def sida_schedule(cur_nimg: int, generator_start: int = SIDA_GENERATOR_START_NIMG,
-                  gan_start: int = SIDA_GAN_START_NIMG) -> tuple[bool, float, float]:
+def sida_schedule(
+    cur_nimg: int, generator_start: int = SIDA_GENERATOR_START_NIMG, gan_start: int = SIDA_GAN_START_NIMG
+) -> tuple[bool, float, float]:
     """(step the generator?, weight of the SiD term, weight of the GAN term) for an iteration that starts with
     `cur_nimg` images seen (the official loop compares before counting the iteration's images; its thresholds are
     100k and 200k images, the defaults)."""

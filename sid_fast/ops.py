@@ -53,7 +53,9 @@ def parse(spec) -> Selection:
         names = frozenset(n.strip() for n in spec.split(",")) if isinstance(spec, str) else frozenset(spec)
     unknown = names - NAMES
     if unknown:
-        raise ValueError(f"unknown kernels {sorted(unknown)}: 'none', 'all' or a comma list of {', '.join(sorted(NAMES))}.")
+        raise ValueError(
+            f"unknown kernels {sorted(unknown)}: 'none', 'all' or a comma list of {', '.join(sorted(NAMES))}."
+        )
     if {"attention", "sdpa"} <= names:
         raise ValueError("'attention' (the Triton kernel) and 'sdpa' are two attention implementations; pick one.")
     attention = "triton" if "attention" in names else "sdpa" if "sdpa" in names else "edm"
@@ -81,8 +83,10 @@ def check_environment() -> None:
     """Refuse the retired process-wide switches: they would make a run's kernels differ from what it records."""
     for var in RETIRED_ENV:
         if os.environ.get(var):
-            raise ValueError(f"{var} is no longer read; choose kernels with --kernels (or `with sid_fast.ops.kernels(...)`)"
-                             f" and unset {var}.")
+            raise ValueError(
+                f"{var} is no longer read; choose kernels with --kernels (or `with sid_fast.ops.kernels(...)`)"
+                f" and unset {var}."
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,8 +141,9 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, scale=None, sh
         from kernels.group_norm_silu import group_norm_silu as fused
 
         return fused(x, weight.to(x.dtype), bias.to(x.dtype), num_groups, eps, scale, shift)
-    return group_norm_silu_ref(x, weight.to(x.dtype), bias.to(x.dtype), num_groups, eps, scale, shift, silu=silu,
-                               upcast=False)
+    return group_norm_silu_ref(
+        x, weight.to(x.dtype), bias.to(x.dtype), num_groups, eps, scale, shift, silu=silu, upcast=False
+    )
 
 
 def attention_from_conv(conv, x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -90,8 +90,9 @@ def _blocks_checkpointed(blocks, mode: str):
             b.checkpoint_activations = None
 
 
-def _site(cfg, fn, name: str, checkpoint_net: torch.nn.Module | None = None,
-          modes=("nets", "blocks", "selective")) -> Callable:
+def _site(
+    cfg, fn, name: str, checkpoint_net: torch.nn.Module | None = None, modes=("nets", "blocks", "selective")
+) -> Callable:
     """fn(x, sigma, labels, **kw) with x in the run's memory format, compiled if asked, inside an NVTX range; with
     `checkpoint_net` and --checkpointing in `modes` its activations are recomputed in backward (nets: the whole
     forward; blocks: per UNet block; selective: per UNet block, keeping convolution, matmul and attention outputs)."""

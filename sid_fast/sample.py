@@ -36,18 +36,60 @@ def parse_int_list(s: str) -> list[int]:
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
-@click.option("--network", "network_path", help="Network file (sid_fast .pt or EDM/SiD .pkl), path or URL", metavar="PATH|URL", required=True)
+@click.option(
+    "--network",
+    "network_path",
+    help="Network file (sid_fast .pt or EDM/SiD .pkl), path or URL",
+    metavar="PATH|URL",
+    required=True,
+)
 @click.option("--outdir", help="Where to save the images", metavar="DIR", type=str, required=True)
-@click.option("--seeds", help="Random seeds, e.g. 0-63,100", metavar="LIST", type=str, default="0-63", show_default=True)
-@click.option("--sampler", help="auto: one step for sid_fast generators, Heun otherwise", type=click.Choice(["auto", "onestep", "heun"]), default="auto", show_default=True)
-@click.option("--steps", help="Heun steps (NFE = 2 * steps - 1)", metavar="INT", type=click.IntRange(min=1), default=18, show_default=True)
-@click.option("--churn", help="Stochastic Heun: S_churn,S_min,S_max,S_noise (ImageNet: 40,0.05,50,1.003)", metavar="LIST", type=str)
-@click.option("--class", "class_idx", help="Class label (default: random per seed)", metavar="INT", type=click.IntRange(min=0))
+@click.option(
+    "--seeds", help="Random seeds, e.g. 0-63,100", metavar="LIST", type=str, default="0-63", show_default=True
+)
+@click.option(
+    "--sampler",
+    help="auto: one step for sid_fast generators, Heun otherwise",
+    type=click.Choice(["auto", "onestep", "heun"]),
+    default="auto",
+    show_default=True,
+)
+@click.option(
+    "--steps",
+    help="Heun steps (NFE = 2 * steps - 1)",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=18,
+    show_default=True,
+)
+@click.option(
+    "--churn",
+    help="Stochastic Heun: S_churn,S_min,S_max,S_noise (ImageNet: 40,0.05,50,1.003)",
+    metavar="LIST",
+    type=str,
+)
+@click.option(
+    "--class", "class_idx", help="Class label (default: random per seed)", metavar="INT", type=click.IntRange(min=0)
+)
 @click.option("--init_sigma", "init_sigma", help="Override the generator's sigma_init", metavar="FLOAT", type=float)
-@click.option("--batch", "max_batch", help="Maximum batch size", metavar="INT", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--batch",
+    "max_batch",
+    help="Maximum batch size",
+    metavar="INT",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+)
 @click.option("--subdirs", help="Save into subdirectories of 1000 seeds", is_flag=True)
 @click.option("--grid", help="Also save a grid of all images to this file (PNG)", metavar="FILE", type=str)
-@click.option("--vae", help="EDM2 latent networks: the Stability VAE (local diffusers folder of stabilityai/sd-vae-ft-mse) that decodes them", metavar="DIR", type=str)
+@click.option(
+    "--vae",
+    help="EDM2 latent networks: the Stability VAE (local diffusers folder of stabilityai/sd-vae-ft-mse) that "
+    "decodes them",
+    metavar="DIR",
+    type=str,
+)
 def main(network_path, outdir, seeds, sampler, steps, churn, class_idx, init_sigma, max_batch, subdirs, grid, vae):
     """Generate images from a SiD generator or an EDM teacher."""
     seed_list = parse_int_list(seeds)
@@ -79,7 +121,9 @@ def main(network_path, outdir, seeds, sampler, steps, churn, class_idx, init_sig
     os.makedirs(outdir, exist_ok=True)
     for i in range(0, len(seed_list), max_batch):
         batch_seeds = seed_list[i : i + max_batch]
-        images = generate_uint8(net, info, batch_seeds, device, sampler, steps, class_idx, init_sigma, churn_t, vae_model).cpu()
+        images = generate_uint8(
+            net, info, batch_seeds, device, sampler, steps, class_idx, init_sigma, churn_t, vae_model
+        ).cpu()
         for seed, img in zip(batch_seeds, images):
             d = Path(outdir) / (f"{seed - seed % 1000:06d}" if subdirs else "")
             d.mkdir(parents=True, exist_ok=True)

@@ -96,8 +96,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
-def image_grid(images_uint8: torch.Tensor, cols: int | None = None, scale: int = 1, gap: int = 0,
-               fill: int = 128) -> np.ndarray:
+def image_grid(
+    images_uint8: torch.Tensor, cols: int | None = None, scale: int = 1, gap: int = 0, fill: int = 128
+) -> np.ndarray:
     """uint8 [N, C, H, W] -> one HWC (or HW) uint8 array with the images on a grid.
 
     Each image is enlarged `scale` times (nearest neighbour); `gap` pixels of grey `fill` separate the tiles (and
@@ -132,14 +133,17 @@ def save_image(array: np.ndarray, path, scale: int = 1) -> None:
 def check_vae(net, vae, flag="--vae") -> None:
     """A 4-channel network makes EDM2's VAE latents: images need the VAE; a pixel network must not get one."""
     if vae is None and net.img_channels == 4:
-        raise ValueError(f"the network makes 4-channel outputs, EDM2's VAE latents: give {flag}, the folder of "
-                         "stabilityai/sd-vae-ft-mse in diffusers' format, to decode them to images.")
+        raise ValueError(
+            f"the network makes 4-channel outputs, EDM2's VAE latents: give {flag}, the folder of "
+            "stabilityai/sd-vae-ft-mse in diffusers' format, to decode them to images."
+        )
     if vae is not None and net.img_channels != 4:
         raise ValueError(f"{flag} given, but the network makes {net.img_channels}-channel images, not VAE latents.")
 
 
-def generate_uint8(net, info, seeds, device, sampler="auto", steps=18, class_idx=None, init_sigma=None, churn=None,
-                   vae=None) -> torch.Tensor:
+def generate_uint8(
+    net, info, seeds, device, sampler="auto", steps=18, class_idx=None, init_sigma=None, churn=None, vae=None
+) -> torch.Tensor:
     """uint8 images [N, C, H, W] for the seeds: pixels as EDM (to_uint8), or EDM2's latents decoded by `vae` (a
     sid_fast.latents.StabilityVAE: clamp to [0, 1], x 255, truncated)."""
     out = generate(net, info, seeds, device, sampler, steps, class_idx, init_sigma, churn)

@@ -123,12 +123,30 @@ def edm2_forward(sd, cfg, x, sigma, labels=None, upstream_train=False, return_lo
         if level == 0:
             h = _conv(sd_, f"unet.enc.{r}x{r}_conv.weight", h, upstream_train=upstream_train)
         else:
-            h = _block(sd_, f"unet.enc.{r}x{r}_down", h, emb, flavor="enc", mode="down", heads=0, cfg=cfg,
-                       upstream_train=upstream_train)
+            h = _block(
+                sd_,
+                f"unet.enc.{r}x{r}_down",
+                h,
+                emb,
+                flavor="enc",
+                mode="down",
+                heads=0,
+                cfg=cfg,
+                upstream_train=upstream_train,
+            )
         skips.append(h)
         for i in range(nb):
-            h = _block(sd_, f"unet.enc.{r}x{r}_block{i}", h, emb, flavor="enc", mode="keep",
-                       heads=ch // cph if r in attn_res else 0, cfg=cfg, upstream_train=upstream_train)
+            h = _block(
+                sd_,
+                f"unet.enc.{r}x{r}_block{i}",
+                h,
+                emb,
+                flavor="enc",
+                mode="keep",
+                heads=ch // cph if r in attn_res else 0,
+                cfg=cfg,
+                upstream_train=upstream_train,
+            )
             skips.append(h)
     logits = h.mean(dim=1, keepdim=True)
     for level in reversed(range(len(mult))):
@@ -136,21 +154,58 @@ def edm2_forward(sd, cfg, x, sigma, labels=None, upstream_train=False, return_lo
         ch = mc * mult[level]
         if level == len(mult) - 1:
             cur = h.shape[1]
-            h = _block(sd_, f"unet.dec.{r}x{r}_in0", h, emb, flavor="dec", mode="keep", heads=cur // cph, cfg=cfg,
-                       upstream_train=upstream_train)
-            h = _block(sd_, f"unet.dec.{r}x{r}_in1", h, emb, flavor="dec", mode="keep", heads=0, cfg=cfg,
-                       upstream_train=upstream_train)
+            h = _block(
+                sd_,
+                f"unet.dec.{r}x{r}_in0",
+                h,
+                emb,
+                flavor="dec",
+                mode="keep",
+                heads=cur // cph,
+                cfg=cfg,
+                upstream_train=upstream_train,
+            )
+            h = _block(
+                sd_,
+                f"unet.dec.{r}x{r}_in1",
+                h,
+                emb,
+                flavor="dec",
+                mode="keep",
+                heads=0,
+                cfg=cfg,
+                upstream_train=upstream_train,
+            )
         else:
-            h = _block(sd_, f"unet.dec.{r}x{r}_up", h, emb, flavor="dec", mode="up", heads=0, cfg=cfg,
-                       upstream_train=upstream_train)
+            h = _block(
+                sd_,
+                f"unet.dec.{r}x{r}_up",
+                h,
+                emb,
+                flavor="dec",
+                mode="up",
+                heads=0,
+                cfg=cfg,
+                upstream_train=upstream_train,
+            )
         for i in range(nb + 1):
             h = _cat(h, skips.pop(), cfg.get("concat_balance", 0.5))
-            h = _block(sd_, f"unet.dec.{r}x{r}_block{i}", h, emb, flavor="dec", mode="keep",
-                       heads=ch // cph if r in attn_res else 0, cfg=cfg, upstream_train=upstream_train)
+            h = _block(
+                sd_,
+                f"unet.dec.{r}x{r}_block{i}",
+                h,
+                emb,
+                flavor="dec",
+                mode="keep",
+                heads=ch // cph if r in attn_res else 0,
+                cfg=cfg,
+                upstream_train=upstream_train,
+            )
     F_x = _conv(sd_, "unet.out_conv.weight", h, gain=sd_["unet.out_gain"].double(), upstream_train=upstream_train)
     D = c_skip * x + c_out * F_x
     u = None
     if "logvar_linear.weight" in sd_:
-        u = _conv(sd_, "logvar_linear.weight", _fourier(sd_, "logvar_fourier", c_noise),
-                  upstream_train=upstream_train).reshape(-1, 1, 1, 1)
+        u = _conv(
+            sd_, "logvar_linear.weight", _fourier(sd_, "logvar_fourier", c_noise), upstream_train=upstream_train
+        ).reshape(-1, 1, 1, 1)
     return (D, u, logits) if return_logits else (D, u)

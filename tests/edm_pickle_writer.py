@@ -74,11 +74,15 @@ class _EDMPickler(pickle.Pickler):
             state = dict(obj.state, _init_args=(), _init_kwargs={})
             meta = dict(type="class", version=6, module_src=self._module_src, class_name=obj.class_name, state=state)
             return self._reconstruct, (meta,)
-        if isinstance(obj, torch.nn.Module) and not isinstance(obj, (torch.nn.ModuleDict, torch.nn.ModuleList, torch.nn.Sequential)):
+        if isinstance(obj, torch.nn.Module) and not isinstance(
+            obj, (torch.nn.ModuleDict, torch.nn.ModuleList, torch.nn.Sequential)
+        ):
             state = dict(obj.__dict__)
             state["_init_args"] = ()
             state["_init_kwargs"] = self._init_kwargs_for(obj)
-            meta = dict(type="class", version=6, module_src=self._module_src, class_name=self._class_name_for(obj), state=state)
+            meta = dict(
+                type="class", version=6, module_src=self._module_src, class_name=self._class_name_for(obj), state=state
+            )
             return self._reconstruct, (meta,)
         return NotImplemented
 
@@ -113,12 +117,20 @@ def write_edm2_snapshot(path, net, init_kwargs, *, module_src="", class_names=No
     bias = np.float32([-m for m in (5.81, 3.25, 0.12, -2.15)]) * scale
     with _fake_dnnlib() as easy:
         data = easy(
-            encoder=PersistentObject("StabilityVAEEncoder", dict(vae_name="stabilityai/sd-vae-ft-mse", scale=scale,
-                                                                 bias=bias, batch_size=8)),
-            dataset_kwargs=easy(class_name="training.dataset.ImageFolderDataset", path="img512-sd.zip", use_labels=True),
+            encoder=PersistentObject(
+                "StabilityVAEEncoder", dict(vae_name="stabilityai/sd-vae-ft-mse", scale=scale, bias=bias, batch_size=8)
+            ),
+            dataset_kwargs=easy(
+                class_name="training.dataset.ImageFolderDataset", path="img512-sd.zip", use_labels=True
+            ),
             loss_fn=PersistentObject("EDM2Loss", dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5)),
             ema=ema,
         )
         with _fake_persistence_module() as reconstruct, open(path, "wb") as f:
-            _EDMPickler(f, reconstruct, module_src, lambda m: dict(init_kwargs) if m is ema else {},
-                        lambda m: recorded.get(id(m), type(m).__name__)).dump(data)
+            _EDMPickler(
+                f,
+                reconstruct,
+                module_src,
+                lambda m: dict(init_kwargs) if m is ema else {},
+                lambda m: recorded.get(id(m), type(m).__name__),
+            ).dump(data)

@@ -22,8 +22,9 @@ class TinyDetector(torch.nn.Module):
         self.lin = torch.nn.Linear(32 * 16, dim)
         self.fc = torch.nn.Linear(dim, 1008)
 
-    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False) -> torch.Tensor:
+    def forward(
+        self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False
+    ) -> torch.Tensor:
         x = (img.to(torch.float32) - 128) / 128
         x = F.interpolate(x, size=[16, 16], mode="bilinear", align_corners=False)
         x = F.avg_pool2d(torch.tanh(self.conv(x)), 4)
@@ -55,5 +56,7 @@ def write_png_folder(folder, n, size=8, channels=3, seed=0, labels=None):
         PIL.Image.fromarray(a[..., 0] if channels == 1 else a).save(folder / name)
         names.append(name)
     if labels is not None:
-        (folder / "dataset.json").write_text(json.dumps({"labels": [[nm, int(labels[i])] for i, nm in enumerate(names)]}))
+        (folder / "dataset.json").write_text(
+            json.dumps({"labels": [[nm, int(labels[i])] for i, nm in enumerate(names)]})
+        )
     return names

@@ -13,13 +13,37 @@ from sid_fast.training.config import resolve_config
 from sid_fast.training.run import build_trainer
 
 # A tiny conditional DDPM++ with attention and augment labels: every path of the trainer, in seconds.
-NET = dict(model_type="SongUNet", img_resolution=8, img_channels=1, label_dim=3, model_channels=16, channel_mult=[1, 2],
-           num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=0.0)
+NET = dict(
+    model_type="SongUNet",
+    img_resolution=8,
+    img_channels=1,
+    label_dim=3,
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[4],
+    augment_dim=9,
+    dropout=0.0,
+)
 
 
 def cfg_for(teacher, **kw):
-    base = dict(teacher=teacher, resolution=8, channels=1, label_dim=3, cond=True, metrics="none", batch=8,
-                batch_gpu=4, lr=1e-4, glr=1e-4, augment=0.3, dropout=0.1, ema=0.001, seed=3)
+    base = dict(
+        teacher=teacher,
+        resolution=8,
+        channels=1,
+        label_dim=3,
+        cond=True,
+        metrics="none",
+        batch=8,
+        batch_gpu=4,
+        lr=1e-4,
+        glr=1e-4,
+        augment=0.3,
+        dropout=0.1,
+        ema=0.001,
+        seed=3,
+    )
     base.update(kw)
     return resolve_config("digits", base)
 
@@ -39,8 +63,11 @@ def damp_adam(tr):
 
 
 def trainer_params(tr):
-    return {f"{n}.{k}": v.clone() for n, m in (("G", tr.G), ("G_ema", tr.G_ema), ("fake", tr.fake))
-            for k, v in m.state_dict().items()}
+    return {
+        f"{n}.{k}": v.clone()
+        for n, m in (("G", tr.G), ("G_ema", tr.G_ema), ("fake", tr.fake))
+        for k, v in m.state_dict().items()
+    }
 
 
 def attention_reference_fp64(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -70,8 +97,9 @@ def gloo_process(rank: int, world: int, port: int):
 
     from sid_fast import dist as sid_dist
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     try:
         sid_dist.init()

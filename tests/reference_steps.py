@@ -26,8 +26,23 @@ def main() -> None:
     # The digits preset with dropout on, so that the dropout RNG is covered (the digits teacher has no augment labels).
     # The preset's SiD values as recorded: alpha 1.2, lr = glr = 1e-4, EMA 0.002 Mimg.
     teacher = Path(__file__).resolve().parent / "data" / "digits16_teacher.pt"
-    cfg = resolve_config("digits", dict(teacher=str(teacher), resolution=16, batch=8, batch_gpu=4, metrics="none",
-                                        augment=0.0, dropout=0.1, seed=7, alpha=1.2, lr=1e-4, glr=1e-4, ema=0.002))
+    cfg = resolve_config(
+        "digits",
+        dict(
+            teacher=str(teacher),
+            resolution=16,
+            batch=8,
+            batch_gpu=4,
+            metrics="none",
+            augment=0.0,
+            dropout=0.1,
+            seed=7,
+            alpha=1.2,
+            lr=1e-4,
+            glr=1e-4,
+            ema=0.002,
+        ),
+    )
     tr = build_trainer(cfg, torch.device("cpu"), log=lambda *a: None)
     for _ in range(3):
         tr.step()

@@ -160,12 +160,17 @@ def _edm_draws(g, N, W, H, p, mult):
         r = (torch.rand([N], generator=g) * 2 - 1) * math.pi
         w = f64(torch.where(torch.rand([N], generator=g) < mult["aniso"] * p, w, 0))
         r = f64(torch.where(torch.rand([N], generator=g) < 0.5, r, 0))
-        mats = [M @ rot(-r[i]) @ np.diag([2 ** (-0.2 * w[i]), 2 ** (0.2 * w[i]), 1]) @ rot(r[i]) for i, M in enumerate(mats)]
+        mats = [
+            M @ rot(-r[i]) @ np.diag([2 ** (-0.2 * w[i]), 2 ** (0.2 * w[i]), 1]) @ rot(r[i]) for i, M in enumerate(mats)
+        ]
         lab += [w * np.cos(r), w * np.sin(r)]
     if mult["translate_frac"] > 0:
         w = torch.randn([2, N], generator=g)
         w = f64(torch.where(torch.rand([1, N], generator=g) < mult["translate_frac"] * p, w, 0))
-        mats = [M @ np.array([[1, 0, -w[0, i] * W * 0.125], [0, 1, -w[1, i] * H * 0.125], [0, 0, 1]]) for i, M in enumerate(mats)]
+        mats = [
+            M @ np.array([[1, 0, -w[0, i] * W * 0.125], [0, 1, -w[1, i] * H * 0.125], [0, 0, 1]])
+            for i, M in enumerate(mats)
+        ]
         lab += [w[0], w[1]]
     return np.stack(lab, 1), np.stack(mats), xf, yf
 

@@ -7,8 +7,26 @@ import sys
 
 def test_train_step_bench_records_measurements(tmp_path):
     out = tmp_path / "ts.jsonl"
-    r = subprocess.run([sys.executable, "-m", "bench.train_step", "--config", "digits", "--batch-gpu", "4", "--steps", "2",
-                        "--warmup", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.train_step",
+            "--config",
+            "digits",
+            "--batch-gpu",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert rec["config"] == "digits" and len(rec["step_s"]) == 2 and all(t > 0 for t in rec["step_s"])
@@ -19,9 +37,28 @@ def test_train_step_bench_records_measurements(tmp_path):
 
 def test_train_step_ladder_rungs_accumulate_options(tmp_path):
     out = tmp_path / "ladder.jsonl"
-    r = subprocess.run([sys.executable, "-m", "bench.train_step", "--config", "digits", "--batch-gpu", "4", "--steps", "1",
-                        "--warmup", "1", "--rungs", "reference,bf16,+channels_last,+fused_adam", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.train_step",
+            "--config",
+            "digits",
+            "--batch-gpu",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--rungs",
+            "reference,bf16,+channels_last,+fused_adam",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [x["mode"] for x in recs] == ["reference", "bf16", "+channels_last", "+fused_adam"]
@@ -29,15 +66,34 @@ def test_train_step_ladder_rungs_accumulate_options(tmp_path):
     assert recs[-1]["options"] == dict(precision="bf16", channels_last=True, optimizer="fused")
     assert recs[1]["matmul_ceiling_dtype"] == "bf16" and recs[0]["matmul_ceiling_dtype"] == "fp32"
     md = tmp_path / "ladder.md"
-    r = subprocess.run([sys.executable, "-m", "bench.report", str(out), "--md", str(md), "--png", str(tmp_path / "l.png")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.report", str(out), "--md", str(md), "--png", str(tmp_path / "l.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "| +fused_adam |" in md.read_text()
 
 
 def test_profiler_writes_trace_with_sid_ranges(tmp_path):
-    r = subprocess.run([sys.executable, "profile/torch_profile.py", "--config", "digits", "--batch-gpu", "2",
-                        "--active", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "profile/torch_profile.py",
+            "--config",
+            "digits",
+            "--batch-gpu",
+            "2",
+            "--active",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     (trace,) = tmp_path.glob("*.json")
     text = trace.read_text()
@@ -50,8 +106,13 @@ def test_acceptance_script_cpu_mode_and_kernel_bench(tmp_path):
     import os
 
     out = tmp_path / "acc"
-    r = subprocess.run(["bash", "bench/acceptance.sh", "--cpu", str(out)], capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, TRITON_INTERPRET="1"))
+    r = subprocess.run(
+        ["bash", "bench/acceptance.sh", "--cpu", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     steps = {x["step"]: x for x in map(json.loads, (out / "steps.jsonl").read_text().splitlines())}
     assert [k for k, v in steps.items() if v["rc"] == 0] == ["env", "gpu_tests", "kernels", "ladder_digits", "memory"]
@@ -68,7 +129,9 @@ def test_acceptance_script_cpu_mode_and_kernel_bench(tmp_path):
     ops = ("sid_loss", "edm_loss", "group_norm_silu")
     modes = ("fwd", "bwd", "fwd+bwd")
     mem = [x for x in recs if x["op"] != "attention"]
-    assert {(x["op"], x["provider"], x["mode"]) for x in mem} == {(o, p, m) for o in ops for p in ("triton", "torch") for m in modes}
+    assert {(x["op"], x["provider"], x["mode"]) for x in mem} == {
+        (o, p, m) for o in ops for p in ("triton", "torch") for m in modes
+    }
     assert all(x["ms_p50"] > 0 and x["gb_s"] > 0 and x["copy_gb_s"] > 0 for x in mem)
     att = [x for x in recs if x["op"] == "attention"]
     assert {(x["provider"], x["mode"]) for x in att} == {(p, m) for p in ("triton", "edm", "sdpa-math") for m in modes}
@@ -83,9 +146,29 @@ def test_acceptance_script_cpu_mode_and_kernel_bench(tmp_path):
 
 
 def test_nsys_step_script_runs_the_fast_path_on_cpu(tmp_path):
-    r = subprocess.run([sys.executable, "profile/nsys_step.py", "--config", "digits", "--batch-gpu", "2", "--warmup", "1",
-                        "--steps", "1", "--precision", "bf16", "--checkpointing", "blocks", "--optimizer", "fused"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "profile/nsys_step.py",
+            "--config",
+            "digits",
+            "--batch-gpu",
+            "2",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--precision",
+            "bf16",
+            "--checkpointing",
+            "blocks",
+            "--optimizer",
+            "fused",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "nothing was captured" in r.stdout
 
@@ -95,14 +178,20 @@ def test_precision_guard_verdict(tmp_path):
         d = tmp_path / name
         d.mkdir()
         (d / "training_options.json").write_text(json.dumps(dict(precision=precision, seed=1)))
-        (d / "metric-fd_digits.jsonl").write_text("".join(json.dumps(dict(kimg=i, fd_digits=v)) + "\n" for i, v in enumerate(fds)))
+        (d / "metric-fd_digits.jsonl").write_text(
+            "".join(json.dumps(dict(kimg=i, fd_digits=v)) + "\n" for i, v in enumerate(fds))
+        )
         return str(d)
 
     ref = run("a-fp32", "fp32", [300, 40, 30, 20, 25])  # tail (4): mean 28.75, stdev 8.54 -> band 11.7..45.8
     ok = run("b-bf16", "bf16", [300, 50, 35, 30, 28])  # mean 35.75
     bad = run("c-bf16", "bf16", [300, 90, 80, 70, 75])  # mean 78.75
     out = tmp_path / "g.jsonl"
-    r = subprocess.run([sys.executable, "-m", "bench.precision_guard", ref, ok, "--out", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.precision_guard", ref, ok, "--out", str(out)], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
-    r = subprocess.run([sys.executable, "-m", "bench.precision_guard", ref, bad, "--out", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.precision_guard", ref, bad, "--out", str(out)], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "FAIL" in r.stdout, r.stdout + r.stderr

@@ -12,16 +12,58 @@ from sid_fast.checkpoints import CheckpointError, atomic_save, load_network, loa
 from sid_fast.networks import build_network
 
 CONFIGS = {
-    "ncsnpp-cond": ("EDMPrecond", dict(model_type="SongUNet", img_resolution=16, img_channels=3, label_dim=4,
-                    augment_dim=9, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
-                    embedding_type="fourier", encoder_type="residual", channel_mult_noise=2,
-                    resample_filter=[1, 3, 3, 1], dropout=np.float64(0.13))),
-    "ddpmpp-skip-vp": ("VPPrecond", dict(img_resolution=16, img_channels=1, model_channels=16, channel_mult=[1, 2],
-                       num_blocks=1, attn_resolutions=[8], encoder_type="skip", decoder_type="skip")),
-    "adm-cond": ("EDMPrecond", dict(model_type="DhariwalUNet", img_resolution=16, img_channels=3, label_dim=5,
-                 model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], use_fp16=True)),
-    "ve": ("VEPrecond", dict(img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1, 1],
-           num_blocks=1, attn_resolutions=[4])),
+    "ncsnpp-cond": (
+        "EDMPrecond",
+        dict(
+            model_type="SongUNet",
+            img_resolution=16,
+            img_channels=3,
+            label_dim=4,
+            augment_dim=9,
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[8],
+            embedding_type="fourier",
+            encoder_type="residual",
+            channel_mult_noise=2,
+            resample_filter=[1, 3, 3, 1],
+            dropout=np.float64(0.13),
+        ),
+    ),
+    "ddpmpp-skip-vp": (
+        "VPPrecond",
+        dict(
+            img_resolution=16,
+            img_channels=1,
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[8],
+            encoder_type="skip",
+            decoder_type="skip",
+        ),
+    ),
+    "adm-cond": (
+        "EDMPrecond",
+        dict(
+            model_type="DhariwalUNet",
+            img_resolution=16,
+            img_channels=3,
+            label_dim=5,
+            model_channels=64,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[8],
+            use_fp16=True,
+        ),
+    ),
+    "ve": (
+        "VEPrecond",
+        dict(
+            img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[4]
+        ),
+    ),
 }
 
 
@@ -46,8 +88,13 @@ def test_edm_pickle_roundtrip_without_executing_code(tmp_path, key):
     net = _perturbed(class_name, cfg)
     marker = tmp_path / "executed.txt"
     path = tmp_path / "network-snapshot.pkl"
-    write_edm_pickle(path, net, cfg, module_src=PAYLOAD_TEMPLATE.format(path=str(marker)),
-                     extra=dict(loss_fn=None, augment_pipe=None, dataset_kwargs=dict(path="cifar10.zip", xflip=False)))
+    write_edm_pickle(
+        path,
+        net,
+        cfg,
+        module_src=PAYLOAD_TEMPLATE.format(path=str(marker)),
+        extra=dict(loss_fn=None, augment_pipe=None, dataset_kwargs=dict(path="cifar10.zip", xflip=False)),
+    )
     loaded, info = load_network_file(path)
     assert not marker.exists(), "the embedded module source was executed"
     assert type(loaded) is type(net) and info["source"] == "edm-pickle" and info["class_name"] == class_name

@@ -18,14 +18,28 @@ from sid_fast.networks.edm2 import Block, MPConv, Precond, edm2_config, force_we
 # edm2 train_edm2.py presets edm2-img512-{size}: parameters (exact, counted on the official code) and forward GMAC per
 # image at 4x64x64 (half of torch's FLOP count of the official code).
 PUBLISHED = {
-    "xs": (124_713_253, 45.0), "s": (280_212_837, 100.8), "m": (497_807_781, 179.0),
-    "l": (777_498_085, 279.4), "xl": (1_119_283_749, 402.0), "xxl": (1_523_164_773, 546.9),
+    "xs": (124_713_253, 45.0),
+    "s": (280_212_837, 100.8),
+    "m": (497_807_781, 179.0),
+    "l": (777_498_085, 279.4),
+    "xl": (1_119_283_749, 402.0),
+    "xxl": (1_523_164_773, 546.9),
 }
 
 # A small network with every kind of block: two levels, attention at the lower one (2 heads of 16), a conv_skip in
 # both flavours, labels; channels_per_head 16 so that heads exist at this width.
-TINY = dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=16, channel_mult=[1, 2], num_blocks=1,
-            attn_resolutions=[4], channels_per_head=16, use_fp16=False, logvar_channels=8)
+TINY = dict(
+    img_resolution=8,
+    img_channels=3,
+    label_dim=4,
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[4],
+    channels_per_head=16,
+    use_fp16=False,
+    logvar_channels=8,
+)
 
 
 @pytest.mark.parametrize("size", list(PUBLISHED))
@@ -48,12 +62,29 @@ def test_published_configs_params_flops_keys(size):
     assert tuple(sd["unet.emb_label.weight"].shape) == (4 * c, 1000)
     assert tuple(sd["unet.out_conv.weight"].shape) == (4, c, 3, 3)
     assert tuple(sd["logvar_linear.weight"].shape) == (1, 128)
-    assert [k for k in sd if k.startswith("logvar")] == ["logvar_fourier.freqs", "logvar_fourier.phases",
-                                                        "logvar_linear.weight"]
+    assert [k for k in sd if k.startswith("logvar")] == [
+        "logvar_fourier.freqs",
+        "logvar_fourier.phases",
+        "logvar_linear.weight",
+    ]
     enc = [k.split(".")[2] for k in sd if k.startswith("unet.enc.") and k.endswith("conv_res1.weight")]
-    assert enc == ["64x64_block0", "64x64_block1", "64x64_block2", "32x32_down", "32x32_block0", "32x32_block1",
-                   "32x32_block2", "16x16_down", "16x16_block0", "16x16_block1", "16x16_block2", "8x8_down",
-                   "8x8_block0", "8x8_block1", "8x8_block2"]
+    assert enc == [
+        "64x64_block0",
+        "64x64_block1",
+        "64x64_block2",
+        "32x32_down",
+        "32x32_block0",
+        "32x32_block1",
+        "32x32_block2",
+        "16x16_down",
+        "16x16_block0",
+        "16x16_block1",
+        "16x16_block2",
+        "8x8_down",
+        "8x8_block0",
+        "8x8_block1",
+        "8x8_block2",
+    ]
     dec = [k.split(".")[2] for k in sd if k.startswith("unet.dec.") and k.endswith("conv_res1.weight")]
     assert dec[:6] == ["8x8_in0", "8x8_in1", "8x8_block0", "8x8_block1", "8x8_block2", "8x8_block3"]
     assert len(dec) == 2 + 4 + 3 * 5

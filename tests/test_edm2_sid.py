@@ -88,8 +88,9 @@ def test_sid_distills_the_edm2_digits_teacher(tmp_path, monkeypatch):
 
     teacher, _ = load_network_file(EDM2_TEACHER)
     assert isinstance(teacher, Precond) and teacher.logvar_linear is not None
-    cfg = resolve_config("digits-edm2", dict(duration=0.004, tick=4, snap=1, dump=100, metric_num=1000,
-                                             outdir=str(tmp_path)))
+    cfg = resolve_config(
+        "digits-edm2", dict(duration=0.004, tick=4, snap=1, dump=100, metric_num=1000, outdir=str(tmp_path))
+    )
     trainer = build_trainer(cfg, torch.device("cpu"), run_dir=tmp_path, log=lambda *_: None)
     assert trainer.edm2 and trainer.logvar and (trainer.P_mean, trainer.P_std) == (-0.4, 1.0)
     assert trainer.G.logvar_linear is None and trainer.fake.logvar_linear is not None
@@ -108,23 +109,66 @@ def test_sid_distills_the_edm2_digits_teacher(tmp_path, monkeypatch):
     assert isinstance(g, Precond) and g.logvar_linear is None and ginfo["meta"]["kind"] == "generator"
 
 
-@pytest.mark.parametrize("size,batch_gpu,dropout,duration", [("xs", 64, 0.0, 200), ("s", 64, 0.0, 200),
-                                                             ("m", 32, 0.1, 200), ("l", 32, 0.1, 200),
-                                                             ("xl", 16, 0.1, 200), ("xxl", 2, 0.1, 100)])
+@pytest.mark.parametrize(
+    "size,batch_gpu,dropout,duration",
+    [
+        ("xs", 64, 0.0, 200),
+        ("s", 64, 0.0, 200),
+        ("m", 32, 0.1, 200),
+        ("l", 32, 0.1, 200),
+        ("xl", 16, 0.1, 200),
+        ("xxl", 2, 0.1, 100),
+    ],
+)
 def test_edm2_presets_carry_the_official_values(size, batch_gpu, dropout, duration):
     # official sida branch run_sid_edm2.sh and sida_edm2_train.py's size table
     cfg = resolve_config(f"edm2-img512-{size}", dict(teacher="t.pkl", data_stat="img512.pkl"))
-    assert (cfg.batch, cfg.batch_gpu, cfg.lr, cfg.glr, cfg.alpha, cfg.tmax, cfg.init_sigma) == (2048, batch_gpu, 5e-5, 5e-5, 1.0, 800, 2.5)
-    assert (cfg.precision, cfg.dropout, cfg.ema, cfg.duration, cfg.augment, cfg.lsg, cfg.ls) == ("fp16", dropout, 2.0, duration, 0.0, 100.0, 1.0)
+    assert (cfg.batch, cfg.batch_gpu, cfg.lr, cfg.glr, cfg.alpha, cfg.tmax, cfg.init_sigma) == (
+        2048,
+        batch_gpu,
+        5e-5,
+        5e-5,
+        1.0,
+        800,
+        2.5,
+    )
+    assert (cfg.precision, cfg.dropout, cfg.ema, cfg.duration, cfg.augment, cfg.lsg, cfg.ls) == (
+        "fp16",
+        dropout,
+        2.0,
+        duration,
+        0.0,
+        100.0,
+        1.0,
+    )
     assert (cfg.resolution, cfg.channels, cfg.label_dim, cfg.cond, cfg.metrics) == (64, 4, 1000, True, "fid")
-    assert cfg.official_teacher.endswith(f"posthoc-reconstructions/edm2-img512-{size}-" +
-                                         {"xs": "2147483-0.135", "s": "2147483-0.130", "m": "2147483-0.100",
-                                          "l": "1879048-0.085", "xl": "1342177-0.085", "xxl": "0939524-0.070"}[size] + ".pkl")
+    assert cfg.official_teacher.endswith(
+        f"posthoc-reconstructions/edm2-img512-{size}-"
+        + {
+            "xs": "2147483-0.135",
+            "s": "2147483-0.130",
+            "m": "2147483-0.100",
+            "l": "1879048-0.085",
+            "xl": "1342177-0.085",
+            "xxl": "0939524-0.070",
+        }[size]
+        + ".pkl"
+    )
 
 
 # A tiny conditional latent-space EDM2 network: 4 channels at 8x8 (latents of 64x64 images), 3 classes.
-LATENT_TINY = dict(img_resolution=8, img_channels=4, label_dim=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
-                   attn_resolutions=[4], channels_per_head=16, use_fp16=False, logvar_channels=8)
+LATENT_TINY = dict(
+    img_resolution=8,
+    img_channels=4,
+    label_dim=3,
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[4],
+    channels_per_head=16,
+    use_fp16=False,
+    logvar_channels=8,
+)
 
 
 def _latent_teacher(tmp_path):
@@ -144,14 +188,26 @@ def test_labels_only_data_and_vae_refusals(tmp_path):
     teacher = _latent_teacher(tmp_path)
     labels = tmp_path / "dataset.json"
     labels.write_text(json.dumps({"labels": [[f"img{i}.png", c] for i, c in enumerate([0, 0, 0, 2])]}))
-    over = dict(teacher=str(teacher), resolution=8, channels=4, label_dim=3, cond=True, metrics="none", data=str(labels),
-                batch=4, batch_gpu=4)
+    over = dict(
+        teacher=str(teacher),
+        resolution=8,
+        channels=4,
+        label_dim=3,
+        cond=True,
+        metrics="none",
+        data=str(labels),
+        batch=4,
+        batch_gpu=4,
+    )
     trainer = build_trainer(resolve_config("digits-edm2", over), torch.device("cpu"), log=lambda *_: None)
     assert sorted(trainer.label_table.tolist()) == [0, 0, 0, 2]  # the file's label frequencies
     trainer.step()
     with pytest.raises(ConfigError, match="EDM2's VAE latents: give --vae"):
-        build_trainer(resolve_config("digits-edm2", dict(over, metrics="fid", data_stat="img512.pkl")),
-                      torch.device("cpu"), log=lambda *_: None)
+        build_trainer(
+            resolve_config("digits-edm2", dict(over, metrics="fid", data_stat="img512.pkl")),
+            torch.device("cpu"),
+            log=lambda *_: None,
+        )
     with pytest.raises(ConfigError, match="labels only; SiDA needs real images"):
         build_trainer(resolve_config("digits-sida", dict(data=str(labels))), torch.device("cpu"), log=lambda *_: None)
 
@@ -167,10 +223,28 @@ def test_sample_cli_decodes_latents_with_the_vae(tmp_path):
     torch.manual_seed(1)
     diffusers.AutoencoderKL(**dict(SD_VAE_FT_MSE_CONFIG, block_out_channels=[32] * 4)).save_pretrained(tmp_path / "vae")
     gen = tmp_path / "gen.pt"
-    save_network(gen, Precond(**dict(LATENT_TINY, logvar_channels=0)), dict(LATENT_TINY, logvar_channels=0),
-                 kind="generator", sigma_init=2.5)
-    out = CliRunner().invoke(main, ["--network", str(gen), "--outdir", str(tmp_path / "out"), "--seeds", "0-2",
-                                    "--vae", str(tmp_path / "vae"), "--grid", str(tmp_path / "grid.png")])
+    save_network(
+        gen,
+        Precond(**dict(LATENT_TINY, logvar_channels=0)),
+        dict(LATENT_TINY, logvar_channels=0),
+        kind="generator",
+        sigma_init=2.5,
+    )
+    out = CliRunner().invoke(
+        main,
+        [
+            "--network",
+            str(gen),
+            "--outdir",
+            str(tmp_path / "out"),
+            "--seeds",
+            "0-2",
+            "--vae",
+            str(tmp_path / "vae"),
+            "--grid",
+            str(tmp_path / "grid.png"),
+        ],
+    )
     assert out.exit_code == 0, out.output
     import PIL.Image
 
@@ -197,15 +271,20 @@ def test_fid_of_decoded_latents(tmp_path):
     kw = dict(LATENT_TINY, logvar_channels=0)
     save_network(gen, Precond(**kw), kw, kind="generator", sigma_init=2.5)
     det = str(save_torchscript_detector(tmp_path / "det.pt", dim=16))
-    r = CliRunner().invoke(sample_main, ["--network", str(gen), "--outdir", str(tmp_path / "png"), "--seeds", "0-23",
-                                         "--vae", str(tmp_path / "vae")])
+    r = CliRunner().invoke(
+        sample_main,
+        ["--network", str(gen), "--outdir", str(tmp_path / "png"), "--seeds", "0-23", "--vae", str(tmp_path / "vae")],
+    )
     assert r.exit_code == 0, r.output
     ref = str(tmp_path / "ref.npz")
-    r = CliRunner().invoke(fid.main, ["ref", "--data", str(tmp_path / "png"), "--dest", ref, "--detector", det,
-                                      "--workers", "0"])
+    r = CliRunner().invoke(
+        fid.main, ["ref", "--data", str(tmp_path / "png"), "--dest", ref, "--detector", det, "--workers", "0"]
+    )
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(fid.main, ["calc", "--network", str(gen), "--ref", ref, "--num", "24", "--vae",
-                                      str(tmp_path / "vae"), "--detector", det])
+    r = CliRunner().invoke(
+        fid.main,
+        ["calc", "--network", str(gen), "--ref", ref, "--num", "24", "--vae", str(tmp_path / "vae"), "--detector", det],
+    )
     assert r.exit_code == 0, r.output
     import json
 
@@ -231,16 +310,28 @@ def test_sida_on_the_edm2_digits_teacher(logvar, monkeypatch):
     without the head; forced normalisation per --force-normalization."""
     from sid_fast.training import sid
 
-    over = dict(method="sida", data="digits", batch=16, batch_gpu=8, metrics="none", sida_g_start_kimg=0.0,
-                sida_gan_start_kimg=0.0, return_logvar=logvar, force_normalization=logvar)
+    over = dict(
+        method="sida",
+        data="digits",
+        batch=16,
+        batch_gpu=8,
+        metrics="none",
+        sida_g_start_kimg=0.0,
+        sida_gan_start_kimg=0.0,
+        return_logvar=logvar,
+        force_normalization=logvar,
+    )
     trainer = build_trainer(resolve_config("digits-edm2", over), torch.device("cpu"), log=lambda *_: None)
     assert trainer.logvar == logvar and (trainer.fake.logvar_linear is not None) == logvar
     forced = []
     monkeypatch.setattr(sid.edm2, "force_weight_norm_", lambda net: forced.append(net))
     clipped = []
     real_apply = trainer._apply_gradients
-    monkeypatch.setattr(trainer, "_apply_gradients",
-                        lambda net, opt, slot, clip_value=None: (clipped.append(clip_value), real_apply(net, opt, slot, clip_value))[1])
+    monkeypatch.setattr(
+        trainer,
+        "_apply_gradients",
+        lambda net, opt, slot, clip_value=None: (clipped.append(clip_value), real_apply(net, opt, slot, clip_value))[1],
+    )
     head = trainer.fake.logvar_linear.weight.detach().clone() if logvar else None
     G0 = trainer.G.unet.out_conv.weight.detach().clone()
     for _ in range(2):
@@ -277,8 +368,18 @@ def test_sida_reads_real_latents(tmp_path):
     kw = dict(LATENT_TINY, label_dim=0)
     torch.manual_seed(0)
     save_network(tmp_path / "t.pt", Precond(**kw), kw, kind="teacher")
-    over = dict(teacher=str(tmp_path / "t.pt"), method="sida", data=str(tmp_path / "lat"), resolution=8, channels=4,
-                label_dim=0, cond=False, metrics="none", batch=4, batch_gpu=4)
+    over = dict(
+        teacher=str(tmp_path / "t.pt"),
+        method="sida",
+        data=str(tmp_path / "lat"),
+        resolution=8,
+        channels=4,
+        label_dim=0,
+        cond=False,
+        metrics="none",
+        batch=4,
+        batch_gpu=4,
+    )
     tr = build_trainer(resolve_config("digits-edm2", over), torch.device("cpu"), log=lambda *_: None)
     x, _ = tr._real_batch(0)
     ds = LatentDataset(tmp_path / "lat")

@@ -14,8 +14,17 @@ from sid_fast.checkpoints import save_network
 from sid_fast.networks import build_network
 
 ROOT = Path(__file__).resolve().parent.parent
-NET = dict(model_type="SongUNet", img_resolution=8, img_channels=1, label_dim=0, model_channels=16, channel_mult=[1, 2],
-           num_blocks=1, attn_resolutions=[], dropout=0.0)
+NET = dict(
+    model_type="SongUNet",
+    img_resolution=8,
+    img_channels=1,
+    label_dim=0,
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[],
+    dropout=0.0,
+)
 
 
 @pytest.mark.slow
@@ -27,8 +36,12 @@ def test_native_sampler_builds_and_matches_python(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     r = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r = subprocess.run(["ctest", "--test-dir", str(build), "-R", "native_smoke", "--output-on-failure"],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        ["ctest", "--test-dir", str(build), "-R", "native_smoke", "--output-on-failure"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "native smoke test passed" in r.stdout or "100% tests passed" in r.stdout
 
@@ -40,7 +53,9 @@ def test_export_refuses_bad_input(tmp_path):
     save_network(tmp_path / "gen.pt", net, NET, kind="generator", sigma_init=2.5)
     run = lambda *a: CliRunner().invoke(export.main, list(map(str, a)))  # noqa: E731
     r = run("--network", tmp_path / "teacher.pt", "--out", tmp_path / "g.pt2")
-    assert r.exit_code != 0 and "teacher.pt: not a sid_fast generator snapshot" in r.output and "--init_sigma" in r.output
+    assert (
+        r.exit_code != 0 and "teacher.pt: not a sid_fast generator snapshot" in r.output and "--init_sigma" in r.output
+    )
     r = run("--network", tmp_path / "missing.pt", "--out", tmp_path / "g.pt2")
     assert r.exit_code != 0 and "missing.pt: no such file" in r.output
     r = run("--network", tmp_path / "gen.pt", "--out", tmp_path / "g.bin")
@@ -83,8 +98,21 @@ def test_cuda_package_matches_eager(tmp_path):
         assert (runner(*x) - gen(*x)).abs().max().item() <= 1e-4
     binary = shutil.which("sid_sample")
     if binary:  # a sid_sample built on this machine: CUDA latents drawn as in Python
-        r = subprocess.run([binary, "--package", str(pkg), "--seeds", "0-7", "--outdir", str(tmp_path / "o"), "--raw",
-                            str(tmp_path / "raw.npy")], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                binary,
+                "--package",
+                str(pkg),
+                "--seeds",
+                "0-7",
+                "--outdir",
+                str(tmp_path / "o"),
+                "--raw",
+                str(tmp_path / "raw.npy"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr
         import numpy as np
 

@@ -37,16 +37,20 @@ def _assert_same_trajectory(got, ref, init, frac):
 # recomputation, traced graphs) differs from the reference by fp32 round-off only. As in the DDP test, round-off
 # reaches parameters through Adam's normalisation, so the bound is 2% of the distance each tensor travelled in
 # three steps (>= 1e-4 for trained tensors) rather than an absolute epsilon.
-@pytest.mark.parametrize("options", [
-    dict(optimizer="fused"),
-    dict(optimizer="foreach"),
-    dict(channels_last=True),
-    dict(checkpointing="nets"),
-    dict(checkpointing="blocks"),
-    dict(checkpointing="selective"),
-    dict(precision="tf32"),
-    dict(channels_last=True, checkpointing="blocks", optimizer="fused"),
-], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(optimizer="fused"),
+        dict(optimizer="foreach"),
+        dict(channels_last=True),
+        dict(checkpointing="nets"),
+        dict(checkpointing="blocks"),
+        dict(checkpointing="selective"),
+        dict(precision="tf32"),
+        dict(channels_last=True, checkpointing="blocks", optimizer="fused"),
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
 def test_fast_option_matches_reference(teacher_file, reference, options):
     ref, init, ref_stats = reference
     tr = _run(teacher_file, **options)
@@ -62,7 +66,9 @@ def test_compiled_steps_match_reference_without_recompiles(teacher_file, referen
 
     ref, init, _ = reference
     torch._dynamo.reset()
-    tr = damp_adam(cpu_trainer(cfg_for(teacher_file, dropout=0.0, augment=0.0, compile=True, compile_backend="aot_eager")))
+    tr = damp_adam(
+        cpu_trainer(cfg_for(teacher_file, dropout=0.0, augment=0.0, compile=True, compile_backend="aot_eager"))
+    )
     tr.step()
     tr.step()
     before = dict(dutils.counters["stats"])
@@ -80,7 +86,8 @@ def test_checkpointed_and_plain_generator_steps_give_equal_gradients(teacher_fil
         tr.fake_score_phase()
         # the gradients of one generator phase, read where the optimizer would step (they are freed after it)
         tr.opt_g.step = lambda tr=tr, mode=mode: grads.__setitem__(
-            mode, {n: p.grad.clone() for n, p in tr.G.named_parameters() if p.grad is not None})
+            mode, {n: p.grad.clone() for n, p in tr.G.named_parameters() if p.grad is not None}
+        )
         tr.generator_phase()
         assert all(p.grad is None for p in tr.G.parameters())
     assert grads["none"] and any(g.abs().max() > 0 for g in grads["none"].values())
@@ -94,12 +101,13 @@ def _update(tr, init, net):
     """The whole network's update since initialisation, as one vector (per-tensor statistics of small tensors such
     as a 16-element GroupNorm weight are noise: their few gradient signs flip with the CPU's bf16 kernels)."""
     got = trainer_params(tr)
-    return torch.cat([(got[k].float() - init[k[len(net) + 1:]]).flatten() for k in got if k.startswith(net + ".")])
+    return torch.cat([(got[k].float() - init[k[len(net) + 1 :]]).flatten() for k in got if k.startswith(net + ".")])
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_tracks_fp32(teacher_file, reference, precision):
-    """Low-precision bodies change the numbers, not the algorithm. The yardstick is the reference's own spread: two fp32 runs
+    """Low-precision bodies change the numbers, not the algorithm. The yardstick is the reference's own spread: two
+    fp32 runs
     that draw different samples (seeds 4 and 5 against the reference's 3). bf16 must stay nearer the fp32 run than
     half that distance, for each trained network as a whole, and its generator loss must move less than half the
     loss's spread across those draws.
@@ -128,8 +136,13 @@ def test_low_precision_tracks_fp32(teacher_file, reference, precision):
         d_seed = min((_update(o, init, net) - d_ref).norm() / d_ref.norm() for o in others)
         assert d_bf16 <= 0.5 * d_seed, (net, d_bf16.item(), d_seed.item())
     losses_g = [ref_stats["loss_G"].item()] + [o.stats["loss_G"].item() for o in others]
-    assert abs(tr.stats["loss_G"].item() - losses_g[0]) <= 0.5 * (max(losses_g) - min(losses_g)), (tr.stats["loss_G"], losses_g)
-    assert abs(tr.stats["loss_fake"].item() - ref_stats["loss_fake"].item()) <= 0.01 * abs(ref_stats["loss_fake"].item())
+    assert abs(tr.stats["loss_G"].item() - losses_g[0]) <= 0.5 * (max(losses_g) - min(losses_g)), (
+        tr.stats["loss_G"],
+        losses_g,
+    )
+    assert abs(tr.stats["loss_fake"].item() - ref_stats["loss_fake"].item()) <= 0.01 * abs(
+        ref_stats["loss_fake"].item()
+    )
 
 
 @pytest.mark.parametrize("model_type", ["SongUNet", "DhariwalUNet"])
@@ -182,4 +195,6 @@ def test_gpu_bf16_cuda_graphs_kernels_step(teacher_file):
     assert torch.isfinite(fast.stats.values).all()
     # The fake-score loss is a well-conditioned sum (see test_low_precision_tracks_fp32); the generator loss, a
     # difference of nearly equal outputs, is checked against the seed spread there, not by a relative bound.
-    assert abs(fast.stats["loss_fake"].item() - ref.stats["loss_fake"].item()) <= 0.01 * abs(ref.stats["loss_fake"].item())
+    assert abs(fast.stats["loss_fake"].item() - ref.stats["loss_fake"].item()) <= 0.01 * abs(
+        ref.stats["loss_fake"].item()
+    )

@@ -186,8 +186,9 @@ def test_dataset_tool_writes_edm_format_and_reader_reads_it(tmp_path):
     for c, cls in enumerate(["cat", "dog"]):
         write_png_folder(src / cls, 3, size=12, seed=c)
     dest = tmp_path / "out.zip"
-    r = CliRunner().invoke(dataset_tool.main, ["--source", str(src), "--dest", str(dest), "--resolution", "8",
-                                               "--labels-from-subdirs"])
+    r = CliRunner().invoke(
+        dataset_tool.main, ["--source", str(src), "--dest", str(dest), "--resolution", "8", "--labels-from-subdirs"]
+    )
     assert r.exit_code == 0, r.output
     with zipfile.ZipFile(dest) as z:
         names = sorted(z.namelist())
@@ -239,7 +240,9 @@ def test_dataset_bad_input(tmp_path):
         ds[2]
     r = CliRunner().invoke(dataset_tool.main, ["--source", str(d), "--dest", str(tmp_path / "o.zip")])
     assert r.exit_code != 0 and "power-of-two" in r.output
-    r = CliRunner().invoke(dataset_tool.main, ["--source", str(d), "--dest", str(tmp_path / "o.zip"), "--resolution", "12"])
+    r = CliRunner().invoke(
+        dataset_tool.main, ["--source", str(d), "--dest", str(tmp_path / "o.zip"), "--resolution", "12"]
+    )
     assert r.exit_code != 0 and "--resolution" in r.output and "power of two" in r.output
     assert not (tmp_path / "o.zip").exists() and not (tmp_path / "o.zip.part").exists()
 
@@ -256,8 +259,17 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("fid")
     det = save_torchscript_detector(root / "inception-2015-12-05.pt", dim=64)
     write_png_folder(root / "data", 40, size=8)
-    kw = dict(model_type="SongUNet", img_resolution=8, img_channels=3, label_dim=0, model_channels=16,
-              channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
+    kw = dict(
+        model_type="SongUNet",
+        img_resolution=8,
+        img_channels=3,
+        label_dim=0,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
+    )
     torch.manual_seed(0)
     net = build_network("EDMPrecond", kw)
     save_network(root / "gen.pt", net, kw, kind="generator", sigma_init=2.5)
@@ -280,8 +292,12 @@ def test_fid_cli_ref_and_calc_on_images_and_network(pipeline):
     assert r.exit_code == 0, r.output
     mu, sigma = load_ref_stats(ref, dim=64)
     # Independently: the detector's features of every image, numpy's mean and unbiased covariance.
-    imgs = torch.stack([torch.from_numpy(np.asarray(PIL.Image.open(Path(p["data"]) / f"im{i:03d}.png")).transpose(2, 0, 1).copy())
-                        for i in range(40)])
+    imgs = torch.stack(
+        [
+            torch.from_numpy(np.asarray(PIL.Image.open(Path(p["data"]) / f"im{i:03d}.png")).transpose(2, 0, 1).copy())
+            for i in range(40)
+        ]
+    )
     feats = _features(p["det"], imgs)
     # (fp32 features differ by ~1e-8 between batch sizes; the statistics themselves are float64)
     np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-5, atol=1e-7)
@@ -293,8 +309,21 @@ def test_fid_cli_ref_and_calc_on_images_and_network(pipeline):
     # Zero up to scipy sqrtm's accuracy on this rank-39 covariance.
     assert abs(res["fid"]) < 1e-5 * np.trace(sigma) and res["num"] == 40 and res["is_mean"] >= 1.0
 
-    r = _run_fid("calc", "--network", p["gen"], "--ref", ref, "--num", "24", "--batch", "5", "--seeds", "3",
-                 "--detector", p["det"])
+    r = _run_fid(
+        "calc",
+        "--network",
+        p["gen"],
+        "--ref",
+        ref,
+        "--num",
+        "24",
+        "--batch",
+        "5",
+        "--seeds",
+        "3",
+        "--detector",
+        p["det"],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(r.output.strip().splitlines()[-1])
     net, info = load_network_file(p["gen"])
@@ -316,9 +345,13 @@ def test_fid_cli_bad_input(pipeline, tmp_path):
     r = _run_fid("calc", "--images", p["data"], "--ref", str(ref), "--num", "50", "--detector", p["det"])
     assert r.exit_code != 0 and "40 images, fewer than the 50 requested" in r.output
     np.savez(tmp_path / "bad.npz", mu=np.zeros(5))
-    r = _run_fid("calc", "--network", p["gen"], "--ref", str(tmp_path / "bad.npz"), "--num", "4", "--detector", p["det"])
+    r = _run_fid(
+        "calc", "--network", p["gen"], "--ref", str(tmp_path / "bad.npz"), "--num", "4", "--detector", p["det"]
+    )
     assert r.exit_code != 0 and "bad.npz" in r.output and "'mu' and 'sigma'" in r.output
-    r = _run_fid("calc", "--network", p["gen"], "--ref", str(ref), "--num", "4", "--detector", str(tmp_path / "none.pt"))
+    r = _run_fid(
+        "calc", "--network", p["gen"], "--ref", str(ref), "--num", "4", "--detector", str(tmp_path / "none.pt")
+    )
     assert r.exit_code != 0 and "none.pt: no such file" in r.output
     r = _run_fid("calc", "--ref", str(ref))
     assert r.exit_code != 0 and "exactly one of --network and --images" in r.output
@@ -331,9 +364,28 @@ def test_fid_generation_is_the_same_on_two_processes(pipeline, tmp_path):
     outs = []
     for nproc in (1, 2):
         js = tmp_path / f"r{nproc}.jsonl"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-               "sid_fast.fid", "calc", "--network", p["gen"], "--ref", ref, "--num-images", "10", "--batch", "3",
-               "--detector", p["det"], "--json", str(js)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "sid_fast.fid",
+            "calc",
+            "--network",
+            p["gen"],
+            "--ref",
+            ref,
+            "--num-images",
+            "10",
+            "--batch",
+            "3",
+            "--detector",
+            p["det"],
+            "--json",
+            str(js),
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -350,7 +402,9 @@ def _write_jpegs(folder):
     folder.mkdir(parents=True, exist_ok=True)
     for i, (w, h) in enumerate([(80, 64), (64, 96), (50, 50), (130, 100)]):
         yy, xx = np.mgrid[0:h, 0:w]
-        a = np.stack([128 + 100 * np.sin(xx / 7.0 + i), 128 + 100 * np.cos(yy / 9.0), 128 + 60 * np.sin((xx + yy) / 11.0)], -1)
+        a = np.stack(
+            [128 + 100 * np.sin(xx / 7.0 + i), 128 + 100 * np.cos(yy / 9.0), 128 + 60 * np.sin((xx + yy) / 11.0)], -1
+        )
         PIL.Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=92)
 
 
@@ -360,7 +414,9 @@ def test_pil_lanczos_matrix_reproduces_pil():
     rng = np.random.default_rng(0)
     for side, out in ((77, 16), (64, 32), (33, 8), (16, 16)):
         a = rng.integers(0, 256, (3, side, side), dtype=np.uint8)
-        ref = np.asarray(PIL.Image.fromarray(a.transpose(1, 2, 0)).resize((out, out), PIL.Image.LANCZOS)).transpose(2, 0, 1)
+        ref = np.asarray(PIL.Image.fromarray(a.transpose(1, 2, 0)).resize((out, out), PIL.Image.LANCZOS)).transpose(
+            2, 0, 1
+        )
         got = pil_resize(torch.from_numpy(a), out).numpy()
         assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
 
@@ -396,14 +452,39 @@ def test_trainer_computes_fid_at_snapshots(pipeline, tmp_path):
     from sid_fast.training.config import ConfigError, resolve_config
     from sid_fast.training.run import build_trainer
 
-    kw = dict(model_type="SongUNet", img_resolution=8, img_channels=3, label_dim=0, model_channels=16,
-              channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
+    kw = dict(
+        model_type="SongUNet",
+        img_resolution=8,
+        img_channels=3,
+        label_dim=0,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
+    )
     torch.manual_seed(1)
     save_network(tmp_path / "teacher.pt", build_network("EDMPrecond", kw), kw, kind="teacher")
     ref = str(pipeline["root"] / "ref3.npz")
-    assert _run_fid("ref", "--data", pipeline["data"], "--dest", ref, "--detector", pipeline["det"], "--workers", "0").exit_code == 0
-    flags = dict(teacher=str(tmp_path / "teacher.pt"), resolution=8, channels=3, label_dim=0, cond=False,
-                 metrics="fid", metric_num=12, data_stat=ref, detector=pipeline["det"], batch=4, batch_gpu=4)
+    assert (
+        _run_fid(
+            "ref", "--data", pipeline["data"], "--dest", ref, "--detector", pipeline["det"], "--workers", "0"
+        ).exit_code
+        == 0
+    )
+    flags = dict(
+        teacher=str(tmp_path / "teacher.pt"),
+        resolution=8,
+        channels=3,
+        label_dim=0,
+        cond=False,
+        metrics="fid",
+        metric_num=12,
+        data_stat=ref,
+        detector=pipeline["det"],
+        batch=4,
+        batch_gpu=4,
+    )
     cfg = resolve_config("digits", flags)
     (tmp_path / "run").mkdir()
     tr = build_trainer(cfg, torch.device("cpu"), run_dir=tmp_path / "run", log=lambda *a: None)
@@ -443,7 +524,9 @@ def _write_cifar_tarball(path, batches, evil=False):
 
 def test_dataset_tool_reads_the_cifar10_tarball(tmp_path):
     rng = np.random.default_rng(0)
-    batches = [(rng.integers(0, 256, (2, 3072), dtype=np.uint8), [int(v) for v in rng.integers(0, 10, 2)]) for _ in range(5)]
+    batches = [
+        (rng.integers(0, 256, (2, 3072), dtype=np.uint8), [int(v) for v in rng.integers(0, 10, 2)]) for _ in range(5)
+    ]
     tgz = tmp_path / "cifar-10-python.tar.gz"
     _write_cifar_tarball(tgz, batches)
     r = CliRunner().invoke(dataset_tool.main, ["--source", str(tgz), "--dest", str(tmp_path / "cifar10-32x32.zip")])
@@ -456,5 +539,11 @@ def test_dataset_tool_reads_the_cifar10_tarball(tmp_path):
         img, onehot = ds[i]
         assert np.array_equal(img, want[i]) and int(np.argmax(onehot)) == labels[i]
     _write_cifar_tarball(tmp_path / "evil.tar.gz", batches, evil=True)
-    r = CliRunner().invoke(dataset_tool.main, ["--source", str(tmp_path / "evil.tar.gz"), "--dest", str(tmp_path / "e.zip")])
-    assert r.exit_code != 0 and "evil.tar.gz: not a readable CIFAR-10 python tarball" in r.output and "not allowed" in r.output
+    r = CliRunner().invoke(
+        dataset_tool.main, ["--source", str(tmp_path / "evil.tar.gz"), "--dest", str(tmp_path / "e.zip")]
+    )
+    assert (
+        r.exit_code != 0
+        and "evil.tar.gz: not a readable CIFAR-10 python tarball" in r.output
+        and "not allowed" in r.output
+    )

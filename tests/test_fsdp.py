@@ -1,4 +1,5 @@
-"""--fsdp: G and the fake score sharded with FSDP2 (fully_shard) over two gloo processes on the CPU give the steps of the
+"""--fsdp: G and the fake score sharded with FSDP2 (fully_shard) over two gloo processes on the CPU give the steps
+of the
 unsharded single process, and a sharded run resumes exactly: SiD and SiDA on the EDM2 digits teacher, SiD and SiDA
 (with its elementwise gradient clipping) on EDM's SongUNet. The SiDA cases write their state before G's first step
 (the warm-up), where PyTorch's own optimizer state-dict helper would have initialised Adam with a zero step."""
@@ -22,14 +23,30 @@ STEPS = 2
 CASES = {
     "edm2-sid": dict(preset="digits-edm2", teacher=EDM2_TEACHER),
     # SiDA calls the sharded fake score twice (fake and real branches) before one backward; the GAN term from the start
-    "edm2-sida": dict(preset="digits-edm2", teacher=EDM2_TEACHER, method="sida", data="digits", sida_g_start_kimg=0.0,
-                      sida_gan_start_kimg=0.0),
+    "edm2-sida": dict(
+        preset="digits-edm2",
+        teacher=EDM2_TEACHER,
+        method="sida",
+        data="digits",
+        sida_g_start_kimg=0.0,
+        sida_gan_start_kimg=0.0,
+    ),
     # EDM's SongUNet (helpers.NET, conditional, with augmentation labels): UNetBlocks sharded
     "edm-sid": dict(preset="digits", resolution=8, channels=1, label_dim=3, cond=True),
     # SiDA on EDM's SongUNet: the fake score's gradients are clipped elementwise at 1 (EDM loop), here on shards; a
     # huge --lsd so that the clipping bites. data=None: labelled PNGs the test writes.
-    "edm-sida": dict(preset="digits", resolution=8, channels=1, label_dim=3, cond=True, method="sida", data=None,
-                     lsd=1e4, sida_g_start_kimg=0.0, sida_gan_start_kimg=0.0),
+    "edm-sida": dict(
+        preset="digits",
+        resolution=8,
+        channels=1,
+        label_dim=3,
+        cond=True,
+        method="sida",
+        data=None,
+        lsd=1e4,
+        sida_g_start_kimg=0.0,
+        sida_gan_start_kimg=0.0,
+    ),
 }
 
 
@@ -37,8 +54,9 @@ def _cfg(case, teacher=None, **kw):
     c = dict(CASES[case])
     preset = c.pop("preset")
     c["teacher"] = c.get("teacher", teacher)
-    return resolve_config(preset, dict(c, batch=8, batch_gpu=2, metrics="none", dropout=0.0, lr=1e-3, glr=1e-3, seed=5,
-                                       **kw))
+    return resolve_config(
+        preset, dict(c, batch=8, batch_gpu=2, metrics="none", dropout=0.0, lr=1e-3, glr=1e-3, seed=5, **kw)
+    )
 
 
 def _params(tr) -> dict:
@@ -76,8 +94,9 @@ def _worker(rank, world, port, out_dir, case, teacher, data):
         for _ in range(STEPS - 1):
             tr.step()
         straight = _params(tr)
-        resumed = damp_adam(build_trainer(_cfg(case, teacher, fsdp=True, **data), torch.device("cpu"),
-                                          log=lambda *a: None))
+        resumed = damp_adam(
+            build_trainer(_cfg(case, teacher, fsdp=True, **data), torch.device("cpu"), log=lambda *a: None)
+        )
         resumed.load_state_dict(load_state_file(path), path)
         for _ in range(STEPS - 1):
             resumed.step()
@@ -95,8 +114,11 @@ def test_fsdp_two_processes_equal_one_unsharded_process_and_resume_exactly(case,
     for _ in range(STEPS):
         single.step()
     ref = _params(single)
-    mp.spawn(_worker, args=(2, 29700 + os.getpid() % 200 + 211 * list(CASES).index(case), str(tmp_path), case,
-                            teacher_file, data), nprocs=2)
+    mp.spawn(
+        _worker,
+        args=(2, 29700 + os.getpid() % 200 + 211 * list(CASES).index(case), str(tmp_path), case, teacher_file, data),
+        nprocs=2,
+    )
     got = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     assert got["straight"].keys() == ref.keys()
     bad = []

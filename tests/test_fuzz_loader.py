@@ -90,12 +90,28 @@ def test_short_coverage_guided_run(tmp_path):
     corpus = tmp_path / "corpus"
     shutil.copytree(FUZZ / "corpus", corpus)
     proc = subprocess.run(
-        [sys.executable, str(FUZZ / "fuzz_loader.py"), str(corpus), "-runs=2000", "-seed=1", "-timeout=10",
-         "-rss_limit_mb=4096", f"-artifact_prefix={tmp_path}/", "-print_final_stats=1"],
-        capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            str(FUZZ / "fuzz_loader.py"),
+            str(corpus),
+            "-runs=2000",
+            "-seed=1",
+            "-timeout=10",
+            "-rss_limit_mb=4096",
+            f"-artifact_prefix={tmp_path}/",
+            "-print_final_stats=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     tail = proc.stderr[-3000:]
     assert proc.returncode == 0, tail
-    runs = [int(line.split(":")[-1]) for line in proc.stderr.splitlines() if line.startswith("stat::number_of_executed_units")]
+    runs = [
+        int(line.split(":")[-1])
+        for line in proc.stderr.splitlines()
+        if line.startswith("stat::number_of_executed_units")
+    ]
     assert runs and runs[0] >= 2000, tail
     assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("timeout-*"))
 
@@ -168,7 +184,9 @@ def test_wrongly_typed_kwargs_and_structures(tmp_path):
     save_network(path, net, dict(loader_target.TINY_NET, channel_mult="abc"))
     with pytest.raises(CheckpointError, match="typed.pt"):
         load_network_file(path)
-    torch.save(dict(format="sid_fast.network", version=1, class_name="EDMPrecond", init_kwargs=[1], state_dict={}), path)
+    torch.save(
+        dict(format="sid_fast.network", version=1, class_name="EDMPrecond", init_kwargs=[1], state_dict={}), path
+    )
     with pytest.raises(CheckpointError, match="without class_name, init_kwargs and state_dict"):
         load_network_file(path)
     # A pickle whose 'ema' stub has a state that is not a module's __dict__.

@@ -74,8 +74,11 @@ def test_masking_equals_official_row_dropping(nan_rows):
 def test_sigma_schedule():
     t = torch.tensor([0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0], dtype=torch.float64)
     s = sigma_from_t(t)
-    # official training/sid_loss.py's rho=7 map, computed: t=0 -> 0.002, 0.4 -> 0.965, 0.5 -> 2.515, 0.6 -> 5.84, 0.7 -> 12.38, 0.8 -> 24.41, 1 -> 80.
-    torch.testing.assert_close(s, torch.tensor([0.002, 0.965, 2.515, 5.84, 12.38, 24.41, 80.0], dtype=torch.float64), rtol=2e-3, atol=0)
+    # official training/sid_loss.py's rho=7 map, computed: t=0 -> 0.002, 0.4 -> 0.965, 0.5 -> 2.515, 0.6 -> 5.84,
+    # 0.7 -> 12.38, 0.8 -> 24.41, 1 -> 80.
+    torch.testing.assert_close(
+        s, torch.tensor([0.002, 0.965, 2.515, 5.84, 12.38, 24.41, 80.0], dtype=torch.float64), rtol=2e-3, atol=0
+    )
 
 
 def test_edm_loss_formula():

@@ -70,17 +70,36 @@ def test_meta_step_of_the_digits_network_counts_what_the_phases_hold(tmp_path):
     """One SiD step of a small DDPM++ on the meta device: generator phase held bytes grow linearly with the batch, bf16
     halves the activations, checkpointing nets leaves only G's activations, and the Adam states are twice G's and the
     fake score's parameters."""
-    cfg = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
-               channel_mult_noise=1, resample_filter=[1, 1], model_channels=16, channel_mult=[1, 2], num_blocks=1,
-               attn_resolutions=[4], augment_dim=0, dropout=0.0, use_fp16=False, img_resolution=8, img_channels=1,
-               label_dim=0)
+    cfg = dict(
+        model_type="SongUNet",
+        embedding_type="positional",
+        encoder_type="standard",
+        decoder_type="standard",
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        augment_dim=0,
+        dropout=0.0,
+        use_fp16=False,
+        img_resolution=8,
+        img_channels=1,
+        label_dim=0,
+    )
     memory.CONFIGS["_tiny"] = ("_tiny", "digits")
     real = memory.official_config
     memory.official_config = lambda stem: dict(cfg) if stem == "_tiny" else real(stem)
     try:
-        recs = {rung: memory.measure("_tiny", rung, opts, (2, 4))
-                for rung, opts in [("reference", dict(precision="fp32")), ("bf16", dict(precision="bf16")),
-                                   ("nets", dict(precision="fp32", checkpointing="nets"))]}
+        recs = {
+            rung: memory.measure("_tiny", rung, opts, (2, 4))
+            for rung, opts in [
+                ("reference", dict(precision="fp32")),
+                ("bf16", dict(precision="bf16")),
+                ("nets", dict(precision="fp32", checkpointing="nets")),
+            ]
+        }
     finally:
         memory.official_config = real
         del memory.CONFIGS["_tiny"]

@@ -163,8 +163,17 @@ def test_attention_interleaved_layout():
 
 
 def _tiny_cfg(**kw):
-    cfg = dict(model_type="SongUNet", img_resolution=16, img_channels=3, label_dim=0, model_channels=16,
-               channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
+    cfg = dict(
+        model_type="SongUNet",
+        img_resolution=16,
+        img_channels=3,
+        label_dim=0,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+        dropout=0.0,
+    )
     cfg.update(kw)
     return cfg
 
@@ -244,7 +253,9 @@ def test_unknown_config_is_refused():
 def test_whole_network_with_kernels_matches_reference(model_type):
     """Fused GroupNorm+SiLU (Triton interpreter on CPU) in every block vs EDM's ops, forward and input gradient."""
     extra = {} if model_type == "SongUNet" else dict(model_channels=64, attn_resolutions=[8])
-    net = build_network("EDMPrecond", _tiny_cfg(model_type=model_type, img_resolution=8, channel_mult=[1, 1], **extra)).eval()
+    net = build_network(
+        "EDMPrecond", _tiny_cfg(model_type=model_type, img_resolution=8, channel_mult=[1, 1], **extra)
+    ).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)

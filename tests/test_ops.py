@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def _spy(monkeypatch):
     """Record which implementation each op dispatches to (the real ones still run)."""
     # By module path: kernels/__init__ re-exports functions named like their modules (group_norm_silu).
-    ka, ke, kg, ks = (importlib.import_module(f"kernels.{m}") for m in ("attention", "edm_loss", "group_norm_silu", "sid_loss"))
+    ka, ke, kg, ks = (
+        importlib.import_module(f"kernels.{m}") for m in ("attention", "edm_loss", "group_norm_silu", "sid_loss")
+    )
 
     calls = []
     for mod, name in ((ks, "sid_loss_rows"), (ke, "edm_loss_rows"), (kg, "group_norm_silu"), (ka, "flash_attention")):
@@ -72,11 +74,28 @@ def test_bad_specs_and_retired_environment(monkeypatch):
         resolve_config("digits", dict(kernels="none"))
 
 
-@pytest.mark.parametrize("module", ["kernels", "kernels._common", "kernels.sid_loss", "kernels.edm_loss",
-                                    "kernels.group_norm_silu", "kernels.attention"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "kernels",
+        "kernels._common",
+        "kernels.sid_loss",
+        "kernels.edm_loss",
+        "kernels.group_norm_silu",
+        "kernels.attention",
+    ],
+)
 def test_kernel_modules_import_nothing_from_sid_fast(module):
-    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m == 'sid_fast' or m.startswith('sid_fast.')))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    code = (
+        f"import sys, {module}; print(sorted(m for m in sys.modules if m == 'sid_fast' or m.startswith('sid_fast.')))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
     assert r.returncode == 0, r.stderr[-1500:]
     assert r.stdout.strip() == "[]"

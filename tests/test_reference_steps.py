@@ -20,13 +20,21 @@ def test_reference_steps_are_bit_identical_to_the_recorded_ones():
     want = json.loads((HERE / "data" / "reference_steps.json").read_text())
     env = dict(os.environ, **RECIPE)
     env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, str(HERE / "reference_steps.py")], capture_output=True, text=True, env=env,
-                       timeout=600, cwd=HERE.parent)
+    r = subprocess.run(
+        [sys.executable, str(HERE / "reference_steps.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=HERE.parent,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     if got["sha256"] != want["sha256"]:
         diffs = sorted(((abs(got["sums"][k] - v), k) for k, v in want["sums"].items()), reverse=True)[:5]
-        raise AssertionError(f"parameters differ from the recorded reference; largest per-tensor sum changes: {diffs}; "
-                             f"stats {got['stats']} vs {want['stats']}")
+        raise AssertionError(
+            f"parameters differ from the recorded reference; largest per-tensor sum changes: {diffs}; "
+            f"stats {got['stats']} vs {want['stats']}"
+        )
     n = len(want["stats"])  # statistics slots added since the recording (SiDA's loss_D, loss_G_gan) stay zero in SiD
     assert got["stats"][:n] == want["stats"] and not any(got["stats"][n:])

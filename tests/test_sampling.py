@@ -41,8 +41,19 @@ def test_karras_schedule_endpoints():
 
 
 def test_latents_are_per_seed():
-    net = build_network("EDMPrecond", dict(model_type="SongUNet", img_resolution=8, img_channels=3, label_dim=10,
-                                           model_channels=16, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[]))
+    net = build_network(
+        "EDMPrecond",
+        dict(
+            model_type="SongUNet",
+            img_resolution=8,
+            img_channels=3,
+            label_dim=10,
+            model_channels=16,
+            channel_mult=[1, 1],
+            num_blocks=1,
+            attn_resolutions=[],
+        ),
+    )
     a, la, _ = latents_and_labels(net, [5, 6, 7])
     b, lb, _ = latents_and_labels(net, [6])
     assert torch.equal(a[1], b[0]) and torch.equal(la[1], lb[0])
@@ -56,11 +67,28 @@ def _run(*args):
 
 
 def test_sample_cli_onestep_generator(tmp_path):
-    cfg = dict(model_type="SongUNet", img_resolution=8, img_channels=1, label_dim=3, model_channels=16,
-               channel_mult=[1, 1], num_blocks=1, attn_resolutions=[])
+    cfg = dict(
+        model_type="SongUNet",
+        img_resolution=8,
+        img_channels=1,
+        label_dim=3,
+        model_channels=16,
+        channel_mult=[1, 1],
+        num_blocks=1,
+        attn_resolutions=[],
+    )
     path = tmp_path / "gen.pt"
     save_network(path, build_network("EDMPrecond", cfg), cfg, kind="generator", sigma_init=2.5)
-    r = _run("--network", str(path), "--seeds", "0-4,10", "--outdir", str(tmp_path / "out"), "--grid", str(tmp_path / "g.png"))
+    r = _run(
+        "--network",
+        str(path),
+        "--seeds",
+        "0-4,10",
+        "--outdir",
+        str(tmp_path / "out"),
+        "--grid",
+        str(tmp_path / "g.png"),
+    )
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{s:06d}.png" for s in (0, 1, 2, 3, 4, 10)]
     assert (tmp_path / "g.png").stat().st_size > 0

@@ -17,15 +17,27 @@ from sid_fast.losses import (
 )
 from sid_fast.networks import build_network, official_config
 
-TINY = dict(img_resolution=16, img_channels=3, label_dim=0, model_channels=16, channel_mult=[1, 2], num_blocks=1,
-            attn_resolutions=[8], augment_dim=9, dropout=0.0)
+TINY = dict(
+    img_resolution=16,
+    img_channels=3,
+    label_dim=0,
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[8],
+    augment_dim=9,
+    dropout=0.0,
+)
 
 
-@pytest.mark.parametrize("stem, last, channels", [
-    ("edm-cifar10-32x32-uncond-vp", "8x8_block3", 256),
-    ("edm-ffhq-64x64-uncond-vp", "8x8_block3", 256),
-    ("edm-imagenet-64x64-cond-adm", "8x8_block2", 768),
-])
+@pytest.mark.parametrize(
+    "stem, last, channels",
+    [
+        ("edm-cifar10-32x32-uncond-vp", "8x8_block3", 256),
+        ("edm-ffhq-64x64-uncond-vp", "8x8_block3", 256),
+        ("edm-imagenet-64x64-cond-adm", "8x8_block2", 768),
+    ],
+)
 def test_logits_of_the_published_configurations_are_8x8(stem, last, channels):
     """Official sida branch: the logits are taken after the encoder's last module, an 8 x 8 map in every published
     configuration (meta device: shapes only)."""
@@ -230,11 +242,16 @@ def test_probe_gradients_are_the_two_terms_of_the_generator_phase(teacher_file, 
     draws = tr._generator_draws(0)
     probe = probe_gradients(tr, 4, 0, draws=draws)
     tr.generator_phase()
+
     def whole(g, p):
         return (g if g is not None else torch.zeros_like(p)).flatten()
 
-    both = torch.cat([whole(gs, p) + whole(gg, p)
-                      for gs, gg, p in zip(probe["grads"]["sid"], probe["grads"]["gan"], tr.G.parameters())])
+    both = torch.cat(
+        [
+            whole(gs, p) + whole(gg, p)
+            for gs, gg, p in zip(probe["grads"]["sid"], probe["grads"]["gan"], tr.G.parameters())
+        ]
+    )
     trained = torch.cat([g.flatten() for g in seen["grads"]])
     # Two backward passes summed against one of the sum: fp32 rounding only (9e-7 relative measured here); a term
     # missing or weighed wrongly (0.5, C*H*W, lsg_gan, the batch mean) would differ by 20% or more: here the two
@@ -301,12 +318,15 @@ def test_sida_resume_reads_the_same_real_images(teacher_file, tmp_path):
         torch.testing.assert_close(b.fake.state_dict()[k], v, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case, kw, match", [
-    ("no data", dict(method="sida"), r"--method sida trains its discriminator on real images: give --data"),
-    ("wrong resolution", dict(method="sida", data="16x1"), r"images are 1x16x16, the teacher makes 1x8x8"),
-    ("wrong channels", dict(method="sida", data="8x3"), r"images are 3x8x8, the teacher makes 1x8x8"),
-    ("no labels", dict(method="sida", data="8x1-nolabels"), r"the dataset has no labels \(dataset.json\)"),
-])
+@pytest.mark.parametrize(
+    "case, kw, match",
+    [
+        ("no data", dict(method="sida"), r"--method sida trains its discriminator on real images: give --data"),
+        ("wrong resolution", dict(method="sida", data="16x1"), r"images are 1x16x16, the teacher makes 1x8x8"),
+        ("wrong channels", dict(method="sida", data="8x3"), r"images are 3x8x8, the teacher makes 1x8x8"),
+        ("no labels", dict(method="sida", data="8x1-nolabels"), r"the dataset has no labels \(dataset.json\)"),
+    ],
+)
 def test_sida_bad_input_is_one_sentence_before_any_work(teacher_file, tmp_path, case, kw, match):
     from helpers import cfg_for, cpu_trainer
 
@@ -373,8 +393,9 @@ def test_sid2a_starts_g_from_a_sid_generator_and_refuses_other_shapes(teacher_fi
     tr = cpu_trainer(cfg_for(teacher_file, method="sida", data=_data(tmp_path), sid_model=str(path)))
     for k, v in sid_g.state_dict().items():
         assert torch.equal(tr.G.state_dict()[k], v) and torch.equal(tr.G_ema.state_dict()[k], v), k
-    assert all(torch.equal(tr.fake.state_dict()[k], v) for k, v in tr.teacher.state_dict().items()
-               if v.dtype == torch.float32)  # the fake score starts from the teacher
+    assert all(
+        torch.equal(tr.fake.state_dict()[k], v) for k, v in tr.teacher.state_dict().items() if v.dtype == torch.float32
+    )  # the fake score starts from the teacher
     assert tr.cur_nimg == 0
     other = dict(NET, model_channels=8)
     bad = tmp_path / "other.pt"
@@ -387,8 +408,18 @@ def test_sida_presets_carry_the_official_values():
     from sid_fast.training.config import ConfigError, resolve_config
 
     c = resolve_config("imagenet64-cond-sida", dict(teacher="t.pkl", data="imagenet-64x64.zip", data_stat="r.npz"))
-    assert (c.method, c.alpha, c.batch, c.batch_gpu, c.lr, c.glr, c.precision, c.duration, c.lsd, c.lsg_gan) == \
-        ("sida", 1.0, 8192, 32, 4e-6, 4e-6, "fp16", 300, 1.0, 0.01)
+    assert (c.method, c.alpha, c.batch, c.batch_gpu, c.lr, c.glr, c.precision, c.duration, c.lsd, c.lsg_gan) == (
+        "sida",
+        1.0,
+        8192,
+        32,
+        4e-6,
+        4e-6,
+        "fp16",
+        300,
+        1.0,
+        0.01,
+    )
     assert (c.sida_g_start_kimg, c.sida_gan_start_kimg, c.tick, c.snap, c.dump, c.ema) == (100, 200, 20, 50, 200, 2.0)
     c = resolve_config("ffhq64-sida", dict(teacher="t.pkl", data="ffhq-64x64.zip", data_stat="r.npz"))
     assert (c.g_beta1, c.batch, c.batch_gpu, c.augment, c.dropout, c.duration) == (0.0, 512, 64, 0.15, 0.05, 200)

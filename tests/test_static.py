@@ -18,14 +18,43 @@ def _env():
 
 def test_kept_configs_compile_fit_and_do_not_spill_on_sm90(tmp_path):
     out = tmp_path / "static.jsonl"
-    r = subprocess.run([sys.executable, "-m", "bench.static", "--arch", "90", "--space", "kept", "--dtypes", "bf16",
-                        "--jobs", "2", "--out", str(out)], capture_output=True, text=True, env=_env(), timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.static",
+            "--arch",
+            "90",
+            "--space",
+            "kept",
+            "--dtypes",
+            "bf16",
+            "--jobs",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
     recs = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert violations(recs) == []
     kernels = {x["kernel"] for x in recs}
-    assert kernels == {"attention.fwd", "attention.bwd_dkdv", "attention.bwd_dq", "attention.delta", "sid_loss.fwd",
-                       "sid_loss.bwd", "edm_loss.fwd", "edm_loss.bwd", "group_norm_silu.fwd", "group_norm_silu.bwd"}
+    assert kernels == {
+        "attention.fwd",
+        "attention.bwd_dkdv",
+        "attention.bwd_dq",
+        "attention.delta",
+        "sid_loss.fwd",
+        "sid_loss.bwd",
+        "edm_loss.fwd",
+        "edm_loss.bwd",
+        "group_norm_silu.fwd",
+        "group_norm_silu.bwd",
+    }
     # Every official attention shape, in all four layouts, was compiled.
     att = {(x["shape"], x["layout"]) for x in recs if x["kernel"] == "attention.fwd"}
     assert len(att) == 20
@@ -33,11 +62,21 @@ def test_kept_configs_compile_fit_and_do_not_spill_on_sm90(tmp_path):
     # order that UNetBlock produces, in channels_last too, with no 16-bit scalar loads; GroupNorm reads 16-byte
     # or 8-byte vectors and no scalar 16-bit loads in channels_last where a group has 8 channels (DDPM++'s 256 channels
     # at 16x16; at 4x4 a tile holds one element per thread).
-    piped = [x for x in recs if x["kernel"] == "attention.fwd" and x["layout"] in ("nchw", "channels_last-blocked")
-             and x["config"]["num_stages"] > 1]
+    piped = [
+        x
+        for x in recs
+        if x["kernel"] == "attention.fwd"
+        and x["layout"] in ("nchw", "channels_last-blocked")
+        and x["config"]["num_stages"] > 1
+    ]
     assert piped and all(x["cp_async"] > 0 and x["ld_b16_scalar"] == 0 for x in piped)
-    gn_cl8 = [x for x in recs if x["kernel"].startswith("group_norm_silu") and x["layout"] == "channels_last"
-              and x["shape"].startswith("ddpmpp-cifar10-16x16")]
+    gn_cl8 = [
+        x
+        for x in recs
+        if x["kernel"].startswith("group_norm_silu")
+        and x["layout"] == "channels_last"
+        and x["shape"].startswith("ddpmpp-cifar10-16x16")
+    ]
     assert gn_cl8 and all(x["ld_v4"] + x["ld_v2"] > 0 and x["ld_b16_scalar"] == 0 for x in gn_cl8)
 
 

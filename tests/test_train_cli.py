@@ -40,8 +40,22 @@ def test_digits_default_runs_resumes_and_samples(tmp_path):
     snap = sorted(resumed.glob("network-snapshot-*.pt"))[-1]
     net, info = load_network_file(snap)
     assert info["meta"]["kind"] == "generator" and info["meta"]["sigma_init"] == 2.5
-    r = subprocess.run([sys.executable, "-m", "sid_fast.sample", "--network", str(snap), "--seeds", "0-3",
-                        "--outdir", str(tmp_path / "samples")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sid_fast.sample",
+            "--network",
+            str(snap),
+            "--seeds",
+            "0-3",
+            "--outdir",
+            str(tmp_path / "samples"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert len(list(Path(tmp_path / "samples").glob("*.png"))) == 4
 
@@ -61,9 +75,27 @@ def test_sigterm_finishes_step_writes_state_and_exits(tmp_path):
     import time
 
     out = tmp_path / "runs"
-    proc = subprocess.Popen([sys.executable, "train.py", "--outdir", str(out), "--tick", "0.064", "--snap", "1000",
-                             "--dump", "1000", "--metrics", "none", "--duration", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            "--outdir",
+            str(out),
+            "--tick",
+            "0.064",
+            "--snap",
+            "1000",
+            "--dump",
+            "1000",
+            "--metrics",
+            "none",
+            "--duration",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not list(out.glob("*/stats.jsonl")):  # wait until training is under way
         time.sleep(0.2)

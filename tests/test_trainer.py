@@ -1,4 +1,5 @@
-"""The SiD trainer: exact resume, process-count invariance, crash-safe states, bad input, and SiD on an analytic teacher."""
+"""The SiD trainer: exact resume, process-count invariance, crash-safe states, bad input, and SiD on an analytic
+teacher."""
 
 import os
 import signal
@@ -40,7 +41,9 @@ def test_resume_is_bit_exact(teacher_file, tmp_path):
         assert torch.equal(pa[k], pc[k]), k
     assert a.cur_nimg == c.cur_nimg == 32
     # The runs did train: G moved away from the teacher initialisation.
-    assert not torch.equal(pa["G.model.dec.8x8_aux_conv.weight"], b.teacher.state_dict()["model.dec.8x8_aux_conv.weight"])
+    assert not torch.equal(
+        pa["G.model.dec.8x8_aux_conv.weight"], b.teacher.state_dict()["model.dec.8x8_aux_conv.weight"]
+    )
 
 
 def _ddp_worker(rank, world, port, teacher, batch_gpu, out):
@@ -85,7 +88,9 @@ def test_kill_during_state_write_keeps_previous_state(tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 60
-    while time.time() < deadline and not any(p.name.endswith(".tmp") and p.stat().st_size > 0 for p in tmp_path.iterdir()):
+    while time.time() < deadline and not any(
+        p.name.endswith(".tmp") and p.stat().st_size > 0 for p in tmp_path.iterdir()
+    ):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -103,7 +108,9 @@ def test_truncated_state_is_refused_and_previous_offered(teacher_file, tmp_path)
     bad.write_bytes(data[: len(data) // 2])
     latest = find_resume_state(str(tmp_path))
     assert latest == bad
-    with pytest.raises(ConfigError, match=r"training-state-000002\.pt.*truncated or corrupt.*previous state is .*000001"):
+    with pytest.raises(
+        ConfigError, match=r"training-state-000002\.pt.*truncated or corrupt.*previous state is .*000001"
+    ):
         load_state_file(latest)
     load_state_file(good)  # the previous one is fine
 
@@ -153,8 +160,17 @@ def test_nan_samples_are_counted_and_gradients_stay_finite(teacher_file):
 # ----------------------------------------------------------------------------
 # SiD on the closed-form denoiser of a Gaussian mixture: the generator must approach the mixture.
 
-MIX_NET = dict(model_type="SongUNet", img_resolution=4, img_channels=1, label_dim=0, model_channels=16,
-               channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0)
+MIX_NET = dict(
+    model_type="SongUNet",
+    img_resolution=4,
+    img_channels=1,
+    label_dim=0,
+    model_channels=16,
+    channel_mult=[1],
+    num_blocks=1,
+    attn_resolutions=[],
+    dropout=0.0,
+)
 
 
 def test_sid_on_gaussian_mixture_cuts_frechet_distance():
@@ -162,20 +178,43 @@ def test_sid_on_gaussian_mixture_cuts_frechet_distance():
     from sid_fast.training.teacher import train_edm
 
     torch.manual_seed(0)
-    rows = torch.tensor([[0.6, 0.6, -0.6, -0.6], [-0.6, 0.6, -0.6, 0.6], [0.6, -0.6, 0.6, -0.6], [-0.6, -0.6, 0.6, 0.6]])
+    rows = torch.tensor(
+        [[0.6, 0.6, -0.6, -0.6], [-0.6, 0.6, -0.6, 0.6], [0.6, -0.6, 0.6, -0.6], [-0.6, -0.6, 0.6, 0.6]]
+    )
     teacher = GaussianMixtureDenoiser(rows.reshape(4, 1, 1, 4).expand(4, 1, 4, 4).contiguous(), [0.15] * 4)
     data = teacher.sample(4096, torch.Generator().manual_seed(1)).float()
     # Students start, as in SiD, from a denoiser trained on the target (an EDM run on mixture samples). 500 steps
     # rather than 150: the fake score starts from it, and with the 150-step denoiser SiD stalled at 0.04-0.06.
-    student = train_edm(build_network("EDMPrecond", MIX_NET), data, steps=500, batch=128, lr=2e-3, ema_halflife_kimg=2, log=None)
+    student = train_edm(
+        build_network("EDMPrecond", MIX_NET), data, steps=500, batch=128, lr=2e-3, ema_halflife_kimg=2, log=None
+    )
     ref = feature_stats(teacher.sample(4000, torch.Generator().manual_seed(2)))
     # A fake score ten times faster than the generator (lr 1e-3, glr 1e-4) and batch 128: with lr = glr = 1e-3 at
     # batch 64 the distance jumped between 0.04 and 1.35 from one evaluation to the next. alpha 1 (SiD's other
     # published value): with an exact teacher there is no FID to trade diversity against.
-    cfg = resolve_config("digits", dict(teacher="<analytic mixture>", resolution=4, channels=1, metrics="none", batch=128,
-                                        batch_gpu=128, lr=1e-3, glr=1e-4, alpha=1.0, ema=0.002, dropout=0.0))
-    tr = build_trainer(cfg, torch.device("cpu"), log=lambda *a: None, teacher=teacher,
-                       student=Student("EDMPrecond", MIX_NET, student.state_dict()))
+    cfg = resolve_config(
+        "digits",
+        dict(
+            teacher="<analytic mixture>",
+            resolution=4,
+            channels=1,
+            metrics="none",
+            batch=128,
+            batch_gpu=128,
+            lr=1e-3,
+            glr=1e-4,
+            alpha=1.0,
+            ema=0.002,
+            dropout=0.0,
+        ),
+    )
+    tr = build_trainer(
+        cfg,
+        torch.device("cpu"),
+        log=lambda *a: None,
+        teacher=teacher,
+        student=Student("EDMPrecond", MIX_NET, student.state_dict()),
+    )
 
     def fd():
         return frechet_distance(*feature_stats(tr.sample_ema(list(range(4000)))), *ref)

@@ -88,7 +88,9 @@ def pil_resize(img: torch.Tensor, size: int) -> torch.Tensor:
     return x.to(torch.uint8)
 
 
-def dali_batches(path, resolution: int, batch: int = 64, rank: int = 0, world: int = 1, device=None, num_threads: int = 2):
+def dali_batches(
+    path, resolution: int, batch: int = 64, rank: int = 0, world: int = 1, device=None, num_threads: int = 2
+):
     """Yield uint8 NCHW batches of this rank's share (rank::world) of an image folder, decoded by DALI.
 
     Files and order are those of ImageDataset(path) (sorted relative paths); images are center-cropped to a square

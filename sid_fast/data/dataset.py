@@ -45,8 +45,14 @@ def center_crop_resize(img, resolution: int):
 class ImageDataset:
     """EDM dataset (zip or folder). `dataset[i]` -> (uint8 [C, H, W] numpy array, one-hot label or None)."""
 
-    def __init__(self, path, max_size: int | None = None, random_seed: int = 0, use_labels: bool = True,
-                 resolution: int | None = None):
+    def __init__(
+        self,
+        path,
+        max_size: int | None = None,
+        random_seed: int = 0,
+        use_labels: bool = True,
+        resolution: int | None = None,
+    ):
         self.path = Path(path)
         self.resolution = resolution
         self._zip = None
@@ -74,9 +80,13 @@ class ImageDataset:
         self.image_shape = list(first.shape)
         c, h, w = self.image_shape
         if h != w:
-            raise DatasetError(f"{self.path}: {self.names[0]} is {w}x{h}; images must be square (resize with the dataset tool).")
+            raise DatasetError(
+                f"{self.path}: {self.names[0]} is {w}x{h}; images must be square (resize with the dataset tool)."
+            )
         if not _is_pow2(h):
-            raise DatasetError(f"{self.path}: {self.names[0]} is {w}x{h}; the side must be a power of two (EDM's networks halve it).")
+            raise DatasetError(
+                f"{self.path}: {self.names[0]} is {w}x{h}; the side must be a power of two (EDM's networks halve it)."
+            )
 
     # -- files ---------------------------------------------------------------------------------------------------
     def _get_zip(self):
@@ -113,7 +123,7 @@ class ImageDataset:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetError(f"{where}: not valid JSON ({e}).") from None
         if not isinstance(meta, dict) or "labels" not in meta:
-            raise DatasetError(f"{where}: expected {{\"labels\": [[name, label], ...]}} or {{\"labels\": null}}.")
+            raise DatasetError(f'{where}: expected {{"labels": [[name, label], ...]}} or {{"labels": null}}.')
         if meta["labels"] is None:
             return None
         try:
@@ -122,11 +132,16 @@ class ImageDataset:
             raise DatasetError(f"{where}: every entry of 'labels' must be [file name, integer label].") from None
         missing = [n for n in self.names if n not in table]
         if missing:
-            raise DatasetError(f"{where}: no label for {len(missing)} image(s), e.g. {missing[0]!r}; the label file disagrees with the images.")
+            raise DatasetError(
+                f"{where}: no label for {len(missing)} image(s), e.g. {missing[0]!r}; the label file disagrees "
+                f"with the images."
+            )
         known = set(self.all_names)
         extra = [n for n in table if n not in known]
         if extra:
-            raise DatasetError(f"{where}: labels for {len(extra)} file(s) that are not in the dataset, e.g. {extra[0]!r}.")
+            raise DatasetError(
+                f"{where}: labels for {len(extra)} file(s) that are not in the dataset, e.g. {extra[0]!r}."
+            )
         labels = np.array([table[n] for n in self.names], dtype=np.int64)
         if labels.min() < 0:
             raise DatasetError(f"{where}: labels must be non-negative integers, found {labels.min()}.")
@@ -168,13 +183,17 @@ class ImageDataset:
     def __getitem__(self, i: int):
         img = self._load_raw(i)
         if list(img.shape) != self.image_shape:
-            raise DatasetError(f"{self.path}: {self.names[i]} has shape {list(img.shape)} (CHW) but the first image has {self.image_shape}.")
+            raise DatasetError(
+                f"{self.path}: {self.names[i]} has shape {list(img.shape)} (CHW) but the first image has "
+                f"{self.image_shape}."
+            )
         return np.ascontiguousarray(img), self.label_onehot(i)
 
 
 class LabelsDataset:
     """Only the labels of a dataset: its `dataset.json` ({"labels": [[name, int], ...]}). Data-free SiD of a conditional
-    teacher needs nothing else (the official EDM2 runs pass img512_labels/dataset.json: ImageNet's label frequencies)."""
+    teacher needs nothing else (the official EDM2 runs pass img512_labels/dataset.json: ImageNet's label
+    frequencies)."""
 
     image_shape = None
 
@@ -186,7 +205,7 @@ class LabelsDataset:
             raise DatasetError(f"{self.path}: cannot be read as a dataset.json ({type(e).__name__}: {e}).") from None
         entries = meta.get("labels") if isinstance(meta, dict) else None
         if not isinstance(entries, list) or not entries:
-            raise DatasetError(f"{self.path}: expected {{\"labels\": [[name, label], ...]}} with at least one entry.")
+            raise DatasetError(f'{self.path}: expected {{"labels": [[name, label], ...]}} with at least one entry.')
         try:
             self.labels_int = np.array([int(label) for _, label in entries], dtype=np.int64)
         except (TypeError, ValueError):
@@ -203,7 +222,8 @@ class LabelsDataset:
 
 
 class _RankShare:
-    """This rank's indices (rank::world) of a dataset, as uint8 torch tensors (module level, so workers can pickle it)."""
+    """This rank's indices (rank::world) of a dataset, as uint8 torch tensors (module level, so workers can pickle
+    it)."""
 
     def __init__(self, dataset: ImageDataset, rank: int, world: int):
         self.dataset, self.idx = dataset, list(range(rank, len(dataset), world))

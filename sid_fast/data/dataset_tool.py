@@ -49,7 +49,9 @@ def _source_labels(source: Path, names: list[str], from_subdirs: bool):
             return None
         table = {str(n).replace("\\", "/"): int(c) for n, c in labels}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise DatasetError(f"{meta_path}: expected {{\"labels\": [[name, integer], ...]}} or {{\"labels\": null}}.") from None
+        raise DatasetError(
+            f'{meta_path}: expected {{"labels": [[name, integer], ...]}} or {{"labels": null}}.'
+        ) from None
     missing = [n for n in names if n not in table]
     if missing:
         raise DatasetError(f"{meta_path}: no label for {len(missing)} image(s), e.g. {missing[0]!r}.")
@@ -59,8 +61,13 @@ def _source_labels(source: Path, names: list[str], from_subdirs: bool):
 class _CifarUnpickler(pickle.Unpickler):
     """Only what CIFAR-10's batch pickles contain: dicts, lists, bytes and numpy arrays."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -81,7 +88,9 @@ def _cifar10_items(path: Path, max_images):
                 try:
                     f = tar.extractfile(member)
                 except KeyError:
-                    raise DatasetError(f"{path}: no {member}; expected the CIFAR-10 python tarball (cifar-10-python.tar.gz).") from None
+                    raise DatasetError(
+                        f"{path}: no {member}; expected the CIFAR-10 python tarball (cifar-10-python.tar.gz)."
+                    ) from None
                 data = _CifarUnpickler(f, encoding="latin1").load()
                 images.append(np.asarray(data["data"], np.uint8).reshape(-1, 3, 32, 32))
                 labels.append(np.asarray(data["labels"], np.int64))
@@ -101,8 +110,11 @@ def _folder_items(source: Path, max_images, labels_from_subdirs: bool):
     """(count, has_labels, iterator of (PIL image, label or None, file)) for a folder of images."""
     import PIL.Image
 
-    names = sorted(str(p.relative_to(source)).replace(os.sep, "/") for p in source.rglob("*")
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    names = sorted(
+        str(p.relative_to(source)).replace(os.sep, "/")
+        for p in source.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
     if not names:
         raise DatasetError(f"{source}: contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
     if max_images is not None:
@@ -139,8 +151,15 @@ def center_crop_dhariwal(img, resolution: int):
     return img.crop((left, top, left + resolution, top + resolution))
 
 
-def convert(source, dest, resolution: int | None = None, transform: str = "none", max_images: int | None = None,
-            grey: bool = False, labels_from_subdirs: bool = False) -> int:
+def convert(
+    source,
+    dest,
+    resolution: int | None = None,
+    transform: str = "none",
+    max_images: int | None = None,
+    grey: bool = False,
+    labels_from_subdirs: bool = False,
+) -> int:
     """Write the dataset; returns the number of images."""
     import PIL.Image
 
@@ -184,7 +203,9 @@ def convert(source, dest, resolution: int | None = None, transform: str = "none"
                 img = center_crop_dhariwal(img, resolution)
             elif resolution is not None and img.size != (resolution, resolution):
                 if img.size[0] != img.size[1]:
-                    raise DatasetError(f"{where}: {img.size[0]}x{img.size[1]} is not square; use --transform center-crop.")
+                    raise DatasetError(
+                        f"{where}: {img.size[0]}x{img.size[1]} is not square; use --transform center-crop."
+                    )
                 img = img.resize((resolution, resolution), PIL.Image.LANCZOS)
             w, h = img.size
             if shape is None:
@@ -215,13 +236,32 @@ def convert(source, dest, resolution: int | None = None, transform: str = "none"
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
-@click.option("--source", help="Folder of images (searched recursively) or cifar-10-python.tar.gz", metavar="DIR|TGZ", required=True)
+@click.option(
+    "--source",
+    help="Folder of images (searched recursively) or cifar-10-python.tar.gz",
+    metavar="DIR|TGZ",
+    required=True,
+)
 @click.option("--dest", help="Output: a .zip (stored, as EDM) or a folder", metavar="PATH", required=True)
 @click.option("--resolution", help="Output side in pixels (power of two)", metavar="INT", type=click.IntRange(min=1))
-@click.option("--transform", help="center-crop: crop to square, then resize (LANCZOS); center-crop-dhariwal: ADM's crop (EDM2's ImageNet-512)", type=click.Choice(list(TRANSFORMS)), default="none", show_default=True)
-@click.option("--max-images", "max_images", help="Use only the first N images (sorted by path)", metavar="INT", type=click.IntRange(min=1))
+@click.option(
+    "--transform",
+    help="center-crop: crop to square, then resize (LANCZOS); center-crop-dhariwal: ADM's crop (EDM2's ImageNet-512)",
+    type=click.Choice(list(TRANSFORMS)),
+    default="none",
+    show_default=True,
+)
+@click.option(
+    "--max-images",
+    "max_images",
+    help="Use only the first N images (sorted by path)",
+    metavar="INT",
+    type=click.IntRange(min=1),
+)
 @click.option("--grey", help="Write single-channel images", is_flag=True)
-@click.option("--labels-from-subdirs", "labels_from_subdirs", help="Label = index of the first-level subfolder", is_flag=True)
+@click.option(
+    "--labels-from-subdirs", "labels_from_subdirs", help="Label = index of the first-level subfolder", is_flag=True
+)
 def main(source, dest, resolution, transform, max_images, grey, labels_from_subdirs):
     """Convert a folder of images to EDM's dataset format."""
     if resolution is not None and not _is_pow2(resolution):

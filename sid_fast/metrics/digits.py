@@ -64,7 +64,9 @@ def train_feature_net(steps=3000, seed=0) -> tuple[DigitsFeatureNet, float]:
 def load_feature_net(path: str | None = None) -> DigitsFeatureNet:
     path = Path(path) if path else ASSET
     if not path.exists():
-        raise FileNotFoundError(f"{path}: the digits feature network is missing; rebuild it with `python -m sid_fast.metrics.digits`.")
+        raise FileNotFoundError(
+            f"{path}: the digits feature network is missing; rebuild it with `python -m sid_fast.metrics.digits`."
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     net = DigitsFeatureNet()
     net.load_state_dict(state["state_dict"])

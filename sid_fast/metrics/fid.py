@@ -25,7 +25,8 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def rank_seed_batches(seeds: list[int], batch: int, rank: int, world: int) -> list[list[int]]:
-    """EDM generate.py: split all seeds into a multiple of `world` near-equal batches of <= `batch`, rank r takes r::world."""
+    """EDM generate.py: split all seeds into a multiple of `world` near-equal batches of <= `batch`, rank r takes
+    r::world."""
     if not seeds:
         return []
     num_batches = ((len(seeds) - 1) // (batch * world) + 1) * world
@@ -33,18 +34,47 @@ def rank_seed_batches(seeds: list[int], batch: int, rank: int, world: int) -> li
     return [b.tolist() for b in all_batches[rank::world] if len(b)]
 
 
-def generator_stats(net, info, seeds, detector, device, batch=64, rank=0, world=1, sampler="auto", steps=18,
-                    init_sigma=None, want_probs=False, progress=True, vae=None):
+def generator_stats(
+    net,
+    info,
+    seeds,
+    detector,
+    device,
+    batch=64,
+    rank=0,
+    world=1,
+    sampler="auto",
+    steps=18,
+    init_sigma=None,
+    want_probs=False,
+    progress=True,
+    vae=None,
+):
     """Feature statistics (all-reduced) of images generated for the seeds; also class probabilities for IS. EDM2
     latent networks need `vae` (sid_fast.latents.StabilityVAE), which decodes them to images first."""
 
-    batches = (generate_uint8(net, info, b, device, sampler, steps, None, init_sigma, vae=vae)
-               for b in rank_seed_batches(list(seeds), batch, rank, world))
+    batches = (
+        generate_uint8(net, info, b, device, sampler, steps, None, init_sigma, vae=vae)
+        for b in rank_seed_batches(list(seeds), batch, rank, world)
+    )
     return _accumulate(batches, detector, device, len(seeds), "generating", want_probs, world, progress and rank == 0)
 
 
-def dataset_stats(path, detector, device, batch=64, rank=0, world=1, max_size=None, seed=0, resolution=None,
-                  loader="pil", want_probs=False, progress=True, num_workers=2):
+def dataset_stats(
+    path,
+    detector,
+    device,
+    batch=64,
+    rank=0,
+    world=1,
+    max_size=None,
+    seed=0,
+    resolution=None,
+    loader="pil",
+    want_probs=False,
+    progress=True,
+    num_workers=2,
+):
     """Feature statistics (all-reduced) of a dataset (zip or folder); a random subset of max_size as EDM's calc."""
     from sid_fast.data.dataset import DatasetError, ImageDataset, uint8_batches
 

@@ -23,8 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-NVIDIA_DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-PYTORCH_FID_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+NVIDIA_DETECTOR_URL = (
+    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+)
+PYTORCH_FID_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+)
 FEATURE_DIM = 2048  # Inception's pool features; the loaded detector's own size is Detector.feature_dim
 
 
@@ -233,22 +237,33 @@ class Detector(torch.nn.Module):
             with torch.no_grad():
                 f = self.net(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device), return_features=True)
         except Exception as e:
-            raise DetectorError(f"{source}: the detector cannot be called as detector(images, return_features=True) ({type(e).__name__}: {e}).") from None
+            raise DetectorError(
+                f"{source}: the detector cannot be called as detector(images, return_features=True) "
+                f"({type(e).__name__}: {e})."
+            ) from None
         if not torch.is_tensor(f) or f.ndim != 2 or f.shape[0] != 1:
-            raise DetectorError(f"{source}: the detector returned {type(f).__name__} {list(getattr(f, 'shape', []))}, expected features [N, D].")
+            raise DetectorError(
+                f"{source}: the detector returned {type(f).__name__} {list(getattr(f, 'shape', []))}, expected "
+                f"features [N, D]."
+            )
         self.feature_dim = int(f.shape[1])
 
     @staticmethod
     def _rgb(images):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"The detector takes uint8 images [N, 1 or 3, H, W], got {images.dtype} {list(images.shape)}.")
+            raise ValueError(
+                f"The detector takes uint8 images [N, 1 or 3, H, W], got {images.dtype} {list(images.shape)}."
+            )
         return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images  # grey repeated to RGB, as EDM
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         f = self.net(self._rgb(images), return_features=True)
         if f.ndim != 2 or f.shape != (images.shape[0], self.feature_dim):
-            raise DetectorError(f"{self.source}: the detector returned features of shape {list(f.shape)}, expected [{images.shape[0]}, {self.feature_dim}].")
+            raise DetectorError(
+                f"{self.source}: the detector returned features of shape {list(f.shape)}, expected "
+                f"[{images.shape[0]}, {self.feature_dim}]."
+            )
         return f.double()
 
     @torch.no_grad()
@@ -282,13 +297,16 @@ def load_detector(path_or_url=None, device="cpu") -> Detector:
             try:
                 net = torch.jit.load(str(path), map_location=device)
             except RuntimeError as e:
-                raise DetectorError(f"{path}: not a loadable TorchScript detector ({str(e).splitlines()[0]}).") from None
+                raise DetectorError(
+                    f"{path}: not a loadable TorchScript detector ({str(e).splitlines()[0]})."
+                ) from None
         return Detector(net.eval(), "torchscript", str(path), device)
     if kind == "state_dict":
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
             raise DetectorError(
-                f"{path}: a torch.save file but not pytorch-fid's Inception weights (no 'Mixed_7c.branch_pool.conv.weight'); "
+                f"{path}: a torch.save file but not pytorch-fid's Inception weights (no "
+                f"'Mixed_7c.branch_pool.conv.weight'); "
                 f"expected {NVIDIA_DETECTOR_URL} or {PYTORCH_FID_URL}."
             )
         net = FIDInceptionV3(num_classes=state["fc.weight"].shape[0] if "fc.weight" in state else 1008)
@@ -299,11 +317,14 @@ def load_detector(path_or_url=None, device="cpu") -> Detector:
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise DetectorError(f"{path}: pytorch-fid weights that do not fit Inception-v3 ({str(e).splitlines()[0]}).") from None
+            raise DetectorError(
+                f"{path}: pytorch-fid weights that do not fit Inception-v3 ({str(e).splitlines()[0]})."
+            ) from None
         return Detector(net.to(device).eval(), "pytorch-fid", str(path), device)
     if kind == "pickle":
         raise DetectorError(
-            f"{path}: a Python pickle (StyleGAN3's inception-2015-12-05.pkl runs code when unpickled, so it is not loaded); "
+            f"{path}: a Python pickle (StyleGAN3's inception-2015-12-05.pkl runs code when unpickled, so it is "
+            f"not loaded); "
             f"use the TorchScript file {NVIDIA_DETECTOR_URL} instead."
         )
     raise DetectorError(

@@ -8,7 +8,20 @@ from sid_fast.networks.precond import PRECOND_TYPES, EDMPrecond, VEPrecond, VPPr
 from sid_fast.networks.unets import DhariwalUNet, SongUNet
 
 __all__ = [
-    "edm2", "OFFICIAL_CONFIGS", "official_config",
-    "Conv2d", "FourierEmbedding", "GroupNorm", "Linear", "PositionalEmbedding", "UNetBlock", "PRECOND_TYPES",
-    "EDMPrecond", "VEPrecond", "VPPrecond", "build_network", "DhariwalUNet", "SongUNet",
+    "edm2",
+    "OFFICIAL_CONFIGS",
+    "official_config",
+    "Conv2d",
+    "FourierEmbedding",
+    "GroupNorm",
+    "Linear",
+    "PositionalEmbedding",
+    "UNetBlock",
+    "PRECOND_TYPES",
+    "EDMPrecond",
+    "VEPrecond",
+    "VPPrecond",
+    "build_network",
+    "DhariwalUNet",
+    "SongUNet",
 ]

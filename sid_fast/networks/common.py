@@ -11,8 +11,11 @@ def prepare_inputs(net, x, sigma, class_labels, force_fp32: bool):
     use_fp16 and sid_fast's compute_dtype: labels None without classes, zeros [1, label_dim] ("no class") when not
     given; the UNet body in fp16 under use_fp16 on CUDA only (fp32 on a CPU, as upstream), or in compute_dtype."""
     x = x.to(torch.float32)
-    sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1) if torch.is_tensor(sigma) else torch.full(
-        [1, 1, 1, 1], float(sigma), device=x.device)
+    sigma = (
+        sigma.to(torch.float32).reshape(-1, 1, 1, 1)
+        if torch.is_tensor(sigma)
+        else torch.full([1, 1, 1, 1], float(sigma), device=x.device)
+    )
     if net.label_dim == 0:
         class_labels = None
     elif class_labels is None:

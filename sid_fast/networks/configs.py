@@ -21,7 +21,9 @@ _DDPMPP = dict(
     dropout=0.13,
     use_fp16=False,
 )
-_NCSNPP = dict(_DDPMPP, embedding_type="fourier", encoder_type="residual", channel_mult_noise=2, resample_filter=[1, 3, 3, 1])
+_NCSNPP = dict(
+    _DDPMPP, embedding_type="fourier", encoder_type="residual", channel_mult_noise=2, resample_filter=[1, 3, 3, 1]
+)
 _ADM = dict(
     model_type="DhariwalUNet",
     model_channels=192,
@@ -35,8 +37,12 @@ OFFICIAL_CONFIGS: dict[str, dict] = {
     "edm-cifar10-32x32-uncond-vp": dict(_DDPMPP, img_resolution=32, img_channels=3, label_dim=0),
     "edm-cifar10-32x32-cond-ve": dict(_NCSNPP, img_resolution=32, img_channels=3, label_dim=10),
     "edm-cifar10-32x32-uncond-ve": dict(_NCSNPP, img_resolution=32, img_channels=3, label_dim=0),
-    "edm-ffhq-64x64-uncond-vp": dict(_DDPMPP, img_resolution=64, img_channels=3, label_dim=0, channel_mult=[1, 2, 2, 2], dropout=0.05),
-    "edm-afhqv2-64x64-uncond-vp": dict(_DDPMPP, img_resolution=64, img_channels=3, label_dim=0, channel_mult=[1, 2, 2, 2], dropout=0.25),
+    "edm-ffhq-64x64-uncond-vp": dict(
+        _DDPMPP, img_resolution=64, img_channels=3, label_dim=0, channel_mult=[1, 2, 2, 2], dropout=0.05
+    ),
+    "edm-afhqv2-64x64-uncond-vp": dict(
+        _DDPMPP, img_resolution=64, img_channels=3, label_dim=0, channel_mult=[1, 2, 2, 2], dropout=0.25
+    ),
     "edm-imagenet-64x64-cond-adm": dict(_ADM, img_resolution=64, img_channels=3, label_dim=1000),
 }
 

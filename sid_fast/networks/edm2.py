@@ -153,9 +153,21 @@ def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 class Block(torch.nn.Module):
     """EDM2's residual block, flavor 'enc' or 'dec', optional resampling and self-attention."""
 
-    def __init__(self, in_channels, out_channels, emb_channels, flavor="enc", resample_mode="keep",
-                 resample_filter=(1, 1), attention=False, channels_per_head=64, dropout=0, res_balance=0.3,
-                 attn_balance=0.3, clip_act=256):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        emb_channels,
+        flavor="enc",
+        resample_mode="keep",
+        resample_filter=(1, 1),
+        attention=False,
+        channels_per_head=64,
+        dropout=0,
+        res_balance=0.3,
+        attn_balance=0.3,
+        clip_act=256,
+    ):
         super().__init__()
         self.out_channels = out_channels
         self.flavor = flavor
@@ -209,9 +221,21 @@ class UNet(torch.nn.Module):
     """EDM2's U-Net: encoder levels img_resolution >> level, decoder with in0/in1 at the lowest level, skips joined by
     mp_cat; a constant ones channel is appended to the input; the output convolution's gain starts at zero."""
 
-    def __init__(self, img_resolution, img_channels, label_dim, model_channels=192, channel_mult=(1, 2, 3, 4),
-                 channel_mult_noise=None, channel_mult_emb=None, num_blocks=3, attn_resolutions=(16, 8),
-                 label_balance=0.5, concat_balance=0.5, **block_kwargs):
+    def __init__(
+        self,
+        img_resolution,
+        img_channels,
+        label_dim,
+        model_channels=192,
+        channel_mult=(1, 2, 3, 4),
+        channel_mult_noise=None,
+        channel_mult_emb=None,
+        num_blocks=3,
+        attn_resolutions=(16, 8),
+        label_balance=0.5,
+        concat_balance=0.5,
+        **block_kwargs,
+    ):
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
         cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
@@ -231,11 +255,14 @@ class UNet(torch.nn.Module):
                 cin, cout = cout, channels
                 self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=[3, 3])
             else:
-                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, flavor="enc", resample_mode="down", **block_kwargs)
+                self.enc[f"{res}x{res}_down"] = Block(
+                    cout, cout, cemb, flavor="enc", resample_mode="down", **block_kwargs
+                )
             for idx in range(num_blocks):
                 cin, cout = cout, channels
-                self.enc[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, flavor="enc",
-                                                            attention=res in attn_resolutions, **block_kwargs)
+                self.enc[f"{res}x{res}_block{idx}"] = Block(
+                    cin, cout, cemb, flavor="enc", attention=res in attn_resolutions, **block_kwargs
+                )
         self.last_encoder_block = list(self.enc.keys())[-1]
 
         self.dec = torch.nn.ModuleDict()
@@ -249,8 +276,9 @@ class UNet(torch.nn.Module):
                 self.dec[f"{res}x{res}_up"] = Block(cout, cout, cemb, flavor="dec", resample_mode="up", **block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), channels
-                self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, flavor="dec",
-                                                            attention=res in attn_resolutions, **block_kwargs)
+                self.dec[f"{res}x{res}_block{idx}"] = Block(
+                    cin, cout, cemb, flavor="dec", attention=res in attn_resolutions, **block_kwargs
+                )
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
     def forward(self, x, noise_labels, class_labels, return_flag: str = "decoder"):
@@ -280,8 +308,9 @@ class Precond(torch.nn.Module):
     """EDM2's preconditioner: D(x, sigma) = c_skip x + c_out F(c_in x, ln(sigma)/4) in EDM's sigma parametrisation,
     and the learned log-variance u(sigma) (`return_logvar`) used by EDM2's loss and by SiD on EDM2."""
 
-    def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5, logvar_channels=128,
-                 **unet_kwargs):
+    def __init__(
+        self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5, logvar_channels=128, **unet_kwargs
+    ):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -328,12 +357,27 @@ class Precond(torch.nn.Module):
 # ----------------------------------------------------------------------------
 # The published ImageNet-512 configurations (edm2 train_edm2.py, presets edm2-img512-{xs..xxl}).
 
-_IMG512 = dict(img_resolution=64, img_channels=4, label_dim=1000, channel_mult=[1, 2, 3, 4], num_blocks=3,
-               attn_resolutions=[16, 8], use_fp16=True, sigma_data=0.5, logvar_channels=128)
+_IMG512 = dict(
+    img_resolution=64,
+    img_channels=4,
+    label_dim=1000,
+    channel_mult=[1, 2, 3, 4],
+    num_blocks=3,
+    attn_resolutions=[16, 8],
+    use_fp16=True,
+    sigma_data=0.5,
+    logvar_channels=128,
+)
 EDM2_IMG512 = {
     size: dict(_IMG512, model_channels=ch, dropout=dropout)
-    for size, ch, dropout in (("xs", 128, 0.0), ("s", 192, 0.0), ("m", 256, 0.1), ("l", 320, 0.1), ("xl", 384, 0.1),
-                              ("xxl", 448, 0.1))
+    for size, ch, dropout in (
+        ("xs", 128, 0.0),
+        ("s", 192, 0.0),
+        ("m", 256, 0.1),
+        ("l", 320, 0.1),
+        ("xl", 384, 0.1),
+        ("xxl", 448, 0.1),
+    )
 }
 
 
@@ -342,9 +386,26 @@ def edm2_config(size: str) -> dict:
     key = size.lower().removeprefix("edm2-img512-")
     if key not in EDM2_IMG512:
         raise ValueError(f"Unknown EDM2 size {size!r}; known: {list(EDM2_IMG512)}.")
-    return dict(EDM2_IMG512[key], channel_mult=list(EDM2_IMG512[key]["channel_mult"]),
-                attn_resolutions=list(EDM2_IMG512[key]["attn_resolutions"]))
+    return dict(
+        EDM2_IMG512[key],
+        channel_mult=list(EDM2_IMG512[key]["channel_mult"]),
+        attn_resolutions=list(EDM2_IMG512[key]["attn_resolutions"]),
+    )
 
 
-__all__ = ["normalize", "resample", "mp_silu", "mp_sum", "mp_cat", "MPFourier", "MPConv", "Block", "UNet", "Precond",
-           "force_weight_norm_", "has_forced_weight_norm", "EDM2_IMG512", "edm2_config"]
+__all__ = [
+    "normalize",
+    "resample",
+    "mp_silu",
+    "mp_sum",
+    "mp_cat",
+    "MPFourier",
+    "MPConv",
+    "Block",
+    "UNet",
+    "Precond",
+    "force_weight_norm_",
+    "has_forced_weight_norm",
+    "EDM2_IMG512",
+    "edm2_config",
+]

@@ -98,7 +98,9 @@ class Conv2d(torch.nn.Module):
         c_in = self.in_channels
 
         if self.fused_resample and self.up and w is not None:
-            x = F.conv_transpose2d(x, f.mul(4).tile([c_in, 1, 1, 1]), groups=c_in, stride=2, padding=max(f_pad - w_pad, 0))
+            x = F.conv_transpose2d(
+                x, f.mul(4).tile([c_in, 1, 1, 1]), groups=c_in, stride=2, padding=max(f_pad - w_pad, 0)
+            )
             x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
             x = F.conv2d(x, w, padding=w_pad + f_pad)
@@ -128,9 +130,13 @@ class GroupNorm(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
+        return F.group_norm(
+            x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps
+        )
 
-    def silu(self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
+    def silu(
+        self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """silu(shift + self(x) * (scale + 1)) (scale, shift: [N, C] or None); fused where ops' switch says so."""
         return ops.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, scale, shift)
 
@@ -168,13 +174,17 @@ class UNetBlock(torch.nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.emb_channels = emb_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        self.num_heads = (
+            0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        )
         self.dropout = dropout
         self.skip_scale = float(skip_scale)
         self.adaptive_scale = adaptive_scale
 
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.conv0 = Conv2d(
+            in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init
+        )
         self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
@@ -182,11 +192,15 @@ class UNetBlock(torch.nn.Module):
         self.skip = None
         if out_channels != in_channels or up or down:
             kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init)
+            self.skip = Conv2d(
+                in_channels, out_channels, kernel=kernel, up=up, down=down, resample_filter=resample_filter, **init
+            )
 
         if self.num_heads:
             self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
-            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
+            self.qkv = Conv2d(
+                out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init)
+            )
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
     # sid_fast: set by sid_fast.perf around the network calls of a step that runs with --checkpointing. While autograd
@@ -247,11 +261,17 @@ def selective_checkpoint_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-_SAVED_OPS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-                        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-                        torch.ops.aten._scaled_dot_product_efficient_attention.default,
-                        torch.ops.aten._scaled_dot_product_flash_attention.default,
-                        torch.ops.aten._scaled_dot_product_cudnn_attention.default})
+_SAVED_OPS = frozenset(
+    {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+        torch.ops.aten._scaled_dot_product_flash_attention.default,
+        torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    }
+)
 _KERNEL_ATTENTION = "sid_fast_kernels::edm_flash_attention"  # registered by kernels/attention.py when imported
 
 

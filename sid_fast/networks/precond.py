@@ -52,7 +52,8 @@ class _Precond(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, return_flag="decoder", **model_kwargs):
         """D(x, sigma); SiDA's calls (official sida branch): return_flag "encoder" gives only the discriminator logits
-        [N, 1, h, w] in fp32 (the decoder is not run), "encoder_decoder" gives (D(x, sigma), logits) from one forward."""
+        [N, 1, h, w] in fp32 (the decoder is not run), "encoder_decoder" gives (D(x, sigma), logits) from one
+        forward."""
         x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         if return_flag != "decoder":

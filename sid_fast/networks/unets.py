@@ -113,7 +113,9 @@ class SongUNet(torch.nn.Module):
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
                 if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, kernel=0, down=True, resample_filter=resample_filter)
+                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(
+                        caux, caux, kernel=0, down=True, resample_filter=resample_filter
+                    )
                     self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
                 if encoder_type == "residual":
                     self.enc[f"{res}x{res}_aux_residual"] = Conv2d(

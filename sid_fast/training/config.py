@@ -14,8 +14,13 @@ DIGITS_TEACHER_PATH = ASSETS / "digits_teacher.pt"
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 FID_REF_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"
 # EDM's published reference statistics per preset (official run_sid.sh --data_stat values).
-FID_REFS = {"cifar10-uncond": "cifar10-32x32.npz", "cifar10-cond": "cifar10-32x32.npz",
-            "imagenet64-cond": "imagenet-64x64.npz", "ffhq64": "ffhq-64x64.npz", "afhqv2-64": "afhqv2-64x64.npz"}
+FID_REFS = {
+    "cifar10-uncond": "cifar10-32x32.npz",
+    "cifar10-cond": "cifar10-32x32.npz",
+    "imagenet64-cond": "imagenet-64x64.npz",
+    "ffhq64": "ffhq-64x64.npz",
+    "afhqv2-64": "afhqv2-64x64.npz",
+}
 
 
 @dataclass
@@ -68,7 +73,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile of the three networks
     compile_backend: str = "inductor"  # aot_eager traces the same graphs without code generation (CPU tests)
     cuda_graphs: bool = False  # compile mode "reduce-overhead" (CUDA only; implies compile)
-    checkpointing: str = "none"  # none, nets / blocks (teacher + fake score, generator phase), selective (sid_fast.perf)
+    checkpointing: str = (
+        "none"  # none, nets / blocks (teacher + fake score, generator phase), selective (sid_fast.perf)
+    )
     optimizer: str = "adam"  # adam (official), foreach, fused (+ foreach EMA)
     fsdp: bool = False  # shard G and the fake score and their Adam states with FSDP2 (fully_shard) instead of DDP
     kernels: str = "none"  # none, all, or a comma list of sid_loss,edm_loss,group_norm_silu,attention (or sdpa)
@@ -97,30 +104,116 @@ class TrainConfig:
 # Official SiD settings. All: tmax 800, init_sigma 2.5, ls 1, lsg 100, snap 50, dump 500 (4 GPUs in the scripts).
 PRESETS: dict[str, dict] = {
     "cifar10-uncond": dict(
-        official_teacher="edm-cifar10-32x32-uncond-vp.pkl", cond=False, resolution=32, channels=3, label_dim=0,
-        alpha=1.2, batch=256, batch_gpu=16, lr=1e-5, glr=1e-5, precision="fp32", dropout=0.13, augment=0.12,
-        ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="fid", metric_num=50000,
+        official_teacher="edm-cifar10-32x32-uncond-vp.pkl",
+        cond=False,
+        resolution=32,
+        channels=3,
+        label_dim=0,
+        alpha=1.2,
+        batch=256,
+        batch_gpu=16,
+        lr=1e-5,
+        glr=1e-5,
+        precision="fp32",
+        dropout=0.13,
+        augment=0.12,
+        ema=0.5,
+        duration=500,
+        tick=10,
+        snap=50,
+        dump=500,
+        metrics="fid",
+        metric_num=50000,
     ),
     "cifar10-cond": dict(
-        official_teacher="edm-cifar10-32x32-cond-vp.pkl", cond=True, resolution=32, channels=3, label_dim=10,
-        alpha=1.2, batch=256, batch_gpu=16, lr=1e-5, glr=1e-5, precision="fp32", dropout=0.13, augment=0.12,
-        ema=0.5, duration=800, tick=10, snap=50, dump=500, metrics="fid", metric_num=50000,
+        official_teacher="edm-cifar10-32x32-cond-vp.pkl",
+        cond=True,
+        resolution=32,
+        channels=3,
+        label_dim=10,
+        alpha=1.2,
+        batch=256,
+        batch_gpu=16,
+        lr=1e-5,
+        glr=1e-5,
+        precision="fp32",
+        dropout=0.13,
+        augment=0.12,
+        ema=0.5,
+        duration=800,
+        tick=10,
+        snap=50,
+        dump=500,
+        metrics="fid",
+        metric_num=50000,
     ),
     # The official ImageNet/FFHQ/AFHQ runs use EDM's --fp16 1 (UNet bodies in fp16 on CUDA, Adam eps 1e-6).
     "imagenet64-cond": dict(
-        official_teacher="edm-imagenet-64x64-cond-adm.pkl", cond=True, resolution=64, channels=3, label_dim=1000,
-        alpha=1.2, batch=8192, batch_gpu=16, lr=4e-6, glr=4e-6, precision="fp16", dropout=0.1, augment=0.0,
-        ema=2.0, duration=1000, tick=20, snap=50, dump=500, metrics="fid", metric_num=50000,
+        official_teacher="edm-imagenet-64x64-cond-adm.pkl",
+        cond=True,
+        resolution=64,
+        channels=3,
+        label_dim=1000,
+        alpha=1.2,
+        batch=8192,
+        batch_gpu=16,
+        lr=4e-6,
+        glr=4e-6,
+        precision="fp16",
+        dropout=0.1,
+        augment=0.0,
+        ema=2.0,
+        duration=1000,
+        tick=20,
+        snap=50,
+        dump=500,
+        metrics="fid",
+        metric_num=50000,
     ),
     "ffhq64": dict(
-        official_teacher="edm-ffhq-64x64-uncond-vp.pkl", cond=False, resolution=64, channels=3, label_dim=0,
-        alpha=1.2, batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, g_beta1=0.9, precision="fp16", dropout=0.05,
-        augment=0.15, ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="fid", metric_num=50000,
+        official_teacher="edm-ffhq-64x64-uncond-vp.pkl",
+        cond=False,
+        resolution=64,
+        channels=3,
+        label_dim=0,
+        alpha=1.2,
+        batch=512,
+        batch_gpu=32,
+        lr=1e-5,
+        glr=1e-5,
+        g_beta1=0.9,
+        precision="fp16",
+        dropout=0.05,
+        augment=0.15,
+        ema=0.5,
+        duration=500,
+        tick=10,
+        snap=50,
+        dump=500,
+        metrics="fid",
+        metric_num=50000,
     ),
     "afhqv2-64": dict(
-        official_teacher="edm-afhqv2-64x64-uncond-vp.pkl", cond=False, resolution=64, channels=3, label_dim=0,
-        alpha=1.0, batch=512, batch_gpu=32, lr=5e-6, glr=5e-6, precision="fp16", dropout=0.05, augment=0.15,
-        ema=0.5, duration=500, tick=10, snap=50, dump=500, metrics="fid", metric_num=50000,
+        official_teacher="edm-afhqv2-64x64-uncond-vp.pkl",
+        cond=False,
+        resolution=64,
+        channels=3,
+        label_dim=0,
+        alpha=1.0,
+        batch=512,
+        batch_gpu=32,
+        lr=5e-6,
+        glr=5e-6,
+        precision="fp16",
+        dropout=0.05,
+        augment=0.15,
+        ema=0.5,
+        duration=500,
+        tick=10,
+        snap=50,
+        dump=500,
+        metrics="fid",
+        metric_num=50000,
     ),
     # The embedded default: the bundled 8x8 digits teacher, sized to run on a 2-core CPU in about 4 minutes (10 on a
     # machine at 25 img/s of the old 16x16 default). Higher learning rates and a shorter EMA than the image presets:
@@ -128,19 +221,59 @@ PRESETS: dict[str, dict] = {
     # 256 rather than 64: on seed 0 at 48 kimg the curve of batch 64 swung between 4.1 and 20.7 after the first 30%,
     # that of batch 256 between 5.6 and 8.8 (bench/digits_study.py, bench/results/digits_study.jsonl).
     "digits": dict(
-        teacher=str(DIGITS_TEACHER_PATH), cond=False, resolution=8, channels=1, label_dim=0,
-        alpha=1.2, batch=256, batch_gpu=256, lr=1e-4, glr=1e-4, precision="fp32", dropout=0.0, augment=0.0,
-        ema=0.002, duration=0.048, tick=4, snap=2, dump=4, metrics="fd-digits", metric_num=2000,
+        teacher=str(DIGITS_TEACHER_PATH),
+        cond=False,
+        resolution=8,
+        channels=1,
+        label_dim=0,
+        alpha=1.2,
+        batch=256,
+        batch_gpu=256,
+        lr=1e-4,
+        glr=1e-4,
+        precision="fp32",
+        dropout=0.0,
+        augment=0.0,
+        ema=0.002,
+        duration=0.048,
+        tick=4,
+        snap=2,
+        dump=4,
+        metrics="fd-digits",
+        metric_num=2000,
         extra_snapshots=False,  # snap=2 already evaluates every 8 kimg; a kimg-0 evaluation would cost time
     ),
     # SiDA on the bundled digits (real data: the 1,797 digits the teacher was trained on). The official warm-ups
     # (100k images without generator steps, 200k without the GAN term) would outlast the whole CPU-sized run; here
     # they are scaled to the run's 48 kimg.
     "digits-sida": dict(
-        teacher=str(DIGITS_TEACHER_PATH), cond=False, resolution=8, channels=1, label_dim=0, method="sida",
-        data="digits", alpha=1.2, batch=256, batch_gpu=256, lr=1e-4, glr=1e-4, precision="fp32", dropout=0.0,
-        augment=0.0, ema=0.002, duration=0.048, tick=4, snap=2, dump=4, metrics="fd-digits", metric_num=2000,
-        extra_snapshots=False, lsd=1.0, lsg_gan=0.01, sida_g_start_kimg=1.0, sida_gan_start_kimg=2.0,
+        teacher=str(DIGITS_TEACHER_PATH),
+        cond=False,
+        resolution=8,
+        channels=1,
+        label_dim=0,
+        method="sida",
+        data="digits",
+        alpha=1.2,
+        batch=256,
+        batch_gpu=256,
+        lr=1e-4,
+        glr=1e-4,
+        precision="fp32",
+        dropout=0.0,
+        augment=0.0,
+        ema=0.002,
+        duration=0.048,
+        tick=4,
+        snap=2,
+        dump=4,
+        metrics="fd-digits",
+        metric_num=2000,
+        extra_snapshots=False,
+        lsd=1.0,
+        lsg_gan=0.01,
+        sida_g_start_kimg=1.0,
+        sida_gan_start_kimg=2.0,
     ),
 }
 
@@ -155,25 +288,60 @@ PRESETS["digits-edm2"] = dict(PRESETS["digits"], teacher=str(ASSETS / "digits_ed
 # (XS, S) or 0.1; labels with ImageNet's frequencies from --data (img512_labels/dataset.json, or the latent dataset);
 # latents decoded by --vae for grids and FID; P_mean/P_std -0.4/1.0 and u(sigma) come with the EDM2 networks.
 EDM2_URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/"
-_EDM2_TEACHERS = {"xs": ("xs-2147483-0.135", 64), "s": ("s-2147483-0.130", 64), "m": ("m-2147483-0.100", 32),
-                  "l": ("l-1879048-0.085", 32), "xl": ("xl-1342177-0.085", 16), "xxl": ("xxl-0939524-0.070", 2)}
+_EDM2_TEACHERS = {
+    "xs": ("xs-2147483-0.135", 64),
+    "s": ("s-2147483-0.130", 64),
+    "m": ("m-2147483-0.100", 32),
+    "l": ("l-1879048-0.085", 32),
+    "xl": ("xl-1342177-0.085", 16),
+    "xxl": ("xxl-0939524-0.070", 2),
+}
 for _size, (_stem, _bg) in _EDM2_TEACHERS.items():
     PRESETS[f"edm2-img512-{_size}"] = dict(
-        official_teacher=f"{EDM2_URL}posthoc-reconstructions/edm2-img512-{_stem}.pkl", cond=True, resolution=64,
-        channels=4, label_dim=1000, alpha=1.0, tmax=800, init_sigma=2.5, batch=2048, batch_gpu=_bg, lr=5e-5,
-        glr=5e-5, precision="fp16", dropout=0.0 if _size in ("xs", "s") else 0.1, augment=0.0, ema=2.0,
-        duration=100 if _size == "xxl" else 200, tick=10, snap=50, dump=200, metrics="fid", metric_num=50000,
+        official_teacher=f"{EDM2_URL}posthoc-reconstructions/edm2-img512-{_stem}.pkl",
+        cond=True,
+        resolution=64,
+        channels=4,
+        label_dim=1000,
+        alpha=1.0,
+        tmax=800,
+        init_sigma=2.5,
+        batch=2048,
+        batch_gpu=_bg,
+        lr=5e-5,
+        glr=5e-5,
+        precision="fp16",
+        dropout=0.0 if _size in ("xs", "s") else 0.1,
+        augment=0.0,
+        ema=2.0,
+        duration=100 if _size == "xxl" else 200,
+        tick=10,
+        snap=50,
+        dump=200,
+        metrics="fid",
+        metric_num=50000,
         official_data="img512_labels/dataset.json",
     )
     FID_REFS[f"edm2-img512-{_size}"] = f"{EDM2_URL}dataset-refs/img512.pkl"
 # SiDA and SiD²A on EDM2 (run_sida_edm2.sh, run_sid_sida_edm2.sh): lsd 100, lsg_gan 0.01, real latents from a latent
 # dataset of ImageNet-512 (python -m sid_fast.latents encode); S runs without the log-variance and without forced
 # normalisation; SiD²A durations 30/80/200/55/50/30 Mimg, M with lsg 50.
-_EDM2_SID2A = {"xs": (30, 100.0), "s": (80, 100.0), "m": (200, 50.0), "l": (55, 100.0), "xl": (50, 100.0),
-               "xxl": (30, 100.0)}
+_EDM2_SID2A = {
+    "xs": (30, 100.0),
+    "s": (80, 100.0),
+    "m": (200, 50.0),
+    "l": (55, 100.0),
+    "xl": (50, 100.0),
+    "xxl": (30, 100.0),
+}
 for _size, (_d2, _lsg2) in _EDM2_SID2A.items():
-    _base = dict(PRESETS[f"edm2-img512-{_size}"], method="sida", lsd=100.0, lsg_gan=0.01,
-                 official_data="img512-sd latents (python -m sid_fast.latents encode)")
+    _base = dict(
+        PRESETS[f"edm2-img512-{_size}"],
+        method="sida",
+        lsd=100.0,
+        lsg_gan=0.01,
+        official_data="img512-sd latents (python -m sid_fast.latents encode)",
+    )
     if _size == "s":
         _base.update(return_logvar=False, force_normalization=False)
     PRESETS[f"edm2-img512-{_size}-sida"] = _base
@@ -184,8 +352,13 @@ for _size, (_d2, _lsg2) in _EDM2_SID2A.items():
 # snap 50, dump 200. SiD²A is the same run with G and G_ema from a SiD generator (--sid-model) and a shorter duration.
 # The official AFHQ scripts read ffhq-64x64.zip (a copy-paste slip); these presets expect the AFHQv2 images.
 _SIDA = dict(method="sida", alpha=1.0, lsd=1.0, lsg_gan=0.01, snap=50, dump=200)
-_SIDA_DATA = {"cifar10-uncond": "cifar10-32x32.zip", "cifar10-cond": "cifar10-32x32.zip",
-              "imagenet64-cond": "imagenet-64x64.zip", "ffhq64": "ffhq-64x64.zip", "afhqv2-64": "afhqv2-64x64.zip"}
+_SIDA_DATA = {
+    "cifar10-uncond": "cifar10-32x32.zip",
+    "cifar10-cond": "cifar10-32x32.zip",
+    "imagenet64-cond": "imagenet-64x64.zip",
+    "ffhq64": "ffhq-64x64.zip",
+    "afhqv2-64": "afhqv2-64x64.zip",
+}
 _SIDA_RUNS = {  # preset: (batch, batch_gpu, lr = glr, g_beta1, SiDA duration Mimg, SiD²A duration Mimg)
     "cifar10-uncond": (256, 32, 1e-5, 0.0, 300, 100),
     "cifar10-cond": (256, 32, 1e-5, 0.0, 300, 100),
@@ -194,7 +367,9 @@ _SIDA_RUNS = {  # preset: (batch, batch_gpu, lr = glr, g_beta1, SiDA duration Mi
     "afhqv2-64": (512, 64, 5e-6, 0.0, 200, 100),
 }
 for _name, (_b, _bg, _lr, _b1, _d, _d2) in _SIDA_RUNS.items():
-    _v = dict(PRESETS[_name], **_SIDA, batch=_b, batch_gpu=_bg, lr=_lr, glr=_lr, g_beta1=_b1, official_data=_SIDA_DATA[_name])
+    _v = dict(
+        PRESETS[_name], **_SIDA, batch=_b, batch_gpu=_bg, lr=_lr, glr=_lr, g_beta1=_b1, official_data=_SIDA_DATA[_name]
+    )
     PRESETS[f"{_name}-sida"] = dict(_v, duration=_d)
     PRESETS[f"{_name}-sid2a"] = dict(_v, duration=_d2, needs_sid_model=True)
     FID_REFS[f"{_name}-sida"] = FID_REFS[f"{_name}-sid2a"] = FID_REFS[_name]
@@ -282,8 +457,10 @@ def validate(cfg: TrainConfig) -> None:
         if not getattr(cfg, flag) > 0:
             raise ConfigError(f"--{flag} must be positive, got {getattr(cfg, flag)}.")
     if int(cfg.ema * 1000) < 1:
-        raise ConfigError(f"--ema {cfg.ema} Mimg: the half-life is taken as int(ema * 1000) kimg, as the official code "
-                          "does, so it must be at least 0.001 Mimg (1 kimg).")
+        raise ConfigError(
+            f"--ema {cfg.ema} Mimg: the half-life is taken as int(ema * 1000) kimg, as the official code "
+            "does, so it must be at least 0.001 Mimg (1 kimg)."
+        )
     for flag in ("snap", "dump"):
         if getattr(cfg, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1 tick, got {getattr(cfg, flag)}.")
@@ -300,16 +477,26 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.method not in METHODS:
         raise ConfigError(f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}.")
     if cfg.method == "sida" and cfg.data is None:
-        raise ConfigError("--method sida trains its discriminator on real images: give --data (an EDM dataset, zip or "
-                          "folder, of the teacher's resolution and channels" +
-                          (f"; this preset's: {cfg.official_data}, made with sid_fast.data.dataset_tool" if cfg.official_data
-                           else "") + ").")
+        raise ConfigError(
+            "--method sida trains its discriminator on real images: give --data (an EDM dataset, zip or "
+            "folder, of the teacher's resolution and channels"
+            + (
+                f"; this preset's: {cfg.official_data}, made with sid_fast.data.dataset_tool"
+                if cfg.official_data
+                else ""
+            )
+            + ")."
+        )
     if cfg.needs_sid_model and cfg.sid_model is None:
-        raise ConfigError(f"--preset {cfg.preset} is SiD²A: give --sid-model, the SiD generator (network-snapshot pickle "
-                          "or sid_fast file) that G and G_ema start from.")
+        raise ConfigError(
+            f"--preset {cfg.preset} is SiD²A: give --sid-model, the SiD generator (network-snapshot pickle "
+            "or sid_fast file) that G and G_ema start from."
+        )
     if not 0 <= cfg.sida_g_start_kimg <= cfg.sida_gan_start_kimg:
-        raise ConfigError(f"--sida-g-start-kimg {cfg.sida_g_start_kimg} and --sida-gan-start-kimg "
-                          f"{cfg.sida_gan_start_kimg}: need 0 <= generator start <= GAN start (official: 100 and 200).")
+        raise ConfigError(
+            f"--sida-g-start-kimg {cfg.sida_g_start_kimg} and --sida-gan-start-kimg "
+            f"{cfg.sida_gan_start_kimg}: need 0 <= generator start <= GAN start (official: 100 and 200)."
+        )
     for flag in ("lsd", "lsg_gan"):
         if not getattr(cfg, flag) >= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be non-negative, got {getattr(cfg, flag)}.")

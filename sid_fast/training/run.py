@@ -43,14 +43,20 @@ def load_label_table(cfg: TrainConfig, label_dim: int) -> np.ndarray:
         if latents:  # stored as the VAE posterior's mean and std: twice the teacher's channels
             c //= 2
         if (c, h) != (cfg.channels, cfg.resolution):
-            raise ConfigError(f"--data {cfg.data}: {'latents' if latents else 'images'} are {c}x{h}x{h}, the teacher "
-                              f"makes {cfg.channels}x{cfg.resolution}x{cfg.resolution}.")
+            raise ConfigError(
+                f"--data {cfg.data}: {'latents' if latents else 'images'} are {c}x{h}x{h}, the teacher "
+                f"makes {cfg.channels}x{cfg.resolution}x{cfg.resolution}."
+            )
     if ds.labels_int is None:
-        raise ConfigError(f"--data {cfg.data}: the dataset has no labels (dataset.json), the teacher is conditional "
-                          f"with {label_dim} classes.")
+        raise ConfigError(
+            f"--data {cfg.data}: the dataset has no labels (dataset.json), the teacher is conditional "
+            f"with {label_dim} classes."
+        )
     if ds.label_dim != label_dim:
-        raise ConfigError(f"--data {cfg.data}: labels run to class {ds.label_dim - 1} (label_dim {ds.label_dim}), the "
-                          f"teacher has label_dim {label_dim}.")
+        raise ConfigError(
+            f"--data {cfg.data}: labels run to class {ds.label_dim - 1} (label_dim {ds.label_dim}), the "
+            f"teacher has label_dim {label_dim}."
+        )
     return ds.labels_int
 
 
@@ -80,23 +86,29 @@ def load_real_dataset(cfg: TrainConfig):
     """SiDA's real images (--data), checked against the teacher's shape (labels: by load_label_table)."""
     ds = open_dataset(cfg)
     if ds.image_shape is None:
-        raise ConfigError(f"--data {cfg.data}: a dataset.json holds labels only; SiDA needs real images (a zip or folder).")
+        raise ConfigError(
+            f"--data {cfg.data}: a dataset.json holds labels only; SiDA needs real images (a zip or folder)."
+        )
     c, h, _ = ds.image_shape
     latents = getattr(ds, "meta", {}).get("format") == "sid_fast.latents"
     if latents:
         c //= 2  # stored as the posterior's mean and std
     if (c, h) != (cfg.channels, cfg.resolution):
-        raise ConfigError(f"--data {cfg.data}: {'latents' if latents else 'images'} are {c}x{h}x{h}, the teacher makes "
-                          f"{cfg.channels}x{cfg.resolution}x{cfg.resolution}.")
+        raise ConfigError(
+            f"--data {cfg.data}: {'latents' if latents else 'images'} are {c}x{h}x{h}, the teacher makes "
+            f"{cfg.channels}x{cfg.resolution}x{cfg.resolution}."
+        )
     return ds
 
 
 def load_sid_model(cfg: TrainConfig, teacher) -> dict:
-    """SiD²A's generator weights (--sid-model, through the safe loader), which must fit the teacher's network exactly."""
+    """SiD²A's generator weights (--sid-model, through the safe loader), which must fit the teacher's network
+    exactly."""
     try:
         net, _ = checkpoints.load_network_file(cfg.sid_model)
     except ValueError as e:
         raise ConfigError(f"--sid-model {e}") from None
+
     # An EDM2 generator has no log-variance head (official EDM_2_Precond_Generator): compare the rest.
     def compared(k):
         return not (isinstance(teacher, edm2.Precond) and k.startswith("logvar_"))
@@ -105,8 +117,10 @@ def load_sid_model(cfg: TrainConfig, teacher) -> dict:
     got = {k: tuple(v.shape) for k, v in net.state_dict().items() if compared(k)}
     if got != want:
         diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
-        raise ConfigError(f"--sid-model {cfg.sid_model}: not a generator of this teacher's network ({len(diff)} "
-                          f"tensors differ in name or shape, e.g. {diff[0]}).")
+        raise ConfigError(
+            f"--sid-model {cfg.sid_model}: not a generator of this teacher's network ({len(diff)} "
+            f"tensors differ in name or shape, e.g. {diff[0]})."
+        )
     return {k: v.float() for k, v in net.state_dict().items()}
 
 
@@ -146,8 +160,16 @@ def load_vae_for(cfg: TrainConfig, teacher, device):
     return vae
 
 
-def build_trainer(cfg: TrainConfig, device: torch.device | None = None, *, teacher=None, student: Student | None = None,
-                  run_dir: Path | None = None, log=print, fid=None) -> SiDTrainer:
+def build_trainer(
+    cfg: TrainConfig,
+    device: torch.device | None = None,
+    *,
+    teacher=None,
+    student: Student | None = None,
+    run_dir: Path | None = None,
+    log=print,
+    fid=None,
+) -> SiDTrainer:
     """Load and check the teacher (from cfg.teacher unless given), the data's labels and the FID inputs, once; then
     the trainer. `teacher` and `student` let tests and benchmarks bring networks that are not files."""
     device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -167,10 +189,31 @@ def build_trainer(cfg: TrainConfig, device: torch.device | None = None, *, teach
     if real is not None:
         from sid_fast.training.sida import SiDATrainer
 
-        return SiDATrainer(cfg, device, teacher, student, run_dir=run_dir, log=log, fid=fid, label_table=label_table,
-                           real_dataset=real, generator_init=generator_init, vae=vae)
-    return SiDTrainer(cfg, device, teacher, student, run_dir=run_dir, log=log, fid=fid, label_table=label_table,
-                      generator_init=generator_init, vae=vae)
+        return SiDATrainer(
+            cfg,
+            device,
+            teacher,
+            student,
+            run_dir=run_dir,
+            log=log,
+            fid=fid,
+            label_table=label_table,
+            real_dataset=real,
+            generator_init=generator_init,
+            vae=vae,
+        )
+    return SiDTrainer(
+        cfg,
+        device,
+        teacher,
+        student,
+        run_dir=run_dir,
+        log=log,
+        fid=fid,
+        label_table=label_table,
+        generator_init=generator_init,
+        vae=vae,
+    )
 
 
 def next_run_dir(outdir: str, desc: str) -> Path:
@@ -215,8 +258,13 @@ def run(cfg: TrainConfig, log_to_stdout=True) -> Path | None:
     if dist.rank() == 0:
         desc = cfg.desc or f"{cfg.preset}-alpha{cfg.alpha:g}-batch{cfg.batch}-gpus{world}-{cfg.precision}"
         run_dir = next_run_dir(cfg.outdir, desc)
-        labels = ("none (unconditional)" if not trainer.G.label_dim else "uniform" if trainer.label_table is None
-                  else f"label frequencies of {cfg.data}")
+        labels = (
+            "none (unconditional)"
+            if not trainer.G.label_dim
+            else "uniform"
+            if trainer.label_table is None
+            else f"label frequencies of {cfg.data}"
+        )
         with open(run_dir / "training_options.json", "w") as f:
             json.dump(dict(cfg.to_json(), world_size=world, class_labels=labels), f, indent=2)
     log = Logger(run_dir) if log_to_stdout else (lambda *_: None)
@@ -233,5 +281,12 @@ def run(cfg: TrainConfig, log_to_stdout=True) -> Path | None:
     return run_dir
 
 
-__all__ = ["build_trainer", "check_teacher", "find_resume_state", "load_state_file", "next_run_dir", "run",
-           "TrainingAborted"]
+__all__ = [
+    "build_trainer",
+    "check_teacher",
+    "find_resume_state",
+    "load_state_file",
+    "next_run_dir",
+    "run",
+    "TrainingAborted",
+]

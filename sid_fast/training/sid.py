@@ -23,8 +23,8 @@ command line live in `sid_fast.training.run`; the per-tick report in `sid_fast.t
 Randomness. Every per-sample draw (z, labels, sigma, noise, augmentation) of micro-batch m of iteration `it` comes
 from a generator seeded by (seed, it, phase, m), with m = rank * rounds + round. For a given --batch and --batch-gpu
 a run therefore sees the same samples whatever its number of processes (the rounds per process change, the set of
-micro-batches does not), and resuming needs no RNG state for them. Changing --batch-gpu regroups the draws. Dropout draws
-from each rank's global RNG (seeded with seed + rank, as the official code), whose state the training state keeps.
+micro-batches does not), and resuming needs no RNG state for them. Changing --batch-gpu regroups the draws. Dropout
+draws from each rank's global RNG (seeded with seed + rank, as the official code), whose state the training state keeps.
 Class labels of conditional models follow --data's label frequencies, as the official loop (which takes them from
 the training images it iterates); without --data they are uniform, and the log and training_options.json say so.
 """
@@ -81,9 +81,19 @@ def _seed_for(seed: int, it: int, phase: int, m: int) -> int:
 class SiDTrainer:
     """Build it with `sid_fast.training.run.build_trainer(cfg)`, which loads and checks the teacher and the data."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, teacher: torch.nn.Module, student: Student,
-                 run_dir: Path | None = None, log=print, fid=(None, None), label_table=None, generator_init=None,
-                 vae=None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        device: torch.device,
+        teacher: torch.nn.Module,
+        student: Student,
+        run_dir: Path | None = None,
+        log=print,
+        fid=(None, None),
+        label_table=None,
+        generator_init=None,
+        vae=None,
+    ):
         self.cfg = cfg
         self.device = device
         self.run_dir = run_dir
@@ -106,11 +116,15 @@ class SiDTrainer:
         # Upstream normalises inside every train-mode forward unless SiDA runs with --force_normalization 0.
         self.force_wn = self.edm2 and (cfg.method == "sid" or cfg.force_normalization)
         self.g_init_kwargs = dict(self.init_kwargs, logvar_channels=0) if self.edm2 else self.init_kwargs
-        self.P_mean, self.P_std = (cfg.P_mean, cfg.P_std) if cfg.P_mean is not None else (-0.4, 1.0) if self.edm2 else (-1.2, 1.2)
+        self.P_mean, self.P_std = (
+            (cfg.P_mean, cfg.P_std) if cfg.P_mean is not None else (-0.4, 1.0) if self.edm2 else (-1.2, 1.2)
+        )
         teacher.use_fp16 = fp16
         if fp16 and device.type != "cuda":
-            log("--precision fp16: EDM's fp16 mode runs the UNet bodies in fp16 on CUDA only; on this CPU they run in "
-                "fp32, as EDM's code does (Adam eps is 1e-6 all the same).")
+            log(
+                "--precision fp16: EDM's fp16 mode runs the UNet bodies in fp16 on CUDA only; on this CPU they run in "
+                "fp32, as EDM's code does (Adam eps is 1e-6 all the same)."
+            )
         perf.set_matmul_precision(cfg.precision)
         self.kernels = ops.parse(cfg.kernels)  # entered around every step and snapshot: nothing leaks past them
         self.teacher = teacher.to(device).eval().requires_grad_(False)
@@ -130,17 +144,24 @@ class SiDTrainer:
         perf.prepare_networks(cfg, self.teacher, (self.G, self.fake), self.G_ema)
         self.aug_dim = 0 if self.edm2 or self.G.model.map_augment is None else self.G.model.map_augment.in_features
         if cfg.augment > 0 and not self.aug_dim:
-            raise ConfigError(f"--augment {cfg.augment}: the networks have no augment labels (augment_dim 0); use --augment 0.")
+            raise ConfigError(
+                f"--augment {cfg.augment}: the networks have no augment labels (augment_dim 0); use --augment 0."
+            )
         self.augment_pipe = AugmentPipe(p=cfg.augment) if cfg.augment > 0 else None
         # Class labels: a uniformly drawn training image's label (the dataset's frequencies) or uniform classes.
         self.label_table = None
         if self.G.label_dim:
             if label_table is not None:
                 self.label_table = torch.as_tensor(label_table, device=device)
-                log(f"Class labels: drawn with the label frequencies of --data {cfg.data} ({len(self.label_table)} images).")
+                log(
+                    f"Class labels: drawn with the label frequencies of --data {cfg.data} "
+                    f"({len(self.label_table)} images)."
+                )
             else:
-                log(f"Class labels: uniform over {self.G.label_dim} classes (no --data; the official code follows the "
-                    "training set's label frequencies).")
+                log(
+                    f"Class labels: uniform over {self.G.label_dim} classes (no --data; the official code follows the "
+                    "training set's label frequencies)."
+                )
 
         # --fsdp: G and the fake score are sharded over the ranks (every UNet block, then the whole network) before
         # their optimizers exist, so the Adam states are sharded too; the teacher and G_ema stay whole on every rank.
@@ -226,7 +247,9 @@ class SiDTrainer:
         g = self._gen(GEN, rnd)
         z, labels = self._draw_z_labels(g)
         sigma = sample_generator_sigma(cfg.batch_gpu, cfg.tmax, self.device, generator=g)
-        eps = torch.randn([cfg.batch_gpu, cfg.channels, cfg.resolution, cfg.resolution], device=self.device, generator=g)
+        eps = torch.randn(
+            [cfg.batch_gpu, cfg.channels, cfg.resolution, cfg.resolution], device=self.device, generator=g
+        )
         return z, labels, sigma, eps
 
     def _aug_zeros(self, n):
@@ -366,8 +389,12 @@ class SiDTrainer:
         get_optimizer_state_dict is not used: it initialises the state of an optimizer that has not stepped yet, e.g.
         SiDA's G before its warm-up ends, with a zero step that shifts Adam's bias correction afterwards.)"""
         if not self.fsdp:
-            return dict(G=self.G.state_dict(), fake_score=self.fake.state_dict(), opt_g=self.opt_g.state_dict(),
-                        opt_fake=self.opt_fake.state_dict())
+            return dict(
+                G=self.G.state_dict(),
+                fake_score=self.fake.state_dict(),
+                opt_g=self.opt_g.state_dict(),
+                opt_fake=self.opt_fake.state_dict(),
+            )
 
         def whole(t):
             return t.full_tensor().cpu() if hasattr(t, "full_tensor") else t
@@ -376,9 +403,12 @@ class SiDTrainer:
             sd = opt.state_dict()
             return dict(sd, state={i: {k: whole(v) for k, v in st.items()} for i, st in sd["state"].items()})
 
-        return dict(G={k: whole(v) for k, v in self.G.state_dict().items()},
-                    fake_score={k: whole(v) for k, v in self.fake.state_dict().items()},
-                    opt_g=opt_state(self.opt_g), opt_fake=opt_state(self.opt_fake))
+        return dict(
+            G={k: whole(v) for k, v in self.G.state_dict().items()},
+            fake_score={k: whole(v) for k, v in self.fake.state_dict().items()},
+            opt_g=opt_state(self.opt_g),
+            opt_fake=opt_state(self.opt_fake),
+        )
 
     def _load_trained_states(self, s: dict) -> None:
         if not self.fsdp:
@@ -409,12 +439,17 @@ class SiDTrainer:
             state = {}
             for i, st in sd["state"].items():
                 p = params[int(i)]
-                state[i] = {k: shard_like(v, p) if hasattr(p, "full_tensor") and v.ndim and v.shape == p.shape else v
-                            for k, v in st.items()}
+                state[i] = {
+                    k: shard_like(v, p) if hasattr(p, "full_tensor") and v.ndim and v.shape == p.shape else v
+                    for k, v in st.items()
+                }
             opt.load_state_dict(dict(sd, state=state))
 
     def state_dict(self) -> dict:
-        rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        rng = dict(
+            cpu=torch.get_rng_state(),
+            cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        )
         all_rng = dist.all_gather_object(rng)
         return dict(
             format=checkpoints.TRAINING_STATE_FORMAT,
@@ -438,8 +473,10 @@ class SiDTrainer:
 
     def load_state_dict(self, s: dict, path) -> None:
         if s.get("world_size") != self.world:
-            raise ConfigError(f"--resume {path}: written by {s.get('world_size')} processes, this run has {self.world}; "
-                              "resume with the same number of processes.")
+            raise ConfigError(
+                f"--resume {path}: written by {s.get('world_size')} processes, this run has {self.world}; "
+                "resume with the same number of processes."
+            )
         try:
             self.G_ema.load_state_dict(s["G_ema"])
             self._load_trained_states(s)
@@ -447,7 +484,7 @@ class SiDTrainer:
             raise ConfigError(f"--resume {path}: the state does not match this teacher/configuration: {e}") from None
         self.cur_nimg, self.cur_tick, self.tick_start_nimg = s["cur_nimg"], s["cur_tick"], s["tick_start_nimg"]
         stats = s["stats"].to(self.device)  # states written before the SiDA slots existed have fewer
-        self.stats.values = torch.cat([stats, self.stats.values[len(stats):]])
+        self.stats.values = torch.cat([stats, self.stats.values[len(stats) :]])
         self.consec_bad = s["consec_bad"].to(self.device)
         self.max_consec_bad = s["max_consec_bad"].to(self.device)
         self.metrics_history = json.loads(s.get("metrics_history", "[]"))
@@ -472,8 +509,11 @@ class SiDTrainer:
         z, labels, _ = latents_and_labels(self.G_ema, seeds, device=self.device)
         out = []
         for i in range(0, len(seeds), 256):
-            out.append(onestep_sample(self.G_ema, z[i : i + 256], self.cfg.init_sigma,
-                                      None if labels is None else labels[i : i + 256]).cpu())
+            out.append(
+                onestep_sample(
+                    self.G_ema, z[i : i + 256], self.cfg.init_sigma, None if labels is None else labels[i : i + 256]
+                ).cpu()
+            )
         return torch.cat(out)
 
     def snapshot(self):
@@ -491,10 +531,18 @@ class SiDTrainer:
             else:
                 grid = to_uint8(samples)
             if grid is not None:
-                save_image(image_grid(grid, scale=max(1, 64 // grid.shape[-1]), gap=2), self.run_dir / f"fakes-{kimg:06d}.png")
+                save_image(
+                    image_grid(grid, scale=max(1, 64 // grid.shape[-1]), gap=2), self.run_dir / f"fakes-{kimg:06d}.png"
+                )
             checkpoints.save_network(
-                self.run_dir / f"network-snapshot-{kimg:06d}.pt", self.G_ema, self.g_init_kwargs, kind="generator",
-                sigma_init=self.cfg.init_sigma, alpha=self.cfg.alpha, preset=self.cfg.preset, kimg=self.cur_nimg / 1e3,
+                self.run_dir / f"network-snapshot-{kimg:06d}.pt",
+                self.G_ema,
+                self.g_init_kwargs,
+                kind="generator",
+                sigma_init=self.cfg.init_sigma,
+                alpha=self.cfg.alpha,
+                preset=self.cfg.preset,
+                kimg=self.cur_nimg / 1e3,
                 teacher=str(self.cfg.teacher),
             )
         if self.cfg.metrics == "fd-digits" and self.rank == 0:
@@ -506,9 +554,18 @@ class SiDTrainer:
             from sid_fast.metrics.fid import fid_against, generator_stats
 
             info = dict(meta=dict(kind="generator", sigma_init=self.cfg.init_sigma))
-            stats, _ = generator_stats(self.G_ema, info, range(self.cfg.metric_num), self.detector, self.device,
-                                       batch=self.cfg.batch_gpu, rank=self.rank, world=self.world, progress=False,
-                                       vae=self.vae)
+            stats, _ = generator_stats(
+                self.G_ema,
+                info,
+                range(self.cfg.metric_num),
+                self.detector,
+                self.device,
+                batch=self.cfg.batch_gpu,
+                rank=self.rank,
+                world=self.world,
+                progress=False,
+                vae=self.vae,
+            )
             if self.rank == 0:
                 return self._record_metric("fid", fid_against(stats, self.fid_ref), kimg)
         return None
@@ -520,14 +577,23 @@ class SiDTrainer:
             self.log(f"  {name} of G_ema at {self.cur_nimg / 1e3:.1f} kimg: {value:.3f}")
 
     def _record_metric(self, key: str, value: float, kimg: int) -> float:
-        rec = {"kimg": self.cur_nimg / 1e3, key: value, "num": self.cfg.metric_num,
-               "snapshot": f"network-snapshot-{kimg:06d}.pt"}
+        rec = {
+            "kimg": self.cur_nimg / 1e3,
+            key: value,
+            "num": self.cfg.metric_num,
+            "snapshot": f"network-snapshot-{kimg:06d}.pt",
+        }
         self.metrics_history.append(rec)
         if self.run_dir is not None:
             tickstats.append_jsonl(self.run_dir / f"metric-{key}.jsonl", rec)
             teacher = self.student.teacher_meta.get("fd_digits_heun35") if key == "fd_digits" else None
-            tickstats.plot_metric(self.run_dir / f"{key}.png", key, self.metrics_history, teacher_value=teacher,
-                                  metric_num=self.cfg.metric_num)
+            tickstats.plot_metric(
+                self.run_dir / f"{key}.png",
+                key,
+                self.metrics_history,
+                teacher_value=teacher,
+                metric_num=self.cfg.metric_num,
+            )
         return value
 
     # ------------------------------------------------------------------
@@ -560,8 +626,10 @@ class SiDTrainer:
             self._snapshot_and_log()
         start = tick_start = time.time()
         start_nimg = self.cur_nimg
-        self.log(f"Training for {cfg.duration * 1000:g} kimg: batch {cfg.batch} = {self.world} processes x "
-                 f"{self.rounds} rounds x {cfg.batch_gpu}; alpha {cfg.alpha}, tmax {cfg.tmax}, init_sigma {cfg.init_sigma}.")
+        self.log(
+            f"Training for {cfg.duration * 1000:g} kimg: batch {cfg.batch} = {self.world} processes x "
+            f"{self.rounds} rounds x {cfg.batch_gpu}; alpha {cfg.alpha}, tmax {cfg.tmax}, init_sigma {cfg.init_sigma}."
+        )
         while True:
             self.step()
             if progress is not None:
@@ -574,9 +642,16 @@ class SiDTrainer:
             if not at_tick and not stop:
                 continue
             now = time.time()
-            rec, line = tickstats.status(self.stats.reduce(), tick=self.cur_tick, nimg=self.cur_nimg,
-                                         tick_nimg=self.cur_nimg - self.tick_start_nimg, tick_time=now - tick_start,
-                                         total_time=now - start, nvml=nvml, device=self.device)
+            rec, line = tickstats.status(
+                self.stats.reduce(),
+                tick=self.cur_tick,
+                nimg=self.cur_nimg,
+                tick_nimg=self.cur_nimg - self.tick_start_nimg,
+                tick_time=now - tick_start,
+                total_time=now - start,
+                nvml=nvml,
+                device=self.device,
+            )
             self.log(line)
             if self.rank == 0 and self.run_dir is not None:
                 tickstats.append_jsonl(self.run_dir / "stats.jsonl", rec)
@@ -588,8 +663,10 @@ class SiDTrainer:
                 if path is not None:
                     self.log(f"  wrote {path.name}")
             if too_bad:
-                raise TrainingAborted(f"{int(self.max_consec_bad.item())} consecutive steps had non-finite gradients "
-                                      f"(limit --max-bad-steps {cfg.max_bad_steps}); the last training state was written.")
+                raise TrainingAborted(
+                    f"{int(self.max_consec_bad.item())} consecutive steps had non-finite gradients "
+                    f"(limit --max-bad-steps {cfg.max_bad_steps}); the last training state was written."
+                )
             self.cur_tick += 1
             self.tick_start_nimg = self.cur_nimg
             tick_start = time.time()
@@ -598,8 +675,11 @@ class SiDTrainer:
         if progress is not None:
             progress.close()
         wall = time.time() - start
-        self.log(f"{'Stopped' if stop and not done else 'Finished'} at {self.cur_nimg / 1e3:.1f} kimg: {wall:.1f} s wall time, "
-                 f"{(self.cur_nimg - start_nimg) / max(wall, 1e-9):.1f} img/s overall (evaluations and snapshots included).")
+        self.log(
+            f"{'Stopped' if stop and not done else 'Finished'} at {self.cur_nimg / 1e3:.1f} kimg: "
+            f"{wall:.1f} s wall time, "
+            f"{(self.cur_nimg - start_nimg) / max(wall, 1e-9):.1f} img/s overall (evaluations and snapshots included)."
+        )
         return "stopped" if stop and not done else "done"
 
 

@@ -107,9 +107,13 @@ class SiDATrainer(SiDTrainer):
             workers = self.cfg.workers if self.device.type == "cuda" else 0
             # Its own generator: a DataLoader draws a base seed when iterated, which must not move the global RNG
             # (dropout), or a resumed run would differ from an uninterrupted one.
-            loader = torch.utils.data.DataLoader(self.real, batch_sampler=sampler, num_workers=workers,
-                                                 pin_memory=self.device.type == "cuda",
-                                                 generator=torch.Generator().manual_seed(self.cfg.seed))
+            loader = torch.utils.data.DataLoader(
+                self.real,
+                batch_sampler=sampler,
+                num_workers=workers,
+                pin_memory=self.device.type == "cuda",
+                generator=torch.Generator().manual_seed(self.cfg.seed),
+            )
             self._loader = iter(loader)
         img, labels, ks = next(self._loader)
         first = it * self.cfg.batch + (self.rank * self.rounds + rnd) * self.cfg.batch_gpu
@@ -148,8 +152,9 @@ class SiDATrainer(SiDTrainer):
             y_r, aug_r = self._augment(real, g)  # an independent draw, after the fake one
             noise = torch.randn(y.shape, device=self.device, generator=g) * sigma  # shared by both branches
             with self._no_sync(self.fake_ddp, rnd):
-                out = self.calls.fake_train(y + noise, sigma, labels, return_flag="encoder_decoder",
-                                            **self._fake_kwargs(aug))
+                out = self.calls.fake_train(
+                    y + noise, sigma, labels, return_flag="encoder_decoder", **self._fake_kwargs(aug)
+                )
                 D, logits_fake, u = out if self.logvar else (*out, None)
                 kw_r = {} if aug_r is None else dict(augment_labels=aug_r)
                 logits_real = self.calls.fake_train(y_r + noise, sigma, labels, return_flag="encoder", **kw_r)
@@ -165,15 +170,17 @@ class SiDATrainer(SiDTrainer):
                     loss_D_rows = _per_exp_u(loss_D_rows, u, ok)
                 loss_D = loss_D_rows.sum()
                 ((loss_fake * cfg.ls + loss_D * cfg.lsd) / self.batch_gpu_total).backward()
-            self.stats.add(loss_fake=loss_fake.detach(), loss_D=loss_D.detach(), rows_fake=ok.sum(),
-                           nan_samples_fake=(~ok).sum())
+            self.stats.add(
+                loss_fake=loss_fake.detach(), loss_D=loss_D.detach(), rows_fake=ok.sum(), nan_samples_fake=(~ok).sum()
+            )
         # Elementwise clipping at 1 of the fake score's gradients in the EDM loop; none in the EDM2 loop (official).
         return self._apply_gradients(self.fake, self.opt_fake, "bad_steps_fake", clip_value=None if self.edm2 else 1.0)
 
     def generator_phase(self):
         cfg = self.cfg
-        step, w_sid, w_gan = sida_schedule(self.cur_nimg, round(cfg.sida_g_start_kimg * 1000),
-                                           round(cfg.sida_gan_start_kimg * 1000))
+        step, w_sid, w_gan = sida_schedule(
+            self.cur_nimg, round(cfg.sida_g_start_kimg * 1000), round(cfg.sida_gan_start_kimg * 1000)
+        )
         if not step:  # the official loop computes and discards this phase during the first 100k images
             return torch.zeros((), dtype=torch.bool, device=self.device)
         self.G.train().requires_grad_(True)
@@ -188,8 +195,9 @@ class SiDATrainer(SiDTrainer):
                 aug = self._aug_zeros(cfg.batch_gpu)  # no augmentation in the generator phase
                 y_real = self.calls.teacher(x_t, sigma, labels, **aug)
                 if w_gan > 0:
-                    out = self.calls.fake_eval(x_t, sigma, labels, return_flag="encoder_decoder", **aug,
-                                               **self._fake_kwargs())
+                    out = self.calls.fake_eval(
+                        x_t, sigma, labels, return_flag="encoder_decoder", **aug, **self._fake_kwargs()
+                    )
                     y_fake, logits, u = out if self.logvar else (*out, None)
                 else:
                     out = self.calls.fake_eval(x_t, sigma, labels, **aug, **self._fake_kwargs())
@@ -209,8 +217,9 @@ class SiDATrainer(SiDTrainer):
                     total = total + w_gan * cfg.lsg_gan * loss_gan
                 with annotate("sid/backward"):
                     (total / self.batch_gpu_total).backward()
-            self.stats.add(loss_G=loss_sid.detach(), loss_G_gan=loss_gan.detach(), rows_G=ok.sum(),
-                           nan_samples_G=(~ok).sum())
+            self.stats.add(
+                loss_G=loss_sid.detach(), loss_G_gan=loss_gan.detach(), rows_G=ok.sum(), nan_samples_G=(~ok).sum()
+            )
         return self._apply_gradients(self.G, self.opt_g, "bad_steps_G")
 
 

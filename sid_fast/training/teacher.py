@@ -49,8 +49,21 @@ DIGITS_EDM2_TEACHER = dict(
 ARCHS = {"edm": ("EDMPrecond", DIGITS_TEACHER), "edm2": ("Precond", DIGITS_EDM2_TEACHER)}
 
 
-def train_edm(net, images, labels=None, *, steps, batch, lr, lr_rampup_kimg=10, ema_halflife_kimg=10,
-              ema_rampup_ratio=0.05, seed=0, log_every=100, log=print):
+def train_edm(
+    net,
+    images,
+    labels=None,
+    *,
+    steps,
+    batch,
+    lr,
+    lr_rampup_kimg=10,
+    ema_halflife_kimg=10,
+    ema_rampup_ratio=0.05,
+    seed=0,
+    log_every=100,
+    log=print,
+):
     """Train `net` on `images` ([N, C, H, W] in [-1, 1]) with EDM's loss. Returns the EMA network."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -91,7 +104,9 @@ def main():
     ap.add_argument("--ema", type=float, default=10.0, help="EMA half-life in kimg")
     ap.add_argument("--rampup", type=float, default=10.0, help="learning-rate ramp-up in kimg")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--evaluate-only", action="store_true", help="only (re)compute the teacher's FD-digits (Heun, 35 NFE)")
+    ap.add_argument(
+        "--evaluate-only", action="store_true", help="only (re)compute the teacher's FD-digits (Heun, 35 NFE)"
+    )
     a = ap.parse_args()
     if a.evaluate_only:
         print(f"FD-digits of the teacher (Heun, 35 NFE): {evaluate_digits_teacher(a.out):.3f}")
@@ -102,15 +117,25 @@ def main():
     torch.manual_seed(a.seed)
     class_name, kwargs = ARCHS[a.arch]
     net = build_network(class_name, kwargs)
-    ema = train_edm(net, images, steps=a.steps, batch=a.batch, lr=a.lr, lr_rampup_kimg=a.rampup,
-                    ema_halflife_kimg=a.ema, seed=a.seed)
-    cmd = (f"python -m sid_fast.training.teacher --arch {a.arch} --out {a.out} --steps {a.steps} --batch {a.batch} "
-           f"--lr {a.lr} --ema {a.ema} --rampup {a.rampup} --seed {a.seed}")
-    save_network(a.out, ema, kwargs, kind="teacher", dataset="sklearn-digits-8x8", command=cmd,
-                 torch_version=torch.__version__)
+    ema = train_edm(
+        net,
+        images,
+        steps=a.steps,
+        batch=a.batch,
+        lr=a.lr,
+        lr_rampup_kimg=a.rampup,
+        ema_halflife_kimg=a.ema,
+        seed=a.seed,
+    )
+    cmd = (
+        f"python -m sid_fast.training.teacher --arch {a.arch} --out {a.out} --steps {a.steps} --batch {a.batch} "
+        f"--lr {a.lr} --ema {a.ema} --rampup {a.rampup} --seed {a.seed}"
+    )
+    save_network(
+        a.out, ema, kwargs, kind="teacher", dataset="sklearn-digits-8x8", command=cmd, torch_version=torch.__version__
+    )
     print(f"saved {a.out}")
     print(f"FD-digits of the teacher (Heun, 35 NFE): {evaluate_digits_teacher(a.out):.3f}")
-
 
 
 def evaluate_digits_teacher(path: str, num: int = 2000, steps: int = 18) -> float:

@@ -15,8 +15,18 @@ import torch
 from sid_fast import dist
 
 # Named slots of the one device tensor (the order is the training state's, kept for resuming older states).
-SLOTS = ("loss_fake", "loss_G", "rows_fake", "rows_G", "nan_samples_fake", "nan_samples_G", "bad_steps_fake",
-         "bad_steps_G", "loss_D", "loss_G_gan")  # the last two: SiDA's discriminator and generator GAN terms
+SLOTS = (
+    "loss_fake",
+    "loss_G",
+    "rows_fake",
+    "rows_G",
+    "nan_samples_fake",
+    "nan_samples_G",
+    "bad_steps_fake",
+    "bad_steps_G",
+    "loss_D",
+    "loss_G_gan",
+)  # the last two: SiDA's discriminator and generator GAN terms
 _INDEX = {name: i for i, name in enumerate(SLOTS)}
 
 
@@ -68,8 +78,17 @@ class NVML:
             return None, None
 
 
-def status(sums: dict, *, tick: int, nimg: int, tick_nimg: int, tick_time: float, total_time: float, nvml: NVML,
-           device: torch.device) -> tuple[dict, str]:
+def status(
+    sums: dict,
+    *,
+    tick: int,
+    nimg: int,
+    tick_nimg: int,
+    tick_time: float,
+    total_time: float,
+    nvml: NVML,
+    device: torch.device,
+) -> tuple[dict, str]:
     """(stats.jsonl record, status line) for one tick from the reduced sums."""
     loss_f = sums["loss_fake"] / max(sums["rows_fake"], 1)
     loss_g = sums["loss_G"] / max(sums["rows_G"], 1)
@@ -79,17 +98,33 @@ def status(sums: dict, *, tick: int, nimg: int, tick_nimg: int, tick_time: float
     kimg_tick = tick_nimg / 1e3
     util, power = nvml.read()
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    rec = dict(tick=tick, kimg=nimg / 1e3, time=total_time, sec_per_tick=tick_time,
-               sec_per_kimg=tick_time / max(kimg_tick, 1e-9), img_per_s=kimg_tick * 1e3 / max(tick_time, 1e-9),
-               loss_G=loss_g, loss_fake=loss_f, nan_samples_fake=sums["nan_samples_fake"],
-               nan_samples_G=sums["nan_samples_G"], bad_steps_fake=sums["bad_steps_fake"],
-               bad_steps_G=sums["bad_steps_G"], **(dict(loss_D=loss_d, loss_G_gan=loss_gg) if gan else {}),
-               gpumem_gb=mem, gpu_util=util, power_w=power, timestamp=time.time())
-    line = (f"tick {rec['tick']:<5d} kimg {rec['kimg']:<9.1f} time {rec['time']:<8.1f} sec/kimg {rec['sec_per_kimg']:<8.2f} "
-            f"img/s {rec['img_per_s']:<8.1f} loss_G {loss_g:<+10.4f} loss_fake {loss_f:<9.4f} "
-            + (f"loss_D {loss_d:<9.4f} loss_G_gan {loss_gg:<9.4f} " if gan else "") +
-            f"gpumem {mem:<5.1f} util {'--' if util is None else f'{util:.0f}%':<5} "
-            f"power {'--' if power is None else f'{power:.0f}W':<5}")
+    rec = dict(
+        tick=tick,
+        kimg=nimg / 1e3,
+        time=total_time,
+        sec_per_tick=tick_time,
+        sec_per_kimg=tick_time / max(kimg_tick, 1e-9),
+        img_per_s=kimg_tick * 1e3 / max(tick_time, 1e-9),
+        loss_G=loss_g,
+        loss_fake=loss_f,
+        nan_samples_fake=sums["nan_samples_fake"],
+        nan_samples_G=sums["nan_samples_G"],
+        bad_steps_fake=sums["bad_steps_fake"],
+        bad_steps_G=sums["bad_steps_G"],
+        **(dict(loss_D=loss_d, loss_G_gan=loss_gg) if gan else {}),
+        gpumem_gb=mem,
+        gpu_util=util,
+        power_w=power,
+        timestamp=time.time(),
+    )
+    line = (
+        f"tick {rec['tick']:<5d} kimg {rec['kimg']:<9.1f} time {rec['time']:<8.1f} sec/kimg "
+        f"{rec['sec_per_kimg']:<8.2f} "
+        f"img/s {rec['img_per_s']:<8.1f} loss_G {loss_g:<+10.4f} loss_fake {loss_f:<9.4f} "
+        + (f"loss_D {loss_d:<9.4f} loss_G_gan {loss_gg:<9.4f} " if gan else "")
+        + f"gpumem {mem:<5.1f} util {'--' if util is None else f'{util:.0f}%':<5} "
+        f"power {'--' if power is None else f'{power:.0f}W':<5}"
+    )
     bad = [sums[k] for k in ("nan_samples_fake", "nan_samples_G", "bad_steps_fake", "bad_steps_G")]
     if any(bad):
         line += f" nan_samples {int(bad[0])}/{int(bad[1])} bad_steps {int(bad[2])}/{int(bad[3])}"

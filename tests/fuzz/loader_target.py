@@ -33,8 +33,18 @@ from sid_fast.networks import build_network
 TIME_LIMIT_S = 1.0
 
 # A network small enough that a seed file is a few tens of kB (the fuzzer mutates every byte of it).
-TINY_NET = dict(model_type="SongUNet", img_resolution=4, img_channels=1, label_dim=2, model_channels=4,
-                channel_mult=[1], num_blocks=1, attn_resolutions=[4], augment_dim=0, dropout=0.0)
+TINY_NET = dict(
+    model_type="SongUNet",
+    img_resolution=4,
+    img_channels=1,
+    label_dim=2,
+    model_channels=4,
+    channel_mult=[1],
+    num_blocks=1,
+    attn_resolutions=[4],
+    augment_dim=0,
+    dropout=0.0,
+)
 
 
 class FuzzFinding(AssertionError):
@@ -80,13 +90,28 @@ def seed_files(out_dir: Path) -> list[Path]:
     torch.manual_seed(0)
     net = build_network("EDMPrecond", TINY_NET)
     paths = [out_dir / "seed-edm.pkl", out_dir / "seed-network.pt", out_dir / "seed-state.pt"]
-    write_edm_pickle(paths[0], net, dict(TINY_NET, use_fp16=False), module_src="raise SystemExit('never run')\n",
-                     extra=dict(dataset_kwargs=dict(path="x.zip")))
+    write_edm_pickle(
+        paths[0],
+        net,
+        dict(TINY_NET, use_fp16=False),
+        module_src="raise SystemExit('never run')\n",
+        extra=dict(dataset_kwargs=dict(path="x.zip")),
+    )
     save_network(paths[1], net, TINY_NET, kind="teacher")
     # A training state as the trainer writes it (format tag, nested dicts of tensors, RNG states, counters).
     buf = io.BytesIO()
-    torch.save(dict(format=TRAINING_STATE_FORMAT, version=1, world_size=1, G=net.state_dict(),
-                    rng=[dict(cpu=torch.get_rng_state(), cuda=None)], cur_nimg=64, stats=torch.zeros(8)), buf)
+    torch.save(
+        dict(
+            format=TRAINING_STATE_FORMAT,
+            version=1,
+            world_size=1,
+            G=net.state_dict(),
+            rng=[dict(cpu=torch.get_rng_state(), cuda=None)],
+            cur_nimg=64,
+            stats=torch.zeros(8),
+        ),
+        buf,
+    )
     paths[2].write_bytes(buf.getvalue())
     return paths
 

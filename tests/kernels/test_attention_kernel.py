@@ -114,12 +114,30 @@ def _tiny_unet(model_type):
     from sid_fast.networks import build_network
 
     if model_type == "SongUNet":
-        kw = dict(model_type="SongUNet", img_resolution=8, img_channels=3, label_dim=0, model_channels=16,
-                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4, 8], dropout=0.0)
+        kw = dict(
+            model_type="SongUNet",
+            img_resolution=8,
+            img_channels=3,
+            label_dim=0,
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[4, 8],
+            dropout=0.0,
+        )
     else:
         # ADM uses 64 channels per head: 64 model channels give 1 head at 8x8 and 2 heads at 4x4.
-        kw = dict(model_type="DhariwalUNet", img_resolution=8, img_channels=3, label_dim=4, model_channels=64,
-                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4, 8], dropout=0.0)
+        kw = dict(
+            model_type="DhariwalUNet",
+            img_resolution=8,
+            img_channels=3,
+            label_dim=4,
+            model_channels=64,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[4, 8],
+            dropout=0.0,
+        )
     torch.manual_seed(0)
     net = build_network("EDMPrecond", kw)
     with torch.no_grad():  # non-zero output layers so that gradients reach every attention block

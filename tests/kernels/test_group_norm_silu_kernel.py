@@ -17,7 +17,7 @@ SHAPES = [
 
 def _inputs(n, c, h, w, dtype, modulate, channels_last, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * 2 + 0.5)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * 2 + 0.5
     gamma = 1 + 0.2 * torch.randn(c, generator=g, dtype=torch.float64)
     beta = 0.2 * torch.randn(c, generator=g, dtype=torch.float64)
     scale = 0.3 * torch.randn(n, c, generator=g, dtype=torch.float64) if modulate else None
@@ -30,7 +30,9 @@ def _inputs(n, c, h, w, dtype, modulate, channels_last, seed=0):
 
 
 def _run(fn, x, gamma, beta, scale, shift, groups, silu, dy):
-    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, gamma, beta, scale, shift)]
+    leaves = [
+        t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, gamma, beta, scale, shift)
+    ]
     y = fn(leaves[0], leaves[1], leaves[2], groups, 1e-5, leaves[3], leaves[4], silu)
     grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy.to(y.dtype))
     return y.detach(), grads
@@ -48,7 +50,9 @@ def test_matches_float64_reference(n, c, h, w, groups, why, dtype, modulate, cha
     silu = True
     ins = _inputs(n, c, h, w, dtype, modulate, channels_last)
     dy = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    ref = _run(lambda *a: group_norm_silu_ref(*a), *[t.double() if t is not None else None for t in ins], groups, silu, dy)
+    ref = _run(
+        lambda *a: group_norm_silu_ref(*a), *[t.double() if t is not None else None for t in ins], groups, silu, dy
+    )
     ker = _run(group_norm_silu, *ins, groups, silu, dy)
     pt = _run(lambda *a: group_norm_silu_ref(*a, upcast=False), *ins, groups, silu, dy)
     assert ker[0].dtype == dtype and ker[0].shape == (n, c, h, w)
@@ -86,10 +90,24 @@ def test_bad_inputs_are_refused():
 def test_gpu_matches_reference_and_compiles(dtype, modulate):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(8, 128, 16, 16, device="cuda", generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(128, device="cuda", generator=g).to(dtype), torch.randn(128, device="cuda", generator=g).to(dtype)
-    s, t = ((0.1 * torch.randn(8, 128, device="cuda", generator=g)).to(dtype) for _ in range(2)) if modulate else (None, None)
-    ref = group_norm_silu_ref(x.double(), w.double(), b.double(), 32, 1e-5,
-                              None if s is None else s.double(), None if t is None else t.double())
+    w, b = (
+        torch.randn(128, device="cuda", generator=g).to(dtype),
+        torch.randn(128, device="cuda", generator=g).to(dtype),
+    )
+    s, t = (
+        ((0.1 * torch.randn(8, 128, device="cuda", generator=g)).to(dtype) for _ in range(2))
+        if modulate
+        else (None, None)
+    )
+    ref = group_norm_silu_ref(
+        x.double(),
+        w.double(),
+        b.double(),
+        32,
+        1e-5,
+        None if s is None else s.double(),
+        None if t is None else t.double(),
+    )
     pt = group_norm_silu_ref(x, w, b, 32, 1e-5, s, t, upcast=False)
     ker = group_norm_silu(x, w, b, 32, 1e-5, s, t)
     assert (ker.double() - ref).abs().max() <= 2 * (pt.double() - ref).abs().max() + 1e-5

@@ -112,7 +112,9 @@ def test_reference_fallback_without_triton(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_matches_reference_and_compiles(dtype):
     x, r, f = (t.detach().cuda().requires_grad_(True) for t in _inputs((16, 3, 32, 32), dtype))
-    ref = _total_and_grads(lambda *a: sid_loss_rows_ref(*a, ALPHA), *(t.detach().double().requires_grad_(True) for t in (x, r, f)))
+    ref = _total_and_grads(
+        lambda *a: sid_loss_rows_ref(*a, ALPHA), *(t.detach().double().requires_grad_(True) for t in (x, r, f))
+    )
     pt = _total_and_grads(lambda *a: sid_loss_rows_ref(*a, ALPHA, upcast=False), x, r, f)
     ker = _total_and_grads(lambda *a: sid_loss_rows(*a, ALPHA), x, r, f)
     assert _err(ker[0], ref[0]) <= 2 * _err(pt[0], ref[0]) + 1e-6 * ref[0].abs().item()
