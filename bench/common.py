@@ -67,9 +67,10 @@ def matmul_ceiling(device, dtype=None, n=None, reps=10) -> float:
     return 2 * n**3 / times[len(times) // 2]
 
 
-def write_jsonl(records: list[dict], name: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+def write_jsonl(records: list[dict], name: str, results: Path = RESULTS) -> Path:
+    """Append the records, one JSON line each, to results/name (bench/results unless a study names its own)."""
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / name
     with open(path, "a") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

@@ -62,7 +62,7 @@ from sid_fast.networks import build_network, official_config
 from sid_fast.networks.edm2 import edm2_config
 from sid_fast.training.config import resolve_config
 from sid_fast.training.run import build_trainer
-from sid_fast.training.sid import Student
+from sid_fast.training.sid import TeacherSpec
 
 MiB = 2**20
 GiB = 2**30
@@ -238,7 +238,7 @@ def make_trainer(config: str, batch_gpu: int, options: dict, device: str = "meta
             torch.device(device),
             log=lambda *a: None,
             teacher=teacher,
-            student=Student(class_name, kwargs, teacher.state_dict()),
+            teacher_spec=TeacherSpec(class_name, kwargs, teacher.state_dict()),
         )
     return tr
 

@@ -257,71 +257,64 @@ def _attention_cases(dtypes, space, arch):
                     PREC=prec,
                     BLOCKED=layout.endswith("blocked"),
                 )
-                for kind, attr, extra in (
-                    ("fwd", "_fwd_kernel", dict(o_ptr=PTR[dt])),
-                    ("bwd_dkdv", "_bwd_dkdv_kernel", dict(do_ptr=PTR[dt], delta_ptr="*fp32", dqkv_ptr=PTR[dt])),
-                    ("bwd_dq", "_bwd_dq_kernel", dict(do_ptr=PTR[dt], delta_ptr="*fp32", dqkv_ptr=PTR[dt])),
-                ):
-                    tune = "fwd" if kind == "fwd" else "bwd"
-                    # Listed: the whole list; kept: what the autotuner may time on this arch (the entries known
-                    # to spill there dropped, then the shared-memory prune).
-                    listed = A.tile_space(tune, d, ELEM[dt], prec, None) if space != "wide" else A.wide_space(d, prec)
-                    kept = A.prune_tiles(
-                        A.tile_space(tune, d, ELEM[dt], prec, arch) if space != "wide" else listed,
-                        tune,
-                        d,
-                        ELEM[dt],
-                        prec,
-                        SMEM_LIMIT[arch],
-                    )
-                    kept_keys = {_cfg(c) for c in kept}
-                    todo = kept if space == "kept" else listed
-                    for c in todo:
-                        cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-                        est = A.smem_estimate(
-                            kind, cfg["BLOCK_M"], cfg["BLOCK_N"], common["BLOCK_D"], ELEM[dt], cfg["num_stages"]
-                        )
-                        cases.append(
-                            Case(
-                                f"attention.{kind}",
-                                "kernels.attention",
-                                attr,
-                                shape,
-                                layout,
-                                dt,
-                                {**common, **extra},
-                                cfg,
-                                _cfg(c) in kept_keys,
-                                est,
-                            )
-                        )
+                cases += _attention_tile_cases(A, shape, layout, dt, prec, common, space, arch)
                 if not layout.endswith("blocked"):  # the delta kernel reads o and do, whose layout has no blocks
-                    cases.append(
-                        Case(
-                            "attention.delta",
-                            "kernels.attention",
-                            "_delta_kernel",
-                            shape,
-                            layout,
-                            dt,
-                            dict(
-                                o_ptr=PTR[dt],
-                                do_ptr=PTR[dt],
-                                delta_ptr="*fp32",
-                                L=L,
-                                H=heads,
-                                o_n=on,
-                                o_c=oc,
-                                o_l=ol,
-                                D=d,
-                                BLOCK_D=common["BLOCK_D"],
-                                BLOCK=64,
-                            ),
-                            dict(num_warps=4, num_stages=3),
-                            True,
-                        )
-                    )
+                    cases.append(_attention_delta_case(shape, layout, dt, common))
     return cases
+
+
+def _attention_tile_cases(A, shape, layout, dt, prec, common, space, arch) -> list:
+    """The forward and the two backward kernels of one attention shape, layout and dtype, at every tile listed
+    (space "listed"/"wide") or kept by the autotuner on `arch` (space "kept")."""
+    d = common["D"]
+    cases = []
+    for kind, attr, extra in (
+        ("fwd", "_fwd_kernel", dict(o_ptr=PTR[dt])),
+        ("bwd_dkdv", "_bwd_dkdv_kernel", dict(do_ptr=PTR[dt], delta_ptr="*fp32", dqkv_ptr=PTR[dt])),
+        ("bwd_dq", "_bwd_dq_kernel", dict(do_ptr=PTR[dt], delta_ptr="*fp32", dqkv_ptr=PTR[dt])),
+    ):
+        tune = "fwd" if kind == "fwd" else "bwd"
+        # Listed: the whole list; kept: what the autotuner may time on this arch (the entries known to spill there
+        # dropped, then the shared-memory prune).
+        listed = A.tile_space(tune, d, ELEM[dt], prec, None) if space != "wide" else A.wide_space(d, prec)
+        arch_space = A.tile_space(tune, d, ELEM[dt], prec, arch) if space != "wide" else listed
+        kept = A.prune_tiles(arch_space, tune, d, ELEM[dt], prec, SMEM_LIMIT[arch])
+        kept_keys = {_cfg(c) for c in kept}
+        for c in kept if space == "kept" else listed:
+            cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            est = A.smem_estimate(kind, cfg["BLOCK_M"], cfg["BLOCK_N"], common["BLOCK_D"], ELEM[dt], cfg["num_stages"])
+            args = {**common, **extra}
+            cases.append(
+                Case(
+                    f"attention.{kind}",
+                    "kernels.attention",
+                    attr,
+                    shape,
+                    layout,
+                    dt,
+                    args,
+                    cfg,
+                    _cfg(c) in kept_keys,
+                    est,
+                )
+            )
+    return cases
+
+
+def _attention_delta_case(shape, layout, dt, common) -> Case:
+    args = dict(o_ptr=PTR[dt], do_ptr=PTR[dt], delta_ptr="*fp32")
+    args.update({k: common[k] for k in ("L", "H", "o_n", "o_c", "o_l", "D", "BLOCK_D")}, BLOCK=64)
+    return Case(
+        "attention.delta",
+        "kernels.attention",
+        "_delta_kernel",
+        shape,
+        layout,
+        dt,
+        args,
+        dict(num_warps=4, num_stages=3),
+        True,
+    )
 
 
 def _cfg(c):
@@ -347,82 +340,59 @@ def _loss_cases(dtypes):
             p = PTR[dt]
             name = "fp32" if dt == "fp32-tf32" else dt
             blk = sid_loss.gpu_block(D)
+            # (op, module, kernel, arguments): the row kernels of both losses, forward and backward
+            kernels = (
+                (
+                    "sid_loss.fwd",
+                    "kernels.sid_loss",
+                    "_sid_loss_fwd_kernel",
+                    dict(
+                        x_ptr=p,
+                        r_ptr=p,
+                        f_ptr=p,
+                        row_ptr="*fp32",
+                        w_ptr="*fp32",
+                        ok_ptr="*i8",
+                        D=D,
+                        alpha=1.2,
+                        BLOCK=blk,
+                    ),
+                ),
+                (
+                    "sid_loss.bwd",
+                    "kernels.sid_loss",
+                    "_sid_loss_bwd_kernel",
+                    dict(
+                        x_ptr=p,
+                        r_ptr=p,
+                        f_ptr=p,
+                        g_ptr="*fp32",
+                        w_ptr="*fp32",
+                        ok_ptr="*i8",
+                        dx_ptr=p,
+                        dr_ptr=p,
+                        df_ptr=p,
+                        D=D,
+                        alpha=1.2,
+                        BLOCK=blk,
+                    ),
+                ),
+                (
+                    "edm_loss.fwd",
+                    "kernels.edm_loss",
+                    "_edm_loss_fwd_kernel",
+                    dict(d_ptr=p, y_ptr=p, lam_ptr="*fp32", row_ptr="*fp32", ok_ptr="*i8", D=D, BLOCK=blk),
+                ),
+                (
+                    "edm_loss.bwd",
+                    "kernels.edm_loss",
+                    "_edm_loss_bwd_kernel",
+                    dict(d_ptr=p, y_ptr=p, lam_ptr="*fp32", g_ptr="*fp32", ok_ptr="*i8", dd_ptr=p, D=D, BLOCK=blk),
+                ),
+            )
             for cfg in _elementwise(_common.warp_configs(gpu=True)):
-                cases.append(
-                    Case(
-                        "sid_loss.fwd",
-                        "kernels.sid_loss",
-                        "_sid_loss_fwd_kernel",
-                        shape,
-                        "rows",
-                        name,
-                        dict(
-                            x_ptr=p,
-                            r_ptr=p,
-                            f_ptr=p,
-                            row_ptr="*fp32",
-                            w_ptr="*fp32",
-                            ok_ptr="*i8",
-                            D=D,
-                            alpha=1.2,
-                            BLOCK=blk,
-                        ),
-                        cfg,
-                        True,
-                    )
-                )
-                cases.append(
-                    Case(
-                        "sid_loss.bwd",
-                        "kernels.sid_loss",
-                        "_sid_loss_bwd_kernel",
-                        shape,
-                        "rows",
-                        name,
-                        dict(
-                            x_ptr=p,
-                            r_ptr=p,
-                            f_ptr=p,
-                            g_ptr="*fp32",
-                            w_ptr="*fp32",
-                            ok_ptr="*i8",
-                            dx_ptr=p,
-                            dr_ptr=p,
-                            df_ptr=p,
-                            D=D,
-                            alpha=1.2,
-                            BLOCK=blk,
-                        ),
-                        cfg,
-                        True,
-                    )
-                )
-                cases.append(
-                    Case(
-                        "edm_loss.fwd",
-                        "kernels.edm_loss",
-                        "_edm_loss_fwd_kernel",
-                        shape,
-                        "rows",
-                        name,
-                        dict(d_ptr=p, y_ptr=p, lam_ptr="*fp32", row_ptr="*fp32", ok_ptr="*i8", D=D, BLOCK=blk),
-                        cfg,
-                        True,
-                    )
-                )
-                cases.append(
-                    Case(
-                        "edm_loss.bwd",
-                        "kernels.edm_loss",
-                        "_edm_loss_bwd_kernel",
-                        shape,
-                        "rows",
-                        name,
-                        dict(d_ptr=p, y_ptr=p, lam_ptr="*fp32", g_ptr="*fp32", ok_ptr="*i8", dd_ptr=p, D=D, BLOCK=blk),
-                        cfg,
-                        True,
-                    )
-                )
+                for op, module, attr, args in kernels:
+                    cases.append(Case(op, module, attr, shape, "rows", name, dict(args), cfg, True))
     return cases
 
 

@@ -35,7 +35,7 @@ from bench.common import environment, matmul_ceiling, sync, write_jsonl
 from sid_fast.networks import build_network, official_config
 from sid_fast.training.config import DIGITS_TEACHER_PATH, resolve_config
 from sid_fast.training.run import build_trainer
-from sid_fast.training.sid import Student
+from sid_fast.training.sid import TeacherSpec
 
 CONFIGS = {
     "cifar10": ("edm-cifar10-32x32-uncond-vp", dict(augment=0.12, dropout=0.13)),
@@ -91,7 +91,11 @@ def make_trainer(name: str, batch_gpu: int, device, **options):
             ),
         )
     tr = build_trainer(
-        cfg, device, log=lambda *a: None, teacher=teacher, student=Student("EDMPrecond", kwargs, teacher.state_dict())
+        cfg,
+        device,
+        log=lambda *a: None,
+        teacher=teacher,
+        teacher_spec=TeacherSpec("EDMPrecond", kwargs, teacher.state_dict()),
     )
     return tr, teacher, kwargs
 

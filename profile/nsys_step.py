@@ -13,14 +13,11 @@ steady-state iterations only. Without CUDA it runs the steps and says that nothi
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.train_step import CONFIGS, make_trainer  # noqa: E402
-from sid_fast.perf import annotate  # noqa: E402
+from bench.train_step import CONFIGS, make_trainer
+from sid_fast.perf import annotate
 
 
 def main():

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.train_step import CONFIGS, make_trainer  # noqa: E402
+from bench.train_step import CONFIGS, make_trainer
 
 
 def main():

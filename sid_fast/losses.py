@@ -70,11 +70,14 @@ def sid_weight(x_g: torch.Tensor, y_real: torch.Tensor) -> torch.Tensor:
         return w.clamp(min=1e-5)
 
 
-def sid_generator_loss_elements(x_g, y_real, y_fake, alpha: float, u=None):
-    """Per-element SiD loss [N, C, H, W] (fp32) with NaN rows zeroed; also returns the [N] finite-row mask.
+def sid_generator_loss_elements(x_g, y_real, y_fake, alpha: float, u=None, keep=None):
+    """Per-element SiD loss [N, C, H, W] (fp32) with NaN rows zeroed; also returns the [N] mask of the rows kept.
     u: the fake score's learned log-variance u(sigma) [N, 1, 1, 1] on EDM2 networks, which divides the loss by e^u
-    (official sida branch, sida_training_edm2/sida_loss_edm2.py: generator_loss)."""
+    (official sida branch, sida_training_edm2/sida_loss_edm2.py: generator_loss). keep: [N] bool, further rows to
+    drop (EDM2 SiDA drops rows with NaN logits from both of its generator terms)."""
     ok = finite_rows(x_g, y_real, y_fake) if u is None else finite_rows(x_g, y_real, y_fake, u)
+    if keep is not None:
+        ok = ok & keep
     x_g, y_real, y_fake = (_mask(ok, _f32(t)) for t in (x_g, y_real, y_fake))
     w = sid_weight(x_g, y_real)
     diff = y_real - y_fake
@@ -150,7 +153,8 @@ class EDMLoss:
 # - schedule by images seen before the iteration: no generator step up to 100k images, SiD alone up to 200k, then
 #   0.5 SiD + 0.5 GAN.
 # NaN samples are masked as in SiD above; a mean over the micro-batch then averages over the finite samples only,
-# which is the official drop-then-mean.
+# which is the official drop-then-mean, except where an official version takes its mean before dropping (the EDM
+# generator's GAN term: sid_fast.training.sida.sida_generator_terms).
 
 GAN_LOGIT_CLAMP = 10.0
 SIDA_GENERATOR_START_NIMG = 100_000
@@ -176,10 +180,13 @@ def sida_discriminator_loss(
     return _mask(ok, lam * bce)
 
 
-def sida_generator_gan_loss(logits: torch.Tensor, w: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+def sida_generator_gan_loss(logits: torch.Tensor, w: torch.Tensor, ok: torch.Tensor, mean_over=None) -> torch.Tensor:
     """Per-sample GAN term of the generator [N, 1, 1, 1]: BCE_mean(clamp(logits, -10, 10), 1) / w_i, zero where not
-    `ok` (the SiD term's filter: NaN in x_g, y_real or y_fake; a NaN logit in a finite row stays NaN, as upstream)."""
-    bce = bce_mean_rows(_f32(logits).clamp(-GAN_LOGIT_CLAMP, GAN_LOGIT_CLAMP), 1.0, ok)
+    `ok`. The BCE mean runs over the logits of the rows in `mean_over` (default `ok`; the official EDM version takes
+    every row, NaN ones included, see sid_fast.training.sida.sida_generator_terms)."""
+    bce = bce_mean_rows(
+        _f32(logits).clamp(-GAN_LOGIT_CLAMP, GAN_LOGIT_CLAMP), 1.0, ok if mean_over is None else mean_over
+    )
     return _mask(ok, bce / _f32(w).reshape(-1, 1, 1, 1))
 
 

@@ -17,7 +17,6 @@ reference by itself.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +27,6 @@ from sid_fast.losses import edm2_loss_from_output, edm_loss_from_output, edm_wei
 
 KERNELS = frozenset({"sid_loss", "edm_loss", "group_norm_silu", "attention"})
 NAMES = KERNELS | {"sdpa"}  # "sdpa": attention through PyTorch's SDPA instead of EDM's op (no Triton)
-# Environment variables of earlier versions; a run refuses them rather than ignore them (see `check_environment`).
-RETIRED_ENV = ("SID_FAST_KERNELS", "SID_FAST_ATTENTION")
 
 
 @dataclass(frozen=True)
@@ -79,33 +76,30 @@ def current() -> Selection:
     return _selection
 
 
-def check_environment() -> None:
-    """Refuse the retired process-wide switches: they would make a run's kernels differ from what it records."""
-    for var in RETIRED_ENV:
-        if os.environ.get(var):
-            raise ValueError(
-                f"{var} is no longer read; choose kernels with --kernels (or `with sid_fast.ops.kernels(...)`)"
-                f" and unset {var}."
-            )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The four ops.
 
 
-def sid_generator_loss_sum(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float, u=None):
-    """(sum over samples and pixels of the SiD loss, [N] bool of rows without NaN); NaN rows contribute 0.
-    u: the fake score's log-variance on EDM2 networks [N, 1, 1, 1]; each sample's loss is divided by e^u."""
+def sid_generator_loss_sum(
+    x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float, u=None, keep=None
+):
+    """(sum over samples and pixels of the SiD loss, [N] bool of the rows kept); other rows contribute 0.
+    u: the fake score's log-variance on EDM2 networks [N, 1, 1, 1]; each sample's loss is divided by e^u.
+    keep: [N] bool, rows to drop besides those with a NaN in x_g, y_real, y_fake or u (EDM2 SiDA: NaN logits)."""
     if "sid_loss" in _selection.kernels:
         from kernels.sid_loss import sid_loss_rows
 
         row, _, ok = sid_loss_rows(x_g, y_real, y_fake, alpha)
+        if keep is not None:
+            ok = ok & keep
         if u is not None:  # the kernel's per-sample sums, each divided by its e^u
             u = u.reshape(-1).float()
             ok = ok & ~torch.isnan(u)
             row = torch.where(ok, row / torch.where(ok, u, 0).exp(), 0)
+        elif keep is not None:
+            row = torch.where(ok, row, 0)
         return row.sum(), ok
-    loss, ok = sid_generator_loss_elements(x_g, y_real, y_fake, alpha, u=u)
+    loss, ok = sid_generator_loss_elements(x_g, y_real, y_fake, alpha, u=u, keep=keep)
     return loss.sum(), ok
 
 

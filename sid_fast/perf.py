@@ -23,7 +23,6 @@ The reference path (fp32, no option) reproduces the official implementation's nu
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,7 +60,10 @@ def set_matmul_precision(precision: str) -> None:
 
 
 def prepare_networks(cfg, teacher, trained, G_ema) -> None:
-    """Dtype and memory format of the networks (in place)."""
+    """How the networks run, set once on the modules (in place): dtype of the UNet bodies, memory format, and the
+    per-block activation checkpointing of --checkpointing blocks (the teacher and the fake score while frozen, i.e. in
+    the generator phase) or selective (every network that records gradients: the teacher, G and the fake score)."""
+    G, fake = trained
     if cfg.precision == "bf16":
         for p in teacher.parameters():  # frozen: its weights are only read in bf16 (the mapping MLP casts them to fp32)
             p.data = p.data.to(torch.bfloat16)  # buffers (resampling filters, Fourier frequencies) stay fp32
@@ -71,45 +73,35 @@ def prepare_networks(cfg, teacher, trained, G_ema) -> None:
     if cfg.channels_last:
         for net in (teacher, *trained, G_ema):
             net.to(memory_format=torch.channels_last)
+    block_mode, nets, while_trained = {
+        "blocks": ("full", (teacher, fake), False),
+        "selective": ("selective", (teacher, G, fake), True),
+    }.get(cfg.checkpointing, (None, (), True))
+    for net in nets:
+        for b in net.modules():
+            if isinstance(b, (UNetBlock, edm2.Block)):
+                b.checkpoint_activations, b.checkpoint_while_trained = block_mode, while_trained
 
 
 def image_format(cfg, x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
-@contextlib.contextmanager
-def _blocks_checkpointed(blocks, mode: str):
-    """Every UNet block (EDM's UNetBlock, EDM2's Block) in `blocks` checkpoints its activations ("full" or
-    "selective") for the forwards run inside."""
-    for b in blocks:
-        b.checkpoint_activations = mode
-    try:
-        yield
-    finally:
-        for b in blocks:
-            b.checkpoint_activations = None
-
-
-def _site(
-    cfg, fn, name: str, checkpoint_net: torch.nn.Module | None = None, modes=("nets", "blocks", "selective")
-) -> Callable:
+def _site(cfg, fn, name: str, checkpoint_whole: bool = False) -> Callable:
     """fn(x, sigma, labels, **kw) with x in the run's memory format, compiled if asked, inside an NVTX range; with
-    `checkpoint_net` and --checkpointing in `modes` its activations are recomputed in backward (nets: the whole
-    forward; blocks: per UNet block; selective: per UNet block, keeping convolution, matmul and attention outputs)."""
+    `checkpoint_whole` and --checkpointing nets the whole forward is recomputed in backward (per-block checkpointing
+    is the blocks' own, set by `prepare_networks`)."""
     compiled = maybe_compile(fn, cfg)
-    mode = cfg.checkpointing if checkpoint_net is not None and cfg.checkpointing in modes else "none"
-    block_mode = {"blocks": "full", "selective": "selective"}.get(mode)
-    blocks = [m for m in checkpoint_net.modules() if isinstance(m, (UNetBlock, edm2.Block))] if block_mode else []
+    whole = checkpoint_whole and cfg.checkpointing == "nets"
 
     def call(x, sigma, labels, **kw):
         x = image_format(cfg, x)
         with annotate(name):
-            if mode == "nets" and torch.is_grad_enabled():
+            if whole and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
 
                 return checkpoint(compiled, x, sigma, labels, use_reentrant=False, **kw)
-            with _blocks_checkpointed(blocks, block_mode):
-                return compiled(x, sigma, labels, **kw)
+            return compiled(x, sigma, labels, **kw)
 
     return call
 
@@ -118,21 +110,22 @@ def _site(
 class CallSites:
     """The trainer's uses of its networks, each prepared once (see the module docstring)."""
 
-    G_train: Callable  # generator phase: G (DDP-wrapped when distributed) with gradient
+    G_train: Callable  # generator phase: G (DDP-wrapped or FSDP2-sharded when distributed) with gradient
     G_eval: Callable  # fake-score phase: samples of G without gradient
-    fake_train: Callable  # fake-score phase: the fake score (DDP-wrapped) being trained
+    fake_train: Callable  # fake-score phase: the fake score (DDP-wrapped or FSDP2-sharded) being trained
     fake_eval: Callable  # generator phase: the fake score as a frozen function of its input (checkpointable)
     teacher: Callable  # generator phase: the frozen teacher (checkpointable)
     update_ema: Callable  # (G_ema, G, beta): per-parameter lerp as the official loop, or one foreach lerp
 
 
-def call_sites(cfg, teacher, G, fake, G_ddp, fake_ddp) -> CallSites:
+def call_sites(cfg, teacher, G, fake, G_dist, fake_dist) -> CallSites:
+    """G_dist, fake_dist: the networks as the processes train them (DDP-wrapped, FSDP2-sharded or bare)."""
     return CallSites(
-        G_train=_site(cfg, G_ddp, "sid/generator", checkpoint_net=G, modes=("selective",)),
+        G_train=_site(cfg, G_dist, "sid/generator"),
         G_eval=_site(cfg, G, "sid/generator"),
-        fake_train=_site(cfg, fake_ddp, "sid/fake_score", checkpoint_net=fake, modes=("selective",)),
-        fake_eval=_site(cfg, fake, "sid/fake_score", checkpoint_net=fake),
-        teacher=_site(cfg, teacher, "sid/teacher", checkpoint_net=teacher),
+        fake_train=_site(cfg, fake_dist, "sid/fake_score"),
+        fake_eval=_site(cfg, fake, "sid/fake_score", checkpoint_whole=True),
+        teacher=_site(cfg, teacher, "sid/teacher", checkpoint_whole=True),
         update_ema=update_ema if cfg.optimizer == "adam" else update_ema_foreach,
     )
 

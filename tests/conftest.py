@@ -46,7 +46,7 @@ def _determinism():
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
     """helpers.NET with non-trivial output layers (so that every path carries gradient), saved as a sid_fast file."""
-    from helpers import NET
+    from support.helpers import NET
 
     from sid_fast.checkpoints import save_network
     from sid_fast.networks import build_network

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from edm_pickle_writer import PAYLOAD_TEMPLATE, write_edm_pickle
+from support.edm_pickle_writer import PAYLOAD_TEMPLATE, write_edm_pickle
 
 from sid_fast.checkpoints import CheckpointError, atomic_save, load_network, load_network_file, save_network
 from sid_fast.networks import build_network

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from edm2_reference import edm2_forward
-from edm_pickle_writer import PAYLOAD_TEMPLATE, write_edm2_snapshot
+from support.edm2_reference import edm2_forward
+from support.edm_pickle_writer import PAYLOAD_TEMPLATE, write_edm2_snapshot
 from torch.utils.flop_counter import FlopCounterMode
 
 from sid_fast import ops

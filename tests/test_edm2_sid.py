@@ -80,11 +80,13 @@ def test_generator_loss_divided_by_exp_logvar(kernels, nan_row):
     assert (g.double() - r).abs().max() <= 1e-5 * r.abs().max() + 1e-7
 
 
+@pytest.mark.slow
 def test_sid_distills_the_edm2_digits_teacher(tmp_path, monkeypatch):
     """The bundled EDM2-architecture digits teacher through the trainer: G without the log-variance head, the fake
     score with it (P_mean/P_std -0.4/1.0), forced weight normalisation once per phase, FD-digits of G_ema falling;
     the snapshot loads as a generator."""
-    from sid_fast.training import sid
+    from sid_fast.training import denoiser
+    from sid_fast.training.denoiser import EDM2Denoiser
 
     teacher, _ = load_network_file(EDM2_TEACHER)
     assert isinstance(teacher, Precond) and teacher.logvar_linear is not None
@@ -92,11 +94,12 @@ def test_sid_distills_the_edm2_digits_teacher(tmp_path, monkeypatch):
         "digits-edm2", dict(duration=0.004, tick=4, snap=1, dump=100, metric_num=1000, outdir=str(tmp_path))
     )
     trainer = build_trainer(cfg, torch.device("cpu"), run_dir=tmp_path, log=lambda *_: None)
-    assert trainer.edm2 and trainer.logvar and (trainer.P_mean, trainer.P_std) == (-0.4, 1.0)
+    den = trainer.denoiser
+    assert isinstance(den, EDM2Denoiser) and den.logvar and (den.P_mean, den.P_std) == (-0.4, 1.0)
     assert trainer.G.logvar_linear is None and trainer.fake.logvar_linear is not None
     forced = []
-    real_force = sid.edm2.force_weight_norm_
-    monkeypatch.setattr(sid.edm2, "force_weight_norm_", lambda net: (forced.append(net), real_force(net)))
+    real_force = denoiser.edm2.force_weight_norm_
+    monkeypatch.setattr(denoiser.edm2, "force_weight_norm_", lambda net: (forced.append(net), real_force(net)))
     trainer.train()
     iterations = trainer.cur_nimg // cfg.batch
     assert [id(n) for n in forced] == [id(trainer.fake), id(trainer.G)] * iterations
@@ -258,7 +261,7 @@ def test_fid_of_decoded_latents(tmp_path):
     as PNGs by sample --vae (same seeds): FID ~ 0; without --vae the 4-channel network is refused."""
     diffusers = pytest.importorskip("diffusers")
     from click.testing import CliRunner
-    from fid_helpers import save_torchscript_detector
+    from support.fid_helpers import save_torchscript_detector
 
     from sid_fast import fid
     from sid_fast.checkpoints import save_network
@@ -294,12 +297,12 @@ def test_fid_of_decoded_latents(tmp_path):
 
 
 def test_per_sample_division_by_exp_u():
-    from sid_fast.training.sida import _per_exp_u
+    from sid_fast.training.sida import per_exp_u
 
     rows = torch.tensor([2.0, 3.0, float("nan"), 5.0]).reshape(4, 1, 1, 1)
     u = torch.tensor([0.0, 1.0, 0.5, float("nan")]).reshape(4, 1, 1, 1)
     ok = torch.tensor([True, True, False, False])
-    out = _per_exp_u(rows, u, ok)
+    out = per_exp_u(rows, u, ok)
     assert torch.allclose(out.flatten(), torch.tensor([2.0, 3.0 / torch.e, 0.0, 0.0]))
 
 
@@ -308,7 +311,7 @@ def test_sida_on_the_edm2_digits_teacher(logvar, monkeypatch):
     """SiDA with an EDM2 teacher (official sida_loss_edm2.py): the discriminator and GAN terms divided by e^u, the
     fake score's u trained by its loss (it moves), no gradient clipping; --no-return-logvar builds the fake score
     without the head; forced normalisation per --force-normalization."""
-    from sid_fast.training import sid
+    from sid_fast.training import denoiser
 
     over = dict(
         method="sida",
@@ -322,9 +325,9 @@ def test_sida_on_the_edm2_digits_teacher(logvar, monkeypatch):
         force_normalization=logvar,
     )
     trainer = build_trainer(resolve_config("digits-edm2", over), torch.device("cpu"), log=lambda *_: None)
-    assert trainer.logvar == logvar and (trainer.fake.logvar_linear is not None) == logvar
+    assert trainer.denoiser.logvar == logvar and (trainer.fake.logvar_linear is not None) == logvar
     forced = []
-    monkeypatch.setattr(sid.edm2, "force_weight_norm_", lambda net: forced.append(net))
+    monkeypatch.setattr(denoiser.edm2, "force_weight_norm_", lambda net: forced.append(net))
     clipped = []
     real_apply = trainer._apply_gradients
     monkeypatch.setattr(
@@ -384,6 +387,6 @@ def test_sida_reads_real_latents(tmp_path):
     x, _ = tr._real_batch(0)
     ds = LatentDataset(tmp_path / "lat")
     raw = torch.stack([ds[tr.real.index(k)][0] for k in range(4)])
-    torch.testing.assert_close(x, encode_latents(raw, tr._gen(REAL_LATENTS, 0)), rtol=0, atol=0)
+    torch.testing.assert_close(x, encode_latents(raw, tr.micro_batch_rng(REAL_LATENTS, 0)), rtol=0, atol=0)
     tr.step()
     assert torch.isfinite(tr.stats.values).all()

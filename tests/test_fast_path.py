@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import NET, cfg_for, cpu_trainer, damp_adam, trainer_params
+from support.helpers import NET, cfg_for, cpu_trainer, damp_adam, trainer_params
 
 from sid_fast.networks import build_network
 from sid_fast.training.config import ConfigError

@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
-from fid_helpers import save_torchscript_detector, write_png_folder
+from support.fid_helpers import save_torchscript_detector, write_png_folder
 
 from sid_fast.data import dataset_tool
 from sid_fast.data.dataset import DatasetError, ImageDataset
@@ -357,6 +357,7 @@ def test_fid_cli_bad_input(pipeline, tmp_path):
     assert r.exit_code != 0 and "exactly one of --network and --images" in r.output
 
 
+@pytest.mark.slow
 def test_fid_generation_is_the_same_on_two_processes(pipeline, tmp_path):
     p = pipeline
     ref = str(pipeline["root"] / "ref2.npz")

@@ -9,11 +9,12 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import damp_adam, gloo_process
+from support.helpers import damp_adam, gloo_process
 
 from sid_fast.checkpoints import atomic_save
 from sid_fast.training.config import ASSETS, resolve_config
 from sid_fast.training.run import build_trainer, load_state_file
+from sid_fast.training.state import trained_states
 
 EDM2_TEACHER = str(ASSETS / "digits_edm2_teacher.pt")
 STEPS = 2
@@ -61,7 +62,7 @@ def _cfg(case, teacher=None, **kw):
 
 def _params(tr) -> dict:
     """Whole tensors of G, G_ema and the fake score (gathered onto rank 0 under --fsdp)."""
-    s = tr._trained_states()
+    s = trained_states(tr)
     out = {f"G.{k}": v.clone() for k, v in s["G"].items()}
     out.update({f"fake.{k}": v.clone() for k, v in s["fake_score"].items()})
     out.update({f"G_ema.{k}": v.clone() for k, v in tr.G_ema.state_dict().items()})
@@ -71,7 +72,7 @@ def _params(tr) -> dict:
 def _data(case, tmp_path) -> dict:
     if "data" not in CASES[case] or CASES[case]["data"] is not None:
         return {}
-    from fid_helpers import write_png_folder
+    from support.fid_helpers import write_png_folder
 
     folder = tmp_path / "data"
     write_png_folder(folder, 20, size=8, channels=1, labels=[i % 3 for i in range(20)])
@@ -84,7 +85,7 @@ def _worker(rank, world, port, out_dir, case, teacher, data):
     with gloo_process(rank, world, port):
         tr = damp_adam(build_trainer(_cfg(case, teacher, fsdp=True, **data), torch.device("cpu"), log=lambda *a: None))
         assert tr.world == world  # really distributed
-        assert tr.fsdp and all(hasattr(p, "full_tensor") for p in tr.G.parameters() if p.ndim)  # sharded
+        assert tr.par.fsdp and all(hasattr(p, "full_tensor") for p in tr.G.parameters() if p.ndim)  # sharded
         tr.step()
         state = tr.state_dict()  # collective: every rank gathers
         path = os.path.join(out_dir, "training-state-000000.pt")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import sid_generator_loss_rowdrop
+from support.helpers import sid_generator_loss_rowdrop
 
 from sid_fast.augment import AugmentPipe
 from sid_fast.ema import ema_beta, update_ema

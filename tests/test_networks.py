@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import attention_reference_fp64
+from support.helpers import attention_reference_fp64
 from torch.utils.flop_counter import FlopCounterMode
 
 from kernels.attention import attention_edm, attention_sdpa
@@ -249,6 +249,7 @@ def test_unknown_config_is_refused():
         build_network("EDMPrecond", _tiny_cfg(model_type="Transformer"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["SongUNet", "DhariwalUNet"])
 def test_whole_network_with_kernels_matches_reference(model_type):
     """Fused GroupNorm+SiLU (Triton interpreter on CPU) in every block vs EDM's ops, forward and input gradient."""

@@ -64,14 +64,13 @@ def test_scope_restores_when_it_raises():
     assert ops.current() == ops.Selection()
 
 
-def test_bad_specs_and_retired_environment(monkeypatch):
+def test_bad_specs():
     with pytest.raises(ValueError, match="unknown kernels"):
         ops.parse("flash")
     with pytest.raises(ValueError, match="pick one"):
         ops.parse("attention,sdpa")
-    monkeypatch.setenv("SID_FAST_KERNELS", "1")
-    with pytest.raises(ConfigError, match="SID_FAST_KERNELS is no longer read"):
-        resolve_config("digits", dict(kernels="none"))
+    with pytest.raises(ConfigError, match="--kernels 'flash'"):
+        resolve_config("digits", dict(kernels="flash"))
 
 
 @pytest.mark.parametrize(

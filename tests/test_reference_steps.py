@@ -21,7 +21,7 @@ def test_reference_steps_are_bit_identical_to_the_recorded_ones():
     env = dict(os.environ, **RECIPE)
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run(
-        [sys.executable, str(HERE / "reference_steps.py")],
+        [sys.executable, str(HERE / "support" / "reference_steps.py")],
         capture_output=True,
         text=True,
         env=env,

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from analytic import GaussianMixtureDenoiser
+from support.analytic import GaussianMixtureDenoiser
 
 from sid_fast.checkpoints import save_network
 from sid_fast.networks import build_network

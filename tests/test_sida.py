@@ -175,11 +175,11 @@ def test_schedule_thresholds_at_the_exact_image_counts():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The SiDA trainer on the tiny conditional teacher (tests/helpers.NET: 8 x 8, 1 channel, 3 classes).
+# The SiDA trainer on the tiny conditional teacher (tests/support/helpers.NET: 8 x 8, 1 channel, 3 classes).
 
 
 def _data(tmp_path, n=20, size=8, channels=1, labels=True):
-    from fid_helpers import write_png_folder
+    from support.fid_helpers import write_png_folder
 
     folder = tmp_path / f"data{size}x{channels}"
     write_png_folder(folder, n, size=size, channels=channels, labels=[i % 3 for i in range(n)] if labels else None)
@@ -187,7 +187,7 @@ def _data(tmp_path, n=20, size=8, channels=1, labels=True):
 
 
 def _sida_trainer(teacher_file, tmp_path, **kw):
-    from helpers import cfg_for, cpu_trainer
+    from support.helpers import cfg_for, cpu_trainer
 
     return cpu_trainer(cfg_for(teacher_file, method="sida", data=_data(tmp_path), **kw))
 
@@ -221,51 +221,6 @@ def test_sida_clips_the_fake_scores_gradients_at_one(teacher_file, tmp_path):
     tr.opt_fake.step = spy
     tr.fake_score_phase()
     assert seen["max"] == 1.0
-
-
-def test_probe_gradients_are_the_two_terms_of_the_generator_phase(teacher_file, tmp_path):
-    """bench.sida_probe's GAN:SiD gradient ratio measures what SiDA's generator steps on: its two gradients add up
-    to the gradient the generator phase hands to the optimizer, on the same draws."""
-    from bench.sida_probe import probe_gradients
-
-    tr = _sida_trainer(teacher_file, tmp_path, batch=4, batch_gpu=4, dropout=0.0, augment=0.0, lsg_gan=10.0)
-    tr.fake_score_phase()  # the fake score moves off the teacher: the SiD term's gradient is no longer ~0
-    tr.cur_nimg = 200_004  # past both warm-ups: 0.5 SiD + 0.5 GAN
-    seen = {}
-    step = tr.opt_g.step
-
-    def spy():
-        seen["grads"] = [p.grad.clone() for p in tr.G.parameters()]
-        step()
-
-    tr.opt_g.step = spy
-    draws = tr._generator_draws(0)
-    probe = probe_gradients(tr, 4, 0, draws=draws)
-    tr.generator_phase()
-
-    def whole(g, p):
-        return (g if g is not None else torch.zeros_like(p)).flatten()
-
-    both = torch.cat(
-        [
-            whole(gs, p) + whole(gg, p)
-            for gs, gg, p in zip(probe["grads"]["sid"], probe["grads"]["gan"], tr.G.parameters())
-        ]
-    )
-    trained = torch.cat([g.flatten() for g in seen["grads"]])
-    # Two backward passes summed against one of the sum: fp32 rounding only (9e-7 relative measured here); a term
-    # missing or weighed wrongly (0.5, C*H*W, lsg_gan, the batch mean) would differ by 20% or more: here the two
-    # gradients' norms are 419 and 816 against 921 for their sum.
-    assert float((both - trained).norm()) <= 1e-4 * float(trained.norm())
-    assert probe["grad_gan"] > 1e-3 * float(trained.norm()) and probe["grad_sid"] > 1e-3 * float(trained.norm())
-
-
-def test_probe_auc_counts_pairs_and_ties():
-    from bench.sida_probe import auc
-
-    # pairs (real > fake): 1>0, 2>0, 2=2 (half), 3>0, 3>2 of six
-    assert auc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 2.0])) == 4.5 / 6
-    assert auc(torch.tensor([5.0]), torch.tensor([1.0, 2.0])) == 1.0 and auc(torch.zeros(3), torch.zeros(2)) == 0.5
 
 
 def test_real_image_stream_is_the_same_across_resume_and_process_counts(tmp_path):
@@ -328,7 +283,7 @@ def test_sida_resume_reads_the_same_real_images(teacher_file, tmp_path):
     ],
 )
 def test_sida_bad_input_is_one_sentence_before_any_work(teacher_file, tmp_path, case, kw, match):
-    from helpers import cfg_for, cpu_trainer
+    from support.helpers import cfg_for, cpu_trainer
 
     from sid_fast.training.config import ConfigError
 
@@ -340,7 +295,7 @@ def test_sida_bad_input_is_one_sentence_before_any_work(teacher_file, tmp_path, 
 
 
 def _ddp_worker(rank, world, port, teacher, data, out):
-    from helpers import cfg_for, cpu_trainer, damp_adam, gloo_process, trainer_params
+    from support.helpers import cfg_for, cpu_trainer, damp_adam, gloo_process, trainer_params
 
     with gloo_process(rank, world, port):
         tr = damp_adam(cpu_trainer(cfg_for(teacher, **_DDP_KW, data=data)))
@@ -362,7 +317,7 @@ def test_sida_one_process_equals_two_gloo_processes(teacher_file, tmp_path):
     import os
 
     import torch.multiprocessing as mp
-    from helpers import cfg_for, cpu_trainer, damp_adam, trainer_params
+    from support.helpers import cfg_for, cpu_trainer, damp_adam, trainer_params
 
     data = _data(tmp_path)
     single = damp_adam(cpu_trainer(cfg_for(teacher_file, **_DDP_KW, data=data)))
@@ -381,7 +336,7 @@ def test_sida_one_process_equals_two_gloo_processes(teacher_file, tmp_path):
 
 
 def test_sid2a_starts_g_from_a_sid_generator_and_refuses_other_shapes(teacher_file, tmp_path):
-    from helpers import NET, cfg_for, cpu_trainer
+    from support.helpers import NET, cfg_for, cpu_trainer
 
     from sid_fast.checkpoints import save_network
     from sid_fast.training.config import ConfigError
@@ -427,3 +382,75 @@ def test_sida_presets_carry_the_official_values():
         resolve_config("cifar10-uncond-sid2a", dict(teacher="t.pkl", data="c.zip", data_stat="r.npz"))
     c = resolve_config("afhqv2-64-sid2a", dict(teacher="t.pkl", data="a.zip", data_stat="r.npz", sid_model="g.pkl"))
     assert (c.duration, c.lr, c.official_data) == (100, 5e-6, "afhqv2-64x64.zip")
+
+
+def _upstream_generator_terms(x_g, y_real, y_fake, y_D, alpha, logvar=None):
+    """The official generator terms, transcribed with its row dropping (sida_training/sida_loss.py
+    generator_share_encoder_loss without logvar; sida_training_edm2/sida_loss_edm2.py with it): (SiD term summed,
+    C*H*W times the GAN term summed), as the loops reduce them."""
+
+    def nan_rows(t):
+        return torch.isnan(t).flatten(1).any(dim=1)
+
+    drop = nan_rows(x_g) | nan_rows(y_real) | nan_rows(y_fake)
+    if logvar is not None:  # EDM2: u and the logits filter the rows too
+        drop = drop | nan_rows(logvar) | nan_rows(y_D)
+    keep = ~drop
+    y, yr, yf = x_g[keep], y_real[keep], y_fake[keep]
+    if logvar is not None:
+        logvar, y_D = logvar[keep], y_D[keep]
+    w = (y - yr).abs().detach().mean(dim=[1, 2, 3], keepdim=True).clip(min=1e-5)
+    loss = (yr - yf) * ((yr - y) - alpha * (yr - yf)) / w
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(y_D.clamp(-10, 10), torch.ones_like(y_D))
+    gan = bce / w
+    if logvar is not None:
+        loss, gan = loss / logvar.exp(), gan / logvar.exp()
+    return loss.sum(), x_g[0].numel() * gan.sum()
+
+
+@pytest.mark.parametrize("edm2_rule", [False, True], ids=["edm", "edm2"])
+@pytest.mark.parametrize(
+    "case", ["clean", "nan generator sample", "nan teacher output only", "nan logits only", "nan fake output only"]
+)
+def test_generator_terms_follow_each_official_nan_rule(edm2_rule, case):
+    """sid_fast's SiDA generator terms equal the official ones, value and gradients, on float64 inputs, with each
+    version's NaN rule: EDM takes the BCE mean over every row's logits (a NaN logit makes the term NaN), EDM2 drops
+    rows with NaN logits from both terms."""
+    from sid_fast.training.denoiser import FakeOutput
+    from sid_fast.training.sida import sida_generator_terms
+
+    g = torch.Generator().manual_seed(3)
+    n = 5
+    x_g, y_real, y_fake = (torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    y_D = torch.randn(n, 1, 2, 2, generator=g, dtype=torch.float64) * 8  # some beyond the +-10 clamp
+    u = torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64) * 0.3 if edm2_rule else None
+    nan = float("nan")
+    if case == "nan generator sample":  # everything computed from that sample is NaN
+        for t in (x_g, y_real, y_fake, y_D):
+            t[1] = nan
+    elif case == "nan teacher output only":
+        y_real[2, 1, 0, 3] = nan
+    elif case == "nan logits only":
+        y_D[3, 0, 1, 1] = nan
+    elif case == "nan fake output only":
+        y_fake[4, 0, 2, 2] = nan
+    alpha, a, b = 1.2, 0.5 * 100, 0.5 * 0.01
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (x_g, y_real, y_fake, y_D)]
+        sid, gan = fn(*leaves)
+        (a * sid + b * gan).backward()
+        return (sid.detach(), gan.detach()), [t.grad for t in leaves]
+
+    def ours(xg, yr, yf, yd):
+        sid, gan, _ = sida_generator_terms(xg, yr, FakeOutput(D=yf, logits=yd, u=u), alpha, edm2_rule=edm2_rule)
+        return sid, gan
+
+    got, got_grads = grads(ours)
+    want, want_grads = grads(lambda *t: _upstream_generator_terms(*t, alpha, logvar=u))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=0, equal_nan=True)
+    for x, y in zip(got_grads, want_grads):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-300, equal_nan=True)
+    expect_nan_gan = not edm2_rule and case in ("nan generator sample", "nan logits only")
+    assert bool(torch.isnan(got[1])) == expect_nan_gan

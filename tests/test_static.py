@@ -1,11 +1,13 @@
 """The ahead-of-time GPU checks (bench/static.py) that a CPU can run: every kernel compiles for sm_90 at the official
 shapes in bf16 with the configurations its autotuner keeps, fits the H100's shared memory, spills nothing, and uses
-wgmma where the tile allows; and the check itself catches a spilling configuration (one the old lists held)."""
+wgmma where the tile allows; and the check itself catches a spilling configuration."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from bench.static import violations
 
@@ -16,6 +18,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_kept_configs_compile_fit_and_do_not_spill_on_sm90(tmp_path):
     out = tmp_path / "static.jsonl"
     r = subprocess.run(
@@ -80,6 +83,7 @@ def test_kept_configs_compile_fit_and_do_not_spill_on_sm90(tmp_path):
     assert gn_cl8 and all(x["ld_v4"] + x["ld_v2"] > 0 and x["ld_b16_scalar"] == 0 for x in gn_cl8)
 
 
+@pytest.mark.slow
 def test_the_check_fails_on_a_spilling_configuration(tmp_path):
     """The head-dim-256 dk/dv kernel at BLOCK_M 64, BLOCK_N 64, 4 warps, 2 stages (in the lists before bench.static)
     spills on sm_90: compiled as if the autotuner kept it, violations() must name the spill."""

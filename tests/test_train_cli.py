@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sid_fast.checkpoints import load_network_file
 
 
@@ -12,6 +14,7 @@ def _train(*args):
     return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_digits_default_runs_resumes_and_samples(tmp_path):
     """The default's first 4 kimg (16 iterations of 256): the files of a run, FD-digits falling from the teacher's
     one-step output, then resume and the sampler."""
@@ -70,6 +73,7 @@ def test_bad_flags_fail_before_work(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_step_writes_state_and_exits(tmp_path):
     import signal
     import time
@@ -111,6 +115,7 @@ def test_sigterm_finishes_step_writes_state_and_exits(tmp_path):
     assert s["cur_nimg"] > 0 and s["cur_nimg"] % 64 == 0  # written at an iteration boundary
 
 
+@pytest.mark.slow
 def test_readme_first_command_runs_from_a_fresh_clone(tmp_path):
     """The README's first command, exactly as written, in a fresh clone of this repository (the committed tree),
     shortened to one iteration through SID_FAST_DURATION; install.sh has already run (CI runs it first)."""

@@ -186,10 +186,11 @@ class Block(torch.nn.Module):
         self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
 
-    # sid_fast: activation checkpointing set by sid_fast.perf (--checkpointing blocks / selective), as on EDM's
+    # sid_fast: activation checkpointing set once by sid_fast.perf (--checkpointing blocks / selective), as on EDM's
     # UNetBlock: "full" recomputes the whole block in backward, "selective" keeps convolution, matmul and attention
-    # outputs (sid_fast.networks.layers.selective_checkpoint_policy).
+    # outputs (sid_fast.networks.layers.selective_checkpoint_policy and call_block).
     checkpoint_activations: str | None = None
+    checkpoint_while_trained: bool = True
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return call_block(self, x, emb, self.conv_res0.weight)

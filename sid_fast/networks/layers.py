@@ -203,11 +203,13 @@ class UNetBlock(torch.nn.Module):
             )
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
-    # sid_fast: set by sid_fast.perf around the network calls of a step that runs with --checkpointing. While autograd
-    # records, "full" keeps only the block's inputs and recomputes all of its activations in backward; "selective"
-    # keeps the outputs of its dense convolutions, matmuls and attention and recomputes the rest (GroupNorm, SiLU,
-    # dropout with the same RNG draws, adds, dtype casts, resampling filters), see `selective_checkpoint_policy`.
+    # sid_fast: set once by sid_fast.perf when a run is built (--checkpointing). While autograd records, "full" keeps
+    # only the block's inputs and recomputes all of its activations in backward; "selective" keeps the outputs of its
+    # dense convolutions, matmuls and attention and recomputes the rest (GroupNorm, SiLU, dropout with the same RNG
+    # draws, adds, dtype casts, resampling filters), see `selective_checkpoint_policy`. With checkpoint_while_trained
+    # False a block checkpoints only while its parameters are frozen (a network called as a function of its input).
     checkpoint_activations: str | None = None
+    checkpoint_while_trained: bool = True
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return call_block(self, x, emb, self.conv0.weight)
@@ -235,8 +237,11 @@ class UNetBlock(torch.nn.Module):
 
 def call_block(block, x: torch.Tensor, emb: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """block._forward(x, emb), checkpointed as block.checkpoint_activations says ("full" or "selective") while autograd
-    records something of it (its inputs or `weight`, one of its parameters); shared by EDM's and EDM2's blocks."""
+    records something of it (its inputs or `weight`, one of its parameters; with block.checkpoint_while_trained False
+    only while `weight` is frozen); shared by EDM's and EDM2's blocks."""
     mode = block.checkpoint_activations
+    if weight.requires_grad and not block.checkpoint_while_trained:
+        mode = None
     if mode and torch.is_grad_enabled() and (x.requires_grad or emb.requires_grad or weight.requires_grad):
         from torch.utils.checkpoint import checkpoint
 

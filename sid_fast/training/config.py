@@ -215,11 +215,11 @@ PRESETS: dict[str, dict] = {
         metrics="fid",
         metric_num=50000,
     ),
-    # The embedded default: the bundled 8x8 digits teacher, sized to run on a 2-core CPU in about 4 minutes (10 on a
-    # machine at 25 img/s of the old 16x16 default). Higher learning rates and a shorter EMA than the image presets:
+    # The embedded default: the bundled 8x8 digits teacher, sized to run on a 2-core CPU in about 4 minutes (up to 10
+    # on slower 2-core machines). Higher learning rates and a shorter EMA than the image presets:
     # the network is 1.3 M parameters and the run sees tens of thousands of images, not hundreds of millions. Batch
     # 256 rather than 64: on seed 0 at 48 kimg the curve of batch 64 swung between 4.1 and 20.7 after the first 30%,
-    # that of batch 256 between 5.6 and 8.8 (bench/digits_study.py, bench/results/digits_study.jsonl).
+    # that of batch 256 between 5.6 and 8.8 (studies/digits_default).
     "digits": dict(
         teacher=str(DIGITS_TEACHER_PATH),
         cond=False,
@@ -414,6 +414,15 @@ def check_world(cfg: TrainConfig, world_size: int) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Every flag on its own and against the others; the process count is checked by `check_world`."""
+    _validate_algorithm(cfg)
+    _validate_fast_path(cfg)
+    _validate_schedule(cfg)
+    _validate_inputs(cfg)
+    _validate_sida(cfg)
+    _validate_metrics(cfg)
+
+
+def _validate_algorithm(cfg: TrainConfig) -> None:
     if not 0 <= cfg.alpha <= 10:
         raise ConfigError(f"--alpha must be in [0, 10] (SiD uses 1.0 or 1.2), got {cfg.alpha}.")
     if not 0 < cfg.tmax <= 1000:
@@ -433,6 +442,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--augment must be a probability in [0, 1], got {cfg.augment}.")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}.")
+
+
+def _validate_fast_path(cfg: TrainConfig) -> None:
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}.")
     if cfg.checkpointing not in CHECKPOINTING:
@@ -443,7 +455,6 @@ def validate(cfg: TrainConfig) -> None:
 
     try:
         ops.parse(cfg.kernels)
-        ops.check_environment()
     except ValueError as e:
         raise ConfigError(f"--kernels {cfg.kernels!r}: {e}") from None
     if cfg.compile_backend not in ("inductor", "aot_eager", "eager"):
@@ -453,6 +464,9 @@ def validate(cfg: TrainConfig) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("--cuda-graphs needs a CUDA device; this machine has none.")
+
+
+def _validate_schedule(cfg: TrainConfig) -> None:
     for flag in ("duration", "tick", "ema"):
         if not getattr(cfg, flag) > 0:
             raise ConfigError(f"--{flag} must be positive, got {getattr(cfg, flag)}.")
@@ -464,6 +478,9 @@ def validate(cfg: TrainConfig) -> None:
     for flag in ("snap", "dump"):
         if getattr(cfg, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1 tick, got {getattr(cfg, flag)}.")
+
+
+def _validate_inputs(cfg: TrainConfig) -> None:
     if cfg.teacher is None:
         official = cfg.official_teacher or ""
         raise ConfigError(
@@ -474,6 +491,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--p-mean and --p-std go together (got --p-mean {cfg.P_mean}, --p-std {cfg.P_std}).")
     if cfg.P_std is not None and not cfg.P_std > 0:
         raise ConfigError(f"--p-std must be positive, got {cfg.P_std}.")
+
+
+def _validate_sida(cfg: TrainConfig) -> None:
     if cfg.method not in METHODS:
         raise ConfigError(f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}.")
     if cfg.method == "sida" and cfg.data is None:
@@ -502,6 +522,9 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{flag.replace('_', '-')} must be non-negative, got {getattr(cfg, flag)}.")
     if cfg.workers < 0:
         raise ConfigError(f"--workers must be a non-negative integer, got {cfg.workers}.")
+
+
+def _validate_metrics(cfg: TrainConfig) -> None:
     if cfg.metrics not in METRICS:
         raise ConfigError(f"--metrics must be one of {', '.join(METRICS)}, got {cfg.metrics!r}.")
     if cfg.metrics == "fid" and cfg.data_stat is None:

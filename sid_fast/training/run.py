@@ -17,7 +17,7 @@ import torch
 from sid_fast import checkpoints, dist
 from sid_fast.networks import edm2
 from sid_fast.training.config import ConfigError, TrainConfig, check_world
-from sid_fast.training.sid import SiDTrainer, Student, TrainingAborted
+from sid_fast.training.sid import SiDTrainer, TeacherSpec, TrainingAborted
 from sid_fast.training.tickstats import Logger
 
 
@@ -165,20 +165,20 @@ def build_trainer(
     device: torch.device | None = None,
     *,
     teacher=None,
-    student: Student | None = None,
+    teacher_spec: TeacherSpec | None = None,
     run_dir: Path | None = None,
     log=print,
     fid=None,
 ) -> SiDTrainer:
     """Load and check the teacher (from cfg.teacher unless given), the data's labels and the FID inputs, once; then
-    the trainer. `teacher` and `student` let tests and benchmarks bring networks that are not files."""
+    the trainer. `teacher` and `teacher_spec` let tests and benchmarks bring networks that are not files."""
     device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_world(cfg, dist.world_size())
     if teacher is None:
         teacher, info = checkpoints.load_network_file(cfg.teacher)
-        student = Student(info["class_name"], info["init_kwargs"], teacher.state_dict(), info.get("meta", {}))
-    elif student is None:
-        raise ValueError("build_trainer: a teacher given without the students' initialisation (a Student).")
+        teacher_spec = TeacherSpec(info["class_name"], info["init_kwargs"], teacher.state_dict(), info.get("meta", {}))
+    elif teacher_spec is None:
+        raise ValueError("build_trainer: a teacher network given without its TeacherSpec (class, kwargs, weights).")
     check_teacher(cfg, teacher, cfg.teacher)
     label_table = load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
     real = load_real_dataset(cfg) if cfg.method == "sida" else None
@@ -193,7 +193,7 @@ def build_trainer(
             cfg,
             device,
             teacher,
-            student,
+            teacher_spec,
             run_dir=run_dir,
             log=log,
             fid=fid,
@@ -206,7 +206,7 @@ def build_trainer(
         cfg,
         device,
         teacher,
-        student,
+        teacher_spec,
         run_dir=run_dir,
         log=log,
         fid=fid,

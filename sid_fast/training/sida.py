@@ -24,19 +24,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sid_fast import ops, perf
+from sid_fast import ops
 from sid_fast.losses import (
     edm2_loss_from_output,
     edm_loss_from_output,
     finite_rows,
-    sample_edm_sigma,
     sid_weight,
     sida_discriminator_loss,
     sida_generator_gan_loss,
     sida_schedule,
 )
-from sid_fast.perf import annotate
-from sid_fast.training.sid import FAKE, SiDTrainer
+from sid_fast.training.denoiser import EDM2Denoiser
+from sid_fast.training.sid import SiDTrainer
 
 REAL_LATENTS = 2  # the generator stream of the draws that turn stored latents (mean, std) into samples
 
@@ -87,7 +86,8 @@ class _MicroBatches(torch.utils.data.Sampler):
 
 
 class SiDATrainer(SiDTrainer):
-    """SiDTrainer with the discriminator in the fake-score phase and the GAN term in the generator phase."""
+    """SiDTrainer with the discriminator in the fake-score phase and the GAN term in the generator phase, through the
+    SiD phases' hooks."""
 
     def __init__(self, *args, real_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -98,6 +98,9 @@ class SiDATrainer(SiDTrainer):
         # vae_edm2_encode_latents), with a generator seeded per micro-batch like every other draw.
         self.real_latents = getattr(real_dataset, "meta", {}).get("format") == "sid_fast.latents"
         self._loader = None
+        self._gan_weights = (1.0, 0.0)
+        # Elementwise clipping at 1 of the fake score's gradients in the EDM loop; none in the EDM2 loop (official).
+        self.fake_grad_clip = None if isinstance(self.denoiser, EDM2Denoiser) else 1.0
 
     # Real data: opened lazily at the current iteration, so that resuming (which sets cur_nimg) starts in place.
     def _real_batch(self, rnd: int):
@@ -122,7 +125,7 @@ class SiDATrainer(SiDTrainer):
         if self.real_latents:
             from sid_fast.latents import encode_latents
 
-            x = encode_latents(img.to(self.device, non_blocking=True), self._gen(REAL_LATENTS, rnd))
+            x = encode_latents(img.to(self.device, non_blocking=True), self.micro_batch_rng(REAL_LATENTS, rnd))
         else:
             x = img.to(self.device, non_blocking=True).float() / 127.5 - 1
         onehot = None
@@ -130,52 +133,37 @@ class SiDATrainer(SiDTrainer):
             onehot = torch.eye(self.G.label_dim, device=self.device)[labels.to(self.device)]
         return x, onehot
 
-    def _augment(self, images, g):
-        if self.augment_pipe is not None:
-            return self.augment_pipe(images, generator=g)
-        return images, (torch.zeros([images.shape[0], self.aug_dim], device=self.device) if self.aug_dim else None)
+    # Fake-score phase: the fake score is also the discriminator.
+    def fake_phase_inputs(self, rnd: int, g):
+        """A batch of real images and its labels; z drawn from `g` (the generated images take the real labels)."""
+        real, labels = self._real_batch(rnd)
+        z = torch.randn(self.denoiser.image_shape(self.cfg.batch_gpu), device=self.device, generator=g)
+        return z, labels, real
 
-    def fake_score_phase(self):
-        cfg = self.cfg
-        self.G.eval()
-        self.fake.train().requires_grad_(True)
-        self._force_weight_norm(self.fake)  # EDM2 networks only
-        self.opt_fake.zero_grad(set_to_none=True)
-        for rnd in range(self.rounds):
-            g = self._gen(FAKE, rnd)
-            real, labels = self._real_batch(rnd)
-            z = torch.randn(real.shape, device=self.device, generator=g)
-            with torch.no_grad():
-                x_g = self.generate(self.calls.G_eval, z, labels)
-            sigma = sample_edm_sigma(cfg.batch_gpu, self.device, self.P_mean, self.P_std, generator=g)
-            y, aug = self._augment(x_g, g)
-            y_r, aug_r = self._augment(real, g)  # an independent draw, after the fake one
-            noise = torch.randn(y.shape, device=self.device, generator=g) * sigma  # shared by both branches
-            with self._no_sync(self.fake_ddp, rnd):
-                out = self.calls.fake_train(
-                    y + noise, sigma, labels, return_flag="encoder_decoder", **self._fake_kwargs(aug)
-                )
-                D, logits_fake, u = out if self.logvar else (*out, None)
-                kw_r = {} if aug_r is None else dict(augment_labels=aug_r)
-                logits_real = self.calls.fake_train(y_r + noise, sigma, labels, return_flag="encoder", **kw_r)
-                # The official filter of this phase (EDM2: u too, official sida_loss_edm2.py).
-                ok = finite_rows(y, D, logits_fake, logits_real, *(() if u is None else (u,)))
-                if u is None:
-                    loss_el, _ = edm_loss_from_output(D, y, sigma)
-                else:  # EDM2: lambda / e^u (D - y)^2 + u; the discriminator term divided by e^u (no +u)
-                    loss_el, _ = edm2_loss_from_output(D, y, sigma, u)
-                loss_fake = torch.where(ok.reshape(-1, 1, 1, 1), loss_el, 0).sum()
-                loss_D_rows = sida_discriminator_loss(logits_real, logits_fake, sigma, ok)
-                if u is not None:
-                    loss_D_rows = _per_exp_u(loss_D_rows, u, ok)
-                loss_D = loss_D_rows.sum()
-                ((loss_fake * cfg.ls + loss_D * cfg.lsd) / self.batch_gpu_total).backward()
-            self.stats.add(
-                loss_fake=loss_fake.detach(), loss_D=loss_D.detach(), rows_fake=ok.sum(), nan_samples_fake=(~ok).sum()
-            )
-        # Elementwise clipping at 1 of the fake score's gradients in the EDM loop; none in the EDM2 loop (official).
-        return self._apply_gradients(self.fake, self.opt_fake, "bad_steps_fake", clip_value=None if self.edm2 else 1.0)
+    def fake_phase_loss(self, y, aug, noise, sigma, labels, real):
+        """sum(lambda (D_fake - y)^2) * ls / B + sum(L_D) * lsd / B (official sida_loss.py); the noise and sigma are
+        shared by the generated and the real branch."""
+        cfg, den = self.cfg, self.denoiser
+        y_r, aug_r = real
+        out = den.fake(self.calls.fake_train, y + noise, sigma, labels, aug, return_flag="encoder_decoder")
+        logits_real = den.discriminator_logits(self.calls.fake_train, y_r + noise, sigma, labels, aug_r)
+        # The official filter of this phase (EDM2: u too, official sida_loss_edm2.py).
+        ok = finite_rows(y, out.D, out.logits, logits_real, *(() if out.u is None else (out.u,)))
+        if out.u is None:
+            loss_el, _ = edm_loss_from_output(out.D, y, sigma)
+        else:  # EDM2: lambda / e^u (D - y)^2 + u; the discriminator term divided by e^u (no +u)
+            loss_el, _ = edm2_loss_from_output(out.D, y, sigma, out.u)
+        loss_fake = torch.where(ok.reshape(-1, 1, 1, 1), loss_el, 0).sum()
+        loss_D_rows = sida_discriminator_loss(logits_real, out.logits, sigma, ok)
+        if out.u is not None:
+            loss_D_rows = per_exp_u(loss_D_rows, out.u, ok)
+        loss_D = loss_D_rows.sum()
+        stats = dict(
+            loss_fake=loss_fake.detach(), loss_D=loss_D.detach(), rows_fake=ok.sum(), nan_samples_fake=(~ok).sum()
+        )
+        return (loss_fake * cfg.ls + loss_D * cfg.lsd) / self.batch_gpu_total, stats
 
+    # Generator phase: SiD's term, then SiD's and the GAN term.
     def generator_phase(self):
         cfg = self.cfg
         step, w_sid, w_gan = sida_schedule(
@@ -183,47 +171,51 @@ class SiDATrainer(SiDTrainer):
         )
         if not step:  # the official loop computes and discards this phase during the first 100k images
             return torch.zeros((), dtype=torch.bool, device=self.device)
-        self.G.train().requires_grad_(True)
-        self._force_weight_norm(self.G)
-        self.fake.eval().requires_grad_(False)
-        self.opt_g.zero_grad(set_to_none=True)
-        for rnd in range(self.rounds):
-            z, labels, sigma, eps = self._generator_draws(rnd)
-            with self._no_sync(self.G_ddp, rnd):
-                x_g = self.generate(self.calls.G_train, z, labels)
-                x_t = perf.image_format(cfg, x_g + sigma * eps)
-                aug = self._aug_zeros(cfg.batch_gpu)  # no augmentation in the generator phase
-                y_real = self.calls.teacher(x_t, sigma, labels, **aug)
-                if w_gan > 0:
-                    out = self.calls.fake_eval(
-                        x_t, sigma, labels, return_flag="encoder_decoder", **aug, **self._fake_kwargs()
-                    )
-                    y_fake, logits, u = out if self.logvar else (*out, None)
-                else:
-                    out = self.calls.fake_eval(x_t, sigma, labels, **aug, **self._fake_kwargs())
-                    (y_fake, u), logits = (out if self.logvar else (out, None)), None
-                # EDM2: both terms divided by e^u of the fake score (official sida_loss_edm2.py).
-                loss_sid, ok = ops.sid_generator_loss_sum(x_g, y_real, y_fake, cfg.alpha, u=u)
-                total = w_sid * cfg.lsg * loss_sid
-                loss_gan = torch.zeros((), device=self.device)
-                if logits is not None:
-                    mask = ok.reshape(-1, 1, 1, 1)
-                    w = sid_weight(torch.where(mask, x_g, 0), torch.where(mask, y_real, 0))
-                    chw = x_g[0].numel()
-                    gan_rows = sida_generator_gan_loss(logits, w, ok)
-                    if u is not None:
-                        gan_rows = _per_exp_u(gan_rows, u, ok)
-                    loss_gan = chw * gan_rows.sum()
-                    total = total + w_gan * cfg.lsg_gan * loss_gan
-                with annotate("sid/backward"):
-                    (total / self.batch_gpu_total).backward()
-            self.stats.add(
-                loss_G=loss_sid.detach(), loss_G_gan=loss_gan.detach(), rows_G=ok.sum(), nan_samples_G=(~ok).sum()
-            )
-        return self._apply_gradients(self.G, self.opt_g, "bad_steps_G")
+        self._gan_weights = (w_sid, w_gan)
+        return super().generator_phase()
+
+    def generator_loss(self, x_g, x_t, sigma, labels, y_real):
+        cfg, den = self.cfg, self.denoiser
+        w_sid, w_gan = self._gan_weights
+        flag = "encoder_decoder" if w_gan > 0 else None
+        out = den.fake(self.calls.fake_eval, x_t, sigma, labels, return_flag=flag)
+        loss_sid, loss_gan, ok = sida_generator_terms(
+            x_g, y_real, out, cfg.alpha, edm2_rule=isinstance(den, EDM2Denoiser)
+        )
+        total = w_sid * cfg.lsg * loss_sid
+        if loss_gan is not None:
+            total = total + w_gan * cfg.lsg_gan * loss_gan
+        else:
+            loss_gan = torch.zeros((), device=self.device)
+        stats = dict(loss_G=loss_sid.detach(), loss_G_gan=loss_gan.detach(), rows_G=ok.sum(), nan_samples_G=(~ok).sum())
+        return total / self.batch_gpu_total, stats
 
 
-def _per_exp_u(rows: torch.Tensor, u: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+def sida_generator_terms(x_g, y_real, out, alpha: float, edm2_rule: bool):
+    """(summed SiD term, summed GAN term C*H*W sum_i BCE_mean / w_i or None without logits, [N] rows kept) of one
+    generator micro-batch, with each official version's NaN rule:
+    - EDM (sida_training/sida_loss.py): rows with a NaN in x_g, y_real or y_fake are dropped from the SiD term and from
+      the GAN term's sum over 1 / w_i, but the BCE mean runs over the logits of every row: one NaN logit makes the
+      term NaN (and the official nan_to_num then zeroes the gradients it poisons);
+    - EDM2 (sida_training_edm2/sida_loss_edm2.py): rows with a NaN logit (or u) are dropped from both terms, and the
+      BCE mean runs over the kept rows.
+    EDM2's terms are divided by e^u of the fake score."""
+    keep = finite_rows(out.logits) if edm2_rule and out.logits is not None else None
+    loss_sid, ok = ops.sid_generator_loss_sum(x_g, y_real, out.D, alpha, u=out.u, keep=keep)
+    if out.logits is None:
+        return loss_sid, None, ok
+    mask = ok.reshape(-1, 1, 1, 1)
+    w = sid_weight(torch.where(mask, x_g, 0), torch.where(mask, y_real, 0))
+    mean_over = ok if edm2_rule else torch.ones_like(ok)
+    gan_rows = sida_generator_gan_loss(out.logits, w, ok, mean_over=mean_over)
+    if out.u is not None:
+        gan_rows = per_exp_u(gan_rows, out.u, ok)
+    return loss_sid, x_g[0].numel() * gan_rows.sum(), ok
+
+
+def per_exp_u(rows: torch.Tensor, u: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """Per-sample terms [N, 1, 1, 1] divided by e^u of their sample, zero where not `ok` (EDM2's SiDA terms)."""
     m = ok.reshape(-1, 1, 1, 1)
-    return torch.where(m, rows / torch.where(m, u.reshape(-1, 1, 1, 1).float(), 0).exp(), 0)
+    u = u.reshape(-1, 1, 1, 1)
+    u = u if u.dtype == torch.float64 else u.float()
+    return torch.where(m, rows / torch.where(m, u, 0).exp(), 0)

@@ -14,7 +14,7 @@ import torch
 
 from sid_fast import dist
 
-# Named slots of the one device tensor (the order is the training state's, kept for resuming older states).
+# Named slots of the one device tensor, in the order the training state stores them.
 SLOTS = (
     "loss_fake",
     "loss_G",

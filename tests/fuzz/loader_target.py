@@ -84,7 +84,7 @@ def check_input(data: bytes) -> None:
 def seed_files(out_dir: Path) -> list[Path]:
     """Valid inputs, written the way users get them: an EDM pickle, a sid_fast network file, a training state."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ for the EDM pickle writer
-    from edm_pickle_writer import write_edm_pickle
+    from support.edm_pickle_writer import write_edm_pickle
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -3,7 +3,7 @@ EDM shapes and speed on GPU)."""
 
 import pytest
 import torch
-from helpers import attention_reference_fp64
+from support.helpers import assert_kernel_within_torch, attention_reference_fp64, max_abs_err
 
 from kernels.attention import attention_edm, flash_attention
 from sid_fast import ops
@@ -34,10 +34,6 @@ def _run(fn, qkv, do, heads):
     return o.detach(), x.grad.detach()
 
 
-def _err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[-1] for s in SHAPES])
@@ -51,8 +47,8 @@ def test_forward_backward_against_float64(shape, channels_last, dtype):
     ker_o, ker_g = _run(flash_attention, qkv, do, heads)
     atol = 1e-6 if dtype == torch.float32 else 1e-3
     assert ker_o.dtype == dtype and ker_g.dtype == dtype
-    assert _err(ker_o, ref_o) <= 2 * _err(pt_o, ref_o) + atol, (_err(ker_o, ref_o), _err(pt_o, ref_o))
-    assert _err(ker_g, ref_g) <= 2 * _err(pt_g, ref_g) + atol, (_err(ker_g, ref_g), _err(pt_g, ref_g))
+    assert_kernel_within_torch(ker_o, pt_o, ref_o, atol)
+    assert_kernel_within_torch(ker_g, pt_g, ref_g, atol)
     # Output and gradient keep the input's memory format.
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert ker_o.is_contiguous(memory_format=fmt)
@@ -74,8 +70,8 @@ def test_blocked_channel_order_matches_interleaved(channels_last):
     ref_o, ref_g = _run(attention_reference_fp64, qkv.double(), do.double(), heads)
     ker_o, ker_g = _run(lambda x, k: flash_attention(x, k, blocked=True), blocked, do, heads)
     pt_o, pt_g = _run(attention_edm, qkv, do, heads)
-    assert _err(ker_o, ref_o) <= 2 * _err(pt_o, ref_o) + 1e-6
-    assert _err(ker_g, ref_g[:, order]) <= 2 * _err(pt_g, ref_g) + 1e-6
+    assert_kernel_within_torch(ker_o, pt_o, ref_o, 1e-6)
+    assert max_abs_err(ker_g, ref_g[:, order]) <= 2 * max_abs_err(pt_g, ref_g) + 1e-6
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert ker_o.is_contiguous(memory_format=fmt)
 
@@ -101,7 +97,7 @@ def test_non_contiguous_input_and_bad_input():
     assert not wide.is_contiguous()
     ref_o, ref_g = _run(attention_reference_fp64, wide.double(), do.double(), 1)
     ker_o, ker_g = _run(flash_attention, wide, do, 1)
-    assert _err(ker_o, ref_o) < 1e-5 and _err(ker_g, ref_g) < 1e-5
+    assert max_abs_err(ker_o, ref_o) < 1e-5 and max_abs_err(ker_g, ref_g) < 1e-5
     with pytest.raises(ValueError, match="not divisible by 3 \\* num_heads"):
         flash_attention(qkv, 5)
     with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
@@ -164,11 +160,11 @@ def test_whole_unet_with_kernel_matches_reference_attention(model_type):
 
     y_ref, g_ref = run("none")
     y_ker, g_ker = run("attention")
-    assert _err(y_ker, y_ref) < 1e-5
+    assert max_abs_err(y_ker, y_ref) < 1e-5
     qkv_grads = [k for k in g_ref if "qkv" in k]
     assert qkv_grads and all(g_ref[k].abs().max() > 0 for k in qkv_grads)
     for k in g_ref:
-        assert _err(g_ker[k], g_ref[k]) <= 1e-5 * (1 + g_ref[k].abs().max().item()), k
+        assert max_abs_err(g_ker[k], g_ref[k]) <= 1e-5 * (1 + g_ref[k].abs().max().item()), k
 
 
 def test_selected_by_the_kernel_switch(monkeypatch):
@@ -200,8 +196,8 @@ def test_gpu_matches_float64(shape, dtype):
     pt_o, pt_g = _run(attention_edm, qkv, do, heads)
     ker_o, ker_g = _run(flash_attention, qkv, do, heads)
     atol = 1e-5 if dtype == torch.float32 else 2e-3
-    assert _err(ker_o, ref_o) <= 2 * _err(pt_o, ref_o) + atol
-    assert _err(ker_g, ref_g) <= 2 * _err(pt_g, ref_g) + atol
+    assert_kernel_within_torch(ker_o, pt_o, ref_o, atol)
+    assert_kernel_within_torch(ker_g, pt_g, ref_g, atol)
 
 
 @pytest.mark.gpu

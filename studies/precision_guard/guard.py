@@ -2,11 +2,11 @@
 
     python3 train.py --seed 1 --precision fp32 --desc fp32-seed1
     python3 train.py --seed 1 --precision bf16 --desc bf16-seed1
-    python -m bench.precision_guard runs/00000-fp32-seed1 runs/00001-bf16-seed1 --png guard.png
+    python -m studies.precision_guard.guard runs/00000-fp32-seed1 runs/00001-bf16-seed1 --png guard.png
 
-Writes one JSON line per run (precision, seed, the whole FD-digits curve) to bench/results/precision_guard.jsonl, a
-plot of the curves, and the verdict. The criterion: the mean FD-digits over the last `--window` evaluations of every
-low-precision run lies within the reference (fp32) runs' band, widened by the run-to-run spread. With one fp32 run
+Writes one JSON line per run (precision, seed, the whole FD-digits curve) to results/precision_guard.jsonl beside this
+file, a plot of the curves, and the verdict. The criterion: the mean FD-digits over the last `--window` evaluations of
+every low-precision run lies within the reference (fp32) runs' band, widened by the run-to-run spread. With one fp32 run
 the spread is estimated from its own evaluation-to-evaluation fluctuation in that window (its standard deviation),
 which on the digits default is large: the curve oscillates by up to 4x between evaluations (README).
 """
@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 from bench.common import environment, read_fd_digits_run, write_jsonl
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def read_run(path) -> dict:
@@ -91,6 +94,7 @@ def main():
     path = write_jsonl(
         [dict(bench="precision_guard", **r, **env) for r in runs] + [dict(bench="precision_guard_verdict", **v, **env)],
         a.out,
+        results=RESULTS,
     )
     if a.png:
         plot(runs, a.png)

@@ -2,12 +2,12 @@
 
     python3 train.py --seed 0 --desc base --outdir runs/digits-study            # one run per variant and seed
     python3 train.py --seed 0 --batch 128 --desc batch128 --outdir runs/digits-study
-    python -m bench.digits_study runs/digits-study/* --png bench/results/digits_study.png
+    python -m studies.digits_default.study runs/digits-study/* --png studies/digits_default/results/digits_study.png
 
 Every run is a `train.py` run directory; its variant is its `--desc`. Writes one JSON line per run and evaluation
 (variant, seed, the run's settings, kimg, FD-digits, wall seconds, img/s) and one summary line per variant to
-bench/results/digits_study.jsonl. The summary holds the two numbers the default is judged by (issue: "as good as its
-teacher, steadily"): the final FD-digits, and the worst ratio of an evaluation after the first 30% of the run to the
+results/digits_study.jsonl beside this file. The summary holds the two numbers the default is judged by ("as good as
+its teacher, steadily"): the final FD-digits, and the worst ratio of an evaluation after the first 30% of the run to the
 final value. `--png` plots the curves with the teacher's own FD-digits (Heun, 35 network evaluations);
 `--from-jsonl` re-creates the plot from the recorded lines.
 """
@@ -21,6 +21,8 @@ import statistics
 from pathlib import Path
 
 from bench.common import environment, read_fd_digits_run, write_jsonl
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 # Settings recorded with each run (training_options.json keys).
 SETTINGS = (
@@ -113,7 +115,7 @@ def teacher_fd(runs) -> float | None:
     teachers = {r["settings"].get("teacher") or str(DIGITS_TEACHER_PATH) for r in runs}
     if len(teachers) != 1:
         raise SystemExit(
-            f"bench.digits_study: the runs have different teachers ({sorted(teachers)}); study one at a time."
+            f"studies.digits_default.study: the runs have different teachers ({sorted(teachers)}); study one at a time."
         )
     return load_network_file(teachers.pop())[1]["meta"].get("fd_digits_heun35")
 
@@ -131,7 +133,7 @@ def main():
         teacher = next((r["teacher_fd_digits"] for r in recs if r.get("bench") == "digits_study_summary"), None)
     else:
         if not a.runs:
-            raise SystemExit("bench.digits_study: give run directories, or --from-jsonl FILE.")
+            raise SystemExit("studies.digits_default.study: give run directories, or --from-jsonl FILE.")
         runs = [read_run(p) for p in a.runs]
         env = environment()
         teacher = teacher_fd(runs)
@@ -140,6 +142,7 @@ def main():
             [dict(bench="digits_study", **r, **env) for r in runs]
             + [dict(bench="digits_study_summary", summary=s, teacher_fd_digits=teacher, **env)],
             a.out,
+            results=RESULTS,
         )
         print(f"teacher (Heun, 35 NFE): {teacher}")
         for v, x in s.items():

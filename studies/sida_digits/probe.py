@@ -1,7 +1,7 @@
 """Why SiDA does or does not help on the digits: probes of runs' saved states, the discriminator alone, a dedicated
 classifier, and the metric's own noise.
 
-    python -m bench.sida_probe RUN_DIR [RUN_DIR ...] --out sida_probe.jsonl
+    python -m studies.sida_digits.probe RUN_DIR [RUN_DIR ...] --out sida_probe.jsonl
 
 For every training-state-*.pt of each run (SiD or SiDA, rebuilt from its training_options.json; `--states`) it
 measures, on `--n` draws with fixed seeds from the training distributions:
@@ -37,6 +37,8 @@ import torch
 
 from bench.common import environment, write_jsonl
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
 SIGMA_BANDS = (0.0, 0.1, 0.5, 2.0, 10.0, math.inf)
 
 
@@ -71,8 +73,6 @@ def _onehot(trainer, idx):
 def probe_discriminator(trainer, n: int, seed: int) -> list[dict]:
     """Per sigma band: the discriminator on n real images (the run's data, its labels) and n generated ones with the
     same labels, sigma and noise, sigma from the fake-score phase's distribution (no augmentation)."""
-    from sid_fast.losses import sample_edm_sigma
-
     g = torch.Generator().manual_seed(seed)
     trainer.G.eval()
     trainer.fake.eval()
@@ -81,11 +81,13 @@ def probe_discriminator(trainer, n: int, seed: int) -> list[dict]:
     labels = _onehot(trainer, torch.tensor([max(lab, 0) for _, lab, _ in items]))
     z = torch.randn(real.shape, generator=g)
     x_g = trainer.generate(trainer.calls.G_eval, z, labels)
-    sigma = sample_edm_sigma(n, "cpu", trainer.P_mean, trainer.P_std, generator=g)
+    den = trainer.denoiser
+    sigma = den.fake_sigma(n, g)
     noise = torch.randn(real.shape, generator=g) * sigma
-    aug = trainer._aug_zeros(n)
-    lr = trainer.fake(real + noise, sigma, labels, return_flag="encoder", **aug).float().flatten(1).mean(1)
-    lf = trainer.fake(x_g + noise, sigma, labels, return_flag="encoder_decoder", **aug)[1].float().flatten(1).mean(1)
+    aug = den.aug_zeros(n)
+    lr = den.discriminator_logits(trainer.fake, real + noise, sigma, labels, aug).float().flatten(1).mean(1)
+    out = den.fake(trainer.fake, x_g + noise, sigma, labels, aug, return_flag="encoder_decoder")
+    lf = out.logits.float().flatten(1).mean(1)
     s = sigma.flatten()
     rows = []
     for lo, hi in zip(SIGMA_BANDS[:-1], SIGMA_BANDS[1:]):
@@ -113,8 +115,8 @@ def probe_gradients(trainer, n: int, seed: int, draws=None) -> dict:
     """Gradients over G's parameters of the two generator-loss terms, each weighed as the generator phase weighs it
     after the GAN warm-up (0.5 lsg SiD, 0.5 lsg_gan C*H*W GAN, per image). `draws`: (z, labels, sigma, eps) of the
     trainer's own micro-batch (the test compares with its generator phase); otherwise n fresh ones."""
-    from sid_fast import ops
-    from sid_fast.losses import sample_generator_sigma, sid_weight, sida_generator_gan_loss
+    from sid_fast.losses import sample_generator_sigma, sid_weight
+    from sid_fast.training.sida import sida_generator_terms
 
     cfg = trainer.cfg
     G, fake = trainer.G, trainer.fake
@@ -131,12 +133,10 @@ def probe_gradients(trainer, n: int, seed: int, draws=None) -> dict:
     fake.eval().requires_grad_(False)
     x_g = trainer.generate(trainer.calls.G_train, z, labels)
     x_t = x_g + sigma * eps
-    aug = trainer._aug_zeros(n)
-    y_real = trainer.teacher(x_t, sigma, labels, **aug)  # gradients reach x_g through both networks (as SiD's)
-    y_fake, logits = fake(x_t, sigma, labels, return_flag="encoder_decoder", **aug)
-    loss_sid, ok = ops.sid_generator_loss_sum(x_g, y_real, y_fake, cfg.alpha)
-    w = sid_weight(x_g, y_real)
-    loss_gan = x_g[0].numel() * sida_generator_gan_loss(logits, w, ok).sum()
+    den = trainer.denoiser
+    y_real = den.teacher(trainer.teacher, x_t, sigma, labels)  # gradients reach x_g through both networks (as SiD's)
+    out = den.fake(fake, x_t, sigma, labels, return_flag="encoder_decoder")
+    loss_sid, loss_gan, _ = sida_generator_terms(x_g, y_real, out, cfg.alpha, edm2_rule=False)
     params = [p for p in G.parameters() if p.requires_grad]
     terms = {"sid": 0.5 * cfg.lsg * loss_sid / n, "gan": 0.5 * cfg.lsg_gan * loss_gan / n}
     grads = {k: torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) for k, v in terms.items()}
@@ -153,8 +153,8 @@ def probe_gradients(trainer, n: int, seed: int, draws=None) -> dict:
         cosine=float(flat["sid"] @ flat["gan"] / (ns * ng)),
         lsg=cfg.lsg,
         lsg_gan=cfg.lsg_gan,
-        logits_mean=float(logits.detach().float().mean()),
-        w_mean=float(w.detach().mean()),
+        logits_mean=float(out.logits.detach().float().mean()),
+        w_mean=float(sid_weight(x_g, y_real).mean()),
         grads={k: [None if x is None else x.detach() for x in v] for k, v in grads.items()},
     )
 
@@ -252,7 +252,7 @@ def metric_noise(snapshot: Path, metric_num: int, sets: int) -> list[float]:
     ]
 
 
-def main():
+def _parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="train.py run directories (digits or digits-sida)")
     ap.add_argument("--n", type=int, default=1024, help="draws per probe")
@@ -287,99 +287,129 @@ def main():
     ap.add_argument("--every", type=int, default=25, help="with --train-d: probe every this many steps")
     ap.add_argument("--lsd", type=float, help="with --train-d: the discriminator's weight (default: the run's)")
     ap.add_argument("--out", default="sida_probe.jsonl")
-    a = ap.parse_args()
+    return ap
+
+
+def _probe_d_alone(rd, a, env) -> list[dict]:
+    """--train-d: the discriminator trained alone against the run's last generator."""
+    opts, rows = discriminator_learning(rd, a.train_d, a.every, a.n, a.seed, a.lsd)
+    return [
+        dict(
+            bench="sida_probe_d_alone",
+            run=rd.name,
+            method=opts.get("method", "sid"),
+            seed=opts["seed"],
+            lsd=a.lsd if a.lsd is not None else opts.get("lsd"),
+            lr=opts["lr"],
+            batch=opts["batch"],
+            curve=rows,
+            **env,
+        )
+    ]
+
+
+def _probe_states(rd, a, env) -> list[dict]:
+    """The discriminator and the two generator gradients at the run's training states."""
+    recs = []
+    states = sorted(rd.glob("training-state-*.pt"))
+    states = {"all": states, "last": states[-1:], "none": []}[a.states]
+    for sp in states:
+        opts, tr = load_trainer(rd, sp)
+        rec = dict(
+            bench="sida_probe",
+            run=rd.name,
+            method=opts.get("method", "sid"),
+            seed=opts["seed"],
+            lsg_gan=opts.get("lsg_gan"),
+            kimg=tr.cur_nimg / 1e3,
+            discriminator=probe_discriminator(tr, a.n, a.seed),
+            gradients=probe_gradients(tr, a.n, a.seed),
+        )
+        rec["gradients"].pop("grads")
+        d, gr = rec["discriminator"], rec["gradients"]
+        print(
+            f"{rd.name} {rec['kimg']:6.1f} kimg  D AUC by sigma band "
+            + " ".join(f"{r['auc']:.2f}" for r in d)
+            + f"  |grad gan|/|grad sid| {gr['ratio_gan_sid']:.2e} cos {gr['cosine']:+.3f}",
+            flush=True,
+        )
+        recs.append(dict(rec, **env))
+    return recs
+
+
+def _probe_separability(rd, a, env) -> list[dict]:
+    """--separability: a dedicated CNN's held-out AUC on real vs the last snapshot's digits."""
+    recs = []
+    opts = json.loads((rd / "training_options.json").read_text())
+    snap = sorted(rd.glob("network-snapshot-*.pt"))[-1]
+    for steps in map(int, a.separability.split(",")):
+        rows = separability(snap, steps=steps, seed=a.seed, round_fakes=not a.no_round)
+        recs.append(
+            dict(
+                bench="sida_separability",
+                run=rd.name,
+                method=opts.get("method", "sid"),
+                seed=opts["seed"],
+                snapshot=snap.name,
+                steps=steps,
+                round_fakes=not a.no_round,
+                levels=rows,
+                **env,
+            )
+        )
+        print(
+            f"{rd.name} {snap.name}: a dedicated CNN's held-out AUC after {steps} steps at sigma "
+            + ", ".join(f"{r['sigma']:g}: {r['auc']:.3f}" for r in rows),
+            flush=True,
+        )
+    return recs
+
+
+def _probe_metric_noise(rd, a, env) -> list[dict]:
+    """--metric-noise: FD-digits of each snapshot on disjoint sample sets."""
+    recs = []
+    opts = json.loads((rd / "training_options.json").read_text())
+    curve = [json.loads(x) for x in (rd / "metric-fd_digits.jsonl").read_text().splitlines() if x.strip()]
+    for snap in sorted(rd.glob("network-snapshot-*.pt")):
+        kimg = int(snap.stem.rsplit("-", 1)[1])
+        fds = metric_noise(snap, opts["metric_num"], a.noise_sets)
+        own = [r["fd_digits"] for r in curve if r.get("snapshot") == snap.name]
+        rec = dict(
+            bench="sida_metric_noise",
+            run=rd.name,
+            method=opts.get("method", "sid"),
+            seed=opts["seed"],
+            kimg=kimg,
+            metric_num=opts["metric_num"],
+            fd_digits_sets=fds,
+            mean=statistics.fmean(fds),
+            stdev=statistics.stdev(fds) if len(fds) > 1 else 0.0,
+            fd_digits_run=own[0] if own else None,
+        )
+        print(
+            f"{rd.name} snapshot {kimg:3d} kimg  FD-digits over {len(fds)} sample sets: "
+            f"{rec['mean']:.2f} +- {rec['stdev']:.2f} (the run's own: {rec['fd_digits_run']})",
+            flush=True,
+        )
+        recs.append(dict(rec, **env))
+    return recs
+
+
+def main():
+    a = _parser().parse_args()
     torch.manual_seed(a.seed)
     env = environment()
     recs = []
     for rd in map(Path, a.runs):
         if a.train_d:
-            opts, rows = discriminator_learning(rd, a.train_d, a.every, a.n, a.seed, a.lsd)
-            recs.append(
-                dict(
-                    bench="sida_probe_d_alone",
-                    run=rd.name,
-                    method=opts.get("method", "sid"),
-                    seed=opts["seed"],
-                    lsd=a.lsd if a.lsd is not None else opts.get("lsd"),
-                    lr=opts["lr"],
-                    batch=opts["batch"],
-                    curve=rows,
-                    **env,
-                )
-            )
+            recs += _probe_d_alone(rd, a, env)
             continue
-        states = sorted(rd.glob("training-state-*.pt"))
-        states = {"all": states, "last": states[-1:], "none": []}[a.states]
-        for sp in states:
-            opts, tr = load_trainer(rd, sp)
-            rec = dict(
-                bench="sida_probe",
-                run=rd.name,
-                method=opts.get("method", "sid"),
-                seed=opts["seed"],
-                lsg_gan=opts.get("lsg_gan"),
-                kimg=tr.cur_nimg / 1e3,
-                discriminator=probe_discriminator(tr, a.n, a.seed),
-                gradients=probe_gradients(tr, a.n, a.seed),
-            )
-            rec["gradients"].pop("grads")
-            d, gr = rec["discriminator"], rec["gradients"]
-            print(
-                f"{rd.name} {rec['kimg']:6.1f} kimg  D AUC by sigma band "
-                + " ".join(f"{r['auc']:.2f}" for r in d)
-                + f"  |grad gan|/|grad sid| {gr['ratio_gan_sid']:.2e} cos {gr['cosine']:+.3f}",
-                flush=True,
-            )
-            recs.append(dict(rec, **env))
+        recs += _probe_states(rd, a, env)
         if a.separability:
-            opts = json.loads((rd / "training_options.json").read_text())
-            snap = sorted(rd.glob("network-snapshot-*.pt"))[-1]
-            for steps in map(int, a.separability.split(",")):
-                rows = separability(snap, steps=steps, seed=a.seed, round_fakes=not a.no_round)
-                recs.append(
-                    dict(
-                        bench="sida_separability",
-                        run=rd.name,
-                        method=opts.get("method", "sid"),
-                        seed=opts["seed"],
-                        snapshot=snap.name,
-                        steps=steps,
-                        round_fakes=not a.no_round,
-                        levels=rows,
-                        **env,
-                    )
-                )
-                print(
-                    f"{rd.name} {snap.name}: a dedicated CNN's held-out AUC after {steps} steps at sigma "
-                    + ", ".join(f"{r['sigma']:g}: {r['auc']:.3f}" for r in rows),
-                    flush=True,
-                )
+            recs += _probe_separability(rd, a, env)
         if a.metric_noise:
-            opts = json.loads((rd / "training_options.json").read_text())
-            curve = [json.loads(x) for x in (rd / "metric-fd_digits.jsonl").read_text().splitlines() if x.strip()]
-            for snap in sorted(rd.glob("network-snapshot-*.pt")):
-                kimg = int(snap.stem.rsplit("-", 1)[1])
-                fds = metric_noise(snap, opts["metric_num"], a.noise_sets)
-                own = [r["fd_digits"] for r in curve if r.get("snapshot") == snap.name]
-                rec = dict(
-                    bench="sida_metric_noise",
-                    run=rd.name,
-                    method=opts.get("method", "sid"),
-                    seed=opts["seed"],
-                    kimg=kimg,
-                    metric_num=opts["metric_num"],
-                    fd_digits_sets=fds,
-                    mean=statistics.fmean(fds),
-                    stdev=statistics.stdev(fds) if len(fds) > 1 else 0.0,
-                    fd_digits_run=own[0] if own else None,
-                )
-                print(
-                    f"{rd.name} snapshot {kimg:3d} kimg  FD-digits over {len(fds)} sample sets: "
-                    f"{rec['mean']:.2f} +- {rec['stdev']:.2f} (the run's own: {rec['fd_digits_run']})",
-                    flush=True,
-                )
-                recs.append(dict(rec, **env))
-    path = write_jsonl(recs, a.out)
+            recs += _probe_metric_noise(rd, a, env)
+    path = write_jsonl(recs, a.out, results=RESULTS)
     print(f"wrote {len(recs)} records to {path}")
 
 

@@ -4,14 +4,15 @@
       python3 train.py --preset digits --seed $s --desc sid-seed$s --outdir runs/sida-study
       python3 train.py --preset digits-sida --seed $s --desc sida-seed$s --outdir runs/sida-study
     done
-    python -m bench.sida_digits runs/sida-study/* --out sida_digits_8x8.jsonl --png bench/results/sida_digits_8x8.png
+    python -m studies.sida_digits.compare runs/sida-study/* --out sida_digits_8x8.jsonl \
+        --png studies/sida_digits/results/sida_digits_8x8.png
 
 Both presets share every SiD setting (teacher, batch 256, lr, EMA, 48 kimg, evaluations every 8 kimg on 2,000
 samples); digits-sida adds the discriminator on the bundled digits with the official loss algebra and warm-ups scaled
-to 1 and 2 kimg. Writes one JSON line per run (method, seed, the whole curve) to bench/results/ (`--out`) and, per
-method, the mean and spread of the final FD-digits over seeds; `--png` plots the curves (re-created from the JSON
-lines with `--from-jsonl`). Runs are grouped by arm: SiD, SiDA at the official `--lsg-gan 0.01`, and SiDA with
-another GAN weight. sida_digits.jsonl holds the earlier study on the former 16x16 default (12 kimg at batch 64),
+to 1 and 2 kimg. Writes one JSON line per run (method, seed, the whole curve) to results/ beside this file (`--out`)
+and, per method, the mean and spread of the final FD-digits over seeds; `--png` plots the curves (re-created from the
+JSON lines with `--from-jsonl`). Runs are grouped by arm: SiD, SiDA at the official `--lsg-gan 0.01`, and SiDA with
+another GAN weight. sida_digits.jsonl holds the study on a 16x16 digits teacher (12 kimg at batch 64),
 sida_digits_8x8*.jsonl the ones on the 8x8 default, sida_digits_gan_weight.jsonl the GAN-weight study (lsg_gan 0.1
 and 1.0), sida_digits_weak_teacher.jsonl SiD against SiDA distilling a deliberately weak teacher
 (`python -m sid_fast.training.teacher --steps 200`, FD-digits 9.3, passed as `--teacher`).
@@ -25,6 +26,8 @@ import statistics
 from pathlib import Path
 
 from bench.common import environment, read_fd_digits_run, write_jsonl
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def read_run(path) -> dict:
@@ -109,7 +112,7 @@ def main():
         runs = [r for r in recs if r.get("bench") == "sida_digits"]
     else:
         if not a.runs:
-            raise SystemExit("bench.sida_digits: give run directories, or --from-jsonl FILE.")
+            raise SystemExit("studies.sida_digits.compare: give run directories, or --from-jsonl FILE.")
         runs = [read_run(p) for p in a.runs]
         env = environment()
         s = summary(runs)
@@ -117,6 +120,7 @@ def main():
             [dict(bench="sida_digits", **r, **env) for r in runs]
             + [dict(bench="sida_digits_summary", summary=s, **env)],
             a.out,
+            results=RESULTS,
         )
         for m, v in s.items():
             print(

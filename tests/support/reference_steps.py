@@ -25,7 +25,7 @@ def main() -> None:
 
     # The digits preset with dropout on, so that the dropout RNG is covered (the digits teacher has no augment labels).
     # The preset's SiD values as recorded: alpha 1.2, lr = glr = 1e-4, EMA 0.002 Mimg.
-    teacher = Path(__file__).resolve().parent / "data" / "digits16_teacher.pt"
+    teacher = Path(__file__).resolve().parents[1] / "data" / "digits16_teacher.pt"
     cfg = resolve_config(
         "digits",
         dict(

@@ -107,3 +107,15 @@ def gloo_process(rank: int, world: int, port: int):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_kernel_within_torch(kernel, composite, exact, atol: float, msg=None) -> None:
+    """The project's tolerance for a low-precision kernel: its largest error against the float64 reference `exact` is
+    at most twice what PyTorch's own composite in the same dtype reaches against it, plus a small `atol` (which
+    callers scale to the reference's magnitude)."""
+    got, allowed = max_abs_err(kernel, exact), 2 * max_abs_err(composite, exact) + atol
+    assert got <= allowed, f"{msg or 'kernel'}: error {got:.3e} > {allowed:.3e} (twice PyTorch's + {atol:.1e})"

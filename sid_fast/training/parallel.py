@@ -1,0 +1,105 @@
+"""How the trained networks are spread over the processes: DDP, FSDP2 or one process; their optimizers; the gradient
+hand-over at the end of a phase.
+
+- One process: the networks as they are.
+- DDP (default with several processes): G and the fake score replicated, gradients all-reduced once per phase (DDP's
+  no_sync on the other accumulation rounds), as the official loop's ddp_sync.
+- FSDP2 (--fsdp): G and the fake score sharded with fully_shard per UNet block and then per network, before their
+  optimizers exist, so that the Adam states are sharded too; the frozen teacher and G_ema stay whole on every rank.
+  FSDP2 shards no 0-d parameter (EDM2's scalar gains emb_gain and out_gain): those stay whole on every rank and their
+  gradients are averaged here after each phase, as DDP would. Roots reshard after every forward, so between calls
+  every parameter is its shard, which the optimizer and EDM2's forced weight normalisation update in place.
+Gradients are cleaned with nan_to_num (nan -> 0, +-inf -> +-1e5) parameter by parameter as the official loop does;
+with FSDP2 each rank cleans its shards and the "any non-finite" flag is agreed on by all ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from sid_fast import perf
+from sid_fast.networks import edm2
+from sid_fast.networks.layers import UNetBlock
+
+
+@dataclass
+class Parallel:
+    """G and the fake score as the processes train them (`G_dist`, `fake_dist`: DDP-wrapped, FSDP2-sharded modules
+    or the modules themselves), their optimizers, and the gradient hand-over of a phase."""
+
+    G_dist: torch.nn.Module
+    fake_dist: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_fake: torch.optim.Optimizer
+    world: int
+    rounds: int
+    fsdp: bool
+    replicated: dict = field(default_factory=dict)  # id(net) -> its parameters FSDP2 keeps whole
+
+    def no_sync(self, net_dist, rnd: int):
+        """Gradients are reduced once per phase, after the last round: DDP's no_sync, FSDP2's gradient-sync switch."""
+        last = self.world == 1 or rnd == self.rounds - 1
+        if self.fsdp:
+            net_dist.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else net_dist.no_sync()
+
+    def reduce_replicated(self, net) -> None:
+        """With FSDP2, the parameters it leaves whole: gradients averaged over the ranks (a collective)."""
+        if not self.fsdp:
+            return
+        for p in self.replicated[id(net)]:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(self.world)
+
+    def clean_grads(self, params, device) -> torch.Tensor:
+        """nan_to_num on every gradient (official cleaning); returns a device bool: were any non-finite?"""
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        for p in params:
+            if p.grad is not None:
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                bad = bad | ~torch.isfinite(g).all()
+                torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+        if self.fsdp:
+            flag = bad.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = flag.bool()
+        return bad
+
+
+def _shard(net: torch.nn.Module) -> list:
+    """fully_shard every UNet block of `net`, then `net`; returns the 0-d parameters FSDP2 leaves whole."""
+    from torch.distributed.fsdp import fully_shard
+
+    scalars = [p for p in net.parameters() if p.ndim == 0]
+    ignored = set(scalars)
+    for m in net.modules():
+        if isinstance(m, (UNetBlock, edm2.Block)):
+            fully_shard(m, ignored_params={p for p in m.parameters() if p in ignored})
+    fully_shard(net, ignored_params=ignored, reshard_after_forward=True)
+    return scalars
+
+
+def parallelize(cfg, G, fake, device, world: int, rounds: int, adam_eps: float) -> Parallel:
+    """Wrap or shard G and the fake score for `world` processes, then build their Adam optimizers (official betas
+    (0, 0.999) for the fake score, (g_beta1, 0.999) for G)."""
+    fsdp = cfg.fsdp and world > 1
+    replicated = {}
+    if fsdp:
+        for net in (G, fake):
+            replicated[id(net)] = _shard(net)
+    opt_fake = perf.make_adam(fake.parameters(), cfg.lr, (0.0, 0.999), adam_eps, cfg.optimizer)
+    opt_g = perf.make_adam(G.parameters(), cfg.glr, (cfg.g_beta1, 0.999), adam_eps, cfg.optimizer)
+    if world > 1 and not fsdp:
+        ddp = dict(broadcast_buffers=False, find_unused_parameters=False)
+        if device.type == "cuda":
+            ddp["device_ids"] = [device]
+        G_dist = torch.nn.parallel.DistributedDataParallel(G, **ddp)
+        fake_dist = torch.nn.parallel.DistributedDataParallel(fake, **ddp)
+    else:
+        G_dist, fake_dist = G, fake
+    return Parallel(G_dist, fake_dist, opt_g, opt_fake, world, rounds, fsdp, replicated)

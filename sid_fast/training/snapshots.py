@@ -1,0 +1,107 @@
+"""Snapshots of G_ema and their metrics: the sample grid and network file (rank 0), FD-digits (rank 0) or FID (every
+rank generates its share), metric-*.jsonl and the metric plot. As the official loop: a snapshot every --snap ticks,
+at ticks 10, 20, ..., 100 and of the initial G_ema (extra_snapshots), and at the end."""
+
+from __future__ import annotations
+
+import torch
+
+from sid_fast import checkpoints, ops
+from sid_fast.sampling import image_grid, latents_and_labels, onestep_sample, save_image, to_uint8
+from sid_fast.training import tickstats
+
+EXTRA_SNAPSHOT_TICKS = frozenset(range(10, 101, 10))  # official sid_training_loop.py, besides every --snap ticks
+
+
+@torch.no_grad()
+def sample_ema(tr, seeds) -> torch.Tensor:
+    """One-step samples of G_ema for `seeds` (on the CPU), in batches of 256."""
+    z, labels, _ = latents_and_labels(tr.G_ema, seeds, device=tr.device)
+    out = []
+    for i in range(0, len(seeds), 256):
+        lab = None if labels is None else labels[i : i + 256]
+        out.append(onestep_sample(tr.G_ema, z[i : i + 256], tr.cfg.init_sigma, lab).cpu())
+    return torch.cat(out)
+
+
+def _write_grid_and_network(tr, kimg: int) -> None:
+    samples = sample_ema(tr, list(range(64)))
+    if tr.vae is not None:
+        grid = tr.vae.decode(samples.to(tr.device)).cpu()
+    elif tr.G_ema.img_channels == 4:  # EDM2 latents without --vae: no picture to draw
+        grid = None
+    else:
+        grid = to_uint8(samples)
+    if grid is not None:
+        scale = max(1, 64 // grid.shape[-1])
+        save_image(image_grid(grid, scale=scale, gap=2), tr.run_dir / f"fakes-{kimg:06d}.png")
+    cfg = tr.cfg
+    checkpoints.save_network(
+        tr.run_dir / f"network-snapshot-{kimg:06d}.pt",
+        tr.G_ema,
+        tr.g_init_kwargs,
+        kind="generator",
+        sigma_init=cfg.init_sigma,
+        alpha=cfg.alpha,
+        preset=cfg.preset,
+        kimg=tr.cur_nimg / 1e3,
+        teacher=str(cfg.teacher),
+    )
+
+
+def snapshot(tr) -> float | None:
+    """Grid, network file and metric of G_ema now; returns the metric's value on rank 0 (None without a metric)."""
+    cfg = tr.cfg
+    kimg = tr.cur_nimg // 1000
+    with ops.kernels(tr.kernels):
+        if tr.rank == 0 and tr.run_dir is not None:
+            _write_grid_and_network(tr, kimg)
+        if cfg.metrics == "fd-digits" and tr.rank == 0:
+            from sid_fast.metrics.digits import fd_digits
+
+            seeds = list(range(10_000_000, 10_000_000 + cfg.metric_num))
+            return record_metric(tr, "fd_digits", fd_digits(sample_ema(tr, seeds)), kimg)
+        if cfg.metrics == "fid":  # every rank generates its share of the images
+            from sid_fast.metrics.fid import fid_against, generator_stats
+
+            info = dict(meta=dict(kind="generator", sigma_init=cfg.init_sigma))
+            stats, _ = generator_stats(
+                tr.G_ema,
+                info,
+                range(cfg.metric_num),
+                tr.detector,
+                tr.device,
+                batch=cfg.batch_gpu,
+                rank=tr.rank,
+                world=tr.world,
+                progress=False,
+                vae=tr.vae,
+            )
+            if tr.rank == 0:
+                return record_metric(tr, "fid", fid_against(stats, tr.fid_ref), kimg)
+    return None
+
+
+def snapshot_and_log(tr) -> None:
+    value = snapshot(tr)
+    if value is not None:
+        name = "FD-digits" if tr.cfg.metrics == "fd-digits" else f"FID-{tr.cfg.metric_num // 1000}k"
+        tr.log(f"  {name} of G_ema at {tr.cur_nimg / 1e3:.1f} kimg: {value:.3f}")
+
+
+def record_metric(tr, key: str, value: float, kimg: int) -> float:
+    """Append the value to the history, metric-<key>.jsonl and the plot (rank 0)."""
+    rec = {
+        "kimg": tr.cur_nimg / 1e3,
+        key: value,
+        "num": tr.cfg.metric_num,
+        "snapshot": f"network-snapshot-{kimg:06d}.pt",
+    }
+    tr.metrics_history.append(rec)
+    if tr.run_dir is not None:
+        tickstats.append_jsonl(tr.run_dir / f"metric-{key}.jsonl", rec)
+        teacher = tr.teacher_spec.teacher_meta.get("fd_digits_heun35") if key == "fd_digits" else None
+        tickstats.plot_metric(
+            tr.run_dir / f"{key}.png", key, tr.metrics_history, teacher_value=teacher, metric_num=tr.cfg.metric_num
+        )
+    return value
