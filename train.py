@@ -18,6 +18,10 @@ import click
 
 from sid_fast.training.config import PRESETS, ConfigError, resolve_config
 
+# Exit status of a run stopped by SIGTERM/SIGINT before --duration (EX_TEMPFAIL: run the same command again), so
+# that a scheduler's epilogue can requeue it; a finished run exits 0, a refused or failed one 1.
+EXIT_STOPPED = 75
+
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
 # Main options.
@@ -235,7 +239,25 @@ from sid_fast.training.config import PRESETS, ConfigError, resolve_config
 )
 @click.option("--seed", help="Random seed", metavar="INT", type=int)
 @click.option(
-    "--resume", help="Resume from a training state (file, or run directory for its latest)", metavar="PATH", type=str
+    "--resume",
+    help="auto: continue this configuration's run in --outdir (or --run-dir) from its newest state, if any; new: a "
+    "new run; PATH: a new run from a training state (file, or run directory for its newest)  [default: auto]",
+    metavar="auto|new|PATH",
+    type=str,
+)
+@click.option(
+    "--run-dir",
+    "run_dir",
+    help="The run's directory exactly (instead of a numbered one in --outdir): the same command continues it",
+    metavar="DIR",
+    type=str,
+)
+@click.option(
+    "--keep-states",
+    "keep_states",
+    help="Training states kept in the run directory, the newest (0: all)  [default: 3]",
+    metavar="INT",
+    type=click.IntRange(min=0),
 )
 @click.option("--dry-run", "dry_run", help="Print the resolved configuration and exit", is_flag=True)
 def main(preset, dry_run, **flags):
@@ -273,7 +295,7 @@ def main(preset, dry_run, **flags):
     from sid_fast.training.run import TrainingAborted, run
 
     try:
-        run(cfg)
+        _, status = run(cfg)
     except (ConfigError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     except TrainingAborted as e:
@@ -284,6 +306,13 @@ def main(preset, dry_run, **flags):
             "or recompute activations with --checkpointing selective (or nets); python -m bench.memory predicts the "
             "largest batch that fits."
         ) from None
+
+    if status == "stopped":
+        print(
+            f"Stopped by a signal before --duration: the training state is written; run the same command to continue "
+            f"(exit status {EXIT_STOPPED})."
+        )
+        sys.exit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":

@@ -339,8 +339,18 @@ def _network_from_stub(stub, path) -> torch.nn.Module:
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over `path`.
 
-    A crash or kill at any point leaves either the previous file or the new one, never a partial file.
+    A crash or kill at any point leaves either the previous file or the new one, never a partial file. A failed write
+    (a full disk, a quota, an I/O error) removes the temporary file and raises a CheckpointError that says so.
     """
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`text` written to `path` as atomic_save writes a state."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _atomic_write(path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -349,7 +359,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -358,9 +368,13 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e).lower()):
+            kept = "the previous file is intact" if path.exists() else "no earlier file existed"
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise CheckpointError(f"{path}: writing failed ({reason}); {kept}.") from None
         raise
 
 
@@ -400,10 +414,11 @@ def save_network(path, net: torch.nn.Module, init_kwargs: dict, **meta) -> None:
     atomic_save(network_record(net, init_kwargs, **meta), path)
 
 
-def load_torch_file(path: str | os.PathLike) -> Any:
-    """torch.load(weights_only=True) with one clear error for truncated, corrupt or unsafe files."""
+def load_torch_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """torch.load(weights_only=True) with one clear error for truncated, corrupt or unsafe files; `mmap` maps the
+    tensors' storage from the file instead of reading it (a large state is paged in as it is copied)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused to load (holds objects other than tensors and plain values): {e}"
@@ -417,14 +432,15 @@ def load_torch_file(path: str | os.PathLike) -> Any:
 TRAINING_STATE_FORMAT = "sid_fast.training_state"
 
 
-def read_training_state(path: str | os.PathLike) -> dict:
+def read_training_state(path: str | os.PathLike, mmap: bool = False) -> dict:
     """A training state written by the trainer (G, G_ema, fake score, optimizers, RNG states, counters), read with
-    torch.load(weights_only=True); a truncated or foreign file is refused naming the previous state, if any."""
+    torch.load(weights_only=True); of a sharded state (a directory), its meta.pt (the shards are read by
+    sid_fast.training.state). A truncated or foreign file is refused naming the previous state, if any."""
     path = Path(path)
     try:
-        s = load_torch_file(path)
+        s = load_torch_file(path / "meta.pt" if path.is_dir() else path, mmap=mmap)
     except CheckpointError as e:
-        older = sorted(o for o in path.parent.glob("training-state-*.pt") if o.name < path.name)
+        older = sorted(o for o in path.parent.glob("training-state-*") if o.name < path.name and ".tmp" not in o.name)
         hint = f" The previous state is {older[-1]}." if older else ""
         raise CheckpointError(f"{e}.{hint}") from None
     if not isinstance(s, dict) or s.get("format") != TRAINING_STATE_FORMAT:
@@ -454,32 +470,82 @@ def cache_dir() -> Path:
 
 
 def resolve_path(path_or_url: str | os.PathLike) -> Path:
-    """A local path as is (must exist); a URL downloaded once into the cache (only when the user gives a URL)."""
+    """A local path as is (must exist); a URL or a Hub file downloaded once into the cache (only when the user gives
+    one):
+    - http(s)://...: fetched with torch.hub.download_url_to_file (a unique temporary file in the cache, renamed when
+      complete; a progress bar on a terminal). A fragment `#sha256=<hex>` is checked against the file.
+    - hf://OWNER/REPO/PATH[@REVISION]: fetched with huggingface_hub (its own cache, locks and checks).
+    Processes that ask for the same file at once (the ranks of a node, or jobs sharing a cache) take a file lock: one
+    downloads, the others wait and read the complete file. Any failure is one CheckpointError sentence."""
     s = str(path_or_url)
-    if urllib.parse.urlparse(s).scheme in ("http", "https"):
-        name = os.path.basename(urllib.parse.urlparse(s).path) or "download"
-        dest = cache_dir() / "downloads" / f"{hashlib.md5(s.encode()).hexdigest()}_{name}"
-        if not dest.exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_suffix(dest.suffix + ".part")
-            try:
-                with urllib.request.urlopen(s, timeout=60) as r, open(tmp, "wb") as f:
-                    while chunk := r.read(1 << 20):
-                        f.write(chunk)
-            except OSError as e:
-                if tmp.exists():
-                    tmp.unlink()
-                raise CheckpointError(
-                    f"{s}: download failed ({e}). Offline? Download the file elsewhere and pass its local path instead."
-                ) from None
-            os.replace(tmp, dest)
-        return dest
+    scheme = urllib.parse.urlparse(s).scheme
+    if scheme in ("http", "https"):
+        return _download_url(s)
+    if scheme == "hf":
+        return _download_hub(s)
     p = Path(s)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file.")
     if p.is_dir():
         raise CheckpointError(f"{p}: is a directory, expected a network file (.pkl or .pt).")
     return p
+
+
+DOWNLOAD_TIMEOUT_S = 60  # per socket operation: a stalled server fails the download instead of hanging every rank
+
+
+def _download_url(url: str) -> Path:
+    import socket
+    import sys
+
+    from filelock import FileLock, Timeout
+    from torch.hub import download_url_to_file
+
+    parsed = urllib.parse.urlparse(url)
+    sha256 = parsed.fragment[len("sha256=") :] if parsed.fragment.startswith("sha256=") else None
+    source = urllib.parse.urlunparse(parsed._replace(fragment=""))
+    name = os.path.basename(parsed.path) or "download"
+    dest = cache_dir() / "downloads" / f"{hashlib.md5(source.encode()).hexdigest()}_{name}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(dest) + ".lock", timeout=3600):
+            if not dest.exists():
+                previous = socket.getdefaulttimeout()
+                socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+                try:
+                    download_url_to_file(source, str(dest), hash_prefix=sha256, progress=sys.stderr.isatty())
+                finally:
+                    socket.setdefaulttimeout(previous)
+            elif sha256 is not None and hashlib.sha256(dest.read_bytes()).hexdigest() != sha256.lower():
+                raise CheckpointError(f"{url}: the cached copy {dest} does not have the sha256 the URL names.")
+    except CheckpointError:
+        raise
+    except Timeout:
+        raise CheckpointError(f"{url}: another process has held the download lock for an hour; is it stuck?") from None
+    except (OSError, RuntimeError, ValueError) as e:  # network errors, HTTP errors, a wrong hash (RuntimeError)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{url}: download failed ({reason}). Offline? Download the file elsewhere and pass its local path instead."
+        ) from None
+    return dest
+
+
+def _download_hub(spec: str) -> Path:
+    body = spec[len("hf://") :]
+    body, _, revision = body.partition("@")
+    parts = body.split("/")
+    if len(parts) < 3 or not all(parts):
+        raise CheckpointError(f"{spec}: a Hub file is hf://OWNER/REPO/PATH[@REVISION].")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise CheckpointError(f"{spec}: Hub files need huggingface_hub (pip install huggingface_hub).") from None
+    try:
+        local = hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), revision=revision or None)
+    except Exception as e:  # huggingface_hub's errors: not found, offline, gated, network
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{spec}: the Hub download failed ({type(e).__name__}: {reason}).") from None
+    return Path(local)
 
 
 def load_network_file(path_or_url) -> tuple[torch.nn.Module, dict]:

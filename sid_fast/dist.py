@@ -15,10 +15,29 @@ def init() -> torch.device:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(minutes=30))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        timeout = datetime.timedelta(minutes=30)
+        dist.init_process_group(backend=backend, store=_store(rank, world, timeout), rank=rank, world_size=world,
+                                timeout=timeout)  # fmt: skip
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _store(rank: int, world: int, timeout) -> dist.Store:
+    """The rendezvous store of env:// (MASTER_ADDR, MASTER_PORT), with the keys of each torchrun attempt under their
+    own prefix: after `torchrun --max-restarts` restarts a job, the killed attempt's keys (a dead rank's address) may
+    still be in the agent's store, and a restarted rank that read one would connect to nobody."""
+    use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not use_agent_store and rank == 0,
+        timeout=timeout,
+        multi_tenant=not use_agent_store,
+    )
+    return dist.PrefixStore(f"sid_fast/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def rank() -> int:
@@ -57,6 +76,15 @@ def all_gather_object(obj):
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` of rank `src` on every rank (a collective when distributed)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def print0(*args, **kwargs) -> None:

@@ -1,6 +1,6 @@
 """Generate images from a network file: one-step SiD generators or EDM teachers (Heun sampler).
 
-    python -m sid_fast.sample --network runs/00000-digits/network-snapshot-000032.pt --seeds 0-63 --outdir out
+    python -m sid_fast.sample --network runs/00000-.../network-snapshot-000000048128.pt --seeds 0-63 --outdir out
     python -m sid_fast.sample --network edm-cifar10-32x32-cond-vp.pkl --seeds 0-63 --steps 18 --outdir out
 
 The sampler is chosen from the file: sid_fast generator snapshots carry kind="generator" and their sigma_init and are

@@ -5,16 +5,16 @@ unsharded single process, and a sharded run resumes exactly: SiD and SiDA on the
 (the warm-up), where PyTorch's own optimizer state-dict helper would have initialised Adam with a zero step."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from support.helpers import damp_adam, gloo_process
 
-from sid_fast.checkpoints import atomic_save
 from sid_fast.training.config import ASSETS, resolve_config
 from sid_fast.training.run import build_trainer, load_state_file
-from sid_fast.training.state import trained_states
+from sid_fast.training.state import gathered_trained_states
 
 EDM2_TEACHER = str(ASSETS / "digits_edm2_teacher.pt")
 STEPS = 2
@@ -62,7 +62,7 @@ def _cfg(case, teacher=None, **kw):
 
 def _params(tr) -> dict:
     """Whole tensors of G, G_ema and the fake score (gathered onto rank 0 under --fsdp)."""
-    s = trained_states(tr)
+    s = gathered_trained_states(tr)
     out = {f"G.{k}": v.clone() for k, v in s["G"].items()}
     out.update({f"fake.{k}": v.clone() for k, v in s["fake_score"].items()})
     out.update({f"G_ema.{k}": v.clone() for k, v in tr.G_ema.state_dict().items()})
@@ -87,10 +87,9 @@ def _worker(rank, world, port, out_dir, case, teacher, data):
         assert tr.world == world  # really distributed
         assert tr.par.fsdp and all(hasattr(p, "full_tensor") for p in tr.G.parameters() if p.ndim)  # sharded
         tr.step()
-        state = tr.state_dict()  # collective: every rank gathers
-        path = os.path.join(out_dir, "training-state-000000.pt")
-        if rank == 0:
-            atomic_save(state, path)
+        tr.run_dir = Path(out_dir)
+        path = tr.save_state()  # collective: a sharded state, each rank writes its shards
+        assert path.name == "training-state-000000000008.dcp" and (path / "meta.pt").is_file()
         dist.barrier()
         for _ in range(STEPS - 1):
             tr.step()

@@ -74,45 +74,37 @@ def test_bad_flags_fail_before_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_step_writes_state_and_exits(tmp_path):
+def test_sigterm_stops_with_a_state_and_the_same_command_continues(tmp_path):
+    """SIGTERM finishes the step, writes a state and exits with status 75; the same command, run again, continues that
+    run in its directory (--resume auto) and finishes it."""
     import signal
     import time
 
     out = tmp_path / "runs"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "train.py",
-            "--outdir",
-            str(out),
-            "--tick",
-            "0.064",
-            "--snap",
-            "1000",
-            "--dump",
-            "1000",
-            "--metrics",
-            "none",
-            "--duration",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    command = [sys.executable, "train.py", "--outdir", str(out), "--tick", "0.256", "--snap", "1000", "--dump", "1000"]
+    command += ["--metrics", "none", "--duration", "0.003072", "--keep-states", "2"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not list(out.glob("*/stats.jsonl")):  # wait until training is under way
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=240)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert "Received signal" in stdout
+    assert proc.returncode == 75, stderr[-2000:]
+    assert "Received signal" in stdout and "run the same command to continue" in stdout
     (run_dir,) = out.iterdir()
-    states = sorted(run_dir.glob("training-state-*.pt"))
-    from sid_fast.training.run import load_state_file
+    from sid_fast.training.run import latest_state, load_state_file
 
-    s = load_state_file(states[-1])
-    assert s["cur_nimg"] > 0 and s["cur_nimg"] % 64 == 0  # written at an iteration boundary
+    stopped_at = load_state_file(latest_state(run_dir))["cur_nimg"]
+    assert 0 < stopped_at < 3072 and stopped_at % 256 == 0  # written at an iteration boundary
+
+    r = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"at {stopped_at / 1e3:.1f} kimg" in r.stdout and "Finished at 3.1 kimg" in r.stdout
+    assert [p.name for p in out.iterdir()] == [run_dir.name]  # the same run directory
+    states = sorted(p.name for p in run_dir.glob("training-state-*.pt"))
+    assert states[-1] == "training-state-000000003072.pt" and len(states) <= 2  # --keep-states 2
+    kimgs = [json.loads(line)["kimg"] for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert kimgs == sorted(kimgs) and kimgs[-1] == 3.072
 
 
 @pytest.mark.slow

@@ -102,16 +102,14 @@ def test_kill_during_state_write_keeps_previous_state(tmp_path):
 def test_truncated_state_is_refused_and_previous_offered(teacher_file, tmp_path):
     tr = cpu_trainer(cfg_for(teacher_file))
     tr.step()
-    good = tmp_path / "training-state-000001.pt"
-    bad = tmp_path / "training-state-000002.pt"
+    good = tmp_path / "training-state-000000000001.pt"
+    bad = tmp_path / "training-state-000000000002.pt"
     atomic_save(tr.state_dict(), good)
     data = good.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
     latest = find_resume_state(str(tmp_path))
     assert latest == bad
-    with pytest.raises(
-        ConfigError, match=r"training-state-000002\.pt.*truncated or corrupt.*previous state is .*000001"
-    ):
+    with pytest.raises(ConfigError, match=r"training-state-0+2\.pt.*truncated or corrupt.*previous state is .*0+1\.pt"):
         load_state_file(latest)
     load_state_file(good)  # the previous one is fine
 

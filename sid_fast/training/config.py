@@ -6,6 +6,7 @@ Units follow SiD/EDM: --duration and --ema in Mimg, --tick in kimg, --snap and -
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,9 @@ class TrainConfig:
     teacher: str | None = None  # path or URL of an EDM/SiD pickle or sid_fast checkpoint
     desc: str | None = None
     seed: int = 0
-    resume: str | None = None
+    resume: str = "auto"  # auto: continue the run of this configuration if any; new: a fresh run; or a state/run dir
+    run_dir: str | None = None  # the run's directory exactly (no numbering): the same command continues it
+    keep_states: int = 3  # training states kept in the run directory (the newest; 0 keeps all)
     # Data-free target: only shape and labels.
     cond: bool = False
     data: str | None = None  # EDM dataset (zip/folder): conditional labels follow its label frequencies, as official
@@ -99,6 +102,36 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Fields that do not change what a run computes: where it writes, how often it reports, how fast it runs, how long it
+# runs. Every other field is the run's identity: a state is only continued under the same identity.
+RUN_ONLY_FIELDS = frozenset(
+    {
+        "outdir", "desc", "resume", "run_dir", "keep_states", "duration", "tick", "snap", "dump", "extra_snapshots",
+        "metrics", "metric_num", "data_stat", "detector", "vae", "workers", "max_bad_steps", "channels_last",
+        "compile", "compile_backend", "cuda_graphs", "checkpointing", "optimizer", "fsdp", "kernels",
+        "official_teacher", "official_data", "needs_sid_model",
+    }
+)  # fmt: skip
+FILE_FIELDS = ("teacher", "data", "sid_model")  # compared by file name: a moved or downloaded copy is the same input
+
+
+def identity(cfg_json: dict) -> dict:
+    """The fields of a configuration (TrainConfig.to_json) that decide what a run computes."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {k: v for k, v in cfg_json.items() if k in fields and k not in RUN_ONLY_FIELDS}
+    for k in FILE_FIELDS:
+        if out.get(k) is not None:
+            out[k] = os.path.basename(str(out[k]).rstrip("/"))
+    return out
+
+
+def identity_differences(a: dict, b: dict) -> list[str]:
+    """The flags (as --names) whose values differ between two configurations' identities."""
+    ia, ib = identity(a), identity(b)
+    keys = sorted(set(ia) | set(ib))
+    return [f"--{k.replace('_', '-')} {ia.get(k)!r} vs {ib.get(k)!r}" for k in keys if ia.get(k) != ib.get(k)]
 
 
 # Official SiD settings. All: tmax 800, init_sigma 2.5, ls 1, lsg 100, snap 50, dump 500 (4 GPUs in the scripts).
@@ -478,6 +511,12 @@ def _validate_schedule(cfg: TrainConfig) -> None:
     for flag in ("snap", "dump"):
         if getattr(cfg, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1 tick, got {getattr(cfg, flag)}.")
+    if cfg.keep_states < 0:
+        raise ConfigError(f"--keep-states must be a non-negative integer (0 keeps all), got {cfg.keep_states}.")
+    if cfg.resume != "auto" and cfg.resume != "new" and cfg.run_dir is not None:
+        raise ConfigError(
+            f"--resume {cfg.resume} and --run-dir {cfg.run_dir}: a given state starts a new run directory; give one."
+        )
 
 
 def _validate_inputs(cfg: TrainConfig) -> None:

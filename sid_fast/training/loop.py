@@ -45,7 +45,9 @@ def _progress_bar(tr, total_nimg: int):
 
 
 def _end_of_tick(tr, done: bool, stop: bool, times: dict, nvml) -> bool:
-    """Status line, stats.jsonl, snapshot, training state at a tick boundary; returns whether to abort."""
+    """Status line, stats.jsonl, snapshot, the next tick's counters, training state at a tick boundary; returns whether
+    to abort. The state is written after the counters move on, so a resumed run numbers its ticks as an uninterrupted
+    one does."""
     cfg = tr.cfg
     now = time.time()
     rec, line = tickstats.status(
@@ -65,10 +67,14 @@ def _end_of_tick(tr, done: bool, stop: bool, times: dict, nvml) -> bool:
     extra = cfg.extra_snapshots and tr.cur_tick in snapshots.EXTRA_SNAPSHOT_TICKS
     if done or tr.cur_tick % cfg.snap == 0 or extra:
         snapshots.snapshot_and_log(tr)
-    if done or stop or too_bad or tr.cur_tick % cfg.dump == 0:
+    dump = done or stop or too_bad or tr.cur_tick % cfg.dump == 0
+    tr.cur_tick += 1
+    tr.tick_start_nimg = tr.cur_nimg
+    if dump:
         path = save_training_state(tr)
         if path is not None:
             tr.log(f"  wrote {path.name}")
+    times["tick_start"] = time.time()
     return too_bad
 
 
@@ -79,6 +85,9 @@ def train(tr) -> str:
     install_signal_handlers(tr)
     nvml = tickstats.NVML(tr.device)
     total_nimg = int(cfg.duration * 1e6)
+    if tr.cur_nimg >= total_nimg:
+        tr.log(f"Already trained for {cfg.duration * 1000:g} kimg (--duration): nothing to do.")
+        return "done"
     progress = _progress_bar(tr, total_nimg)
     if cfg.extra_snapshots and tr.cur_nimg == 0:  # official: a snapshot of the initial G_ema before training
         snapshots.snapshot_and_log(tr)
@@ -103,9 +112,6 @@ def train(tr) -> str:
                 f"{int(tr.max_consec_bad.item())} consecutive steps had non-finite gradients "
                 f"(limit --max-bad-steps {cfg.max_bad_steps}); the last training state was written."
             )
-        tr.cur_tick += 1
-        tr.tick_start_nimg = tr.cur_nimg
-        times["tick_start"] = time.time()
         if done or stop:
             break
     if progress is not None:

@@ -16,8 +16,9 @@ import torch
 
 from sid_fast import checkpoints, dist
 from sid_fast.networks import edm2
-from sid_fast.training.config import ConfigError, TrainConfig, check_world
+from sid_fast.training.config import ConfigError, TrainConfig, check_world, identity_differences
 from sid_fast.training.sid import SiDTrainer, TeacherSpec, TrainingAborted
+from sid_fast.training.state import list_states
 from sid_fast.training.tickstats import Logger
 
 
@@ -171,93 +172,170 @@ def build_trainer(
     fid=None,
 ) -> SiDTrainer:
     """Load and check the teacher (from cfg.teacher unless given), the data's labels and the FID inputs, once; then
-    the trainer. `teacher` and `teacher_spec` let tests and benchmarks bring networks that are not files."""
+    the trainer. `teacher` and `teacher_spec` let tests and benchmarks bring networks that are not files.
+
+    With several processes every rank loads its inputs, then all agree before the first collective: when any rank
+    failed (an unreachable URL, a missing file on one node), every rank raises the same ConfigError, and none waits
+    for the others in DDP's or FSDP's set-up."""
     device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check_world(cfg, dist.world_size())
-    if teacher is None:
-        teacher, info = checkpoints.load_network_file(cfg.teacher)
-        teacher_spec = TeacherSpec(info["class_name"], info["init_kwargs"], teacher.state_dict(), info.get("meta", {}))
-    elif teacher_spec is None:
-        raise ValueError("build_trainer: a teacher network given without its TeacherSpec (class, kwargs, weights).")
-    check_teacher(cfg, teacher, cfg.teacher)
-    label_table = load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
-    real = load_real_dataset(cfg) if cfg.method == "sida" else None
-    generator_init = load_sid_model(cfg, teacher) if cfg.sid_model is not None else None
-    vae = load_vae_for(cfg, teacher, device)
-    if fid is None:
-        fid = prepare_fid(cfg, device)
+    try:
+        check_world(cfg, dist.world_size())
+        if teacher is None:
+            teacher, info = checkpoints.load_network_file(cfg.teacher)
+            meta = info.get("meta", {})
+            teacher_spec = TeacherSpec(info["class_name"], info["init_kwargs"], teacher.state_dict(), meta)
+        elif teacher_spec is None:
+            raise ValueError("build_trainer: a teacher network given without its TeacherSpec (class, kwargs, weights).")
+        check_teacher(cfg, teacher, cfg.teacher)
+        label_table = load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
+        real = load_real_dataset(cfg) if cfg.method == "sida" else None
+        generator_init = load_sid_model(cfg, teacher) if cfg.sid_model is not None else None
+        vae = load_vae_for(cfg, teacher, device)
+        if fid is None:
+            fid = prepare_fid(cfg, device)
+        failure = None
+    except (ConfigError, checkpoints.CheckpointError) as e:
+        failure = (type(e).__name__, str(e))
+    agree_or_raise(failure)
+    kwargs = dict(run_dir=run_dir, log=log, fid=fid, label_table=label_table, generator_init=generator_init, vae=vae)
     if real is not None:
         from sid_fast.training.sida import SiDATrainer
 
-        return SiDATrainer(
-            cfg,
-            device,
-            teacher,
-            teacher_spec,
-            run_dir=run_dir,
-            log=log,
-            fid=fid,
-            label_table=label_table,
-            real_dataset=real,
-            generator_init=generator_init,
-            vae=vae,
-        )
-    return SiDTrainer(
-        cfg,
-        device,
-        teacher,
-        teacher_spec,
-        run_dir=run_dir,
-        log=log,
-        fid=fid,
-        label_table=label_table,
-        generator_init=generator_init,
-        vae=vae,
-    )
+        return SiDATrainer(cfg, device, teacher, teacher_spec, real_dataset=real, **kwargs)
+    return SiDTrainer(cfg, device, teacher, teacher_spec, **kwargs)
+
+
+def agree_or_raise(failure: tuple[str, str] | None) -> None:
+    """Every rank raises the same error when any rank's `failure` ((ConfigError or CheckpointError, its sentence)) is
+    not None: the first failing rank's, naming it (a collective when distributed: every rank calls it)."""
+    failures = dist.all_gather_object(failure)
+    bad = [(r, f) for r, f in enumerate(failures) if f is not None]
+    if not bad:
+        return
+    rank, (kind, msg) = bad[0]
+    where = f" (on rank {rank}{f' and {len(bad) - 1} other(s)' if len(bad) > 1 else ''})" if len(failures) > 1 else ""
+    raise (checkpoints.CheckpointError if kind == "CheckpointError" else ConfigError)(msg + where)
+
+
+RUN_DIR_RE = re.compile(r"^(\d+)-(.+)$")
+
+
+def run_desc(cfg: TrainConfig, world: int) -> str:
+    return cfg.desc or f"{cfg.preset}-alpha{cfg.alpha:g}-batch{cfg.batch}-gpus{world}-{cfg.precision}"
 
 
 def next_run_dir(outdir: str, desc: str) -> Path:
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    ids = [int(m.group(1)) for p in out.iterdir() if (m := re.match(r"^(\d+)-", p.name))]
+    ids = [int(m.group(1)) for p in out.iterdir() if (m := RUN_DIR_RE.match(p.name))]
     run_dir = out / f"{max(ids, default=-1) + 1:05d}-{desc}"
     run_dir.mkdir()
     return run_dir
 
 
+def latest_state(run_dir: Path) -> Path | None:
+    """The newest complete training state of a run directory (names sort by images seen), or None."""
+    states = list_states(run_dir)
+    return states[-1] if states else None
+
+
 def find_resume_state(path: str) -> Path:
     p = Path(path)
-    if p.is_dir():
-        states = sorted(p.glob("training-state-*.pt"))
-        if not states:
-            raise ConfigError(f"--resume {p}: the directory holds no training-state-*.pt file.")
-        return states[-1]
+    if p.is_dir() and not (p / "meta.pt").is_file():  # a run directory, not a sharded state
+        state = latest_state(p)
+        if state is None:
+            raise ConfigError(f"--resume {p}: the directory holds no training state (training-state-*.pt or .dcp).")
+        return state
     if not p.exists():
         raise ConfigError(f"--resume {p}: no such file.")
     return p
 
 
 def load_state_file(path) -> dict:
-    """checkpoints.read_training_state with the --resume flag named in its error."""
+    """checkpoints.read_training_state (memory-mapped) with the --resume flag named in its error."""
     try:
-        return checkpoints.read_training_state(path)
+        return checkpoints.read_training_state(path, mmap=True)
     except checkpoints.CheckpointError as e:
         raise ConfigError(f"--resume {e}") from None
 
 
-def run(cfg: TrainConfig, log_to_stdout=True) -> Path | None:
-    """Run (or resume) a distillation; returns the run directory (rank 0)."""
+def check_same_run(cfg: TrainConfig, state: dict, path: Path) -> None:
+    """Refuse a state whose configuration differs from these flags in what the run computes."""
+    diff = identity_differences(state.get("config", {}), cfg.to_json())
+    if diff:
+        raise ConfigError(
+            f"{path}: written by another configuration ({'; '.join(diff)}: the state's value first); "
+            "give the same flags, or --resume new (or another --outdir/--run-dir) for a new run."
+        )
+
+
+def _matching_run(cfg: TrainConfig, desc: str) -> Path | None:
+    """--resume auto: the newest run directory in --outdir of this configuration (same --desc, same identity) that
+    holds a training state."""
+    out = Path(cfg.outdir)
+    if not out.is_dir():
+        return None
+    for d in sorted((p for p in out.iterdir() if (m := RUN_DIR_RE.match(p.name)) and m.group(2) == desc), reverse=True):
+        try:
+            options = json.loads((d / "training_options.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not identity_differences(options, cfg.to_json()) and latest_state(d) is not None:
+            return d
+    return None
+
+
+def choose_run(cfg: TrainConfig, world: int, check=None) -> tuple[Path, Path | None]:
+    """(run directory, training state to resume or None), decided on rank 0:
+    - --resume auto (default): --run-dir if given (created if new), else the newest run directory of this
+      configuration in --outdir that holds a state, else a new numbered one; continue from its newest state;
+    - --resume new: a new numbered run directory (or --run-dir), from the start;
+    - --resume PATH: a new numbered run directory, from PATH (a state, or a run directory's newest state).
+    `check(state)` runs before any directory is made (a refusal leaves nothing behind)."""
+    desc = run_desc(cfg, world)
+    if cfg.resume not in ("auto", "new"):
+        state = find_resume_state(cfg.resume)
+    elif cfg.run_dir is not None:
+        state = latest_state(Path(cfg.run_dir)) if cfg.resume == "auto" else None
+    else:
+        found = _matching_run(cfg, desc) if cfg.resume == "auto" else None
+        state = latest_state(found) if found is not None else None
+    if state is not None and check is not None:
+        check(state)
+    if cfg.run_dir is not None and cfg.resume in ("auto", "new"):
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, state
+    if cfg.resume == "auto" and state is not None:
+        return state.parent, state
+    return next_run_dir(cfg.outdir, desc), state
+
+
+def _on_rank0(fn):
+    """fn() on rank 0, its result (or its ConfigError, raised on every rank) shared with all ranks."""
+    result, failure = None, None
+    if dist.rank() == 0:
+        try:
+            result = fn()
+        except ConfigError as e:
+            failure = str(e)
+    result, failure = dist.broadcast_object((result, failure))
+    if failure is not None:
+        raise ConfigError(failure)
+    return result
+
+
+def run(cfg: TrainConfig, log_to_stdout=True) -> tuple[Path | None, str]:
+    """Run, continue or resume a distillation; returns (the run directory, "done" or "stopped")."""
     device = dist.init()
     world = dist.world_size()
-    resume_state = load_state_file(find_resume_state(cfg.resume)) if cfg.resume else None
     # Everything that can be refused is checked before the run directory is made: the trainer is built first,
     # with a logger that buffers until the directory exists.
     pending: list[str] = []
     trainer = build_trainer(cfg, device, log=pending.append)
-    run_dir = None
-    if dist.rank() == 0:
-        desc = cfg.desc or f"{cfg.preset}-alpha{cfg.alpha:g}-batch{cfg.batch}-gpus{world}-{cfg.precision}"
-        run_dir = next_run_dir(cfg.outdir, desc)
+
+    def decide():
+        run_dir, state_path = choose_run(cfg, world, check=lambda p: check_same_run(cfg, load_state_file(p), p))
         labels = (
             "none (unconditional)"
             if not trainer.G.label_dim
@@ -265,24 +343,31 @@ def run(cfg: TrainConfig, log_to_stdout=True) -> Path | None:
             if trainer.label_table is None
             else f"label frequencies of {cfg.data}"
         )
-        with open(run_dir / "training_options.json", "w") as f:
-            json.dump(dict(cfg.to_json(), world_size=world, class_labels=labels), f, indent=2)
-    log = Logger(run_dir) if log_to_stdout else (lambda *_: None)
+        checkpoints.atomic_write_text(
+            run_dir / "training_options.json",
+            json.dumps(dict(cfg.to_json(), world_size=world, class_labels=labels), indent=2),
+        )
+        return run_dir, state_path
+
+    run_dir, state_path = _on_rank0(decide)
+    log = Logger(run_dir if dist.rank() == 0 else None) if log_to_stdout else (lambda *_: None)
     for line in pending:
         log(line)
-    trainer.run_dir, trainer.log = run_dir, log
-    if resume_state is not None:
-        trainer.load_state_dict(resume_state, cfg.resume)
-        log(f"Resumed from {cfg.resume} at {trainer.cur_nimg / 1e3:.1f} kimg.")
-    trainer.train()
+    trainer.run_dir, trainer.log = run_dir, log  # every rank: a sharded state is written by all
+    if state_path is not None:
+        trainer.load_state_dict(load_state_file(state_path), state_path)
+        log(f"Resumed from {state_path} at {trainer.cur_nimg / 1e3:.1f} kimg.")
+    status = trainer.train()
     if isinstance(log, Logger):
         log.close()
     dist.finish()
-    return run_dir
+    return run_dir, status
 
 
 __all__ = [
+    "agree_or_raise",
     "build_trainer",
+    "choose_run",
     "check_teacher",
     "find_resume_state",
     "load_state_file",

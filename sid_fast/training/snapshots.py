@@ -24,7 +24,12 @@ def sample_ema(tr, seeds) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _write_grid_and_network(tr, kimg: int) -> None:
+def snapshot_name(nimg: int) -> str:
+    """network-snapshot-<images seen, 12 digits>.pt: distinct for every iteration, sorted by images up to 10^12."""
+    return f"network-snapshot-{nimg:012d}.pt"
+
+
+def _write_grid_and_network(tr) -> None:
     samples = sample_ema(tr, list(range(64)))
     if tr.vae is not None:
         grid = tr.vae.decode(samples.to(tr.device)).cpu()
@@ -34,10 +39,10 @@ def _write_grid_and_network(tr, kimg: int) -> None:
         grid = to_uint8(samples)
     if grid is not None:
         scale = max(1, 64 // grid.shape[-1])
-        save_image(image_grid(grid, scale=scale, gap=2), tr.run_dir / f"fakes-{kimg:06d}.png")
+        save_image(image_grid(grid, scale=scale, gap=2), tr.run_dir / f"fakes-{tr.cur_nimg:012d}.png")
     cfg = tr.cfg
     checkpoints.save_network(
-        tr.run_dir / f"network-snapshot-{kimg:06d}.pt",
+        tr.run_dir / snapshot_name(tr.cur_nimg),
         tr.G_ema,
         tr.g_init_kwargs,
         kind="generator",
@@ -52,15 +57,14 @@ def _write_grid_and_network(tr, kimg: int) -> None:
 def snapshot(tr) -> float | None:
     """Grid, network file and metric of G_ema now; returns the metric's value on rank 0 (None without a metric)."""
     cfg = tr.cfg
-    kimg = tr.cur_nimg // 1000
     with ops.kernels(tr.kernels):
         if tr.rank == 0 and tr.run_dir is not None:
-            _write_grid_and_network(tr, kimg)
+            _write_grid_and_network(tr)
         if cfg.metrics == "fd-digits" and tr.rank == 0:
             from sid_fast.metrics.digits import fd_digits
 
             seeds = list(range(10_000_000, 10_000_000 + cfg.metric_num))
-            return record_metric(tr, "fd_digits", fd_digits(sample_ema(tr, seeds)), kimg)
+            return record_metric(tr, "fd_digits", fd_digits(sample_ema(tr, seeds)))
         if cfg.metrics == "fid":  # every rank generates its share of the images
             from sid_fast.metrics.fid import fid_against, generator_stats
 
@@ -78,7 +82,7 @@ def snapshot(tr) -> float | None:
                 vae=tr.vae,
             )
             if tr.rank == 0:
-                return record_metric(tr, "fid", fid_against(stats, tr.fid_ref), kimg)
+                return record_metric(tr, "fid", fid_against(stats, tr.fid_ref))
     return None
 
 
@@ -89,13 +93,13 @@ def snapshot_and_log(tr) -> None:
         tr.log(f"  {name} of G_ema at {tr.cur_nimg / 1e3:.1f} kimg: {value:.3f}")
 
 
-def record_metric(tr, key: str, value: float, kimg: int) -> float:
+def record_metric(tr, key: str, value: float) -> float:
     """Append the value to the history, metric-<key>.jsonl and the plot (rank 0)."""
     rec = {
         "kimg": tr.cur_nimg / 1e3,
         key: value,
         "num": tr.cfg.metric_num,
-        "snapshot": f"network-snapshot-{kimg:06d}.pt",
+        "snapshot": snapshot_name(tr.cur_nimg),
     }
     tr.metrics_history.append(rec)
     if tr.run_dir is not None:

@@ -1,16 +1,26 @@
-"""The training state: everything exact resume needs, written as one file by rank 0 (sid_fast.checkpoints).
+"""The training state: everything exact resume needs.
 
 Contents: the configuration, G_ema, G and the fake score with their Adam states, every rank's RNG states (dropout),
-the counters (images, ticks), the tick statistics, the bad-step counters and the metric history. With --fsdp every
-sharded tensor (parameters and Adam moments) is gathered whole (a collective), so the file has the format of an
-unsharded run's, and on resume each rank keeps its own shard of it. (PyTorch's get_optimizer_state_dict is not used:
-it initialises the state of an optimizer that has not stepped yet, e.g. SiDA's G before its warm-up ends, with a zero
-step that shifts Adam's bias correction afterwards.)
+the counters (images, ticks), the tick statistics, the bad-step counters and the metric history.
+
+Two formats, named by images seen so that names never collide and sort in order up to 10^12 images:
+- one file, `training-state-<images>.pt` (one process or DDP): written by rank 0 (sid_fast.checkpoints.atomic_save),
+  read back with torch.load(weights_only=True, mmap=True);
+- a directory, `training-state-<images>.dcp` (--fsdp): G, the fake score and their Adam states written shard by shard
+  with torch.distributed.checkpoint, so that no rank holds more than its own shards plus the library's write and
+  read buffers, and `meta.pt` with the rest (G_ema is whole on every rank and written once). The directory is written
+  under a temporary name and renamed when every rank has finished, so a listed state is always complete. On resume
+  each rank reads only its shards. The Adam states are restored with Adam's own layout: an optimizer that has not
+  stepped (SiDA's G during its warm-up) has no state in the file and gets none (PyTorch's get_optimizer_state_dict
+  would give it a zero step, which shifts Adam's bias correction).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,68 +28,43 @@ import torch
 from sid_fast import checkpoints, dist
 from sid_fast.training.config import ConfigError
 
-
-def _whole(t):
-    return t.full_tensor().cpu() if hasattr(t, "full_tensor") else t
+STATE_RE = re.compile(r"^training-state-(\d{12})\.(pt|dcp)$")
 
 
-def trained_states(tr) -> dict:
-    """G, fake score and their Adam states (gathered whole under FSDP2: every rank calls it)."""
-    par = tr.par
-    nets = dict(G=tr.G.state_dict(), fake_score=tr.fake.state_dict())
-    opts = dict(opt_g=par.opt_g.state_dict(), opt_fake=par.opt_fake.state_dict())
-    if not par.fsdp:
-        return dict(nets, **opts)
-
-    def opt_state(sd):
-        return dict(sd, state={i: {k: _whole(v) for k, v in st.items()} for i, st in sd["state"].items()})
-
-    return dict(
-        {key: {k: _whole(v) for k, v in sd.items()} for key, sd in nets.items()},
-        **{key: opt_state(sd) for key, sd in opts.items()},
-    )
+def state_name(nimg: int, sharded: bool = False) -> str:
+    """training-state-<images seen, 12 digits>.pt (or .dcp for a sharded state)."""
+    return f"training-state-{nimg:012d}.{'dcp' if sharded else 'pt'}"
 
 
-def _shard_like(t, like):
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(t.to(like.device, like.dtype), like.device_mesh, like.placements)
-
-
-def load_trained_states(tr, s: dict) -> None:
-    par = tr.par
-    pairs = ((tr.G, par.opt_g, "G", "opt_g"), (tr.fake, par.opt_fake, "fake_score", "opt_fake"))
-    if not par.fsdp:
-        for net, opt, key, opt_key in pairs:
-            net.load_state_dict(s[key])
-            opt.load_state_dict(s[opt_key])
-        return
-    for net, opt, key, opt_key in pairs:
-        own = net.state_dict()
-        with torch.no_grad():
-            for k, v in s[key].items():
-                if k not in own:
-                    raise KeyError(k)
-                target = own[k]
-                if hasattr(target, "full_tensor"):  # every rank read the whole file and keeps its own shard
-                    target.to_local().copy_(_shard_like(v, target).to_local())
-                else:
-                    target.copy_(v)
-    for net, opt, _, opt_key in pairs:
-        params = list(net.parameters())
-        sd = s[opt_key]
-        state = {}
-        for i, st in sd["state"].items():
-            p = params[int(i)]
-            sharded = hasattr(p, "full_tensor")
-            state[i] = {k: _shard_like(v, p) if sharded and v.ndim and v.shape == p.shape else v for k, v in st.items()}
-        opt.load_state_dict(dict(sd, state=state))
+def list_states(run_dir: Path) -> list[Path]:
+    """The complete training states of a run directory, oldest first (a sharded one is listed once renamed)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if STATE_RE.match(p.name) and (p.is_file() or (p / "meta.pt").is_file())]
+    return sorted(found, key=lambda p: p.name)
 
 
-def training_state(tr) -> dict:
-    """The whole state as one dict (a collective: it gathers the RNG states of every rank)."""
+def _nets_and_opts(tr):
+    return ((tr.G, tr.par.opt_g, "G", "opt_g"), (tr.fake, tr.par.opt_fake, "fake_score", "opt_fake"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The parts every format shares.
+
+
+def training_state(tr, trained: bool = True) -> dict:
+    """The state as one dict (a collective: it gathers the RNG states of every rank). Without `trained`, G, the fake
+    score and the Adam states are left out (the sharded format writes them apart) and the optimizers' hyperparameters
+    are kept."""
     device = tr.device
     rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    if trained:
+        parts = {key: net.state_dict() for net, _, key, _ in _nets_and_opts(tr)}
+        parts.update({key: opt.state_dict() for _, opt, _, key in _nets_and_opts(tr)})
+    else:
+        parts = dict(sharded=True, param_groups={key: opt.state_dict()["param_groups"] for _, opt, _, key in
+                                                 _nets_and_opts(tr)})  # fmt: skip
     return dict(
         format=checkpoints.TRAINING_STATE_FORMAT,
         version=1,
@@ -87,9 +72,10 @@ def training_state(tr) -> dict:
         world_size=tr.world,
         class_name=tr.teacher_spec.class_name,
         init_kwargs=tr.init_kwargs,
+        g_init_kwargs=tr.g_init_kwargs,
         fsdp=tr.par.fsdp,
         G_ema=tr.G_ema.state_dict(),
-        **trained_states(tr),
+        **parts,
         rng=dist.all_gather_object(rng),
         cur_nimg=tr.cur_nimg,
         cur_tick=tr.cur_tick,
@@ -102,15 +88,26 @@ def training_state(tr) -> dict:
 
 
 def load_training_state(tr, s: dict, path) -> None:
-    """Restore `s` (read by checkpoints.read_training_state) into the trainer; one ConfigError when it does not fit."""
+    """Restore `s` (read by checkpoints.read_training_state; for a sharded state its meta.pt) into the trainer; one
+    ConfigError when it does not fit."""
     if s.get("world_size") != tr.world:
         raise ConfigError(
             f"--resume {path}: written by {s.get('world_size')} processes, this run has {tr.world}; "
             "resume with the same number of processes."
         )
+    if bool(s.get("sharded")) != tr.par.fsdp:
+        raise ConfigError(
+            f"--resume {path}: a {'sharded' if s.get('sharded') else 'whole'} state; this run "
+            f"{'shards' if tr.par.fsdp else 'does not shard'} its networks (--fsdp): resume it as it was written."
+        )
     try:
         tr.G_ema.load_state_dict(s["G_ema"])
-        load_trained_states(tr, s)
+        if s.get("sharded"):
+            _load_sharded(tr, s, Path(path))
+        else:
+            for net, opt, key, opt_key in _nets_and_opts(tr):
+                net.load_state_dict(s[key])
+                opt.load_state_dict(s[opt_key])
     except (RuntimeError, KeyError, ValueError) as e:
         raise ConfigError(f"--resume {path}: the state does not match this teacher/configuration: {e}") from None
     tr.cur_nimg, tr.cur_tick, tr.tick_start_nimg = s["cur_nimg"], s["cur_tick"], s["tick_start_nimg"]
@@ -130,10 +127,148 @@ def load_training_state(tr, s: dict, path) -> None:
 
 
 def save_training_state(tr) -> Path | None:
-    """Write the state into the run directory (rank 0); every rank calls it (the state is a collective)."""
-    s = training_state(tr)
-    if tr.rank != 0 or tr.run_dir is None:
+    """Write the state into the run directory, then keep the newest --keep-states of them; every rank calls it (a
+    collective) and gets the state's path (None without a run directory)."""
+    if tr.run_dir is None:
+        training_state(tr)  # the collective part, as the other ranks run it
         return None
-    path = tr.run_dir / f"training-state-{tr.cur_nimg // 1000:06d}.pt"
-    checkpoints.atomic_save(s, path)
+    path = Path(tr.run_dir) / state_name(tr.cur_nimg, sharded=tr.par.fsdp)
+    if tr.par.fsdp:
+        _save_sharded(tr, path)
+    else:
+        s = training_state(tr)
+        if tr.rank == 0:
+            checkpoints.atomic_save(s, path)
+    if tr.rank == 0 and tr.cfg.keep_states:
+        for old in list_states(tr.run_dir)[: -tr.cfg.keep_states]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sharded format (--fsdp): torch.distributed.checkpoint.
+
+
+def _sharded_tensors(tr) -> dict:
+    """G's and the fake score's state dicts (DTensor shards) and their Adam states keyed by parameter index."""
+    out = {}
+    for net, opt, key, opt_key in _nets_and_opts(tr):
+        out[key] = net.state_dict()
+        out[opt_key] = {str(i): dict(st) for i, st in opt.state_dict()["state"].items()}
+    return out
+
+
+def _save_sharded(tr, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    tmp = path.with_name(path.name + ".tmp")
+    meta = training_state(tr, trained=False)  # collective
+    if tr.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a write killed earlier
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    try:
+        dcp.save(_sharded_tensors(tr), checkpoint_id=str(tmp))  # collective: every rank writes its shards
+        if tr.rank == 0:
+            checkpoints.atomic_save(meta, tmp / "meta.pt")
+    except OSError as e:
+        raise checkpoints.CheckpointError(f"{path}: writing failed ({e.strerror or e}); the previous state is intact.")
+    dist.barrier()
+    if tr.rank == 0:
+        shutil.rmtree(path, ignore_errors=True)  # the same images seen again: an earlier attempt's state
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    dist.barrier()
+
+
+def _load_sharded(tr, meta: dict, path: Path) -> None:
+    """Read this rank's shards of G, the fake score and their Adam states from a sharded state."""
+    import torch.distributed.checkpoint as dcp
+
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    target = {}
+    for net, _, key, opt_key in _nets_and_opts(tr):
+        target[key] = net.state_dict()
+        params = list(net.parameters())
+        target[opt_key] = {}
+        for name, md in stored.items():  # "opt_g.<index>.<exp_avg|exp_avg_sq|step>": Adam's layout, shaped as stored
+            prefix, _, rest = name.partition(".")
+            if prefix != opt_key:
+                continue
+            index, _, field = rest.partition(".")
+            p = params[int(index)]
+            like_p = tuple(md.size) == tuple(p.shape) and len(md.size) > 0
+            dtype = md.properties.dtype
+            value = torch.zeros_like(p, dtype=dtype) if like_p else torch.zeros(md.size, dtype=dtype)
+            target[opt_key].setdefault(index, {})[field] = value
+    dcp.load(target, checkpoint_id=str(path))  # collective: every rank reads its shards
+    for net, opt, key, opt_key in _nets_and_opts(tr):
+        net.load_state_dict(target[key])
+        state = {int(i): st for i, st in target[opt_key].items()}
+        opt.load_state_dict(dict(state=state, param_groups=meta["param_groups"][opt_key]))
+
+
+def gathered_trained_states(tr) -> dict:
+    """G, the fake score and their Adam moments as whole tensors on every rank (a collective under --fsdp): for tests
+    and for consolidating a sharded run's networks; the training state does not use it."""
+
+    def whole(t):
+        return t.full_tensor().cpu() if hasattr(t, "full_tensor") else t
+
+    out = {}
+    for net, opt, key, opt_key in _nets_and_opts(tr):
+        out[key] = {k: whole(v) for k, v in net.state_dict().items()}
+        sd = opt.state_dict()
+        out[opt_key] = dict(sd, state={i: {k: whole(v) for k, v in st.items()} for i, st in sd["state"].items()})
+    return out
+
+
+def export_generator(state_path, out) -> Path:
+    """G_ema of a training state (a whole file or a sharded directory: G_ema is whole in both) as a sid_fast network
+    file, for the sampler, FID and export: `python -m sid_fast.training.state export STATE OUT.pt`."""
+    from sid_fast.networks import build_network
+
+    s = checkpoints.read_training_state(state_path, mmap=True)
+    cfg = s["config"]
+    net = build_network(s["class_name"], s["g_init_kwargs"])
+    try:
+        net.load_state_dict(s["G_ema"])
+    except RuntimeError as e:
+        raise checkpoints.CheckpointError(f"{state_path}: G_ema does not fit its recorded network: {e}") from None
+    checkpoints.save_network(
+        out,
+        net,
+        s["g_init_kwargs"],
+        kind="generator",
+        sigma_init=cfg["init_sigma"],
+        alpha=cfg["alpha"],
+        preset=cfg["preset"],
+        kimg=s["cur_nimg"] / 1e3,
+        teacher=str(cfg["teacher"]),
+    )
+    return Path(out)
+
+
+def main(argv=None) -> None:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m sid_fast.training.state", description="Training states.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="G_ema of a training state (file or sharded .dcp directory) as a network file")
+    ex.add_argument("state", help="training-state-*.pt or training-state-*.dcp")
+    ex.add_argument("out", help="the network file to write (.pt), for sid_fast.sample, fid and export")
+    a = ap.parse_args(argv)
+    try:
+        path = export_generator(a.state, a.out)
+    except checkpoints.CheckpointError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

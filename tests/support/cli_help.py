@@ -30,11 +30,14 @@ TOOLS = {
     "latents-encode": ["-m", "sid_fast.latents", "encode"],
     "teacher": ["-m", "sid_fast.training.teacher"],
     "digits-features": ["-m", "sid_fast.metrics.digits"],
+    "state": ["-m", "sid_fast.training.state"],
+    "state-export": ["-m", "sid_fast.training.state", "export"],
     "bench-kernels": ["-m", "bench.kernels"],
     "bench-train_step": ["-m", "bench.train_step"],
     "bench-memory": ["-m", "bench.memory"],
     "bench-static": ["-m", "bench.static"],
     "bench-report": ["-m", "bench.report"],
+    "bench-state_memory": ["-m", "bench.state_memory"],
 }
 
 
