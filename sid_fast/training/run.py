@@ -1,8 +1,9 @@
 """A distillation run: checks before any work, one `build_trainer`, the run directory, resume, and `run()`.
 
 Everything that can be refused (configuration, teacher, data, FID inputs, the state to resume) is checked before a
-run directory is made. `build_trainer` is the one way to construct a SiDTrainer from a configuration; train.py,
-bench/ and profile/ use it.
+run directory is made, and with several processes every rank stops with the same sentence. `build_trainer` is the
+one way to construct a SiDTrainer from a configuration; train.py, bench/ and profile/ use it. `choose_run` decides
+which run directory a command continues (--resume auto: the same configuration's) or starts.
 """
 
 from __future__ import annotations
@@ -196,6 +197,10 @@ def build_trainer(
         failure = None
     except (ConfigError, checkpoints.CheckpointError) as e:
         failure = (type(e).__name__, str(e))
+    except Exception as e:  # anything else: its own traceback alone, but never one rank gone while others wait
+        if dist.world_size() == 1:
+            raise
+        failure = ("ConfigError", f"loading the run's inputs failed: {type(e).__name__}: {e}")
     agree_or_raise(failure)
     kwargs = dict(run_dir=run_dir, log=log, fid=fid, label_table=label_table, generator_init=generator_init, vae=vae)
     if real is not None:
@@ -312,13 +317,16 @@ def choose_run(cfg: TrainConfig, world: int, check=None) -> tuple[Path, Path | N
 
 
 def _on_rank0(fn):
-    """fn() on rank 0, its result (or its ConfigError, raised on every rank) shared with all ranks."""
+    """fn() on rank 0, its result (or its error as one ConfigError sentence, raised on every rank) shared with all
+    ranks."""
     result, failure = None, None
     if dist.rank() == 0:
         try:
             result = fn()
-        except ConfigError as e:
+        except (ConfigError, checkpoints.CheckpointError) as e:
             failure = str(e)
+        except OSError as e:  # e.g. an --outdir that cannot be created
+            failure = f"{e.filename or 'the run directory'}: {e.strerror or e}."
     result, failure = dist.broadcast_object((result, failure))
     if failure is not None:
         raise ConfigError(failure)
