@@ -1,6 +1,6 @@
 """The reference path's numbers are pinned: three SiD steps on the digits teacher give the recorded parameters, bit for
-bit. Recorded before the library was restructured (tests/data/reference_steps.json), so that moving code around
-provably changed nothing. The steps run in a fresh interpreter under a recipe every x86-64 CPU reproduces (ATen's
+bit. The recording (tests/data/reference_steps.json) is fixed, so that moving code around provably changes nothing.
+The steps run in a fresh interpreter under a recipe every x86-64 CPU reproduces (ATen's
 baseline kernels, oneDNN capped at SSE4.1, MKL in compatible mode, one thread): measured here, the digest is the same
 run to run and with glibc's FMA/AVX2 math variants masked, while native AVX-512 or AVX2 kernels move per-tensor sums
 by up to 1.7% after three Adam steps (round-off amplified where gradients are near zero).
@@ -36,5 +36,5 @@ def test_reference_steps_are_bit_identical_to_the_recorded_ones():
             f"parameters differ from the recorded reference; largest per-tensor sum changes: {diffs}; "
             f"stats {got['stats']} vs {want['stats']}"
         )
-    n = len(want["stats"])  # statistics slots added since the recording (SiDA's loss_D, loss_G_gan) stay zero in SiD
+    n = len(want["stats"])  # the slots the recording lacks (SiDA's loss_D, loss_G_gan) stay zero in SiD
     assert got["stats"][:n] == want["stats"] and not any(got["stats"][n:])

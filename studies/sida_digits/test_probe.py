@@ -12,7 +12,7 @@ def test_probe_gradients_are_the_two_terms_of_the_generator_phase():
     optimizer, on the same draws (the bundled digits teacher and data, one micro-batch of 4)."""
     over = dict(batch=4, batch_gpu=4, metrics="none", lsg_gan=10.0)
     tr = build_trainer(resolve_config("digits-sida", over), torch.device("cpu"), log=lambda *_: None)
-    tr.fake_score_phase()  # the fake score moves off the teacher: the SiD term's gradient is no longer ~0
+    tr.fake_score_phase()  # the fake score moves off the teacher, so that the SiD term's gradient is not ~0
     tr.cur_nimg = 200_004  # past both warm-ups: 0.5 SiD + 0.5 GAN
     seen = {}
     step = tr.opt_g.step
