@@ -124,6 +124,11 @@ def _shard_bytes(tr) -> tuple[int, int]:
     return local, whole
 
 
+def _whole_G(tr) -> dict:
+    """G's tensors gathered whole (a collective), to check what was read against what was written."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in tr.G.state_dict().items()}
+
+
 def _worker(rank, world, port, size, fmt, op, out_dir, results):
     """One operation (write or read) of one format in fresh processes: the resident set before it is the trainer's."""
     from sid_fast import dist as sid_dist
@@ -147,7 +152,7 @@ def _worker(rank, world, port, size, fmt, op, out_dir, results):
                 state.save_training_state(tr)
             else:
                 _write_whole(tr, path)
-        g = state.gathered_trained_states(tr)["G"]
+        g = _whole_G(tr)
         if rank == 0:
             torch.save(g, written)
     else:
@@ -156,7 +161,7 @@ def _worker(rank, world, port, size, fmt, op, out_dir, results):
                 state.load_training_state(tr, state.checkpoints.read_training_state(path), path)
             else:
                 _read_whole(tr, path)
-        g = state.gathered_trained_states(tr)["G"]
+        g = _whole_G(tr)
         want = torch.load(written, weights_only=True)
         assert all(torch.equal(g[k], want[k]) for k in want), "reading did not restore G as written"
     rec = dict(bench="state_memory", config=f"edm2-{size}", format=fmt, operation=op, rank=rank, world=world,
