@@ -82,7 +82,7 @@ def test_sigterm_stops_with_a_state_and_the_same_command_continues(tmp_path):
 
     out = tmp_path / "runs"
     command = [sys.executable, "train.py", "--outdir", str(out), "--tick", "0.256", "--snap", "1000", "--dump", "1000"]
-    command += ["--metrics", "none", "--duration", "0.003072", "--keep-states", "2"]
+    command += ["--metrics", "none", "--duration", "0.001536", "--keep-states", "2"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not list(out.glob("*/stats.jsonl")):  # wait until training is under way
@@ -95,16 +95,16 @@ def test_sigterm_stops_with_a_state_and_the_same_command_continues(tmp_path):
     from sid_fast.training.run import latest_state, load_state_file
 
     stopped_at = load_state_file(latest_state(run_dir))["cur_nimg"]
-    assert 0 < stopped_at < 3072 and stopped_at % 256 == 0  # written at an iteration boundary
+    assert 0 < stopped_at < 1536 and stopped_at % 256 == 0  # written at an iteration boundary
 
     r = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"at {stopped_at / 1e3:.1f} kimg" in r.stdout and "Finished at 3.1 kimg" in r.stdout
+    assert f"at {stopped_at / 1e3:.1f} kimg" in r.stdout and "Finished at 1.5 kimg" in r.stdout
     assert [p.name for p in out.iterdir()] == [run_dir.name]  # the same run directory
     states = sorted(p.name for p in run_dir.glob("training-state-*.pt"))
-    assert states[-1] == "training-state-000000003072.pt" and len(states) <= 2  # --keep-states 2
+    assert states[-1] == "training-state-000000001536.pt" and len(states) <= 2  # --keep-states 2
     kimgs = [json.loads(line)["kimg"] for line in (run_dir / "stats.jsonl").read_text().splitlines()]
-    assert kimgs == sorted(kimgs) and kimgs[-1] == 3.072
+    assert kimgs == sorted(kimgs) and kimgs[-1] == 1.536
 
 
 @pytest.mark.slow
