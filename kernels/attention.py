@@ -603,12 +603,16 @@ def blocked_order(num_heads: int, d: int, device) -> torch.Tensor:
     """Index into EDM's interleaved qkv channels (head*3d + 3c + j) that lists them in the blocked order
     (head*3d + j*d + c): qkv[:, order] is the blocked tensor, and a convolution whose weight rows and bias are gathered
     by it computes the blocked tensor directly."""
+    if torch.compiler.is_compiling():  # traced as an iota: a cache read would become a guard that fails once filled
+        return _order(num_heads, d, device)
     key = (num_heads, d, str(device))
     if key not in _ORDER_CACHE:
-        _ORDER_CACHE[key] = (
-            torch.arange(3 * num_heads * d, device=device).view(num_heads, d, 3).transpose(1, 2).reshape(-1)
-        )
+        _ORDER_CACHE[key] = _order(num_heads, d, device)
     return _ORDER_CACHE[key]
+
+
+def _order(num_heads: int, d: int, device) -> torch.Tensor:
+    return torch.arange(3 * num_heads * d, device=device).view(num_heads, d, 3).transpose(1, 2).reshape(-1)
 
 
 def blocked_to_interleaved(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -28,14 +30,70 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
 
 
 @torch.no_grad()
-def update_ema_sharded(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """update_ema for a network sharded with FSDP2 (`--fsdp`) into a whole EMA copy on every rank: each parameter is
-    all-gathered in turn (a collective: every rank calls it), then the same lerp as the official loop."""
-    for p_ema, p in zip(ema.parameters(), net.parameters()):
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        p_ema.copy_(full.detach().lerp(p_ema, beta))
+def update_ema_sharded(ema: torch.nn.Module, net: torch.nn.Module, beta: float, bucket_bytes: int = 128 << 20) -> None:
+    """update_ema for a network sharded with FSDP2 (`--fsdp`) into a whole EMA copy on every rank: the parameters are
+    all-gathered a bucket of up to `bucket_bytes` at a time (one collective per bucket, every rank calls it, instead
+    of one per parameter), then the same lerp as the official loop, parameter by parameter."""
+    pairs = list(zip(ema.parameters(), net.parameters()))
+    bucket, size = [], 0
+    for p_ema, p in pairs:
+        bucket.append((p_ema, p))
+        size += p.numel() * p.element_size() * (p.device_mesh.size() if _sharded(p) else 1)
+        if size >= bucket_bytes:
+            _update_bucket(bucket, beta)
+            bucket, size = [], 0
+    if bucket:
+        _update_bucket(bucket, beta)
     for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
+
+
+def _sharded(p) -> bool:
+    """A DTensor sharded on dim 0 over a 1-D mesh (FSDP2's layout), whose shards `gather_full` can put together."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return isinstance(p, DTensor) and p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
+
+
+def _update_bucket(bucket: list, beta: float) -> None:
+    sharded = [p for _, p in bucket if _sharded(p)]
+    full = dict(zip(map(id, sharded), gather_full(sharded))) if sharded else {}
+    for p_ema, p in bucket:
+        f = full.get(id(p))
+        if f is None:
+            f = p.full_tensor() if hasattr(p, "full_tensor") else p
+        p_ema.copy_(f.detach().lerp(p_ema, beta))
+
+
+def gather_full(params: list) -> list:
+    """The whole tensors of dim-0-sharded DTensors on one mesh, with one all_gather_into_tensor: each rank's shards
+    (torch.chunk's split of dim 0: rank r holds rows [r c, (r + 1) c), c = ceil(rows / world), the last ranks fewer
+    or none) padded to c rows, concatenated, gathered, then cut back."""
+    import torch.distributed as dist
+
+    mesh = params[0].device_mesh
+    world, group = mesh.size(), mesh.get_group()
+    local, spans = [], []
+    for p in params:
+        rows = p.shape[0]
+        chunk = -(-rows // world)
+        row_numel = math.prod(p.shape[1:])
+        shard = p.to_local().reshape(-1)
+        padded = torch.zeros(chunk * row_numel, dtype=shard.dtype, device=shard.device)
+        padded[: shard.numel()] = shard
+        local.append(padded)
+        spans.append((rows, chunk, row_numel))
+    flat = torch.cat(local)
+    out = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
+    dist.all_gather_into_tensor(out, flat, group=group)
+    out = out.view(world, -1)
+    result, off = [], 0
+    for p, (rows, chunk, row_numel) in zip(params, spans):
+        n = chunk * row_numel
+        whole = out[:, off : off + n].reshape(world * chunk, *p.shape[1:])[:rows]
+        result.append(whole)
+        off += n
+    return result
 
 
 @torch.no_grad()

@@ -20,10 +20,12 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kernels.attention import attention_edm, attention_sdpa
 from kernels.group_norm_silu import group_norm_silu_ref
 from sid_fast.losses import edm2_loss_from_output, edm_loss_from_output, edm_weight, sid_generator_loss_elements
+from sid_fast.networks.casts import cast
 
 KERNELS = frozenset({"sid_loss", "edm_loss", "group_norm_silu", "attention"})
 NAMES = KERNELS | {"sdpa"}  # "sdpa": attention through PyTorch's SDPA instead of EDM's op (no Triton)
@@ -134,9 +136,9 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float, scale=None, sh
     if "group_norm_silu" in _selection.kernels and silu:
         from kernels.group_norm_silu import group_norm_silu as fused
 
-        return fused(x, weight.to(x.dtype), bias.to(x.dtype), num_groups, eps, scale, shift)
+        return fused(x, cast(weight, x.dtype), cast(bias, x.dtype), num_groups, eps, scale, shift)
     return group_norm_silu_ref(
-        x, weight.to(x.dtype), bias.to(x.dtype), num_groups, eps, scale, shift, silu=silu, upcast=False
+        x, cast(weight, x.dtype), cast(bias, x.dtype), num_groups, eps, scale, shift, silu=silu, upcast=False
     )
 
 
@@ -149,9 +151,12 @@ def attention_from_conv(conv, x: torch.Tensor, num_heads: int) -> torch.Tensor:
         from kernels.attention import blocked_order, flash_attention
 
         order = blocked_order(num_heads, conv.out_channels // (3 * num_heads), x.device)
-        qkv = torch.nn.functional.conv2d(x, conv.weight.to(x.dtype)[order])
-        if conv.bias is not None:  # added apart, as sid_fast.networks.layers.Conv2d does
-            qkv = qkv + conv.bias.to(x.dtype)[order].reshape(1, -1, 1, 1)
+        bias = cast(conv.bias, x.dtype)[order] if conv.bias is not None else None
+        if conv.bias_in_conv:
+            return flash_attention(F.conv2d(x, cast(conv.weight, x.dtype)[order], bias), num_heads, blocked=True)
+        qkv = F.conv2d(x, cast(conv.weight, x.dtype)[order])
+        if bias is not None:  # added apart, as sid_fast.networks.layers.Conv2d does
+            qkv = qkv + bias.reshape(1, -1, 1, 1)
         return flash_attention(qkv, num_heads, blocked=True)
     return attention(conv(x), num_heads)
 

@@ -23,14 +23,15 @@ The reference path (fp32, no option) reproduces the official implementation's nu
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from sid_fast.ema import update_ema, update_ema_foreach
-from sid_fast.networks import edm2
-from sid_fast.networks.layers import UNetBlock
+from sid_fast.networks import casts, edm2
+from sid_fast.networks.layers import Conv2d, UNetBlock
 
 
 class annotate:
@@ -69,6 +70,11 @@ def prepare_networks(cfg, teacher, trained, G_ema) -> None:
             p.data = p.data.to(torch.bfloat16)  # buffers (resampling filters, Fourier frequencies) stay fp32
         for net in (teacher, *trained):
             net.compute_dtype = torch.bfloat16
+            for m in net.modules():
+                if isinstance(m, Conv2d):
+                    m.bias_in_conv = True
+                if isinstance(m, UNetBlock):  # compiled call sites fuse the casts themselves
+                    m.group_casts = not grouped_casts_off(cfg)
         G_ema.compute_dtype = None
     if cfg.channels_last:
         for net in (teacher, *trained, G_ema):
@@ -83,15 +89,28 @@ def prepare_networks(cfg, teacher, trained, G_ema) -> None:
                 b.checkpoint_activations, b.checkpoint_while_trained = block_mode, while_trained
 
 
+def grouped_casts_off(cfg) -> bool:
+    """Grouped weight casts and the gradient arena (sid_fast.networks.casts) serve the eager bf16 path only."""
+    return cfg.precision != "bf16" or bool(cfg.compile or cfg.cuda_graphs)
+
+
+def gradient_arena(cfg, net: torch.nn.Module):
+    """The phase that trains `net`: its first gradients land in one flat buffer on the eager bf16 path (one NaN-cleaning
+    pass per network instead of seven ops per parameter); elsewhere nothing changes."""
+    if grouped_casts_off(cfg):
+        return contextlib.nullcontext()
+    return casts.gradient_arena(net.parameters())
+
+
 def image_format(cfg, x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
-def _site(cfg, fn, name: str, checkpoint_whole: bool = False) -> Callable:
+def _site(cfg, fn, name: str, checkpoint_whole: bool = False, backend=None) -> Callable:
     """fn(x, sigma, labels, **kw) with x in the run's memory format, compiled if asked, inside an NVTX range; with
     `checkpoint_whole` and --checkpointing nets the whole forward is recomputed in backward (per-block checkpointing
     is the blocks' own, set by `prepare_networks`)."""
-    compiled = maybe_compile(fn, cfg)
+    compiled = maybe_compile(fn, cfg, backend)
     whole = checkpoint_whole and cfg.checkpointing == "nets"
 
     def call(x, sigma, labels, **kw):
@@ -118,14 +137,16 @@ class CallSites:
     update_ema: Callable  # (G_ema, G, beta): per-parameter lerp as the official loop, or one foreach lerp
 
 
-def call_sites(cfg, teacher, G, fake, G_dist, fake_dist) -> CallSites:
-    """G_dist, fake_dist: the networks as the processes train them (DDP-wrapped, FSDP2-sharded or bare)."""
+def call_sites(cfg, teacher, G, fake, G_dist, fake_dist, backends=None) -> CallSites:
+    """G_dist, fake_dist: the networks as the processes train them (DDP-wrapped, FSDP2-sharded or bare); `backends`:
+    {call site: torch.compile backend} instead of --compile-backend (bench.overhead counts graphs per site)."""
+    b = backends or {}
     return CallSites(
-        G_train=_site(cfg, G_dist, "sid/generator"),
-        G_eval=_site(cfg, G, "sid/generator"),
-        fake_train=_site(cfg, fake_dist, "sid/fake_score"),
-        fake_eval=_site(cfg, fake, "sid/fake_score", checkpoint_whole=True),
-        teacher=_site(cfg, teacher, "sid/teacher", checkpoint_whole=True),
+        G_train=_site(cfg, G_dist, "sid/generator", backend=b.get("G_train")),
+        G_eval=_site(cfg, G, "sid/generator", backend=b.get("G_eval")),
+        fake_train=_site(cfg, fake_dist, "sid/fake_score", backend=b.get("fake_train")),
+        fake_eval=_site(cfg, fake, "sid/fake_score", checkpoint_whole=True, backend=b.get("fake_eval")),
+        teacher=_site(cfg, teacher, "sid/teacher", checkpoint_whole=True, backend=b.get("teacher")),
         update_ema=update_ema if cfg.optimizer == "adam" else update_ema_foreach,
     )
 
@@ -135,9 +156,11 @@ def make_adam(params, lr, betas, eps, kind: str):
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, **extra)
 
 
-def maybe_compile(fn, cfg):
+def maybe_compile(fn, cfg, backend=None):
     if not (cfg.compile or cfg.cuda_graphs):
         return fn
+    if backend is not None:
+        return torch.compile(fn, backend=backend, dynamic=False)
     if cfg.cuda_graphs:
         return torch.compile(fn, mode="reduce-overhead", dynamic=False)
     return torch.compile(fn, backend=cfg.compile_backend, dynamic=False)

@@ -47,9 +47,9 @@ def test_resume_is_bit_exact(teacher_file, tmp_path):
     )
 
 
-def _ddp_worker(rank, world, port, teacher, batch_gpu, out):
+def _ddp_worker(rank, world, port, teacher, batch_gpu, out, precision="fp32"):
     with gloo_process(rank, world, port):
-        tr = damp_adam(cpu_trainer(cfg_for(teacher, batch_gpu=batch_gpu, dropout=0.0)))
+        tr = damp_adam(cpu_trainer(cfg_for(teacher, batch_gpu=batch_gpu, dropout=0.0, precision=precision)))
         assert tr.world == world  # really distributed
         for _ in range(3):
             tr.step()
@@ -59,22 +59,24 @@ def _ddp_worker(rank, world, port, teacher, batch_gpu, out):
 
 @pytest.mark.slow
 def test_one_process_equals_two_gloo_processes(teacher_file, tmp_path):
-    # batch 8: 1 process x 2 rounds x 4 vs 2 processes x 1 round x 4; and 1 x 4 x 2 vs 2 x 2 x 2 (accumulation).
-    for i, batch_gpu in enumerate([4, 2]):
-        single = damp_adam(cpu_trainer(cfg_for(teacher_file, dropout=0.0, batch_gpu=batch_gpu)))
+    # batch 8: 1 process x 2 rounds x 4 vs 2 processes x 1 round x 4; and 1 x 4 x 2 vs 2 x 2 x 2 (accumulation), in
+    # fp32 and in bf16 (grouped weight casts: the gradients land in one buffer, then in DDP's bucket views).
+    for i, (batch_gpu, precision) in enumerate([(4, "fp32"), (2, "fp32"), (2, "bf16")]):
+        single = damp_adam(cpu_trainer(cfg_for(teacher_file, dropout=0.0, batch_gpu=batch_gpu, precision=precision)))
+        init = {k: v.float().clone() for k, v in single.G.state_dict().items()}  # G and the fake score start here
         for _ in range(3):
             single.step()
         ref = trainer_params(single)
         out = tmp_path / f"ddp{i}.pt"
-        mp.spawn(_ddp_worker, args=(2, 29500 + os.getpid() % 1000 + i, teacher_file, batch_gpu, str(out)), nprocs=2)
+        args = (2, 29500 + os.getpid() % 1000 + i, teacher_file, batch_gpu, str(out), precision)
+        mp.spawn(_ddp_worker, args=args, nprocs=2)
         got = torch.load(out, weights_only=True)
-        init = single.teacher.state_dict()
         for k in ref:
             # fp32 sums in another order differ by round-off; the trajectories must agree to 2% of the distance
             # each tensor travelled in training (the distance is >= 1e-4 for trained tensors, round-off ~1e-6).
             travelled = (ref[k] - init[k.split(".", 1)[1]]).abs().max().item()
             diff = (got[k] - ref[k]).abs().max().item()
-            assert diff <= 0.02 * travelled + 1e-7, (k, batch_gpu, diff, travelled)
+            assert diff <= 0.02 * travelled + 1e-7, (k, batch_gpu, precision, diff, travelled)
         moved = (ref["G.model.dec.8x8_aux_conv.weight"] - init["model.dec.8x8_aux_conv.weight"]).abs().max()
         assert moved > 1e-5  # the comparison is not between untrained copies
 

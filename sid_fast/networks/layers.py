@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sid_fast import ops
+from sid_fast.networks.casts import cast, cast_group
 
 # ----------------------------------------------------------------------------
 # Weight initialisation (only matters when training from scratch, never when loading).
@@ -45,7 +46,7 @@ class Linear(torch.nn.Module):
         self.bias = torch.nn.Parameter(weight_init([out_features], **init_kwargs) * init_bias) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, cast(self.weight, x.dtype), cast(self.bias, x.dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -54,6 +55,12 @@ class Linear(torch.nn.Module):
 
 
 class Conv2d(torch.nn.Module):
+    # sid_fast: set by sid_fast.perf on the bf16 fast path. EDM adds the bias after the convolution (a second kernel
+    # and, in backward, a reduction for its gradient); with bias_in_conv a convolution without resampling takes the
+    # bias itself (added in the convolution's fp32 epilogue before the one rounding to bf16). The reference keeps
+    # EDM's add.
+    bias_in_conv: bool = False
+
     def __init__(
         self,
         in_channels,
@@ -90,9 +97,7 @@ class Conv2d(torch.nn.Module):
         self.register_buffer("resample_filter", f if up or down else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.dtype) if self.weight is not None else None
-        b = self.bias.to(x.dtype) if self.bias is not None else None
-        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        w, b, f = cast(self.weight, x.dtype), cast(self.bias, x.dtype), cast(self.resample_filter, x.dtype)
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
         c_in = self.in_channels
@@ -111,6 +116,8 @@ class Conv2d(torch.nn.Module):
             if self.down:
                 x = F.conv2d(x, f.tile([c_in, 1, 1, 1]), groups=c_in, stride=2, padding=f_pad)
             if w is not None:
+                if self.bias_in_conv and not (self.up or self.down):
+                    return F.conv2d(x, w, b, padding=w_pad)
                 x = F.conv2d(x, w, padding=w_pad)
         if b is not None:
             x = x + b.reshape(1, -1, 1, 1)
@@ -131,7 +138,11 @@ class GroupNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(
-            x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps
+            x,
+            num_groups=self.num_groups,
+            weight=cast(self.weight, x.dtype),
+            bias=cast(self.bias, x.dtype),
+            eps=self.eps,
         )
 
     def silu(
@@ -210,6 +221,16 @@ class UNetBlock(torch.nn.Module):
     # False a block checkpoints only while its parameters are frozen (a network called as a function of its input).
     checkpoint_activations: str | None = None
     checkpoint_while_trained: bool = True
+    # sid_fast: set by sid_fast.perf on the eager bf16 fast path: the block casts its parameters as one group
+    # (sid_fast.networks.casts), inside the checkpointed function when it is checkpointed (recomputed the same way).
+    group_casts: bool = False
+
+    def cast_targets(self, x_dtype: torch.dtype, emb_dtype: torch.dtype) -> list:
+        """(tensor, dtype it is used in) of the block's parameters and resampling filters: the embedding's affine
+        layer runs in the embedding's dtype, the rest of the block in the activations'."""
+        affine = {id(p) for p in self.affine.parameters()}
+        targets = [(p, emb_dtype if id(p) in affine else x_dtype) for p in self.parameters()]
+        return targets + [(b, x_dtype) for name, b in self.named_buffers() if name.endswith("resample_filter")]
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return call_block(self, x, emb, self.conv0.weight)
@@ -246,7 +267,14 @@ def call_block(block, x: torch.Tensor, emb: torch.Tensor, weight: torch.Tensor) 
         from torch.utils.checkpoint import checkpoint
 
         extra = dict(context_fn=_selective_context) if mode == "selective" else {}
-        return checkpoint(block._forward, x, emb, use_reentrant=False, **extra)
+        return checkpoint(_grouped_forward, block, x, emb, use_reentrant=False, **extra)
+    return _grouped_forward(block, x, emb)
+
+
+def _grouped_forward(block, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    if getattr(block, "group_casts", False) and not torch.compiler.is_compiling():
+        with cast_group(block.cast_targets(x.dtype, emb.dtype)):
+            return block._forward(x, emb)
     return block._forward(x, emb)
 
 

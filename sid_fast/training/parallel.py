@@ -3,7 +3,8 @@ hand-over at the end of a phase.
 
 - One process: the networks as they are.
 - DDP (default with several processes): G and the fake score replicated, gradients all-reduced once per phase (DDP's
-  no_sync on the other accumulation rounds), as the official loop's ddp_sync.
+  no_sync on the other accumulation rounds), as the official loop's ddp_sync; the gradients are views into DDP's
+  buckets (no copy back after the all-reduce), the bucket size is `ddp_bucket_mb`'s.
 - FSDP2 (--fsdp): G and the fake score sharded with fully_shard per UNet block and then per network, before their
   optimizers exist, so that the Adam states are sharded too; the frozen teacher and G_ema stay whole on every rank.
   FSDP2 shards no 0-d parameter (EDM2's scalar gains emb_gain and out_gain): those stay whole on every rank and their
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from sid_fast import perf
-from sid_fast.networks import edm2
+from sid_fast.networks import casts, edm2
+from sid_fast.networks.casts import dense
 from sid_fast.networks.layers import UNetBlock
 
 
@@ -57,18 +59,52 @@ class Parallel:
                 p.grad.div_(self.world)
 
     def clean_grads(self, params, device) -> torch.Tensor:
-        """nan_to_num on every gradient (official cleaning); returns a device bool: were any non-finite?"""
+        """nan_to_num on every gradient (official cleaning); returns a device bool: were any non-finite? Gradients that
+        tile one buffer (the bf16 fast path's gradient arena, sid_fast.networks.casts) are cleaned as that buffer in
+        one pass; the others one by one (the same elementwise result)."""
         bad = torch.zeros((), dtype=torch.bool, device=device)
-        for p in params:
-            if p.grad is not None:
-                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                bad = bad | ~torch.isfinite(g).all()
-                torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+        arena = casts.current_arena_buffer()
+        if arena is not None:  # zero-filled where no gradient landed: cleaned whole
+            ptr = arena.untyped_storage().data_ptr()
+            grads = [arena, *(g for g in grads if g.untyped_storage().data_ptr() != ptr)]
+        for g in flat_buffers(grads):
+            bad = bad | ~torch.isfinite(g).all()
+            torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
         if self.fsdp:
             flag = bad.to(torch.int32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             bad = flag.bool()
         return bad
+
+
+def flat_buffers(tensors: list) -> list:
+    """`tensors`, with every group of them that exactly tiles one storage (same dtype, dense, no overlap, covering it
+    all) replaced by one flat view of that storage."""
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+    out = []
+    for group in groups.values():
+        t0 = group[0]
+        n = t0.untyped_storage().nbytes() // t0.element_size()
+        if len(group) > 1 and _tiles(group, n):
+            out.append(t0.as_strided((n,), (1,), 0))
+        else:
+            out.extend(group)
+    return out
+
+
+def _tiles(group: list, n: int) -> bool:
+    """Do these dense tensors of one dtype cover elements [0, n) of their storage, each once?"""
+    if not all(t.dtype == group[0].dtype and dense(t) for t in group):
+        return False
+    end = 0
+    for t in sorted(group, key=lambda t: t.storage_offset()):
+        if t.storage_offset() != end:
+            return False
+        end += t.numel()
+    return end == n
 
 
 def _shard(net: torch.nn.Module) -> list:
@@ -84,6 +120,17 @@ def _shard(net: torch.nn.Module) -> list:
     return scalars
 
 
+def ddp_bucket_mb(net: torch.nn.Module) -> float:
+    """DDP's bucket size for `net`'s gradients, from what bench.collectives counts: a gradient bucket is all-reduced
+    while backward runs once all of its gradients exist, so the last one (the first layers', ready last) is exposed
+    after backward. At least 8 buckets per network keep that tail to 1/8 of the gradient bytes or less; at least
+    4 MiB each keeps one all-reduce near NCCL's NVLink bandwidth plateau rather than its ~20 us latency; at most 64
+    MiB keeps the exposed tail under ~0.3 ms at ~230 GB/s (8 GPUs, NVLink). CIFAR-10's 55.7 M parameters: 28 MiB
+    buckets (DDP's default is 25 MiB); ImageNet-64's 296 M: 64 MiB; digits: 4 MiB."""
+    mib = sum(p.numel() * p.element_size() for p in net.parameters()) / 2**20
+    return float(min(max(mib / 8, 4.0), 64.0))
+
+
 def parallelize(cfg, G, fake, device, world: int, rounds: int, adam_eps: float) -> Parallel:
     """Wrap or shard G and the fake score for `world` processes, then build their Adam optimizers (official betas
     (0, 0.999) for the fake score, (g_beta1, 0.999) for G)."""
@@ -95,11 +142,11 @@ def parallelize(cfg, G, fake, device, world: int, rounds: int, adam_eps: float) 
     opt_fake = perf.make_adam(fake.parameters(), cfg.lr, (0.0, 0.999), adam_eps, cfg.optimizer)
     opt_g = perf.make_adam(G.parameters(), cfg.glr, (cfg.g_beta1, 0.999), adam_eps, cfg.optimizer)
     if world > 1 and not fsdp:
-        ddp = dict(broadcast_buffers=False, find_unused_parameters=False)
+        ddp = dict(broadcast_buffers=False, find_unused_parameters=False, gradient_as_bucket_view=True)
         if device.type == "cuda":
             ddp["device_ids"] = [device]
-        G_dist = torch.nn.parallel.DistributedDataParallel(G, **ddp)
-        fake_dist = torch.nn.parallel.DistributedDataParallel(fake, **ddp)
+        G_dist = torch.nn.parallel.DistributedDataParallel(G, bucket_cap_mb=ddp_bucket_mb(G), **ddp)
+        fake_dist = torch.nn.parallel.DistributedDataParallel(fake, bucket_cap_mb=ddp_bucket_mb(fake), **ddp)
     else:
         G_dist, fake_dist = G, fake
     return Parallel(G_dist, fake_dist, opt_g, opt_fake, world, rounds, fsdp, replicated)

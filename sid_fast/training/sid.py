@@ -107,7 +107,9 @@ class SiDTrainer:
             raise ConfigError(
                 f"--augment {cfg.augment}: the networks have no augment labels (augment_dim 0); use --augment 0."
             )
-        self.augment_pipe = AugmentPipe(p=cfg.augment) if cfg.augment > 0 else None
+        # The bf16 fast path pads by a fixed margin (no host sync per micro-batch; the same warp up to rounding).
+        fixed = cfg.precision == "bf16"
+        self.augment_pipe = AugmentPipe(p=cfg.augment, fixed_margin=fixed) if cfg.augment > 0 else None
         self.label_table = self._label_table(label_table)
         eps = 1e-6 if cfg.precision == "fp16" else 1e-8  # official sid_train.py: 1e-6 with --fp16 1, else 1e-8
         self.par = parallelize(cfg, self.G, self.fake, device, self.world, self.rounds, eps)
@@ -273,6 +275,10 @@ class SiDTrainer:
         return loss_sum * (self.cfg.ls / self.batch_gpu_total), stats
 
     def fake_score_phase(self):
+        with perf.gradient_arena(self.cfg, self.fake):
+            return self._fake_score_phase()
+
+    def _fake_score_phase(self):
         b = self.cfg.batch_gpu
         self._begin_phase(self.fake, self.G, self.opt_fake)
         for rnd in range(self.rounds):
@@ -299,6 +305,10 @@ class SiDTrainer:
         return loss_sum * (self.cfg.lsg / self.batch_gpu_total), stats
 
     def generator_phase(self):
+        with perf.gradient_arena(self.cfg, self.G):
+            return self._generator_phase()
+
+    def _generator_phase(self):
         self._begin_phase(self.G, self.fake, self.opt_g)
         for rnd in range(self.rounds):
             z, labels, sigma, eps = self.generator_draws(rnd)

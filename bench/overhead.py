@@ -1,0 +1,489 @@
+"""What a SiD step costs beyond its FLOPs, counted without a GPU: launches, host syncs, graph breaks, collectives.
+
+    python -m bench.overhead                                     # every part, the four configurations, every rung
+    python -m bench.overhead --parts launches --configs cifar10  # one part
+    python -m bench.overhead --parts collectives                 # two gloo processes (DDP and FSDP2), digits
+
+An H100 computes a CIFAR-10 SiD iteration at the official 16 images per GPU in about 10 ms of bf16 tensor-core time;
+what else a step costs does not depend on the device and is counted here, on the trainer's own phases:
+
+- launches: every aten op one iteration dispatches (a TorchDispatchMode), by phase and by part of the phase (the
+  forwards of G, teacher and fake score; backward; gradient cleaning; optimizer; EMA; the loss and draws). In eager
+  mode each op that is not a view or an allocation is a kernel launch on a GPU (foreach and fused-Adam ops count as
+  one dispatch; CUDA splits them into a launch per ~100 tensors). Counted on the meta device (shapes only) at the
+  official batch, except digits (CPU) and the fused optimizer, whose dispatches are counted on CPU twins of the
+  parameters (the count depends on the number of tensors, not on their values or device).
+- syncs: every op that needs a value on the host (`_local_scalar_dense` under .item()/int()/bool(), nonzero,
+  masked_select, data-dependent boolean indexing, unique, equal) and every host copy of a tensor (`tolist`, `numpy`,
+  seen through a profile hook since they are not dispatched), with its call site, counted on CPU for one iteration at
+  one and at two micro-batches per phase: the difference is what each micro-batch adds.
+- compile: with torch.compile (backend `eager`: Dynamo's graphs and guards are what decide breaks and
+  recompilations, not the code generator) over several iterations that cross the phases' train/eval and
+  requires_grad changes, the EMA ramp-up and a snapshot (G_ema sampled): graphs per call site, every graph break
+  with its reason, every recompilation with the guard that failed.
+- collectives (sid_fast.bench_overhead_dist, two gloo processes): every all-reduce, all-gather and reduce-scatter of
+  one iteration with DDP and with FSDP2 (torch.profiler's record_param_comms events: kind, bytes, order), and whether
+  it was issued while backward was still running (the overlap that hides it on a GPU).
+
+Rungs (each adds to the previous one, as bench.train_step's ladder; compile rungs in the compile part):
+    reference      fp32, the official Adam and EMA
+    bf16           bf16 UNet bodies (grouped weight casts, bias in the convolution, one NaN-cleaning pass per network)
+    +channels_last NHWC
+    +fused_adam    fused Adam, foreach EMA
+    +kernels       the Triton kernels (eager)
+Results: JSON lines in bench/results/overhead.jsonl (`--out`); `python -m bench.report` renders them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import traceback
+from collections import Counter, defaultdict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.common import environment, write_jsonl
+from bench.memory import CONFIGS, EDM2_CONFIGS
+from sid_fast.checkpoints import load_network_file
+from sid_fast.networks import build_network, official_config
+from sid_fast.networks.edm2 import edm2_config
+from sid_fast.training.config import DIGITS_TEACHER_PATH, resolve_config
+from sid_fast.training.run import build_trainer
+from sid_fast.training.sid import TeacherSpec
+
+ALL_CONFIGS = ("digits", "cifar10", "imagenet64", "edm2-xs")
+# The official per-GPU batch of each configuration (SiD's run_sid.sh: CIFAR-10 and ImageNet-64 16 per GPU; SiDA's
+# EDM2 XS 64; the digits preset 256).
+OFFICIAL_BATCH_GPU = {"digits": 256, "cifar10": 16, "imagenet64": 16, "edm2-xs": 64}
+
+RUNGS = [
+    ("reference", dict(precision="fp32")),
+    ("bf16", dict(precision="bf16")),
+    ("+channels_last", dict(channels_last=True)),
+    ("+fused_adam", dict(optimizer="fused")),
+    ("+kernels", dict(kernels="all")),
+]
+COMPILE_RUNGS = [
+    ("+compile", dict(precision="bf16", channels_last=True, optimizer="fused", compile=True)),
+    ("+compile+kernels", dict(precision="bf16", channels_last=True, optimizer="fused", compile=True, kernels="all")),
+]
+
+# Ops that allocate or re-describe memory without a kernel.
+NO_LAUNCH = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.set_", "aten.lift_fresh", "aten.detach"}
+# Ops that wait for a value on the host.
+SYNC_OPS = {
+    "aten._local_scalar_dense",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten.is_nonzero",
+    "aten.equal",
+    "aten._unique2",
+    "aten.unique_consecutive",
+    "aten.unique_dim",
+    "aten.repeat_interleave",
+}
+
+
+def make_trainer(config: str, batch_gpu: int, options: dict, device: str, rounds: int = 1, augment: bool = False):
+    """A trainer for `config` (random weights in the official shapes; digits: the bundled teacher) with `rounds`
+    micro-batches of `batch_gpu` per phase; with the preset's augmentation if `augment` (it needs values: not on the
+    meta device), else none."""
+    over = dict(batch=batch_gpu * rounds, batch_gpu=batch_gpu, metrics="none", **options)
+    if config == "digits":
+        teacher, info = load_network_file(DIGITS_TEACHER_PATH)
+        class_name, kwargs = "EDMPrecond", info["init_kwargs"]
+        cfg = resolve_config("digits", over)
+        teacher = teacher.to(device)
+    else:
+        if config in EDM2_CONFIGS:
+            stem, preset = EDM2_CONFIGS[config]
+            class_name, kwargs = "Precond", dict(edm2_config(stem), use_fp16=False)
+        else:
+            stem, preset = CONFIGS[config]
+            class_name, kwargs = "EDMPrecond", dict(official_config(stem), use_fp16=False)
+        with torch.device(device):
+            teacher = build_network(class_name, kwargs)
+        if not augment:
+            over["augment"] = 0.0
+        cfg = resolve_config(preset, dict(teacher=f"<{stem}, random weights>", **over))
+    with torch.device(device):
+        return build_trainer(
+            cfg,
+            torch.device(device),
+            log=lambda *a: None,
+            teacher=teacher,
+            teacher_spec=TeacherSpec(class_name, kwargs, teacher.state_dict()),
+        )
+
+
+def _name(func) -> str:
+    return str(func.overloadpacket)
+
+
+def _is_view(func) -> bool:
+    return func.is_view or _name(func) in ("aten.view", "aten._unsafe_view", "aten.alias")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launches.
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts dispatched ops by (phase, part, op): views and allocations apart from launches."""
+
+    def __init__(self, tr):
+        super().__init__()
+        self.tr = tr
+        self.phase = "other"
+        self.region: list[str] = []  # innermost last: network forwards, clean, optimizer
+        self.ops: Counter = Counter()
+        self.views = 0
+        self.allocs = 0
+
+    def part(self) -> str:
+        if torch._C._current_autograd_node() is not None:
+            return "backward"
+        return self.region[-1] if self.region else "loss_and_draws"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = _name(func)
+        if _is_view(func):
+            self.views += 1
+        elif name in NO_LAUNCH or name.startswith("profiler."):
+            self.allocs += 1
+        else:
+            self.ops[(self.phase, self.part(), name)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def regions(self):
+        """Forward hooks name the network that runs; wrappers name the phases and the end-of-phase work."""
+        tr, handles, saved = self.tr, [], []
+        for name, net in dict(G=tr.G, teacher=tr.teacher, fake_score=tr.fake, G_ema=tr.G_ema).items():
+            handles.append(net.register_forward_pre_hook(lambda m, a, n=name: self.region.append(n)))
+            handles.append(net.register_forward_hook(lambda m, a, o: self.region.pop() and None))
+        for opt in (tr.opt_g, tr.opt_fake):
+            handles.append(opt.register_step_pre_hook(lambda *a: self.region.append("optimizer")))
+            handles.append(opt.register_step_post_hook(lambda *a: self.region.pop() and None))
+
+        def wrap(obj, attr, phase=None, region=None):
+            fn = getattr(obj, attr)
+            saved.append((obj, attr, fn))
+
+            def wrapped(*a, **k):
+                prev = self.phase
+                if phase:
+                    self.phase = phase
+                if region:
+                    self.region.append(region)
+                try:
+                    return fn(*a, **k)
+                finally:
+                    if region:
+                        self.region.pop()
+                    self.phase = prev
+
+            setattr(obj, attr, wrapped)
+
+        wrap(tr, "fake_score_phase", phase="fake_score")
+        wrap(tr, "generator_phase", phase="generator")
+        wrap(tr.calls, "update_ema", phase="ema", region="ema")
+        wrap(tr.par, "clean_grads", region="clean")
+        wrap(tr.par, "reduce_replicated", region="clean")
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for obj, attr, fn in saved:
+                if obj is tr or obj is tr.par:
+                    delattr(obj, attr)  # the bound method again
+                else:
+                    setattr(obj, attr, fn)
+
+
+def optimizer_dispatches(opt, kind: str) -> Counter:
+    """The ops one step of `opt` dispatches on a GPU, counted on CPU twins of its parameters of one element each (what
+    an optimizer dispatches depends on the number of tensors, not on their sizes): `fused` and `foreach` as asked,
+    and `adam` (the official torch.optim.Adam) with foreach, which PyTorch picks by itself for CUDA tensors."""
+    params = [torch.zeros(1, requires_grad=True) for g in opt.param_groups for _ in g["params"]]
+    flag = "fused" if kind == "fused" else "foreach"
+    twin = torch.optim.Adam(params, lr=1e-3, betas=(0.0, 0.999), eps=1e-8, **{flag: True})
+    for p in params:
+        p.grad = torch.zeros(1)
+    twin.step()  # the states exist, as in every step but the first
+    counter = Counter()
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not _is_view(func) and _name(func) not in NO_LAUNCH:
+                counter[_name(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        twin.step()
+    return counter
+
+
+def count_launches(config: str, rung: str, options: dict, device: str) -> dict:
+    kind = options.get("optimizer", "adam")
+    bg = OFFICIAL_BATCH_GPU[config]
+    # On the meta device the trainer runs a foreach Adam (fused refuses meta; the EMA is the rung's own either way);
+    # the optimizer's own dispatches are counted on CPU twins as a GPU would run them.
+    tr = make_trainer(config, bg, dict(options, optimizer="foreach") if kind == "fused" else options, device)
+    tr.step()  # warm: Adam states and gradients' first allocation done
+    counter = LaunchCounter(tr)
+    with counter.regions(), counter:
+        tr.step()
+    ops = counter.ops
+    for key in [k for k in ops if k[1] == "optimizer"]:
+        del ops[key]
+    for phase, opt in (("fake_score", tr.opt_fake), ("generator", tr.opt_g)):
+        for name, n in optimizer_dispatches(opt, kind).items():
+            ops[(phase, "optimizer", name)] += n
+    by_part: dict = defaultdict(Counter)
+    for (phase, part, _), n in ops.items():
+        by_part[phase][part] += n
+    by_op = Counter()
+    for (_, _, name), n in ops.items():
+        by_op[name] += n
+    n_params = sum(1 for _ in tr.G.parameters())
+    return dict(
+        bench="overhead",
+        part="launches",
+        config=config,
+        mode=rung,
+        options=options,
+        batch_gpu=bg,
+        device=device,
+        launches=sum(ops.values()),
+        views=counter.views,
+        allocations=counter.allocs,
+        by_phase={ph: sum(c.values()) for ph, c in by_part.items()},
+        by_part={ph: dict(c) for ph, c in by_part.items()},
+        top_ops=dict(by_op.most_common(25)),
+        params_per_network=n_params,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host synchronisations.
+
+
+def _site() -> str:
+    frames = [f for f in traceback.extract_stack() if "/sid_fast/" in f.filename or "/kernels/" in f.filename]
+    if not frames:
+        return "?"
+    f = frames[-1]
+    return f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {(f.line or '').strip()}"
+
+
+class SyncCounter(TorchDispatchMode):
+    """Ops and host copies that wait for device values, with their call sites."""
+
+    HOST_COPIES = {"tolist", "numpy", "item", "__bool__", "__int__", "__float__", "__index__"}
+
+    def __init__(self, host_tensors=()):
+        super().__init__()
+        self.sites: Counter = Counter()
+        self.host = {id(t) for t in host_tensors}  # CPU tensors on a GPU run too (the official Adam's step counts)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = _name(func)
+        sync = name in SYNC_OPS and not (args and id(args[0]) in self.host)
+        if name == "aten.index" and len(args) > 1:  # boolean-mask indexing: the result's shape needs the mask's sum
+            sync = any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1] if t is not None)
+        if name == "aten._to_copy" and isinstance(args[0], torch.Tensor):
+            dev = (kwargs or {}).get("device")
+            sync = dev is not None and torch.device(dev).type == "cpu" and args[0].device.type != "cpu"
+        if sync:
+            self.sites[(name, _site())] += 1
+        return func(*args, **(kwargs or {}))
+
+    def _profile(self, frame, event, arg):
+        if event == "c_call" and getattr(arg, "__name__", None) in ("tolist", "numpy"):
+            owner = getattr(arg, "__self__", None)
+            if isinstance(owner, torch.Tensor):
+                self.sites[(f"Tensor.{arg.__name__}", _site())] += 1
+
+    @contextlib.contextmanager
+    def watching(self):
+        sys.setprofile(self._profile)
+        try:
+            with self:
+                yield
+        finally:
+            sys.setprofile(None)
+
+
+def opt_keeps_step_on_host(tr) -> bool:
+    """Does the rung's Adam keep its step counts on the host on a GPU (torch.optim.Adam unless fused or capturable)?"""
+    return tr.cfg.optimizer != "fused"
+
+
+def count_syncs(config: str, rung: str, options: dict, batch_gpu: int) -> dict:
+    """Syncs of one iteration on CPU (the preset's augmentation on) with one and with two micro-batches per phase;
+    the difference is what each micro-batch adds."""
+    per_rounds = {}
+    for rounds in (1, 2):
+        tr = make_trainer(config, batch_gpu, options, "cpu", rounds=rounds, augment=True)
+        tr.step()
+        steps = [st["step"] for opt in (tr.opt_g, tr.opt_fake) for st in opt.state.values() if "step" in st]
+        c = SyncCounter(host_tensors=[t for t in steps if not t.is_cuda and opt_keeps_step_on_host(tr)])
+        with c.watching():
+            tr.step()
+        per_rounds[rounds] = c.sites
+    one, two = per_rounds[1], per_rounds[2]
+    per_micro = {f"{k[0]} @ {k[1]}": two[k] - one.get(k, 0) for k in two if two[k] - one.get(k, 0)}
+    per_step = {f"{k[0]} @ {k[1]}": n for k, n in one.items()}
+    return dict(
+        bench="overhead",
+        part="syncs",
+        config=config,
+        mode=rung,
+        options=options,
+        batch_gpu=batch_gpu,
+        augment=tr.cfg.augment,
+        syncs_per_step=sum(one.values()),
+        syncs_per_micro_batch=sum(per_micro.values()),
+        per_micro_batch_sites=per_micro,
+        per_step_sites=per_step,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Graph breaks and recompilations.
+
+
+def compile_report(config: str, rung: str, options: dict, batch_gpu: int, steps: int) -> dict:
+    """Dynamo's graphs, breaks and recompilations over `steps` iterations and a G_ema sample, backend eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    recompiles: list[str] = []
+    graphs: Counter = Counter()
+
+    def backend_for(site):
+        def backend(gm, example_inputs):
+            graphs[site] += 1
+            return gm.forward
+
+        return backend
+
+    import logging
+
+    class _Recompiles(logging.Handler):
+        def emit(self, record):
+            recompiles.append(record.getMessage().strip()[:400])
+
+    handler = _Recompiles()
+    rlog = logging.getLogger("torch._dynamo")
+    torch._logging.set_logs(recompiles=True)
+    rlog.addHandler(handler)
+    try:
+        tr = make_trainer(config, batch_gpu, dict(options, compile_backend="eager"), "cpu")
+        from sid_fast import perf
+
+        # The trainer compiles with the configured backend; the same call sites, with a counting backend.
+        sites = ("G_train", "G_eval", "fake_train", "fake_eval", "teacher")
+        backends = {site: backend_for(site) for site in sites}
+        tr.calls = perf.call_sites(tr.cfg, tr.teacher, tr.G, tr.fake, tr.par.G_dist, tr.par.fake_dist, backends)
+        warm = {}
+        for i in range(steps):
+            tr.step()
+            if i == 0:
+                warm = dict(graphs=sum(graphs.values()), recompiles=len(recompiles))
+        with torch.no_grad():  # what a snapshot does: G_ema samples (not compiled: eval only)
+            tr.generate(tr.G_ema, *tr.draw_z_labels(tr.micro_batch_rng(0, 0)))
+    finally:
+        rlog.removeHandler(handler)
+        torch._logging.set_logs()
+    breaks = {str(k): v for k, v in counters["graph_break"].items()}
+    return dict(
+        bench="overhead",
+        part="compile",
+        config=config,
+        mode=rung,
+        options=options,
+        batch_gpu=batch_gpu,
+        steps=steps,
+        graphs=sum(graphs.values()),
+        graphs_by_site=dict(graphs),
+        graph_breaks=sum(breaks.values()),
+        graph_break_reasons=breaks,
+        recompilations=[r for r in recompiles if "Recompiling" in r or "triggered by" in r],
+        graphs_after_first_step=sum(graphs.values()) - warm.get("graphs", 0),
+        recompiles_after_first_step=len(recompiles) - warm.get("recompiles", 0),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(ALL_CONFIGS))
+    ap.add_argument("--rungs", default=",".join(r for r, _ in RUNGS + COMPILE_RUNGS))
+    ap.add_argument("--parts", default="launches,syncs,compile", help="launches, syncs, compile, collectives")
+    ap.add_argument("--sync-batch-gpu", type=int, default=2, help="micro-batch of the CPU sync count")
+    ap.add_argument("--compile-steps", type=int, default=3)
+    ap.add_argument("--out", default="overhead.jsonl")
+    a = ap.parse_args()
+    configs, parts, wanted = a.configs.split(","), a.parts.split(","), a.rungs.split(",")
+    for c in configs:
+        if c not in ALL_CONFIGS:
+            raise SystemExit(f"--configs: unknown {c!r}; choose from {','.join(ALL_CONFIGS)}.")
+    known = {r for r, _ in RUNGS + COMPILE_RUNGS}
+    if unknown := [r for r in wanted if r not in known]:
+        raise SystemExit(f"--rungs: unknown {unknown}; the rungs are {sorted(known)}.")
+    env = environment()
+    records = []
+    ladder, options = [], {}
+    for rung, delta in RUNGS:
+        options = {**options, **delta}
+        ladder.append((rung, dict(options)))
+    for config in configs:
+        for rung, options in ladder:
+            if rung not in wanted:
+                continue
+            if "launches" in parts:
+                dev = "cpu" if config == "digits" else "meta"
+                rec = count_launches(config, rung, options, dev)
+                records.append({**rec, **env})
+                print(f"{config} {rung:<15} launches {rec['launches']:>6}  {rec['by_phase']}", flush=True)
+            if "syncs" in parts and "kernels" not in options:  # the Triton kernels on CPU need the interpreter
+                rec = count_syncs(config, rung, options, a.sync_batch_gpu)
+                records.append({**rec, **env})
+                print(
+                    f"{config} {rung:<15} syncs per step {rec['syncs_per_step']}, per micro-batch "
+                    f"{rec['syncs_per_micro_batch']} {list(rec['per_micro_batch_sites'])}",
+                    flush=True,
+                )
+        if "compile" in parts:
+            for rung, options in COMPILE_RUNGS:
+                if rung not in wanted or ("kernels" in options and config != "digits"):
+                    continue
+                rec = compile_report(config, rung, options, a.sync_batch_gpu, a.compile_steps)
+                records.append({**rec, **env})
+                print(
+                    f"{config} {rung:<17} graphs {rec['graphs']} breaks {rec['graph_breaks']} recompilations after "
+                    f"the first step {rec['recompiles_after_first_step']}",
+                    flush=True,
+                )
+    if "collectives" in parts:
+        from bench import collectives
+
+        for rec in collectives.run_all():
+            records.append({**rec, **env})
+            print(f"collectives {rec['mode']}: {rec['summary']}", flush=True)
+    path = write_jsonl(records, a.out)
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
