@@ -10,6 +10,8 @@
 #   gpu_tests    the pytest tests marked gpu (kernels vs float64 at EDM shapes, compile, export)  -> gpu_tests.log
 #   kernels      kernel benchmarks at the official shapes (bench.kernels)               -> kernels.jsonl/.md/.png
 #   ladder_*     the training-step ladder for cifar10, then imagenet64 if time remains  -> train_step_*.jsonl/.md/.png
+#   predicted    measured / predicted img/s for every rung of each ladder (bench.predict's model, committed
+#                before any GPU ran it: bench/results/predicted_ladder.md)                -> predicted_vs_measured.txt
 #   memory       bench.memory: cifar10 rungs on CUDA, torch.cuda.max_memory_allocated vs the prediction -> memory.jsonl/.md
 #   nsys         one Nsight Systems capture of the bf16+kernels+compile step, if nsys is on PATH
 #   export       CUDA export of a generator and the native sampler (cmake + ctest native_smoke) if cmake exists
@@ -95,6 +97,14 @@ else
     skip ladder_imagenet64 "under 150 s of the budget left"
   fi
 fi
+
+# The first GPU run tests a prediction: measured / predicted per rung (CPU mode: the digits reference, so the
+# comparison cannot rot).
+for f in "$out"/train_step_*.jsonl; do
+  [ -s "$f" ] || continue
+  $py -m bench.predict --compare "$f" >> "$out/predicted_vs_measured.txt" 2>&1 || echo "bench.predict failed for $f" >> "$out/predicted_vs_measured.txt"
+done
+[ -s "$out/predicted_vs_measured.txt" ] && cat "$out/predicted_vs_measured.txt"
 
 if [ $cpu = 0 ] && command -v nsys > /dev/null 2>&1; then
   step nsys 90 profile/nsys.sh "$out/nsys-cifar10" --config cifar10 --batch-gpu 64 --precision bf16 \

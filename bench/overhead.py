@@ -44,6 +44,7 @@ from collections import Counter, defaultdict
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import environment, write_jsonl
 from bench.memory import CONFIGS, EDM2_CONFIGS
@@ -66,6 +67,8 @@ RUNGS = [
     ("+fused_adam", dict(optimizer="fused")),
     ("+kernels", dict(kernels="all")),
 ]
+# Counted beside the ladder: the eager bf16 path without channels_last (what the issue's 14,192 launches measured).
+EXTRA_LAUNCH_RUNGS = [("bf16+fused_adam", dict(precision="bf16", optimizer="fused"))]
 COMPILE_RUNGS = [
     ("+compile", dict(precision="bf16", channels_last=True, optimizer="fused", compile=True)),
     ("+compile+kernels", dict(precision="bf16", channels_last=True, optimizer="fused", compile=True, kernels="all")),
@@ -73,6 +76,17 @@ COMPILE_RUNGS = [
 
 # Ops that allocate or re-describe memory without a kernel.
 NO_LAUNCH = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.set_", "aten.lift_fresh", "aten.detach"}
+# Ops whose time is the tensor cores' (counted as FLOPs, not bytes, by bench.predict).
+DENSE_OPS = {
+    "aten.convolution",
+    "aten.convolution_backward",
+    "aten.mm",
+    "aten.addmm",
+    "aten.bmm",
+    "aten.baddbmm",
+    "sid_fast_kernels.edm_flash_attention",
+    "sid_fast_kernels.edm_flash_attention_bwd",
+}
 # Ops that wait for a value on the host.
 SYNC_OPS = {
     "aten._local_scalar_dense",
@@ -119,6 +133,20 @@ def make_trainer(config: str, batch_gpu: int, options: dict, device: str, rounds
         )
 
 
+def _tensor_bytes(tree) -> int:
+    """Bytes of the distinct storages among the tensors in `tree` (what one op reads and writes at least)."""
+    from torch.utils._pytree import tree_flatten
+
+    seen, total = set(), 0
+    for t in tree_flatten(tree)[0]:
+        if isinstance(t, torch.Tensor):
+            key = (t.untyped_storage().data_ptr(), t.device.type) if t.device.type != "meta" else id(t)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
 def _name(func) -> str:
     return str(func.overloadpacket)
 
@@ -140,12 +168,15 @@ class LaunchCounter(TorchDispatchMode):
         self.phase = "other"
         self.region: list[str] = []  # innermost last: network forwards, clean, optimizer
         self.ops: Counter = Counter()
+        self.bytes: Counter = Counter()  # (phase, part) -> bytes read and written by memory-bound launches
         self.views = 0
         self.allocs = 0
 
     def part(self) -> str:
-        if torch._C._current_autograd_node() is not None:
-            return "backward"
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            # a compiled graph's backward: its launches are counted from Inductor's code (compiled_launches)
+            return "compiled_backward" if "CompiledFunction" in type(node).__name__ else "backward"
         return self.region[-1] if self.region else "loss_and_draws"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -155,7 +186,12 @@ class LaunchCounter(TorchDispatchMode):
         elif name in NO_LAUNCH or name.startswith("profiler."):
             self.allocs += 1
         else:
-            self.ops[(self.phase, self.part(), name)] += 1
+            key = (self.phase, self.part())
+            self.ops[(*key, name)] += 1
+            out = func(*args, **(kwargs or {}))
+            if name not in DENSE_OPS:
+                self.bytes[key] += _tensor_bytes((args, kwargs, out))
+            return out
         return func(*args, **(kwargs or {}))
 
     @contextlib.contextmanager
@@ -236,7 +272,8 @@ def count_launches(config: str, rung: str, options: dict, device: str) -> dict:
     tr = make_trainer(config, bg, dict(options, optimizer="foreach") if kind == "fused" else options, device)
     tr.step()  # warm: Adam states and gradients' first allocation done
     counter = LaunchCounter(tr)
-    with counter.regions(), counter:
+    flops = FlopCounterMode(display=False)
+    with counter.regions(), flops, counter:
         tr.step()
     ops = counter.ops
     for key in [k for k in ops if k[1] == "optimizer"]:
@@ -251,6 +288,9 @@ def count_launches(config: str, rung: str, options: dict, device: str) -> dict:
     for (_, _, name), n in ops.items():
         by_op[name] += n
     n_params = sum(1 for _ in tr.G.parameters())
+    # On CUDA, F.dropout is one fused kernel (native_dropout); on the CPU and the meta device it decomposes into
+    # bernoulli_, div_ and mul (bernoulli_ is dispatched by dropout alone in these networks).
+    dropout_calls = by_op.get("aten.bernoulli_", 0)
     return dict(
         bench="overhead",
         part="launches",
@@ -260,13 +300,99 @@ def count_launches(config: str, rung: str, options: dict, device: str) -> dict:
         batch_gpu=bg,
         device=device,
         launches=sum(ops.values()),
+        launches_cuda=sum(ops.values()) - 2 * dropout_calls,
         views=counter.views,
         allocations=counter.allocs,
         by_phase={ph: sum(c.values()) for ph, c in by_part.items()},
         by_part={ph: dict(c) for ph, c in by_part.items()},
         top_ops=dict(by_op.most_common(25)),
+        flops=float(flops.get_total_flops()),
+        membound_bytes={f"{ph}/{part}": n for (ph, part), n in counter.bytes.items()},
         params_per_network=n_params,
+        trained_params=sum(p.numel() for p in tr.G.parameters()),
     )
+
+
+def compiled_launches(config: str, rung: str, options: dict, batch_gpu: int) -> dict:
+    """Launches of one compiled iteration (Inductor, one micro-batch per phase): the kernel calls in the wrapper code
+    Inductor wrote for each graph (its generated kernels and the extern kernels it keeps: convolutions, matmuls), each
+    graph running once per iteration, plus the ops dispatched one by one outside the compiled call sites (losses,
+    draws, gradient cleaning, optimizer, EMA). Inductor writes C++ kernels for the CPU here: its scheduler makes the
+    same fusion decisions as for Triton on a GPU, but the counts are the CPU backend's."""
+    import logging
+    import re
+
+    import torch._dynamo
+    import torch._inductor.config
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    torch._dynamo.reset()
+    codes: list[str] = []
+
+    class _Code(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage()
+            if "def call(" in msg:
+                codes.append(msg)
+
+    handler = _Code()
+    log = logging.getLogger("torch._inductor")
+    torch._logging.set_logs(output_code=True)
+    log.addHandler(handler)
+    try:
+        # every graph compiled here and its code written to the log (a cache hit would write none)
+        with torch._inductor.config.patch(force_disable_caches=True):
+            tr = make_trainer(config, batch_gpu, dict(options, compile_backend="inductor"), "cpu")
+            tr.step()
+    finally:
+        log.removeHandler(handler)
+        torch._logging.set_logs()
+    per_graph = []
+    for code in codes:
+        body = code[code.index("def call(") :]
+        generated = len(re.findall(r"\b(?:cpp_fused_\w+|triton_\w+\.run)\(", body))
+        extern = len(re.findall(r"\bextern_kernels\.\w+\(|\baten\.\w+\.\w+\(", body))
+        per_graph.append(dict(generated=generated, extern=extern))
+    for site in ("G_train", "G_eval", "fake_train", "fake_eval", "teacher"):  # the graphs run unwatched
+        fn = getattr(tr.calls, site)
+
+        def unwatched(*a, fn=fn, **k):
+            with _disable_current_modes():
+                return fn(*a, **k)
+
+        setattr(tr.calls, site, unwatched)
+    counter = LaunchCounter(tr)
+    with counter.regions(), counter:
+        tr.step()
+    for key in [k for k in counter.ops if k[1] == "compiled_backward"]:
+        del counter.ops[key]
+    outside = sum(counter.ops.values())
+    in_graphs = sum(g["generated"] + g["extern"] for g in per_graph)
+    return dict(
+        bench="overhead",
+        part="compiled_launches",
+        config=config,
+        mode=rung,
+        options=options,
+        batch_gpu=batch_gpu,
+        graphs=len(per_graph),
+        inductor_kernels=sum(g["generated"] for g in per_graph),
+        extern_kernels=sum(g["extern"] for g in per_graph),
+        outside_graphs=outside,
+        launches=in_graphs + outside,
+        by_part_outside={ph: sum(n for (p2, _, _), n in counter.ops.items() if p2 == ph) for ph in PHASE_NAMES},
+        top_outside=_by_op(counter.ops),
+    )
+
+
+PHASE_NAMES = ("fake_score", "generator", "ema", "other")
+
+
+def _by_op(ops: Counter) -> dict:
+    out = Counter()
+    for (_, _, name), n in ops.items():
+        out[name] += n
+    return dict(out.most_common(20))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,12 +450,15 @@ def opt_keeps_step_on_host(tr) -> bool:
     return tr.cfg.optimizer != "fused"
 
 
-def count_syncs(config: str, rung: str, options: dict, batch_gpu: int) -> dict:
+def count_syncs(config: str, rung: str, options: dict, batch_gpu: int, build=None) -> dict:
     """Syncs of one iteration on CPU (the preset's augmentation on) with one and with two micro-batches per phase;
-    the difference is what each micro-batch adds."""
+    the difference is what each micro-batch adds. `build(rounds)`: another trainer than the configuration's."""
     per_rounds = {}
     for rounds in (1, 2):
-        tr = make_trainer(config, batch_gpu, options, "cpu", rounds=rounds, augment=True)
+        if build is not None:
+            tr = build(rounds)
+        else:
+            tr = make_trainer(config, batch_gpu, options, "cpu", rounds=rounds, augment=True)
         tr.step()
         steps = [st["step"] for opt in (tr.opt_g, tr.opt_fake) for st in opt.state.values() if "step" in st]
         c = SyncCounter(host_tensors=[t for t in steps if not t.is_cuda and opt_keeps_step_on_host(tr)])
@@ -428,8 +557,12 @@ def compile_report(config: str, rung: str, options: dict, batch_gpu: int, steps:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=",".join(ALL_CONFIGS))
-    ap.add_argument("--rungs", default=",".join(r for r, _ in RUNGS + COMPILE_RUNGS))
-    ap.add_argument("--parts", default="launches,syncs,compile", help="launches, syncs, compile, collectives")
+    ap.add_argument("--rungs", default=",".join(r for r, _ in RUNGS + EXTRA_LAUNCH_RUNGS + COMPILE_RUNGS))
+    ap.add_argument(
+        "--parts",
+        default="launches,syncs,compile",
+        help="launches, syncs, compile, inductor (with compile), collectives",
+    )
     ap.add_argument("--sync-batch-gpu", type=int, default=2, help="micro-batch of the CPU sync count")
     ap.add_argument("--compile-steps", type=int, default=3)
     ap.add_argument("--out", default="overhead.jsonl")
@@ -438,7 +571,7 @@ def main():
     for c in configs:
         if c not in ALL_CONFIGS:
             raise SystemExit(f"--configs: unknown {c!r}; choose from {','.join(ALL_CONFIGS)}.")
-    known = {r for r, _ in RUNGS + COMPILE_RUNGS}
+    known = {r for r, _ in RUNGS + COMPILE_RUNGS + EXTRA_LAUNCH_RUNGS}
     if unknown := [r for r in wanted if r not in known]:
         raise SystemExit(f"--rungs: unknown {unknown}; the rungs are {sorted(known)}.")
     env = environment()
@@ -448,7 +581,8 @@ def main():
         options = {**options, **delta}
         ladder.append((rung, dict(options)))
     for config in configs:
-        for rung, options in ladder:
+        extra = list(EXTRA_LAUNCH_RUNGS)
+        for rung, options in ladder + extra:
             if rung not in wanted:
                 continue
             if "launches" in parts:
@@ -456,7 +590,9 @@ def main():
                 rec = count_launches(config, rung, options, dev)
                 records.append({**rec, **env})
                 print(f"{config} {rung:<15} launches {rec['launches']:>6}  {rec['by_phase']}", flush=True)
-            if "syncs" in parts and "kernels" not in options:  # the Triton kernels on CPU need the interpreter
+            if (
+                "syncs" in parts and "kernels" not in options and (rung, options) not in extra
+            ):  # the Triton kernels on CPU need the interpreter
                 rec = count_syncs(config, rung, options, a.sync_batch_gpu)
                 records.append({**rec, **env})
                 print(
@@ -475,6 +611,15 @@ def main():
                     f"the first step {rec['recompiles_after_first_step']}",
                     flush=True,
                 )
+                if "inductor" in parts and "kernels" not in options:
+                    rec = compiled_launches(config, rung, options, a.sync_batch_gpu)
+                    records.append({**rec, **env})
+                    print(
+                        f"{config} {rung:<17} {rec['graphs']} graphs: Inductor kernels {rec['inductor_kernels']} + "
+                        f"extern {rec['extern_kernels']} + outside the graphs {rec['outside_graphs']} = "
+                        f"{rec['launches']} launches",
+                        flush=True,
+                    )
     if "collectives" in parts:
         from bench import collectives
 

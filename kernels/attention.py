@@ -548,9 +548,12 @@ def _setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(qkv, o, lse)
     ctx.num_heads, ctx.blocked = num_heads, blocked
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zero tensor made for it in backward
 
 
 def _backward(ctx, do, dlse):
+    if do is None:  # the output did not reach the loss (grads are not materialised)
+        return None, None, None
     qkv, o, lse = ctx.saved_tensors
     return edm_flash_attention_bwd_op(do, qkv, o, lse, ctx.num_heads, ctx.blocked), None, None
 

@@ -309,7 +309,8 @@ def group_norm_silu_bwd_op(
     dx = torch.empty_like(x)
     f32 = dict(device=x.device, dtype=torch.float32)
     dw_part, db_part = torch.empty(n, c, **f32), torch.empty(n, c, **f32)
-    dscale, dshift = torch.zeros(n, c, **f32), torch.zeros(n, c, **f32)
+    # Written in full by the kernel when modulated (every (n, c) of each group's program); unread otherwise.
+    dscale, dshift = torch.empty(n, c, **f32), torch.empty(n, c, **f32)
     mod = scale is not None
     sc_t = scale.contiguous() if mod else weight
     sh_t = shift.contiguous() if mod else weight
@@ -344,10 +345,13 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, scale, shift, num_groups, eps, silu = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.set_materialize_grads(False)  # mean and rstd get no gradient: no zero tensors made for them in backward
     ctx.num_groups, ctx.silu = num_groups, silu
 
 
 def _backward(ctx, dy, dmean, drstd):
+    if dy is None:  # the output did not reach the loss (grads are not materialised)
+        return (None,) * 8
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
     dx, dw, db, dscale, dshift = group_norm_silu_bwd_op(
         dy, x, weight, bias, scale, shift, mean, rstd, ctx.num_groups, ctx.silu

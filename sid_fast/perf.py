@@ -70,11 +70,17 @@ def prepare_networks(cfg, teacher, trained, G_ema) -> None:
             p.data = p.data.to(torch.bfloat16)  # buffers (resampling filters, Fourier frequencies) stay fp32
         for net in (teacher, *trained):
             net.compute_dtype = torch.bfloat16
+            # One matmul for all blocks' embedding affine layers: eager only, and not with per-block checkpointing
+            # (a recomputed block would run its own affine layer, which the first forward did not).
+            batched = not grouped_casts_off(cfg) and cfg.checkpointing not in ("blocks", "selective")
+            if isinstance(getattr(net, "model", None), torch.nn.Module):  # EDM's UNets (EDM2's have no affine layers)
+                net.model.batched_affine = batched
             for m in net.modules():
                 if isinstance(m, Conv2d):
                     m.bias_in_conv = True
                 if isinstance(m, UNetBlock):  # compiled call sites fuse the casts themselves
                     m.group_casts = not grouped_casts_off(cfg)
+                    m.batched_affine = batched
         G_ema.compute_dtype = None
     if cfg.channels_last:
         for net in (teacher, *trained, G_ema):
@@ -90,16 +96,25 @@ def prepare_networks(cfg, teacher, trained, G_ema) -> None:
 
 
 def grouped_casts_off(cfg) -> bool:
-    """Grouped weight casts and the gradient arena (sid_fast.networks.casts) serve the eager bf16 path only."""
+    """Grouped weight casts (sid_fast.networks.casts) serve the eager bf16 path; compiled call sites fuse casts."""
     return cfg.precision != "bf16" or bool(cfg.compile or cfg.cuda_graphs)
 
 
 def gradient_arena(cfg, net: torch.nn.Module):
-    """The phase that trains `net`: its first gradients land in one flat buffer on the eager bf16 path (one NaN-cleaning
-    pass per network instead of seven ops per parameter); elsewhere nothing changes."""
-    if grouped_casts_off(cfg):
+    """The phase that trains `net`: on the bf16 path its gradients live in one flat buffer (one NaN-cleaning pass per
+    network instead of seven ops per parameter). Eager, the grouped casts' backward writes each first gradient into
+    it; compiled, the buffer is zeroed and handed to the parameters as their gradients when the phase begins
+    (`preassign_gradients`: autograd then accumulates into it in place, one add per parameter). The reference path
+    keeps the official per-parameter gradients."""
+    if cfg.precision != "bf16":
         return contextlib.nullcontext()
     return casts.gradient_arena(net.parameters())
+
+
+def preassign_gradients(cfg) -> None:
+    """Compiled bf16 rungs: the open gradient arena's buffer becomes the trained parameters' gradients (zeros)."""
+    if cfg.precision == "bf16" and (cfg.compile or cfg.cuda_graphs):
+        casts.preassign_arena()
 
 
 def image_format(cfg, x: torch.Tensor) -> torch.Tensor:

@@ -131,6 +131,9 @@ def test_acceptance_script_cpu_mode_and_kernel_bench(tmp_path):
     assert "| cifar10 | reference | 352.5 | 1.000x |" in (out / "memory.md").read_text()
     ladder = [json.loads(line) for line in (out / "train_step_digits.jsonl").read_text().splitlines()]
     assert [x["mode"] for x in ladder] == ["reference"] and ladder[0]["img_per_s"] > 0
+    # the ladder held against bench.predict's committed model (bench/results/overhead.jsonl's counts)
+    compared = (out / "predicted_vs_measured.txt").read_text()
+    assert "digits reference" in compared and "measured / predicted = " in compared, compared
     recs = [json.loads(line) for line in (out / "kernels.jsonl").read_text().splitlines()]
     ops = ("sid_loss", "edm_loss", "group_norm_silu")
     modes = ("fwd", "bwd", "fwd+bwd")

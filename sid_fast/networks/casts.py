@@ -68,6 +68,16 @@ class GradArena:
         return self.buffer.as_strided(p.shape, p.stride(), slot[1])
 
 
+def preassign_arena() -> None:
+    """Every parameter of the open arena gets its zeroed slot as its gradient now (compiled call sites, whose
+    backward graphs hand autograd separate gradient tensors: accumulated into the slots in place)."""
+    arena = getattr(_local, "arena", None)
+    if arena is None:
+        return
+    for p, _ in arena.slots.values():
+        p.grad = arena.view(p)
+
+
 def current_arena_buffer() -> torch.Tensor | None:
     """The flat gradient buffer of the phase that runs, once a gradient has landed in it."""
     arena = getattr(_local, "arena", None)
