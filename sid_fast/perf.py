@@ -7,7 +7,10 @@ applied, so that the trainer's phases contain the algorithm only. The options:
 - precision: `fp32` is the reference (TF32 off for matmuls and cuDNN, as SiD's loop sets it); `tf32` allows TF32;
   `bf16` runs the UNet bodies of all three networks in bfloat16 the way EDM runs fp16 (fp32 master weights cast per
   layer, fp32 mapping network, preconditioning, softmax, losses, w, optimizer state), and stores the frozen teacher's
-  weights in bf16. G_ema samples (snapshots, metrics) stay fp32.
+  weights in bf16. G_ema samples (snapshots, metrics) stay fp32. Its launches are cut without changing the
+  algorithm: convolutions take their bias, UNet blocks cast their weights as one group and their gradients land in
+  one buffer per network (sid_fast.networks.casts), all blocks' embedding affines run as one matmul (eager only;
+  docs/overhead.md).
 - channels_last: networks and their image inputs in NHWC memory format (the kernels read both layouts).
 - checkpointing: `nets` recomputes the teacher's and the fake score's forwards during the generator phase's backward
   (only their inputs are kept); `blocks` does it per UNet block, which keeps the block outputs; `selective` runs every

@@ -10,8 +10,9 @@ hand-over at the end of a phase.
   FSDP2 shards no 0-d parameter (EDM2's scalar gains emb_gain and out_gain): those stay whole on every rank and their
   gradients are averaged here after each phase, as DDP would. Roots reshard after every forward, so between calls
   every parameter is its shard, which the optimizer and EDM2's forced weight normalisation update in place.
-Gradients are cleaned with nan_to_num (nan -> 0, +-inf -> +-1e5) parameter by parameter as the official loop does;
-with FSDP2 each rank cleans its shards and the "any non-finite" flag is agreed on by all ranks.
+Gradients are cleaned with nan_to_num (nan -> 0, +-inf -> +-1e5) as the official loop does: parameter by parameter,
+or in one pass over each buffer the gradients tile (the bf16 path's gradient arena, DDP's buckets), the same
+elementwise result; with FSDP2 each rank cleans its shards and the "any non-finite" flag is agreed on by all ranks.
 """
 
 from __future__ import annotations
