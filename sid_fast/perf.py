@@ -9,7 +9,7 @@ applied, so that the trainer's phases contain the algorithm only. The options:
   layer, fp32 mapping network, preconditioning, softmax, losses, w, optimizer state), and stores the frozen teacher's
   weights in bf16. G_ema samples (snapshots, metrics) stay fp32. Its launches are cut without changing the
   algorithm: convolutions take their bias, UNet blocks cast their weights as one group and their gradients land in
-  one buffer per network (sid_fast.networks.casts), all blocks' embedding affines run as one matmul (eager only;
+  a few buffers per network (sid_fast.networks.casts), all blocks' embedding affines run as one matmul (eager only;
   docs/overhead.md).
 - channels_last: networks and their image inputs in NHWC memory format (the kernels read both layouts).
 - checkpointing: `nets` recomputes the teacher's and the fake score's forwards during the generator phase's backward
@@ -104,8 +104,8 @@ def grouped_casts_off(cfg) -> bool:
 
 
 def gradient_arena(cfg, net: torch.nn.Module):
-    """The phase that trains `net`: on the bf16 path its gradients live in one flat buffer (one NaN-cleaning pass per
-    network instead of seven ops per parameter). Eager, the grouped casts' backward writes each first gradient into
+    """The phase that trains `net`: on the bf16 path its gradients live in 8 flat buffers (one NaN-cleaning pass per
+    buffer instead of seven ops per parameter). Eager, the grouped casts' backward writes each first gradient into
     it; compiled, the buffer is zeroed and handed to the parameters as their gradients when the phase begins
     (`preassign_gradients`: autograd then accumulates into it in place, one add per parameter). The reference path
     keeps the official per-parameter gradients."""

@@ -9,8 +9,9 @@ cast is a rounding of each element; its gradient an exact widening), the same au
 ready block by block (DDP's buckets still fill during backward).
 
 Gradient arena: while a trained network's phase runs (`gradient_arena`), the first gradient each of its parameters
-receives is written into one flat fp32 buffer of the network, so that the end-of-phase NaN cleaning
-(sid_fast.training.parallel.clean_grads) is one op over the buffer instead of seven per parameter. Later micro-batches
+receives is written into a few flat fp32 buffers of the network (8 chunks, allocated as backward reaches them), so
+that the end-of-phase NaN cleaning (sid_fast.training.parallel.clean_grads) is a pass per buffer instead of seven
+ops per parameter. Later micro-batches
 accumulate into those views as autograd always does (in place).
 
 Layers call `cast(tensor, dtype)`; outside a group (the reference path, compiled call sites, checkpoint recomputation
@@ -40,8 +41,13 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 class GradArena:
-    """One flat buffer for the gradients of `params` (a trained network), allocated zero-filled at the first request,
-    each parameter's slot strided like the parameter (channels_last weights get channels_last gradients)."""
+    """Flat buffers for the gradients of `params` (a trained network), each parameter's slot strided like the
+    parameter (channels_last weights get channels_last gradients). The slots are grouped into `CHUNKS` buffers of
+    about equal size, each allocated zero-filled when its first slot is asked for: gradients appear during backward
+    chunk by chunk, as activations are freed, rather than all at once (at a billion parameters the whole buffer is
+    gigabytes); the cleaning makes one pass per chunk."""
+
+    CHUNKS = 8
 
     def __init__(self, params):
         self.slots, off = {}, 0
@@ -53,19 +59,29 @@ class GradArena:
                 self.dtype, self.device = p.dtype, p.device
             if p.dtype != self.dtype or p.device != self.device:
                 continue
-            self.slots[id(p)] = (p, off)
+            self.slots[id(p)] = [p, off]
             off += p.numel()
-        self.numel = off
-        self.buffer: torch.Tensor | None = None
+        # Chunk boundaries at parameter boundaries, near multiples of total / CHUNKS.
+        size, self.chunks, start = max(1, -(-off // self.CHUNKS)), [], 0
+        for slot in self.slots.values():
+            if slot[1] - start >= size:
+                self.chunks.append([start, slot[1], None])
+                start = slot[1]
+            slot.append(len(self.chunks))
+        self.chunks.append([start, off, None])
 
     def view(self, p: torch.Tensor) -> torch.Tensor | None:
         """p's slot, when p belongs to the arena and has no gradient yet (else None: autograd accumulates as usual)."""
         slot = self.slots.get(id(p))
         if slot is None or slot[0] is not p or p.grad is not None:
             return None
-        if self.buffer is None:
-            self.buffer = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-        return self.buffer.as_strided(p.shape, p.stride(), slot[1])
+        chunk = self.chunks[slot[2]]
+        if chunk[2] is None:
+            chunk[2] = torch.zeros(chunk[1] - chunk[0], dtype=self.dtype, device=self.device)
+        return chunk[2].as_strided(p.shape, p.stride(), slot[1] - chunk[0])
+
+    def buffers(self) -> list:
+        return [c[2] for c in self.chunks if c[2] is not None]
 
 
 def preassign_arena() -> None:
@@ -74,14 +90,14 @@ def preassign_arena() -> None:
     arena = getattr(_local, "arena", None)
     if arena is None:
         return
-    for p, _ in arena.slots.values():
+    for p, *_ in arena.slots.values():
         p.grad = arena.view(p)
 
 
-def current_arena_buffer() -> torch.Tensor | None:
-    """The flat gradient buffer of the phase that runs, once a gradient has landed in it."""
+def current_arena_buffers() -> list:
+    """The flat gradient buffers of the phase that runs that gradients have landed in."""
     arena = getattr(_local, "arena", None)
-    return None if arena is None else arena.buffer
+    return [] if arena is None else arena.buffers()
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -99,7 +115,7 @@ def _dtensor_type():
 
 @contextlib.contextmanager
 def gradient_arena(params):
-    """The phase of a trained network: first gradients of `params` land in one flat buffer (see GradArena)."""
+    """The phase of a trained network: first gradients of `params` land in a few flat buffers (see GradArena)."""
     prev = getattr(_local, "arena", None)
     _local.arena = GradArena(params)
     try:

@@ -61,14 +61,14 @@ class Parallel:
 
     def clean_grads(self, params, device) -> torch.Tensor:
         """nan_to_num on every gradient (official cleaning); returns a device bool: were any non-finite? Gradients that
-        tile one buffer (the bf16 fast path's gradient arena, sid_fast.networks.casts) are cleaned as that buffer in
+        tile a buffer (the bf16 fast path's gradient arena, sid_fast.networks.casts) are cleaned as that buffer in
         one pass; the others one by one (the same elementwise result)."""
         bad = torch.zeros((), dtype=torch.bool, device=device)
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
-        arena = casts.current_arena_buffer()
-        if arena is not None:  # zero-filled where no gradient landed: cleaned whole
-            ptr = arena.untyped_storage().data_ptr()
-            grads = [arena, *(g for g in grads if g.untyped_storage().data_ptr() != ptr)]
+        arena = casts.current_arena_buffers()
+        if arena:  # zero-filled where no gradient landed: cleaned whole
+            ptrs = {a.untyped_storage().data_ptr() for a in arena}
+            grads = [*arena, *(g for g in grads if g.untyped_storage().data_ptr() not in ptrs)]
         for g in flat_buffers(grads):
             bad = bad | ~torch.isfinite(g).all()
             torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
