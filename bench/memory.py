@@ -211,8 +211,12 @@ def _attention_bwd_flops(
 # Trainers on the meta device.
 
 
-def make_trainer(config: str, batch_gpu: int, options: dict, device: str = "meta"):
-    """A trainer for `config` with random weights in the official shapes (values matter only off the meta device)."""
+def make_trainer(
+    config: str, batch_gpu: int, options: dict, device: str = "meta", rounds: int = 1, augment: bool = False
+):
+    """A trainer for `config` with random weights in the official shapes (values matter only off the meta device),
+    `rounds` micro-batches of `batch_gpu` per phase, with the preset's augmentation if `augment` (it needs values:
+    not on the meta device), else none."""
     if config in EDM2_CONFIGS:
         stem, preset = EDM2_CONFIGS[config]
         class_name, kwargs = "Precond", dict(edm2_config(stem), use_fp16=False)
@@ -225,10 +229,10 @@ def make_trainer(config: str, batch_gpu: int, options: dict, device: str = "meta
         preset,
         dict(
             teacher=f"<{stem}, random weights>",
-            batch=batch_gpu,
+            batch=batch_gpu * rounds,
             batch_gpu=batch_gpu,
             metrics="none",
-            augment=0.0,
+            **({} if augment else dict(augment=0.0)),
             **options,
         ),
     )

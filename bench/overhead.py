@@ -46,11 +46,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench import memory
 from bench.common import environment, write_jsonl
-from bench.memory import CONFIGS, EDM2_CONFIGS
 from sid_fast.checkpoints import load_network_file
-from sid_fast.networks import build_network, official_config
-from sid_fast.networks.edm2 import edm2_config
 from sid_fast.training.config import DIGITS_TEACHER_PATH, resolve_config
 from sid_fast.training.run import build_trainer
 from sid_fast.training.sid import TeacherSpec
@@ -105,31 +103,14 @@ def make_trainer(config: str, batch_gpu: int, options: dict, device: str, rounds
     """A trainer for `config` (random weights in the official shapes; digits: the bundled teacher) with `rounds`
     micro-batches of `batch_gpu` per phase; with the preset's augmentation if `augment` (it needs values: not on the
     meta device), else none."""
-    over = dict(batch=batch_gpu * rounds, batch_gpu=batch_gpu, metrics="none", **options)
-    if config == "digits":
-        teacher, info = load_network_file(DIGITS_TEACHER_PATH)
-        class_name, kwargs = "EDMPrecond", info["init_kwargs"]
-        cfg = resolve_config("digits", over)
-        teacher = teacher.to(device)
-    else:
-        if config in EDM2_CONFIGS:
-            stem, preset = EDM2_CONFIGS[config]
-            class_name, kwargs = "Precond", dict(edm2_config(stem), use_fp16=False)
-        else:
-            stem, preset = CONFIGS[config]
-            class_name, kwargs = "EDMPrecond", dict(official_config(stem), use_fp16=False)
-        with torch.device(device):
-            teacher = build_network(class_name, kwargs)
-        if not augment:
-            over["augment"] = 0.0
-        cfg = resolve_config(preset, dict(teacher=f"<{stem}, random weights>", **over))
+    if config != "digits":
+        return memory.make_trainer(config, batch_gpu, options, device, rounds=rounds, augment=augment)
+    teacher, info = load_network_file(DIGITS_TEACHER_PATH)
+    cfg = resolve_config("digits", dict(batch=batch_gpu * rounds, batch_gpu=batch_gpu, metrics="none", **options))
+    spec = TeacherSpec("EDMPrecond", info["init_kwargs"], teacher.state_dict())
     with torch.device(device):
         return build_trainer(
-            cfg,
-            torch.device(device),
-            log=lambda *a: None,
-            teacher=teacher,
-            teacher_spec=TeacherSpec(class_name, kwargs, teacher.state_dict()),
+            cfg, torch.device(device), log=lambda *a: None, teacher=teacher.to(device), teacher_spec=spec
         )
 
 
