@@ -24,9 +24,9 @@
 # is exact in every dtype, so scaling the fp32 scores is the same number).
 #
 # Registered as torch.library.triton_op "sid_fast_kernels::edm_flash_attention" with autograd, so torch.compile
-# traces it. The references live in this file too: `attention_edm` (EDM's AttentionOp numerics, the reference path,
-# and the fallback wherever Triton cannot run) and `attention_sdpa` (PyTorch's scaled_dot_product_attention on
-# transposed views).
+# traces it. The references (kernels/references.py, importable without Triton; re-exported here): `attention_edm`
+# (EDM's AttentionOp numerics, the reference path, and the fallback wherever Triton cannot run) and `attention_sdpa`
+# (PyTorch's scaled_dot_product_attention on transposed views).
 
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from kernels._common import interpreted, nchw_strides, triton_available
+from kernels.references import (  # noqa: F401  (the references, re-exported beside the kernel)
+    attention_edm,
+    attention_sdpa,
+    blocked_order,
+    blocked_to_interleaved,
+    split_qkv,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -559,89 +566,6 @@ def _backward(ctx, do, dlse):
 
 
 torch.library.register_autograd("sid_fast_kernels::edm_flash_attention", _backward, setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# References.
-
-
-class _EDMAttentionWeights(torch.autograd.Function):
-    """softmax_k(q^T k / sqrt(d)) in fp32, as EDM's AttentionOp (EDM training/networks.py): k is scaled in its own
-    dtype, the weights are materialised in fp32 and stored in q.dtype for backward, whose softmax gradient runs in
-    fp32. q, k: [B, d, L]; returns [B, L, L] in q.dtype."""
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        scale = 1.0 / math.sqrt(k.shape[1])
-        w = torch.einsum("ncq,nck->nqk", q.float(), (k * scale).float()).softmax(dim=2).to(q.dtype)
-        ctx.save_for_backward(q, k, w)
-        return w
-
-    @staticmethod
-    def backward(ctx, dw: torch.Tensor):
-        q, k, w = ctx.saved_tensors
-        w32 = w.float()
-        dw32 = dw.float()
-        # Softmax backward in fp32: ds = w * (dw - sum_k(dw * w)).
-        ds = w32 * (dw32 - (dw32 * w32).sum(dim=2, keepdim=True))
-        scale = 1.0 / math.sqrt(k.shape[1])
-        dq = torch.einsum("nck,nqk->ncq", k.float(), ds).mul(scale).to(q.dtype)
-        dk = torch.einsum("ncq,nqk->nck", q.float(), ds).mul(scale).to(k.dtype)
-        return dq, dk
-
-
-def split_qkv(qkv: torch.Tensor, num_heads: int):
-    """[N, heads*3*d, H, W] -> q, k, v, each [N*heads, d, L] (views into EDM's interleaved layout)."""
-    n, c3, h, w = qkv.shape
-    if c3 % (3 * num_heads):
-        raise ValueError(f"qkv has {c3} channels, not divisible by 3 * num_heads = {3 * num_heads}.")
-    d = c3 // (3 * num_heads)
-    return qkv.reshape(n * num_heads, d, 3, h * w).unbind(2)
-
-
-_ORDER_CACHE: dict = {}
-
-
-def blocked_order(num_heads: int, d: int, device) -> torch.Tensor:
-    """Index into EDM's interleaved qkv channels (head*3d + 3c + j) that lists them in the blocked order
-    (head*3d + j*d + c): qkv[:, order] is the blocked tensor, and a convolution whose weight rows and bias are gathered
-    by it computes the blocked tensor directly."""
-    if torch.compiler.is_compiling():  # traced as an iota: a cache read would become a guard that fails once filled
-        return _order(num_heads, d, device)
-    key = (num_heads, d, str(device))
-    if key not in _ORDER_CACHE:
-        _ORDER_CACHE[key] = _order(num_heads, d, device)
-    return _ORDER_CACHE[key]
-
-
-def _order(num_heads: int, d: int, device) -> torch.Tensor:
-    return torch.arange(3 * num_heads * d, device=device).view(num_heads, d, 3).transpose(1, 2).reshape(-1)
-
-
-def blocked_to_interleaved(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[N, heads*3*d, H, W] from the blocked channel order back to EDM's interleaved one (differentiable)."""
-    n, c3, h, w = qkv.shape
-    d = c3 // (3 * num_heads)
-    return qkv.reshape(n, num_heads, 3, d, h, w).transpose(2, 3).reshape(n, c3, h, w)
-
-
-def attention_edm(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """EDM's attention: fp32 softmax weights materialised (L x L), applied to v in the activation dtype."""
-    n, c3, h, w = qkv.shape
-    q, k, v = split_qkv(qkv, num_heads)
-    weights = _EDMAttentionWeights.apply(q, k)
-    a = torch.einsum("nqk,nck->ncq", weights, v)
-    return a.reshape(n, c3 // 3, h, w)
-
-
-def attention_sdpa(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """torch.nn.functional.scaled_dot_product_attention on [N, heads, L, d] views; PyTorch picks the backend."""
-    n, c3, h, w = qkv.shape
-    q, k, v = split_qkv(qkv, num_heads)
-    d = q.shape[1]
-    q, k, v = (t.reshape(n, num_heads, d, h * w).transpose(2, 3) for t in (q, k, v))
-    a = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # default scale is 1/sqrt(d), as EDM
-    return a.transpose(2, 3).reshape(n, c3 // 3, h, w)
 
 
 def flash_attention(qkv: torch.Tensor, num_heads: int, blocked: bool = False) -> torch.Tensor:

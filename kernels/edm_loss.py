@@ -7,7 +7,8 @@
 # does require a gradient, dL/dy = -dL/dD_x is formed from the same tensor. Arithmetic is fp32.
 #
 # Registered as torch.library.triton_op "sid_fast_kernels::edm_loss_rows" with autograd; the pure-torch reference is
-# `edm_loss_rows_ref`. Without CUDA and without the Triton interpreter the reference runs instead.
+# `edm_loss_rows_ref` (kernels/references.py, re-exported here).
+# Without CUDA and without the Triton interpreter the reference runs instead.
 
 from __future__ import annotations
 
@@ -17,23 +18,11 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from kernels._common import block_size, triton_available, warp_configs
+from kernels.references import edm_loss_rows_ref
 
 
 def _blk(n: int) -> int:
     return block_size(n, 2048)
-
-
-def edm_loss_rows_ref(D_x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, upcast: bool = True):
-    """Reference: (row_loss [N], ok [N] bool). lam: [N] (or broadcastable to [N, 1, ...]) per-row weights."""
-    n = D_x.shape[0]
-    d, t = D_x.reshape(n, -1), y.reshape(n, -1)
-    if upcast:
-        dt = torch.float64 if d.dtype == torch.float64 else torch.float32
-        d, t = d.to(dt), t.to(dt)
-    ok = ~(torch.isnan(d).any(1) | torch.isnan(t).any(1))
-    d, t = (torch.where(ok[:, None], v, torch.zeros_like(v)) for v in (d, t))
-    row = lam.reshape(n).to(d.dtype) * (d - t).square().sum(1)
-    return torch.where(ok, row, torch.zeros_like(row)), ok
 
 
 @triton.autotune(configs=warp_configs(), key=["D", "BLOCK"])

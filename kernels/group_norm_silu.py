@@ -20,17 +20,18 @@
 # in NCHW, the group's channels of each pixel in channels_last (bench.static shows the vector loads).
 # The group rule (EDM: min(32, C // 4)) belongs to the caller; C must be divisible by the number of groups.
 # Registered as torch.library.triton_op "sid_fast_kernels::group_norm_silu" with autograd; the reference is
-# `group_norm_silu_ref`. Without CUDA and without the Triton interpreter the reference runs instead.
+# `group_norm_silu_ref` (kernels/references.py, re-exported here).
+# Without CUDA and without the Triton interpreter the reference runs instead.
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from kernels._common import block_size, interpreted, nchw_strides, triton_available, warp_configs
+from kernels.references import group_norm_silu_ref
 
 # Elements per tile on the GPU (a tile is [BLOCK_HW pixels, BLOCK_C channels] of one group). 2048 spilled at 2 warps
 # for ADM's 18-channel groups (bench.static); 1024 compiles without spills for every official shape and warp count.
@@ -51,23 +52,6 @@ def _blocks(cpg: int, hw: int, gpu: bool = False) -> dict:
 def gpu_blocks(cpg: int, hw: int) -> dict:
     """The block constexprs of a GPU launch for cpg channels per group and hw pixels."""
     return _blocks(cpg, hw, gpu=True)
-
-
-def group_norm_silu_ref(
-    x, weight, bias, num_groups: int, eps: float, scale=None, shift=None, silu: bool = True, upcast: bool = True
-):
-    """Reference: silu(shift + group_norm(x) * (1 + scale)) with scale/shift [N, C] optional."""
-    dt = x.dtype
-    if upcast:
-        up = torch.float64 if dt == torch.float64 else torch.float32
-        x, weight, bias = x.to(up), weight.to(up), bias.to(up)
-        scale = None if scale is None else scale.to(up)
-        shift = None if shift is None else shift.to(up)
-    u = F.group_norm(x, num_groups, weight, bias, eps)
-    if scale is not None:
-        u = torch.addcmul(shift[:, :, None, None], u, scale[:, :, None, None] + 1)
-    y = F.silu(u) if silu else u
-    return y.to(dt) if upcast and dt != torch.float64 else y
 
 
 @triton.jit

@@ -26,6 +26,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from kernels._common import block_size, triton_available, warp_configs
+from kernels.references import sid_loss_rows_ref
 
 GPU_BLOCK_CAP = 2048
 
@@ -37,22 +38,6 @@ def _blk(n: int) -> int:
 def gpu_block(n: int) -> int:
     """The block a GPU launch uses for rows of n elements."""
     return min(GPU_BLOCK_CAP, triton.next_power_of_2(max(n, 16)))
-
-
-def sid_loss_rows_ref(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float, upcast: bool = True):
-    """Reference: (row_loss [N] fp32, w [N] fp32, ok [N] bool). upcast=False computes in the input dtype."""
-    n = x_g.shape[0]
-    x, r, f = (t.reshape(n, -1) for t in (x_g, y_real, y_fake))
-    if upcast:
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        x, r, f = x.to(dt), r.to(dt), f.to(dt)
-    ok = ~(torch.isnan(x).any(1) | torch.isnan(r).any(1) | torch.isnan(f).any(1))
-    x, r, f = (torch.where(ok[:, None], t, torch.zeros_like(t)) for t in (x, r, f))
-    w = (x - r).abs().mean(1).clamp(min=1e-5).detach()
-    d = r - f
-    row = (d * ((r - x) - alpha * d)).sum(1) / w
-    row = torch.where(ok, row, torch.zeros_like(row))
-    return row.float() if upcast and row.dtype != torch.float64 else row, w.float(), ok
 
 
 @triton.autotune(configs=warp_configs(), key=["D", "BLOCK"])

@@ -11,7 +11,8 @@ switch, and outside every scope the references run (the official numerics):
 
 The selection is restored when a scope exits, also when it raises, so nothing leaks between runs. The kernels run
 on CUDA tensors, or on CPU under the Triton interpreter (TRITON_INTERPRET=1); elsewhere each falls back to its
-reference by itself.
+reference by itself. Triton is imported when a kernel is first called, never by importing this module: without the
+triton package (macOS, Windows) the references run and selecting a kernel is refused in one sentence.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import attention_edm, attention_sdpa
-from kernels.group_norm_silu import group_norm_silu_ref
+from kernels import triton_installed
+from kernels.references import attention_edm, attention_sdpa, group_norm_silu_ref
 from sid_fast.losses import edm2_loss_from_output, edm_loss_from_output, edm_weight, sid_generator_loss_elements
 from sid_fast.networks.casts import cast
 
@@ -57,6 +58,11 @@ def parse(spec) -> Selection:
         )
     if {"attention", "sdpa"} <= names:
         raise ValueError("'attention' (the Triton kernel) and 'sdpa' are two attention implementations; pick one.")
+    if names & KERNELS and not triton_installed():
+        raise ValueError(
+            f"--kernels {','.join(sorted(names))} needs the triton package, which is not installed (Triton ships Linux "
+            "wheels only): pip install triton, or run with --kernels none (or sdpa)."
+        )
     attention = "triton" if "attention" in names else "sdpa" if "sdpa" in names else "edm"
     return Selection(names & KERNELS, attention)
 

@@ -1,1 +1,1 @@
-"""Data: the bundled digits set (scikit-learn's handwritten digits) used by the embedded default."""
+"""Data: the bundled digits set (scikit-learn's handwritten digits as an array file) of the embedded default."""
