@@ -109,8 +109,9 @@ EXIT_STOPPED = 75
     "--sid-model",
     "--sid_model",
     "sid_model",
-    help="SiD²A: a SiD generator that G and G_ema start from (the fake score starts from the teacher)",
-    metavar="PATH|URL",
+    help="SiD²A: a SiD generator that G and G_ema start from (the fake score starts from the teacher): a snapshot "
+    "folder, a Hub id, a sid_fast .pt or a SiD .pkl",
+    metavar="PATH|ID|URL",
     type=str,
 )
 @click.option(

@@ -470,25 +470,29 @@ def cache_dir() -> Path:
 
 
 def resolve_path(path_or_url: str | os.PathLike) -> Path:
-    """A local path as is (must exist); a URL or a Hub file downloaded once into the cache (only when the user gives
-    one):
+    """A local path as is (must exist: a network file, or a generator folder of sid_fast.hub); a URL, a Hub file or a
+    Hub generator folder downloaded once into the cache (only when the user gives one):
     - http(s)://...: fetched with torch.hub.download_url_to_file (a unique temporary file in the cache, renamed when
       complete; a progress bar on a terminal). A fragment `#sha256=<hex>` is checked against the file.
     - hf://OWNER/REPO/PATH[@REVISION]: fetched with huggingface_hub (its own cache, locks and checks).
+    - OWNER/REPO or hf://OWNER/REPO[@REVISION] (not an existing path): the generator folder of that Hub repository.
     Processes that ask for the same file at once (the ranks of a node, or jobs sharing a cache) take a file lock: one
     downloads, the others wait and read the complete file. Any failure is one CheckpointError sentence."""
+    from sid_fast import hub
+
     s = str(path_or_url)
     scheme = urllib.parse.urlparse(s).scheme
     if scheme in ("http", "https"):
         return _download_url(s)
-    if scheme == "hf":
+    if scheme == "hf" and s.count("/") > 3:  # hf://OWNER/REPO/PATH: one file
         return _download_hub(s)
+    repo = hub.hub_id(s)
+    if repo is not None:  # hf://OWNER/REPO or OWNER/REPO that is not a local path: a generator folder on the Hub
+        return hub.download(*repo)
     p = Path(s)
     if not p.exists():
-        raise CheckpointError(f"{p}: no such file.")
-    if p.is_dir():
-        raise CheckpointError(f"{p}: is a directory, expected a network file (.pkl or .pt).")
-    return p
+        raise CheckpointError(f"{p}: no such file or folder.")
+    return p  # a folder is read by hub.read_folder, which names what it lacks
 
 
 DOWNLOAD_TIMEOUT_S = 60  # per socket operation: a stalled server fails the download instead of hanging every rank
@@ -549,12 +553,27 @@ def _download_hub(spec: str) -> Path:
 
 
 def load_network_file(path_or_url) -> tuple[torch.nn.Module, dict]:
-    """Load a network from an EDM/SiD pickle or a sid_fast checkpoint. Returns (network in eval mode, info).
+    """Load a network from a generator folder (sid_fast.hub: model.safetensors + config.json, by path or Hub id), an
+    EDM/SiD pickle or a sid_fast `.pt` checkpoint. Returns (network in eval mode, info).
 
-    info: {"source": "edm-pickle" | "sid_fast", "class_name", "init_kwargs", "meta"} where meta holds sid_fast's
-    metadata (e.g. kind="generator" and sigma_init for distilled one-step generators) or EDM's other top-level keys.
+    info: {"source": "sid_fast-folder" | "edm-pickle" | "sid_fast", "class_name", "init_kwargs", "meta"} where meta
+    holds sid_fast's metadata (e.g. kind="generator" and sigma_init for distilled one-step generators) or EDM's
+    other top-level keys.
     """
+    from sid_fast import hub
+
     path = resolve_path(path_or_url)
+    if path.is_dir():  # a generator folder: model.safetensors + config.json
+        record = hub.read_folder(path)
+        try:
+            net, info = _sid_fast_network(record, path / hub.WEIGHTS)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a network folder of the expected structure: {_describe(e)}") from None
+        info["source"] = "sid_fast-folder"
+        net.eval().requires_grad_(False)
+        return net, info
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:

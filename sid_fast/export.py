@@ -1,6 +1,6 @@
 """Export a one-step generator as an AOTInductor package that runs without Python (native/sid_sample.cpp).
 
-    python -m sid_fast.export --network runs/.../network-snapshot-XXXXXX.pt --out gen.pt2 [--device cuda]
+    python -m sid_fast.export --network runs/.../network-snapshot-XXXXXXXXXXXX --out gen.pt2 [--device cuda]
 
 The package holds `torch.export` of `G(sigma_init * z, sigma_init, one_hot(label))` at the generator's fixed noise
 level, with a dynamic batch dimension (1..--max-batch), compiled ahead of time by AOTInductor for the CPU or for CUDA.
@@ -140,8 +140,8 @@ def export_generator(network, out, device="cpu", max_batch=256, init_sigma=None,
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
 @click.option(
     "--network",
-    help="Generator snapshot (sid_fast .pt, or SiD .pkl with --init_sigma)",
-    metavar="PATH|URL",
+    help="Generator: a snapshot folder, a Hub id, a sid_fast .pt, or a SiD .pkl with --init_sigma",
+    metavar="PATH|ID|URL",
     required=True,
 )
 @click.option("--out", help="Package to write", metavar="FILE.pt2", required=True)

@@ -4,7 +4,7 @@
     python -m sid_fast.fid ref --data datasets/cifar10-32x32.zip --dest fid-refs/cifar10-32x32.npz
 
     # FID of a generator against them: 50k images from seeds 0-49999, distributed over ranks with torchrun
-    torchrun --standalone --nproc_per_node=8 -m sid_fast.fid calc --network network-snapshot-400000.pt \
+    torchrun --standalone --nproc_per_node=8 -m sid_fast.fid calc --network network-snapshot-000000400000 \
         --ref fid-refs/cifar10-32x32.npz --num-images 50000
 
 (--num-images is --num: torchrun from torch 2.8 on reads any --num in the command line as an abbreviation of its own
@@ -109,7 +109,7 @@ def ref(data, dest, resolution, loader, batch, workers, detector):
 @click.option(
     "--network",
     "network_path",
-    help="Generator or teacher to sample (sid_fast .pt or EDM/SiD .pkl)",
+    help="Generator or teacher to sample (a snapshot folder, a Hub id, a sid_fast .pt or an EDM/SiD .pkl)",
     metavar="PATH|URL",
 )
 @click.option("--images", help="Or: a folder/zip of images to evaluate", metavar="DIR|ZIP")

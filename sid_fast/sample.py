@@ -1,6 +1,6 @@
 """Generate images from a network file: one-step SiD generators or EDM teachers (Heun sampler).
 
-    python -m sid_fast.sample --network runs/00000-.../network-snapshot-000000048128.pt --seeds 0-63 --outdir out
+    python -m sid_fast.sample --network runs/00000-.../network-snapshot-000000048128 --seeds 0-63 --outdir out
     python -m sid_fast.sample --network edm-cifar10-32x32-cond-vp.pkl --seeds 0-63 --steps 18 --outdir out
 
 The sampler is chosen from the file: sid_fast generator snapshots carry kind="generator" and their sigma_init and are
@@ -39,8 +39,8 @@ def parse_int_list(s: str) -> list[int]:
 @click.option(
     "--network",
     "network_path",
-    help="Network file (sid_fast .pt or EDM/SiD .pkl), path or URL",
-    metavar="PATH|URL",
+    help="Network: a generator folder or Hub id (sid_fast.hub), a sid_fast .pt or an EDM/SiD .pkl (path or URL)",
+    metavar="PATH|ID|URL",
     required=True,
 )
 @click.option("--outdir", help="Where to save the images", metavar="DIR", type=str, required=True)

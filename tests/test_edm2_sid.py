@@ -108,7 +108,7 @@ def test_sid_distills_the_edm2_digits_teacher(tmp_path, monkeypatch):
     # (measured: README, digits-edm2), a wrong u-weighting or a lost normalisation does not. 5x leaves room for thread
     # counts and CPUs.
     assert len(fd) == 2 and fd[-1] < fd[0] / 5, fd
-    g, ginfo = load_network_file(sorted(tmp_path.glob("network-snapshot-*.pt"))[-1])
+    g, ginfo = load_network_file(sorted(tmp_path.glob("network-snapshot-*"))[-1])
     assert isinstance(g, Precond) and g.logvar_linear is None and ginfo["meta"]["kind"] == "generator"
 
 

@@ -339,15 +339,18 @@ def test_sid2a_starts_g_from_a_sid_generator_and_refuses_other_shapes(teacher_fi
     from support.helpers import NET, cfg_for, cpu_trainer
 
     from sid_fast.checkpoints import save_network
+    from sid_fast.hub import save_folder
     from sid_fast.training.config import ConfigError
 
     torch.manual_seed(3)
     sid_g = build_network("EDMPrecond", NET)  # stands for a SiD generator of this teacher's network
     path = tmp_path / "sid-generator.pt"
     save_network(path, sid_g, NET, kind="generator")
-    tr = cpu_trainer(cfg_for(teacher_file, method="sida", data=_data(tmp_path), sid_model=str(path)))
-    for k, v in sid_g.state_dict().items():
-        assert torch.equal(tr.G.state_dict()[k], v) and torch.equal(tr.G_ema.state_dict()[k], v), k
+    folder = save_folder(tmp_path / "sid-generator", sid_g, NET, kind="generator", sigma_init=2.5)
+    for source in (path, folder):  # a .pt file and a generator folder (sid_fast.hub) alike
+        tr = cpu_trainer(cfg_for(teacher_file, method="sida", data=_data(tmp_path), sid_model=str(source)))
+        for k, v in sid_g.state_dict().items():
+            assert torch.equal(tr.G.state_dict()[k], v) and torch.equal(tr.G_ema.state_dict()[k], v), k
     assert all(
         torch.equal(tr.fake.state_dict()[k], v) for k, v in tr.teacher.state_dict().items() if v.dtype == torch.float32
     )  # the fake score starts from the teacher

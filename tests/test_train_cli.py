@@ -32,6 +32,10 @@ def test_digits_default_runs_resumes_and_samples(tmp_path):
     # Measured (CPU, torch 2.13, one thread): 290.1 at 0.3 kimg -> 14.2 at 4.1 kimg (20x). Asserted with margin: 5x.
     assert fds[0] > 150 and fds[-1] < fds[0] / 5, fds
     assert "tick 0" in r.stdout and "FD-digits of G_ema" in r.stdout
+    # Every snapshot is a generator folder whose config.json carries the snapshot's metric (as metric-*.jsonl).
+    snaps = sorted(run_dir.glob("network-snapshot-*"))
+    assert all((s / "model.safetensors").is_file() and (s / "README.md").is_file() for s in snaps)
+    assert [json.loads((s / "config.json").read_text())["meta"]["metrics"]["fd_digits"] for s in snaps] == fds
 
     r = _train(*common, "--duration", "0.004608", "--metrics", "none", "--resume", str(run_dir))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -40,7 +44,7 @@ def test_digits_default_runs_resumes_and_samples(tmp_path):
     stats = [json.loads(line) for line in (resumed / "stats.jsonl").read_text().splitlines()]
     assert stats[-1]["kimg"] == 4.608
 
-    snap = sorted(resumed.glob("network-snapshot-*.pt"))[-1]
+    snap = sorted(resumed.glob("network-snapshot-*"))[-1]
     net, info = load_network_file(snap)
     assert info["meta"]["kind"] == "generator" and info["meta"]["sigma_init"] == 2.5
     r = subprocess.run(
@@ -131,4 +135,4 @@ def test_readme_first_command_runs_from_a_fresh_clone(tmp_path):
     (run_dir,) = (clone / "runs").iterdir()
     assert json.loads((run_dir / "training_options.json").read_text())["duration"] == 0.000256
     assert "FD-digits of G_ema at 0.3 kimg" in r.stdout and "Finished at 0.3 kimg" in r.stdout
-    assert (run_dir / "fd_digits.png").exists() and list(run_dir.glob("network-snapshot-*.pt"))
+    assert (run_dir / "fd_digits.png").exists() and list(run_dir.glob("network-snapshot-*"))

@@ -548,8 +548,8 @@ def _validate_sida(cfg: TrainConfig) -> None:
         )
     if cfg.needs_sid_model and cfg.sid_model is None:
         raise ConfigError(
-            f"--preset {cfg.preset} is SiD²A: give --sid-model, the SiD generator (network-snapshot pickle "
-            "or sid_fast file) that G and G_ema start from."
+            f"--preset {cfg.preset} is SiD²A: give --sid-model, the SiD generator (a snapshot folder, a Hub id, "
+            "a network-snapshot pickle or a sid_fast file) that G and G_ema start from."
         )
     if not 0 <= cfg.sida_g_start_kimg <= cfg.sida_gan_start_kimg:
         raise ConfigError(

@@ -1,12 +1,15 @@
-"""Snapshots of G_ema and their metrics: the sample grid and network file (rank 0), FD-digits (rank 0) or FID (every
-rank generates its share), metric-*.jsonl and the metric plot. As the official loop: a snapshot every --snap ticks,
+"""Snapshots of G_ema and their metrics: the sample grid and the generator folder (rank 0; sid_fast.hub:
+model.safetensors, config.json with the snapshot's metric, a model card), FD-digits (rank 0) or FID (every rank
+generates its share), metric-*.jsonl and the metric plot. As the official loop: a snapshot every --snap ticks,
 at ticks 10, 20, ..., 100 and of the initial G_ema (extra_snapshots), and at the end."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from sid_fast import checkpoints, ops
+from sid_fast import hub, ops
 from sid_fast.sampling import image_grid, latents_and_labels, onestep_sample, save_image, to_uint8
 from sid_fast.training import tickstats
 
@@ -25,11 +28,12 @@ def sample_ema(tr, seeds) -> torch.Tensor:
 
 
 def snapshot_name(nimg: int) -> str:
-    """network-snapshot-<images seen, 12 digits>.pt: distinct for every iteration, sorted by images up to 10^12."""
-    return f"network-snapshot-{nimg:012d}.pt"
+    """network-snapshot-<images seen, 12 digits> (a generator folder): distinct for every iteration, sorted by images
+    up to 10^12."""
+    return f"network-snapshot-{nimg:012d}"
 
 
-def _write_grid_and_network(tr) -> None:
+def _write_grid(tr) -> None:
     samples = sample_ema(tr, list(range(64)))
     if tr.vae is not None:
         grid = tr.vae.decode(samples.to(tr.device)).cpu()
@@ -40,8 +44,11 @@ def _write_grid_and_network(tr) -> None:
     if grid is not None:
         scale = max(1, 64 // grid.shape[-1])
         save_image(image_grid(grid, scale=scale, gap=2), tr.run_dir / f"fakes-{tr.cur_nimg:012d}.png")
+
+
+def _write_network(tr, metric: dict) -> None:
     cfg = tr.cfg
-    checkpoints.save_network(
+    hub.save_folder(
         tr.run_dir / snapshot_name(tr.cur_nimg),
         tr.G_ema,
         tr.g_init_kwargs,
@@ -50,39 +57,53 @@ def _write_grid_and_network(tr) -> None:
         alpha=cfg.alpha,
         preset=cfg.preset,
         kimg=tr.cur_nimg / 1e3,
-        teacher=str(cfg.teacher),
+        teacher=Path(str(cfg.teacher)).name,
+        metrics=metric,
     )
 
 
 def snapshot(tr) -> float | None:
-    """Grid, network file and metric of G_ema now; returns the metric's value on rank 0 (None without a metric)."""
+    """Grid, metric and generator folder of G_ema now (the folder's config.json carries the metric); returns the
+    metric's value on rank 0 (None without a metric)."""
     cfg = tr.cfg
     with ops.kernels(tr.kernels):
-        if tr.rank == 0 and tr.run_dir is not None:
-            _write_grid_and_network(tr)
-        if cfg.metrics == "fd-digits" and tr.rank == 0:
-            from sid_fast.metrics.digits import fd_digits
+        writes = tr.rank == 0 and tr.run_dir is not None
+        if writes:
+            _write_grid(tr)
+        value = _metric(tr)
+        if writes:
+            _write_network(tr, {} if value is None else {_METRIC_KEYS[cfg.metrics]: value})
+    return value
 
-            seeds = list(range(10_000_000, 10_000_000 + cfg.metric_num))
-            return record_metric(tr, "fd_digits", fd_digits(sample_ema(tr, seeds)))
-        if cfg.metrics == "fid":  # every rank generates its share of the images
-            from sid_fast.metrics.fid import fid_against, generator_stats
 
-            info = dict(meta=dict(kind="generator", sigma_init=cfg.init_sigma))
-            stats, _ = generator_stats(
-                tr.G_ema,
-                info,
-                range(cfg.metric_num),
-                tr.detector,
-                tr.device,
-                batch=cfg.batch_gpu,
-                rank=tr.rank,
-                world=tr.world,
-                progress=False,
-                vae=tr.vae,
-            )
-            if tr.rank == 0:
-                return record_metric(tr, "fid", fid_against(stats, tr.fid_ref))
+_METRIC_KEYS = {"fd-digits": "fd_digits", "fid": "fid"}
+
+
+def _metric(tr) -> float | None:
+    cfg = tr.cfg
+    if cfg.metrics == "fd-digits" and tr.rank == 0:
+        from sid_fast.metrics.digits import fd_digits
+
+        seeds = list(range(10_000_000, 10_000_000 + cfg.metric_num))
+        return record_metric(tr, "fd_digits", fd_digits(sample_ema(tr, seeds)))
+    if cfg.metrics == "fid":  # every rank generates its share of the images
+        from sid_fast.metrics.fid import fid_against, generator_stats
+
+        info = dict(meta=dict(kind="generator", sigma_init=cfg.init_sigma))
+        stats, _ = generator_stats(
+            tr.G_ema,
+            info,
+            range(cfg.metric_num),
+            tr.detector,
+            tr.device,
+            batch=cfg.batch_gpu,
+            rank=tr.rank,
+            world=tr.world,
+            progress=False,
+            vae=tr.vae,
+        )
+        if tr.rank == 0:
+            return record_metric(tr, "fid", fid_against(stats, tr.fid_ref))
     return None
 
 

@@ -20,7 +20,7 @@ Other modes (each run directory):
   generator does not move, and how much larger the GAN term's gradient becomes as it does.
 - `--separability 200,600,...`: a dedicated CNN trained for that many steps to tell real digits from the last
   snapshot's, its held-out AUC at noise levels 0, 0.3 and 1: how separable the generated digits are at all.
-- `--metric-noise`: FD-digits of each network-snapshot-*.pt on `--noise-sets` disjoint sets of `metric_num` samples
+- `--metric-noise`: FD-digits of each network-snapshot-* on `--noise-sets` disjoint sets of `metric_num` samples
   (training evaluates one fixed set): the metric's sampling noise, against the swings between evaluations of a run.
 """
 
@@ -341,7 +341,7 @@ def _probe_separability(rd, a, env) -> list[dict]:
     """--separability: a dedicated CNN's held-out AUC on real vs the last snapshot's digits."""
     recs = []
     opts = json.loads((rd / "training_options.json").read_text())
-    snap = sorted(rd.glob("network-snapshot-*.pt"))[-1]
+    snap = sorted(rd.glob("network-snapshot-*"))[-1]
     for steps in map(int, a.separability.split(",")):
         rows = separability(snap, steps=steps, seed=a.seed, round_fakes=not a.no_round)
         recs.append(
@@ -370,7 +370,7 @@ def _probe_metric_noise(rd, a, env) -> list[dict]:
     recs = []
     opts = json.loads((rd / "training_options.json").read_text())
     curve = [json.loads(x) for x in (rd / "metric-fd_digits.jsonl").read_text().splitlines() if x.strip()]
-    for snap in sorted(rd.glob("network-snapshot-*.pt")):
+    for snap in sorted(rd.glob("network-snapshot-*")):
         kimg = int(snap.stem.rsplit("-", 1)[1])
         fds = metric_noise(snap, opts["metric_num"], a.noise_sets)
         own = [r["fd_digits"] for r in curve if r.get("snapshot") == snap.name]
