@@ -210,6 +210,12 @@ EXIT_STOPPED = 75
     help="Also snapshot at kimg 0 and ticks 10, 20, ..., 100, as the official loop (official presets: on)",
     default=None,
 )
+@click.option(
+    "--tracker",
+    help="Also send statistics, metrics and grids to TensorBoard (<run>/tensorboard) or Weights & Biases (rank 0)",
+    type=click.Choice(["none", "tensorboard", "wandb"]),
+)
+@click.option("--tracker-project", "tracker_project", help="The W&B project (--tracker wandb)", metavar="STR", type=str)
 @click.option("--metrics", help="Metric of G_ema at snapshots", type=click.Choice(["fid", "fd-digits", "none"]))
 @click.option(
     "--metric-num",

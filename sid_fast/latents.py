@@ -26,8 +26,11 @@ import os
 import re
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
+
+from sid_fast.progress import Timer, bar, summary
 
 RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
 RAW_STD = (4.17, 4.62, 3.71, 3.28)
@@ -212,11 +215,13 @@ def encode_dataset(source, dest, vae: StabilityVAE, dtype: str = "float32", batc
     tmp.mkdir(parents=True, exist_ok=True)
     n = len(ds)
     arr = np.lib.format.open_memmap(tmp / "latents.npy", mode="w+", dtype=np.dtype(dtype), shape=(n, 8, h // 8, w // 8))
-    for i in range(0, n, batch):
-        imgs = torch.from_numpy(np.stack([ds[j][0] for j in range(i, min(i + batch, n))]))
-        arr[i : i + len(imgs)] = vae.encode_pixels(imgs).cpu().numpy().astype(dtype)
-        if log and (i // batch) % 100 == 0:
-            log(f"encoded {i + len(imgs)} / {n}")
+    with bar(n, "encoding", "img") as progress:
+        for i in range(0, n, batch):
+            imgs = torch.from_numpy(np.stack([ds[j][0] for j in range(i, min(i + batch, n))]))
+            arr[i : i + len(imgs)] = vae.encode_pixels(imgs).cpu().numpy().astype(dtype)
+            progress.update(len(imgs))
+            if log and (i // batch) % 100 == 0:
+                log(f"encoded {i + len(imgs)} / {n}")
     arr.flush()
     del arr
     labels = ds.labels_int if ds.labels_int is not None else np.full(n, -1)
@@ -242,32 +247,33 @@ def encode_dataset(source, dest, vae: StabilityVAE, dtype: str = "float32", batc
     return n
 
 
-def main(argv=None):
-    import argparse
+@click.group(context_settings=dict(help_option_names=["-h", "--help"]))
+def main():
+    """EDM2 latents with the Stability VAE."""
 
-    ap = argparse.ArgumentParser(prog="python -m sid_fast.latents", description="EDM2 latents with the Stability VAE.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("encode", help="encode an EDM image dataset (zip or folder) into a memory-mapped latent dataset")
-    e.add_argument(
-        "--source",
-        required=True,
-        help="EDM dataset of RGB images, e.g. img512.zip (sid_fast.data.dataset_tool "
-        "--transform center-crop-dhariwal --resolution 512)",
-    )
-    e.add_argument("--dest", required=True, help="output folder (latents.npy, labels.npy, meta.json)")
-    e.add_argument(
-        "--vae", required=True, help=f"local diffusers folder of {SD_VAE_FT_MSE} (or that hub id, downloaded)"
-    )
-    e.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    e.add_argument("--batch", type=int, default=8)
-    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = ap.parse_args(argv)
+
+@main.command()
+@click.option(
+    "--source",
+    required=True,
+    metavar="ZIP|DIR",
+    help="EDM dataset of RGB images, e.g. img512.zip (sid_fast.data.dataset_tool --transform center-crop-dhariwal "
+    "--resolution 512)",
+)
+@click.option("--dest", required=True, metavar="DIR", help="Output folder (latents.npy, labels.npy, meta.json)")
+@click.option("--vae", required=True, metavar="DIR", help=f"Local diffusers folder of {SD_VAE_FT_MSE} (or that hub id)")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Images per VAE call")
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+def encode(source, dest, vae, dtype, batch, device):
+    """Encode an EDM image dataset (zip or folder) into a memory-mapped latent dataset."""
+    timer = Timer()
     try:
-        vae = StabilityVAE.load(a.vae, a.device, a.batch)
-        n = encode_dataset(a.source, a.dest, vae, a.dtype, a.batch)
+        model = StabilityVAE.load(vae, device, batch)
+        n = encode_dataset(source, dest, model, dtype, batch)
     except (LatentError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-    print(f"wrote {n} latents to {a.dest}")
+        raise click.ClickException(str(err)) from None
+    print(summary(f"Wrote latents to {dest}", n, "images", timer.seconds))
 
 
 if __name__ == "__main__":

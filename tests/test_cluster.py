@@ -158,7 +158,10 @@ def test_a_rank_that_cannot_load_its_teacher_stops_every_rank(tmp_path):
         assert time.time() < deadline, "a rank hangs"
     said = [Path(out.format(r)).read_text() for r in range(2)]
     assert said[0] == said[1], said
-    assert said[0].startswith("CheckpointError: ") and ".missing-on-this-node: no such file. (on rank 1)" in said[0]
+    assert (
+        said[0].startswith("CheckpointError: ")
+        and ".missing-on-this-node: no such file or folder. (on rank 1)" in said[0]
+    )
 
 
 def test_a_full_disk_keeps_the_previous_state(tmp_path, monkeypatch):
@@ -293,16 +296,17 @@ def test_a_state_exports_its_generator_for_sampling(teacher_file, tmp_path):
     tr.step()
     tr.run_dir = tmp_path
     path = tr.save_state()
-    out = tmp_path / "G_ema.pt"
-    r = subprocess.run([sys.executable, "-m", "sid_fast.training.state", "export", str(path), str(out)],
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    net, info = load_network_file(out)
-    assert info["meta"]["kind"] == "generator" and info["meta"]["kimg"] == 0.008
     x, sigma = torch.randn(2, 1, 8, 8), torch.full([2, 1, 1, 1], 2.5)
     labels = torch.eye(3)[[0, 2]]
-    with torch.no_grad():
-        torch.testing.assert_close(net(x, sigma, labels), tr.G_ema(x, sigma, labels), rtol=0, atol=0)
+    for out in (tmp_path / "G_ema", tmp_path / "G_ema.pt"):  # a generator folder, or a .pt file by its suffix
+        r = subprocess.run([sys.executable, "-m", "sid_fast.training.state", "export", str(path), str(out)],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert out.is_dir() == (out.suffix != ".pt")
+        net, info = load_network_file(out)
+        assert info["meta"]["kind"] == "generator" and info["meta"]["kimg"] == 0.008
+        with torch.no_grad():
+            torch.testing.assert_close(net(x, sigma, labels), tr.G_ema(x, sigma, labels), rtol=0, atol=0)
     r = subprocess.run([sys.executable, "-m", "sid_fast.training.state", "export", str(tmp_path / "none.pt"), str(out)],
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode != 0 and "none.pt" in r.stderr and "Traceback" not in r.stderr

@@ -27,6 +27,7 @@ from pathlib import Path
 import click
 
 from sid_fast.data.dataset import IMAGE_EXTENSIONS, DatasetError, _is_pow2, center_crop_resize
+from sid_fast.progress import Timer, bar, summary
 
 
 def _source_labels(source: Path, names: list[str], from_subdirs: bool):
@@ -194,8 +195,10 @@ def convert(
 
     shape = None
     out_labels = []
+    progress = bar(count, "converting", "img")
     try:
         for idx, (img, label, where) in enumerate(items):
+            progress.update(1)
             img = img.convert("L" if grey else "RGB")
             if transform == "center-crop":
                 img = center_crop_resize(img, resolution)
@@ -224,7 +227,9 @@ def convert(
             if has_labels:
                 out_labels.append([out_name, int(label)])
         write("dataset.json", json.dumps({"labels": out_labels if has_labels else None}).encode())
+        progress.close()
     except BaseException:
+        progress.close()
         if to_zip:
             archive.close()
             tmp.unlink(missing_ok=True)
@@ -266,11 +271,12 @@ def main(source, dest, resolution, transform, max_images, grey, labels_from_subd
     """Convert a folder of images to EDM's dataset format."""
     if resolution is not None and not _is_pow2(resolution):
         raise click.BadParameter(f"{resolution} is not a power of two.", param_hint="--resolution")
+    timer = Timer()
     try:
         n = convert(source, dest, resolution, transform, max_images, grey, labels_from_subdirs)
     except DatasetError as e:
         raise click.ClickException(str(e)) from None
-    print(f"Wrote {n} images to {dest}")
+    print(summary(f"Wrote {dest}", n, "images", timer.seconds))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import click
 import torch
 import torch.nn.functional as F
 
@@ -94,15 +95,17 @@ def fd_digits(images: torch.Tensor) -> float:
     return frechet_distance(mu, sigma, mu_r, sigma_r)
 
 
-if __name__ == "__main__":
-    import argparse
+@click.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.option("--out", default=str(ASSET), show_default=True, metavar="FILE.pt")
+@click.option("--steps", type=click.IntRange(min=1), default=3000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def main(out, steps, seed):
+    """Train the FD-digits feature network."""
+    net, acc = train_feature_net(steps, seed)
+    cmd = f"python -m sid_fast.metrics.digits --out {out} --steps {steps} --seed {seed}"
+    torch.save(dict(state_dict=net.state_dict(), train_accuracy=acc, command=cmd), out)
+    print(f"saved {out}: training accuracy {acc:.4f}")
 
-    ap = argparse.ArgumentParser(description="Train the FD-digits feature network.")
-    ap.add_argument("--out", default=str(ASSET))
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    net, acc = train_feature_net(a.steps, a.seed)
-    cmd = f"python -m sid_fast.metrics.digits --out {a.out} --steps {a.steps} --seed {a.seed}"
-    torch.save(dict(state_dict=net.state_dict(), train_accuracy=acc, command=cmd), a.out)
-    print(f"saved {a.out}: training accuracy {acc:.4f}")
+
+if __name__ == "__main__":
+    main()

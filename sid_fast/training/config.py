@@ -94,6 +94,8 @@ class TrainConfig:
     data_stat: str | None = None  # FID reference statistics (EDM npz), path or URL (SiD's --data_stat)
     detector: str | None = None  # Inception detector, path or URL (default: $SID_FAST_DETECTOR or the cache)
     vae: str | None = None  # EDM2 latent teachers: the Stability VAE (local diffusers folder) for grids and FID
+    tracker: str = "none"  # none, tensorboard, wandb (sid_fast.training.trackers; rank 0)
+    tracker_project: str = "sid_fast"  # the W&B project
     max_bad_steps: int = 100  # consecutive steps with non-finite gradients before aborting (with a checkpoint)
     sid_model: str | None = None  # SiD²A: G and G_ema start from this SiD generator (path or URL)
     official_teacher: str | None = field(default=None, repr=False)
@@ -110,6 +112,7 @@ RUN_ONLY_FIELDS = frozenset(
     {
         "outdir", "desc", "resume", "run_dir", "keep_states", "duration", "tick", "snap", "dump", "extra_snapshots",
         "metrics", "metric_num", "data_stat", "detector", "vae", "workers", "max_bad_steps", "channels_last",
+        "tracker", "tracker_project",
         "compile", "compile_backend", "cuda_graphs", "checkpointing", "optimizer", "fsdp", "kernels",
         "official_teacher", "official_data", "needs_sid_model",
     }
@@ -564,6 +567,11 @@ def _validate_sida(cfg: TrainConfig) -> None:
 
 
 def _validate_metrics(cfg: TrainConfig) -> None:
+    from sid_fast.training.trackers import check_installed
+
+    reason = check_installed(cfg.tracker)
+    if reason is not None:
+        raise ConfigError(reason)
     if cfg.metrics not in METRICS:
         raise ConfigError(f"--metrics must be one of {', '.join(METRICS)}, got {cfg.metrics!r}.")
     if cfg.metrics == "fid" and cfg.data_stat is None:

@@ -1,7 +1,8 @@
 """The training loop around the iteration: ticks, the status line, snapshots, training states, signals, abort.
 
 As the official loop: a tick every --tick kimg (and after the first iteration) reads the device statistics once
-(sid_fast.training.tickstats), writes stats.jsonl and the status line; snapshots every --snap ticks; a training state
+(sid_fast.training.tickstats), writes stats.jsonl, the status line (with an ETA from the measured rate) and the
+--tracker's curves; snapshots every --snap ticks; a training state
 every --dump ticks and at the end. SIGTERM/SIGINT finish the current iteration, write a state and stop (a second
 signal stops at once); a stop request is agreed on across ranks every 8 iterations and at ticks (the all-reduce is a
 host sync). A run of --max-bad-steps consecutive iterations with non-finite gradients writes a state and aborts.
@@ -50,6 +51,7 @@ def _end_of_tick(tr, done: bool, stop: bool, times: dict, nvml) -> bool:
     one does."""
     cfg = tr.cfg
     now = time.time()
+    eta = times["eta"].update(tr.cur_nimg, now)
     rec, line = tickstats.status(
         tr.stats.reduce(),
         tick=tr.cur_tick,
@@ -59,10 +61,12 @@ def _end_of_tick(tr, done: bool, stop: bool, times: dict, nvml) -> bool:
         total_time=now - times["start"],
         nvml=nvml,
         device=tr.device,
+        eta=eta,
     )
     tr.log(line)
     if tr.rank == 0 and tr.run_dir is not None:
         tickstats.append_jsonl(tr.run_dir / "stats.jsonl", rec)
+        tr.tracker.log_tick(rec, tr.cur_nimg)
     too_bad = int(tr.max_consec_bad.item()) >= cfg.max_bad_steps
     extra = cfg.extra_snapshots and tr.cur_tick in snapshots.EXTRA_SNAPSHOT_TICKS
     if done or tr.cur_tick % cfg.snap == 0 or extra:
@@ -93,6 +97,7 @@ def train(tr) -> str:
         snapshots.snapshot_and_log(tr)
     times = dict(start=time.time(), tick_start=time.time())
     start_nimg = tr.cur_nimg
+    times["eta"] = tickstats.Eta(total_nimg, start_nimg, times["start"])
     tr.log(
         f"Training for {cfg.duration * 1000:g} kimg: batch {cfg.batch} = {tr.world} processes x "
         f"{tr.rounds} rounds x {cfg.batch_gpu}; alpha {cfg.alpha}, tmax {cfg.tmax}, init_sigma {cfg.init_sigma}."

@@ -21,6 +21,7 @@ from sid_fast.training.config import ConfigError, TrainConfig, check_world, iden
 from sid_fast.training.sid import SiDTrainer, TeacherSpec, TrainingAborted
 from sid_fast.training.state import list_states
 from sid_fast.training.tickstats import Logger
+from sid_fast.training.trackers import make_tracker
 
 
 def check_teacher(cfg: TrainConfig, teacher, path) -> None:
@@ -365,7 +366,12 @@ def run(cfg: TrainConfig, log_to_stdout=True) -> tuple[Path | None, str]:
     if state_path is not None:
         trainer.load_state_dict(load_state_file(state_path), state_path)
         log(f"Resumed from {state_path} at {trainer.cur_nimg / 1e3:.1f} kimg.")
-    status = trainer.train()
+    if dist.rank() == 0:
+        trainer.tracker = make_tracker(cfg.tracker, run_dir, cfg.to_json(), cfg.tracker_project, log)
+    try:
+        status = trainer.train()
+    finally:
+        trainer.tracker.close()
     if isinstance(log, Logger):
         log.close()
     dist.finish()

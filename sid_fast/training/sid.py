@@ -47,6 +47,7 @@ from sid_fast.training.denoiser import EDM2Denoiser, make_denoiser
 from sid_fast.training.loop import TrainingAborted
 from sid_fast.training.parallel import parallelize
 from sid_fast.training.tickstats import TickStats
+from sid_fast.training.trackers import Tracker
 
 FAKE, GEN = 0, 1  # the phases' random streams
 
@@ -128,6 +129,7 @@ class SiDTrainer:
         self.max_consec_bad = torch.zeros((), dtype=torch.int64, device=device)
         self.stop_requested = False
         self.metrics_history: list[dict] = []
+        self.tracker = Tracker()  # run() sets the --tracker one on rank 0
         self.fid_ref, self.detector = fid
         self.vae = vae  # EDM2 latents -> images (grids, FID); sid_fast.latents.StabilityVAE
 

@@ -23,6 +23,7 @@ import re
 import shutil
 from pathlib import Path
 
+import click
 import torch
 
 from sid_fast import checkpoints, dist
@@ -239,34 +240,38 @@ def export_generator(state_path, out) -> Path:
         net.load_state_dict(s["G_ema"])
     except RuntimeError as e:
         raise checkpoints.CheckpointError(f"{state_path}: G_ema does not fit its recorded network: {e}") from None
-    checkpoints.save_network(
-        out,
-        net,
-        s["g_init_kwargs"],
+    meta = dict(
         kind="generator",
         sigma_init=cfg["init_sigma"],
         alpha=cfg["alpha"],
         preset=cfg["preset"],
         kimg=s["cur_nimg"] / 1e3,
-        teacher=str(cfg["teacher"]),
+        teacher=Path(str(cfg["teacher"])).name,
     )
+    if str(out).endswith(".pt"):
+        checkpoints.save_network(out, net, s["g_init_kwargs"], **meta)
+    else:
+        from sid_fast import hub
+
+        hub.save_folder(out, net, s["g_init_kwargs"], **meta)
     return Path(out)
 
 
-def main(argv=None) -> None:
-    import argparse
-    import sys
+@click.group(context_settings=dict(help_option_names=["-h", "--help"]))
+def main():
+    """Training states."""
 
-    ap = argparse.ArgumentParser(prog="python -m sid_fast.training.state", description="Training states.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="G_ema of a training state (file or sharded .dcp directory) as a network file")
-    ex.add_argument("state", help="training-state-*.pt or training-state-*.dcp")
-    ex.add_argument("out", help="the network file to write (.pt), for sid_fast.sample, fid and export")
-    a = ap.parse_args(argv)
+
+@main.command("export")
+@click.argument("state", metavar="STATE")
+@click.argument("out", metavar="OUT")
+def export_cmd(state, out):
+    """G_ema of STATE (training-state-*.pt, or a sharded training-state-*.dcp directory) written to OUT: a generator
+    folder (model.safetensors + config.json + model card), or a sid_fast .pt file when OUT ends in .pt."""
     try:
-        path = export_generator(a.state, a.out)
+        path = export_generator(state, out)
     except checkpoints.CheckpointError as e:
-        sys.exit(f"error: {e}")
+        raise click.ClickException(str(e)) from None
     print(f"wrote {path}")
 
 

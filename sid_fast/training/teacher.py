@@ -9,16 +9,18 @@ Used to make the bundled digits teacher:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
+import types
 
+import click
 import torch
 
 from sid_fast.checkpoints import save_network
 from sid_fast.ema import ema_beta, update_ema
 from sid_fast.losses import EDMLoss
 from sid_fast.networks import build_network, edm2
+from sid_fast.progress import bar, summary
 
 DIGITS_TEACHER = dict(
     model_type="SongUNet",
@@ -72,6 +74,7 @@ def train_edm(
     loss_fn = EDMLoss()
     net.train()
     t0 = time.time()
+    progress = bar(steps * batch, "training", "img")
     for step in range(steps):
         idx = torch.randint(len(images), [batch], generator=g)
         y = images[idx]
@@ -89,26 +92,37 @@ def train_edm(
                 torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
         opt.step()
         update_ema(ema, net, ema_beta(batch, cur_nimg, ema_halflife_kimg, ema_rampup_ratio))
+        progress.update(batch)
         if log and (step % log_every == 0 or step == steps - 1):
             log(f"step {step:6d}  kimg {cur_nimg / 1e3:8.1f}  loss {loss.mean().item():.4f}  {time.time() - t0:7.1f} s")
+    progress.close()
+    if log:
+        log(summary(f"Trained {steps} steps", steps * batch, "images", time.time() - t0))
     return ema
 
 
-def main():
-    ap = argparse.ArgumentParser(description="Train the bundled digits EDM teacher.")
-    ap.add_argument("--out", default="sid_fast/assets/digits_teacher.pt")
-    ap.add_argument("--arch", choices=sorted(ARCHS), default="edm", help="edm: DDPM++ SongUNet; edm2: EDM2's UNet")
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--ema", type=float, default=10.0, help="EMA half-life in kimg")
-    ap.add_argument("--rampup", type=float, default=10.0, help="learning-rate ramp-up in kimg")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--evaluate-only", action="store_true", help="only (re)compute the teacher's FD-digits (Heun, 35 NFE)"
-    )
-    a = ap.parse_args()
-    if a.evaluate_only:
+@click.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.option("--out", default="sid_fast/assets/digits_teacher.pt", show_default=True, metavar="FILE.pt")
+@click.option(
+    "--arch",
+    type=click.Choice(sorted(ARCHS)),
+    default="edm",
+    show_default=True,
+    help="edm: DDPM++ SongUNet; edm2: EDM2's UNet",
+)
+@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--ema", type=float, default=10.0, show_default=True, help="EMA half-life in kimg")
+@click.option("--rampup", type=float, default=10.0, show_default=True, help="Learning-rate ramp-up in kimg")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--evaluate-only", "evaluate_only", is_flag=True, help="Only (re)compute the teacher's FD-digits (Heun, 35 NFE)"
+)
+def main(out, arch, steps, batch, lr, ema, rampup, seed, evaluate_only):
+    """Train the bundled digits EDM teacher."""
+    a = types.SimpleNamespace(out=out, arch=arch, steps=steps, batch=batch, lr=lr, ema=ema, rampup=rampup, seed=seed)
+    if evaluate_only:
         print(f"FD-digits of the teacher (Heun, 35 NFE): {evaluate_digits_teacher(a.out):.3f}")
         return
     from sid_fast.data.digits import digits_tensor
@@ -131,9 +145,7 @@ def main():
         f"python -m sid_fast.training.teacher --arch {a.arch} --out {a.out} --steps {a.steps} --batch {a.batch} "
         f"--lr {a.lr} --ema {a.ema} --rampup {a.rampup} --seed {a.seed}"
     )
-    save_network(
-        a.out, ema, kwargs, kind="teacher", dataset="sklearn-digits-8x8", command=cmd, torch_version=torch.__version__
-    )
+    save_network(a.out, ema, kwargs, kind="teacher", dataset="digits-8x8", command=cmd, torch_version=torch.__version__)
     print(f"saved {a.out}")
     print(f"FD-digits of the teacher (Heun, 35 NFE): {evaluate_digits_teacher(a.out):.3f}")
 

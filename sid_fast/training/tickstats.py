@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from sid_fast import dist
+from sid_fast.progress import format_duration
 
 # Named slots of the one device tensor, in the order the training state stores them.
 SLOTS = (
@@ -88,8 +89,10 @@ def status(
     total_time: float,
     nvml: NVML,
     device: torch.device,
+    eta: float | None = None,
 ) -> tuple[dict, str]:
-    """(stats.jsonl record, status line) for one tick from the reduced sums."""
+    """(stats.jsonl record, status line) for one tick from the reduced sums; eta: the estimated seconds to --duration
+    (see `Eta`)."""
     loss_f = sums["loss_fake"] / max(sums["rows_fake"], 1)
     loss_g = sums["loss_G"] / max(sums["rows_G"], 1)
     gan = sums.get("loss_D", 0.0) != 0 or sums.get("loss_G_gan", 0.0) != 0  # SiDA
@@ -105,6 +108,7 @@ def status(
         sec_per_tick=tick_time,
         sec_per_kimg=tick_time / max(kimg_tick, 1e-9),
         img_per_s=kimg_tick * 1e3 / max(tick_time, 1e-9),
+        eta_s=eta,
         loss_G=loss_g,
         loss_fake=loss_f,
         nan_samples_fake=sums["nan_samples_fake"],
@@ -119,7 +123,7 @@ def status(
     )
     line = (
         f"tick {rec['tick']:<5d} kimg {rec['kimg']:<9.1f} time {rec['time']:<8.1f} sec/kimg "
-        f"{rec['sec_per_kimg']:<8.2f} "
+        f"{rec['sec_per_kimg']:<8.2f} eta {format_duration(eta):<8s} "
         f"img/s {rec['img_per_s']:<8.1f} loss_G {loss_g:<+10.4f} loss_fake {loss_f:<9.4f} "
         + (f"loss_D {loss_d:<9.4f} loss_G_gan {loss_gg:<9.4f} " if gan else "")
         + f"gpumem {mem:<5.1f} util {'--' if util is None else f'{util:.0f}%':<5} "
@@ -129,6 +133,26 @@ def status(
     if any(bad):
         line += f" nan_samples {int(bad[0])}/{int(bad[1])} bad_steps {int(bad[2])}/{int(bad[3])}"
     return rec, line
+
+
+class Eta:
+    """Seconds left to --duration from the measured wall-clock rate of this process, snapshots, metrics and training
+    states included: from the end of the first tick on (the first tick holds compilation and warm-up, so it counts
+    only until a second tick has run), remaining kimg x (wall seconds / kimg since then)."""
+
+    def __init__(self, total_nimg: int, start_nimg: int, start_time: float):
+        self.total = total_nimg
+        self.origin = (start_nimg, start_time)  # moved to the end of the first tick once it is known
+        self.first = True
+
+    def update(self, nimg: int, now: float) -> float | None:
+        left = max(self.total - nimg, 0)
+        n0, t0 = self.origin
+        rate = (now - t0) / (nimg - n0) if nimg > n0 else None
+        if self.first:
+            self.first = False
+            self.origin = (nimg, now)
+        return None if rate is None else left * rate
 
 
 def append_jsonl(path: Path, record: dict) -> None:
