@@ -216,7 +216,17 @@ EXIT_STOPPED = 75
     type=click.Choice(["none", "tensorboard", "wandb"]),
 )
 @click.option("--tracker-project", "tracker_project", help="The W&B project (--tracker wandb)", metavar="STR", type=str)
-@click.option("--metrics", help="Metric of G_ema at snapshots", type=click.Choice(["fid", "fd-digits", "none"]))
+@click.option(
+    "--metrics",
+    help="Metrics of G_ema at snapshots (fid,fd-dinov2: both from one set of images, as EDM2)",
+    type=click.Choice(["fid", "fd-dinov2", "fid,fd-dinov2", "fd-digits", "none"]),
+)
+@click.option(
+    "--dinov2",
+    help="DINOv2 ViT-L/14 for fd-dinov2 (Meta's dinov2_vitl14_pretrain.pth) [default: $SID_FAST_DINOV2 or the cache]",
+    metavar="PATH|URL",
+    type=str,
+)
 @click.option(
     "--metric-num",
     "metric_num",

@@ -484,11 +484,11 @@ def resolve_path(path_or_url: str | os.PathLike) -> Path:
     scheme = urllib.parse.urlparse(s).scheme
     if scheme in ("http", "https"):
         return _download_url(s)
-    if scheme == "hf" and s.count("/") > 3:  # hf://OWNER/REPO/PATH: one file
-        return _download_hub(s)
     repo = hub.hub_id(s)
     if repo is not None:  # hf://OWNER/REPO or OWNER/REPO that is not a local path: a generator folder on the Hub
         return hub.download(*repo)
+    if scheme == "hf":  # hf://OWNER/REPO/PATH: one file
+        return _download_hub(s)
     p = Path(s)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder.")
@@ -539,7 +539,9 @@ def _download_hub(spec: str) -> Path:
     body, _, revision = body.partition("@")
     parts = body.split("/")
     if len(parts) < 3 or not all(parts):
-        raise CheckpointError(f"{spec}: a Hub file is hf://OWNER/REPO/PATH[@REVISION].")
+        raise CheckpointError(
+            f"{spec}: a Hub file is hf://OWNER/REPO/PATH[@REVISION] (a generator folder hf://OWNER/REPO[@REVISION])."
+        )
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:

@@ -19,6 +19,7 @@ See sid_fast.metrics.fid for what is computed and how.
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -26,15 +27,33 @@ from sid_fast import dist
 from sid_fast.metrics import inception_score, load_ref_stats, save_ref_stats
 from sid_fast.metrics.fid import dataset_stats, fid_against, generator_stats
 from sid_fast.metrics.inception import DetectorError, load_detector
+from sid_fast.progress import Timer, summary
+
+METRIC_NAMES = ("fid", "fd_dinov2")
 
 
-def _setup(detector_path):
+def parse_metrics(value: str) -> list[str]:
+    names = [m.strip().replace("-", "_") for m in value.split(",") if m.strip()]
+    bad = [m for m in names if m not in METRIC_NAMES]
+    if bad or not names:
+        raise click.BadParameter(f"{value!r}: a comma list of {', '.join(METRIC_NAMES)}.", param_hint="--metrics")
+    return list(dict.fromkeys(names))
+
+
+def _setup(detector_path, metrics=("fid",), dinov2_path=None):
+    """(device, {metric: detector}, rank, world): the Inception detector for fid, DINOv2 for fd_dinov2."""
+    from sid_fast.metrics.dinov2 import load_dinov2
+
     device = dist.init()
+    detectors = {}
     try:
-        detector = load_detector(detector_path, device=device)
+        if "fid" in metrics:
+            detectors["fid"] = load_detector(detector_path, device=device)
+        if "fd_dinov2" in metrics:
+            detectors["fd_dinov2"] = load_dinov2(dinov2_path, device=device)
     except DetectorError as e:
         raise click.ClickException(str(e)) from None
-    return device, detector, dist.rank(), dist.world_size()
+    return device, detectors, dist.rank(), dist.world_size()
 
 
 def _finish():
@@ -43,7 +62,7 @@ def _finish():
 
 @click.group(context_settings=dict(help_option_names=["-h", "--help"]))
 def main():
-    """FID/IS with the Inception detector, as EDM and SiD compute them."""
+    """FID/IS with the Inception detector, as EDM and SiD compute them; FD-DINOv2 as EDM2 computes it."""
 
 
 _detector_option = click.option(
@@ -52,11 +71,30 @@ _detector_option = click.option(
     help="Inception detector: NVIDIA's TorchScript inception-2015-12-05.pt or pytorch-fid's .pth "
     "[default: $SID_FAST_DETECTOR or ~/.cache/sid_fast/inception-2015-12-05.pt]",
 )
+_metrics_option = click.option(
+    "--metrics",
+    metavar="LIST",
+    help="fid, fd_dinov2, or both (fid,fd_dinov2: one pass over the images, as EDM2)",
+    default="fid",
+    show_default=True,
+    callback=lambda ctx, param, value: parse_metrics(value),
+)
+_dinov2_option = click.option(
+    "--dinov2",
+    metavar="PATH|URL",
+    help="DINOv2 ViT-L/14 for fd_dinov2: Meta's dinov2_vitl14_pretrain.pth "
+    "[default: $SID_FAST_DINOV2 or ~/.cache/sid_fast/dinov2_vitl14_pretrain.pth]",
+)
 
 
 @main.command()
 @click.option("--data", help="Dataset: EDM zip or folder of images", metavar="ZIP|DIR", required=True)
-@click.option("--dest", help="Where to write the statistics (.npz)", metavar="NPZ", required=True)
+@click.option(
+    "--dest",
+    help="Where to write the statistics: .npz (EDM's format, one metric) or .pkl (EDM2's: every metric)",
+    metavar="NPZ|PKL",
+    required=True,
+)
 @click.option(
     "--resolution",
     help="Center-crop and resize images to this side first (PIL LANCZOS)",
@@ -86,22 +124,29 @@ _detector_option = click.option(
     default=2,
     show_default=True,
 )
+@_metrics_option
 @_detector_option
-def ref(data, dest, resolution, loader, batch, workers, detector):
-    """Reference statistics of a whole dataset, in EDM's npz format."""
+@_dinov2_option
+def ref(data, dest, resolution, loader, batch, workers, metrics, detector, dinov2):
+    """Reference statistics of a whole dataset: EDM's npz (one metric) or EDM2's pkl format."""
     from sid_fast.data.dataset import DatasetError
 
-    device, det, rank, world = _setup(detector)
+    if len(metrics) > 1 and not dest.endswith(".pkl"):
+        raise click.BadParameter(f"{dest}: several metrics are written to a .pkl (EDM2's format).", param_hint="--dest")
+    device, dets, rank, world = _setup(detector, metrics, dinov2)
+    timer = Timer()
     try:
         stats, _ = dataset_stats(
-            data, det, device, batch, rank, world, resolution=resolution, loader=loader, num_workers=workers
+            data, dets, device, batch, rank, world, resolution=resolution, loader=loader, num_workers=workers
         )
     except DatasetError as e:
         raise click.ClickException(str(e)) from None
     if rank == 0:
-        mu, sigma = stats.mean_cov()
-        save_ref_stats(dest, mu, sigma)
-        print(f"Saved statistics of {stats.n} images from {data} to {dest} (detector: {det.kind}, {det.source})")
+        save_ref_stats(dest, metrics={k: s.mean_cov() for k, s in stats.items()})
+        n = next(iter(stats.values())).n
+        used = ", ".join(f"{k}: {d.kind}, {d.source}" for k, d in dets.items())
+        print(f"Saved statistics of {n} images from {data} to {dest} ({used})")
+        print(summary("Reference statistics", n, "images", timer.seconds))
     _finish()
 
 
@@ -113,7 +158,13 @@ def ref(data, dest, resolution, loader, batch, workers, detector):
     metavar="PATH|URL",
 )
 @click.option("--images", help="Or: a folder/zip of images to evaluate", metavar="DIR|ZIP")
-@click.option("--ref", "ref_path", help="Reference statistics (EDM npz)", metavar="NPZ", required=True)
+@click.option(
+    "--ref",
+    "ref_path",
+    help="Reference statistics: EDM's npz, or EDM2's pkl (fid and fd_dinov2)",
+    metavar="NPZ|PKL",
+    required=True,
+)
 @click.option(
     "--num",
     "--num-images",
@@ -154,19 +205,43 @@ def ref(data, dest, resolution, loader, batch, workers, detector):
     metavar="DIR",
     type=str,
 )
+@_metrics_option
 @_detector_option
+@_dinov2_option
 def calc(
-    network_path, images, ref_path, num, seeds, batch, sampler, steps, init_sigma, with_is, json_out, vae, detector
+    network_path,
+    images,
+    ref_path,
+    num,
+    seeds,
+    batch,
+    sampler,
+    steps,
+    init_sigma,
+    with_is,
+    json_out,
+    vae,
+    metrics,
+    detector,
+    dinov2,
 ):
-    """FID of a network's samples (or of a folder of images) against reference statistics."""
+    """FID (and/or FD-DINOv2) of a network's samples (or of a folder of images) against reference statistics."""
     from sid_fast.checkpoints import CheckpointError, load_network_file
     from sid_fast.data.dataset import DatasetError
 
     if (network_path is None) == (images is None):
         raise click.UsageError("Give exactly one of --network and --images.")
-    device, det, rank, world = _setup(detector)
+    if with_is and "fid" not in metrics:
+        raise click.UsageError("--is needs the Inception detector: add fid to --metrics.")
+    device, dets, rank, world = _setup(detector, metrics, dinov2)
+    timer = Timer()
     try:  # check the reference before spending an hour on generation
-        load_ref_stats(ref_path, dim=det.feature_dim)
+        if len(dets) > 1 and not str(ref_path).endswith(".pkl"):
+            raise ValueError(
+                f"{ref_path}: an .npz holds one metric's statistics; --metrics {','.join(dets)} needs a .pkl."
+            )
+        for k, d in dets.items():
+            load_ref_stats(ref_path, dim=d.feature_dim, metric=k)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     try:
@@ -185,7 +260,7 @@ def calc(
                 net,
                 info,
                 range(seeds, seeds + num),
-                det,
+                dets,
                 device,
                 batch,
                 rank,
@@ -198,23 +273,26 @@ def calc(
             )
         else:
             stats, probs = dataset_stats(
-                images, det, device, batch, rank, world, max_size=num, seed=seeds, want_probs=with_is
+                images, dets, device, batch, rank, world, max_size=num, seed=seeds, want_probs=with_is
             )
     except (CheckpointError, DatasetError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if rank != 0:
         _finish()
         return
-    result = dict(
-        fid=fid_against(stats, ref_path),
-        num=stats.n,
+    result = {k: fid_against(s, ref_path, metric=k) for k, s in stats.items()}
+    n = next(iter(stats.values())).n
+    result.update(
+        num=n,
         ref=str(ref_path),
-        detector=det.kind,
+        detector=dets["fid"].kind if "fid" in dets else None,
         source=str(network_path or images),
         first_seed=seeds,
     )
     if with_is:
         result["is_mean"], result["is_std"] = inception_score(probs)
+    values = ", ".join(f"{k} {result[k]:.4f}" for k in stats)
+    print(summary(values, n, "images", timer.seconds), file=sys.stderr)
     print(json.dumps(result))
     if json_out:
         with open(json_out, "a") as f:

@@ -144,7 +144,7 @@ def test_edm2_presets_carry_the_official_values(size, batch_gpu, dropout, durati
         100.0,
         1.0,
     )
-    assert (cfg.resolution, cfg.channels, cfg.label_dim, cfg.cond, cfg.metrics) == (64, 4, 1000, True, "fid")
+    assert (cfg.resolution, cfg.channels, cfg.label_dim, cfg.cond, cfg.metrics) == (64, 4, 1000, True, "fid,fd-dinov2")
     assert cfg.official_teacher.endswith(
         f"posthoc-reconstructions/edm2-img512-{size}-"
         + {
@@ -291,7 +291,7 @@ def test_fid_of_decoded_latents(tmp_path):
     assert r.exit_code == 0, r.output
     import json
 
-    assert abs(json.loads(r.output.strip().splitlines()[-1])["fid"]) < 1e-3
+    assert abs(json.loads(r.stdout.strip().splitlines()[-1])["fid"]) < 1e-3
     r = CliRunner().invoke(fid.main, ["calc", "--network", str(gen), "--ref", ref, "--num", "24", "--detector", det])
     assert r.exit_code != 0 and "give --vae" in r.output
 

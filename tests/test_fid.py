@@ -305,7 +305,7 @@ def test_fid_cli_ref_and_calc_on_images_and_network(pipeline):
 
     r = _run_fid("calc", "--images", p["data"], "--ref", ref, "--num", "40", "--detector", p["det"], "--is")
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output.strip().splitlines()[-1])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
     # Zero up to scipy sqrtm's accuracy on this rank-39 covariance.
     assert abs(res["fid"]) < 1e-5 * np.trace(sigma) and res["num"] == 40 and res["is_mean"] >= 1.0
 
@@ -325,7 +325,7 @@ def test_fid_cli_ref_and_calc_on_images_and_network(pipeline):
         p["det"],
     )
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output.strip().splitlines()[-1])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
     net, info = load_network_file(p["gen"])
     images = to_uint8(generate(net, info, list(range(3, 27)), torch.device("cpu")))
     f = _features(p["det"], images)
@@ -490,7 +490,7 @@ def test_trainer_computes_fid_at_snapshots(pipeline, tmp_path):
     (tmp_path / "run").mkdir()
     tr = build_trainer(cfg, torch.device("cpu"), run_dir=tmp_path / "run", log=lambda *a: None)
     tr.step()
-    value = tr.snapshot()
+    value = tr.snapshot()["fid"]
     rec = json.loads((tmp_path / "run" / "metric-fid.jsonl").read_text().splitlines()[-1])
     assert rec["fid"] == value and rec["num"] == 12 and (tmp_path / "run" / "fid.png").is_file()
     # The same number from the saved snapshot, computed independently.
@@ -505,6 +505,34 @@ def test_trainer_computes_fid_at_snapshots(pipeline, tmp_path):
         resolve_config("digits", dict(flags, data_stat=None))
     with pytest.raises(ConfigError, match="gone.npz: no such file"):
         build_trainer(resolve_config("digits", dict(flags, data_stat=str(tmp_path / "gone.npz"))), torch.device("cpu"))
+
+    # FID and FD-DINOv2 from one set of images (EDM2's metrics), against an EDM2-format reference holding both.
+    from test_dinov2 import tiny_dinov2
+
+    from sid_fast.metrics.dinov2 import load_dinov2
+
+    dino = str(tiny_dinov2(tmp_path / "dinov2.pth"))
+    both = str(tmp_path / "ref.pkl")
+    r = _run_fid("ref", "--data", pipeline["data"], "--dest", both, "--metrics", "fid,fd_dinov2", "--detector",
+                 pipeline["det"], "--dinov2", dino, "--workers", "0")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (tmp_path / "run2").mkdir()
+    flags2 = dict(flags, metrics="fid,fd-dinov2", data_stat=both, dinov2=dino)
+    tr = build_trainer(resolve_config("digits", flags2), torch.device("cpu"), run_dir=tmp_path / "run2", log=print)
+    tr.step()
+    values = tr.snapshot()
+    assert set(values) == {"fid", "fd_dinov2"}
+    rec = json.loads((tmp_path / "run2" / "metric-fd_dinov2.jsonl").read_text().splitlines()[-1])
+    assert rec["fd_dinov2"] == values["fd_dinov2"] and (tmp_path / "run2" / "fd_dinov2.png").is_file()
+    net, info = load_network_file(tmp_path / "run2" / rec["snapshot"])
+    assert info["meta"]["metrics"] == values  # the generator folder's config.json carries both
+    z, labels, _ = latents_and_labels(net, list(range(12)))
+    with torch.no_grad():
+        f = load_dinov2(dino).features(to_uint8(onestep_sample(net, z, cfg.init_sigma, labels))).numpy()
+    mu, sigma = load_ref_stats(both, metric="fd_dinov2")
+    assert values["fd_dinov2"] == pytest.approx(_fd_eigh(f.mean(0), np.cov(f, rowvar=False), mu, sigma), rel=1e-4)
+    with pytest.raises(ConfigError, match=r"ref3.npz: an .npz holds one metric's statistics; both need EDM2's .pkl"):
+        build_trainer(resolve_config("digits", dict(flags2, data_stat=ref)), torch.device("cpu"))
 
 
 def _write_cifar_tarball(path, batches, evil=False):

@@ -142,7 +142,7 @@ def test_unknown_hub_id_offline_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match=r"^someone/no-such-generator: not a local path, and the Hugging Face Hub"):
+    with pytest.raises(CheckpointError, match=r"^someone/no-such-generator: not a local path, and the Hugging Face"):
         load_network_file("someone/no-such-generator")
     r = subprocess.run(
         [sys.executable, "-m", "sid_fast.sample", "--network", "someone/no-such-generator", "--outdir", "o"],

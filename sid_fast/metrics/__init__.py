@@ -60,27 +60,40 @@ class FeatureStats:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def save_ref_stats(path, mu, sigma) -> None:
-    """EDM's reference format: np.savez(dest, mu=[D] float64, sigma=[D, D] float64), written atomically."""
+def save_ref_stats(path, mu=None, sigma=None, metrics: dict | None = None) -> None:
+    """EDM's reference format, np.savez(dest, mu=[D] float64, sigma=[D, D] float64), for one metric; or, for a path
+    ending in .pkl, EDM2's: a pickled {metric: {'mu', 'sigma'}} ('fid', 'fd_dinov2'). Written atomically."""
     import os
+    import pickle
     import tempfile
     from pathlib import Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
+    if metrics is None:
+        metrics = {"fid": (mu, sigma)}
+    plain = {k: dict(mu=np.asarray(m, np.float64), sigma=np.asarray(s, np.float64)) for k, (m, s) in metrics.items()}
+    pkl = path.suffix == ".pkl"
+    if not pkl and len(plain) != 1:
+        raise ValueError(f"{path}: an .npz holds one metric's statistics; write {sorted(plain)} to a .pkl (EDM2's).")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.pkl" if pkl else ".tmp.npz")
     os.close(fd)
     try:
-        np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+        if pkl:
+            with open(tmp, "wb") as f:
+                pickle.dump(plain, f)
+        else:
+            np.savez(tmp, **next(iter(plain.values())))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def load_ref_stats(path, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read `mu`, `sigma` from an EDM npz (e.g. fid-refs/cifar10-32x32.npz) or the 'fid' entry of an EDM2 reference
-    pickle (dataset-refs/img512.pkl, read by the restricted unpickler); every problem names the file."""
+def load_ref_stats(path, dim: int | None = None, metric: str = "fid") -> tuple[np.ndarray, np.ndarray]:
+    """Read `mu`, `sigma` from an EDM npz (e.g. fid-refs/cifar10-32x32.npz: one metric's statistics) or the `metric`
+    entry ('fid' or 'fd_dinov2') of an EDM2 reference pickle (dataset-refs/img512.pkl, read by the restricted
+    unpickler); every problem names the file."""
     from pathlib import Path
 
     p = Path(path)
@@ -89,9 +102,9 @@ def load_ref_stats(path, dim: int | None = None) -> tuple[np.ndarray, np.ndarray
     if p.suffix == ".pkl":
         from sid_fast.checkpoints import read_edm_pickle
 
-        fid = read_edm_pickle(p).get("fid")
+        fid = read_edm_pickle(p).get(metric)
         if not isinstance(fid, dict) or not {"mu", "sigma"} <= set(fid):
-            raise ValueError(f"{p}: an EDM2 reference pickle needs 'fid' = {{'mu', 'sigma'}}.")
+            raise ValueError(f"{p}: an EDM2 reference pickle needs '{metric}' = {{'mu', 'sigma'}}.")
         mu, sigma = (np.asarray(fid[k], dtype=np.float64) for k in ("mu", "sigma"))
         return _check_stats(p, mu, sigma, dim)
     try:

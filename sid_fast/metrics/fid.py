@@ -9,19 +9,16 @@ are split over ranks in batches as EDM's generate.py does. EDM's published refer
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from sid_fast import dist
 from sid_fast.metrics import FeatureStats, frechet_distance, load_ref_stats
+from sid_fast.progress import bar
 from sid_fast.sampling import generate_uint8
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or not sys.stderr.isatty(), file=sys.stderr)
+    return bar(total, desc, "img", enabled)
 
 
 def rank_seed_batches(seeds: list[int], batch: int, rank: int, world: int) -> list[list[int]]:
@@ -95,18 +92,23 @@ def dataset_stats(
 
 
 def _accumulate(batches, detector, device, total, desc, want_probs, world, progress):
-    """Feature statistics (all-reduced over ranks) of uint8 image batches; class probabilities too for IS."""
-    stats = FeatureStats(detector.feature_dim, device=device)
+    """Feature statistics (all-reduced over ranks) of uint8 image batches; class probabilities too for IS (from the
+    Inception detector). `detector`: one detector (-> one FeatureStats), or {metric: detector} (-> {metric:
+    FeatureStats}, every detector seeing the same images: EDM2's FID and FD-DINOv2 from one pass)."""
+    detectors = detector if isinstance(detector, dict) else {"fid": detector}
+    stats = {k: FeatureStats(d.feature_dim, device=device) for k, d in detectors.items()}
     probs = []
     with _progress(total, desc, progress) as bar:
         for images in batches:
             images = images.to(device)
-            stats.add(detector.features(images))
+            for k, d in detectors.items():
+                stats[k].add(d.features(images))
             if want_probs:
-                probs.append(detector.probabilities(images).cpu())
+                probs.append(detectors["fid"].probabilities(images).cpu())
             bar.update(len(images) * world)
-    stats.all_reduce()
-    return stats, _gather_probs(probs) if want_probs else None
+    for s in stats.values():
+        s.all_reduce()
+    return stats if isinstance(detector, dict) else stats["fid"], _gather_probs(probs) if want_probs else None
 
 
 def _gather_probs(parts):
@@ -115,9 +117,10 @@ def _gather_probs(parts):
     return torch.cat([p for p in dist.all_gather_object(local) if p.numel()])
 
 
-def fid_against(stats: FeatureStats, ref_path) -> float:
+def fid_against(stats: FeatureStats, ref_path, metric: str = "fid") -> float:
+    """The Frechet distance of `stats` to the reference's statistics of `metric` ("fid" or "fd_dinov2")."""
     mu, sigma = stats.mean_cov()
-    mu_ref, sigma_ref = load_ref_stats(ref_path, dim=mu.shape[0])
+    mu_ref, sigma_ref = load_ref_stats(ref_path, dim=mu.shape[0], metric=metric)
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 

@@ -89,10 +89,11 @@ class TrainConfig:
     dump: int = 500  # ticks
     extra_snapshots: bool = True  # official: also snapshot at kimg 0 (before training) and at ticks 10, 20, ..., 100
     # Metrics and faults.
-    metrics: str = "none"  # "fid", "fd-digits" or "none"
+    metrics: str = "none"  # "fid", "fd-dinov2", "fid,fd-dinov2" (EDM2), "fd-digits" or "none"
     metric_num: int = 2000  # images per evaluation (the paper's FID: 50000; 10000 for quick runs)
     data_stat: str | None = None  # FID reference statistics (EDM npz), path or URL (SiD's --data_stat)
     detector: str | None = None  # Inception detector, path or URL (default: $SID_FAST_DETECTOR or the cache)
+    dinov2: str | None = None  # DINOv2 ViT-L/14 for fd-dinov2, path or URL (default: $SID_FAST_DINOV2 or the cache)
     vae: str | None = None  # EDM2 latent teachers: the Stability VAE (local diffusers folder) for grids and FID
     tracker: str = "none"  # none, tensorboard, wandb (sid_fast.training.trackers; rank 0)
     tracker_project: str = "sid_fast"  # the W&B project
@@ -111,7 +112,7 @@ class TrainConfig:
 RUN_ONLY_FIELDS = frozenset(
     {
         "outdir", "desc", "resume", "run_dir", "keep_states", "duration", "tick", "snap", "dump", "extra_snapshots",
-        "metrics", "metric_num", "data_stat", "detector", "vae", "workers", "max_bad_steps", "channels_last",
+        "metrics", "metric_num", "data_stat", "detector", "dinov2", "vae", "workers", "max_bad_steps", "channels_last",
         "tracker", "tracker_project",
         "compile", "compile_backend", "cuda_graphs", "checkpointing", "optimizer", "fsdp", "kernels",
         "official_teacher", "official_data", "needs_sid_model",
@@ -354,7 +355,7 @@ for _size, (_stem, _bg) in _EDM2_TEACHERS.items():
         tick=10,
         snap=50,
         dump=200,
-        metrics="fid",
+        metrics="fid,fd-dinov2",  # EDM2 reports both (calculate_metrics.py; img512.pkl holds both statistics)
         metric_num=50000,
         official_data="img512_labels/dataset.json",
     )
@@ -413,7 +414,14 @@ for _name, (_b, _bg, _lr, _b1, _d, _d2) in _SIDA_RUNS.items():
 PRECISIONS = ("fp32", "fp16", "tf32", "bf16")
 CHECKPOINTING = ("none", "nets", "blocks", "selective")
 OPTIMIZERS = ("adam", "foreach", "fused")
-METRICS = ("fid", "fd-digits", "none")
+METRICS = ("fid", "fd-dinov2", "fid,fd-dinov2", "fd-digits", "none")
+
+
+def metric_list(metrics: str) -> list[str]:
+    """--metrics as the metric keys of the files (metric-<key>.jsonl): "fid,fd-dinov2" -> ["fid", "fd_dinov2"]."""
+    return [] if metrics == "none" else [m.replace("-", "_") for m in metrics.split(",")]
+
+
 METHODS = ("sid", "sida")
 
 
@@ -572,11 +580,13 @@ def _validate_metrics(cfg: TrainConfig) -> None:
     reason = check_installed(cfg.tracker)
     if reason is not None:
         raise ConfigError(reason)
+    cfg.metrics = {"fd-dinov2,fid": "fid,fd-dinov2"}.get(cfg.metrics, cfg.metrics)
     if cfg.metrics not in METRICS:
         raise ConfigError(f"--metrics must be one of {', '.join(METRICS)}, got {cfg.metrics!r}.")
-    if cfg.metrics == "fid" and cfg.data_stat is None:
+    if cfg.metrics not in ("fd-digits", "none") and cfg.data_stat is None:
         raise ConfigError(
-            f"--metrics fid needs --data-stat REF.npz, the reference statistics (path or URL; EDM's for this preset: "
+            f"--metrics {cfg.metrics} needs --data-stat REF.npz|REF.pkl, the reference statistics (path or URL; the "
+            f"official ones for this preset: "
             f"{_ref_url(cfg.preset)}, or make one with `python -m sid_fast.fid ref`); "
             f"or pass --metrics none."
         )

@@ -17,7 +17,7 @@ import torch
 
 from sid_fast import checkpoints, dist
 from sid_fast.networks import edm2
-from sid_fast.training.config import ConfigError, TrainConfig, check_world, identity_differences
+from sid_fast.training.config import ConfigError, TrainConfig, check_world, identity_differences, metric_list
 from sid_fast.training.sid import SiDTrainer, TeacherSpec, TrainingAborted
 from sid_fast.training.state import list_states
 from sid_fast.training.tickstats import Logger
@@ -128,19 +128,29 @@ def load_sid_model(cfg: TrainConfig, teacher) -> dict:
 
 
 def prepare_fid(cfg: TrainConfig, device):
-    """(reference statistics path, detector) for --metrics fid, else (None, None); refuses bad files up front."""
-    if cfg.metrics != "fid":
+    """(reference statistics path, {metric: detector}) for --metrics fid and/or fd-dinov2, else (None, None); refuses
+    bad files (detectors, references without the metric's statistics) up front."""
+    wanted = [m for m in metric_list(cfg.metrics) if m in ("fid", "fd_dinov2")]
+    if not wanted:
         return None, None
     from sid_fast.metrics import load_ref_stats
+    from sid_fast.metrics.dinov2 import load_dinov2
     from sid_fast.metrics.inception import load_detector
 
+    detectors = {}
     try:
         ref = checkpoints.resolve_path(cfg.data_stat)
-        detector = load_detector(cfg.detector, device=device)
-        load_ref_stats(ref, dim=detector.feature_dim)
+        if len(wanted) > 1 and ref.suffix != ".pkl":
+            raise ValueError(
+                f"{ref}: an .npz holds one metric's statistics; both need EDM2's .pkl (e.g. dataset-refs/img512.pkl, "
+                "or `python -m sid_fast.fid ref --metrics fid,fd_dinov2 --dest REF.pkl`)"
+            )
+        for m in wanted:
+            detectors[m] = load_detector(cfg.detector, device) if m == "fid" else load_dinov2(cfg.dinov2, device)
+            load_ref_stats(ref, dim=detectors[m].feature_dim, metric=m)
     except ValueError as e:  # CheckpointError, DetectorError and bad statistics all name the file
-        raise ConfigError(f"--metrics fid: {e}") from None
-    return ref, detector
+        raise ConfigError(f"--metrics {cfg.metrics}: {e}") from None
+    return ref, detectors
 
 
 def load_vae_for(cfg: TrainConfig, teacher, device):
@@ -155,7 +165,7 @@ def load_vae_for(cfg: TrainConfig, teacher, device):
             vae = StabilityVAE.load(cfg.vae, device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    if vae is not None or cfg.metrics == "fid":
+    if vae is not None or cfg.metrics not in ("none", "fd-digits"):
         try:
             check_vae(teacher, vae)
         except ValueError as e:

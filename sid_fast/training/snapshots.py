@@ -43,7 +43,9 @@ def _write_grid(tr) -> None:
         grid = to_uint8(samples)
     if grid is not None:
         scale = max(1, 64 // grid.shape[-1])
-        save_image(image_grid(grid, scale=scale, gap=2), tr.run_dir / f"fakes-{tr.cur_nimg:012d}.png")
+        picture = image_grid(grid, scale=scale, gap=2)
+        save_image(picture, tr.run_dir / f"fakes-{tr.cur_nimg:012d}.png")
+        tr.tracker.log_image("samples/G_ema", picture, tr.cur_nimg)
 
 
 def _write_network(tr, metric: dict) -> None:
@@ -62,31 +64,28 @@ def _write_network(tr, metric: dict) -> None:
     )
 
 
-def snapshot(tr) -> float | None:
-    """Grid, metric and generator folder of G_ema now (the folder's config.json carries the metric); returns the
-    metric's value on rank 0 (None without a metric)."""
-    cfg = tr.cfg
+def snapshot(tr) -> dict[str, float] | None:
+    """Grid, metrics and generator folder of G_ema now (the folder's config.json carries the metrics); returns
+    {metric key: value} on rank 0 (None without a metric)."""
     with ops.kernels(tr.kernels):
         writes = tr.rank == 0 and tr.run_dir is not None
         if writes:
             _write_grid(tr)
-        value = _metric(tr)
+        values = _metrics(tr)
         if writes:
-            _write_network(tr, {} if value is None else {_METRIC_KEYS[cfg.metrics]: value})
-    return value
+            _write_network(tr, values or {})
+    return values
 
 
-_METRIC_KEYS = {"fd-digits": "fd_digits", "fid": "fid"}
-
-
-def _metric(tr) -> float | None:
+def _metrics(tr) -> dict[str, float] | None:
+    """{metric key: value} on rank 0 (None elsewhere and without metrics)."""
     cfg = tr.cfg
     if cfg.metrics == "fd-digits" and tr.rank == 0:
         from sid_fast.metrics.digits import fd_digits
 
         seeds = list(range(10_000_000, 10_000_000 + cfg.metric_num))
-        return record_metric(tr, "fd_digits", fd_digits(sample_ema(tr, seeds)))
-    if cfg.metrics == "fid":  # every rank generates its share of the images
+        return {"fd_digits": record_metric(tr, "fd_digits", fd_digits(sample_ema(tr, seeds)))}
+    if tr.detector:  # FID and/or FD-DINOv2: every rank generates its share of the images, once for all detectors
         from sid_fast.metrics.fid import fid_against, generator_stats
 
         info = dict(meta=dict(kind="generator", sigma_init=cfg.init_sigma))
@@ -103,14 +102,17 @@ def _metric(tr) -> float | None:
             vae=tr.vae,
         )
         if tr.rank == 0:
-            return record_metric(tr, "fid", fid_against(stats, tr.fid_ref))
+            return {k: record_metric(tr, k, fid_against(s, tr.fid_ref, metric=k)) for k, s in stats.items()}
     return None
 
 
+_NAMES = {"fd_digits": "FD-digits", "fid": "FID", "fd_dinov2": "FD-DINOv2"}
+
+
 def snapshot_and_log(tr) -> None:
-    value = snapshot(tr)
-    if value is not None:
-        name = "FD-digits" if tr.cfg.metrics == "fd-digits" else f"FID-{tr.cfg.metric_num // 1000}k"
+    values = snapshot(tr)
+    for key, value in (values or {}).items():
+        name = _NAMES[key] + ("" if key == "fd_digits" else f"-{tr.cfg.metric_num // 1000}k")
         tr.log(f"  {name} of G_ema at {tr.cur_nimg / 1e3:.1f} kimg: {value:.3f}")
 
 
@@ -123,6 +125,7 @@ def record_metric(tr, key: str, value: float) -> float:
         "snapshot": snapshot_name(tr.cur_nimg),
     }
     tr.metrics_history.append(rec)
+    tr.tracker.log_metric(key, value, tr.cur_nimg)
     if tr.run_dir is not None:
         tickstats.append_jsonl(tr.run_dir / f"metric-{key}.jsonl", rec)
         teacher = tr.teacher_spec.teacher_meta.get("fd_digits_heun35") if key == "fd_digits" else None

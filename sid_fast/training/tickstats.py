@@ -173,7 +173,8 @@ def plot_metric(path: Path, key: str, history: list[dict], *, teacher_value: flo
     if teacher_value is not None:
         ax.axhline(teacher_value, color="gray", ls="--", label=f"teacher, Heun 35 NFE ({teacher_value:.2f})")
     ax.set_xlabel("generator images seen (kimg)")
-    ax.set_ylabel({"fd_digits": "FD-digits", "fid": f"FID ({metric_num // 1000}k)"}.get(key, key))
+    labels = {"fd_digits": "FD-digits", "fid": "FID", "fd_dinov2": "FD-DINOv2"}
+    ax.set_ylabel(labels.get(key, key) + ("" if key == "fd_digits" else f" ({metric_num // 1000}k)"))
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
