@@ -9,9 +9,20 @@ import subprocess
 import time
 from pathlib import Path
 
+import click
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def command(doc: str):
+    """click.command for a bench or profile script: its module docstring as the help, each paragraph kept as written
+    (click would rewrap them), -h and --help."""
+    paragraphs = [p for p in doc.strip().split("\n\n") if p.strip()]
+    return click.command(
+        help="\n\n".join("\b\n" + p for p in paragraphs),
+        context_settings=dict(help_option_names=["-h", "--help"], max_content_width=120),
+    )
 
 
 def environment() -> dict:

@@ -24,12 +24,13 @@ fraction of a device-to-device copy's bandwidth (bytes read + written) measured 
 
 from __future__ import annotations
 
-import argparse
 import time
+import types
 
+import click
 import torch
 
-from bench.common import environment, write_jsonl
+from bench.common import command, environment, write_jsonl
 
 SHAPES = {
     "official": [
@@ -290,13 +291,15 @@ def run_attention(size, names, dtypes, device, env, records):
                     )
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", choices=sorted(SHAPES), default=None)
-    ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16")
-    ap.add_argument("--out", default="kernels.jsonl")
-    ap.add_argument("--ops", default="sid_loss,edm_loss,group_norm_silu,attention", help="comma list of ops to run")
-    a = ap.parse_args()
+@command(__doc__)
+@click.option("--shapes", type=click.Choice(sorted(SHAPES)), default=None)
+@click.option("--dtypes", default=None, help="comma list of fp32,bf16,fp16")
+@click.option("--out", default="kernels.jsonl", show_default=True)
+@click.option(
+    "--ops", default="sid_loss,edm_loss,group_norm_silu,attention", show_default=True, help="comma list of ops to run"
+)
+def main(**kw):
+    a = types.SimpleNamespace(**kw)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = SHAPES[a.shapes or ("official" if device.type == "cuda" else "tiny")]
     names = (a.dtypes or ("fp32,bf16" if device.type == "cuda" else "fp32")).split(",")

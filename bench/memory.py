@@ -44,20 +44,21 @@ Results: JSON lines in bench/results/memory.jsonl; `python -m bench.report` rend
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import time
+import types
 import weakref
 from collections import Counter
 
+import click
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 import kernels.attention  # noqa: F401  (registers the kernel ops whose FLOPs are counted below)
-from bench.common import environment, write_jsonl
+from bench.common import command, environment, write_jsonl
 from sid_fast import ops
 from sid_fast.networks import build_network, official_config
 from sid_fast.networks.edm2 import edm2_config
@@ -404,21 +405,22 @@ def add_derived(records: list[dict], headroom_gib: float) -> None:
         )
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--rungs", default=",".join(r for r, _ in RUNGS))
-    ap.add_argument("--batches", default="2,4", help="two batch-gpu sizes: slope per image and intercept")
-    ap.add_argument("--headroom-gib", type=float, default=2.0)
-    ap.add_argument(
-        "--device",
-        default="meta",
-        choices=["meta", "cuda", "cpu"],
-        help="meta: shapes only (seconds); cuda: also torch.cuda.max_memory_allocated per phase, to check "
-        "the prediction; cpu: real arithmetic (slow)",
-    )
-    ap.add_argument("--out", default="memory.jsonl")
-    a = ap.parse_args()
+@command(__doc__)
+@click.option("--configs", default=",".join(CONFIGS), show_default=True)
+@click.option("--rungs", default=",".join(r for r, _ in RUNGS), show_default=True)
+@click.option("--batches", default="2,4", show_default=True, help="two batch-gpu sizes: slope per image and intercept")
+@click.option("--headroom-gib", "headroom_gib", type=float, default=2.0, show_default=True)
+@click.option(
+    "--device",
+    default="meta",
+    show_default=True,
+    type=click.Choice(["meta", "cuda", "cpu"]),
+    help="meta: shapes only (seconds); cuda: also torch.cuda.max_memory_allocated per phase, to check "
+    "the prediction; cpu: real arithmetic (slow)",
+)
+@click.option("--out", default="memory.jsonl", show_default=True)
+def main(**kw):
+    a = types.SimpleNamespace(**kw)
     configs = a.configs.split(",")
     names = [r for r, _ in RUNGS]
     wanted = a.rungs.split(",")

@@ -36,18 +36,19 @@ Results: JSON lines in bench/results/overhead.jsonl (`--out`); `python -m bench.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import traceback
+import types
 from collections import Counter, defaultdict
 
+import click
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import memory
-from bench.common import environment, write_jsonl
+from bench.common import command, environment, write_jsonl
 from sid_fast.checkpoints import load_network_file
 from sid_fast.training.config import DIGITS_TEACHER_PATH, resolve_config
 from sid_fast.training.run import build_trainer
@@ -535,19 +536,27 @@ def compile_report(config: str, rung: str, options: dict, batch_gpu: int, steps:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join(ALL_CONFIGS))
-    ap.add_argument("--rungs", default=",".join(r for r, _ in RUNGS + EXTRA_LAUNCH_RUNGS + COMPILE_RUNGS))
-    ap.add_argument(
-        "--parts",
-        default="launches,syncs,compile",
-        help="launches, syncs, compile, inductor (with compile), collectives",
-    )
-    ap.add_argument("--sync-batch-gpu", type=int, default=2, help="micro-batch of the CPU sync count")
-    ap.add_argument("--compile-steps", type=int, default=3)
-    ap.add_argument("--out", default="overhead.jsonl")
-    a = ap.parse_args()
+@command(__doc__)
+@click.option("--configs", default=",".join(ALL_CONFIGS), show_default=True)
+@click.option("--rungs", default=",".join(r for r, _ in RUNGS + EXTRA_LAUNCH_RUNGS + COMPILE_RUNGS), show_default=True)
+@click.option(
+    "--parts",
+    default="launches,syncs,compile",
+    show_default=True,
+    help="launches, syncs, compile, inductor (with compile), collectives",
+)
+@click.option(
+    "--sync-batch-gpu",
+    "sync_batch_gpu",
+    type=int,
+    default=2,
+    show_default=True,
+    help="micro-batch of the CPU sync count",
+)
+@click.option("--compile-steps", "compile_steps", type=int, default=3, show_default=True)
+@click.option("--out", default="overhead.jsonl", show_default=True)
+def main(**kw):
+    a = types.SimpleNamespace(**kw)
     configs, parts, wanted = a.configs.split(","), a.parts.split(","), a.rungs.split(",")
     for c in configs:
         if c not in ALL_CONFIGS:

@@ -32,11 +32,13 @@ EMA launches of the eager rung: stated as an assumption in the output (`launch_s
 
 from __future__ import annotations
 
-import argparse
 import json
+import types
 from pathlib import Path
 
-from bench.common import RESULTS, environment
+import click
+
+from bench.common import RESULTS, command, environment
 
 PEAK = {"bf16": 989e12, "fp32": 67e12}
 E_MM, E_BW, HBM = 0.45, 0.6, 3.35e12
@@ -197,12 +199,12 @@ def compare(measured_path: Path, overhead, memory) -> None:
         )
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--overhead", default=str(RESULTS / "overhead.jsonl"))
-    ap.add_argument("--compare", default=None, help="a bench.train_step result file to hold against the prediction")
-    ap.add_argument("--out", default=str(RESULTS / "predicted_ladder.jsonl"))
-    a = ap.parse_args()
+@command(__doc__)
+@click.option("--overhead", default=str(RESULTS / "overhead.jsonl"), show_default=True)
+@click.option("--compare", default=None, help="a bench.train_step result file to hold against the prediction")
+@click.option("--out", default=str(RESULTS / "predicted_ladder.jsonl"), show_default=True)
+def main(**kw):
+    a = types.SimpleNamespace(**kw)
     overhead = _load(Path(a.overhead))
     memory = _load(RESULTS / "memory.jsonl") + _load(RESULTS / "memory_edm2.jsonl")
     records = build(overhead, memory)

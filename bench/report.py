@@ -16,11 +16,15 @@ several runs, only the last one (records sharing the last record's timestamp) is
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import types
 from collections import defaultdict
 from pathlib import Path
+
+import click
+
+from bench.common import command
 
 
 def load(path) -> list[dict]:
@@ -237,12 +241,12 @@ def plot(recs: list[dict], path) -> None:
     plt.close(fig)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", help="JSON lines written by bench/kernels.py")
-    ap.add_argument("--md", help="markdown file to write (default: print)")
-    ap.add_argument("--png", help="plot to write")
-    a = ap.parse_args()
+@command(__doc__)
+@click.argument("results")
+@click.option("--md", help="markdown file to write (default: print)")
+@click.option("--png", help="plot to write")
+def main(**kw):
+    a = types.SimpleNamespace(**kw)
     recs = load(a.results)
     text = markdown(recs)
     if a.md:

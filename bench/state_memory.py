@@ -15,17 +15,18 @@ bench/results/state_memory.jsonl, with the bytes of the rank's shards and of the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import threading
 import time
+import types
 from pathlib import Path
 
+import click
 import torch
 import torch.multiprocessing as mp
 
-from bench.common import environment, write_jsonl
+from bench.common import command, environment, write_jsonl
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 GiB = 2**30
@@ -172,13 +173,15 @@ def _worker(rank, world, port, size, fmt, op, out_dir, results):
     torch.distributed.destroy_process_group()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="edm2-s", help="edm2-xs, edm2-s, ... (an EDM2 ImageNet-512 size)")
-    ap.add_argument("--formats", default="sharded", help="comma list of sharded, whole")
-    ap.add_argument("--dir", default="/tmp/sid_fast_state_memory", help="where the states are written")
-    ap.add_argument("--out", default="state_memory.jsonl")
-    a = ap.parse_args()
+@command(__doc__)
+@click.option("--config", default="edm2-s", show_default=True, help="edm2-xs, edm2-s, ... (an EDM2 ImageNet-512 size)")
+@click.option("--formats", default="sharded", show_default=True, help="comma list of sharded, whole")
+@click.option(
+    "--dir", "dir", default="/tmp/sid_fast_state_memory", show_default=True, help="where the states are written"
+)
+@click.option("--out", default="state_memory.jsonl", show_default=True)
+def main(**kw):
+    a = types.SimpleNamespace(**kw)
     size = a.config.removeprefix("edm2-")
     formats = a.formats.split(",")
     results = str(Path(a.dir) / "rank{}.json")

@@ -29,7 +29,6 @@ by the prune, triton version and git commit.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import io
@@ -38,11 +37,14 @@ import os
 import re
 import sys
 import time
+import types
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.common import RESULTS, environment
+import click
+
+from bench.common import RESULTS, command, environment
 
 # Per-block shared memory (opt-in maximum, bytes) by compute capability (CUDA programming guide, "Technical
 # Specifications per Compute Capability"): sm_80 163 KB, sm_86/89 99 KB, sm_90 227 KB.
@@ -611,33 +613,42 @@ def summary(records: list[dict]) -> dict:
     return groups
 
 
-def main(argv=None):
+@command(__doc__)
+@click.option(
+    "--arch",
+    type=click.Choice([str(a) for a in sorted(SMEM_LIMIT)]),
+    multiple=True,
+    help="compute capability to compile for (repeatable; default 90 and 80)",
+)
+@click.option(
+    "--kernels",
+    default="attention,loss,group_norm",
+    show_default=True,
+    help="comma list of attention, loss, group_norm",
+)
+@click.option("--dtypes", default=",".join(DTYPES), show_default=True, help=f"comma list of {', '.join(DTYPES)}")
+@click.option("--space", type=click.Choice(["all", "kept", "wide"]), default="all", show_default=True)
+@click.option("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes [default: all CPUs]")
+@click.option(
+    "--timeout", type=int, default=300, show_default=True, help="seconds per compile before it is recorded as a timeout"
+)
+@click.option("--out", help="JSON lines file (default bench/results/static_sm{arch}.jsonl; '-' for none)")
+def main(**kw):
     # Compile for a GPU target, never interpret: the kernels' configuration lists depend on this when they are first
     # imported (done lazily, below). Importing this module changes nothing, so tests may use violations().
     os.environ.pop("TRITON_INTERPRET", None)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--arch",
-        type=int,
-        action="append",
-        choices=sorted(SMEM_LIMIT),
-        help="compute capability to compile for (repeatable; default 90 and 80)",
-    )
-    ap.add_argument("--kernels", default="attention,loss,group_norm", help="comma list of attention, loss, group_norm")
-    ap.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma list of {', '.join(DTYPES)}")
-    ap.add_argument("--space", choices=("all", "kept", "wide"), default="all")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
-    ap.add_argument("--timeout", type=int, default=300, help="seconds per compile before it is recorded as a timeout")
-    ap.add_argument("--out", help="JSON lines file (default bench/results/static_sm{arch}.jsonl; '-' for none)")
-    a = ap.parse_args(argv)
+    a = types.SimpleNamespace(**kw)
+    a.arch = [int(x) for x in a.arch]
     kernels = [k.strip() for k in a.kernels.split(",") if k.strip()]
     dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
     for k in kernels:
         if k not in ("attention", "loss", "group_norm"):
-            ap.error(f"--kernels: unknown kernel family {k!r} (attention, loss, group_norm)")
+            raise click.BadParameter(
+                f"unknown kernel family {k!r} (attention, loss, group_norm)", param_hint="--kernels"
+            )
     for d in dtypes:
         if d not in DTYPES:
-            ap.error(f"--dtypes: unknown dtype {d!r} ({', '.join(DTYPES)})")
+            raise click.BadParameter(f"unknown dtype {d!r} ({', '.join(DTYPES)})", param_hint="--dtypes")
     failed = False
     for arch in a.arch or [90, 80]:
         out = None if a.out == "-" else Path(a.out.format(arch=arch)) if a.out else RESULTS / f"static_sm{arch}.jsonl"
@@ -649,8 +660,8 @@ def main(argv=None):
         for v in found[:40]:
             print(f"  {v}")
         failed |= bool(found)
-    return 1 if failed else 0
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

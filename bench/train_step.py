@@ -25,13 +25,14 @@ Results are appended as JSON lines to bench/results/train_step.jsonl; `python -m
 
 from __future__ import annotations
 
-import argparse
 import time
+import types
 
+import click
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import environment, matmul_ceiling, sync, write_jsonl
+from bench.common import command, environment, matmul_ceiling, sync, write_jsonl
 from sid_fast.networks import build_network, official_config
 from sid_fast.training.config import DIGITS_TEACHER_PATH, resolve_config
 from sid_fast.training.run import build_trainer
@@ -146,15 +147,15 @@ def run_rung(a, device, rung, options, ceilings, env):
     )
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=["digits", *CONFIGS], default="cifar10")
-    ap.add_argument("--batch-gpu", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rungs", default=None, help="comma list of ladder rungs (default: all on CUDA, reference on CPU)")
-    ap.add_argument("--out", default="train_step.jsonl")
-    a = ap.parse_args()
+@command(__doc__)
+@click.option("--config", type=click.Choice(["digits", *CONFIGS]), default="cifar10", show_default=True)
+@click.option("--batch-gpu", "batch_gpu", type=int, default=64, show_default=True)
+@click.option("--steps", type=int, default=10, show_default=True)
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--rungs", default=None, help="comma list of ladder rungs (default: all on CUDA, reference on CPU)")
+@click.option("--out", default="train_step.jsonl", show_default=True)
+def main(**kw):
+    a = types.SimpleNamespace(**kw)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     names = [r for r, _ in RUNGS]

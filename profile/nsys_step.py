@@ -12,28 +12,30 @@ steady-state iterations only. Without CUDA it runs the steps and says that nothi
 
 from __future__ import annotations
 
-import argparse
+import types
 
+import click
 import torch
 
+from bench.common import command
 from bench.train_step import CONFIGS, make_trainer
 from sid_fast.perf import annotate
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=["digits", *CONFIGS], default="cifar10")
-    ap.add_argument("--batch-gpu", type=int, default=64)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--precision", choices=["fp32", "fp16", "tf32", "bf16"], default="fp32")
-    ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--cuda-graphs", action="store_true")
-    ap.add_argument("--kernels", default="none")
-    ap.add_argument("--checkpointing", choices=["none", "nets", "blocks"], default="none")
-    ap.add_argument("--optimizer", choices=["adam", "foreach", "fused"], default="adam")
-    a = ap.parse_args()
+@command(__doc__)
+@click.option("--config", type=click.Choice(["digits", *CONFIGS]), default="cifar10", show_default=True)
+@click.option("--batch-gpu", "batch_gpu", type=int, default=64, show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--steps", type=int, default=5, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "tf32", "bf16"]), default="fp32", show_default=True)
+@click.option("--channels-last", "channels_last", is_flag=True)
+@click.option("--compile", "compile", is_flag=True)
+@click.option("--cuda-graphs", "cuda_graphs", is_flag=True)
+@click.option("--kernels", default="none", show_default=True)
+@click.option("--checkpointing", type=click.Choice(["none", "nets", "blocks"]), default="none", show_default=True)
+@click.option("--optimizer", type=click.Choice(["adam", "foreach", "fused"]), default="adam", show_default=True)
+def main(**kw):
+    a = types.SimpleNamespace(**kw)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     options = dict(
         precision=a.precision,

@@ -10,23 +10,25 @@ Run as a script (this directory is deliberately not a package: it would shadow P
 
 from __future__ import annotations
 
-import argparse
 import os
+import types
 from pathlib import Path
 
+import click
 import torch
 
+from bench.common import command
 from bench.train_step import CONFIGS, make_trainer
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=["digits", *CONFIGS], default="cifar10")
-    ap.add_argument("--batch-gpu", type=int, default=64)
-    ap.add_argument("--active", type=int, default=3)
-    ap.add_argument("--out", default="prof")
-    ap.add_argument("--rows", type=int, default=30)
-    a = ap.parse_args()
+@command(__doc__)
+@click.option("--config", type=click.Choice(["digits", *CONFIGS]), default="cifar10", show_default=True)
+@click.option("--batch-gpu", "batch_gpu", type=int, default=64, show_default=True)
+@click.option("--active", type=int, default=3, show_default=True)
+@click.option("--out", default="prof", show_default=True)
+@click.option("--rows", type=int, default=30, show_default=True)
+def main(**kw):
+    a = types.SimpleNamespace(**kw)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tr, _, _ = make_trainer(a.config, a.batch_gpu, device)
     os.makedirs(a.out, exist_ok=True)

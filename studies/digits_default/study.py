@@ -14,13 +14,15 @@ final value. `--png` plots the curves with the teacher's own FD-digits (Heun, 35
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
+import types
 from pathlib import Path
 
-from bench.common import environment, read_fd_digits_run, write_jsonl
+import click
+
+from bench.common import command, environment, read_fd_digits_run, write_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -120,13 +122,15 @@ def teacher_fd(runs) -> float | None:
     return load_network_file(teachers.pop())[1]["meta"].get("fd_digits_heun35")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="*", help="run directories of train.py (variant = --desc)")
-    ap.add_argument("--png", help="plot of the curves, one panel per variant")
-    ap.add_argument("--out", default="digits_study.jsonl")
-    ap.add_argument("--from-jsonl", help="re-create the plot from recorded JSON lines instead of run directories")
-    a = ap.parse_args()
+@command(__doc__)
+@click.argument("runs", nargs=-1)
+@click.option("--png", help="plot of the curves, one panel per variant")
+@click.option("--out", default="digits_study.jsonl", show_default=True)
+@click.option(
+    "--from-jsonl", "from_jsonl", help="re-create the plot from recorded JSON lines instead of run directories"
+)
+def main(**kw):
+    a = types.SimpleNamespace(**kw)
     if a.from_jsonl:
         recs = [json.loads(line) for line in Path(a.from_jsonl).read_text().splitlines() if line.strip()]
         runs = [r for r in recs if r.get("bench") == "digits_study"]

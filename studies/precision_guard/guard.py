@@ -13,11 +13,13 @@ which on the digits default is large: the curve oscillates by up to 4x between e
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import types
 from pathlib import Path
 
-from bench.common import environment, read_fd_digits_run, write_jsonl
+import click
+
+from bench.common import command, environment, read_fd_digits_run, write_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -81,13 +83,13 @@ def plot(runs, path):
     plt.close(fig)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="run directories of train.py (digits preset)")
-    ap.add_argument("--window", type=int, default=4, help="last evaluations averaged per run")
-    ap.add_argument("--png", help="plot of the curves")
-    ap.add_argument("--out", default="precision_guard.jsonl")
-    a = ap.parse_args()
+@command(__doc__)
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--window", type=int, default=4, show_default=True, help="last evaluations averaged per run")
+@click.option("--png", help="plot of the curves")
+@click.option("--out", default="precision_guard.jsonl", show_default=True)
+def main(**kw):
+    a = types.SimpleNamespace(**kw)
     runs = [read_run(p) for p in a.runs]
     v = verdict(runs, a.window)
     env = environment()

@@ -20,12 +20,14 @@ and 1.0), sida_digits_weak_teacher.jsonl SiD against SiDA distilling a deliberat
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import types
 from pathlib import Path
 
-from bench.common import environment, read_fd_digits_run, write_jsonl
+import click
+
+from bench.common import command, environment, read_fd_digits_run, write_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -100,13 +102,15 @@ def plot(runs, path):
     plt.close(fig)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="*", help="run directories of train.py (digits and digits-sida presets)")
-    ap.add_argument("--png", help="plot of the curves")
-    ap.add_argument("--out", default="sida_digits.jsonl")
-    ap.add_argument("--from-jsonl", help="re-create the plot from recorded JSON lines instead of run directories")
-    a = ap.parse_args()
+@command(__doc__)
+@click.argument("runs", nargs=-1)
+@click.option("--png", help="plot of the curves")
+@click.option("--out", default="sida_digits.jsonl", show_default=True)
+@click.option(
+    "--from-jsonl", "from_jsonl", help="re-create the plot from recorded JSON lines instead of run directories"
+)
+def main(**kw):
+    a = types.SimpleNamespace(**kw)
     if a.from_jsonl:
         recs = [json.loads(line) for line in Path(a.from_jsonl).read_text().splitlines() if line.strip()]
         runs = [r for r in recs if r.get("bench") == "sida_digits"]

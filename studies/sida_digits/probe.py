@@ -26,16 +26,17 @@ Other modes (each run directory):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import statistics
+import types
 from pathlib import Path
 
+import click
 import torch
 
-from bench.common import environment, write_jsonl
+from bench.common import command, environment, write_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -252,44 +253,6 @@ def metric_noise(snapshot: Path, metric_num: int, sets: int) -> list[float]:
     ]
 
 
-def _parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="train.py run directories (digits or digits-sida)")
-    ap.add_argument("--n", type=int, default=1024, help="draws per probe")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--states",
-        default="all",
-        choices=("all", "last", "none"),
-        help="which training states to probe ('none': only --separability or --metric-noise)",
-    )
-    ap.add_argument("--metric-noise", action="store_true")
-    ap.add_argument("--noise-sets", type=int, default=5)
-    ap.add_argument(
-        "--separability",
-        default="",
-        metavar="STEPS,...",
-        help="also: a dedicated CNN's held-out AUC on real vs the last snapshot's digits, per noise level "
-        "(0, 0.3, 1), after each of these numbers of training steps (e.g. 200,600,2000,6000)",
-    )
-    ap.add_argument(
-        "--no-round",
-        action="store_true",
-        help="with --separability: do not round the generated digits to the data's grey levels",
-    )
-    ap.add_argument(
-        "--train-d",
-        type=int,
-        default=0,
-        metavar="STEPS",
-        help="instead: train the discriminator alone for STEPS steps against each run's last generator",
-    )
-    ap.add_argument("--every", type=int, default=25, help="with --train-d: probe every this many steps")
-    ap.add_argument("--lsd", type=float, help="with --train-d: the discriminator's weight (default: the run's)")
-    ap.add_argument("--out", default="sida_probe.jsonl")
-    return ap
-
-
 def _probe_d_alone(rd, a, env) -> list[dict]:
     """--train-d: the discriminator trained alone against the run's last generator."""
     opts, rows = discriminator_learning(rd, a.train_d, a.every, a.n, a.seed, a.lsd)
@@ -395,8 +358,45 @@ def _probe_metric_noise(rd, a, env) -> list[dict]:
     return recs
 
 
-def main():
-    a = _parser().parse_args()
+@command(__doc__)
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--n", type=int, default=1024, show_default=True, help="draws per probe")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--states",
+    default="all",
+    show_default=True,
+    type=click.Choice(["all", "last", "none"]),
+    help="which training states to probe ('none': only --separability or --metric-noise)",
+)
+@click.option("--metric-noise", "metric_noise", is_flag=True)
+@click.option("--noise-sets", "noise_sets", type=int, default=5, show_default=True)
+@click.option(
+    "--separability",
+    default="",
+    metavar="STEPS,...",
+    help="also: a dedicated CNN's held-out AUC on real vs the last snapshot's digits, per noise level "
+    "(0, 0.3, 1), after each of these numbers of training steps (e.g. 200,600,2000,6000)",
+)
+@click.option(
+    "--no-round",
+    "no_round",
+    is_flag=True,
+    help="with --separability: do not round the generated digits to the data's grey levels",
+)
+@click.option(
+    "--train-d",
+    "train_d",
+    type=int,
+    default=0,
+    metavar="STEPS",
+    help="instead: train the discriminator alone for STEPS steps against each run's last generator",
+)
+@click.option("--every", type=int, default=25, show_default=True, help="with --train-d: probe every this many steps")
+@click.option("--lsd", type=float, help="with --train-d: the discriminator's weight (default: the run's)")
+@click.option("--out", default="sida_probe.jsonl", show_default=True)
+def main(**kw):
+    a = types.SimpleNamespace(**kw)
     torch.manual_seed(a.seed)
     env = environment()
     recs = []

@@ -3,7 +3,7 @@
     python tests/support/cli_help.py --write     # regenerate docs/cli/ after changing a CLI
 
 tests/test_docs.py compares the files with what the tools print now, so the documentation cannot drift. The text
-depends on the Python minor version (argparse's layout) and click's version, recorded on each file's first line; a
+depends on the Python minor version and click's version, recorded on each file's first line; a
 machine with other versions skips the comparison.
 """
 
