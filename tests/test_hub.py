@@ -72,6 +72,10 @@ def test_folder_samples_in_a_fresh_process_what_the_pt_file_samples(generator, t
     sampler, _ = hub.load_generator(folder)
     x = sampler.sample(range(3))
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+    from sid_fast.export import generator_from_file  # the exporter's reader: sigma_init from config.json
+
+    gen, _ = generator_from_file(folder)
+    assert gen.sigma_init == 2.5
 
 
 def test_convert_cli_and_rewrite_in_place(generator, tmp_path):
