@@ -61,8 +61,8 @@ def test_the_digits_default_trains_a_tick_without_triton_or_scikit_learn(tmp_pat
         """
 sys.modules['sklearn'] = None
 import runpy
-sys.argv = ['train.py', '--outdir', 'runs', '--duration', '0.000512', '--tick', '0.256', '--metrics', 'none',
-            '--snap', '1', '--dump', '1']
+sys.argv = ['train.py', '--outdir', 'runs', '--duration', '0.000064', '--batch', '32', '--batch-gpu', '32',
+            '--tick', '0.032', '--metrics', 'none', '--snap', '1', '--dump', '1']
 try:
     runpy.run_path('%s', run_name='__main__')
 except SystemExit as e:

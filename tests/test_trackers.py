@@ -14,7 +14,22 @@ from sid_fast.progress import format_duration
 from sid_fast.training.tickstats import Eta
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ["--duration", "0.000768", "--tick", "0.256", "--snap", "2", "--dump", "100", "--metric-num", "256"]
+# Three iterations of 32 images, a tick each, metrics at the first and the third: seconds on 2 cores.
+RUN = [
+    "--batch",
+    "32",
+    "--batch-gpu",
+    "32",
+    "--duration",
+    "0.000096",
+    "--tick",
+    "0.032",
+    "--snap",
+    "2",
+    "--dump",
+    "100",
+]
+RUN += ["--metric-num", "256"]
 
 
 def _train(out, *args, env=None):
@@ -73,7 +88,7 @@ def test_wandb_offline_run_file_holds_the_logged_values_and_resume_continues_it(
 
     # The same command with a longer --duration continues the run directory and the same W&B run (resume="allow").
     r = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--outdir", str(tmp_path / "runs"), *RUN[2:], "--duration", "0.001024"]
+        [sys.executable, str(ROOT / "train.py"), "--outdir", str(tmp_path / "runs"), *RUN, "--duration", "0.000128"]
         + ["--tracker", "wandb"],
         capture_output=True,
         text=True,

@@ -96,11 +96,14 @@ def fd_digits(images: torch.Tensor) -> float:
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
-@click.option("--out", default=str(ASSET), show_default=True, metavar="FILE.pt")
+@click.option(
+    "--out", default=None, metavar="FILE.pt", help="[default: the bundled sid_fast/assets/digits_features.pt]"
+)
 @click.option("--steps", type=click.IntRange(min=1), default=3000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(out, steps, seed):
     """Train the FD-digits feature network."""
+    out = out or str(ASSET)
     net, acc = train_feature_net(steps, seed)
     cmd = f"python -m sid_fast.metrics.digits --out {out} --steps {steps} --seed {seed}"
     torch.save(dict(state_dict=net.state_dict(), train_accuracy=acc, command=cmd), out)
