@@ -212,8 +212,9 @@ EXIT_STOPPED = 75
 )
 @click.option(
     "--tracker",
-    help="Also send statistics, metrics and grids to TensorBoard (<run>/tensorboard) or Weights & Biases (rank 0)",
-    type=click.Choice(["none", "tensorboard", "wandb"]),
+    help="Also send statistics, metrics and grids to TensorBoard (<run>/tensorboard), Weights & Biases, or both "
+    "(rank 0)",
+    type=click.Choice(["none", "tensorboard", "wandb", "tensorboard,wandb"]),
 )
 @click.option("--tracker-project", "tracker_project", help="The W&B project (--tracker wandb)", metavar="STR", type=str)
 @click.option(

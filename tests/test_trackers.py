@@ -49,33 +49,30 @@ def _train(out, *args, env=None):
 
 
 @pytest.mark.slow
-def test_tensorboard_event_files_hold_the_logged_values(tmp_path):
+def test_tensorboard_and_wandb_files_hold_the_logged_values_and_the_same_command_continues_both(tmp_path):
+    """One run with both trackers (--tracker tensorboard,wandb; W&B offline), read back from TensorBoard's event files
+    and W&B's run file; the same command with a longer --duration continues the run and the same W&B run."""
     pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from support.wandb_reader import history
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    r, run_dir, stats, metric = _train(tmp_path / "runs", "--tracker", "tensorboard")
+    env = dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
+    r, run_dir, stats, metric = _train(tmp_path / "runs", "--tracker", "tensorboard,wandb", env=env)
+    assert "eta " in r.stdout and all("eta_s" in s for s in stats)
+    steps = {round(s["kimg"] * 1000) for s in stats}
+
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     loss = {e.step: e.value for e in acc.Scalars("progress/loss_G")}
-    assert loss.keys() == {round(s["kimg"] * 1000) for s in stats}
+    assert loss.keys() == steps
     for s in stats:  # float32 in the event file
         assert loss[round(s["kimg"] * 1000)] == pytest.approx(s["loss_G"], rel=1e-6)
-        assert "eta_s" in s
     fd = {e.step: e.value for e in acc.Scalars("metrics/fd_digits")}
     assert fd == {round(m["kimg"] * 1000): pytest.approx(m["fd_digits"], rel=1e-6) for m in metric}
     images = acc.Images("samples/G_ema")
     assert [i.step for i in images] == [round(m["kimg"] * 1000) for m in metric] and images[0].width > 8
-    assert "eta " in r.stdout
 
-
-@pytest.mark.slow
-def test_wandb_offline_run_file_holds_the_logged_values_and_resume_continues_it(tmp_path):
-    pytest.importorskip("wandb")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from support.wandb_reader import history
-
-    env = dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
-    _, run_dir, stats, metric = _train(tmp_path / "runs", "--tracker", "wandb", env=env)
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     assert run_file.name == f"run-{run_id}.wandb"
@@ -86,10 +83,9 @@ def test_wandb_offline_run_file_holds_the_logged_values_and_resume_continues_it(
     assert fd == {round(m["kimg"] * 1000): pytest.approx(m["fd_digits"], rel=1e-12) for m in metric}
     assert any(row.get("samples/G_ema/_type") == "image-file" for row in rows)
 
-    # The same command with a longer --duration continues the run directory and the same W&B run (resume="allow").
     r = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--outdir", str(tmp_path / "runs"), *RUN, "--duration", "0.000128"]
-        + ["--tracker", "wandb"],
+        + ["--tracker", "tensorboard,wandb"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -100,7 +96,9 @@ def test_wandb_offline_run_file_holds_the_logged_values_and_resume_continues_it(
     files = sorted(run_dir.glob(f"wandb/offline-run-*/run-{run_id}.wandb"))
     assert len(files) == 2 and [d for d in (tmp_path / "runs").iterdir()] == [run_dir]
     later = {row["nimg"] for row in history(files[-1]) if "progress/loss_G" in row}
-    assert later and min(later) > max(loss)
+    assert later and min(later) > max(steps)
+    acc.Reload()
+    assert max(e.step for e in acc.Scalars("progress/loss_G")) == max(later)
 
 
 def test_a_tracker_that_is_not_installed_stops_the_run_before_it_starts(tmp_path):

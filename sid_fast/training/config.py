@@ -95,7 +95,7 @@ class TrainConfig:
     detector: str | None = None  # Inception detector, path or URL (default: $SID_FAST_DETECTOR or the cache)
     dinov2: str | None = None  # DINOv2 ViT-L/14 for fd-dinov2, path or URL (default: $SID_FAST_DINOV2 or the cache)
     vae: str | None = None  # EDM2 latent teachers: the Stability VAE (local diffusers folder) for grids and FID
-    tracker: str = "none"  # none, tensorboard, wandb (sid_fast.training.trackers; rank 0)
+    tracker: str = "none"  # none, tensorboard, wandb, tensorboard,wandb (sid_fast.training.trackers; rank 0)
     tracker_project: str = "sid_fast"  # the W&B project
     max_bad_steps: int = 100  # consecutive steps with non-finite gradients before aborting (with a checkpoint)
     sid_model: str | None = None  # SiD²A: G and G_ema start from this SiD generator (path or URL)

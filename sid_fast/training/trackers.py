@@ -1,6 +1,6 @@
-"""Experiment trackers: every tick's statistics, the metric values and the sample grids sent to TensorBoard or Weights &
-Biases besides stats.jsonl (`--tracker tensorboard|wandb|none`; rank 0 only; the step is the number of generator
-images seen, so curves of runs with different batches line up).
+"""Experiment trackers: every tick's statistics, the metric values and the sample grids sent to TensorBoard and/or
+Weights & Biases besides stats.jsonl (`--tracker tensorboard`, `wandb`, `tensorboard,wandb` or `none`; rank 0 only;
+the step is the number of generator images seen, so curves of runs with different batches line up).
 
 - tensorboard: torch.utils.tensorboard's SummaryWriter into <run_dir>/tensorboard (`tensorboard --logdir runs`);
   needs the tensorboard package (`pip install tensorboard`).
@@ -20,19 +20,33 @@ from pathlib import Path
 
 import numpy as np
 
-TRACKERS = ("none", "tensorboard", "wandb")
+TRACKERS = ("none", "tensorboard", "wandb", "tensorboard,wandb")
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
-def check_installed(kind: str) -> str | None:
-    """None when --tracker `kind` can run here, otherwise the one-sentence reason."""
-    if kind not in TRACKERS:
-        return f"--tracker must be one of {', '.join(TRACKERS)}, got {kind!r}."
-    pkg = _PACKAGES.get(kind)
-    if pkg is not None and importlib.util.find_spec(pkg) is None:
-        return (
-            f"--tracker {kind} needs the {pkg} package, which is not installed: pip install {pkg} (or --tracker none)."
-        )
+def kinds(spec: str) -> list[str]:
+    """--tracker as a list of trackers: "tensorboard,wandb" -> ["tensorboard", "wandb"]; "none" -> []."""
+    names = [k.strip() for k in spec.split(",") if k.strip()]
+    return [] if names == ["none"] else names
+
+
+def check_installed(spec: str) -> str | None:
+    """None when --tracker `spec` can run here, otherwise the one-sentence reason."""
+    names = kinds(spec)
+    bad = [k for k in names if k not in _PACKAGES]
+    if bad or not spec.strip() or len(set(names)) != len(names):
+        return f"--tracker must be none, tensorboard, wandb or tensorboard,wandb, got {spec!r}."
+    for kind in names:
+        pkg = _PACKAGES[kind]
+        try:
+            found = importlib.util.find_spec(pkg) is not None
+        except ValueError:  # a module entry without a spec (sys.modules[pkg] = None): not importable
+            found = False
+        if not found:
+            return (
+                f"--tracker {kind} needs the {pkg} package, which is not installed: pip install {pkg} (or "
+                "--tracker none)."
+            )
     return None
 
 
@@ -156,13 +170,40 @@ class WandbTracker(_Guarded):
         self.run.finish()
 
 
-def make_tracker(kind: str, run_dir: Path | None, config: dict, project: str = "sid_fast", log=print) -> Tracker:
-    """The tracker for rank 0 of a run writing into run_dir (the no-op tracker elsewhere)."""
-    if kind == "none" or run_dir is None:
+class _Several(Tracker):
+    """Each call sent to every tracker of the list."""
+
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+        self.kind = ",".join(t.kind for t in trackers)
+
+    def log_tick(self, record, nimg):
+        for t in self.trackers:
+            t.log_tick(record, nimg)
+
+    def log_metric(self, key, value, nimg):
+        for t in self.trackers:
+            t.log_metric(key, value, nimg)
+
+    def log_image(self, key, image, nimg):
+        for t in self.trackers:
+            t.log_image(key, image, nimg)
+
+    def close(self):
+        for t in self.trackers:
+            t.close()
+
+
+def make_tracker(spec: str, run_dir: Path | None, config: dict, project: str = "sid_fast", log=print) -> Tracker:
+    """The tracker(s) of --tracker `spec` for rank 0 of a run writing into run_dir (the no-op tracker elsewhere)."""
+    names = kinds(spec)
+    if not names or run_dir is None:
         return Tracker()
-    reason = check_installed(kind)
+    reason = check_installed(spec)
     if reason is not None:
         raise ValueError(reason)
-    if kind == "tensorboard":
-        return TensorBoardTracker(run_dir, config, log)
-    return WandbTracker(run_dir, config, project, log)
+    made = [
+        TensorBoardTracker(run_dir, config, log) if k == "tensorboard" else WandbTracker(run_dir, config, project, log)
+        for k in names
+    ]
+    return made[0] if len(made) == 1 else _Several(made)
