@@ -1,0 +1,126 @@
+"""A tiny randomly initialised Stable Diffusion folder in diffusers' own format (model_index.json, unet/, vae/,
+text_encoder/, tokenizer/, scheduler/), written by diffusers' and transformers' save_pretrained, for the text-to-image
+tests: it loads the way a user's SD 1.5 folder does, with SD 1.5's scheduler configuration and a CLIP tokenizer whose
+vocabulary is the 256 byte symbols (with and without the end-of-word mark) and two merges."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# SD 1.5's scheduler/scheduler_config.json values (a PNDMScheduler config that the official code reads as DDPM).
+SD15_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(16, 32),
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=16,
+)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's reversible map of the 256 bytes to printable characters."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    chars, n = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + n))
+            n += 1
+    return chars
+
+
+def write_tokenizer(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _bytes_to_unicode()
+    vocab = {}
+    for s in symbols:
+        vocab[s] = len(vocab)
+    for s in symbols:
+        vocab[s + "</w>"] = len(vocab)
+    for merged in ("th", "the</w>"):
+        vocab[merged] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(str(folder))
+
+
+def write_tiny_sd(root, seed=0, unet=None, vae=None, text_width=32, prediction_type="epsilon") -> Path:
+    """The folder `root` holding a tiny SD model; returns it."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**(unet or TINY_UNET)).save_pretrained(str(root / "unet"))
+    AutoencoderKL(**(vae or TINY_VAE)).save_pretrained(str(root / "vae"))
+    write_tokenizer(root / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=text_width,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+    text.save_pretrained(str(root / "text_encoder"))
+    pndm = {k: v for k, v in SD15_SCHEDULER.items() if k != "clip_sample"}  # a key PNDM itself does not take
+    PNDMScheduler(**dict(pndm, prediction_type=prediction_type)).save_pretrained(str(root / "scheduler"))
+    config = root / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), clip_sample=False), indent=2))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "safety_checker": [None, None],
+        "requires_safety_checker": False,
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }  # as StableDiffusionPipeline.save_pretrained writes it without a safety checker
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return root
