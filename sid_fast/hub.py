@@ -142,8 +142,9 @@ def folder_config(class_name: str, init_kwargs: dict, meta: dict) -> dict:
 
 def save_folder(path, net: torch.nn.Module, init_kwargs: dict, **meta) -> Path:
     """Write `net` (its fp32 CPU state dict) as a generator folder at `path`, atomically: the three files are written
-    and fsynced in a temporary folder beside it, which is then renamed into place (a kill leaves the previous folder
-    or the new one, and at most a `.tmp` folder that the next write of the same name removes)."""
+    and fsynced in a temporary folder beside it, which is then renamed into place. A kill leaves the previous folder
+    or the new one (an existing folder is first renamed to `<name>.old.tmp`; a kill between the two renames is undone
+    by the next write of the same name, which also removes leftover `.tmp` folders)."""
     from sid_fast.checkpoints import CheckpointError
 
     tensors = {
@@ -158,6 +159,9 @@ def write_folder(path, class_name: str, init_kwargs: dict, tensors: dict, meta: 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    previous = path.with_name(f"{path.name}.old.tmp")
+    if previous.is_dir() and not path.exists():  # killed between the two renames below: the old folder comes back
+        os.replace(previous, path)
     for stale in path.parent.glob(f"{path.name}.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent))
@@ -172,8 +176,7 @@ def write_folder(path, class_name: str, init_kwargs: dict, tensors: dict, meta: 
                 os.fsync(f.fileno())
         old = None
         if path.exists():  # the same snapshot written again (a resumed run): swap, then drop the old folder
-            old = path.with_name(f"{path.name}.old.tmp")
-            shutil.rmtree(old, ignore_errors=True)
+            old = previous
             os.replace(path, old)
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -190,6 +193,18 @@ def write_folder(path, class_name: str, init_kwargs: dict, tensors: dict, meta: 
             raise error(f"{path}: writing failed ({e.strerror or e}); {kept}.") from None
         raise
     return path
+
+
+def update_meta(path, **meta) -> None:
+    """Set entries of a generator folder's `meta` (e.g. the snapshot's metrics once evaluated): config.json and the
+    model card rewritten atomically (each a temporary file renamed over the old one); the weights are not touched."""
+    from sid_fast.checkpoints import _plain_value, atomic_write_text
+
+    path = Path(path)
+    config = json.loads((path / CONFIG).read_text())
+    config["meta"] = dict(config.get("meta", {}), **_plain_value(meta))
+    atomic_write_text(path / CONFIG, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(path / CARD, model_card(config["class_name"], config["init_kwargs"], config["meta"]))
 
 
 def _umask() -> int:

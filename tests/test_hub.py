@@ -89,6 +89,15 @@ def test_convert_cli_and_rewrite_in_place(generator, tmp_path):
     hub.save_folder(tmp_path / "out", generator, TINY, kind="generator", sigma_init=3.0)
     assert load_network_file(tmp_path / "out")[1]["meta"]["sigma_init"] == 3.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.pt", "out"]
+    # A kill between the swap's two renames leaves only out.old.tmp: the next write of the name brings it back first.
+    (tmp_path / "out").rename(tmp_path / "out.old.tmp")
+    (tmp_path / "out.x1y2.tmp").mkdir()  # and a half-written temporary folder
+    hub.save_folder(tmp_path / "out", generator, TINY, kind="generator", sigma_init=4.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.pt", "out"]
+    hub.update_meta(tmp_path / "out", metrics={"fid": 1.5})
+    meta = load_network_file(tmp_path / "out")[1]["meta"]
+    assert meta["sigma_init"] == 4.0 and meta["metrics"] == {"fid": 1.5}
+    assert "| fid | 1.5 |" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_hub_ids_and_local_paths_are_told_apart(tmp_path, monkeypatch):

@@ -69,11 +69,12 @@ def snapshot(tr) -> dict[str, float] | None:
     {metric key: value} on rank 0 (None without a metric)."""
     with ops.kernels(tr.kernels):
         writes = tr.rank == 0 and tr.run_dir is not None
-        if writes:
+        if writes:  # the generator is on disk before an evaluation that may take an hour (or fail)
             _write_grid(tr)
+            _write_network(tr, {})
         values = _metrics(tr)
-        if writes:
-            _write_network(tr, values or {})
+        if writes and values:
+            hub.update_meta(tr.run_dir / snapshot_name(tr.cur_nimg), metrics=values)
     return values
 
 
