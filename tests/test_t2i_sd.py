@@ -192,3 +192,20 @@ def test_folders_that_are_not_stable_diffusion_are_refused_in_one_sentence(tmp_p
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(SDError, match=r"broken: a component does not load"):
         load_sd(broken)
+
+
+@pytest.mark.parametrize("name, params", [("sd15", 859_520_964), ("sd21-base", 865_910_724), ("sdxl", 2_567_463_684)])
+def test_public_unet_configurations_count_as_the_released_models(name, params):
+    """The UNets of SD 1.5, SD 2.1-base and SDXL built on the meta device (no weights) from their public configurations
+    have the released models' parameter counts; SD 1.5's forward at 64 x 64 latents and 77 tokens is 803.3 GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sid_fast.t2i.configs import build_unet, unet_inputs
+
+    unet = build_unet(name)
+    assert sum(p.numel() for p in unet.parameters()) == params
+    if name == "sd15":
+        args, kwargs = unet_inputs(name, 1)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            out = unet(*args, **kwargs).sample
+        assert out.shape == (1, 4, 64, 64) and counter.get_total_flops() == 803_273_441_280
