@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 from sid_fast import hub
@@ -63,7 +64,14 @@ def test_folder_samples_in_a_fresh_process_what_the_pt_file_samples(generator, t
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: sid_fast\n") and "| fd_digits | 3.25 |" in card
     assert "sigma_init = 2.5" in card and "10 classes" in card
-    from_pt, from_folder = _sample(tmp_path / "g.pt", tmp_path / "a"), _sample(folder, tmp_path / "b")
+    from sid_fast import sample
+
+    r = CliRunner().invoke(
+        sample.main, ["--network", str(tmp_path / "g.pt"), "--seeds", "0-5", "--outdir", str(tmp_path / "a")]
+    )
+    assert r.exit_code == 0, r.output
+    from_pt = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "a").glob("*.png"))]
+    from_folder = _sample(folder, tmp_path / "b")  # in a fresh process
     assert len(from_pt) == 6 and all(np.array_equal(a, b) for a, b in zip(from_pt, from_folder))
 
     net, info = load_network_file(folder)
