@@ -88,9 +88,8 @@ def test_folder_samples_in_a_fresh_process_what_the_pt_file_samples(generator, t
 
 def test_convert_cli_and_rewrite_in_place(generator, tmp_path):
     save_network(tmp_path / "g.pt", generator, TINY, kind="generator", sigma_init=2.5)
-    cmd = [sys.executable, "-m", "sid_fast.hub", "convert", str(tmp_path / "g.pt"), str(tmp_path / "out")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
-    assert r.returncode == 0, r.stderr
+    r = CliRunner().invoke(hub.main, ["convert", str(tmp_path / "g.pt"), str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
     _, info = load_network_file(tmp_path / "out")
     assert info["meta"]["converted_from"] == "g.pt" and info["meta"]["sigma_init"] == 2.5
     # The same name written again (a resumed run re-writing a snapshot) replaces the folder and leaves no temporaries.
@@ -165,16 +164,12 @@ def test_unknown_hub_id_offline_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match=r"^someone/no-such-generator: not a local path, and the Hugging Face"):
         load_network_file("someone/no-such-generator")
-    r = subprocess.run(
-        [sys.executable, "-m", "sid_fast.sample", "--network", "someone/no-such-generator", "--outdir", "o"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(_env(), HF_HOME=str(tmp_path / "hf")),
-        cwd=tmp_path,
-    )
-    assert r.returncode != 0 and "someone/no-such-generator: not a local path" in r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+    from sid_fast import sample
+
+    r = CliRunner().invoke(sample.main, ["--network", "someone/no-such-generator", "--outdir", "o"])
+    assert r.exit_code != 0 and "someone/no-such-generator: not a local path" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_hub_id_in_the_cache_loads_offline(generator, tmp_path, monkeypatch):

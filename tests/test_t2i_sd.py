@@ -6,6 +6,7 @@ transformers save and load in their own format."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -119,7 +120,10 @@ def test_fake_score_losses_in_float64(sd, tmp_path):
     rows, ok = fake_score_loss_rows(s, out, x0, eps, t)
     assert ok.tolist() == [True, False, True] and rows[1] == 0
     # v-prediction: the velocity target weighted by snr / (snr + 1) (diffusers' compute_snr).
-    v = load_sd(write_tiny_sd(tmp_path / "v", prediction_type="v_prediction")).schedule
+    folder = shutil.copytree(sd.folder, tmp_path / "v")
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), prediction_type="v_prediction")))
+    v = load_sd(folder).schedule
     out[1, 0, 0, 0] = 0.0
     a = v.alphas_cumprod.double()[t]
     snr = a / (1 - a)
@@ -169,7 +173,10 @@ def test_prompt_files(tmp_path):
         read_prompts(tmp_path / "none.txt")
 
 
-def test_folders_that_are_not_stable_diffusion_are_refused_in_one_sentence(tmp_path):
+def test_folders_that_are_not_stable_diffusion_are_refused_in_one_sentence(sd, tmp_path):
+    from diffusers import AutoencoderKL
+    from support.sd_tiny import write_text_encoder
+
     with pytest.raises(SDError, match=r"nothing: no such folder"):
         load_sd(tmp_path / "nothing")
     (tmp_path / "plain").mkdir()
@@ -180,15 +187,17 @@ def test_folders_that_are_not_stable_diffusion_are_refused_in_one_sentence(tmp_p
     (other / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "unet": [], "scheduler": []}))
     with pytest.raises(SDError, match=r"ddpm: a diffusers folder of DDPMPipeline, not Stable Diffusion"):
         load_sd(other)
-    bad_vae = write_tiny_sd(tmp_path / "vae3", vae=dict(TINY_VAE, latent_channels=3))
+    bad_vae = shutil.copytree(sd.folder, tmp_path / "vae3")  # the tiny model with one component replaced
+    AutoencoderKL(**dict(TINY_VAE, latent_channels=3)).save_pretrained(str(bad_vae / "vae"))
     with pytest.raises(SDError, match=r"vae3: the VAE makes 3-channel latents but the UNet takes 4"):
         load_sd(bad_vae)
-    bad_text = write_tiny_sd(tmp_path / "text48", text_width=48)
+    bad_text = shutil.copytree(sd.folder, tmp_path / "text48")
+    write_text_encoder(bad_text, 48)
     with pytest.raises(
         SDError, match=r"text48: the text encoder's width 48 is not the UNet's cross-attention width 32"
     ):
         load_sd(bad_text)
-    broken = write_tiny_sd(tmp_path / "broken")
+    broken = shutil.copytree(sd.folder, tmp_path / "broken")
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(SDError, match=r"broken: a component does not load"):
         load_sd(broken)

@@ -80,10 +80,28 @@ def write_tokenizer(folder: Path) -> None:
     tok.save_pretrained(str(folder))
 
 
+def write_text_encoder(root: Path, width: int) -> None:
+    """A tiny CLIP text encoder of `width` for the tokenizer in root/tokenizer, saved in root/text_encoder."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    config = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=width,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    CLIPTextModel(config).save_pretrained(str(root / "text_encoder"))
+
+
 def write_tiny_sd(root, seed=0, unet=None, vae=None, text_width=32, prediction_type="epsilon") -> Path:
     """The folder `root` holding a tiny SD model; returns it."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -91,21 +109,7 @@ def write_tiny_sd(root, seed=0, unet=None, vae=None, text_width=32, prediction_t
     UNet2DConditionModel(**(unet or TINY_UNET)).save_pretrained(str(root / "unet"))
     AutoencoderKL(**(vae or TINY_VAE)).save_pretrained(str(root / "vae"))
     write_tokenizer(root / "tokenizer")
-    tok = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok),
-            hidden_size=text_width,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    )
-    text.save_pretrained(str(root / "text_encoder"))
+    write_text_encoder(root, text_width)
     pndm = {k: v for k, v in SD15_SCHEDULER.items() if k != "clip_sample"}  # a key PNDM itself does not take
     PNDMScheduler(**dict(pndm, prediction_type=prediction_type)).save_pretrained(str(root / "scheduler"))
     config = root / "scheduler" / "scheduler_config.json"
