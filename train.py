@@ -236,7 +236,12 @@ EXIT_STOPPED = 75
     type=click.IntRange(min=2),
 )
 @click.option(
-    "--data-stat", "--data_stat", "data_stat", help="FID reference statistics (EDM npz)", metavar="NPZ|URL", type=str
+    "--data-stat",
+    "--data_stat",
+    "data_stat",
+    help="Reference statistics: EDM's npz (FID), or EDM2's pkl (FID and FD-DINOv2)",
+    metavar="NPZ|PKL|URL",
+    type=str,
 )
 @click.option(
     "--vae",

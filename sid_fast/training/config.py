@@ -91,7 +91,7 @@ class TrainConfig:
     # Metrics and faults.
     metrics: str = "none"  # "fid", "fd-dinov2", "fid,fd-dinov2" (EDM2), "fd-digits" or "none"
     metric_num: int = 2000  # images per evaluation (the paper's FID: 50000; 10000 for quick runs)
-    data_stat: str | None = None  # FID reference statistics (EDM npz), path or URL (SiD's --data_stat)
+    data_stat: str | None = None  # reference statistics: EDM npz, EDM2 pkl (fid,fd-dinov2); path or URL
     detector: str | None = None  # Inception detector, path or URL (default: $SID_FAST_DETECTOR or the cache)
     dinov2: str | None = None  # DINOv2 ViT-L/14 for fd-dinov2, path or URL (default: $SID_FAST_DINOV2 or the cache)
     vae: str | None = None  # EDM2 latent teachers: the Stability VAE (local diffusers folder) for grids and FID
