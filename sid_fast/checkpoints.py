@@ -350,6 +350,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def fsync_dir(directory) -> None:
+    """fsync a directory, so that a rename into it survives a power loss."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -363,11 +372,7 @@ def _atomic_write(path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)

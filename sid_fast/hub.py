@@ -157,6 +157,8 @@ def save_folder(path, net: torch.nn.Module, init_kwargs: dict, **meta) -> Path:
 def write_folder(path, class_name: str, init_kwargs: dict, tensors: dict, meta: dict, error=None) -> Path:
     from safetensors.torch import save_file
 
+    from sid_fast.checkpoints import fsync_dir
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = path.with_name(f"{path.name}.old.tmp")
@@ -179,11 +181,7 @@ def write_folder(path, class_name: str, init_kwargs: dict, tensors: dict, meta: 
             old = previous
             os.replace(path, old)
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:

@@ -178,11 +178,7 @@ def _save_sharded(tr, path: Path) -> None:
     if tr.rank == 0:
         shutil.rmtree(path, ignore_errors=True)  # the same images seen again: an earlier attempt's state
         os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        checkpoints.fsync_dir(path.parent)
     dist.barrier()
 
 
