@@ -350,6 +350,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it): mkstemp/mkdtemp create 0600/0700, this gives the usual
+    permissions back."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(directory) -> None:
     """fsync a directory, so that a rename into it survives a power loss."""
     fd = os.open(directory, os.O_RDONLY)
@@ -364,9 +372,7 @@ def _atomic_write(path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -157,7 +157,7 @@ def save_folder(path, net: torch.nn.Module, init_kwargs: dict, **meta) -> Path:
 def write_folder(path, class_name: str, init_kwargs: dict, tensors: dict, meta: dict, error=None) -> Path:
     from safetensors.torch import save_file
 
-    from sid_fast.checkpoints import fsync_dir
+    from sid_fast.checkpoints import current_umask, fsync_dir
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def write_folder(path, class_name: str, init_kwargs: dict, tensors: dict, meta: 
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = folder_config(class_name, init_kwargs, meta)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -203,12 +203,6 @@ def update_meta(path, **meta) -> None:
     config["meta"] = dict(config.get("meta", {}), **_plain_value(meta))
     atomic_write_text(path / CONFIG, json.dumps(config, indent=2) + "\n")
     atomic_write_text(path / CARD, model_card(config["class_name"], config["init_kwargs"], config["meta"]))
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
 
 
 # ----------------------------------------------------------------------------------------------------------------
