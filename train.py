@@ -37,7 +37,7 @@ EXIT_STOPPED = 75
 )
 @click.option(
     "--teacher",
-    help="Teacher network: EDM/SiD pickle or sid_fast checkpoint, path or URL",
+    help="Teacher network: EDM/SiD pickle or sid_fast checkpoint (path or URL), or a Stable Diffusion folder",
     metavar="PATH|URL",
     type=str,
 )
@@ -56,6 +56,24 @@ EXIT_STOPPED = 75
 @click.option("--init_sigma", "init_sigma", help="Generator noise level sigma_init", metavar="FLOAT", type=float)
 @click.option("--ls", help="Fake-score loss scale", metavar="FLOAT", type=float)
 @click.option("--lsg", help="Generator loss scale", metavar="FLOAT", type=float)
+# SiD-LSG (Stable Diffusion teachers).
+@click.option(
+    "--data_prompt_text",
+    "data_prompt_text",
+    help="SiD-LSG: prompt file, one prompt per line",
+    metavar="FILE",
+    type=str,
+)
+@click.option("--tmin", help="SiD-LSG: smallest timestep drawn (draws in [tmin, tmax))", metavar="INT", type=int)
+@click.option("--init_timestep", "init_timestep", help="SiD-LSG: the generator's timestep", metavar="INT", type=int)
+@click.option(
+    "--cfg_train_fake", "cfg_train_fake", help="SiD-LSG: kappa1, guidance of the fake score trained", type=float
+)
+@click.option(
+    "--cfg_eval_fake", "cfg_eval_fake", help="SiD-LSG: kappa2, guidance of the fake score in the G loss", type=float
+)
+@click.option("--cfg_eval_real", "cfg_eval_real", help="SiD-LSG: kappa4, guidance of the teacher", type=float)
+@click.option("--guidance", help="SiD-LSG: kappa1 = kappa2 = kappa4 (LSG)", metavar="KAPPA", type=float)
 @click.option(
     "--return-logvar/--no-return-logvar",
     "--return_logvar",
@@ -297,6 +315,14 @@ def main(preset, dry_run, **flags):
             f"SID_FAST_DURATION={env_duration}: training for {flags['duration'] * 1000:g} kimg instead of the "
             f"preset's duration."
         )
+    guidance = flags.pop("guidance")
+    if guidance is not None:
+        for flag in ("cfg_train_fake", "cfg_eval_fake", "cfg_eval_real"):
+            if flags.get(flag) is not None and flags[flag] != guidance:
+                raise click.ClickException(
+                    f"--guidance {guidance:g} sets all three scales but --{flag} {flags[flag]:g} differs; give one."
+                )
+            flags[flag] = guidance
     use_gan = flags.pop("use_gan")
     if use_gan is not None:
         if flags.get("method") is not None and flags["method"] != ("sida" if use_gan else "sid"):

@@ -157,6 +157,20 @@ def save_folder(path, net: torch.nn.Module, init_kwargs: dict, **meta) -> Path:
 def write_folder(path, class_name: str, init_kwargs: dict, tensors: dict, meta: dict, error=None) -> Path:
     from safetensors.torch import save_file
 
+    def fill(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config = folder_config(class_name, init_kwargs, meta)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CARD).write_text(model_card(class_name, config["init_kwargs"], config["meta"]))
+
+    return atomic_folder(path, fill, error)
+
+
+def atomic_folder(path, fill, error=None) -> Path:
+    """The folder `path` as `fill(tmp)` writes it into a temporary folder beside it: every file fsynced, then renamed
+    into place. A kill leaves the previous folder or the new one (an existing folder is first renamed to
+    `<name>.old.tmp`; a kill between the two renames is undone by the next write of the same name, which also removes
+    leftover `.tmp` folders). An OSError becomes `error`'s one sentence when given."""
     from sid_fast.checkpoints import current_umask, fsync_dir
 
     path = Path(path)
@@ -169,13 +183,13 @@ def write_folder(path, class_name: str, init_kwargs: dict, tensors: dict, meta: 
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        config = folder_config(class_name, init_kwargs, meta)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / CARD).write_text(model_card(class_name, config["init_kwargs"], config["meta"]))
-        for name in FOLDER_FILES:
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
+        fill(tmp)
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        for d in sorted({f.parent for f in tmp.rglob("*")} - {tmp}):
+            fsync_dir(d)
         old = None
         if path.exists():  # the same snapshot written again (a resumed run): swap, then drop the old folder
             old = previous

@@ -25,6 +25,7 @@ from sid_fast.t2i.sd import (  # noqa: E402
     guided_output,
     load_sd,
     read_prompts,
+    unet_model,
 )
 
 
@@ -97,7 +98,7 @@ def test_guidance_is_one_doubled_call_and_commutes_with_the_x0_conversion(sd):
             e_c = unet(x_t, t, encoder_hidden_states=cond).sample
             e_u = unet(x_t, t, encoder_hidden_states=uncond.expand(3, -1, -1)).sample
             for kappa in (1.0, 1.5, 4.5):
-                got = guided_output(unet, x_t, t, cond, uncond, kappa)
+                got = guided_output(unet_model(unet), x_t, t, cond, uncond, kappa)
                 want = e_c if kappa == 1 else e_u + kappa * (e_c - e_u)
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
                 # x0 is affine in the output at fixed x_t: guiding x0-predictions is the same number.

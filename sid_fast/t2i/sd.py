@@ -106,17 +106,22 @@ class Schedule:
 # Guidance and losses.
 
 
-def guided_output(unet, x_t, t, cond, uncond, kappa: float):
-    """The UNet's output with classifier-free guidance kappa: one conditional call when kappa == 1, otherwise one call
-    on the doubled batch [uncond, cond] and out_u + kappa (out_c - out_u). cond, uncond: [N, tokens, dim] (uncond may
-    be [1, tokens, dim], broadcast)."""
+def guided_output(model, x_t, t, cond, uncond, kappa: float):
+    """The output of `model(x, t, text embedding)` (a UNet's raw epsilon or v) with classifier-free guidance kappa:
+    one conditional call when kappa == 1, otherwise one call on the doubled batch [uncond, cond] and
+    out_u + kappa (out_c - out_u). cond, uncond: [N, tokens, dim] (uncond may be [1, tokens, dim], broadcast)."""
     if kappa == 1:
-        return unet(x_t, t, encoder_hidden_states=cond).sample
+        return model(x_t, t, cond)
     n = x_t.shape[0]
     emb = torch.cat([uncond.expand(n, -1, -1), cond])
-    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=emb).sample
+    out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), emb)
     out_u, out_c = out.chunk(2)
     return out_u + kappa * (out_c - out_u)
+
+
+def unet_model(unet):
+    """A diffusers UNet2DConditionModel as model(x, t, text embedding) -> its raw output."""
+    return lambda x, t, emb: unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
 
 
 def fake_score_loss_rows(schedule: Schedule, out, x0, eps, t):

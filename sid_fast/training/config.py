@@ -99,6 +99,14 @@ class TrainConfig:
     tracker_project: str = "sid_fast"  # the W&B project
     max_bad_steps: int = 100  # consecutive steps with non-finite gradients before aborting (with a checkpoint)
     sid_model: str | None = None  # SiD²A: G and G_ema start from this SiD generator (path or URL)
+    # SiD-LSG (Stable Diffusion teachers, sid_fast.t2i.lsg; official SiD-LSG flag names): timesteps in [tmin, tmax),
+    # G at --init_timestep, guidance kappa1 (fake score trained), kappa2 (fake score evaluated), kappa4 (teacher).
+    data_prompt_text: str | None = None  # prompt file, one per line (official: Aesthetics 6+)
+    tmin: int = 20
+    init_timestep: int = 625
+    cfg_train_fake: float = 1.0
+    cfg_eval_fake: float = 1.0
+    cfg_eval_real: float = 1.0
     official_teacher: str | None = field(default=None, repr=False)
     official_data: str | None = field(default=None, repr=False)  # the SiDA presets' real images (for messages)
     needs_sid_model: bool = field(default=False, repr=False)  # the SiD²A presets
@@ -118,13 +126,19 @@ RUN_ONLY_FIELDS = frozenset(
         "official_teacher", "official_data", "needs_sid_model",
     }
 )  # fmt: skip
-FILE_FIELDS = ("teacher", "data", "sid_model")  # compared by file name: a moved or downloaded copy is the same input
+FILE_FIELDS = (
+    "teacher",
+    "data",
+    "sid_model",
+    "data_prompt_text",
+)  # compared by file name: a moved or downloaded copy is the same input
 
 
 def identity(cfg_json: dict) -> dict:
     """The fields of a configuration (TrainConfig.to_json) that decide what a run computes."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    out = {k: v for k, v in cfg_json.items() if k in fields and k not in RUN_ONLY_FIELDS}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    # A field added after a state was written takes its default (which reproduces what the state's run computed).
+    out = {k: cfg_json.get(k, defaults.get(k)) for k in defaults if k not in RUN_ONLY_FIELDS}
     for k in FILE_FIELDS:
         if out.get(k) is not None:
             out[k] = os.path.basename(str(out[k]).rstrip("/"))
@@ -411,6 +425,46 @@ for _name, (_b, _bg, _lr, _b1, _d, _d2) in _SIDA_RUNS.items():
     PRESETS[f"{_name}-sid2a"] = dict(_v, duration=_d2, needs_sid_model=True)
     FID_REFS[f"{_name}-sida"] = FID_REFS[f"{_name}-sid2a"] = FID_REFS[_name]
 
+# SiD-LSG on Stable Diffusion (official SiD-LSG run_sid.sh, sid_train.py): G and the fake score from the teacher UNet,
+# alpha 1, t in [20, 980), init_timestep 625, ls = lsg = 1, batch 512 (batch-gpu 1 on 4 GPUs there), lr = glr = 1e-6,
+# Adam (0, 0.999), EMA half-life 0.05 Mimg, fp32 with TF32 off, tick 2, snap 50, dump 100, --duration 10 (the script's;
+# "modify --duration to reproduce the reported results": the released checkpoints' names end in 4812 to 18789, read
+# as kimg). One preset per published guidance scale, kappa1 = kappa2 = kappa4 = kappa, in latent units (4x64x64 for
+# 512-pixel images). Teachers: local diffusers folders of runwayml/stable-diffusion-v1-5 and
+# stabilityai/stable-diffusion-2-1-base.
+SD_TEACHERS = {"sd15": "stable-diffusion-v1-5", "sd21base": "stable-diffusion-2-1-base"}
+for _model, _folder in SD_TEACHERS.items():
+    for _kappa in (1.5, 2.0, 3.0, 4.5):
+        PRESETS[f"{_model}-lsg{_kappa:g}"] = dict(
+            official_teacher=_folder,
+            cond=False,
+            resolution=64,
+            channels=4,
+            label_dim=0,
+            alpha=1.0,
+            tmin=20,
+            tmax=980,
+            init_timestep=625,
+            cfg_train_fake=_kappa,
+            cfg_eval_fake=_kappa,
+            cfg_eval_real=_kappa,
+            ls=1.0,
+            lsg=1.0,
+            batch=512,
+            batch_gpu=1,
+            lr=1e-6,
+            glr=1e-6,
+            precision="fp32",
+            dropout=0.0,
+            augment=0.0,
+            ema=0.05,
+            duration=10,
+            tick=2,
+            snap=50,
+            dump=100,
+            metrics="none",
+        )
+
 PRECISIONS = ("fp32", "fp16", "tf32", "bf16")
 CHECKPOINTING = ("none", "nets", "blocks", "selective")
 OPTIMIZERS = ("adam", "foreach", "fused")
@@ -467,6 +521,15 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _validate_algorithm(cfg: TrainConfig) -> None:
+    if not 0 <= cfg.tmin:
+        raise ConfigError(f"--tmin must be a non-negative integer (SiD-LSG uses 20), got {cfg.tmin}.")
+    if not 0 <= cfg.init_timestep <= 999:
+        raise ConfigError(
+            f"--init_timestep must be an integer in [0, 999] (SiD-LSG uses 625), got {cfg.init_timestep}."
+        )
+    for flag in ("cfg_train_fake", "cfg_eval_fake", "cfg_eval_real"):
+        if not getattr(cfg, flag) > 0:
+            raise ConfigError(f"--{flag} {getattr(cfg, flag)}: a guidance scale must be > 0 (1 is no guidance).")
     if not 0 <= cfg.alpha <= 10:
         raise ConfigError(f"--alpha must be in [0, 10] (SiD uses 1.0 or 1.2), got {cfg.alpha}.")
     if not 0 < cfg.tmax <= 1000:
@@ -530,7 +593,17 @@ def _validate_schedule(cfg: TrainConfig) -> None:
         )
 
 
+def is_sd_preset(preset: str) -> bool:
+    return preset.split("-lsg")[0] in SD_TEACHERS
+
+
 def _validate_inputs(cfg: TrainConfig) -> None:
+    if cfg.teacher is None and is_sd_preset(cfg.preset):
+        raise ConfigError(
+            f"--teacher is required for preset {cfg.preset!r}: a local diffusers folder of {cfg.official_teacher} "
+            f"(e.g. `huggingface-cli download {'runwayml' if cfg.official_teacher.endswith('v1-5') else 'stabilityai'}"
+            f"/{cfg.official_teacher} --local-dir {cfg.official_teacher}`)."
+        )
     if cfg.teacher is None:
         official = cfg.official_teacher or ""
         raise ConfigError(

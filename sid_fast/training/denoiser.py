@@ -33,9 +33,10 @@ class FakeOutput:
     """One call of the fake score: D(x, sigma), SiDA's discriminator logits (return_flag "encoder_decoder") and
     EDM2's log-variance u(sigma) ([N, 1, 1, 1]) where the call returns them."""
 
-    D: torch.Tensor
+    D: torch.Tensor | None
     logits: torch.Tensor | None = None
     u: torch.Tensor | None = None
+    raw: torch.Tensor | None = None  # a network output the family's fake-score loss reads directly (SD: epsilon or v)
 
 
 class EDMDenoiser:
@@ -60,6 +61,15 @@ class EDMDenoiser:
     def generator_sigma(self, n: int, generator) -> torch.Tensor:
         return sample_generator_sigma(n, self.cfg.tmax, self.device, generator=generator)
 
+    # Noising at a noise level (EDM: x + sigma eps).
+    def noise(self, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The noise a level adds, from a standard normal draw eps (EDM: sigma eps)."""
+        return sigma * eps
+
+    def noisy(self, y: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """y with `noise` (from `noise`) added at its level (EDM: y + noise)."""
+        return y + noise
+
     # Calls.
     def aug_zeros(self, n: int) -> torch.Tensor | None:
         """The augment labels of an image without augmentation (zeros), or None when the network has none."""
@@ -78,9 +88,9 @@ class EDMDenoiser:
     def teacher(self, call, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
         return call(x, sigma, labels, **self._aug_kwargs(self.aug_zeros(x.shape[0])))
 
-    def fake(self, call, x, sigma, labels, aug=None, return_flag: str | None = None) -> FakeOutput:
+    def fake(self, call, x, sigma, labels, aug=None, return_flag: str | None = None, training=False) -> FakeOutput:
         """The fake score on x (augment labels `aug`, zeros when None); return_flag "encoder_decoder" adds SiDA's
-        logits."""
+        logits. `training`: the call of its own phase (the same call for EDM's networks)."""
         kw = self._aug_kwargs(self.aug_zeros(x.shape[0]) if aug is None else aug)
         if return_flag is not None:
             kw["return_flag"] = return_flag
@@ -96,8 +106,8 @@ class EDMDenoiser:
         return call(x, sigma, labels, return_flag="encoder", **self._aug_kwargs(aug))
 
     # Losses.
-    def fake_loss_sum(self, out: FakeOutput, y: torch.Tensor, sigma: torch.Tensor):
-        """(summed fake-score loss, [N] rows without NaN)."""
+    def fake_loss_sum(self, out: FakeOutput, y: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor):
+        """(summed fake-score loss, [N] rows without NaN) of the fake score's output on noisy(y, noise, sigma)."""
         return ops.fake_score_loss_sum(out.D, y, sigma, u=out.u)
 
     def generator_loss_sum(self, x_g, y_real, out: FakeOutput, alpha: float):
@@ -130,7 +140,8 @@ class EDM2Denoiser(EDMDenoiser):
 
 
 def make_denoiser(cfg, teacher: torch.nn.Module, device: torch.device) -> EDMDenoiser:
-    """The denoiser of the teacher's family."""
+    """The denoiser of the teacher's family (Stable Diffusion teachers: sid_fast.t2i.lsg.SDDenoiser, built by its
+    trainer)."""
     if isinstance(teacher, edm2.Precond):
         return EDM2Denoiser(cfg, teacher, device)
     return EDMDenoiser(cfg, teacher, device)

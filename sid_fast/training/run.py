@@ -173,6 +173,72 @@ def load_vae_for(cfg: TrainConfig, teacher, device):
     return vae
 
 
+def is_sd_folder(teacher) -> bool:
+    """Is --teacher a diffusers pipeline folder (model_index.json), i.e. a Stable Diffusion teacher for SiD-LSG?"""
+    return teacher is not None and (Path(str(teacher)) / "model_index.json").is_file()
+
+
+SD_FLAGS = ("cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")
+
+
+def check_not_sd_flags(cfg: TrainConfig) -> None:
+    """Guidance and prompts belong to Stable Diffusion teachers: refused with any other."""
+    for flag in SD_FLAGS:
+        if getattr(cfg, flag) != 1:
+            raise ConfigError(
+                f"--{flag} {getattr(cfg, flag):g}: guidance applies to Stable Diffusion teachers (a diffusers "
+                f"folder); --teacher {cfg.teacher} is not one."
+            )
+    if cfg.data_prompt_text is not None:
+        raise ConfigError(
+            f"--data_prompt_text {cfg.data_prompt_text}: prompts condition Stable Diffusion teachers (a diffusers "
+            f"folder); --teacher {cfg.teacher} is not one."
+        )
+
+
+def load_sd_inputs(cfg: TrainConfig):
+    """(StableDiffusion, prompts) of a SiD-LSG run, checked against the flags; one ConfigError naming the flag."""
+    from sid_fast.t2i.sd import SDError, load_sd, read_prompts
+
+    for flag, value, why in (
+        ("--method", cfg.method != "sid", "SiDA with a Stable Diffusion teacher is not built"),
+        ("--data", cfg.data is not None, "SiD-LSG is data-free: prompts come from --data_prompt_text"),
+        ("--sid-model", cfg.sid_model is not None, "starting G from a distilled UNet is not built"),
+        ("--metrics", cfg.metrics != "none", "FID-30k and CLIP score of text-to-image runs are not computed in the "
+         "trainer (give --metrics none)"),
+    ):  # fmt: skip
+        if value:
+            raise ConfigError(f"{flag} {getattr(cfg, flag[2:].replace('-', '_'))}: {why}.")
+    if cfg.data_prompt_text is None:
+        raise ConfigError(
+            f"--data_prompt_text is required with the Stable Diffusion teacher {cfg.teacher}: a text file of prompts, "
+            "one per line (the official runs use Aesthetics 6+ prompts)."
+        )
+    try:
+        prompts = read_prompts(cfg.data_prompt_text)
+    except SDError as e:
+        raise ConfigError(f"--data_prompt_text {e}") from None
+    try:
+        sd = load_sd(cfg.teacher)
+    except SDError as e:
+        raise ConfigError(f"--teacher {e}") from None
+    c, r = sd.latent_channels, sd.latent_resolution
+    if (c, r) != (cfg.channels, cfg.resolution):
+        raise ConfigError(
+            f"--teacher {cfg.teacher}: the UNet makes {c}x{r}x{r} latents (preset "
+            f"{cfg.preset}: {cfg.channels}x{cfg.resolution}x{cfg.resolution})."
+        )
+    if cfg.tmin >= cfg.tmax:
+        raise ConfigError(
+            f"--tmin {cfg.tmin} and --tmax {cfg.tmax}: timesteps are drawn in [tmin, tmax), which is empty."
+        )
+    if cfg.tmax > sd.schedule.num_train_timesteps:
+        raise ConfigError(
+            f"--tmax {cfg.tmax}: the teacher {cfg.teacher} has {sd.schedule.num_train_timesteps} timesteps."
+        )
+    return sd, prompts
+
+
 def build_trainer(
     cfg: TrainConfig,
     device: torch.device | None = None,
@@ -190,21 +256,30 @@ def build_trainer(
     failed (an unreachable URL, a missing file on one node), every rank raises the same ConfigError, and none waits
     for the others in DDP's or FSDP's set-up."""
     device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sd_inputs = label_table = real = generator_init = vae = None
     try:
         check_world(cfg, dist.world_size())
-        if teacher is None:
-            teacher, info = checkpoints.load_network_file(cfg.teacher)
-            meta = info.get("meta", {})
-            teacher_spec = TeacherSpec(info["class_name"], info["init_kwargs"], teacher.state_dict(), meta)
-        elif teacher_spec is None:
-            raise ValueError("build_trainer: a teacher network given without its TeacherSpec (class, kwargs, weights).")
-        check_teacher(cfg, teacher, cfg.teacher)
-        label_table = load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
-        real = load_real_dataset(cfg) if cfg.method == "sida" else None
-        generator_init = load_sid_model(cfg, teacher) if cfg.sid_model is not None else None
-        vae = load_vae_for(cfg, teacher, device)
-        if fid is None:
-            fid = prepare_fid(cfg, device)
+        if teacher is None and is_sd_folder(cfg.teacher):
+            sd_inputs = load_sd_inputs(cfg)
+        else:
+            check_not_sd_flags(cfg)
+            if teacher is None:
+                teacher, info = checkpoints.load_network_file(cfg.teacher)
+                meta = info.get("meta", {})
+                teacher_spec = TeacherSpec(info["class_name"], info["init_kwargs"], teacher.state_dict(), meta)
+            elif teacher_spec is None:
+                raise ValueError(
+                    "build_trainer: a teacher network given without its TeacherSpec (class, kwargs, weights)."
+                )
+            check_teacher(cfg, teacher, cfg.teacher)
+            label_table = (
+                load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
+            )
+            real = load_real_dataset(cfg) if cfg.method == "sida" else None
+            generator_init = load_sid_model(cfg, teacher) if cfg.sid_model is not None else None
+            vae = load_vae_for(cfg, teacher, device)
+            if fid is None:
+                fid = prepare_fid(cfg, device)
         failure = None
     except (ConfigError, checkpoints.CheckpointError) as e:
         failure = (type(e).__name__, str(e))
@@ -213,6 +288,10 @@ def build_trainer(
             raise
         failure = ("ConfigError", f"loading the run's inputs failed: {type(e).__name__}: {e}")
     agree_or_raise(failure)
+    if sd_inputs is not None:
+        from sid_fast.t2i.lsg import SiDLSGTrainer
+
+        return SiDLSGTrainer(cfg, device, *sd_inputs, run_dir=run_dir, log=log)
     kwargs = dict(run_dir=run_dir, log=log, fid=fid, label_table=label_table, generator_init=generator_init, vae=vae)
     if real is not None:
         from sid_fast.training.sida import SiDATrainer
@@ -355,16 +434,9 @@ def run(cfg: TrainConfig, log_to_stdout=True) -> tuple[Path | None, str]:
 
     def decide():
         run_dir, state_path = choose_run(cfg, world, check=lambda p: check_same_run(cfg, load_state_file(p), p))
-        labels = (
-            "none (unconditional)"
-            if not trainer.G.label_dim
-            else "uniform"
-            if trainer.label_table is None
-            else f"label frequencies of {cfg.data}"
-        )
         checkpoints.atomic_write_text(
             run_dir / "training_options.json",
-            json.dumps(dict(cfg.to_json(), world_size=world, class_labels=labels), indent=2),
+            json.dumps(dict(cfg.to_json(), world_size=world, class_labels=trainer.conditioning()), indent=2),
         )
         return run_dir, state_path
 

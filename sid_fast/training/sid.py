@@ -102,7 +102,7 @@ class SiDTrainer:
         self.rounds = self.batch_gpu_total // cfg.batch_gpu
         torch.manual_seed(cfg.seed + self.rank)  # dropout RNG, per rank as the official code
         np.random.seed((cfg.seed + self.rank) % (1 << 31))
-        self.denoiser = make_denoiser(cfg, teacher, device)
+        self.denoiser = self.make_denoiser(teacher)
         self._build_networks(teacher, generator_init)
         if cfg.augment > 0 and not self.denoiser.aug_dim:
             raise ConfigError(
@@ -135,6 +135,9 @@ class SiDTrainer:
 
     # ------------------------------------------------------------------
     # Construction.
+
+    def make_denoiser(self, teacher):
+        return make_denoiser(self.cfg, teacher, self.device)
 
     def _build_networks(self, teacher, generator_init) -> None:
         """The teacher (frozen), G and the fake score (trained) and G_ema, prepared for the run's precision, memory
@@ -187,6 +190,12 @@ class SiDTrainer:
         table = torch.as_tensor(label_table, device=self.device)
         self.log(f"Class labels: drawn with the label frequencies of --data {self.cfg.data} ({len(table)} images).")
         return table
+
+    def conditioning(self) -> str:
+        """What the generator is conditioned on (the log and training_options.json)."""
+        if not self.G.label_dim:
+            return "none (unconditional)"
+        return "uniform" if self.label_table is None else f"label frequencies of {self.cfg.data}"
 
     @property
     def opt_g(self):
@@ -272,8 +281,9 @@ class SiDTrainer:
     def fake_phase_loss(self, y, aug, noise, sigma, labels, real):
         """(loss to backpropagate, statistics) of one fake-score micro-batch: EDM's loss of the fake score on the
         generated y (official sid_loss.py), summed, times ls / batch_gpu_total."""
-        out = self.denoiser.fake(self.calls.fake_train, y + noise, sigma, labels, aug)
-        loss_sum, ok = self.denoiser.fake_loss_sum(out, y, sigma)
+        x = self.denoiser.noisy(y, noise, sigma)
+        out = self.denoiser.fake(self.calls.fake_train, x, sigma, labels, aug, training=True)
+        loss_sum, ok = self.denoiser.fake_loss_sum(out, y, noise, sigma)
         stats = dict(loss_fake=loss_sum.detach(), rows_fake=ok.sum(), nan_samples_fake=(~ok).sum())
         return loss_sum * (self.cfg.ls / self.batch_gpu_total), stats
 
@@ -292,7 +302,8 @@ class SiDTrainer:
             sigma = self.denoiser.fake_sigma(b, g)
             y, aug = self.augment(x_g, g)
             real = None if real is None else self.augment(real, g)  # an independent draw, after the fake one
-            noise = sigma * torch.randn(y.shape, device=self.device, generator=g)  # shared by real and fake
+            eps = torch.randn(y.shape, device=self.device, generator=g)
+            noise = self.denoiser.noise(sigma, eps)  # shared by real and fake
             with self.par.no_sync(self.par.fake_dist, rnd):
                 loss, stats = self.fake_phase_loss(y, aug, noise, sigma, labels, real)
                 loss.backward()
@@ -317,7 +328,7 @@ class SiDTrainer:
             z, labels, sigma, eps = self.generator_draws(rnd)
             with self.par.no_sync(self.par.G_dist, rnd):
                 x_g = self.generate(self.calls.G_train, z, labels)
-                x_t = perf.image_format(self.cfg, x_g + sigma * eps)
+                x_t = perf.image_format(self.cfg, self.denoiser.noisy(x_g, self.denoiser.noise(sigma, eps), sigma))
                 y_real = self.denoiser.teacher(self.calls.teacher, x_t, sigma, labels)
                 loss, stats = self.generator_loss(x_g, x_t, sigma, labels, y_real)
                 with annotate("sid/backward"):

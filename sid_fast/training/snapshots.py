@@ -111,7 +111,7 @@ _NAMES = {"fd_digits": "FD-digits", "fid": "FID", "fd_dinov2": "FD-DINOv2"}
 
 
 def snapshot_and_log(tr) -> None:
-    values = snapshot(tr)
+    values = tr.snapshot()
     for key, value in (values or {}).items():
         name = _NAMES[key] + ("" if key == "fd_digits" else f"-{tr.cfg.metric_num // 1000}k")
         tr.log(f"  {name} of G_ema at {tr.cur_nimg / 1e3:.1f} kimg: {value:.3f}")

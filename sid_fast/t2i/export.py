@@ -1,0 +1,133 @@
+"""The distilled text-to-image generator as diffusers users take it: a UNet folder (diffusers' own config.json and
+diffusion_pytorch_model.safetensors, loadable with `UNet2DConditionModel.from_pretrained`) plus sid_fast.json (how it
+samples: the init timestep; how it was made) and a model card with a one-step sampling snippet; and the one-step
+sampler itself (official sid_sd_sampler with one step): x_T = sqrt(1 - abar_t) z at t = init_timestep, the sample is
+the UNet's x0-prediction at (x_T, t), decoded by the teacher's VAE as latents / scaling_factor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name
+CONFIG = "config.json"
+SID_META = "sid_fast.json"
+CARD = "README.md"
+
+
+def seed_latents(seeds, shape) -> torch.Tensor:
+    """[len(seeds), *shape]: z of seed s is torch.randn(shape) from torch.Generator().manual_seed(s) (CPU), so a
+    (prompt, seed) pair gives the same image on any device and batch size."""
+    return torch.stack([torch.randn(list(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def onestep_latents(unet, schedule, z: torch.Tensor, cond: torch.Tensor, init_timestep: int) -> torch.Tensor:
+    """The generator's latents: the x0-prediction of `unet` at init_timestep on sqrt(1 - abar) z (fp32)."""
+    t = torch.full([z.shape[0]], int(init_timestep), dtype=torch.long, device=z.device)
+    x = schedule.generator_input(z, t)
+    out = unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+    out = out.to(torch.promote_types(out.dtype, torch.float32))
+    return schedule.x0(x, out, t)
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor, device, batch: int = 16) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] of latents, by the VAE (moved to `device` for the call, then back to where it was)."""
+    home = next(vae.parameters()).device
+    vae.to(device)
+    try:
+        out = []
+        for i in range(0, len(latents), batch):
+            lat = latents[i : i + batch].to(device, next(vae.parameters()).dtype)
+            img = vae.decode(lat / vae.config.scaling_factor, return_dict=False)[0].float()
+            out.append((img * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu())
+        return torch.cat(out)
+    finally:
+        vae.to(home)
+
+
+def model_card(meta: dict, where: str = "PATH") -> str:
+    teacher = meta.get("teacher") or "TEACHER_FOLDER"
+    t = meta.get("init_timestep")
+    facts = [(k, meta.get(k)) for k in ("teacher", "preset", "kimg", "guidance", "alpha", "init_timestep")]
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "tags: [sid-lsg, one-step, text-to-image, score-identity-distillation]",
+        "---",
+        "",
+        "# One-step text-to-image generator distilled with SiD-LSG (sid_fast)",
+        "",
+        "A Stable Diffusion UNet (diffusers' `UNet2DConditionModel`) that makes an image in one call: the latents are",
+        f"its x0-prediction at timestep {t} on sqrt(1 - abar_{t}) z, decoded by the teacher's VAE.",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in facts if v is not None],
+        "",
+        "## One step with diffusers",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import StableDiffusionPipeline, UNet2DConditionModel",
+        "",
+        f'unet = UNet2DConditionModel.from_pretrained("{where}")',
+        f'pipe = StableDiffusionPipeline.from_pretrained("{teacher}", unet=unet, safety_checker=None)',
+        f"t = {t}",
+        "abar = pipe.scheduler.alphas_cumprod[t]",
+        "emb = pipe.encode_prompt(['a photo of a cat'], 'cpu', 1, False)[0]",
+        "z = torch.randn(1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,",
+        "                generator=torch.Generator().manual_seed(0))",
+        "x = (1 - abar).sqrt() * z",
+        "with torch.no_grad():",
+        "    eps = unet(x, torch.tensor([t]), encoder_hidden_states=emb).sample",
+        "    latents = (x - (1 - abar).sqrt() * eps) / abar.sqrt()",
+        "    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample  # [-1, 1]",
+        "```",
+        "",
+        'References: Zhou, Wang, Zheng, Huang, "Guided Score identity Distillation for Data-Free One-Step',
+        'Text-to-Image Generation", ICLR 2025; Zhou et al., "Score identity Distillation", ICML 2024.',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_unet_folder(path, unet, **meta) -> Path:
+    """`unet` (fp32, on the CPU) as a diffusers UNet folder with sid_fast.json and a model card, written atomically
+    (sid_fast.hub.atomic_folder)."""
+    from safetensors.torch import save_file
+
+    from sid_fast.checkpoints import CheckpointError, _plain_value
+    from sid_fast.hub import atomic_folder
+
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet.state_dict().items()}
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        unet.save_config(str(tmp))
+        (tmp / SID_META).write_text(json.dumps(dict(format="sid_fast.t2i", **_plain_value(meta)), indent=2) + "\n")
+        (tmp / CARD).write_text(model_card(meta))
+
+    return atomic_folder(path, fill, CheckpointError)
+
+
+def load_unet_folder(path, device="cpu"):
+    """(UNet2DConditionModel in eval mode, sid_fast.json's meta) of a folder written by save_unet_folder."""
+    from diffusers import UNet2DConditionModel
+
+    from sid_fast.t2i.sd import SDError
+
+    p = Path(path)
+    if not (p / CONFIG).is_file() or not (p / SID_META).is_file():
+        raise SDError(f"{p}: not a sid_fast text-to-image generator folder (needs {CONFIG} and {SID_META}).")
+    try:
+        meta = json.loads((p / SID_META).read_text())
+        unet = UNet2DConditionModel.from_pretrained(str(p))
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SDError(f"{p}: the generator does not load ({type(e).__name__}: {reason}).") from None
+    return unet.to(device).eval().requires_grad_(False), meta

@@ -1,0 +1,374 @@
+"""SiD-LSG in the SiD loop (sid_fast.t2i.lsg) on a tiny random Stable Diffusion folder saved in diffusers' format:
+two iterations of the trainer against the official iteration written out here from its formulas (SiD-LSG
+training/sid_training_loop.py, training/sid_sd_util.py) in float64, from the same draws; the flags and refusals; the
+snapshot folder as diffusers loads it; resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from support.sd_tiny import write_tiny_sd  # noqa: E402
+
+from sid_fast.training.config import ConfigError, resolve_config  # noqa: E402
+from sid_fast.training.sid import FAKE, GEN  # noqa: E402
+
+PROMPTS = ["a cat", "the dog", "a handwritten seven", "a red car on the beach at night", "the moon"]
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return write_tiny_sd(tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    p.write_text("\n".join(PROMPTS) + "\n")
+    return p
+
+
+def lsg_config(sd_folder, prompt_file, **kw):
+    values = dict(
+        teacher=str(sd_folder),
+        data_prompt_text=str(prompt_file),
+        resolution=8,
+        batch=6,
+        batch_gpu=3,
+        lr=1e-3,
+        glr=2e-3,
+        ema=0.001,
+    )
+    return resolve_config(kw.pop("preset", "sd15-lsg2"), dict(values, **kw))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The official iteration, written from its formulas (float64), on the trainer's draws.
+
+
+class Official:
+    """One process of the official loop: prompts tokenized per call (dropped ones as ""), the empty prompt encoded
+    per call, add_noise and the x0-prediction as their formulas, per-sample loops where the official code has them."""
+
+    def __init__(self, tr, sd_folder):
+        from sid_fast.t2i.sd import load_sd
+
+        self.tr, self.cfg = tr, tr.cfg
+        sd = load_sd(sd_folder, dtype=torch.float64)
+        self.unet, self.tok, self.te = sd.unet, sd.tokenizer, sd.text_encoder
+        self.abar = sd.schedule.alphas_cumprod.double()  # diffusers' float32 values, as the official code reads them
+        self.v = sd.schedule.prediction_type == "v_prediction"
+        self.G = copy.deepcopy(self.unet).train().requires_grad_(True)
+        self.fake = copy.deepcopy(self.unet).train().requires_grad_(True)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        cfg = self.cfg
+        self.opt_fake = torch.optim.Adam(self.fake.parameters(), lr=cfg.lr, betas=(0.0, 0.999), eps=1e-8)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.glr, betas=(0.0, 0.999), eps=1e-8)
+        self.nimg = 0
+
+    def embed(self, prompts):
+        ids = self.tok(prompts, padding="max_length", max_length=self.tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids  # fmt: skip
+        with torch.no_grad():
+            return self.te(ids)[0]
+
+    def add_noise(self, x, eps, t):
+        a = self.abar[t].reshape(-1, 1, 1, 1)
+        return a.sqrt() * x + (1 - a).sqrt() * eps
+
+    def x0(self, x_t, out, t):
+        a = self.abar[t].reshape(-1, 1, 1, 1)
+        if self.v:  # scheduler.step's v-prediction branch
+            return torch.stack([a[i].sqrt() * x_t[i] - (1 - a[i]).sqrt() * out[i] for i in range(len(t))])
+        return torch.stack([(x_t[i] - (1 - a[i]).sqrt() * out[i]) / a[i].sqrt() for i in range(len(t))])
+
+    def denoise(self, net, x, eps, prompts, t, kappa, predict_x0=True):
+        x_t = self.add_noise(x, eps, t)
+        cond = self.embed(prompts)
+        if kappa == 1:
+            out = net(x_t, t, encoder_hidden_states=cond).sample
+        else:
+            uncond = self.embed([""] * len(prompts))
+            out = net(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+            out_u, out_c = out.chunk(2)
+            out = out_u + kappa * (out_c - out_u)
+        return self.x0(x_t, out, t) if predict_x0 else out
+
+    def sample(self, net, z, prompts):
+        t = torch.full([len(prompts)], self.cfg.init_timestep, dtype=torch.long)
+        latents = self.add_noise(torch.zeros_like(z), z, t)
+        out = net(latents, t, encoder_hidden_states=self.embed(prompts)).sample
+        a = self.abar[t[0]]  # scheduler.step at init_timesteps[0]
+        return a.sqrt() * latents - (1 - a).sqrt() * out if self.v else (latents - (1 - a).sqrt() * out) / a.sqrt()
+
+    def draws(self, phase, rnd, dropout):
+        """The trainer's draws of this micro-batch, in its order: prompt indices, z, dropout; then t, eps."""
+        b = self.cfg.batch_gpu
+        g = self.tr.micro_batch_rng(phase, rnd)
+        idx = torch.randint(len(PROMPTS), [b], generator=g)
+        z = torch.randn([b, 4, 8, 8], generator=g)
+        prompts = [PROMPTS[i] for i in idx.tolist()]
+        if dropout:
+            drop = torch.rand([b], generator=g) < 0.1
+            prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        if phase == FAKE:
+            return prompts, z, g
+        t = torch.randint(self.cfg.tmin, self.cfg.tmax, (b,), generator=g)
+        eps = torch.randn([b, 4, 8, 8], generator=g)
+        return prompts, z, t, eps
+
+    def step(self):
+        cfg, total = self.cfg, self.cfg.batch  # one process: batch_gpu_total = batch
+        rounds = cfg.batch // cfg.batch_gpu
+        dropout = cfg.cfg_train_fake != 1 or cfg.cfg_eval_fake != 1
+        self.fake.train().requires_grad_(True)
+        self.opt_fake.zero_grad(set_to_none=True)
+        for rnd in range(rounds):
+            prompts, z, g = self.draws(FAKE, rnd, dropout)
+            with torch.no_grad():
+                images = self.sample(self.G.eval(), z, prompts)
+            t = torch.randint(cfg.tmin, cfg.tmax, (cfg.batch_gpu,), generator=g)
+            noise = torch.randn(images.shape, generator=g)
+            noise_fake = self.denoise(self.fake, images, noise, prompts, t, cfg.cfg_train_fake, predict_x0=False)
+            if self.v:  # get_velocity target, compute_snr weight snr / (snr + 1)
+                a = self.abar[t].reshape(-1, 1, 1, 1)
+                target = a.sqrt() * noise - (1 - a).sqrt() * images
+                snr = a / (1 - a)
+                loss = ((noise_fake - target) ** 2 * snr / (snr + 1)).sum() * (cfg.ls / total)
+            else:
+                loss = ((noise_fake - noise) ** 2).sum() * (cfg.ls / total)
+            loss.backward()
+        for p in self.fake.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        self.opt_fake.step()
+        self.fake.eval().requires_grad_(False)
+        self.G.train().requires_grad_(True)
+        self.opt_g.zero_grad(set_to_none=True)
+        for rnd in range(rounds):
+            prompts, z, t, noise = self.draws(GEN, rnd, False)
+            images = self.sample(self.G, z, prompts)
+            y_fake = self.denoise(self.fake, images, noise, prompts, t, cfg.cfg_eval_fake)
+            y_real = self.denoise(self.unet, images, noise, prompts, t, cfg.cfg_eval_real)
+            with torch.no_grad():
+                w = (images - y_real).abs().mean(dim=[1, 2, 3], keepdim=True).clip(min=1e-5)
+            if cfg.alpha == 1:
+                loss = (y_real - y_fake) * (y_fake - images) / w
+            else:
+                loss = (y_real - y_fake) * ((y_real - images) - cfg.alpha * (y_real - y_fake)) / w
+            (loss.sum() * (cfg.lsg / total)).backward()
+        for p in self.G.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        self.opt_g.step()
+        self.G.eval().requires_grad_(False)
+        half = min(int(cfg.ema * 1000) * 1000, self.nimg * 0.05)
+        beta = 0.5 ** (cfg.batch / max(half, 1e-8))
+        with torch.no_grad():
+            for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
+                p_ema.copy_(p.detach().lerp(p_ema, beta))
+        self.nimg += cfg.batch
+
+
+def _max_rel(a: torch.nn.Module, b: torch.nn.Module, start: dict) -> float:
+    """max over tensors of |a - b| / max|a - start|: the disagreement relative to how far training moved them."""
+    worst = 0.0
+    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        moved = (pa - start[k]).abs().max().item()
+        worst = max(worst, (pa - pb).abs().max().item() / max(moved, 1e-30))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def v_folder(tmp_path_factory):
+    return write_tiny_sd(tmp_path_factory.mktemp("sd_v"), seed=1, prediction_type="v_prediction")
+
+
+@pytest.mark.parametrize(
+    "kappas, v", [((2.0, 2.0, 2.0), False), ((1.0, 1.0, 3.0), False), ((0.5, 1.5, 1.0), False), ((2.0, 2.0, 2.0), True)]
+)
+def test_two_iterations_equal_the_official_formulas_in_float64(sd_folder, v_folder, prompt_file, kappas, v):
+    k1, k2, k4 = kappas
+    sd_folder = v_folder if v else sd_folder
+    cfg = lsg_config(sd_folder, prompt_file, cfg_train_fake=k1, cfg_eval_fake=k2, cfg_eval_real=k4,
+                     alpha=1.0 if k1 == 2 else 1.2)  # fmt: skip
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        from sid_fast.t2i.lsg import SiDLSGTrainer
+        from sid_fast.t2i.sd import load_sd, read_prompts
+
+        tr = SiDLSGTrainer(cfg, torch.device("cpu"), load_sd(sd_folder, dtype=torch.float64),
+                           read_prompts(prompt_file), log=lambda *a: None)  # fmt: skip
+        ref = Official(tr, sd_folder)
+        start = {k: v.clone() for k, v in ref.G.state_dict().items()}
+        start_fake = {k: v.clone() for k, v in ref.fake.state_dict().items()}
+        for _ in range(2):
+            ref.step()  # first: it reads the iteration's seeds from the trainer's image count
+            tr.step()
+    finally:
+        torch.set_default_dtype(default)
+    assert tr.drop_p == (0.1 if (k1, k2) != (1, 1) else 0.0)
+    # The trainer and the official formulas agree to float64 rounding. Adam's first step maps a gradient g to
+    # lr g / (|g| + eps): where |g| is near eps (1e-8) a rounding difference d of the gradient (float64 sums of
+    # terms up to ~0.1: d ~ 1e-16 to 1e-15) moves the update by up to lr d / eps, 1e-7 of lr, i.e. of the movement; a
+    # wrong draw, scale or guidance moves it by O(1).
+    assert _max_rel(tr.G, ref.G, start) < 1e-6
+    assert _max_rel(tr.fake, ref.fake, start_fake) < 1e-6
+    assert _max_rel(tr.G_ema, ref.G_ema, start) < 1e-6
+    moved = max((p - start[k]).abs().max().item() for k, p in tr.G.state_dict().items())
+    assert moved > 1e-4  # G trained: the comparison is not of two untouched copies
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs: the snapshot folder as diffusers users load it, resume, the fast path's options.
+
+
+def test_a_run_writes_a_diffusers_unet_whose_card_snippet_samples_it(sd_folder, prompt_file, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from sid_fast.t2i.export import CARD, load_unet_folder, onestep_latents
+    from sid_fast.t2i.sd import load_sd
+    from sid_fast.training.run import run
+
+    cfg = lsg_config(sd_folder, prompt_file, outdir=str(tmp_path / "runs"), batch=4, batch_gpu=2, duration=8e-6,
+                     tick=0.004, snap=1, dump=1, extra_snapshots=False)  # fmt: skip
+    run_dir, status = run(cfg, log_to_stdout=False)
+    assert status == "done"
+    snaps = sorted(run_dir.glob("network-snapshot-*"))
+    assert [p.name for p in snaps] == ["network-snapshot-000000000004", "network-snapshot-000000000008"]
+    assert sorted(run_dir.glob("fakes-*.png")) and sorted(run_dir.glob("training-state-*"))
+    options = json.loads((run_dir / "training_options.json").read_text())
+    assert options["class_labels"] == f"prompts of {prompt_file} (5)"
+    unet = UNet2DConditionModel.from_pretrained(str(snaps[-1]))  # diffusers' own loader
+    state = torch.load(sorted(run_dir.glob("training-state-*"))[-1], weights_only=True)
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, state["G_ema"][k]), k
+    g, meta = load_unet_folder(snaps[-1])
+    assert meta["init_timestep"] == 625 and meta["guidance"] == [2.0, 2.0, 2.0] and meta["kimg"] == 0.008
+    # The model card's one-step snippet, run as a diffusers user would (paths filled in), samples the generator.
+    card = (snaps[-1] / CARD).read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code = code.replace('"PATH"', repr(str(snaps[-1]))).replace(f'"{sd_folder.name}"', repr(str(sd_folder)))
+    ns = {}
+    exec(code, ns)
+    sd = load_sd(sd_folder)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    want = onestep_latents(g, sd.schedule, z, sd.encode_text(["a photo of a cat"]), 625)
+    torch.testing.assert_close(ns["latents"], want, rtol=1e-5, atol=1e-5)
+    assert ns["image"].shape == (1, 3, 16, 16)
+
+
+def test_resume_continues_bit_exactly(sd_folder, prompt_file, tmp_path):
+    from sid_fast.checkpoints import atomic_save
+    from sid_fast.t2i.lsg import SiDLSGTrainer
+    from sid_fast.t2i.sd import load_sd, read_prompts
+    from sid_fast.training.run import load_state_file
+
+    cfg = lsg_config(sd_folder, prompt_file, batch=4, batch_gpu=2)
+
+    def trainer():
+        return SiDLSGTrainer(cfg, torch.device("cpu"), load_sd(sd_folder), read_prompts(prompt_file), log=print)
+
+    a = trainer()
+    for _ in range(2):
+        a.step()
+    b = trainer()
+    b.step()
+    path = tmp_path / "training-state-000000000004.pt"
+    atomic_save(b.state_dict(), path)
+    c = trainer()
+    c.load_state_dict(load_state_file(path), str(path))
+    c.step()
+    for net in ("G", "fake", "G_ema"):
+        for (k, va), vc in zip(getattr(a, net).state_dict().items(), getattr(c, net).state_dict().values()):
+            assert torch.equal(va, vc), (net, k)
+
+
+def _one_step_params(cfg, sd_folder, prompt_file):
+    from sid_fast.t2i.lsg import SiDLSGTrainer
+    from sid_fast.t2i.sd import load_sd, read_prompts
+
+    tr = SiDLSGTrainer(cfg, torch.device("cpu"), load_sd(sd_folder), read_prompts(prompt_file), log=print)
+    tr.step()
+    return {k: v.float() for k, v in tr.G.state_dict().items()}, tr
+
+
+def test_checkpointing_changes_nothing_and_bf16_stays_close(sd_folder, prompt_file):
+    ref, tr = _one_step_params(lsg_config(sd_folder, prompt_file), sd_folder, prompt_file)
+    start = tr.teacher.state_dict()
+    for mode in ("nets", "selective"):  # recomputed forwards: the same arithmetic, the same numbers
+        got, tr = _one_step_params(lsg_config(sd_folder, prompt_file, checkpointing=mode), sd_folder, prompt_file)
+        assert tr.G.is_gradient_checkpointing == (mode == "selective")
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-7, msg=f"{mode} {k}")
+    # bf16 autocast (fp32 master weights): Adam's first step is lr * sign(g) where |g| >> eps, so a parameter moves
+    # the same way as fp32's unless its gradient's sign flips under bf16 rounding; most must agree.
+    got, tr = _one_step_params(lsg_config(sd_folder, prompt_file, precision="bf16"), sd_folder, prompt_file)
+    assert next(tr.teacher.parameters()).dtype == torch.bfloat16 and next(tr.G.parameters()).dtype == torch.float32
+    same = total = 0
+    for k in ref:
+        d_ref, d_got = ref[k] - start[k].float(), got[k] - start[k].float()
+        same += int((torch.sign(d_ref) == torch.sign(d_got)).sum())
+        total += d_ref.numel()
+    assert same / total > 0.9, same / total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one sentence naming the flag or path, nothing written.
+
+
+def test_bad_input_is_refused_in_one_sentence_before_anything_is_written(sd_folder, prompt_file, tmp_path):
+    from click.testing import CliRunner
+
+    import train
+    from sid_fast.training.run import run
+
+    out = tmp_path / "runs"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    cases = [
+        (dict(), "--teacher is required for preset 'sd15-lsg2': a local diffusers folder of stable-diffusion-v1-5"),
+        (dict(teacher=str(sd_folder)), "--data_prompt_text is required with the Stable Diffusion teacher"),
+        (dict(teacher=str(sd_folder), data_prompt_text=str(empty)), f"--data_prompt_text {empty}: the prompt file"),
+        (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=64),
+         f"--teacher {sd_folder}: the UNet makes 4x8x8 latents (preset sd15-lsg2: 4x64x64)."),
+        (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, precision="fp16"),
+         "--precision fp16 with a Stable Diffusion teacher"),
+        (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, metrics="fid",
+              data_stat="ref.npz"), "--metrics fid: FID-30k and CLIP score"),
+        (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, tmax=1001), "--tmax must be"),
+        (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, tmin=980),
+         "--tmin 980 and --tmax 980: timesteps are drawn in [tmin, tmax), which is empty."),
+        (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, cfg_eval_real=0.0),
+         "--cfg_eval_real 0.0: a guidance scale must be > 0"),
+        (dict(preset="digits", cfg_eval_real=2.0), "--cfg_eval_real 2: guidance applies to Stable Diffusion teachers"),
+        (dict(preset="digits", data_prompt_text=str(prompt_file)), "prompts condition Stable Diffusion teachers"),
+    ]  # fmt: skip
+    for flags, message in cases:
+        flags = dict(flags)
+        preset = flags.pop("preset", "sd15-lsg2")
+        with pytest.raises(ConfigError) as e:
+            run(resolve_config(preset, dict(flags, outdir=str(out))), log_to_stdout=False)
+        assert message in str(e.value), (flags, str(e.value))
+        assert "\n" not in str(e.value)
+        assert not out.exists() or not any(out.iterdir()), flags
+    # Conflicting guidance flags on the command line.
+    r = CliRunner().invoke(
+        train.main, ["--preset", "sd15-lsg2", "--guidance", "2", "--cfg_eval_real", "3", "--dry-run"]
+    )
+    assert r.exit_code != 0 and "--guidance 2 sets all three scales but --cfg_eval_real 3 differs" in r.output
+    r = CliRunner().invoke(
+        train.main, ["--preset", "sd21base-lsg4.5", "--teacher", "sd21", "--guidance", "1.5", "--dry-run"]
+    )
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert [got[k] for k in ("cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")] == [1.5, 1.5, 1.5]
+    assert (got["tmin"], got["tmax"], got["init_timestep"], got["alpha"], got["lsg"]) == (20, 980, 625, 1.0, 1.0)
