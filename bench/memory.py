@@ -62,6 +62,7 @@ from bench.common import command, environment, write_jsonl
 from sid_fast import ops
 from sid_fast.networks import build_network, official_config
 from sid_fast.networks.edm2 import edm2_config
+from sid_fast.t2i.lsg import SiDLSGTrainer
 from sid_fast.training.config import resolve_config
 from sid_fast.training.run import build_trainer
 from sid_fast.training.sid import TeacherSpec
@@ -78,6 +79,13 @@ CONFIGS = {
 # EDM2's ImageNet-512 networks (latents 4x64x64), SiD presets edm2-img512-{size}: `--configs edm2-xs,...,edm2-xxl`.
 EDM2_CONFIGS = {f"edm2-{s}": (s, f"edm2-img512-{s}") for s in ("xs", "s", "m", "l", "xl", "xxl")}
 
+# SiD-LSG's Stable Diffusion UNets (public configurations, sid_fast.t2i.configs) at the official shapes: SD 1.5 at
+# 512 px (latents 4x64x64; the trainer with its CLIP ViT-L/14 text encoder, preset sd15-lsg2: kappa 2 everywhere, so
+# the teacher and the fake score run on doubled batches) and SDXL's UNet at 1024 px (latents 4x128x128; the same
+# iteration, its text states, pooled embedding and size conditioning drawn in their shapes: the SDXL text encoders are
+# not counted). On the meta device, attention is PyTorch's CUDA choice for these shapes: the flash kernel for bf16 and
+# the memory-efficient kernel for fp32 (both keep the output and the log-sum-exp, never the L x L matrix).
+SD_CONFIGS = {"sd15": "sd15-lsg2", "sdxl": "sd15-lsg2"}
 RUNGS = [
     ("reference", dict(precision="fp32")),
     ("bf16", dict(precision="bf16")),
@@ -249,6 +257,116 @@ def make_trainer(
     return tr
 
 
+@contextlib.contextmanager
+def cuda_attention_on_meta():
+    """F.scaled_dot_product_attention as CUDA runs it for SiD-LSG's shapes (no mask, no dropout): the flash kernel for
+    fp16/bf16 inputs, the memory-efficient kernel for fp32 (PyTorch's dispatch order), so that the meta device holds
+    what the GPU holds for backward (output and log-sum-exp) and the FLOP counter sees the fused ops."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if q.device.type != "meta" or attn_mask is not None or dropout_p or kw:
+            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+        if q.dtype in (torch.float16, torch.bfloat16):
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[0]
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, grad, 0.0, is_causal, scale=scale)[
+            0
+        ]
+
+    torch.nn.functional.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+
+
+@contextlib.contextmanager
+def autocast_on_meta(dtype):
+    """torch.autocast(dtype)'s casts, for meta tensors (which autocast does not reach): the inputs of convolutions,
+    linear layers and attention cast to `dtype` (as autograd-visible casts, so backward keeps the low-precision copies
+    as it does under autocast), group and layer norms run in fp32 (CUDA autocast's fp32 list). Other ops follow type
+    promotion, as under autocast. Not modelled: autocast's weight-cast cache (each weight is used once per forward
+    here, so it only matters when a checkpointed block is recomputed)."""
+    F = torch.nn.functional
+    saved = {name: getattr(F, name) for name in ("conv2d", "linear", "group_norm", "layer_norm")}
+
+    def low(t):
+        return (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.device.type == "meta" and t.dtype == torch.float32 else t
+        )
+
+    def high(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.device.type == "meta" and t.dtype != torch.float32 else t
+
+    F.conv2d = lambda x, w, b=None, *a, **k: saved["conv2d"](low(x), low(w), low(b), *a, **k)
+    F.linear = lambda x, w, b=None: saved["linear"](low(x), low(w), low(b))
+    F.group_norm = lambda x, g, w=None, b=None, eps=1e-5: saved["group_norm"](high(x), g, high(w), high(b), eps)
+    F.layer_norm = lambda x, s, w=None, b=None, eps=1e-5: saved["layer_norm"](high(x), s, high(w), high(b), eps)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(F, name, fn)
+
+
+def make_sd_trainer(
+    config: str,
+    batch_gpu: int,
+    options: dict,
+    device: str = "meta",
+    rounds: int = 1,
+    unet_config: dict | None = None,
+    text_config: dict | None = None,
+):
+    """A SiD-LSG trainer with a public Stable Diffusion UNet configuration (random weights, or none on meta) and SD
+    1.5's text encoder configuration (SDXL: its conditioning drawn in shape, see SD_CONFIGS); `unet_config` and
+    `text_config` (CLIPTextConfig values) replace them (tests: small ones)."""
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sid_fast.t2i.configs import UNETS, build_unet
+    from sid_fast.t2i.sd import Schedule, StableDiffusion
+
+    if unet_config is None:
+        unet = build_unet(config, device)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        with torch.device(device):
+            unet = UNet2DConditionModel(**unet_config)
+    schedule = Schedule(
+        DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+    )
+    text = None
+    if config == "sd15":  # CLIP ViT-L/14's text tower (SD 1.5's text_encoder/config.json)
+        tc = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")  # fmt: skip
+        tc = CLIPTextConfig(**dict(tc, **(text_config or {})))
+        with torch.device(device):
+            text = CLIPTextModel(tc).eval().requires_grad_(False)
+    sd = StableDiffusion(unet, None, text, None, schedule, f"<{config}, random weights>")
+    cfg = resolve_config(
+        SD_CONFIGS[config],
+        dict(teacher=f"<{config}, random weights>", data_prompt_text="<prompts>", batch=batch_gpu * rounds,
+             batch_gpu=batch_gpu, resolution=(unet_config or UNETS[config])["sample_size"], **options),
+    )  # fmt: skip
+    cls = SiDLSGTrainer if text is not None else SDXLShapes
+    return cls(cfg, torch.device(device), sd, ["<prompt>"], log=lambda *a: None)
+
+
+class SDXLShapes(SiDLSGTrainer):
+    """SiD-LSG's iteration on SDXL's UNet, its conditioning drawn in shape (the SDXL text encoders are not run)."""
+
+    def encode_prompts(self, prompts):
+        n, dev = len(prompts), self.device
+        return dict(
+            encoder_hidden_states=torch.zeros([n, 77, 2048], device=dev),
+            text_embeds=torch.zeros([n, 1280], device=dev),
+            time_ids=torch.zeros([n, 6], device=dev),
+        )
+
+
 def _storages_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
@@ -262,6 +380,9 @@ def _storages_bytes(tensors) -> int:
 def static_bytes(tr) -> dict:
     """Bytes alive between steps: networks' weights and buffers, gradients left from their phase, Adam states."""
     nets = dict(G=tr.G, G_ema=tr.G_ema, fake_score=tr.fake, teacher=tr.teacher)
+    text = getattr(getattr(tr, "sd", None), "text_encoder", None)
+    if text is not None:  # SiD-LSG: the text encoder stays on the device (the VAE does not)
+        nets["text_encoder"] = text
     out = {f"weights_{k}": _storages_bytes([*v.parameters(), *v.buffers()]) for k, v in nets.items()}
     out["grads"] = _storages_bytes([p.grad for net in (tr.G, tr.fake) for p in net.parameters() if p.grad is not None])
     out["adam"] = _storages_bytes(
@@ -278,7 +399,10 @@ def static_bytes(tr) -> dict:
 
 
 def measure_phase(tr, phase: str) -> dict:
-    """One phase of a warm trainer under the ledger, the saved-tensor hooks and the FLOP counter."""
+    """One phase of a warm trainer under the FLOP counter, then the same phase again under the ledger and the
+    saved-tensor hooks. Two runs: the FLOP counter's module tracking keeps tensors alive into backward (it inflated the
+    backward peak of SD 1.5's checkpointed generator phase from 3.5 to 9.9 GiB at batch 2), so bytes are never counted
+    under it."""
     ledger = Ledger()
     exclude = {
         s._cdata
@@ -290,6 +414,8 @@ def measure_phase(tr, phase: str) -> dict:
     run = tr.fake_score_phase if phase == "fake_score" else tr.generator_phase
     nets = dict(G=tr.G, teacher=tr.teacher, fake_score=tr.fake)
     flops = FlopCounterMode(display=False)
+    with ops.kernels(tr.kernels), flops:
+        run()
     cuda = tr.device.type == "cuda"
     if cuda:  # the prediction's check: the caching allocator's own peak over the same phase
         torch.cuda.synchronize(tr.device)
@@ -298,7 +424,7 @@ def measure_phase(tr, phase: str) -> dict:
     gc.collect()
     gc.disable()  # storages in reference cycles die at the next collection, which must not depend on timing
     try:
-        with ops.kernels(tr.kernels), owners(ledger, nets), flops, ledger, saved.hooks():
+        with ops.kernels(tr.kernels), owners(ledger, nets), ledger, saved.hooks():
             run()
     finally:
         gc.enable()
@@ -319,11 +445,17 @@ def measure_phase(tr, phase: str) -> dict:
 def measure(config: str, rung: str, options: dict, batches: tuple[int, int], device: str = "meta") -> dict:
     per_batch = {}
     static = None
+    sd = config in SD_CONFIGS
     for b in batches:
-        tr = make_trainer(config, b, options, device)
-        tr.step()  # warm: gradients and Adam states exist, as in every step but the first
-        static = static_bytes(tr)
-        per_batch[b] = {ph: measure_phase(tr, ph) for ph in PHASES}
+        with contextlib.ExitStack() as stack:
+            if sd and device == "meta":
+                stack.enter_context(cuda_attention_on_meta())
+                if options.get("precision") == "bf16":
+                    stack.enter_context(autocast_on_meta(torch.bfloat16))
+            tr = make_sd_trainer(config, b, options, device) if sd else make_trainer(config, b, options, device)
+            tr.step()  # warm: gradients and Adam states exist, as in every step but the first
+            static = static_bytes(tr)
+            per_batch[b] = {ph: measure_phase(tr, ph) for ph in PHASES}
     b0, b1 = batches
     rec = dict(
         bench="memory", config=config, mode=rung, options=options, batches=list(batches), device=device, static=static
@@ -362,9 +494,8 @@ def fit_batch_fsdp(rec: dict, capacity_gib: float, headroom_gib: float, world: i
     each phase's peak, is 1/world too. Not modelled: FSDP2's all-gather buffers of the block being run and the
     next one (for XXL about 0.7 GB at fp32), which the headroom has to cover."""
     st = rec["static"]
-    static = (
-        st["weights_teacher"] + st["weights_G_ema"] + (st["weights_G"] + st["weights_fake_score"] + st["adam"]) / world
-    )
+    sharded = st["weights_G"] + st["weights_fake_score"] + st["adam"]
+    static = st["total"] - st["grads"] - sharded * (1 - 1 / world)  # the rest (teacher, G_ema, text encoder) whole
     budget = (capacity_gib - headroom_gib) * GiB - static
     best = None
     for ph, trained in (("fake_score", "weights_fake_score"), ("generator", "weights_G")):
@@ -425,7 +556,11 @@ def main(**kw):
     names = [r for r, _ in RUNGS]
     wanted = a.rungs.split(",")
     for bad, known, flag in (
-        (set(configs) - set(CONFIGS) - set(EDM2_CONFIGS), [*CONFIGS, *EDM2_CONFIGS], "--configs"),
+        (
+            set(configs) - set(CONFIGS) - set(EDM2_CONFIGS) - set(SD_CONFIGS),
+            [*CONFIGS, *EDM2_CONFIGS, *SD_CONFIGS],
+            "--configs",
+        ),
         (set(wanted) - set(names), names, "--rungs"),
     ):
         if bad:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,3 +128,32 @@ def test_meta_step_of_the_digits_network_counts_what_the_phases_hold(tmp_path):
     # exp_avg and exp_avg_sq of G and of the fake score, and one fp32 step count per parameter tensor
     assert st["adam"] == 2 * (2 * n_params + len(params)) * F32
     assert st["grads"] == 0  # freed after each optimizer step
+
+
+def test_sd_accounting_on_meta_holds_what_a_cpu_run_holds():
+    """SiD-LSG's generator phase on a small SD UNet (attention over 256 tokens): on the meta device with attention as
+    CUDA runs it (memory-efficient kernel in fp32: output and log-sum-exp kept) the ledger counts what the same phase
+    holds on the CPU with real arithmetic (PyTorch's CPU flash attention keeps the same two), and less than with the
+    L x L weights of the math path."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from support.sd_tiny import TINY_UNET
+
+    unet = dict(TINY_UNET, sample_size=16, cross_attention_dim=768)
+    held = {}
+    for device, fused in (("meta", True), ("cpu", True), ("meta", False)):
+        with memory.cuda_attention_on_meta() if fused else contextlib.nullcontext():
+            small_text = dict(num_hidden_layers=1, intermediate_size=64, vocab_size=1000)
+            tr = memory.make_sd_trainer(
+                "sd15", 2, dict(precision="fp32"), device, unet_config=unet, text_config=small_text
+            )
+            tr.step()
+            held[device, fused] = memory.measure_phase(tr, "generator")["held"]
+    # Exactly, but for the memory-efficient kernel's dropout RNG state (two 8-byte tensors per call, which CUDA keeps
+    # too): three UNet calls per micro-batch (G, the fake score and the teacher; guidance doubles their batch).
+    from diffusers.models.attention_processor import Attention
+
+    calls = 3 * sum(isinstance(m, Attention) for m in tr.G.modules())
+    assert held["meta", True] - held["cpu", True] == 16 * calls
+    # The math path keeps each attention's 4 heads x 256 x 256 fp32 weights (and more): at least 1 MiB per call.
+    assert held["meta", False] - held["meta", True] >= 2**20

@@ -27,9 +27,11 @@ def seed_latents(seeds, shape) -> torch.Tensor:
 @torch.no_grad()
 def onestep_latents(unet, schedule, z: torch.Tensor, cond: torch.Tensor, init_timestep: int) -> torch.Tensor:
     """The generator's latents: the x0-prediction of `unet` at init_timestep on sqrt(1 - abar) z (fp32)."""
+    from sid_fast.t2i.sd import unet_model
+
     t = torch.full([z.shape[0]], int(init_timestep), dtype=torch.long, device=z.device)
     x = schedule.generator_input(z, t)
-    out = unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+    out = unet_model(unet)(x, t, cond)
     out = out.to(torch.promote_types(out.dtype, torch.float32))
     return schedule.x0(x, out, t)
 

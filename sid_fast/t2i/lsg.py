@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from sid_fast import ops, perf
-from sid_fast.t2i.sd import StableDiffusion, fake_score_loss_rows, guided_output
+from sid_fast.t2i.sd import StableDiffusion, fake_score_loss_rows, guided_output, map_cond, unet_kwargs
 from sid_fast.training.config import ConfigError
 from sid_fast.training.denoiser import FakeOutput
 from sid_fast.training.sid import SiDTrainer, TeacherSpec
@@ -90,8 +90,11 @@ class SDDenoiser:
         """call as fn(x, t, text embedding) -> the UNet's raw output (epsilon or v) in fp32."""
 
         def model(x, t, emb):
-            with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                out = call(x, t, emb, return_dict=False)[0]
+            # The meta device (bench.memory) has no autocast dispatch key: the bench emulates bf16 autocast there.
+            on = self.autocast is not None and x.device.type != "meta"
+            with torch.autocast("cpu" if x.device.type == "meta" else x.device.type, torch.bfloat16, enabled=on):
+                kw = unet_kwargs(emb)  # the call sites take (x, level, labels, **kw): text states in the labels' place
+                out = call(x, t, kw.pop("encoder_hidden_states"), **kw, return_dict=False)[0]
             return out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 -> fp32; fp32, fp64 kept
 
         return model
@@ -138,10 +141,12 @@ class SiDLSGTrainer(SiDTrainer):
                 "--precision fp16 with a Stable Diffusion teacher: the official --fp16 1 mode (fp16 weights and Adam "
                 "states) is not built; use --precision bf16 (fp32 master weights) or fp32."
             )
-        self.sd, self.prompts = sd, prompts
-        sd.text_encoder.to(device)
-        sd.vae.to("cpu")  # on the accelerator only while a snapshot decodes
-        self.uncond = sd.encode_text([""], device)  # [1, tokens, width], once
+        self.sd, self.prompts, self.device = sd, prompts, device
+        if sd.text_encoder is not None:
+            sd.text_encoder.to(device)
+        if sd.vae is not None:
+            sd.vae.to("cpu")  # on the accelerator only while a snapshot decodes
+        self.uncond = self.encode_prompts([""])  # [1, tokens, width], once
         self.drop_p = DROPOUT if (cfg.cfg_train_fake != 1 or cfg.cfg_eval_fake != 1) else 0.0
         spec = TeacherSpec(SD_CLASS, unet_config(sd.unet), {}, dict(folder=str(sd.folder)))
         super().__init__(cfg, device, sd.unet, spec, **kwargs)
@@ -176,11 +181,16 @@ class SiDLSGTrainer(SiDTrainer):
         b = self.cfg.batch_gpu
         idx = torch.randint(len(self.prompts), [b], device=self.device, generator=g)
         z = torch.randn(self.denoiser.image_shape(b), device=self.device, generator=g)
-        cond = self.sd.encode_text([self.prompts[i] for i in idx.tolist()], self.device)
+        meta = self.device.type == "meta"  # memory accounting: indices without values
+        cond = self.encode_prompts([""] * b if meta else [self.prompts[i] for i in idx.tolist()])
         if drop_p > 0:
             drop = torch.rand([b], device=self.device, generator=g) < drop_p
-            cond = torch.where(drop[:, None, None], self.uncond, cond)
+            cond = map_cond(lambda u, c: torch.where(drop.reshape(-1, *[1] * (c.ndim - 1)), u, c), self.uncond, cond)
         return z, cond
+
+    def encode_prompts(self, prompts: list[str]):
+        """The conditioning of prompts: the text encoder's last hidden states [N, tokens, width]."""
+        return self.sd.encode_text(prompts, self.device)
 
     def draw_z_labels(self, g):
         return self.draw_z_prompts(g, 0.0)
@@ -199,7 +209,7 @@ class SiDLSGTrainer(SiDTrainer):
         from sid_fast.t2i.export import onestep_latents, seed_latents
 
         z = seed_latents(seeds, self.denoiser.image_shape(1)[1:]).to(self.device)
-        cond = self.sd.encode_text(prompts, self.device)
+        cond = self.encode_prompts(prompts)
         return onestep_latents(self.G_ema, self.sd.schedule, z, cond, self.cfg.init_timestep)
 
     def snapshot(self):

@@ -107,21 +107,38 @@ class Schedule:
 
 
 def guided_output(model, x_t, t, cond, uncond, kappa: float):
-    """The output of `model(x, t, text embedding)` (a UNet's raw epsilon or v) with classifier-free guidance kappa:
-    one conditional call when kappa == 1, otherwise one call on the doubled batch [uncond, cond] and
-    out_u + kappa (out_c - out_u). cond, uncond: [N, tokens, dim] (uncond may be [1, tokens, dim], broadcast)."""
+    """The output of `model(x, t, conditioning)` (a UNet's raw epsilon or v) with classifier-free guidance kappa: one
+    conditional call when kappa == 1, otherwise one call on the doubled batch [uncond, cond] and
+    out_u + kappa (out_c - out_u). cond, uncond: text states [N, tokens, dim] or dicts of such tensors (SDXL's also
+    hold the pooled embedding and the size conditioning); uncond's batch may be 1 (broadcast)."""
     if kappa == 1:
         return model(x_t, t, cond)
-    n = x_t.shape[0]
-    emb = torch.cat([uncond.expand(n, -1, -1), cond])
-    out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), emb)
+    out = model(
+        torch.cat([x_t, x_t]), torch.cat([t, t]), map_cond(lambda u, c: torch.cat([u.expand_as(c), c]), uncond, cond)
+    )
     out_u, out_c = out.chunk(2)
     return out_u + kappa * (out_c - out_u)
 
 
+def map_cond(fn, *conds):
+    """fn applied entry by entry to conditionings (tensors, or dicts of tensors with the same keys)."""
+    if isinstance(conds[0], dict):
+        return {k: fn(*(c[k] for c in conds)) for k in conds[0]}
+    return fn(*conds)
+
+
 def unet_model(unet):
-    """A diffusers UNet2DConditionModel as model(x, t, text embedding) -> its raw output."""
-    return lambda x, t, emb: unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+    """A diffusers UNet2DConditionModel as model(x, t, conditioning) -> its raw output (see unet_kwargs)."""
+    return lambda x, t, cond: unet(x, t, **unet_kwargs(cond), return_dict=False)[0]
+
+
+def unet_kwargs(cond) -> dict:
+    """The UNet's keyword arguments of a conditioning: text states, or a dict {"encoder_hidden_states", and for SDXL
+    "text_embeds", "time_ids"} (diffusers' added_cond_kwargs)."""
+    if not isinstance(cond, dict):
+        return dict(encoder_hidden_states=cond)
+    extra = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
+    return dict(encoder_hidden_states=cond["encoder_hidden_states"], **({"added_cond_kwargs": extra} if extra else {}))
 
 
 def fake_score_loss_rows(schedule: Schedule, out, x0, eps, t):
@@ -205,6 +222,10 @@ class StableDiffusion:
     def encode_text(self, prompts: list[str], device=None) -> torch.Tensor:
         """[N, model_max_length, dim]: prompts padded to the tokenizer's maximum length and truncated beyond it, the
         text encoder's last hidden state."""
+        device = device or next(self.text_encoder.parameters()).device
+        if self.tokenizer is None:  # memory accounting on the meta device (bench.memory): token ids have no values
+            tokens = self.text_encoder.config.max_position_embeddings
+            return self.text_encoder(torch.zeros([len(prompts), tokens], dtype=torch.long, device=device))[0]
         ids = self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -212,7 +233,6 @@ class StableDiffusion:
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        device = device or next(self.text_encoder.parameters()).device
         return self.text_encoder(ids.to(device))[0]
 
 
