@@ -9,6 +9,7 @@ import copy
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -423,3 +424,33 @@ def test_ddp_and_fsdp_over_two_processes_equal_one_process(sd_folder, prompt_fil
                 travelled = (v - init[k]).abs().max().item()
                 assert (got[net][k] - v).abs().max().item() <= 0.02 * travelled + 1e-6, (fsdp, net, k)
     assert max((ref["G"][k] - v).abs().max().item() for k, v in init.items()) > 1e-4
+
+
+def test_the_sampling_cli_makes_the_same_image_for_a_prompt_and_seed_in_any_batch(sd_folder, prompt_file, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from sid_fast.t2i import sample
+    from sid_fast.t2i.export import save_unet_folder
+    from sid_fast.t2i.sd import load_sd
+
+    net = save_unet_folder(tmp_path / "g", load_sd(sd_folder).unet, init_timestep=625)
+    common = ["--network", str(net), "--teacher", str(sd_folder)]
+    r = CliRunner().invoke(sample.main, [*common, "--prompts", str(prompt_file), "--outdir", str(tmp_path / "a"),
+                                         "--batch", "2", "--grid", str(tmp_path / "grid.png")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [f"{i:06d}.png" for i in range(len(PROMPTS))]
+    assert (tmp_path / "grid.png").is_file()
+    # Line 3 alone (seed 3), in a batch of its own: the same pixels.
+    r = CliRunner().invoke(sample.main, [*common, "--prompts", str(prompt_file), "--seeds", "3", "--outdir",
+                                         str(tmp_path / "b")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    a, b = (np.asarray(Image.open(tmp_path / d / "000003.png")) for d in ("a", "b"))
+    assert a.shape == (16, 16, 3) and np.abs(a.astype(int) - b.astype(int)).max() <= 1  # batch-size round-off
+    for args, message in (
+        ([], "give one of --prompt TEXT or --prompts FILE"),
+        (["--prompts", str(prompt_file), "--seeds", "5"], "seed 5 has no line in"),
+        (["--prompt", "a cat", "--network", str(tmp_path)], "not a sid_fast text-to-image generator folder"),
+    ):
+        r = CliRunner().invoke(sample.main, [*common, *args, "--outdir", str(tmp_path / "c")])
+        assert r.exit_code != 0 and message in r.output, (args, r.output)

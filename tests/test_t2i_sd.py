@@ -164,6 +164,12 @@ def test_prompt_files(tmp_path):
     p = tmp_path / "prompts.txt"
     p.write_text("a cat\n\n  a dog  \n")
     assert read_prompts(p) == ["a cat", "a dog"]
+    # CRLF, whitespace-only lines, non-ASCII text, no final newline: what str.splitlines and strip keep.
+    text = "  \t \r\nune crêpe au café\r\n\n\x0b\n猫が座っている\n a\tb \nlast line"
+    p.write_bytes(text.encode())
+    want = [s.strip() for s in text.split("\n") if s.strip()]
+    got = read_prompts(p)
+    assert len(got) == 4 and list(got) == want and got[-1] == "last line" and got[1] == "猫が座っている"
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(SDError, match=r"empty.txt: the prompt file holds no prompt"):
         read_prompts(tmp_path / "empty.txt")

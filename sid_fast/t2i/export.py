@@ -31,7 +31,8 @@ def onestep_latents(unet, schedule, z: torch.Tensor, cond: torch.Tensor, init_ti
 
     t = torch.full([z.shape[0]], int(init_timestep), dtype=torch.long, device=z.device)
     x = schedule.generator_input(z, t)
-    out = unet_model(unet)(x, t, cond)
+    dtype = next(unet.parameters()).dtype  # a UNet cast to fp16/bf16 for sampling: its inputs too, x0 in fp32
+    out = unet_model(unet)(x.to(dtype), t, cond.to(dtype))
     out = out.to(torch.promote_types(out.dtype, torch.float32))
     return schedule.x0(x, out, t)
 

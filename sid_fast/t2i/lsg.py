@@ -199,6 +199,14 @@ class SiDLSGTrainer(SiDTrainer):
         z, cond = self.draw_z_prompts(g, self.drop_p)
         return z, cond, None
 
+    def describe(self) -> str:
+        cfg = self.cfg
+        return (
+            f"SiD-LSG: alpha {cfg.alpha}, t in [{cfg.tmin}, {cfg.tmax}), init_timestep {cfg.init_timestep}, guidance "
+            f"kappa1 {cfg.cfg_train_fake:g} / kappa2 {cfg.cfg_eval_fake:g} / kappa4 {cfg.cfg_eval_real:g}, prompt "
+            f"dropout {self.drop_p:g}"
+        )
+
     def conditioning(self) -> str:
         return f"prompts of {self.cfg.data_prompt_text} ({len(self.prompts)})"
 

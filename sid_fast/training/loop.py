@@ -100,7 +100,7 @@ def train(tr) -> str:
     times["eta"] = tickstats.Eta(total_nimg, start_nimg, times["start"])
     tr.log(
         f"Training for {cfg.duration * 1000:g} kimg: batch {cfg.batch} = {tr.world} processes x "
-        f"{tr.rounds} rounds x {cfg.batch_gpu}; alpha {cfg.alpha}, tmax {cfg.tmax}, init_sigma {cfg.init_sigma}."
+        f"{tr.rounds} rounds x {cfg.batch_gpu}; {tr.describe()}."
     )
     while True:
         tr.step()

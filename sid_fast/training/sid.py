@@ -191,6 +191,11 @@ class SiDTrainer:
         self.log(f"Class labels: drawn with the label frequencies of --data {self.cfg.data} ({len(table)} images).")
         return table
 
+    def describe(self) -> str:
+        """The algorithm's settings for the log."""
+        cfg = self.cfg
+        return f"alpha {cfg.alpha}, tmax {cfg.tmax}, init_sigma {cfg.init_sigma}"
+
     def conditioning(self) -> str:
         """What the generator is conditioned on (the log and training_options.json)."""
         if not self.G.label_dim:

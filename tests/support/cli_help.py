@@ -36,6 +36,7 @@ TOOLS = {
     "hub-convert": ["-m", "sid_fast.hub", "convert"],
     "hub-push": ["-m", "sid_fast.hub", "push"],
     "hub-download": ["-m", "sid_fast.hub", "download"],
+    "t2i-sample": ["-m", "sid_fast.t2i.sample"],
     "bench-kernels": ["-m", "bench.kernels"],
     "bench-train_step": ["-m", "bench.train_step"],
     "bench-memory": ["-m", "bench.memory"],

@@ -1,0 +1,113 @@
+"""One-step text-to-image sampling with a SiD-LSG generator (a snapshot folder of `train.py` with a Stable Diffusion
+teacher, or any folder sid_fast.t2i.export wrote) and its teacher's text encoder and VAE.
+
+    python -m sid_fast.t2i.sample --network runs/.../network-snapshot-XXXXXXXXXXXX --teacher stable-diffusion-v1-5 \
+        --prompt "a photo of a cat" --seeds 0-15 --outdir out --grid grid.png
+    torchrun --standalone --nproc_per_node=8 -m sid_fast.t2i.sample --network ... --teacher ... \
+        --prompts captions.txt --outdir coco30k                  # image i: caption line i, seed i (00000i.png)
+
+Image i's latents are the generator's x0-prediction at its init timestep on sqrt(1 - abar) z with z from
+torch.Generator().manual_seed(seed) (sid_fast.t2i.export.seed_latents), so an image depends on its prompt and seed
+only: not on the batch, the device count or the rank that made it. With torchrun every rank makes every world-th
+image. The official evaluation (generate_onestep.py) likewise gives caption i seed i.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+
+from sid_fast import dist
+from sid_fast.progress import Timer
+from sid_fast.sample import parse_int_list
+from sid_fast.sampling import image_grid, save_image
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def jobs(prompt: str | None, prompts_file: str | None, seeds: str | None) -> list[tuple[int, str, int]]:
+    """(index, prompt, seed) of every image: one prompt for every seed, or line i of a file with seed i (--seeds
+    then selects lines by index)."""
+    from sid_fast.t2i.sd import SDError, read_prompts
+
+    if (prompt is None) == (prompts_file is None):
+        raise click.UsageError("give one of --prompt TEXT or --prompts FILE.")
+    if prompt is not None:
+        return [(i, prompt, s) for i, s in enumerate(parse_int_list(seeds or "0-15"))]
+    try:
+        lines = read_prompts(prompts_file)
+    except SDError as e:
+        raise click.BadParameter(str(e), param_hint="--prompts") from None
+    idx = parse_int_list(seeds) if seeds else list(range(len(lines)))
+    if idx and max(idx) >= len(lines):
+        raise click.BadParameter(
+            f"seed {max(idx)} has no line in {prompts_file} ({len(lines)} lines).", param_hint="--seeds"
+        )
+    return [(i, lines[i], i) for i in idx]
+
+
+@torch.no_grad()
+def generate(network, teacher, todo, outdir: Path, batch: int, dtype, device, grid=None, log=print) -> int:
+    """Write outdir/<index, 6 digits>.png for this rank's share of `todo`; returns how many it wrote."""
+    from sid_fast.t2i.export import decode, load_unet_folder, onestep_latents, seed_latents
+    from sid_fast.t2i.sd import load_sd
+
+    unet, meta = load_unet_folder(network, device)
+    unet.to(dtype)
+    sd = load_sd(teacher, device="cpu")
+    sd.text_encoder.to(device)
+    if sd.latent_channels != unet.config.in_channels:
+        raise click.BadParameter(
+            f"{teacher}: its latents have {sd.latent_channels} channels, the generator's {unet.config.in_channels}.",
+            param_hint="--teacher",
+        )
+    mine = todo[dist.rank() :: dist.world_size()]
+    outdir.mkdir(parents=True, exist_ok=True)
+    shape = [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]
+    timer, written = Timer(), []
+    for k in range(0, len(mine), batch):
+        part = mine[k : k + batch]
+        z = seed_latents([s for _, _, s in part], shape).to(device)
+        cond = sd.encode_text([p for _, p, _ in part], device)
+        images = decode(sd.vae, onestep_latents(unet, sd.schedule, z, cond, meta["init_timestep"]), device)
+        for (i, _, _), img in zip(part, images):
+            save_image(img.permute(1, 2, 0).numpy(), outdir / f"{i:06d}.png")
+            written.append(img)
+    log(f"rank {dist.rank()}: {len(mine)} images in {timer.seconds:.1f} s -> {outdir}")
+    if grid is not None and dist.rank() == 0 and written:
+        save_image(image_grid(torch.stack(written[:64])), grid)
+    return len(mine)
+
+
+@click.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.option("--network", help="Generator folder (a SiD-LSG snapshot)", metavar="DIR", required=True)
+@click.option(
+    "--teacher", help="The teacher's Stable Diffusion folder (text encoder, VAE)", metavar="DIR", required=True
+)
+@click.option("--prompt", help="One prompt for every seed", metavar="TEXT", type=str)
+@click.option("--prompts", "prompts_file", help="Prompt file: image i from line i with seed i", metavar="FILE")
+@click.option("--seeds", help="Seeds (--prompt; default 0-15) or line indices (--prompts; default all)", metavar="LIST")
+@click.option("--outdir", help="Where to write the images", metavar="DIR", required=True)
+@click.option("--batch", help="Images per UNet call", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--dtype", help="UNet weights for sampling", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True
+)
+@click.option("--grid", help="Also save the first 64 images as one PNG", metavar="PNG")
+def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, dtype, grid):
+    """One-step text-to-image sampling with a SiD-LSG generator."""
+    from sid_fast.checkpoints import CheckpointError
+    from sid_fast.t2i.sd import SDError
+
+    todo = jobs(prompt, prompts_file, seeds)
+    device = dist.init()
+    try:
+        generate(network, teacher, todo, Path(outdir), batch, DTYPES[dtype], device, grid=grid)
+    except (SDError, CheckpointError) as e:
+        raise click.ClickException(str(e)) from None
+    dist.finish()
+
+
+if __name__ == "__main__":
+    main()
