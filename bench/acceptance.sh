@@ -90,6 +90,14 @@ else
     --out "$out/train_step_cifar10.jsonl"
   step memory 90 $py -m bench.memory --device cuda --configs cifar10 --rungs reference,bf16,+kernels,+ckpt_nets \
     --batches 8,16 --out "$out/memory.jsonl"
+  # SiD-LSG at SD 1.5's official shapes (random weights; 512 px, kappa 2): the meta device's byte counts against
+  # torch.cuda.max_memory_allocated, for the fast path's bf16 and recomputing rungs.
+  if [ $((budget - SECONDS)) -gt 300 ]; then
+    step memory_sd15 150 $py -m bench.memory --device cuda --configs sd15 --rungs bf16,+ckpt_selective \
+      --batches 2,4 --out "$out/memory_sd15.jsonl"
+  else
+    skip memory_sd15 "under 300 s of the budget left"
+  fi
   if [ $((budget - SECONDS)) -gt 150 ]; then
     step ladder_imagenet64 120 $py -m bench.train_step --config imagenet64 --batch-gpu 32 --steps 5 --warmup 2 \
       --rungs reference,bf16,+channels_last,+kernels,+checkpointing --out "$out/train_step_imagenet64.jsonl"

@@ -142,19 +142,23 @@ def memory_markdown(recs: list[dict]) -> str:
     MiB, GiB = 2**20, 2**30
     rows = [
         "| config | rung | generator held MiB/img | vs reference | saved (hooks) MiB/img | backward peak MiB/img "
-        "+ per batch | fake-score phase held MiB/img | recompute FLOPs | static GiB | batch-gpu fits 80 / 141 GB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "+ per batch | fake-score phase held MiB/img | step GFLOP/img | recompute FLOPs | static GiB | batch-gpu fits "
+        "80 / 141 GB | with FSDP x8 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:
         g, f, d = r["generator"], r["fake_score"], r.get("derived", {})
         ratio = (d.get("held_vs_reference") or {}).get("generator")
         fits = d.get("batch_gpu_fits", {})
+        sharded = d.get("batch_gpu_fits_fsdp", {})
+        gflop = d.get("step_flops_per_image", float("nan")) / 1e9
         rows.append(
             f"| {r['config']} | {r['mode']} | {g['held']['per_image'] / MiB:.1f} | {_fmt(ratio, '.3f')}x | "
             f"{g['saved']['per_image'] / MiB:.1f} | {g['bwd_peak']['per_image'] / MiB:.1f} + "
-            f"{g['bwd_peak']['intercept'] / MiB:.0f} | {f['held']['per_image'] / MiB:.1f} | "
+            f"{g['bwd_peak']['intercept'] / MiB:.0f} | {f['held']['per_image'] / MiB:.1f} | {gflop:.1f} | "
             f"{_fmt(100 * d.get('recompute_flops_fraction', float('nan')), '.1f')}% | "
-            f"{r['static']['total'] / GiB:.2f} | {fits.get('80GB', 'n/a')} / {fits.get('141GB', 'n/a')} |"
+            f"{r['static']['total'] / GiB:.2f} | {fits.get('80GB', 'n/a')} / {fits.get('141GB', 'n/a')} | "
+            f"{sharded.get('80GB x8', 'n/a')} / {sharded.get('141GB x8', 'n/a')} |"
         )
     return "\n".join(rows)
 
