@@ -1,7 +1,7 @@
 """Exact memory accounting of a SiD step, on the CPU: bytes held for backward, peaks, static bytes, recompute FLOPs.
 
     python -m bench.memory                                   # cifar10, ffhq64, imagenet64; every rung
-    python -m bench.memory --configs cifar10 --rungs reference,+kernels --batches 2,4
+    python -m bench.memory --configs cifar10 --rungs reference,+kernels --batches 32,64
     python -m bench.memory --device cuda --configs cifar10 --batches 8,16    # prediction vs the CUDA allocator
 
 Memory depends on shapes and dtypes, not on the device, so the trainer's own phases (`SiDTrainer.fake_score_phase`,
@@ -22,7 +22,11 @@ Triton kernel ops run their shape functions, and a full ImageNet-64 step takes s
   are not packed either: `held` is the complete figure, `saved` the classic one.
 
 Each quantity is measured at two batch sizes per GPU and reported per image (the slope) and per batch (the
-intercept: weight casts, per-layer bf16 copies, the trained network's gradients). Static bytes are counted after a
+intercept: weight casts, per-layer bf16 copies, the trained network's gradients). The meta device takes the same time
+at any batch, so measure where the activations dominate (default 32 and 64): at small batches a per-batch constant
+(the trained network's fp32 gradients, late in backward) can set the phase's peak, and a line through two such
+points underestimates the peak at large batches (a record whose peak grows slower per image than the bytes held
+when backward starts is flagged `peak_regime_warning` and printed). Static bytes are counted after a
 warm step: the parameters and buffers of the four networks, the gradients that outlive their phase and the Adam
 states. FLOPs per phase come from torch.utils.flop_counter (with formulas for the Triton attention op); a
 checkpointing policy's recomputation is the difference to the same rung without it. The largest batch-gpu that fits
@@ -470,6 +474,7 @@ def measure(config: str, rung: str, options: dict, batches: tuple[int, int], dev
             owners_ = set(m0[q]) | set(m1[q])
             d[q + "_per_image"] = {o: (m1[q].get(o, 0) - m0[q].get(o, 0)) / (b1 - b0) for o in sorted(owners_)}
         d["flops_per_image"] = (m1["flops"] - m0["flops"]) / (b1 - b0)
+        d["peak_regime_warning"] = d["peak"]["per_image"] < 0.99 * d["held"]["per_image"]
         if m0["measured_peak"] is not None:  # CUDA: torch.cuda.max_memory_allocated over the phase, at both batches
             d["measured_peak_at"] = [m0["measured_peak"], m1["measured_peak"]]
             d["measured_vs_predicted_peak"] = [m["measured_peak"] / m["peak"] for m in (m0, m1)]
@@ -539,7 +544,9 @@ def add_derived(records: list[dict], headroom_gib: float) -> None:
 @command(__doc__)
 @click.option("--configs", default=",".join(CONFIGS), show_default=True)
 @click.option("--rungs", default=",".join(r for r, _ in RUNGS), show_default=True)
-@click.option("--batches", default="2,4", show_default=True, help="two batch-gpu sizes: slope per image and intercept")
+@click.option(
+    "--batches", default="32,64", show_default=True, help="two batch-gpu sizes: slope per image and intercept"
+)
 @click.option("--headroom-gib", "headroom_gib", type=float, default=2.0, show_default=True)
 @click.option(
     "--device",
@@ -590,6 +597,10 @@ def main(**kw):
                 f"GiB ({rec['wall_s']:.0f} s)",
                 flush=True,
             )
+            for ph in PHASES:
+                if rec[ph]["peak_regime_warning"]:
+                    print(f"{'':<27}warning: the {ph} phase's peak grows slower than its held bytes between batches "
+                          f"{a.batches}: a per-batch constant sets it there; measure at larger --batches.")  # fmt: skip
             if "measured_vs_predicted_peak" in g:
                 print(
                     f"{'':<27}generator peak: torch.cuda.max_memory_allocated / predicted = "

@@ -126,12 +126,8 @@ RUN_ONLY_FIELDS = frozenset(
         "official_teacher", "official_data", "needs_sid_model",
     }
 )  # fmt: skip
-FILE_FIELDS = (
-    "teacher",
-    "data",
-    "sid_model",
-    "data_prompt_text",
-)  # compared by file name: a moved or downloaded copy is the same input
+# Compared by file name: a moved or downloaded copy is the same input.
+FILE_FIELDS = ("teacher", "data", "sid_model", "data_prompt_text")
 
 
 def identity(cfg_json: dict) -> dict:
