@@ -447,6 +447,12 @@ def test_the_sampling_cli_makes_the_same_image_for_a_prompt_and_seed_in_any_batc
     assert r.exit_code == 0, r.output
     a, b = (np.asarray(Image.open(tmp_path / d / "000003.png")) for d in ("a", "b"))
     assert a.shape == (16, 16, 3) and np.abs(a.astype(int) - b.astype(int)).max() <= 1  # batch-size round-off
+    # --resolution: PIL's LANCZOS resize of the decoded image (the official FID-30k evaluates at 256).
+    r = CliRunner().invoke(sample.main, [*common, "--prompts", str(prompt_file), "--seeds", "3", "--resolution", "8",
+                                         "--outdir", str(tmp_path / "r")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    small = np.asarray(Image.open(tmp_path / "r" / "000003.png"))
+    assert np.array_equal(small, np.asarray(Image.fromarray(b).resize((8, 8), Image.LANCZOS)))
     for args, message in (
         ([], "give one of --prompt TEXT or --prompts FILE"),
         (["--prompts", str(prompt_file), "--seeds", "5"], "seed 5 has no line in"),

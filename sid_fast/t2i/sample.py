@@ -4,7 +4,7 @@ teacher, or any folder sid_fast.t2i.export wrote) and its teacher's text encoder
     python -m sid_fast.t2i.sample --network runs/.../network-snapshot-XXXXXXXXXXXX --teacher stable-diffusion-v1-5 \
         --prompt "a photo of a cat" --seeds 0-15 --outdir out --grid grid.png
     torchrun --standalone --nproc_per_node=8 -m sid_fast.t2i.sample --network ... --teacher ... \
-        --prompts captions.txt --outdir coco30k                  # image i: caption line i, seed i (00000i.png)
+        --prompts captions.txt --outdir coco30k --resolution 256  # image i: caption line i, seed i (00000i.png)
 
 Image i's latents are the generator's x0-prediction at its init timestep on sqrt(1 - abar) z with z from
 torch.Generator().manual_seed(seed) (sid_fast.t2i.export.seed_latents), so an image depends on its prompt and seed
@@ -49,8 +49,11 @@ def jobs(prompt: str | None, prompts_file: str | None, seeds: str | None) -> lis
 
 
 @torch.no_grad()
-def generate(network, teacher, todo, outdir: Path, batch: int, dtype, device, grid=None, log=print) -> int:
-    """Write outdir/<index, 6 digits>.png for this rank's share of `todo`; returns how many it wrote."""
+def generate(
+    network, teacher, todo, outdir: Path, batch: int, dtype, device, grid=None, resolution=None, log=print
+) -> int:
+    """Write outdir/<index, 6 digits>.png for this rank's share of `todo` (resized to `resolution` with PIL's LANCZOS
+    when given, as the official FID-30k evaluates 512-pixel images at 256); returns how many it wrote."""
     from sid_fast.t2i.export import decode, load_unet_folder, onestep_latents, seed_latents
     from sid_fast.t2i.sd import load_sd
 
@@ -73,7 +76,15 @@ def generate(network, teacher, todo, outdir: Path, batch: int, dtype, device, gr
         cond = sd.encode_text([p for _, p, _ in part], device)
         images = decode(sd.vae, onestep_latents(unet, sd.schedule, z, cond, meta["init_timestep"]), device)
         for (i, _, _), img in zip(part, images):
-            save_image(img.permute(1, 2, 0).numpy(), outdir / f"{i:06d}.png")
+            pixels = img.permute(1, 2, 0).numpy()
+            if resolution is not None and resolution != pixels.shape[0]:
+                import numpy as np
+                import PIL.Image
+
+                pic = PIL.Image.fromarray(pixels).resize((resolution, resolution), PIL.Image.LANCZOS)
+                pixels = np.asarray(pic)
+                img = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+            save_image(pixels, outdir / f"{i:06d}.png")
             written.append(img)
     log(f"rank {dist.rank()}: {len(mine)} images in {timer.seconds:.1f} s -> {outdir}")
     if grid is not None and dist.rank() == 0 and written:
@@ -95,7 +106,10 @@ def generate(network, teacher, todo, outdir: Path, batch: int, dtype, device, gr
     "--dtype", help="UNet weights for sampling", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True
 )
 @click.option("--grid", help="Also save the first 64 images as one PNG", metavar="PNG")
-def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, dtype, grid):
+@click.option(
+    "--resolution", help="Save the images resized to this side (PIL LANCZOS; FID-30k: 256)", type=click.IntRange(min=8)
+)
+def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, dtype, grid, resolution):
     """One-step text-to-image sampling with a SiD-LSG generator."""
     from sid_fast.checkpoints import CheckpointError
     from sid_fast.t2i.sd import SDError
@@ -103,7 +117,7 @@ def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, dtype, gr
     todo = jobs(prompt, prompts_file, seeds)
     device = dist.init()
     try:
-        generate(network, teacher, todo, Path(outdir), batch, DTYPES[dtype], device, grid=grid)
+        generate(network, teacher, todo, Path(outdir), batch, DTYPES[dtype], device, grid=grid, resolution=resolution)
     except (SDError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     dist.finish()

@@ -37,6 +37,7 @@ TOOLS = {
     "hub-push": ["-m", "sid_fast.hub", "push"],
     "hub-download": ["-m", "sid_fast.hub", "download"],
     "t2i-sample": ["-m", "sid_fast.t2i.sample"],
+    "clip-score": ["-m", "sid_fast.metrics.clip_score"],
     "bench-kernels": ["-m", "bench.kernels"],
     "bench-train_step": ["-m", "bench.train_step"],
     "bench-memory": ["-m", "bench.memory"],
