@@ -61,6 +61,7 @@ def generate(
     unet.to(dtype)
     sd = load_sd(teacher, device="cpu")
     sd.text_encoder.to(device)
+    sd.vae.to(device)  # for the whole run (decode() moves it only when it is elsewhere)
     if sd.latent_channels != unet.config.in_channels:
         raise click.BadParameter(
             f"{teacher}: its latents have {sd.latent_channels} channels, the generator's {unet.config.in_channels}.",
