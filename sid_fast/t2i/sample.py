@@ -59,7 +59,7 @@ def generate(
 
     unet, meta = load_unet_folder(network, device)
     unet.to(dtype)
-    sd = load_sd(teacher, device="cpu")
+    sd = load_sd(teacher, device="cpu", unet=False)  # the generator replaces the teacher's UNet
     sd.text_encoder.to(device)
     sd.vae.to(device)  # for the whole run (decode() moves it only when it is elsewhere)
     if sd.latent_channels != unet.config.in_channels:

@@ -236,9 +236,19 @@ class StableDiffusion:
         return self.text_encoder(ids.to(device))[0]
 
 
-def load_sd(folder, device="cpu", dtype=torch.float32) -> StableDiffusion:
+class _ConfigOnly:
+    """A UNet's config without its weights (load_sd(unet=False))."""
+
+    def __init__(self, config: dict):
+        import types
+
+        self.config = types.SimpleNamespace(**config)
+
+
+def load_sd(folder, device="cpu", dtype=torch.float32, unet: bool = True) -> StableDiffusion:
     """The components of a local diffusers Stable Diffusion folder, checked against each other; every fault is one
-    SDError sentence naming the folder."""
+    SDError sentence naming the folder. unet=False leaves the UNet out (sampling a distilled generator needs only the
+    text encoder, the VAE and the schedule): its config is read for the checks, its weights are not."""
     p = check_folder(folder)
     try:
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -246,7 +256,10 @@ def load_sd(folder, device="cpu", dtype=torch.float32) -> StableDiffusion:
     except ImportError as e:
         raise SDError(f"{p}: Stable Diffusion teachers need diffusers and transformers ({e}).") from None
     try:
-        unet = UNet2DConditionModel.from_pretrained(str(p), subfolder="unet", torch_dtype=dtype)
+        if unet:
+            unet = UNet2DConditionModel.from_pretrained(str(p), subfolder="unet", torch_dtype=dtype)
+        else:  # the config only, as an object with .config (no weights read)
+            unet = _ConfigOnly(UNet2DConditionModel.load_config(str(p), subfolder="unet"))
         vae = AutoencoderKL.from_pretrained(str(p), subfolder="vae", torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(str(p), subfolder="text_encoder", torch_dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(str(p), subfolder="tokenizer")
@@ -267,7 +280,8 @@ def load_sd(folder, device="cpu", dtype=torch.float32) -> StableDiffusion:
             f"width {unet.config.cross_attention_dim}."
         )
     for m in (unet, vae, text_encoder):
-        m.to(device).eval().requires_grad_(False)
+        if isinstance(m, torch.nn.Module):
+            m.to(device).eval().requires_grad_(False)
     return StableDiffusion(unet, vae, text_encoder, tokenizer, schedule, p)
 
 
