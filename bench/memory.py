@@ -166,10 +166,10 @@ class Ledger(TorchDispatchMode):
 
 class FlopCount(TorchDispatchMode):
     """FLOPs of the ops torch.utils.flop_counter has formulas for (convolutions, matmuls, attention, and the Triton
-    attention ops registered in this module), summed. torch's FlopCounterMode gives the same totals (checked on CIFAR-10's
-    reference, bf16 + kernels + selective and nets rungs and on a small SD UNet) but tracks modules with hooks that
-    keep tensors alive into backward: under it the ledger counted SD 1.5's checkpointed generator phase at 9.9 GiB
-    instead of 3.5 (batch 2), and EDM's checkpointed rungs too high."""
+    attention ops registered in this module), summed. torch's FlopCounterMode gives the same totals (checked on
+    CIFAR-10's reference, bf16 + kernels + selective and nets rungs and on a small SD UNet) but tracks modules with
+    hooks that keep tensors alive into backward: under it the ledger counted SD 1.5's checkpointed generator phase at
+    9.9 GiB instead of 3.5 (batch 2), and EDM's checkpointed rungs too high."""
 
     def __init__(self):
         super().__init__()
