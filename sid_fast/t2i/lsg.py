@@ -55,6 +55,15 @@ def unet_config(unet) -> dict:
     return {k: plain(v) for k, v in dict(unet.config).items() if not k.startswith("_")}
 
 
+def check_precision(cfg) -> None:
+    """The official --fp16 1 mode (fp16 weights and Adam states) is not built: refused in one sentence."""
+    if cfg.precision == "fp16":
+        raise ConfigError(
+            "--precision fp16: the official --fp16 1 mode (fp16 weights and Adam states) is not built for Stable "
+            "Diffusion teachers; use --precision bf16 (fp32 master weights) or fp32."
+        )
+
+
 class SDDenoiser:
     """A Stable Diffusion UNet behind the SiD loop's denoiser seam (sid_fast.training.denoiser): levels are integer
     timesteps, labels are text embeddings [N, 77, width], outputs are read as x0-predictions in fp32."""
@@ -136,11 +145,7 @@ class SiDLSGTrainer(SiDTrainer):
     sid_fast.training.run.build_trainer, which loads the folder and the prompt file."""
 
     def __init__(self, cfg, device, sd: StableDiffusion, prompts: list[str], **kwargs):
-        if cfg.precision == "fp16":
-            raise ConfigError(
-                "--precision fp16 with a Stable Diffusion teacher: the official --fp16 1 mode (fp16 weights and Adam "
-                "states) is not built; use --precision bf16 (fp32 master weights) or fp32."
-            )
+        check_precision(cfg)
         self.sd, self.prompts, self.device = sd, prompts, device
         if sd.text_encoder is not None:
             sd.text_encoder.to(device)

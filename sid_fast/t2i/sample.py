@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import numpy as np
+import PIL.Image
 import torch
 
 from sid_fast import dist
@@ -79,14 +81,12 @@ def generate(
         for (i, _, _), img in zip(part, images):
             pixels = img.permute(1, 2, 0).numpy()
             if resolution is not None and resolution != pixels.shape[0]:
-                import numpy as np
-                import PIL.Image
-
                 pic = PIL.Image.fromarray(pixels).resize((resolution, resolution), PIL.Image.LANCZOS)
                 pixels = np.asarray(pic)
                 img = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
             save_image(pixels, outdir / f"{i:06d}.png")
-            written.append(img)
+            if len(written) < 64:  # the grid's images only: a rank's share of 30k images would not fit in memory
+                written.append(img)
     log(f"rank {dist.rank()}: {len(mine)} images in {timer.seconds:.1f} s -> {outdir}")
     if grid is not None and dist.rank() == 0 and written:
         save_image(image_grid(torch.stack(written[:64])), grid)

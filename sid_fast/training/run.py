@@ -198,11 +198,11 @@ def check_not_sd_flags(cfg: TrainConfig) -> None:
 
 def load_sd_inputs(cfg: TrainConfig):
     """(StableDiffusion, prompts) of a SiD-LSG run, checked against the flags; one ConfigError naming the flag."""
+    from sid_fast.t2i.lsg import check_precision
     from sid_fast.t2i.sd import SDError, load_sd, read_prompts
 
+    check_precision(cfg)
     for flag, value, why in (
-        ("--precision", cfg.precision == "fp16", "the official --fp16 1 mode (fp16 weights and Adam states) is not "
-         "built for Stable Diffusion teachers; use --precision bf16 (fp32 master weights) or fp32"),
         ("--method", cfg.method != "sid", "SiDA with a Stable Diffusion teacher is not built"),
         ("--data", cfg.data is not None, "SiD-LSG is data-free: prompts come from --data_prompt_text"),
         ("--sid-model", cfg.sid_model is not None, "starting G from a distilled UNet is not built"),
