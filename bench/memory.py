@@ -509,13 +509,13 @@ def fit_batch(rec: dict, capacity_gib: float, headroom_gib: float) -> int:
 
 
 def fit_batch_fsdp(rec: dict, capacity_gib: float, headroom_gib: float, world: int) -> int:
-    """fit_batch under --fsdp over `world` GPUs, derived from the same measurement: G, the fake score and their Adam
-    states are 1/world per GPU (teacher and G_ema stay whole), and the trained network's gradient, counted whole in
-    each phase's peak, is 1/world too. Not modelled: FSDP2's all-gather buffers of the block being run and the
-    next one (for XXL about 0.7 GB at fp32), which the headroom has to cover."""
+    """fit_batch under --fsdp over `world` GPUs, derived from the same measurement: the teacher, G, the fake score and
+    their Adam states are 1/world per GPU (G_ema and the text encoder stay whole), and the trained network's gradient,
+    counted whole in each phase's peak, is 1/world too. Not modelled: FSDP2's all-gather buffers of the block being
+    run and the next one (for XXL about 0.7 GB at fp32), which the headroom has to cover."""
     st = rec["static"]
-    sharded = st["weights_G"] + st["weights_fake_score"] + st["adam"]
-    static = st["total"] - st["grads"] - sharded * (1 - 1 / world)  # the rest (teacher, G_ema, text encoder) whole
+    sharded = st["weights_teacher"] + st["weights_G"] + st["weights_fake_score"] + st["adam"]
+    static = st["total"] - st["grads"] - sharded * (1 - 1 / world)  # the rest (G_ema, text encoder) whole
     budget = (capacity_gib - headroom_gib) * GiB - static
     best = None
     for ph, trained in (("fake_score", "weights_fake_score"), ("generator", "weights_G")):

@@ -85,7 +85,8 @@ def _worker(rank, world, port, out_dir, case, teacher, data):
     with gloo_process(rank, world, port):
         tr = damp_adam(build_trainer(_cfg(case, teacher, fsdp=True, **data), torch.device("cpu"), log=lambda *a: None))
         assert tr.world == world  # really distributed
-        assert tr.par.fsdp and all(hasattr(p, "full_tensor") for p in tr.G.parameters() if p.ndim)  # sharded
+        for net in (tr.G, tr.fake, tr.teacher):  # sharded, the frozen teacher too
+            assert tr.par.fsdp and all(hasattr(p, "full_tensor") for p in net.parameters() if p.ndim)
         tr.step()
         tr.run_dir = Path(out_dir)
         path = tr.save_state()  # collective: a sharded state, each rank writes its shards

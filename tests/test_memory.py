@@ -157,3 +157,20 @@ def test_sd_accounting_on_meta_holds_what_a_cpu_run_holds():
     assert held["meta", True] - held["cpu", True] == 16 * calls
     # The math path keeps each attention's 4 heads x 256 x 256 fp32 weights (and more): at least 1 MiB per call.
     assert held["meta", False] - held["meta", True] >= 2**20
+
+
+def test_fsdp_fit_divides_the_sharded_networks_and_the_gradient_by_the_gpu_count():
+    """fit_batch_fsdp from a record written by hand: the teacher, G, the fake score and the Adam states are 1/world per
+    GPU, G_ema and the text encoder whole, each phase's peak keeps its batch-independent part except the trained
+    network's gradient, which is 1/world too."""
+    GiB = memory.GiB
+    st = dict(weights_teacher=4 * GiB, weights_G=8 * GiB, weights_fake_score=8 * GiB, weights_G_ema=8 * GiB,
+              weights_text_encoder=1 * GiB, adam=32 * GiB, grads=0)  # fmt: skip
+    st["total"] = sum(st.values())
+    rec = dict(static=st, fake_score=dict(peak=dict(per_image=GiB, intercept=8 * GiB)),
+               generator=dict(peak=dict(per_image=2 * GiB, intercept=8 * GiB)))  # fmt: skip
+    # One GPU: 61 GiB static; 80 - 2 headroom - 61 = 17 GiB; generator: (17 - 8) / 2 = 4 images.
+    assert memory.fit_batch(rec, 80, 2) == 4
+    # 8 GPUs: 9 GiB whole + 52 / 8 sharded = 15.5 GiB; 62.5 GiB for the phases; generator (62.5 - 1) / 2 = 30.
+    assert memory.fit_batch_fsdp(rec, 80, 2, 8) == 30
+    assert memory.fit_batch_fsdp(rec, 80, 2, 1) == memory.fit_batch(rec, 80, 2)

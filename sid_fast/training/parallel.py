@@ -6,8 +6,9 @@ hand-over at the end of a phase.
   no_sync on the other accumulation rounds), as the official loop's ddp_sync; the gradients are views into DDP's
   buckets (no copy back after the all-reduce), the bucket size is `ddp_bucket_mb`'s.
 - FSDP2 (--fsdp): G and the fake score sharded with fully_shard per UNet block (`shard_units`) and then per network,
-  before their optimizers exist, so that the Adam states are sharded too; the frozen teacher and G_ema stay whole on
-  every rank.
+  before their optimizers exist, so that the Adam states are sharded too; the frozen teacher is sharded the same way
+  (its blocks all-gathered in forward, and again in backward for the input gradients it passes to G); G_ema stays
+  whole on every rank (snapshots and metrics read it there).
   FSDP2 shards no 0-d parameter (EDM2's scalar gains emb_gain and out_gain): those stay whole on every rank and their
   gradients are averaged here after each phase, as DDP would. Roots reshard after every forward, so between calls
   every parameter is its shard, which the optimizer and EDM2's forced weight normalisation update in place.
@@ -149,14 +150,16 @@ def ddp_bucket_mb(net: torch.nn.Module) -> float:
     return float(min(max(mib / 8, 4.0), 64.0))
 
 
-def parallelize(cfg, G, fake, device, world: int, rounds: int, adam_eps: float) -> Parallel:
-    """Wrap or shard G and the fake score for `world` processes, then build their Adam optimizers (official betas
-    (0, 0.999) for the fake score, (g_beta1, 0.999) for G)."""
+def parallelize(cfg, G, fake, device, world: int, rounds: int, adam_eps: float, teacher=None) -> Parallel:
+    """Wrap or shard G and the fake score (and under FSDP2 the frozen teacher) for `world` processes, then build
+    their Adam optimizers (official betas (0, 0.999) for the fake score, (g_beta1, 0.999) for G)."""
     fsdp = cfg.fsdp and world > 1
     replicated = {}
     if fsdp:
         for net in (G, fake):
             replicated[id(net)] = _shard(net)
+        if teacher is not None:  # frozen: its 0-d parameters stay whole and need no gradient averaging
+            _shard(teacher)
     opt_fake = perf.make_adam(fake.parameters(), cfg.lr, (0.0, 0.999), adam_eps, cfg.optimizer)
     opt_g = perf.make_adam(G.parameters(), cfg.glr, (cfg.g_beta1, 0.999), adam_eps, cfg.optimizer)
     if world > 1 and not fsdp:

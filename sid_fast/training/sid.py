@@ -113,7 +113,7 @@ class SiDTrainer:
         self.augment_pipe = AugmentPipe(p=cfg.augment, fixed_margin=fixed) if cfg.augment > 0 else None
         self.label_table = self._label_table(label_table)
         eps = 1e-6 if cfg.precision == "fp16" else 1e-8  # official sid_train.py: 1e-6 with --fp16 1, else 1e-8
-        self.par = parallelize(cfg, self.G, self.fake, device, self.world, self.rounds, eps)
+        self.par = parallelize(cfg, self.G, self.fake, device, self.world, self.rounds, eps, teacher=self.teacher)
         # The modules stay plain (state dicts); the call sites carry the fast path's options.
         self.calls = perf.call_sites(cfg, self.teacher, self.G, self.fake, self.par.G_dist, self.par.fake_dist)
         if self.par.fsdp:
@@ -371,6 +371,11 @@ class SiDTrainer:
 
     def snapshot(self):
         return snapshots.snapshot(self)
+
+    def teacher_metric(self, key: str) -> tuple[float | None, str]:
+        """(the teacher's value of a metric, its label) for the metric's plot; None when unknown."""
+        value = self.teacher_spec.teacher_meta.get("fd_digits_heun35") if key == "fd_digits" else None
+        return value, "teacher, Heun 35 NFE"
 
     def train(self) -> str:
         return loop.train(self)
