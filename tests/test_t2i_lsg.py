@@ -346,6 +346,8 @@ def test_bad_input_is_refused_in_one_sentence_before_anything_is_written(sd_fold
          "--precision fp16: the official --fp16 1 mode (fp16 weights and Adam states) is not built"),
         (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, metrics="fid",
               data_stat="ref.npz"), "--metrics fid: FID-30k and CLIP score"),
+        (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, metrics="fd-digits"),
+         f"--metrics fd-digits: the teacher {sd_folder} makes 3x16x16 images, not 8x8 digits"),
         (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, tmax=1001), "--tmax must be"),
         (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, tmin=980),
          "--tmin 980 and --tmax 980: timesteps are drawn in [tmin, tmax), which is empty."),
@@ -387,8 +389,8 @@ def _dist_worker(rank, world, port, sd_folder, prompt_file, out, fsdp):
         tr = damp_adam(build_trainer(lsg_config(sd_folder, prompt_file, batch=4, batch_gpu=2, fsdp=fsdp),
                                      torch.device("cpu"), log=lambda *a: None))  # fmt: skip
         assert tr.world == world and tr.par.fsdp == fsdp
-        if fsdp:  # every resnet and transformer is its own FSDP unit, its weights sharded
-            assert all(hasattr(p, "full_tensor") for p in tr.G.parameters())
+        if fsdp:  # every resnet and transformer is its own FSDP unit, its weights sharded (the frozen teacher's too)
+            assert all(hasattr(p, "full_tensor") for net in (tr.G, tr.teacher) for p in net.parameters())
         tr.step()
         tr.step()
         from sid_fast.training.state import gathered_trained_states

@@ -56,7 +56,7 @@ def decode(vae, latents: torch.Tensor, device, batch: int = 16) -> torch.Tensor:
 def model_card(meta: dict, where: str = "PATH") -> str:
     teacher = meta.get("teacher") or "TEACHER_FOLDER"
     t = meta.get("init_timestep")
-    facts = [(k, meta.get(k)) for k in ("teacher", "preset", "kimg", "guidance", "alpha", "init_timestep")]
+    facts = [(k, meta.get(k)) for k in ("teacher", "preset", "kimg", "guidance", "alpha", "init_timestep", "metrics")]
     lines = [
         "---",
         "library_name: diffusers",
@@ -116,6 +116,17 @@ def save_unet_folder(path, unet, **meta) -> Path:
         (tmp / CARD).write_text(model_card(meta))
 
     return atomic_folder(path, fill, CheckpointError)
+
+
+def update_unet_meta(path, **meta) -> None:
+    """Set entries of a generator folder's sid_fast.json (e.g. a snapshot's metrics once evaluated) and rewrite its
+    model card, each atomically; the weights are not touched."""
+    from sid_fast.checkpoints import _plain_value, atomic_write_text
+
+    path = Path(path)
+    full = dict(json.loads((path / SID_META).read_text()), **_plain_value(meta))
+    atomic_write_text(path / SID_META, json.dumps(full, indent=2) + "\n")
+    atomic_write_text(path / CARD, model_card({k: v for k, v in full.items() if k != "format"}))
 
 
 def load_unet_folder(path, device="cpu"):

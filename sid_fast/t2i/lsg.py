@@ -32,6 +32,7 @@ selective on G too.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -227,7 +228,9 @@ class SiDLSGTrainer(SiDTrainer):
 
     def snapshot(self):
         """The grid (16 prompts of the file, decoded by the VAE) and the generator as a diffusers UNet folder (rank
-        0). FID-30k and CLIP score of text-to-image runs are computed apart (sid_fast.t2i.evaluate)."""
+        0); with --metrics fd-digits (the digits teacher) FD-digits and prompt accuracy, recorded as the other
+        metrics are and added to the folder's sid_fast.json. FID-30k and CLIP score of Stable Diffusion runs are
+        computed apart (sid_fast.t2i.sample, sid_fast.fid, sid_fast.metrics.clip_score)."""
         if self.rank != 0 or self.run_dir is None:
             return None
         from sid_fast.sampling import image_grid, save_image
@@ -242,7 +245,7 @@ class SiDLSGTrainer(SiDTrainer):
             save_image(picture, self.run_dir / f"fakes-{self.cur_nimg:012d}.png")
             self.tracker.log_image("samples/G_ema", picture, self.cur_nimg)
         cfg = self.cfg
-        save_unet_folder(
+        folder = save_unet_folder(
             self.run_dir / snapshot_name(self.cur_nimg),
             self.G_ema,
             init_timestep=cfg.init_timestep,
@@ -252,4 +255,40 @@ class SiDLSGTrainer(SiDTrainer):
             guidance=[cfg.cfg_train_fake, cfg.cfg_eval_fake, cfg.cfg_eval_real],
             alpha=cfg.alpha,
         )
-        return None
+        if cfg.metrics != "fd-digits":
+            return None
+        from sid_fast.t2i.export import update_unet_meta
+        from sid_fast.training.snapshots import record_metric
+
+        with ops.kernels(self.kernels):
+            values = {k: record_metric(self, k, v) for k, v in self.digits_metrics().items()}
+        update_unet_meta(folder, metrics=values)
+        return values
+
+    @torch.no_grad()
+    def digits_metrics(self) -> dict[str, float]:
+        """FD-digits and prompt accuracy of G_ema (text-to-image digits teachers, whose VAE decodes 1x8x8 images) on
+        --metric_num images: image i for the prompt naming digit i % 10 (sid_fast.t2i.digits.eval_prompts) and seed
+        10,000,000 + i."""
+        from sid_fast.t2i.digits import decode_images, eval_prompts, score_images
+
+        n, b = self.cfg.metric_num, self.cfg.batch_gpu
+        prompts, digits = eval_prompts(n)
+        seeds = range(10_000_000, 10_000_000 + n)
+        latents = torch.cat([self.sample_ema(prompts[i : i + b], seeds[i : i + b]).cpu() for i in range(0, n, b)])
+        return score_images(decode_images(self.sd.vae, latents), digits)
+
+    def teacher_metric(self, key: str) -> tuple[float | None, str]:
+        """The teacher's value at the run's guidance kappa4, from its folder's teacher_metrics.json (the digits
+        teacher: sid_fast.t2i.digits); None when the folder has none."""
+        from sid_fast.t2i.digits import TEACHER_METRICS
+
+        path = Path(self.sd.folder) / TEACHER_METRICS
+        try:
+            rows = json.loads(path.read_text()).get("teacher", [])
+        except (OSError, ValueError, AttributeError):
+            return None, ""
+        for row in rows:
+            if row.get("kappa") == self.cfg.cfg_eval_real and key in row:
+                return row[key], f"teacher, {row.get('sampler', '')}, kappa {row['kappa']:g}"
+        return None, ""

@@ -206,8 +206,8 @@ def load_sd_inputs(cfg: TrainConfig):
         ("--method", cfg.method != "sid", "SiDA with a Stable Diffusion teacher is not built"),
         ("--data", cfg.data is not None, "SiD-LSG is data-free: prompts come from --data_prompt_text"),
         ("--sid-model", cfg.sid_model is not None, "starting G from a distilled UNet is not built"),
-        ("--metrics", cfg.metrics != "none", "FID-30k and CLIP score of text-to-image runs are not computed in the "
-         "trainer (give --metrics none)"),
+        ("--metrics", cfg.metrics not in ("none", "fd-digits"), "FID-30k and CLIP score of text-to-image runs are "
+         "not computed in the trainer (give --metrics none)"),
     ):  # fmt: skip
         if value:
             raise ConfigError(f"{flag} {getattr(cfg, flag[2:].replace('-', '_'))}: {why}.")
@@ -230,6 +230,14 @@ def load_sd_inputs(cfg: TrainConfig):
             f"--teacher {cfg.teacher}: the UNet makes {c}x{r}x{r} latents (preset "
             f"{cfg.preset}: {cfg.channels}x{cfg.resolution}x{cfg.resolution})."
         )
+    if cfg.metrics == "fd-digits":
+        vae = sd.vae.config
+        size = sd.latent_resolution * 2 ** (len(vae.block_out_channels) - 1)
+        if (vae.out_channels, size) != (1, 8):
+            raise ConfigError(
+                f"--metrics fd-digits: the teacher {cfg.teacher} makes {vae.out_channels}x{size}x{size} images, not "
+                "8x8 digits (FD-digits and prompt accuracy are for the digits teacher, preset digits-lsg)."
+            )
     if cfg.tmin >= cfg.tmax:
         raise ConfigError(
             f"--tmin {cfg.tmin} and --tmax {cfg.tmax}: timesteps are drawn in [tmin, tmax), which is empty."

@@ -107,13 +107,13 @@ def _metrics(tr) -> dict[str, float] | None:
     return None
 
 
-_NAMES = {"fd_digits": "FD-digits", "fid": "FID", "fd_dinov2": "FD-DINOv2"}
+_NAMES = {"fd_digits": "FD-digits", "fid": "FID", "fd_dinov2": "FD-DINOv2", "prompt_acc": "prompt accuracy"}
 
 
 def snapshot_and_log(tr) -> None:
     values = tr.snapshot()
     for key, value in (values or {}).items():
-        name = _NAMES[key] + ("" if key == "fd_digits" else f"-{tr.cfg.metric_num // 1000}k")
+        name = _NAMES[key] + ("" if key in tickstats.DIGITS_METRICS else f"-{tr.cfg.metric_num // 1000}k")
         tr.log(f"  {name} of G_ema at {tr.cur_nimg / 1e3:.1f} kimg: {value:.3f}")
 
 
@@ -129,8 +129,13 @@ def record_metric(tr, key: str, value: float) -> float:
     tr.tracker.log_metric(key, value, tr.cur_nimg)
     if tr.run_dir is not None:
         tickstats.append_jsonl(tr.run_dir / f"metric-{key}.jsonl", rec)
-        teacher = tr.teacher_spec.teacher_meta.get("fd_digits_heun35") if key == "fd_digits" else None
+        teacher, label = tr.teacher_metric(key)
         tickstats.plot_metric(
-            tr.run_dir / f"{key}.png", key, tr.metrics_history, teacher_value=teacher, metric_num=tr.cfg.metric_num
+            tr.run_dir / f"{key}.png",
+            key,
+            tr.metrics_history,
+            teacher_value=teacher,
+            metric_num=tr.cfg.metric_num,
+            teacher_label=label,
         )
     return value

@@ -160,8 +160,20 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def plot_metric(path: Path, key: str, history: list[dict], *, teacher_value: float | None, metric_num: int) -> None:
-    """The metric of G_ema against images seen (log scale), with the teacher's value as a dashed line if known."""
+DIGITS_METRICS = ("fd_digits", "prompt_acc")  # computed on all the images of a digits run: no "-30k" count in names
+
+
+def plot_metric(
+    path: Path,
+    key: str,
+    history: list[dict],
+    *,
+    teacher_value: float | None,
+    metric_num: int,
+    teacher_label: str = "teacher, Heun 35 NFE",
+) -> None:
+    """The metric of G_ema against images seen (log scale; prompt accuracy linear), with the teacher's value as a
+    dashed line if known."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,11 +183,11 @@ def plot_metric(path: Path, key: str, history: list[dict], *, teacher_value: flo
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     ax.plot([r["kimg"] for r in hist], [r[key] for r in hist], "o-", label="one-step generator (G_ema)")
     if teacher_value is not None:
-        ax.axhline(teacher_value, color="gray", ls="--", label=f"teacher, Heun 35 NFE ({teacher_value:.2f})")
+        ax.axhline(teacher_value, color="gray", ls="--", label=f"{teacher_label} ({teacher_value:.2f})")
     ax.set_xlabel("generator images seen (kimg)")
-    labels = {"fd_digits": "FD-digits", "fid": "FID", "fd_dinov2": "FD-DINOv2"}
-    ax.set_ylabel(labels.get(key, key) + ("" if key == "fd_digits" else f" ({metric_num // 1000}k)"))
-    ax.set_yscale("log")
+    labels = {"fd_digits": "FD-digits", "fid": "FID", "fd_dinov2": "FD-DINOv2", "prompt_acc": "prompt accuracy"}
+    ax.set_ylabel(labels.get(key, key) + ("" if key in DIGITS_METRICS else f" ({metric_num // 1000}k)"))
+    ax.set_yscale("linear" if key == "prompt_acc" else "log")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -38,6 +38,8 @@ TOOLS = {
     "hub-download": ["-m", "sid_fast.hub", "download"],
     "t2i-sample": ["-m", "sid_fast.t2i.sample"],
     "clip-score": ["-m", "sid_fast.metrics.clip_score"],
+    "t2i-digits-build": ["-m", "sid_fast.t2i.digits", "build"],
+    "t2i-digits-evaluate": ["-m", "sid_fast.t2i.digits", "evaluate"],
     "bench-kernels": ["-m", "bench.kernels"],
     "bench-train_step": ["-m", "bench.train_step"],
     "bench-memory": ["-m", "bench.memory"],
