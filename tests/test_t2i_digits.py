@@ -94,6 +94,20 @@ def test_a_digits_lsg_run_records_fd_digits_and_prompt_accuracy(tmp_path):
     images = digits.decode_images(sd.vae, onestep_latents(g, sd.schedule, z, sd.encode_text(prompts), 625))
     assert digits.score_images(images, labels)["prompt_acc"] == pytest.approx(meta["metrics"]["prompt_acc"], abs=1e-6)
     assert torch.isfinite(images).all()
+    # The sampling CLI on the snapshot: grey 8x8 PNGs (and resized ones), a grid of enlarged tiles.
+    import PIL.Image
+    from click.testing import CliRunner
+
+    from sid_fast.t2i import sample
+
+    for res, out in ((None, tmp_path / "png"), (16, tmp_path / "png16")):
+        args = ["--network", str(run_dir / "network-snapshot-000000000064"), "--teacher", str(digits.FOLDER),
+                "--prompt", "a handwritten seven", "--seeds", "0-3", "--outdir", str(out), "--grid", str(out / "g.png")]
+        r = CliRunner().invoke(sample.main, args + (["--resolution", str(res)] if res else []))  # fmt: skip
+        assert r.exit_code == 0, r.output
+        pic = PIL.Image.open(out / "000000.png")
+        assert pic.mode == "L" and pic.size == ((res or 8), (res or 8))
+        assert PIL.Image.open(out / "g.png").size[0] >= 64
 
 
 @pytest.mark.slow

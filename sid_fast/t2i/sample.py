@@ -80,16 +80,19 @@ def generate(
         images = decode(sd.vae, onestep_latents(unet, sd.schedule, z, cond, meta["init_timestep"]), device)
         for (i, _, _), img in zip(part, images):
             pixels = img.permute(1, 2, 0).numpy()
+            pixels = pixels[:, :, 0] if pixels.shape[2] == 1 else pixels  # grey images (the digits teacher): H x W
             if resolution is not None and resolution != pixels.shape[0]:
                 pic = PIL.Image.fromarray(pixels).resize((resolution, resolution), PIL.Image.LANCZOS)
                 pixels = np.asarray(pic)
-                img = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+                img = torch.from_numpy(pixels.copy()).reshape(resolution, resolution, -1).permute(2, 0, 1)
             save_image(pixels, outdir / f"{i:06d}.png")
             if len(written) < 64:  # the grid's images only: a rank's share of 30k images would not fit in memory
                 written.append(img)
     log(f"rank {dist.rank()}: {len(mine)} images in {timer.seconds:.1f} s -> {outdir}")
     if grid is not None and dist.rank() == 0 and written:
-        save_image(image_grid(torch.stack(written[:64])), grid)
+        tiles = torch.stack(written[:64])
+        small = tiles.shape[-1] < 64  # small tiles (the digits) enlarged to >= 64 px, with a gap between them
+        save_image(image_grid(tiles, scale=max(1, 64 // tiles.shape[-1]), gap=2 if small else 0), grid)
     return len(mine)
 
 
