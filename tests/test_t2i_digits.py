@@ -101,9 +101,10 @@ def test_a_digits_lsg_run_records_fd_digits_and_prompt_accuracy(tmp_path):
     from sid_fast.t2i import sample
 
     for res, out in ((None, tmp_path / "png"), (16, tmp_path / "png16")):
-        args = ["--network", str(run_dir / "network-snapshot-000000000064"), "--teacher", str(digits.FOLDER),
-                "--prompt", "a handwritten seven", "--seeds", "0-3", "--outdir", str(out), "--grid", str(out / "g.png")]
-        r = CliRunner().invoke(sample.main, args + (["--resolution", str(res)] if res else []))  # fmt: skip
+        snap = str(run_dir / "network-snapshot-000000000064")
+        args = ["--network", snap, "--teacher", str(digits.FOLDER), "--prompt", "a handwritten seven", "--seeds", "0-3"]
+        args += ["--outdir", str(out), "--grid", str(out / "g.png")] + (["--resolution", str(res)] if res else [])
+        r = CliRunner().invoke(sample.main, args)
         assert r.exit_code == 0, r.output
         pic = PIL.Image.open(out / "000000.png")
         assert pic.mode == "L" and pic.size == ((res or 8), (res or 8))
