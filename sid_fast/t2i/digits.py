@@ -122,7 +122,7 @@ def write_prompt_file(path=PROMPT_FILE) -> Path:
 # Components.
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """GPT-2/CLIP's reversible map of the 256 bytes to printable characters (the tokenizer's base vocabulary)."""
     keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
     out, n = [], 0
@@ -144,7 +144,7 @@ def write_tokenizer(folder) -> object:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     vocab = {s: i for i, s in enumerate(symbols)}
     vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
     merges = []
@@ -272,8 +272,16 @@ def save_folder(folder, tok, text, vae, unet, scheduler) -> Path:
     vae.save_pretrained(str(folder / "vae"))
     text.save_pretrained(str(folder / "text_encoder"))
     tok.save_pretrained(str(folder / "tokenizer"))
+    write_index_and_scheduler(folder, scheduler)
+    return folder
+
+
+def write_index_and_scheduler(folder, scheduler) -> None:
+    """scheduler/ (with SD 1.5's clip_sample false, a key PNDM ignores, added) and model_index.json as
+    StableDiffusionPipeline.save_pretrained writes them without a safety checker."""
+    folder = Path(folder)
     scheduler.save_pretrained(str(folder / "scheduler"))
-    config = folder / "scheduler" / "scheduler_config.json"  # SD 1.5's holds clip_sample false, a key PNDM ignores:
+    config = folder / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps(dict(json.loads(config.read_text()), clip_sample=False), indent=2) + "\n")
     import diffusers
 
@@ -290,7 +298,6 @@ def save_folder(folder, tok, text, vae, unet, scheduler) -> Path:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,18 +10,7 @@ from pathlib import Path
 
 import torch
 
-# SD 1.5's scheduler/scheduler_config.json values (a PNDMScheduler config that the official code reads as DDPM).
-SD15_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    clip_sample=False,
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
+from sid_fast.t2i.digits import SD15_SCHEDULER, byte_symbols, write_index_and_scheduler
 
 TINY_UNET = dict(
     sample_size=8,
@@ -47,22 +36,9 @@ TINY_VAE = dict(
 )
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's reversible map of the 256 bytes to printable characters."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
-    chars, n = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + n))
-            n += 1
-    return chars
-
-
 def write_tokenizer(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = _bytes_to_unicode()
+    symbols = byte_symbols()
     vocab = {}
     for s in symbols:
         vocab[s] = len(vocab)
@@ -110,21 +86,5 @@ def write_tiny_sd(root, seed=0, unet=None, vae=None, text_width=32, prediction_t
     AutoencoderKL(**(vae or TINY_VAE)).save_pretrained(str(root / "vae"))
     write_tokenizer(root / "tokenizer")
     write_text_encoder(root, text_width)
-    pndm = {k: v for k, v in SD15_SCHEDULER.items() if k != "clip_sample"}  # a key PNDM itself does not take
-    PNDMScheduler(**dict(pndm, prediction_type=prediction_type)).save_pretrained(str(root / "scheduler"))
-    config = root / "scheduler" / "scheduler_config.json"
-    config.write_text(json.dumps(dict(json.loads(config.read_text()), clip_sample=False), indent=2))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "safety_checker": [None, None],
-        "requires_safety_checker": False,
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }  # as StableDiffusionPipeline.save_pretrained writes it without a safety checker
-    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_index_and_scheduler(root, PNDMScheduler(**dict(SD15_SCHEDULER, prediction_type=prediction_type)))
     return root
