@@ -140,6 +140,7 @@ def run_cmd(outdir, kappas, seeds, jobs, extra):
     todo = [(float(k), int(s)) for k in kappas.split(",") for s in seeds.split(",")]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    Path(outdir).mkdir(parents=True, exist_ok=True)
     running: list[tuple[subprocess.Popen, str]] = []
     failed = []
     while todo or running:
@@ -148,8 +149,9 @@ def run_cmd(outdir, kappas, seeds, jobs, extra):
             desc = f"kappa{k:g}-seed{s}"
             cmd = [sys.executable, str(ROOT / "train.py"), "--preset", "digits-lsg", "--guidance", f"{k:g}"]
             cmd += ["--seed", str(s), "--outdir", outdir, "--desc", desc, *extra.split()]
-            log = open(Path(outdir).mkdir(parents=True, exist_ok=True) or Path(outdir) / f"{desc}.out", "w")
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), desc))
+            with open(Path(outdir) / f"{desc}.out", "w") as log:  # the child keeps its own copy of the descriptor
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            running.append((proc, desc))
             print(f"started {desc}: {' '.join(cmd)}", flush=True)
         time.sleep(2)
         for proc, desc in list(running):
