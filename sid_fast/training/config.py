@@ -468,12 +468,10 @@ for _model, _folder in SD_TEACHERS.items():
 # here too: prompt accuracy 0.994 at FD-digits 11.3 (kappa 1: 0.952 at 7.0; kappa 2: 0.999 at 21.3); the kappa sweep,
 # studies/lsg_kappa, runs all of them.
 PRESETS["digits-lsg"] = dict(
+    PRESETS["digits"],
     teacher=str(ASSETS / "digits-sd"),
     data_prompt_text=str(ASSETS / "digits-prompts.txt"),
-    cond=False,
-    resolution=8,
     channels=4,
-    label_dim=0,
     alpha=1.0,
     tmin=20,
     tmax=980,
@@ -485,19 +483,9 @@ PRESETS["digits-lsg"] = dict(
     lsg=1.0,
     batch=128,
     batch_gpu=128,
-    lr=1e-4,
-    glr=1e-4,
-    precision="fp32",
-    dropout=0.0,
-    augment=0.0,
-    ema=0.002,
     duration=0.008,
     tick=1,
-    snap=2,
-    dump=4,
-    metrics="fd-digits",
     metric_num=1000,
-    extra_snapshots=False,
 )
 
 PRECISIONS = ("fp32", "fp16", "tf32", "bf16")
