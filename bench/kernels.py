@@ -4,13 +4,14 @@
     python -m bench.kernels --shapes tiny        # CPU smoke run (Triton interpreter; wall-clock timing)
 
 Ops and shapes:
-- `sid_loss` (kernels/sid_loss.py) and `edm_loss` (kernels/edm_loss.py) on image batches: CIFAR-10 DDPM++ at
-  micro-batch 64 ([64, 3, 32, 32]), ImageNet-64 ADM at micro-batch 32 ([32, 3, 64, 64]), a large [256, 3, 64, 64].
-- `group_norm_silu` (kernels/group_norm_silu.py) on activations: DDPM++ CIFAR-10 at micro-batch 64
+- `sid_loss` (sid_fast/kernels/sid_loss.py) and `edm_loss` (sid_fast/kernels/edm_loss.py) on image batches: CIFAR-10
+  DDPM++ at micro-batch 64 ([64, 3, 32, 32]), ImageNet-64 ADM at micro-batch 32 ([32, 3, 64, 64]), a large
+  [256, 3, 64, 64].
+- `group_norm_silu` (sid_fast/kernels/group_norm_silu.py) on activations: DDPM++ CIFAR-10 at micro-batch 64
   ([64, 256, 32, 32], 32 groups), ADM ImageNet-64 at micro-batch 32 with scale/shift ([32, 192, 64, 64], 32 groups),
   and a large one ([32, 384, 64, 64]); the eager provider is F.group_norm (+ addcmul) + F.silu.
-- `attention` (kernels/attention.py) on EDM's qkv layout: DDPM++ CIFAR-10 at micro-batch 64 (1 head x 256 at L=256
-  and L=64) and ADM ImageNet-64 at micro-batch 32 (6, 9, 12 heads x 64 at L=1024, 256, 64), plus L=4096 (64x64).
+- `attention` (sid_fast/kernels/attention.py) on EDM's qkv layout: DDPM++ CIFAR-10 at micro-batch 64 (1 head x 256 at
+  L=256 and L=64) and ADM ImageNet-64 at micro-batch 32 (6, 9, 12 heads x 64 at L=1024, 256, 64), plus L=4096 (64x64).
   Providers: the kernel (NCHW; on CUDA also channels_last with EDM's interleaved qkv order and with the blocked order
   UNetBlock feeds it), EDM's reference op ("edm"), every SDPA backend that accepts the shape (flash,
   efficient, cudnn, math; each with the transposes from and to EDM's layout) and xformers where it imports.
@@ -105,7 +106,7 @@ def _providers(kernel, reference, diff, fixed, device):
 
 
 def sid_loss_cases(shape, dtype, device):
-    from kernels.sid_loss import sid_loss_rows, sid_loss_rows_ref
+    from sid_fast.kernels.sid_loss import sid_loss_rows, sid_loss_rows_ref
 
     g = torch.Generator(device=device).manual_seed(0)
     base = [torch.randn(shape, device=device, generator=g).to(dtype) for _ in range(3)]
@@ -121,7 +122,7 @@ def sid_loss_cases(shape, dtype, device):
 
 
 def edm_loss_cases(shape, dtype, device):
-    from kernels.edm_loss import edm_loss_rows, edm_loss_rows_ref
+    from sid_fast.kernels.edm_loss import edm_loss_rows, edm_loss_rows_ref
 
     g = torch.Generator(device=device).manual_seed(0)
     D, y = (torch.randn(shape, device=device, generator=g).to(dtype) for _ in range(2))
@@ -134,7 +135,7 @@ def edm_loss_cases(shape, dtype, device):
 
 
 def group_norm_silu_cases(shape, groups, modulate, dtype, device):
-    from kernels.group_norm_silu import group_norm_silu, group_norm_silu_ref
+    from sid_fast.kernels.group_norm_silu import group_norm_silu, group_norm_silu_ref
 
     n_, c = shape[:2]
     g = torch.Generator(device=device).manual_seed(0)
@@ -171,7 +172,7 @@ ATTN_SHAPES = {
 
 
 def attention_cases(n, heads, d, res, dtype, device):
-    from kernels.attention import attention_edm, attention_sdpa, flash_attention
+    from sid_fast.kernels.attention import attention_edm, attention_sdpa, flash_attention
 
     g = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(n, heads * 3 * d, res, res, device=device, generator=g).to(dtype)
@@ -182,7 +183,7 @@ def attention_cases(n, heads, d, res, dtype, device):
     if (
         device.type == "cuda"
     ):  # the kernel in channels_last: EDM's interleaved qkv order, and the blocked order UNetBlock feeds it
-        from kernels.attention import blocked_order
+        from sid_fast.kernels.attention import blocked_order
 
         cl = qkv.contiguous(memory_format=torch.channels_last)
         blk = qkv[:, blocked_order(heads, d, device)].contiguous(memory_format=torch.channels_last)

@@ -61,7 +61,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-import kernels.attention  # noqa: F401  (registers the kernel ops whose FLOPs are counted below)
+import sid_fast.kernels.attention  # noqa: F401  (registers the kernel ops whose FLOPs are counted below)
 from bench.common import command, environment, write_jsonl
 from sid_fast import ops
 from sid_fast.networks import build_network, official_config

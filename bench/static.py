@@ -15,7 +15,8 @@ divisibility hint, integers >= 2^31 are i64.
 Configurations: `--space all` (default) compiles every configuration the autotuner lists and marks those that its
 prune keeps for the case (`kept`); `--space kept` compiles only those (the CI subset); `--space wide` a larger grid
 of attention tiles, for choosing the lists. The fp32 attention without TF32 ("fp32-ieee") at head dim > 64 is
-routed to EDM's attention op by the dispatcher (see kernels/attention.py), so it is recorded as routed, not compiled.
+routed to EDM's attention op by the dispatcher (see sid_fast/kernels/attention.py), so it is recorded as routed, not
+compiled.
 
 Attention is compiled for four layouts: NCHW and channels_last, each with EDM's interleaved qkv channels (what
 `flash_attention` takes by default) and with the blocked order that UNetBlock feeds it (`-blocked`; q, k, v contiguous
@@ -223,7 +224,7 @@ def _strides(n, c, h, w, layout):
 
 
 def _attention_cases(dtypes, space, arch):
-    A = importlib.import_module("kernels.attention")
+    A = importlib.import_module("sid_fast.kernels.attention")
 
     cases = []
     seen_d = set()
@@ -289,7 +290,7 @@ def _attention_tile_cases(A, shape, layout, dt, prec, common, space, arch) -> li
             cases.append(
                 Case(
                     f"attention.{kind}",
-                    "kernels.attention",
+                    "sid_fast.kernels.attention",
                     attr,
                     shape,
                     layout,
@@ -308,7 +309,7 @@ def _attention_delta_case(shape, layout, dt, common) -> Case:
     args.update({k: common[k] for k in ("L", "H", "o_n", "o_c", "o_l", "D", "BLOCK_D")}, BLOCK=64)
     return Case(
         "attention.delta",
-        "kernels.attention",
+        "sid_fast.kernels.attention",
         "_delta_kernel",
         shape,
         layout,
@@ -328,9 +329,9 @@ def _elementwise(configs):
 
 
 def _loss_cases(dtypes):
-    from kernels import _common
+    from sid_fast.kernels import _common
 
-    sid_loss = importlib.import_module("kernels.sid_loss")
+    sid_loss = importlib.import_module("sid_fast.kernels.sid_loss")
 
     cases = []
     for label, n, c, h, w in LOSS_SHAPES:
@@ -346,7 +347,7 @@ def _loss_cases(dtypes):
             kernels = (
                 (
                     "sid_loss.fwd",
-                    "kernels.sid_loss",
+                    "sid_fast.kernels.sid_loss",
                     "_sid_loss_fwd_kernel",
                     dict(
                         x_ptr=p,
@@ -362,7 +363,7 @@ def _loss_cases(dtypes):
                 ),
                 (
                     "sid_loss.bwd",
-                    "kernels.sid_loss",
+                    "sid_fast.kernels.sid_loss",
                     "_sid_loss_bwd_kernel",
                     dict(
                         x_ptr=p,
@@ -381,13 +382,13 @@ def _loss_cases(dtypes):
                 ),
                 (
                     "edm_loss.fwd",
-                    "kernels.edm_loss",
+                    "sid_fast.kernels.edm_loss",
                     "_edm_loss_fwd_kernel",
                     dict(d_ptr=p, y_ptr=p, lam_ptr="*fp32", row_ptr="*fp32", ok_ptr="*i8", D=D, BLOCK=blk),
                 ),
                 (
                     "edm_loss.bwd",
-                    "kernels.edm_loss",
+                    "sid_fast.kernels.edm_loss",
                     "_edm_loss_bwd_kernel",
                     dict(d_ptr=p, y_ptr=p, lam_ptr="*fp32", g_ptr="*fp32", ok_ptr="*i8", dd_ptr=p, D=D, BLOCK=blk),
                 ),
@@ -399,9 +400,9 @@ def _loss_cases(dtypes):
 
 
 def _gn_cases(dtypes):
-    from kernels import _common
+    from sid_fast.kernels import _common
 
-    G = importlib.import_module("kernels.group_norm_silu")  # the package exports a function of the same name
+    G = importlib.import_module("sid_fast.kernels.group_norm_silu")  # the package exports a function of the same name
 
     cases = []
     for label, n, c, h, w, groups, mod in GN_SHAPES:
@@ -436,7 +437,7 @@ def _gn_cases(dtypes):
                     cases.append(
                         Case(
                             "group_norm_silu.fwd",
-                            "kernels.group_norm_silu",
+                            "sid_fast.kernels.group_norm_silu",
                             "_gn_fwd_kernel",
                             shape,
                             layout,
@@ -449,7 +450,7 @@ def _gn_cases(dtypes):
                     cases.append(
                         Case(
                             "group_norm_silu.bwd",
-                            "kernels.group_norm_silu",
+                            "sid_fast.kernels.group_norm_silu",
                             "_gn_bwd_kernel",
                             shape,
                             layout,

@@ -12,14 +12,18 @@ steady-state iterations only. Without CUDA it runs the steps and says that nothi
 
 from __future__ import annotations
 
+import sys
 import types
+from pathlib import Path
 
 import click
 import torch
 
-from bench.common import command
-from bench.train_step import CONFIGS, make_trainer
-from sid_fast.perf import annotate
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is imported from the repository root
+
+from bench.common import command  # noqa: E402
+from bench.train_step import CONFIGS, make_trainer  # noqa: E402
+from sid_fast.perf import annotate  # noqa: E402
 
 
 @command(__doc__)

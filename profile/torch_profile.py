@@ -11,14 +11,17 @@ Run as a script (this directory is deliberately not a package: it would shadow P
 from __future__ import annotations
 
 import os
+import sys
 import types
 from pathlib import Path
 
 import click
 import torch
 
-from bench.common import command
-from bench.train_step import CONFIGS, make_trainer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is imported from the repository root
+
+from bench.common import command  # noqa: E402
+from bench.train_step import CONFIGS, make_trainer  # noqa: E402
 
 
 @command(__doc__)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sid_fast.files import current_umask, fsync_dir
 from sid_fast.networks.precond import FILE_CLASS_ALIASES, PRECOND_TYPES, _plain, build_network, official_kwargs
 
 SID_FAST_FORMAT = "sid_fast.network"
@@ -348,23 +349,6 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """`text` written to `path` as atomic_save writes a state."""
     _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def current_umask() -> int:
-    """The process's umask (read by setting and restoring it): mkstemp/mkdtemp create 0600/0700, this gives the usual
-    permissions back."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fsync_dir(directory) -> None:
-    """fsync a directory, so that a rename into it survives a power loss."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _atomic_write(path, write) -> None:

@@ -36,6 +36,8 @@ from pathlib import Path
 import click
 import torch
 
+from sid_fast.files import fsync_dir, umask_modes
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
@@ -171,7 +173,6 @@ def atomic_folder(path, fill, error=None) -> Path:
     into place. A kill leaves the previous folder or the new one (an existing folder is first renamed to
     `<name>.old.tmp`; a kill between the two renames is undone by the next write of the same name, which also removes
     leftover `.tmp` folders). An OSError becomes `error`'s one sentence when given."""
-    from sid_fast.checkpoints import current_umask, fsync_dir
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +183,8 @@ def atomic_folder(path, fill, error=None) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent))
     try:
-        os.chmod(tmp, 0o777 & ~current_umask())
         fill(tmp)
+        umask_modes(tmp)  # mkdtemp's 0700 and safetensors' 0600 become the umask's modes, as open() gives
         for f in sorted(tmp.rglob("*")):
             if f.is_file():
                 with open(f, "rb") as fh:

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-# Must be set before any @triton.jit kernel is defined (i.e. before kernels/ is imported).
+# Must be set before any @triton.jit kernel is defined (i.e. before sid_fast/kernels/ is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from support.helpers import attention_reference_fp64
 from torch.utils.flop_counter import FlopCounterMode
 
-from kernels.attention import attention_edm, attention_sdpa
 from sid_fast import ops
+from sid_fast.kernels.attention import attention_edm, attention_sdpa
 from sid_fast.networks import (
     Conv2d,
     EDMPrecond,

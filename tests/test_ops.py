@@ -1,4 +1,5 @@
-"""sid_fast.ops: one scoped switch for all four ops, nothing leaking; kernels/ imports nothing from sid_fast/."""
+"""sid_fast.ops: one scoped switch for all four ops, nothing leaking; sid_fast.kernels imports nothing else of
+sid_fast."""
 
 import importlib
 import os
@@ -17,9 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _spy(monkeypatch):
     """Record which implementation each op dispatches to (the real ones still run)."""
-    # By module path: kernels/__init__ re-exports functions named like their modules (group_norm_silu).
+    # By module path: sid_fast/kernels/__init__ re-exports functions named like their modules (group_norm_silu).
     ka, ke, kg, ks = (
-        importlib.import_module(f"kernels.{m}") for m in ("attention", "edm_loss", "group_norm_silu", "sid_loss")
+        importlib.import_module(f"sid_fast.kernels.{m}")
+        for m in ("attention", "edm_loss", "group_norm_silu", "sid_loss")
     )
 
     calls = []
@@ -76,17 +78,18 @@ def test_bad_specs():
 @pytest.mark.parametrize(
     "module",
     [
-        "kernels",
-        "kernels._common",
-        "kernels.sid_loss",
-        "kernels.edm_loss",
-        "kernels.group_norm_silu",
-        "kernels.attention",
+        "sid_fast.kernels",
+        "sid_fast.kernels._common",
+        "sid_fast.kernels.sid_loss",
+        "sid_fast.kernels.edm_loss",
+        "sid_fast.kernels.group_norm_silu",
+        "sid_fast.kernels.attention",
     ],
 )
 def test_kernel_modules_import_nothing_from_sid_fast(module):
     code = (
-        f"import sys, {module}; print(sorted(m for m in sys.modules if m == 'sid_fast' or m.startswith('sid_fast.')))"
+        f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('sid_fast.')"
+        " and not m.startswith('sid_fast.kernels')))"
     )
     r = subprocess.run(
         [sys.executable, "-c", code],

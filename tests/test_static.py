@@ -90,9 +90,9 @@ def test_the_check_fails_on_a_spilling_configuration(tmp_path):
     script = f"""
 import json
 from bench import static as S
-rec = S.compile_case(S.Case("attention.bwd_dkdv", "kernels.attention", "_bwd_dkdv_kernel", "ddpmpp-16x16", "nchw",
-    "bf16", dict(qkv_ptr="*bf16", do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", dqkv_ptr="*bf16", L=256, H=1,
-    sm_scale=1 / 16, s_n=768 * 256, s_c=256, s_l=1, o_n=256 * 256, o_c=256, o_l=1, D=256, BLOCK_D=256, PREC="ieee",
+rec = S.compile_case(S.Case("attention.bwd_dkdv", "sid_fast.kernels.attention", "_bwd_dkdv_kernel", "ddpmpp-16x16",
+    "nchw", "bf16", dict(qkv_ptr="*bf16", do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32", dqkv_ptr="*bf16", L=256,
+    H=1, sm_scale=1 / 16, s_n=768 * 256, s_c=256, s_l=1, o_n=256 * 256, o_c=256, o_l=1, D=256, BLOCK_D=256, PREC="ieee",
     BLOCKED=False),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2), True), 90)
 open({str(tmp_path / "rec.json")!r}, "w").write(json.dumps(rec))

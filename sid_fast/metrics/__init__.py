@@ -6,6 +6,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from sid_fast.files import umask_modes
+
 
 def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
     """Mean and unbiased covariance, in float64, of [N, D] features (EDM: (sum f f^T - n mu mu^T) / (n - 1))."""
@@ -84,6 +86,7 @@ def save_ref_stats(path, mu=None, sigma=None, metrics: dict | None = None) -> No
                 pickle.dump(plain, f)
         else:
             np.savez(tmp, **next(iter(plain.values())))
+        umask_modes(tmp)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sid_fast.hf import load_transformers_model
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -47,7 +49,7 @@ class CLIPScorer:
         try:
             from transformers import CLIPModel, CLIPTokenizer
 
-            model = CLIPModel.from_pretrained(str(p))
+            model = load_transformers_model(CLIPModel, p)
             tokenizer = CLIPTokenizer.from_pretrained(str(p))
         except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -4,7 +4,7 @@ Written for sid_fast from EDM's `training/networks.py` (its formulas, not its co
 match it, so an EDM state_dict loads into these modules with `strict=True`.
 
 GroupNorm+SiLU and attention go through `sid_fast.ops`, whose scoped switch picks EDM's formulation (the reference)
-or a fused Triton kernel (kernels/), all reading EDM's layouts (attention: the interleaved qkv channels).
+or a fused Triton kernel (sid_fast/kernels/), all reading EDM's layouts (attention: the interleaved qkv channels).
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ _SAVED_OPS = frozenset(
         torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     }
 )
-_KERNEL_ATTENTION = "sid_fast_kernels::edm_flash_attention"  # registered by kernels/attention.py when imported
+_KERNEL_ATTENTION = "sid_fast_kernels::edm_flash_attention"  # registered by sid_fast/kernels/attention.py when imported
 
 
 def _selective_context():

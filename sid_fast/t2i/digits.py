@@ -29,6 +29,8 @@ import click
 import torch
 import torch.nn.functional as F
 
+from sid_fast.hf import load_transformers_model
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 FOLDER = ASSETS / "digits-sd"
 PROMPT_FILE = ASSETS / "digits-prompts.txt"
@@ -329,8 +331,12 @@ def score_images(images: torch.Tensor, digits: torch.Tensor) -> dict[str, float]
 def pipeline(folder=FOLDER, scheduler: str = "ddim"):
     """diffusers' StableDiffusionPipeline of the folder (DDIM scheduler by default)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    text_encoder = load_transformers_model(CLIPTextModel, folder, subfolder="text_encoder")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(folder), text_encoder=text_encoder, safety_checker=None, requires_safety_checker=False
+    )
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

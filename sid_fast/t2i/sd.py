@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from sid_fast.hf import load_transformers_model
+
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 OFFICIAL_TMIN, OFFICIAL_TMAX, OFFICIAL_INIT_TIMESTEP = 20, 980, 625
 
@@ -261,7 +263,7 @@ def load_sd(folder, device="cpu", dtype=torch.float32, unet: bool = True) -> Sta
         else:  # the config only, as an object with .config (no weights read)
             unet = _ConfigOnly(UNet2DConditionModel.load_config(str(p), subfolder="unet"))
         vae = AutoencoderKL.from_pretrained(str(p), subfolder="vae", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(str(p), subfolder="text_encoder", torch_dtype=dtype)
+        text_encoder = load_transformers_model(CLIPTextModel, p, subfolder="text_encoder", torch_dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(str(p), subfolder="tokenizer")
         schedule = Schedule.from_folder(p)
     except SDError as e:

@@ -27,6 +27,7 @@ import click
 import torch
 
 from sid_fast import checkpoints, dist
+from sid_fast.files import fsync_dir
 from sid_fast.training.config import ConfigError
 
 STATE_RE = re.compile(r"^training-state-(\d{12})\.(pt|dcp)$")
@@ -178,7 +179,7 @@ def _save_sharded(tr, path: Path) -> None:
     if tr.rank == 0:
         shutil.rmtree(path, ignore_errors=True)  # the same images seen again: an earlier attempt's state
         os.replace(tmp, path)
-        checkpoints.fsync_dir(path.parent)
+        fsync_dir(path.parent)
     dist.barrier()
 
 

@@ -1,12 +1,12 @@
-"""kernels/attention.py (flash attention in EDM's qkv layout) against float64 (Triton interpreter on CPU; bf16,
+"""sid_fast/kernels/attention.py (flash attention in EDM's qkv layout) against float64 (Triton interpreter on CPU; bf16,
 EDM shapes and speed on GPU)."""
 
 import pytest
 import torch
 from support.helpers import assert_kernel_within_torch, attention_reference_fp64, max_abs_err
 
-from kernels.attention import attention_edm, flash_attention
 from sid_fast import ops
+from sid_fast.kernels.attention import attention_edm, flash_attention
 
 # (N, heads, d, H, W, why)
 SHAPES = [
@@ -58,7 +58,7 @@ def test_forward_backward_against_float64(shape, channels_last, dtype):
 def test_blocked_channel_order_matches_interleaved(channels_last):
     """The blocked order (head*3d + j*d + c; what UNetBlock feeds the kernel) gives the interleaved layout's output,
     and its gradient is the interleaved gradient in the blocked order; the reference fallback takes it too."""
-    from kernels.attention import blocked_order, blocked_to_interleaved
+    from sid_fast.kernels.attention import blocked_order, blocked_to_interleaved
 
     n, heads, d, h, w = 2, 2, 16, 5, 7
     qkv, do = _inputs(n, heads, d, h, w, torch.float32, channels_last)
@@ -79,7 +79,7 @@ def test_blocked_channel_order_matches_interleaved(channels_last):
 def test_fp32_without_tf32_above_d64_is_routed_to_edm_op():
     """fp32 IEEE attention at d > 64 runs EDM's op (same numbers, with a warning naming why); d = 64 keeps the kernel,
     as do 16-bit inputs and TF32 at any d."""
-    from kernels import attention as ka
+    from sid_fast.kernels import attention as ka
 
     assert ka.routed_to_reference(256, 4, "ieee") and ka.routed_to_reference(128, 4, "ieee")
     assert not ka.routed_to_reference(64, 4, "ieee") and not ka.routed_to_reference(256, 4, "tf32")
@@ -168,7 +168,7 @@ def test_whole_unet_with_kernel_matches_reference_attention(model_type):
 
 
 def test_selected_by_the_kernel_switch(monkeypatch):
-    import kernels.attention as ka
+    import sid_fast.kernels.attention as ka
 
     calls = []
     monkeypatch.setattr(ka, "flash_attention", lambda qkv, h: calls.append(1) or ka.attention_edm(qkv, h))

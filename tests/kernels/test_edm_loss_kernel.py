@@ -1,10 +1,10 @@
-"""kernels/edm_loss.py (SiD's fake-score loss) against a float64 reference under the Triton interpreter."""
+"""sid_fast/kernels/edm_loss.py (SiD's fake-score loss) against a float64 reference under the Triton interpreter."""
 
 import pytest
 import torch
 from support.helpers import assert_kernel_within_torch
 
-from kernels.edm_loss import edm_loss_rows, edm_loss_rows_ref
+from sid_fast.kernels.edm_loss import edm_loss_rows, edm_loss_rows_ref
 
 SHAPES = [((2, 3, 8, 8), "small image"), ((1, 1, 5, 7), "batch 1, D = 35"), ((3, 3, 16, 16), "several blocks per row")]
 

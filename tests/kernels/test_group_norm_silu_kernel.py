@@ -1,10 +1,10 @@
-"""kernels/group_norm_silu.py against a float64 reference (Triton interpreter on CPU), forward and backward."""
+"""sid_fast/kernels/group_norm_silu.py against a float64 reference (Triton interpreter on CPU), forward and backward."""
 
 import pytest
 import torch
 from support.helpers import assert_kernel_within_torch
 
-from kernels.group_norm_silu import group_norm_silu, group_norm_silu_ref
+from sid_fast.kernels.group_norm_silu import group_norm_silu, group_norm_silu_ref
 
 # (N, C, H, W, groups, why) -- groups follow EDM's rule min(32, C // 4) unless noted.
 SHAPES = [

@@ -1,10 +1,10 @@
-"""kernels/sid_loss.py against a float64 reference (Triton interpreter on CPU; bf16 and compile on GPU)."""
+"""sid_fast/kernels/sid_loss.py against a float64 reference (Triton interpreter on CPU; bf16 and compile on GPU)."""
 
 import pytest
 import torch
 from support.helpers import assert_kernel_within_torch
 
-from kernels.sid_loss import sid_loss_rows, sid_loss_rows_ref
+from sid_fast.kernels.sid_loss import sid_loss_rows, sid_loss_rows_ref
 
 ALPHA, SCALE = 1.2, 100.0 / 8
 

@@ -63,6 +63,7 @@ def _print_all() -> None:
     import json
     import runpy
 
+    sys.path.insert(0, str(ROOT))  # bench/ is imported from the repository root, as `python -m bench.X` there does
     out = {}
     for name, args in TOOLS.items():
         buf = io.StringIO()

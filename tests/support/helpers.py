@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from kernels.attention import split_qkv
+from sid_fast.kernels.attention import split_qkv
 from sid_fast.losses import finite_rows
 from sid_fast.training.config import resolve_config
 from sid_fast.training.run import build_trainer

@@ -1,5 +1,5 @@
-"""The pure-torch references of the four kernels in kernels/: the official numerics, and what runs wherever a kernel
-cannot (no CUDA, no Triton interpreter, or no Triton at all: macOS and Windows have no Triton wheels).
+"""The pure-torch references of the four kernels in sid_fast.kernels: the official numerics, and what runs wherever a
+kernel cannot (no CUDA, no Triton interpreter, or no Triton at all: macOS and Windows have no Triton wheels).
 
 This module imports only torch, so `sid_fast` samples and trains on the reference path without Triton installed;
 each kernel file (sid_loss.py, edm_loss.py, group_norm_silu.py, attention.py) re-exports its reference, and the
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------------
-# The SiD generator loss (kernels/sid_loss.py).
+# The SiD generator loss (sid_fast/kernels/sid_loss.py).
 
 
 def sid_loss_rows_ref(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float, upcast: bool = True):
@@ -34,7 +34,7 @@ def sid_loss_rows_ref(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The fake-score (EDM) loss (kernels/edm_loss.py).
+# The fake-score (EDM) loss (sid_fast/kernels/edm_loss.py).
 
 
 def edm_loss_rows_ref(D_x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, upcast: bool = True):
@@ -51,7 +51,7 @@ def edm_loss_rows_ref(D_x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, upc
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GroupNorm (+ scale/shift) (+ SiLU) (kernels/group_norm_silu.py).
+# GroupNorm (+ scale/shift) (+ SiLU) (sid_fast/kernels/group_norm_silu.py).
 
 
 def group_norm_silu_ref(
@@ -72,7 +72,7 @@ def group_norm_silu_ref(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Attention over EDM's interleaved qkv channels (kernels/attention.py).
+# Attention over EDM's interleaved qkv channels (sid_fast/kernels/attention.py).
 
 
 class _EDMAttentionWeights(torch.autograd.Function):

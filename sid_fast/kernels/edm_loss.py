@@ -7,7 +7,7 @@
 # does require a gradient, dL/dy = -dL/dD_x is formed from the same tensor. Arithmetic is fp32.
 #
 # Registered as torch.library.triton_op "sid_fast_kernels::edm_loss_rows" with autograd; the pure-torch reference is
-# `edm_loss_rows_ref` (kernels/references.py, re-exported here).
+# `edm_loss_rows_ref` (sid_fast/kernels/references.py, re-exported here).
 # Without CUDA and without the Triton interpreter the reference runs instead.
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import block_size, triton_available, warp_configs
-from kernels.references import edm_loss_rows_ref
+from ._common import block_size, triton_available, warp_configs
+from .references import edm_loss_rows_ref
 
 
 def _blk(n: int) -> int:

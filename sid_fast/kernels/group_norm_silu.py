@@ -20,7 +20,7 @@
 # in NCHW, the group's channels of each pixel in channels_last (bench.static shows the vector loads).
 # The group rule (EDM: min(32, C // 4)) belongs to the caller; C must be divisible by the number of groups.
 # Registered as torch.library.triton_op "sid_fast_kernels::group_norm_silu" with autograd; the reference is
-# `group_norm_silu_ref` (kernels/references.py, re-exported here).
+# `group_norm_silu_ref` (sid_fast/kernels/references.py, re-exported here).
 # Without CUDA and without the Triton interpreter the reference runs instead.
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import block_size, interpreted, nchw_strides, triton_available, warp_configs
-from kernels.references import group_norm_silu_ref
+from ._common import block_size, interpreted, nchw_strides, triton_available, warp_configs
+from .references import group_norm_silu_ref
 
 # Elements per tile on the GPU (a tile is [BLOCK_HW pixels, BLOCK_C channels] of one group). 2048 spilled at 2 warps
 # for ADM's 18-channel groups (bench.static); 1024 compiles without spills for every official shape and warp count.

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import block_size, triton_available, warp_configs
-from kernels.references import sid_loss_rows_ref
+from ._common import block_size, triton_available, warp_configs
+from .references import sid_loss_rows_ref
 
 GPU_BLOCK_CAP = 2048
 

@@ -24,7 +24,7 @@
 # is exact in every dtype, so scaling the fp32 scores is the same number).
 #
 # Registered as torch.library.triton_op "sid_fast_kernels::edm_flash_attention" with autograd, so torch.compile
-# traces it. The references (kernels/references.py, importable without Triton; re-exported here): `attention_edm`
+# traces it. The references (references.py, importable without Triton; re-exported here): `attention_edm`
 # (EDM's AttentionOp numerics, the reference path, and the fallback wherever Triton cannot run) and `attention_sdpa`
 # (PyTorch's scaled_dot_product_attention on transposed views).
 
@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from kernels._common import interpreted, nchw_strides, triton_available
-from kernels.references import (  # noqa: F401  (the references, re-exported beside the kernel)
+from ._common import interpreted, nchw_strides, triton_available
+from .references import (  # noqa: F401  (the references, re-exported beside the kernel)
     attention_edm,
     attention_sdpa,
     blocked_order,
@@ -590,7 +590,7 @@ def flash_attention(qkv: torch.Tensor, num_heads: int, blocked: bool = False) ->
             _ROUTED_WARNED.add(d)
             warnings.warn(
                 f"flash_attention: fp32 attention without TF32 at head dim {d} runs EDM's attention op, not "
-                "the Triton kernel (on FMA units it spills at every tile; kernels/attention.py, "
+                "the Triton kernel (on FMA units it spills at every tile; sid_fast/kernels/attention.py, "
                 "routed_to_reference); bf16, fp16 or TF32 use the kernel.",
                 stacklevel=2,
             )
