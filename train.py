@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from sid_fast.training.config import PRESETS, ConfigError, resolve_config
+from sid_fast.training.config import DOMAINS, PRESETS, ConfigError, resolve_config
 
 # Exit status of a run stopped by SIGTERM/SIGINT before --duration (EX_TEMPFAIL: run the same command again), so
 # that a scheduler's epilogue can requeue it; a finished run exits 0, a refused or failed one 1.
@@ -317,6 +317,8 @@ def main(preset, dry_run, **flags):
         )
     guidance = flags.pop("guidance")
     if guidance is not None:
+        if not DOMAINS["cfg_eval_real"].admits(guidance):
+            raise click.ClickException(f"--guidance must be {DOMAINS['cfg_eval_real'].describe()}, got {guidance!r}.")
         for flag in ("cfg_train_fake", "cfg_eval_fake", "cfg_eval_real"):
             if flags.get(flag) is not None and flags[flag] != guidance:
                 raise click.ClickException(

@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import tempfile
 import urllib.parse
 import urllib.request
@@ -409,18 +410,47 @@ def save_network(path, net: torch.nn.Module, init_kwargs: dict, **meta) -> None:
     atomic_save(network_record(net, init_kwargs, **meta), path)
 
 
+def _file_kind(path) -> str | None:
+    """What a file that is not a torch.save zip archive is, from its first bytes (None for a zip archive)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None  # torch.load names the problem
+    if head.startswith(b"PK\x03\x04"):
+        return None
+    if not head:
+        return "an empty file"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return (
+            "a Python pickle, not a torch.save archive (EDM/SiD network pickles are read by --teacher, --network "
+            "and --sid-model, never as training states)"
+        )
+    return "neither a torch.save archive nor a pickle"
+
+
 def load_torch_file(path: str | os.PathLike, mmap: bool = False) -> Any:
     """torch.load(weights_only=True) with one clear error for truncated, corrupt or unsafe files; `mmap` maps the
-    tensors' storage from the file instead of reading it (a large state is paged in as it is copied)."""
+    tensors' storage from the file instead of reading it (a large state is paged in as it is copied). A file holding
+    references to code (classes, functions) is refused in a sentence of our own: torch's text advises
+    `weights_only=False`, which would run that code."""
+    kind = _file_kind(path)
+    if kind is not None:
+        raise CheckpointError(f"{path}: {kind}.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        found = re.findall(r"GLOBAL ([\w.]+)|global[: ]+'?([\w.]+)", str(e))
+        name = next((a or b for a, b in found), None)
+        what = f"a reference to {name}" if name else "objects other than tensors and plain values"
         raise CheckpointError(
-            f"{path}: refused to load (holds objects other than tensors and plain values): {e}"
+            f"{path}: refused: the file holds {what}, which a sid_fast file never holds, and nothing in it was run; "
+            "if you trust it, load it in your own Python session and save the tensors you need with torch.save "
+            "(a state_dict) or sid_fast.checkpoints.save_network."
         ) from None
     except Exception as e:  # weights_only runs no code: any other failure (torch's reader asserts too) is corruption
         raise CheckpointError(
-            f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {_describe(e)}"
+            f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {_describe(e)}."
         ) from None
 
 
@@ -437,7 +467,7 @@ def read_training_state(path: str | os.PathLike, mmap: bool = False) -> dict:
     except CheckpointError as e:
         older = sorted(o for o in path.parent.glob("training-state-*") if o.name < path.name and ".tmp" not in o.name)
         hint = f" The previous state is {older[-1]}." if older else ""
-        raise CheckpointError(f"{e}.{hint}") from None
+        raise CheckpointError(f"{e}{hint}") from None
     if not isinstance(s, dict) or s.get("format") != TRAINING_STATE_FORMAT:
         raise CheckpointError(f"{path}: not a sid_fast training state.")
     return s

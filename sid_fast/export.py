@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sid_fast.checkpoints import CheckpointError, load_network_file
+from sid_fast.flags import Domain, DomainType
 
 
 class ExportError(ValueError):
@@ -145,6 +146,7 @@ def export_generator(network, out, device="cpu", max_batch=256, init_sigma=None,
     required=True,
 )
 @click.option("--out", help="Package to write", metavar="FILE.pt2", required=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing package at --out")
 @click.option(
     "--device", help="Compile for this device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True
 )
@@ -152,24 +154,31 @@ def export_generator(network, out, device="cpu", max_batch=256, init_sigma=None,
     "--max-batch",
     "max_batch",
     help="Largest batch the package accepts",
-    metavar="INT",
-    type=int,
+    type=DomainType(Domain(int, 1, 65536)),
     default=256,
     show_default=True,
 )
 @click.option(
-    "--init_sigma", "init_sigma", help="Generator noise level (default: the snapshot's)", metavar="FLOAT", type=float
+    "--init_sigma",
+    "init_sigma",
+    help="Generator noise level (default: the snapshot's)",
+    type=DomainType(Domain(float, 0, 80, lo_open=True, hint="SiD uses 2.5")),
 )
 @click.option(
     "--tolerance",
     help="Largest accepted |package - eager|",
-    metavar="FLOAT",
-    type=float,
+    type=DomainType(Domain(float, 0)),
     default=1e-4,
     show_default=True,
 )
-def main(network, out, device, max_batch, init_sigma, tolerance):
+def main(network, out, overwrite, device, max_batch, init_sigma, tolerance):
     """Export a one-step generator as an AOTInductor package."""
+    from sid_fast.files import DestinationError, check_file_destination
+
+    try:
+        check_file_destination(out, "export", overwrite)
+    except DestinationError as e:
+        raise click.ClickException(str(e)) from None
     try:
         export_generator(network, out, device, max_batch, init_sigma, tolerance)
     except (ExportError, CheckpointError) as e:

@@ -38,3 +38,38 @@ def fsync_dir(directory) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DestinationError(ValueError):
+    """A destination a command will not write into (one sentence naming it and what to do)."""
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_folder_destination(path, own, what: str, overwrite: bool = False) -> list[str]:
+    """Refuse to write the folder `path` when it holds entries that `what` does not write (`own(name)` is False for
+    them) unless `overwrite`; returns those foreign entries (kept beside the command's own files when it writes).
+    A path that is a file is refused whatever `overwrite` says. Nothing is created."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise DestinationError(f"{p}: exists and is not a folder; {what} writes a folder there.")
+    if not p.is_dir():
+        return []
+    foreign = sorted(e.name for e in p.iterdir() if not own(e.name))
+    if foreign and not overwrite:
+        raise DestinationError(
+            f"{p}: the folder holds files that {what} did not write ({_shown(foreign)}); give --overwrite to write "
+            "beside them (only its own files are replaced), or choose another folder."
+        )
+    return foreign
+
+
+def check_file_destination(path, what: str, overwrite: bool = False) -> None:
+    """Refuse to replace an existing file (or to write over a folder) unless `overwrite` (for files)."""
+    p = Path(path)
+    if p.is_dir():
+        raise DestinationError(f"{p}: is a folder; {what} writes a file there.")
+    if p.exists() and not overwrite:
+        raise DestinationError(f"{p}: exists; give --overwrite to replace it, or choose another name.")

@@ -36,7 +36,7 @@ from pathlib import Path
 import click
 import torch
 
-from sid_fast.files import fsync_dir, umask_modes
+from sid_fast.files import DestinationError, check_folder_destination, fsync_dir, umask_modes
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -142,7 +142,7 @@ def folder_config(class_name: str, init_kwargs: dict, meta: dict) -> dict:
     )
 
 
-def save_folder(path, net: torch.nn.Module, init_kwargs: dict, **meta) -> Path:
+def save_folder(path, net: torch.nn.Module, init_kwargs: dict, overwrite: bool = False, **meta) -> Path:
     """Write `net` (its fp32 CPU state dict) as a generator folder at `path`, atomically: the three files are written
     and fsynced in a temporary folder beside it, which is then renamed into place. A kill leaves the previous folder
     or the new one (an existing folder is first renamed to `<name>.old.tmp`; a kill between the two renames is undone
@@ -153,10 +153,14 @@ def save_folder(path, net: torch.nn.Module, init_kwargs: dict, **meta) -> Path:
         k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
         for k, v in net.state_dict().items()
     }
-    return write_folder(path, type(net).__name__, init_kwargs, tensors, meta, error=CheckpointError)
+    return write_folder(
+        path, type(net).__name__, init_kwargs, tensors, meta, error=CheckpointError, overwrite=overwrite
+    )
 
 
-def write_folder(path, class_name: str, init_kwargs: dict, tensors: dict, meta: dict, error=None) -> Path:
+def write_folder(
+    path, class_name: str, init_kwargs: dict, tensors: dict, meta: dict, error=None, overwrite: bool = False
+) -> Path:
     from safetensors.torch import save_file
 
     def fill(tmp: Path) -> None:
@@ -165,16 +169,25 @@ def write_folder(path, class_name: str, init_kwargs: dict, tensors: dict, meta: 
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / CARD).write_text(model_card(class_name, config["init_kwargs"], config["meta"]))
 
-    return atomic_folder(path, fill, error)
+    return atomic_folder(path, fill, error, own=FOLDER_FILES, overwrite=overwrite)
 
 
-def atomic_folder(path, fill, error=None) -> Path:
+def atomic_folder(path, fill, error=None, own=(), overwrite: bool = False) -> Path:
     """The folder `path` as `fill(tmp)` writes it into a temporary folder beside it: every file fsynced, then renamed
     into place. A kill leaves the previous folder or the new one (an existing folder is first renamed to
     `<name>.old.tmp`; a kill between the two renames is undone by the next write of the same name, which also removes
-    leftover `.tmp` folders). An OSError becomes `error`'s one sentence when given."""
+    leftover `.tmp` folders). An OSError becomes `error`'s one sentence when given.
 
+    `own` names the files `fill` writes: an existing folder holding anything else is refused before any work unless
+    `overwrite`, and then those other entries are moved into the new folder, so only the command's own files are
+    replaced."""
     path = Path(path)
+    try:
+        foreign = check_folder_destination(path, lambda name: name in own, "this command", overwrite)
+    except DestinationError as e:
+        if error is None:
+            raise
+        raise error(str(e)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = path.with_name(f"{path.name}.old.tmp")
     if previous.is_dir() and not path.exists():  # killed between the two renames below: the old folder comes back
@@ -191,6 +204,8 @@ def atomic_folder(path, fill, error=None) -> Path:
                     os.fsync(fh.fileno())
         for d in sorted({f.parent for f in tmp.rglob("*")} - {tmp}):
             fsync_dir(d)
+        for name in foreign:  # --overwrite: the user's own entries move into the new folder, untouched
+            os.replace(path / name, tmp / name)
         old = None
         if path.exists():  # the same snapshot written again (a resumed run): swap, then drop the old folder
             old = previous
@@ -327,14 +342,19 @@ class OneStepSampler(torch.nn.Module):
 # Converting and pushing.
 
 
-def convert(src, dst) -> Path:
-    """A sid_fast `.pt` network file (or an EDM/SiD pickle, with its recorded kwargs) written as a folder."""
-    from sid_fast.checkpoints import load_network_file
+def convert(src, dst, overwrite: bool = False) -> Path:
+    """A sid_fast `.pt` network file (or an EDM/SiD pickle, with its recorded kwargs) written as a folder. A folder
+    `dst` holding files other than a generator folder's is refused unless `overwrite` (then they are kept)."""
+    from sid_fast.checkpoints import CheckpointError, load_network_file
 
+    try:
+        check_folder_destination(dst, lambda name: name in FOLDER_FILES, "hub convert", overwrite)
+    except DestinationError as e:
+        raise CheckpointError(str(e)) from None
     net, info = load_network_file(src)
     meta = dict(info.get("meta") or {})
     meta.setdefault("converted_from", Path(str(src)).name)
-    return save_folder(dst, net, info["init_kwargs"], **meta)
+    return save_folder(dst, net, info["init_kwargs"], overwrite=overwrite, **meta)
 
 
 def push(folder, repo_id: str, private: bool = False, token: str | None = None, message: str | None = None) -> str:
@@ -378,12 +398,13 @@ def main():
 @main.command("convert")
 @click.argument("src", metavar="NETWORK")
 @click.argument("dst", metavar="FOLDER", type=click.Path(file_okay=False))
-def convert_cmd(src, dst):
+@click.option("--overwrite", is_flag=True, help="Write into a FOLDER that holds other files (they are kept).")
+def convert_cmd(src, dst, overwrite):
     """Write NETWORK (a sid_fast .pt, or an EDM/SiD .pkl) as the generator folder FOLDER."""
     from sid_fast.checkpoints import CheckpointError
 
     try:
-        out = convert(src, dst)
+        out = convert(src, dst, overwrite=overwrite)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {out}/ ({', '.join(FOLDER_FILES)})")

@@ -10,6 +10,7 @@ teachers from the outside: pass `--sampler onestep` for them.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -18,21 +19,54 @@ import click
 import torch
 
 from sid_fast.checkpoints import CheckpointError, load_network_file
+from sid_fast.files import DestinationError, check_folder_destination
+from sid_fast.flags import Domain, DomainType
 from sid_fast.sampling import check_vae, generate_uint8, image_grid, save_image
 
+# Seeds feed torch.Generator(...).manual_seed(seed % 2**32), as EDM's StackedRandomGenerator does: a larger seed
+# would silently repeat a smaller one's image. A list is held in memory (one image per entry), hence its bound.
+MAX_SEED = 2**32 - 1
+MAX_SEEDS = 10_000_000
 
-def parse_int_list(s: str) -> list[int]:
-    """'0-3,10,12-13' -> [0, 1, 2, 3, 10, 12, 13]."""
-    out = []
+
+def parse_int_list(s: str, flag: str = "--seeds", max_value: int = MAX_SEED, max_count: int = MAX_SEEDS) -> list[int]:
+    """'0-3,10,12-13' -> [0, 1, 2, 3, 10, 12, 13]; every value in [0, max_value], at most max_count of them (counted
+    before the list is made). Anything else is a click.BadParameter sentence naming `flag`."""
+    parts, count = [], 0
     for part in s.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not m:
-            raise click.BadParameter(f"{s!r} is not a list of integers and ranges like 0-63,100.")
+            raise click.BadParameter(f"{s!r} is not a list of integers and ranges like 0-63,100.", param_hint=flag)
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
-            raise click.BadParameter(f"range {part.strip()!r} is empty.")
-        out.extend(range(lo, hi + 1))
-    return out
+            raise click.BadParameter(f"range {part.strip()!r} is empty.", param_hint=flag)
+        if hi > max_value:
+            raise click.BadParameter(f"{hi} is out of range: values go from 0 to {max_value}.", param_hint=flag)
+        count += hi - lo + 1
+        if count > max_count:
+            raise click.BadParameter(f"{s!r} names more than {max_count:,} values; split the job.", param_hint=flag)
+        parts.append((lo, hi))
+    return [v for lo, hi in parts for v in range(lo, hi + 1)]
+
+
+_SAMPLE_NAME = re.compile(r"^\d{6,}(\.png)?$")  # NNNNNN.png, and NNNNNN/ subfolders of 1000 seeds
+
+
+def check_outdir(outdir, grid=None, overwrite: bool = False) -> None:
+    """A sampler's --outdir: new, empty, or holding only images it names (a previous run's, which it replaces);
+    anything else is refused unless --overwrite (then it is kept: the sampler writes only its own names). --grid must
+    name a PNG file (an existing one is replaced: the user named it as the output)."""
+    if grid is not None and (Path(grid).is_dir() or Path(grid).suffix.lower() != ".png"):
+        raise click.BadParameter(
+            f"{grid}: the grid is written as a PNG file (a name ending in .png).", param_hint="--grid"
+        )
+    grid_name = Path(grid).name if grid and Path(grid).resolve().parent == Path(outdir).resolve() else None
+    try:
+        check_folder_destination(
+            outdir, lambda n: bool(_SAMPLE_NAME.match(n)) or n == grid_name, "the sampler", overwrite
+        )
+    except DestinationError as e:
+        raise click.BadParameter(str(e), param_hint="--outdir") from None
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
@@ -58,7 +92,7 @@ def parse_int_list(s: str) -> list[int]:
     "--steps",
     help="Heun steps (NFE = 2 * steps - 1)",
     metavar="INT",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 10_000),
     default=18,
     show_default=True,
 )
@@ -71,17 +105,23 @@ def parse_int_list(s: str) -> list[int]:
 @click.option(
     "--class", "class_idx", help="Class label (default: random per seed)", metavar="INT", type=click.IntRange(min=0)
 )
-@click.option("--init_sigma", "init_sigma", help="Override the generator's sigma_init", metavar="FLOAT", type=float)
+@click.option(
+    "--init_sigma",
+    "init_sigma",
+    help="Override the generator's sigma_init",
+    type=DomainType(Domain(float, 0, 80, lo_open=True, hint="SiD uses 2.5")),
+)
 @click.option(
     "--batch",
     "max_batch",
     help="Maximum batch size",
     metavar="INT",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 65536),
     default=64,
     show_default=True,
 )
 @click.option("--subdirs", help="Save into subdirectories of 1000 seeds", is_flag=True)
+@click.option("--overwrite", help="Write into an --outdir that holds other files (they are kept)", is_flag=True)
 @click.option("--grid", help="Also save a grid of all images to this file (PNG)", metavar="FILE", type=str)
 @click.option(
     "--vae",
@@ -90,16 +130,22 @@ def parse_int_list(s: str) -> list[int]:
     metavar="DIR",
     type=str,
 )
-def main(network_path, outdir, seeds, sampler, steps, churn, class_idx, init_sigma, max_batch, subdirs, grid, vae):
+def main(
+    network_path, outdir, seeds, sampler, steps, churn, class_idx, init_sigma, max_batch, subdirs, overwrite, grid, vae
+):
     """Generate images from a SiD generator or an EDM teacher."""
     seed_list = parse_int_list(seeds)
+    check_outdir(outdir, grid, overwrite)
     churn_t = None
     if churn:
         try:
             churn_t = tuple(float(v) for v in churn.split(","))
-            assert len(churn_t) == 4
+            assert len(churn_t) == 4 and all(math.isfinite(v) and v >= 0 for v in churn_t)
         except (ValueError, AssertionError):
-            raise click.BadParameter(f"--churn {churn!r}: expected four numbers S_churn,S_min,S_max,S_noise.") from None
+            raise click.BadParameter(
+                f"{churn!r}: expected four finite non-negative numbers S_churn,S_min,S_max,S_noise.",
+                param_hint="--churn",
+            ) from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         net, info = load_network_file(network_path)

@@ -224,10 +224,15 @@ def test_killed_and_restarted_jobs_end_bit_identical(tmp_path):
     of an iteration (rank 1, after the fake-score step of the 7th iteration; the newest state is at 160 images) and,
     separately, in the middle of writing a state (rank 0, the state at 160 images; the newest complete one is at 96):
     the restarted job continues by itself from the newest complete state (--resume auto) and ends with every tensor of
-    its final state bit-identical to an uninterrupted job's. States are written at 32, 96, 160, 224 and 256 images."""
+    its final state bit-identical to an uninterrupted job's. States are written at 32, 96, 160, 224 and 256 images.
+    The restarted job takes over the run directory's lock (one per job: rank 0's), removes the killed write's temporary
+    file and rewinds stats.jsonl, which then holds every tick once, as the uninterrupted job's does."""
     clean = _torchrun(tmp_path / "clean", None)
     assert clean.returncode == 0, clean.stderr[-3000:]
     reference = _final_state(tmp_path / "clean")
+    (clean_dir,) = (tmp_path / "clean").iterdir()
+    ticks = [json.loads(line)["kimg"] for line in (clean_dir / "stats.jsonl").read_text().splitlines()]
+    assert len(ticks) == 8 and ticks == sorted(set(ticks))
     for name, fault, resumed_at in (
         ("iteration", "iteration:1:192", "at 0.2 kimg"),
         ("state-write", "state-write:160", "at 0.1 kimg"),
@@ -239,7 +244,12 @@ def test_killed_and_restarted_jobs_end_bit_identical(tmp_path):
         assert resumed_at in log, log[-3000:]
         _assert_states_equal(_final_state(tmp_path / name), reference)
         (run_dir,) = (tmp_path / name).iterdir()
-        assert not list(run_dir.glob("*.tmp")) or name == "state-write"  # a killed write leaves only its temp file
+        assert not list(run_dir.glob("*.tmp"))  # what the killed write left was removed by the restarted job
+        if name == "state-write":
+            assert "Removed what killed writes left in" in log, log[-3000:]
+        assert [json.loads(line)["kimg"] for line in (run_dir / "stats.jsonl").read_text().splitlines()] == ticks
+        holder = json.loads((run_dir / "run.lock").read_text())  # one lock for the job, written by its rank 0
+        assert set(holder) == {"pid", "host", "since", "command"} and "faulty_train.py" in holder["command"]
 
 
 def test_run_directory_choice_and_refusal_of_another_configuration(tmp_path):

@@ -99,7 +99,7 @@ def model_card(meta: dict, where: str = "PATH") -> str:
     return "\n".join(lines)
 
 
-def save_unet_folder(path, unet, **meta) -> Path:
+def save_unet_folder(path, unet, overwrite: bool = False, **meta) -> Path:
     """`unet` (fp32, on the CPU) as a diffusers UNet folder with sid_fast.json and a model card, written atomically
     (sid_fast.hub.atomic_folder)."""
     from safetensors.torch import save_file
@@ -115,7 +115,7 @@ def save_unet_folder(path, unet, **meta) -> Path:
         (tmp / SID_META).write_text(json.dumps(dict(format="sid_fast.t2i", **_plain_value(meta)), indent=2) + "\n")
         (tmp / CARD).write_text(model_card(meta))
 
-    return atomic_folder(path, fill, CheckpointError)
+    return atomic_folder(path, fill, CheckpointError, own=(WEIGHTS, CONFIG, SID_META, CARD), overwrite=overwrite)
 
 
 def update_unet_meta(path, **meta) -> None:

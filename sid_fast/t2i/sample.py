@@ -23,7 +23,7 @@ import torch
 
 from sid_fast import dist
 from sid_fast.progress import Timer
-from sid_fast.sample import parse_int_list
+from sid_fast.sample import check_outdir, parse_int_list
 from sid_fast.sampling import image_grid, save_image
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,20 +105,24 @@ def generate(
 @click.option("--prompts", "prompts_file", help="Prompt file: image i from line i with seed i", metavar="FILE")
 @click.option("--seeds", help="Seeds (--prompt; default 0-15) or line indices (--prompts; default all)", metavar="LIST")
 @click.option("--outdir", help="Where to write the images", metavar="DIR", required=True)
-@click.option("--batch", help="Images per UNet call", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch", help="Images per UNet call", type=click.IntRange(1, 65536), default=16, show_default=True)
+@click.option("--overwrite", help="Write into an --outdir that holds other files (they are kept)", is_flag=True)
 @click.option(
     "--dtype", help="UNet weights for sampling", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True
 )
 @click.option("--grid", help="Also save the first 64 images as one PNG", metavar="PNG")
 @click.option(
-    "--resolution", help="Save the images resized to this side (PIL LANCZOS; FID-30k: 256)", type=click.IntRange(min=8)
+    "--resolution",
+    help="Save the images resized to this side (PIL LANCZOS; FID-30k: 256)",
+    type=click.IntRange(8, 8192),
 )
-def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, dtype, grid, resolution):
+def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, overwrite, dtype, grid, resolution):
     """One-step text-to-image sampling with a SiD-LSG generator."""
     from sid_fast.checkpoints import CheckpointError
     from sid_fast.t2i.sd import SDError
 
     todo = jobs(prompt, prompts_file, seeds)
+    check_outdir(outdir, grid, overwrite)
     device = dist.init()
     try:
         generate(network, teacher, todo, Path(outdir), batch, DTYPES[dtype], device, grid=grid, resolution=resolution)

@@ -287,12 +287,15 @@ def load_sd(folder, device="cpu", dtype=torch.float32, unet: bool = True) -> Sta
     return StableDiffusion(unet, vae, text_encoder, tokenizer, schedule, p)
 
 
+ASCII_WHITESPACE = " \t\r\n\x0b\x0c"
+
+
 class PromptFile:
-    """The prompts of a text file, one per line (blank lines skipped, each stripped), as a read-only sequence backed by
-    the file memory-mapped and an index of its lines: the official Aesthetics 6+ file holds millions of prompts, and
-    every rank of a multi-node run opens it; a list of Python strings would cost each rank gigabytes of host memory,
-    this costs 16 bytes per prompt (line start and end, int64). The file is checked once when opened (UTF-8, in 64 MiB
-    pieces)."""
+    """The prompts of a text file, one per line (lines of ASCII whitespace skipped, each stripped of it), as a read-only
+    sequence backed by the file memory-mapped and an index of its lines: the official Aesthetics 6+ file holds millions
+    of prompts, and every rank of a multi-node run opens it; a list of Python strings would cost each rank gigabytes of
+    host memory, this costs 16 bytes per prompt (line start and end, int64). The file is checked once when opened
+    (UTF-8, in 64 MiB pieces)."""
 
     CHUNK = 64 << 20
 
@@ -320,14 +323,16 @@ class PromptFile:
         starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64) if len(ends) else np.zeros(0, np.int64)
         keep = np.zeros(len(starts), bool)
         white = np.zeros(256, np.uint8)
-        white[list(b" \t\r\n\x0b\x0c")] = 1
-        step = 1 << 18
+        white[list(ASCII_WHITESPACE.encode())] = 1
+        step = 1 << 16
         for lo in range(0, len(starts), step):  # lines holding a byte other than ASCII whitespace, in pieces
             st, en = starts[lo : lo + step], ends[lo : lo + step]
             a, b = int(st[0]), int(en[-1])
-            if b > a:
-                ink = 1 - white[data[a:b]]
-                keep[lo : lo + len(st)] = (np.add.reduceat(ink, st - a, dtype=np.int64) > 0) & (en > st)
+            # Non-whitespace bytes before each position of the piece: a line [s, e) holds ink when the count grows
+            # over it (empty lines, anywhere in the file and at its end, count zero).
+            ink = np.zeros(b - a + 1, np.int64 if b - a >= 1 << 31 else np.int32)
+            np.cumsum(1 - white[data[a:b]], dtype=ink.dtype, out=ink[1:])
+            keep[lo : lo + len(st)] = ink[en - a] > ink[st - a]
         self._starts, self._ends = starts[keep], ends[keep]
         if not len(self._starts):
             raise SDError(f"{self.path}: the prompt file holds no prompt (one per line).")
@@ -338,7 +343,7 @@ class PromptFile:
     def __getitem__(self, i: int) -> str:
         if not -len(self) <= i < len(self):
             raise IndexError(i)
-        return bytes(self._map[self._starts[i] : self._ends[i]]).decode("utf-8").strip()
+        return bytes(self._map[self._starts[i] : self._ends[i]]).decode("utf-8").strip(ASCII_WHITESPACE)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

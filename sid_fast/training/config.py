@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sid_fast.flags import Domain
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_TEACHER_PATH = ASSETS / "digits_teacher.pt"
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
@@ -141,11 +143,90 @@ def identity(cfg_json: dict) -> dict:
     return out
 
 
+# The flags whose --help name keeps the official SiD/EDM/SiD-LSG underscore spelling (train.py); every other field's
+# flag is its name with dashes. tests/test_config_domains.py checks this against train.py's options.
+_UNDERSCORE_FLAGS = frozenset(
+    {"init_sigma", "data_prompt_text", "init_timestep", "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real", "g_beta1",
+     "lsg_gan"}
+)  # fmt: skip
+# Fields that come from the preset only (no flag): named by what sets them.
+_PRESET_FIELDS = frozenset(
+    {"resolution", "channels", "label_dim", "official_teacher", "official_data", "needs_sid_model"}
+)
+
+
+def flag(name: str) -> str:
+    """A TrainConfig field's flag as `python train.py --help` prints it."""
+    if name in _PRESET_FIELDS:
+        return f"the preset's {name}"
+    return "--" + (name if name in _UNDERSCORE_FLAGS else name.replace("_", "-").lower())
+
+
 def identity_differences(a: dict, b: dict) -> list[str]:
-    """The flags (as --names) whose values differ between two configurations' identities."""
+    """The flags (as --help prints them) whose values differ between two configurations' identities."""
     ia, ib = identity(a), identity(b)
     keys = sorted(set(ia) | set(ib))
-    return [f"--{k.replace('_', '-')} {ia.get(k)!r} vs {ib.get(k)!r}" for k in keys if ia.get(k) != ib.get(k)]
+    return [f"{flag(k)} {ia.get(k)!r} vs {ib.get(k)!r}" for k in keys if ia.get(k) != ib.get(k)]
+
+
+_GUIDANCE = Domain(float, 0, 100, lo_open=True, hint="1 is no guidance")
+
+
+# Every numeric field's domain, checked first by `validate` (one place, one sentence naming the flag). Relations
+# between fields (tmin < tmax, batch divisible, ...) and checks that need the teacher come after.
+DOMAINS: dict[str, Domain] = {
+    "seed": Domain(int, 0, 2**32 - 1),
+    "keep_states": Domain(int, 0, 10**6, hint="0 keeps all"),
+    "resolution": Domain(int, 1, 4096),
+    "channels": Domain(int, 1, 64),
+    "label_dim": Domain(int, 0, 100_000),
+    "alpha": Domain(float, 0, 10, hint="SiD uses 1.0 or 1.2"),
+    "tmax": Domain(int, 0, 1000, lo_open=True, hint="SiD uses 800, SiD-LSG 980"),
+    "init_sigma": Domain(float, 0.002, 80, lo_open=True, hint="SiD uses 2.5"),
+    "ls": Domain(float, 0, 1e6, lo_open=True, hint="SiD uses 1"),
+    "lsg": Domain(float, 0, 1e6, lo_open=True, hint="SiD uses 100, SiD-LSG 1"),
+    "P_mean": Domain(float, -10, 10, hint="EDM uses -1.2"),
+    "P_std": Domain(float, 0, 10, lo_open=True, hint="EDM uses 1.2"),
+    "lsd": Domain(float, 0, 1e6, hint="SiDA uses 1 or 100"),
+    "lsg_gan": Domain(float, 0, 1e6, hint="SiDA uses 0.01"),
+    "workers": Domain(int, 0, 1024),
+    "sida_g_start_kimg": Domain(float, 0, 1e9, hint="official 100"),
+    "sida_gan_start_kimg": Domain(float, 0, 1e9, hint="official 200"),
+    "batch": Domain(int, 1, 2**24),
+    "batch_gpu": Domain(int, 1, 2**24),
+    "lr": Domain(float, 0, 1, lo_open=True, hint="SiD uses 1e-5"),
+    "glr": Domain(float, 0, 1, lo_open=True, hint="SiD uses 1e-5"),
+    "g_beta1": Domain(float, 0, 1, hi_open=True, hint="SiD uses 0"),
+    "ema": Domain(
+        float,
+        0.001,
+        1e6,
+        hint="Mimg; the half-life is int(ema * 1000) kimg as in the official code, so at least 0.001 Mimg",
+    ),
+    "augment": Domain(float, 0, 1, hint="a probability"),
+    "dropout": Domain(float, 0, 1, hi_open=True),
+    "duration": Domain(float, 0, 1e6, lo_open=True, hint="Mimg"),
+    "tick": Domain(float, 0, 1e6, lo_open=True, hint="kimg"),
+    "snap": Domain(int, 1, 10**9, hint="ticks"),
+    "dump": Domain(int, 1, 10**9, hint="ticks"),
+    "metric_num": Domain(int, 2, 10_000_000),
+    "max_bad_steps": Domain(int, 1, 10**9),
+    "tmin": Domain(int, 0, 1000, hint="SiD-LSG uses 20"),
+    "init_timestep": Domain(int, 0, 999, hint="SiD-LSG uses 625"),
+    "cfg_train_fake": _GUIDANCE,
+    "cfg_eval_fake": _GUIDANCE,
+    "cfg_eval_real": _GUIDANCE,
+}
+
+
+def check_domains(cfg) -> None:
+    """Every numeric field of `cfg` in its declared domain (None is 'not set' where the field allows it)."""
+    for name, domain in DOMAINS.items():
+        v = getattr(cfg, name)
+        if v is None and name in ("P_mean", "P_std", "batch_gpu"):
+            continue
+        if not domain.admits(v):
+            raise ConfigError(f"{flag(name)} must be {domain.describe()}, got {v!r}.")
 
 
 # Official SiD settings. All: tmax 800, init_sigma 2.5, ls 1, lsg 100, snap 50, dump 500 (4 GPUs in the scripts).
@@ -534,7 +615,9 @@ def check_world(cfg: TrainConfig, world_size: int) -> None:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Every flag on its own and against the others; the process count is checked by `check_world`."""
+    """Every flag on its own (its declared domain) and against the others; the process count is checked by
+    `check_world`, what needs the teacher by the teacher family's loader."""
+    check_domains(cfg)
     _validate_algorithm(cfg)
     _validate_fast_path(cfg)
     _validate_schedule(cfg)
@@ -544,34 +627,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _validate_algorithm(cfg: TrainConfig) -> None:
-    if not 0 <= cfg.tmin:
-        raise ConfigError(f"--tmin must be a non-negative integer (SiD-LSG uses 20), got {cfg.tmin}.")
-    if not 0 <= cfg.init_timestep <= 999:
-        raise ConfigError(
-            f"--init_timestep must be an integer in [0, 999] (SiD-LSG uses 625), got {cfg.init_timestep}."
-        )
-    for flag in ("cfg_train_fake", "cfg_eval_fake", "cfg_eval_real"):
-        if not getattr(cfg, flag) > 0:
-            raise ConfigError(f"--{flag} {getattr(cfg, flag)}: a guidance scale must be > 0 (1 is no guidance).")
-    if not 0 <= cfg.alpha <= 10:
-        raise ConfigError(f"--alpha must be in [0, 10] (SiD uses 1.0 or 1.2), got {cfg.alpha}.")
-    if not 0 < cfg.tmax <= 1000:
-        raise ConfigError(f"--tmax must be an integer in (0, 1000] (SiD uses 800), got {cfg.tmax}.")
-    if not 0.002 < cfg.init_sigma <= 80:
-        raise ConfigError(f"--init_sigma must be in (0.002, 80] (SiD uses 2.5), got {cfg.init_sigma}.")
-    for flag in ("batch", "batch_gpu"):
-        if getattr(cfg, flag) is None or getattr(cfg, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(cfg, flag)}.")
     check_world(cfg, 1)
-    for flag in ("lr", "glr"):
-        if not getattr(cfg, flag) > 0:
-            raise ConfigError(f"--{flag} must be positive, got {getattr(cfg, flag)}.")
-    if not 0 <= cfg.g_beta1 < 1:
-        raise ConfigError(f"--g_beta1 must be in [0, 1), got {cfg.g_beta1}.")
-    if not 0 <= cfg.augment <= 1:
-        raise ConfigError(f"--augment must be a probability in [0, 1], got {cfg.augment}.")
-    if not 0 <= cfg.dropout < 1:
-        raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}.")
 
 
 def _validate_fast_path(cfg: TrainConfig) -> None:
@@ -597,19 +653,6 @@ def _validate_fast_path(cfg: TrainConfig) -> None:
 
 
 def _validate_schedule(cfg: TrainConfig) -> None:
-    for flag in ("duration", "tick", "ema"):
-        if not getattr(cfg, flag) > 0:
-            raise ConfigError(f"--{flag} must be positive, got {getattr(cfg, flag)}.")
-    if int(cfg.ema * 1000) < 1:
-        raise ConfigError(
-            f"--ema {cfg.ema} Mimg: the half-life is taken as int(ema * 1000) kimg, as the official code "
-            "does, so it must be at least 0.001 Mimg (1 kimg)."
-        )
-    for flag in ("snap", "dump"):
-        if getattr(cfg, flag) < 1:
-            raise ConfigError(f"--{flag} must be at least 1 tick, got {getattr(cfg, flag)}.")
-    if cfg.keep_states < 0:
-        raise ConfigError(f"--keep-states must be a non-negative integer (0 keeps all), got {cfg.keep_states}.")
     if cfg.resume != "auto" and cfg.resume != "new" and cfg.run_dir is not None:
         raise ConfigError(
             f"--resume {cfg.resume} and --run-dir {cfg.run_dir}: a given state starts a new run directory; give one."
@@ -635,8 +678,6 @@ def _validate_inputs(cfg: TrainConfig) -> None:
         )
     if (cfg.P_mean is None) != (cfg.P_std is None):
         raise ConfigError(f"--p-mean and --p-std go together (got --p-mean {cfg.P_mean}, --p-std {cfg.P_std}).")
-    if cfg.P_std is not None and not cfg.P_std > 0:
-        raise ConfigError(f"--p-std must be positive, got {cfg.P_std}.")
 
 
 def _validate_sida(cfg: TrainConfig) -> None:
@@ -663,11 +704,6 @@ def _validate_sida(cfg: TrainConfig) -> None:
             f"--sida-g-start-kimg {cfg.sida_g_start_kimg} and --sida-gan-start-kimg "
             f"{cfg.sida_gan_start_kimg}: need 0 <= generator start <= GAN start (official: 100 and 200)."
         )
-    for flag in ("lsd", "lsg_gan"):
-        if not getattr(cfg, flag) >= 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be non-negative, got {getattr(cfg, flag)}.")
-    if cfg.workers < 0:
-        raise ConfigError(f"--workers must be a non-negative integer, got {cfg.workers}.")
 
 
 def _validate_metrics(cfg: TrainConfig) -> None:

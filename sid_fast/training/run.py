@@ -18,6 +18,7 @@ import torch
 from sid_fast import checkpoints, dist
 from sid_fast.networks import edm2
 from sid_fast.training.config import ConfigError, TrainConfig, check_world, identity_differences, metric_list
+from sid_fast.training.rundir import RunLock, RunLocked, outdir_lock, remove_stale_temporaries, rewind_records
 from sid_fast.training.sid import SiDTrainer, TeacherSpec, TrainingAborted
 from sid_fast.training.state import list_states
 from sid_fast.training.tickstats import Logger
@@ -242,9 +243,12 @@ def load_sd_inputs(cfg: TrainConfig):
         raise ConfigError(
             f"--tmin {cfg.tmin} and --tmax {cfg.tmax}: timesteps are drawn in [tmin, tmax), which is empty."
         )
-    if cfg.tmax > sd.schedule.num_train_timesteps:
+    steps = sd.schedule.num_train_timesteps
+    if cfg.tmax > steps:
+        raise ConfigError(f"--tmax {cfg.tmax}: the teacher {cfg.teacher} has {steps} timesteps (0 to {steps - 1}).")
+    if cfg.init_timestep >= steps:
         raise ConfigError(
-            f"--tmax {cfg.tmax}: the teacher {cfg.teacher} has {sd.schedule.num_train_timesteps} timesteps."
+            f"--init_timestep {cfg.init_timestep}: the teacher {cfg.teacher} has {steps} timesteps (0 to {steps - 1})."
         )
     return sd, prompts
 
@@ -376,7 +380,8 @@ def check_same_run(cfg: TrainConfig, state: dict, path: Path) -> None:
 
 def _matching_run(cfg: TrainConfig, desc: str) -> Path | None:
     """--resume auto: the newest run directory in --outdir of this configuration (same --desc, same identity) that
-    holds a training state."""
+    holds a training state. A directory of this configuration that a live process holds (the same command started
+    twice) is refused, naming the holder."""
     out = Path(cfg.outdir)
     if not out.is_dir():
         return None
@@ -385,7 +390,15 @@ def _matching_run(cfg: TrainConfig, desc: str) -> Path | None:
             options = json.loads((d / "training_options.json").read_text())
         except (OSError, ValueError):
             continue
-        if not identity_differences(options, cfg.to_json()) and latest_state(d) is not None:
+        if identity_differences(options, cfg.to_json()):
+            continue
+        holder = RunLock(d).held_by_another()
+        if holder is not None:
+            raise ConfigError(
+                f"{d}: a run of this configuration is already training there ({holder}); wait for it or stop it, "
+                "or give --resume new (or another --desc) for a separate run."
+            )
+        if latest_state(d) is not None:
             return d
     return None
 
@@ -441,31 +454,58 @@ def run(cfg: TrainConfig, log_to_stdout=True) -> tuple[Path | None, str]:
     # with a logger that buffers until the directory exists.
     pending: list[str] = []
     trainer = build_trainer(cfg, device, log=pending.append)
+    lock = None  # rank 0's lock on the run directory, held until the run ends (or the process dies)
 
     def decide():
-        run_dir, state_path = choose_run(cfg, world, check=lambda p: check_same_run(cfg, load_state_file(p), p))
+        nonlocal lock
+        with outdir_lock(Path(cfg.run_dir).parent if cfg.run_dir is not None else cfg.outdir):
+            run_dir, state_path = choose_run(cfg, world, check=lambda p: check_same_run(cfg, load_state_file(p), p))
+            try:
+                lock = RunLock(run_dir).acquire()
+            except RunLocked as e:
+                raise ConfigError(str(e)) from None
+        if lock.unsupported:
+            pending.append(f"Warning: {run_dir} is not locked ({lock.unsupported}): start one command per directory.")
+        removed = remove_stale_temporaries(run_dir)
+        if removed:
+            pending.append(f"Removed what killed writes left in {run_dir}: {', '.join(removed)}.")
         checkpoints.atomic_write_text(
             run_dir / "training_options.json",
             json.dumps(dict(cfg.to_json(), world_size=world, class_labels=trainer.conditioning()), indent=2),
         )
         return run_dir, state_path
 
-    run_dir, state_path = _on_rank0(decide)
-    log = Logger(run_dir if dist.rank() == 0 else None) if log_to_stdout else (lambda *_: None)
-    for line in pending:
-        log(line)
-    trainer.run_dir, trainer.log = run_dir, log  # every rank: a sharded state is written by all
-    if state_path is not None:
-        trainer.load_state_dict(load_state_file(state_path), state_path)
-        log(f"Resumed from {state_path} at {trainer.cur_nimg / 1e3:.1f} kimg.")
-    if dist.rank() == 0:
-        trainer.tracker = make_tracker(cfg.tracker, run_dir, cfg.to_json(), cfg.tracker_project, log)
     try:
-        status = trainer.train()
+        run_dir, state_path = _on_rank0(decide)
+        log = Logger(run_dir if dist.rank() == 0 else None) if log_to_stdout else (lambda *_: None)
+        for line in pending:
+            log(line)
+        trainer.run_dir, trainer.log = run_dir, log  # every rank: a sharded state is written by all
+        if state_path is not None:
+            trainer.load_state_dict(load_state_file(state_path), state_path)
+            log(f"Resumed from {state_path} at {trainer.cur_nimg / 1e3:.1f} kimg.")
+            if dist.rank() == 0:
+                dropped = rewind_records(run_dir, trainer.cur_nimg / 1e3)
+                if dropped:
+                    what = ", ".join(f"{n} record(s) of {name}" for name, n in dropped.items())
+                    log(f"Dropped {what} written after that state (logged again as the run continues).")
+        if dist.rank() == 0:
+            trainer.tracker = make_tracker(cfg.tracker, run_dir, cfg.to_json(), cfg.tracker_project, log)
+        try:
+            status = trainer.train()
+        except OSError as e:  # the run directory made read-only, removed, or its disk full
+            last = latest_state(run_dir) if run_dir.is_dir() else None
+            raise ConfigError(
+                f"{e.filename or run_dir}: writing failed ({e.strerror or e}); the last complete training state is "
+                f"{last or 'none'}{'' if last is None else ' (run the same command again to continue from it)'}."
+            ) from None
+        finally:
+            trainer.tracker.close()
+        if isinstance(log, Logger):
+            log.close()
     finally:
-        trainer.tracker.close()
-    if isinstance(log, Logger):
-        log.close()
+        if lock is not None:
+            lock.release()
     dist.finish()
     return run_dir, status
 

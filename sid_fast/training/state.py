@@ -225,12 +225,22 @@ def gathered_trained_states(tr) -> dict:
     return out
 
 
-def export_generator(state_path, out) -> Path:
+def export_generator(state_path, out, overwrite: bool = False) -> Path:
     """G_ema of a training state (a whole file or a sharded directory: G_ema is whole in both) as a sid_fast network
-    file, for the sampler, FID and export: `python -m sid_fast.training.state export STATE OUT.pt`."""
+    file, for the sampler, FID and export: `python -m sid_fast.training.state export STATE OUT.pt`. An existing file,
+    or a folder holding other files, is refused unless `overwrite` (a folder's other files are then kept)."""
+    from sid_fast import hub
+    from sid_fast.files import DestinationError, check_file_destination, check_folder_destination
     from sid_fast.networks import build_network
 
     s = checkpoints.read_training_state(state_path, mmap=True)
+    try:
+        if str(out).endswith(".pt"):
+            check_file_destination(out, "state export", overwrite)
+        else:
+            check_folder_destination(out, lambda name: name in hub.FOLDER_FILES, "state export", overwrite)
+    except DestinationError as e:
+        raise checkpoints.CheckpointError(str(e)) from None
     cfg = s["config"]
     net = build_network(s["class_name"], s["g_init_kwargs"])
     try:
@@ -248,9 +258,7 @@ def export_generator(state_path, out) -> Path:
     if str(out).endswith(".pt"):
         checkpoints.save_network(out, net, s["g_init_kwargs"], **meta)
     else:
-        from sid_fast import hub
-
-        hub.save_folder(out, net, s["g_init_kwargs"], **meta)
+        hub.save_folder(out, net, s["g_init_kwargs"], overwrite=overwrite, **meta)
     return Path(out)
 
 
@@ -262,11 +270,14 @@ def main():
 @main.command("export")
 @click.argument("state", metavar="STATE")
 @click.argument("out", metavar="OUT")
-def export_cmd(state, out):
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing OUT file, or write into a folder with other files."
+)
+def export_cmd(state, out, overwrite):
     """G_ema of STATE (training-state-*.pt, or a sharded training-state-*.dcp directory) written to OUT: a generator
     folder (model.safetensors + config.json + model card), or a sid_fast .pt file when OUT ends in .pt."""
     try:
-        path = export_generator(state, out)
+        path = export_generator(state, out, overwrite=overwrite)
     except checkpoints.CheckpointError as e:
         raise click.ClickException(str(e)) from None
     print(f"wrote {path}")
