@@ -18,6 +18,7 @@ from sid_fast.training.config import DOMAINS, ConfigError, TrainConfig, flag, re
 from sid_fast.training.run import build_trainer
 
 TRAIN_OPTIONS = {p.name: p for p in train.main.params}
+FIXTURE = HealthCheck.function_scoped_fixture  # the tmp_path_factory fixture is used per example on purpose
 NUMERIC_FLAGS = sorted(n for n in DOMAINS if n in TRAIN_OPTIONS)
 
 
@@ -60,7 +61,7 @@ def _out_of_domain(d: Domain):
 BAD = [(n, v) for n in NUMERIC_FLAGS for v in _out_of_domain(DOMAINS[n])]
 
 
-@settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=[FIXTURE])
 @given(case=st.sampled_from(BAD))
 def test_train_refuses_out_of_domain_values_in_one_sentence_before_writing(tmp_path_factory, case):
     name, text = case
@@ -252,7 +253,7 @@ def cli_inputs(tmp_path_factory):
     return str(gen), str(state), str(digits.FOLDER)
 
 
-@settings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=[FIXTURE])
 @given(data=st.data())
 def test_every_flag_of_the_samplers_hub_and_exporter_is_refused_in_one_sentence(tmp_path_factory, cli_inputs, data):
     from sid_fast import hub
@@ -278,7 +279,7 @@ def test_every_flag_of_the_samplers_hub_and_exporter_is_refused_in_one_sentence(
     assert (tmp / "a-file").read_text() == "mine"
 
 
-@settings(max_examples=12, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, derandomize=True, deadline=None, suppress_health_check=[FIXTURE])
 @given(
     steps=st.integers(1, 3),
     batch=st.integers(1, 70),

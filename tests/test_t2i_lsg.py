@@ -352,7 +352,7 @@ def test_bad_input_is_refused_in_one_sentence_before_anything_is_written(sd_fold
         (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, tmin=980),
          "--tmin 980 and --tmax 980: timesteps are drawn in [tmin, tmax), which is empty."),
         (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, cfg_eval_real=0.0),
-         "--cfg_eval_real must be a finite number > 0 (1 is no guidance), got 0.0"),
+         "--cfg_eval_real must be a finite number in (0, 100] (1 is no guidance), got 0.0"),
         (dict(preset="digits", cfg_eval_real=2.0), "--cfg_eval_real 2: guidance applies to Stable Diffusion teachers"),
         (dict(preset="digits", data_prompt_text=str(prompt_file)), "prompts condition Stable Diffusion teachers"),
     ]  # fmt: skip
