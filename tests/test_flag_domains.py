@@ -302,3 +302,79 @@ def test_in_domain_sampler_flags_write_finite_images(tmp_path_factory, cli_input
         assert r.exit_code == 0, r.output
         files = sorted((out / sampler).iterdir())
         assert len(files) == 3 and all(PIL.Image.open(f).size == (8, 8) for f in files)
+
+
+# The other flags of train.py (names, paths, choices, switches): a bad value of each, drawn; refused in one sentence
+# with nothing written, or (where the value only does not apply to the digits preset) a short run with finite losses.
+FREE_TEXT = {"tracker_project"}  # any text is a project name
+OTHER_BAD = {
+    "outdir": ["__FILE__"],
+    "preset": ["bogus", ""],
+    "teacher": ["missing.pkl", "__FILE__", "https://127.0.0.1:9/x.pkl"],
+    "cond": ["maybe", "2"],
+    "desc": ["a/b", "..", "x\x00y"],
+    "data": ["missing.zip", "__FILE__"],
+    "data_prompt_text": ["__FILE__", "missing.txt"],
+    "guidance": ["nan", "0", "-1", "inf", "x"],
+    "return_logvar": ["--return-logvar=maybe"],
+    "force_normalization": ["--no-force-normalization=1"],
+    "method": ["gan", ""],
+    "use_gan": ["maybe"],
+    "xflip": ["maybe"],
+    "sid_model": ["missing.pt", "__FILE__"],
+    "precision": ["fp8"],
+    "channels_last": ["--channels-last=1"],
+    "compile": ["--compile=yes"],
+    "compile_backend": ["xla"],
+    "cuda_graphs": ["--cuda-graphs"],  # no CUDA here
+    "checkpointing": ["all"],
+    "optimizer": ["sgd"],
+    "fsdp": ["--fsdp=2"],
+    "kernels": ["flash", "all,none", ""],
+    "extra_snapshots": ["--extra-snapshots=1"],
+    "tracker": ["mlflow"],
+    "metrics": ["is", "fid"],  # fid needs --data-stat
+    "dinov2": ["missing-dinov2.pth"],
+    "data_stat": ["missing.npz", "__FILE__"],
+    "vae": ["missing-vae"],
+    "detector": ["missing-inception.pkl"],
+    "resume": ["missing.pt", "__FILE__", "__DIR__"],
+    "run_dir": ["__FILE__"],
+    "dry_run": ["--dry-run=maybe"],
+}
+# Flags whose value only matters with other flags: given those too, so that the value is the one refused.
+WITH = {"dinov2": ["--metrics", "fd-dinov2"], "data_stat": ["--metrics", "fid"], "detector": ["--metrics", "fid"]}
+OTHER_CASES = [(n, v) for n, vs in sorted(OTHER_BAD.items()) for v in vs]
+
+
+def test_every_other_flag_of_train_has_bad_values():
+    assert set(OTHER_BAD) | FREE_TEXT | set(NUMERIC_FLAGS) == set(TRAIN_OPTIONS)
+
+
+@settings(max_examples=120, derandomize=True, deadline=None, suppress_health_check=[FIXTURE])
+@given(case=st.sampled_from(OTHER_CASES))
+def test_train_refuses_bad_names_paths_and_choices_in_one_sentence(tmp_path_factory, case):
+    import json
+
+    name, value = case
+    tmp = tmp_path_factory.mktemp("case")
+    (tmp / "a-file").write_text("mine")
+    out = tmp / "runs"
+    value = {"__FILE__": str(tmp / "a-file"), "__DIR__": str(tmp)}.get(value, value)
+    opt = TRAIN_OPTIONS[name].opts[0]
+    argv = [value] if value.startswith("--") else [opt, value]
+    short = ["--batch", "32", "--batch-gpu", "32", "--duration", "0.000064", "--tick", "0.032", "--metrics", "none"]
+    if name == "metrics":
+        short = short[:-2]
+    argv += [] if name == "outdir" else ["--outdir", str(out)]
+    r = CliRunner().invoke(train.main, [*short, *WITH.get(name, []), *argv])
+    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    assert (tmp / "a-file").read_text() == "mine"
+    if r.exit_code == 0:  # accepted: a short run whose losses are finite
+        (run_dir,) = out.iterdir()
+        recs = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines()]
+        assert recs and all(math.isfinite(x["loss_G"]) and math.isfinite(x["loss_fake"]) for x in recs), (argv, recs)
+        return
+    assert r.exit_code in (1, 2), (argv, r.output)
+    assert r.output.strip().splitlines()[-1].startswith("Error"), (argv, r.output)
+    assert sorted(p.name for p in tmp.iterdir()) == ["a-file"], (argv, sorted(tmp.rglob("*")))

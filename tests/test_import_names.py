@@ -30,8 +30,9 @@ def provided_names(dists) -> dict[str, set[str]]:
             names = [
                 n for n in names if not n.endswith((".dist-info", ".egg-info", ".pth", ".data")) and n.isidentifier()
             ]
-        for n in names:
-            out.setdefault(n, set()).add(re.sub(r"[-_.]+", "_", d.metadata["Name"]).lower())
+        dist = re.sub(r"[-_.]+", "_", d.metadata["Name"]).lower()
+        for n in set(names):
+            out.setdefault(n, set()).add(dist)
     return out
 
 

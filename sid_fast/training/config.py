@@ -219,6 +219,17 @@ DOMAINS: dict[str, Domain] = {
 }
 
 
+def check_text(cfg) -> None:
+    """Names and paths: no NUL or other control character anywhere (the OS refuses them in paths), and --desc, which
+    becomes part of a folder name, without path separators."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, str) and any(ord(c) < 32 for c in v):
+            raise ConfigError(f"{flag(f.name)} {v!r}: contains a control character (a NUL, a newline, ...).")
+    if cfg.desc is not None and (cfg.desc in (".", "..") or any(c in cfg.desc for c in "/\\")):
+        raise ConfigError(f"--desc {cfg.desc!r}: it becomes part of the run directory's name; use no / or \\.")
+
+
 def check_domains(cfg) -> None:
     """Every numeric field of `cfg` in its declared domain (None is 'not set' where the field allows it)."""
     for name, domain in DOMAINS.items():
@@ -617,6 +628,7 @@ def check_world(cfg: TrainConfig, world_size: int) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Every flag on its own (its declared domain) and against the others; the process count is checked by
     `check_world`, what needs the teacher by the teacher family's loader."""
+    check_text(cfg)
     check_domains(cfg)
     _validate_algorithm(cfg)
     _validate_fast_path(cfg)

@@ -289,6 +289,8 @@ def build_trainer(
             label_table = (
                 load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
             )
+            if cfg.data is not None and not teacher.label_dim and cfg.method != "sida":
+                open_dataset(cfg)  # unconditional SiD reads nothing from --data, but a missing one is still refused
             real = load_real_dataset(cfg) if cfg.method == "sida" else None
             generator_init = load_sid_model(cfg, teacher) if cfg.sid_model is not None else None
             vae = load_vae_for(cfg, teacher, device)
