@@ -38,60 +38,55 @@ def _one_sentence(name: str, e: Exception) -> None:
         raise FuzzFinding(f"{name}: a refusal that is not one line: {text!r}")
 
 
+def _within_contract(name: str, refusal: type, parse) -> None:
+    """`parse()`, which checks what it accepted itself; only `refusal`, in one line, may escape it."""
+    try:
+        parse()
+    except refusal as e:
+        _one_sentence(name, e)
+    except FuzzFinding:
+        raise
+    except Exception as e:
+        raise FuzzFinding(f"{name}: {type(e).__name__}: {e}") from e
+
+
 def check_input(data: bytes) -> None:
     path = Path(tempfile.gettempdir()) / f"sid_fast_fuzz_prompts_{os.getpid()}.txt"
     path.write_bytes(data)
-    try:
-        prompts = list(PromptFile(path))
-        if not prompts or any(not p or p != p.strip(ASCII_WHITESPACE) or "\n" in p for p in prompts):
-            raise FuzzFinding(f"PromptFile: accepted {prompts[:5]!r}")
-    except SDError as e:
-        _one_sentence("PromptFile", e)
-    except FuzzFinding:
-        raise
-    except Exception as e:
-        raise FuzzFinding(f"PromptFile: {type(e).__name__}: {e}") from e
-
     text = data.decode("utf-8", "replace")
-    try:
-        seeds = parse_int_list(text)
-        if not seeds or len(seeds) > MAX_SEEDS or not all(0 <= s <= MAX_SEED for s in seeds):
-            raise FuzzFinding(f"parse_int_list: accepted {len(seeds)} seeds, first {seeds[:3]}")
-    except click.BadParameter as e:
-        _one_sentence("parse_int_list", e)
-    except FuzzFinding:
-        raise
-    except Exception as e:
-        raise FuzzFinding(f"parse_int_list: {type(e).__name__}: {e}") from e
 
+    def prompts():
+        got = list(PromptFile(path))
+        if not got or any(not p or p != p.strip(ASCII_WHITESPACE) or "\n" in p for p in got):
+            raise FuzzFinding(f"PromptFile: accepted {got[:5]!r}")
+
+    def seeds():
+        got = parse_int_list(text)
+        if not got or len(got) > MAX_SEEDS or not all(0 <= s <= MAX_SEED for s in got):
+            raise FuzzFinding(f"parse_int_list: accepted {len(got)} seeds, first {got[:3]}")
+
+    def flag_value(t):
+        v = t.convert(text, None, None)
+        if not t.domain.admits(v):
+            raise FuzzFinding(f"DomainType: accepted {v!r} outside {t.domain.describe()}")
+
+    _within_contract("PromptFile", SDError, prompts)
+    _within_contract("parse_int_list", click.BadParameter, seeds)
     for t in TYPES:
-        try:
-            v = t.convert(text, None, None)
-            if not t.domain.admits(v):
-                raise FuzzFinding(f"DomainType: accepted {v!r} outside {t.domain.describe()}")
-        except click.BadParameter as e:
-            _one_sentence("DomainType", e)
-        except FuzzFinding:
-            raise
-        except Exception as e:
-            raise FuzzFinding(f"DomainType: {type(e).__name__}: {e}") from e
+        _within_contract("DomainType", click.BadParameter, lambda t=t: flag_value(t))
 
     name = FLAGS[data[0] % len(FLAGS)] if data else FLAGS[0]
-    kind = DOMAINS[name].kind
     try:
-        value = kind(text.strip())
+        value = DOMAINS[name].kind(text.strip())
     except (ValueError, OverflowError):
         return  # click refuses what does not parse as the flag's type before the configuration sees it
-    try:
+
+    def training_flag():
         cfg = resolve_config("digits", {name: value})
         if not DOMAINS[name].admits(getattr(cfg, name)):
             raise FuzzFinding(f"resolve_config: accepted --{name} {value!r}")
-    except ConfigError as e:
-        _one_sentence("resolve_config", e)
-    except FuzzFinding:
-        raise
-    except Exception as e:
-        raise FuzzFinding(f"resolve_config: {type(e).__name__}: {e}") from e
+
+    _within_contract("resolve_config", ConfigError, training_flag)
 
 
 SEEDS = {
