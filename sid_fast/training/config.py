@@ -144,7 +144,7 @@ def identity(cfg_json: dict) -> dict:
 
 
 # The flags whose --help name keeps the official SiD/EDM/SiD-LSG underscore spelling (train.py); every other field's
-# flag is its name with dashes. tests/test_config_domains.py checks this against train.py's options.
+# flag is its name with dashes. tests/test_flag_domains.py checks this against train.py's options.
 _UNDERSCORE_FLAGS = frozenset(
     {"init_sigma", "data_prompt_text", "init_timestep", "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real", "g_beta1",
      "lsg_gan"}
@@ -630,16 +630,12 @@ def validate(cfg: TrainConfig) -> None:
     `check_world`, what needs the teacher by the teacher family's loader."""
     check_text(cfg)
     check_domains(cfg)
-    _validate_algorithm(cfg)
+    check_world(cfg, 1)
     _validate_fast_path(cfg)
     _validate_schedule(cfg)
     _validate_inputs(cfg)
     _validate_sida(cfg)
     _validate_metrics(cfg)
-
-
-def _validate_algorithm(cfg: TrainConfig) -> None:
-    check_world(cfg, 1)
 
 
 def _validate_fast_path(cfg: TrainConfig) -> None:
