@@ -316,3 +316,22 @@ def test_a_resume_of_a_pickle_names_what_the_file_is(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"empty\.pt: an empty file\."):
         load_state_file(tmp_path / "empty.pt")
+
+
+def test_a_snapshot_written_again_keeps_a_file_put_into_it(generator_file, tmp_path):
+    """A resumed run writes a snapshot of the same image count again (its own folder: overwrite=True, as the trainer
+    passes it): the weights are replaced, a file someone put there stays, and nothing stops the run."""
+    from sid_fast import hub
+
+    net, info = load_network_file(generator_file)
+    snap = tmp_path / "network-snapshot-000000000064"
+    hub.save_folder(snap, net, info["init_kwargs"], overwrite=True, kind="generator", sigma_init=2.5)
+    (snap / "notes.txt").write_text("looked good")
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)
+    hub.save_folder(snap, net, info["init_kwargs"], overwrite=True, kind="generator", sigma_init=2.5)
+    assert (snap / "notes.txt").read_text() == "looked good"
+    again, _ = load_network_file(snap)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values()))
+    with pytest.raises(CheckpointError, match=r"did not write \(notes\.txt\)"):
+        hub.save_folder(snap, net, info["init_kwargs"], kind="generator", sigma_init=2.5)  # not asked: refused

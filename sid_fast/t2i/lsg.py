@@ -248,6 +248,7 @@ class SiDLSGTrainer(SiDTrainer):
         folder = save_unet_folder(
             self.run_dir / snapshot_name(self.cur_nimg),
             self.G_ema,
+            overwrite=True,  # the run's own folder: a file someone put there is kept, never a reason to stop training
             init_timestep=cfg.init_timestep,
             teacher=Path(str(cfg.teacher)).name,
             preset=cfg.preset,

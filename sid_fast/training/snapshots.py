@@ -54,6 +54,7 @@ def _write_network(tr, metric: dict) -> None:
         tr.run_dir / snapshot_name(tr.cur_nimg),
         tr.G_ema,
         tr.g_init_kwargs,
+        overwrite=True,  # the run's own folder: a file someone put there is kept, never a reason to stop training
         kind="generator",
         sigma_init=cfg.init_sigma,
         alpha=cfg.alpha,
