@@ -66,8 +66,10 @@ def test_two_commands_started_together_train_once_and_a_killed_holder_is_taken_o
     with open(run_dir / "stats.jsonl", "a") as f:  # a tick logged after the newest state
         f.write(json.dumps(dict(tick=999, kimg=10.0)) + "\n")
     c = _train(out, "--duration", f"{(int(states[-1].stem.split('-')[-1]) + 64) / 1e6}")
-    _, err = c.communicate(timeout=300)
+    stdout, err = c.communicate(timeout=300)
     assert c.returncode == 0, err[-3000:]
+    lines = stdout.strip().splitlines()  # the run directory, first and last, so the user knows where to look
+    assert lines[0] == f"Run directory: {run_dir}" and lines[-1].startswith(f"Run directory: {run_dir} ("), lines
     log = (run_dir / "log.txt").read_text()
     assert f"Removed what killed writes left in {run_dir}: {stale.name}" in log and not stale.exists()
     assert "Dropped" in log and "stats.jsonl written after that state" in log

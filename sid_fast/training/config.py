@@ -671,12 +671,25 @@ def is_sd_preset(preset: str) -> bool:
     return preset.split("-lsg")[0] in SD_TEACHERS
 
 
+# The Hub repositories of the SD teachers (runwayml's SD 1.5 repository was withdrawn; this is its maintained copy),
+# and the files of a diffusers folder that sid_fast reads (no fp16 variants, no safety checker).
+SD_HUB_REPOS = {
+    "stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stable-diffusion-2-1-base": "stabilityai/stable-diffusion-2-1-base",
+}
+SD_HUB_FILES = (
+    "model_index.json 'scheduler/*' 'tokenizer/*' text_encoder/config.json text_encoder/model.safetensors "
+    "vae/config.json vae/diffusion_pytorch_model.safetensors unet/config.json unet/diffusion_pytorch_model.safetensors"
+)
+
+
 def _validate_inputs(cfg: TrainConfig) -> None:
     if cfg.teacher is None and is_sd_preset(cfg.preset):
+        repo = SD_HUB_REPOS[cfg.official_teacher]
         raise ConfigError(
-            f"--teacher is required for preset {cfg.preset!r}: a local diffusers folder of {cfg.official_teacher} "
-            f"(e.g. `huggingface-cli download {'runwayml' if cfg.official_teacher.endswith('v1-5') else 'stabilityai'}"
-            f"/{cfg.official_teacher} --local-dir {cfg.official_teacher}`)."
+            f"--teacher is required for preset {cfg.preset!r}: a local diffusers folder of {repo}, e.g. fetched with "
+            f"`hf download {repo} --local-dir {cfg.official_teacher} --include {SD_HUB_FILES}` (huggingface_hub's "
+            "CLI; sid_fast itself downloads nothing)."
         )
     if cfg.teacher is None:
         official = cfg.official_teacher or ""

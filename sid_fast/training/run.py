@@ -480,6 +480,7 @@ def run(cfg: TrainConfig, log_to_stdout=True) -> tuple[Path | None, str]:
     try:
         run_dir, state_path = _on_rank0(decide)
         log = Logger(run_dir if dist.rank() == 0 else None) if log_to_stdout else (lambda *_: None)
+        log(f"Run directory: {run_dir}")
         for line in pending:
             log(line)
         trainer.run_dir, trainer.log = run_dir, log  # every rank: a sharded state is written by all
@@ -503,6 +504,7 @@ def run(cfg: TrainConfig, log_to_stdout=True) -> tuple[Path | None, str]:
             ) from None
         finally:
             trainer.tracker.close()
+        log(f"Run directory: {run_dir} (states, snapshots, stats.jsonl, log.txt)")
         if isinstance(log, Logger):
             log.close()
     finally:
