@@ -16,7 +16,9 @@ import sys
 
 import click
 
+from sid_fast.flags import AliasOption
 from sid_fast.training.config import DOMAINS, PRESETS, ConfigError, resolve_config
+from sid_fast.training.config import flag as flag_name
 
 # Exit status of a run stopped by SIGTERM/SIGINT before --duration (EX_TEMPFAIL: run the same command again), so
 # that a scheduler's epilogue can requeue it; a finished run exits 0, a refused or failed one 1.
@@ -53,31 +55,67 @@ EXIT_STOPPED = 75
 # SiD hyperparameters.
 @click.option("--alpha", help="SiD alpha", metavar="FLOAT", type=float)
 @click.option("--tmax", help="Largest t (x1000) for the generator loss's noise level", metavar="INT", type=int)
-@click.option("--init_sigma", "init_sigma", help="Generator noise level sigma_init", metavar="FLOAT", type=float)
+@click.option(
+    "--init-sigma",
+    "--init_sigma",
+    "init_sigma",
+    cls=AliasOption,
+    help="Generator noise level sigma_init",
+    metavar="FLOAT",
+    type=float,
+)
 @click.option("--ls", help="Fake-score loss scale", metavar="FLOAT", type=float)
 @click.option("--lsg", help="Generator loss scale", metavar="FLOAT", type=float)
 # SiD-LSG (Stable Diffusion teachers).
 @click.option(
+    "--data-prompt-text",
     "--data_prompt_text",
     "data_prompt_text",
+    cls=AliasOption,
     help="SiD-LSG: prompt file, one prompt per line",
     metavar="FILE",
     type=str,
 )
 @click.option("--tmin", help="SiD-LSG: smallest timestep drawn (draws in [tmin, tmax))", metavar="INT", type=int)
-@click.option("--init_timestep", "init_timestep", help="SiD-LSG: the generator's timestep", metavar="INT", type=int)
 @click.option(
-    "--cfg_train_fake", "cfg_train_fake", help="SiD-LSG: kappa1, guidance of the fake score trained", type=float
+    "--init-timestep",
+    "--init_timestep",
+    "init_timestep",
+    cls=AliasOption,
+    help="SiD-LSG: the generator's timestep",
+    metavar="INT",
+    type=int,
 )
 @click.option(
-    "--cfg_eval_fake", "cfg_eval_fake", help="SiD-LSG: kappa2, guidance of the fake score in the G loss", type=float
+    "--cfg-train-fake",
+    "--cfg_train_fake",
+    "cfg_train_fake",
+    cls=AliasOption,
+    help="SiD-LSG: kappa1, guidance of the fake score trained",
+    type=float,
 )
-@click.option("--cfg_eval_real", "cfg_eval_real", help="SiD-LSG: kappa4, guidance of the teacher", type=float)
+@click.option(
+    "--cfg-eval-fake",
+    "--cfg_eval_fake",
+    "cfg_eval_fake",
+    cls=AliasOption,
+    help="SiD-LSG: kappa2, guidance of the fake score in the G loss",
+    type=float,
+)
+@click.option(
+    "--cfg-eval-real",
+    "--cfg_eval_real",
+    "cfg_eval_real",
+    cls=AliasOption,
+    help="SiD-LSG: kappa4, guidance of the teacher",
+    type=float,
+)
 @click.option("--guidance", help="SiD-LSG: kappa1 = kappa2 = kappa4 (LSG)", metavar="KAPPA", type=float)
 @click.option(
     "--return-logvar/--no-return-logvar",
     "--return_logvar",
     "return_logvar",
+    cls=AliasOption,
     help="EDM2 teachers: weight the losses by the fake score's learned log-variance u(sigma) (official default: on)",
     default=None,
 )
@@ -85,6 +123,7 @@ EXIT_STOPPED = 75
     "--force-normalization/--no-force-normalization",
     "--force_normalization",
     "force_normalization",
+    cls=AliasOption,
     help="EDM2 teachers, SiDA: forced weight normalisation of the trained networks (official default: on; SiD always)",
     default=None,
 )
@@ -92,6 +131,7 @@ EXIT_STOPPED = 75
     "--p-mean",
     "--P_mean",
     "P_mean",
+    cls=AliasOption,
     help="Fake-score loss: mean of ln sigma (default -1.2 on EDM teachers, -0.4 on EDM2)",
     metavar="FLOAT",
     type=float,
@@ -100,6 +140,7 @@ EXIT_STOPPED = 75
     "--p-std",
     "--P_std",
     "P_std",
+    cls=AliasOption,
     help="Fake-score loss: std of ln sigma (default 1.2 on EDM teachers, 1.0 on EDM2)",
     metavar="FLOAT",
     type=float,
@@ -111,13 +152,19 @@ EXIT_STOPPED = 75
     type=click.Choice(["sid", "sida"]),
 )
 @click.option(
-    "--use_gan", "--use-gan", "use_gan", help="The official sida flag: 1 = --method sida, 0 = --method sid", type=bool
+    "--use-gan",
+    "--use_gan",
+    "use_gan",
+    cls=AliasOption,
+    help="The official sida flag: 1 = --method sida, 0 = --method sid",
+    type=bool,
 )
 @click.option("--lsd", help="SiDA: discriminator loss scale", metavar="FLOAT", type=float)
 @click.option(
-    "--lsg_gan",
     "--lsg-gan",
+    "--lsg_gan",
     "lsg_gan",
+    cls=AliasOption,
     help="SiDA: generator GAN term scale (times C*H*W)",
     metavar="FLOAT",
     type=float,
@@ -127,6 +174,7 @@ EXIT_STOPPED = 75
     "--sid-model",
     "--sid_model",
     "sid_model",
+    cls=AliasOption,
     help="SiD²A: a SiD generator that G and G_ema start from (the fake score starts from the teacher): a snapshot "
     "folder, a Hub id, a sid_fast .pt or a SiD .pkl",
     metavar="PATH|ID|URL",
@@ -163,7 +211,9 @@ EXIT_STOPPED = 75
 )
 @click.option("--lr", help="Fake-score learning rate", metavar="FLOAT", type=float)
 @click.option("--glr", help="Generator learning rate", metavar="FLOAT", type=float)
-@click.option("--g_beta1", "g_beta1", help="Generator Adam beta1", metavar="FLOAT", type=float)
+@click.option(
+    "--g-beta1", "--g_beta1", "g_beta1", cls=AliasOption, help="Generator Adam beta1", metavar="FLOAT", type=float
+)
 @click.option("--ema", help="EMA half-life of G_ema", metavar="MIMG", type=float)
 @click.option("--augment", help="EDM augmentation probability for the fake-score loss", metavar="P", type=float)
 @click.option("--dropout", help="Dropout in the trained networks", metavar="P", type=float)
@@ -257,6 +307,7 @@ EXIT_STOPPED = 75
     "--data-stat",
     "--data_stat",
     "data_stat",
+    cls=AliasOption,
     help="Reference statistics: EDM's npz (FID), or EDM2's pkl (FID and FD-DINOv2)",
     metavar="NPZ|PKL|URL",
     type=str,
@@ -322,14 +373,15 @@ def main(preset, dry_run, **flags):
         for flag in ("cfg_train_fake", "cfg_eval_fake", "cfg_eval_real"):
             if flags.get(flag) is not None and flags[flag] != guidance:
                 raise click.ClickException(
-                    f"--guidance {guidance:g} sets all three scales but --{flag} {flags[flag]:g} differs; give one."
+                    f"--guidance {guidance:g} sets all three scales but {flag_name(flag)} {flags[flag]:g} differs; "
+                    "give one."
                 )
             flags[flag] = guidance
     use_gan = flags.pop("use_gan")
     if use_gan is not None:
         if flags.get("method") is not None and flags["method"] != ("sida" if use_gan else "sid"):
             raise click.ClickException(
-                f"--use_gan {int(use_gan)} contradicts --method {flags['method']}; give one of them."
+                f"--use-gan {int(use_gan)} contradicts --method {flags['method']}; give one of them."
             )
         flags["method"] = "sida" if use_gan else "sid"
     try:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sid_fast.checkpoints import CheckpointError, load_network_file
-from sid_fast.flags import Domain, DomainType
+from sid_fast.flags import AliasOption, Domain, DomainType
 
 
 class ExportError(ValueError):
@@ -52,11 +52,11 @@ def generator_from_file(path, init_sigma: float | None = None) -> tuple[OneStepG
         if meta.get("kind") != "generator":
             raise ExportError(
                 f"{path}: not a sid_fast generator snapshot (no sigma_init recorded); if it is a SiD generator pickle, "
-                f"pass --init_sigma (SiD uses 2.5)."
+                f"pass --init-sigma (SiD uses 2.5)."
             )
         init_sigma = float(meta.get("sigma_init", 2.5))
     if not 0 < init_sigma <= 80:
-        raise ExportError(f"--init_sigma must be in (0, 80], got {init_sigma}.")
+        raise ExportError(f"--init-sigma must be in (0, 80], got {init_sigma}.")
     return OneStepGenerator(net.eval().requires_grad_(False), init_sigma), info
 
 
@@ -141,7 +141,7 @@ def export_generator(network, out, device="cpu", max_batch=256, init_sigma=None,
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
 @click.option(
     "--network",
-    help="Generator: a snapshot folder, a Hub id, a sid_fast .pt, or a SiD .pkl with --init_sigma",
+    help="Generator: a snapshot folder, a Hub id, a sid_fast .pt, or a SiD .pkl with --init-sigma",
     metavar="PATH|ID|URL",
     required=True,
 )
@@ -159,8 +159,10 @@ def export_generator(network, out, device="cpu", max_batch=256, init_sigma=None,
     show_default=True,
 )
 @click.option(
+    "--init-sigma",
     "--init_sigma",
     "init_sigma",
+    cls=AliasOption,
     help="Generator noise level (default: the snapshot's)",
     type=DomainType(Domain(float, 0, 80, lo_open=True, hint="SiD uses 2.5")),
 )

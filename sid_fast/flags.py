@@ -71,3 +71,16 @@ class DomainType(click.ParamType):
         if not self.domain.admits(v):
             self.fail(f"must be {self.domain.describe()}, got {str(value)!r}.", param, ctx)
         return v
+
+
+class AliasOption(click.Option):
+    """A click option whose --help shows its first name only: flags are spelt with dashes, and the official
+    SiD/EDM/SiD-LSG underscore spellings (--init_sigma, --data_prompt_text, ...) stay accepted as hidden aliases."""
+
+    def get_help_record(self, ctx):
+        names = self.opts
+        self.opts = names[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = names

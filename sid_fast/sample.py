@@ -20,7 +20,7 @@ import torch
 
 from sid_fast.checkpoints import CheckpointError, load_network_file
 from sid_fast.files import DestinationError, check_folder_destination
-from sid_fast.flags import Domain, DomainType
+from sid_fast.flags import AliasOption, Domain, DomainType
 from sid_fast.sampling import check_vae, generate_uint8, image_grid, save_image
 
 # Seeds feed torch.Generator(...).manual_seed(seed % 2**32), as EDM's StackedRandomGenerator does: a larger seed
@@ -106,8 +106,10 @@ def check_outdir(outdir, grid=None, overwrite: bool = False) -> None:
     "--class", "class_idx", help="Class label (default: random per seed)", metavar="INT", type=click.IntRange(min=0)
 )
 @click.option(
+    "--init-sigma",
     "--init_sigma",
     "init_sigma",
+    cls=AliasOption,
     help="Override the generator's sigma_init",
     type=DomainType(Domain(float, 0, 80, lo_open=True, hint="SiD uses 2.5")),
 )

@@ -54,7 +54,7 @@ def test_export_refuses_bad_input(tmp_path):
     run = lambda *a: CliRunner().invoke(export.main, list(map(str, a)))  # noqa: E731
     r = run("--network", tmp_path / "teacher.pt", "--out", tmp_path / "g.pt2")
     assert (
-        r.exit_code != 0 and "teacher.pt: not a sid_fast generator snapshot" in r.output and "--init_sigma" in r.output
+        r.exit_code != 0 and "teacher.pt: not a sid_fast generator snapshot" in r.output and "--init-sigma" in r.output
     )
     r = run("--network", tmp_path / "missing.pt", "--out", tmp_path / "g.pt2")
     assert r.exit_code != 0 and "missing.pt: no such file" in r.output

@@ -36,6 +36,24 @@ def test_messages_name_the_flag_as_help_prints_it():
             assert flag(name) == TRAIN_OPTIONS[name].opts[0], name
 
 
+def test_flags_are_dashed_and_the_official_spellings_are_hidden_aliases():
+    from sid_fast.training.config import identity_differences
+
+    for p in train.main.params:
+        assert "_" not in p.opts[0], p.opts  # what --help prints
+    help_text = CliRunner().invoke(train.main, ["--help"]).output
+    assert "--init-sigma" in help_text and "--init_sigma" not in help_text and "--P_mean" not in help_text
+    r = CliRunner().invoke(train.main, ["--init_sigma", "3", "--g_beta1", "0.5", "--P_mean", "-1", "--P_std", "1",
+                                        "--dry-run"])  # fmt: skip
+    assert r.exit_code == 0 and '"init_sigma": 3.0' in r.output and '"g_beta1": 0.5' in r.output, r.output
+    # A refused resume names flags that exist (it once said --P-mean, --g-beta1 spelt from field names).
+    a = resolve_config("digits", {}).to_json()
+    b = resolve_config("digits", dict(init_sigma=3.0, g_beta1=0.5, P_mean=-1.0, P_std=1.0)).to_json()
+    named = [d.split()[0] for d in identity_differences(a, b)]
+    assert sorted(named) == ["--g-beta1", "--init-sigma", "--p-mean", "--p-std"]
+    assert all(any(n in p.opts for p in train.main.params) for n in named), named
+
+
 def test_domains_admit_and_refuse_exactly():
     d = Domain(float, 0, 1, lo_open=True)
     assert [d.admits(v) for v in (0.5, 1, 0, -1, math.nan, math.inf, True, "0.5")] == [1, 1, 0, 0, 0, 0, 0, 0]
@@ -105,7 +123,7 @@ def test_train_accepts_in_domain_values_and_one_iteration_has_finite_losses(data
 
 
 def test_teacher_checks_run_before_anything_is_written(tmp_path):
-    """A schedule of 500 timesteps with --init_timestep 625: refused after the teacher loads, before the run directory
+    """A schedule of 500 timesteps with --init-timestep 625: refused after the teacher loads, before the run directory
     (it was an IndexError at the first step)."""
     import json
     import shutil
@@ -118,7 +136,7 @@ def test_teacher_checks_run_before_anything_is_written(tmp_path):
     sched = folder / "scheduler" / "scheduler_config.json"
     sched.write_text(json.dumps(dict(json.loads(sched.read_text()), num_train_timesteps=500)))
     cfg = resolve_config("digits-lsg", dict(teacher=str(folder), tmax=400, outdir=str(tmp_path / "runs")))
-    with pytest.raises(ConfigError, match=r"--init_timestep 625: the teacher .* has 500 timesteps \(0 to 499\)"):
+    with pytest.raises(ConfigError, match=r"--init-timestep 625: the teacher .* has 500 timesteps \(0 to 499\)"):
         run(cfg, log_to_stdout=False)
     assert not (tmp_path / "runs").exists()
 
@@ -128,7 +146,7 @@ def test_teacher_checks_run_before_anything_is_written(tmp_path):
     [
         (["--guidance", "inf"], "--guidance must be a finite number"),
         (["--ema", "inf"], "--ema must be a finite number"),
-        (["--preset", "digits-lsg", "--cfg_train_fake", "inf"], "--cfg_train_fake must be a finite number"),
+        (["--preset", "digits-lsg", "--cfg_train_fake", "inf"], "--cfg-train-fake must be a finite number"),
         (["--lsg", "nan"], "--lsg must be a finite number"),
         (["--glr", "inf"], "--glr must be a finite number"),
         (["--ls", "inf"], "--ls must be a finite number"),

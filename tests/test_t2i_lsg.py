@@ -338,8 +338,8 @@ def test_bad_input_is_refused_in_one_sentence_before_anything_is_written(sd_fold
     empty.write_text("\n  \n")
     cases = [
         (dict(), "--teacher is required for preset 'sd15-lsg2': a local diffusers folder of stable-diffusion-v1-5"),
-        (dict(teacher=str(sd_folder)), "--data_prompt_text is required with the Stable Diffusion teacher"),
-        (dict(teacher=str(sd_folder), data_prompt_text=str(empty)), f"--data_prompt_text {empty}: the prompt file"),
+        (dict(teacher=str(sd_folder)), "--data-prompt-text is required with the Stable Diffusion teacher"),
+        (dict(teacher=str(sd_folder), data_prompt_text=str(empty)), f"--data-prompt-text {empty}: the prompt file"),
         (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=64),
          f"--teacher {sd_folder}: the UNet makes 4x8x8 latents (preset sd15-lsg2: 4x64x64)."),
         (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, precision="fp16"),
@@ -352,8 +352,8 @@ def test_bad_input_is_refused_in_one_sentence_before_anything_is_written(sd_fold
         (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, tmin=980),
          "--tmin 980 and --tmax 980: timesteps are drawn in [tmin, tmax), which is empty."),
         (dict(teacher=str(sd_folder), data_prompt_text=str(prompt_file), resolution=8, cfg_eval_real=0.0),
-         "--cfg_eval_real must be a finite number in (0, 100] (1 is no guidance), got 0.0"),
-        (dict(preset="digits", cfg_eval_real=2.0), "--cfg_eval_real 2: guidance applies to Stable Diffusion teachers"),
+         "--cfg-eval-real must be a finite number in (0, 100] (1 is no guidance), got 0.0"),
+        (dict(preset="digits", cfg_eval_real=2.0), "--cfg-eval-real 2: guidance applies to Stable Diffusion teachers"),
         (dict(preset="digits", data_prompt_text=str(prompt_file)), "prompts condition Stable Diffusion teachers"),
     ]  # fmt: skip
     for flags, message in cases:
@@ -368,7 +368,7 @@ def test_bad_input_is_refused_in_one_sentence_before_anything_is_written(sd_fold
     r = CliRunner().invoke(
         train.main, ["--preset", "sd15-lsg2", "--guidance", "2", "--cfg_eval_real", "3", "--dry-run"]
     )
-    assert r.exit_code != 0 and "--guidance 2 sets all three scales but --cfg_eval_real 3 differs" in r.output
+    assert r.exit_code != 0 and "--guidance 2 sets all three scales but --cfg-eval-real 3 differs" in r.output
     r = CliRunner().invoke(
         train.main, ["--preset", "sd21base-lsg4.5", "--teacher", "sd21", "--guidance", "1.5", "--dry-run"]
     )

@@ -148,9 +148,9 @@ def test_text_encoding_pads_and_truncates_as_the_tokenizer_limit_says(sd):
 def test_prompt_dropout_and_guidance_flags():
     assert check_guidance(1, 1, 4.5) == 0.0  # long guidance only: no dropout
     assert check_guidance(2, 2, 2) == 0.1 and check_guidance(0.5, 1, 1) == 0.1
-    with pytest.raises(SDError, match=r"--cfg_train_fake 0: a guidance scale must be > 0"):
+    with pytest.raises(SDError, match=r"--cfg-train-fake 0: a guidance scale must be > 0"):
         check_guidance(0, 1, 1)
-    with pytest.raises(SDError, match=r"--cfg_eval_real -1.5"):
+    with pytest.raises(SDError, match=r"--cfg-eval-real -1.5"):
         check_guidance(1, 1, -1.5)
     prompts = [f"p{i}" for i in range(20000)]
     dropped = drop_prompts(prompts, 0.1, torch.Generator().manual_seed(0))

@@ -167,11 +167,11 @@ def drop_prompts(prompts: list[str], p: float, generator=None) -> list[str]:
 def check_guidance(cfg_train_fake: float, cfg_eval_fake: float, cfg_eval_real: float) -> float:
     """The prompt-dropout rate of the fake-score step (0.1 when kappa1 or kappa2 is not 1, else 0); guidance scales
     must be positive numbers."""
-    for flag, v in (("--cfg_train_fake", cfg_train_fake), ("--cfg_eval_fake", cfg_eval_fake)):
+    for flag, v in (("--cfg-train-fake", cfg_train_fake), ("--cfg-eval-fake", cfg_eval_fake)):
         if not v > 0:
             raise SDError(f"{flag} {v}: a guidance scale must be > 0 (1 is no guidance).")
     if not cfg_eval_real > 0:
-        raise SDError(f"--cfg_eval_real {cfg_eval_real}: a guidance scale must be > 0 (1 is no guidance).")
+        raise SDError(f"--cfg-eval-real {cfg_eval_real}: a guidance scale must be > 0 (1 is no guidance).")
     return 0.1 if (cfg_train_fake != 1 or cfg_eval_fake != 1) else 0.0
 
 

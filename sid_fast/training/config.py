@@ -143,12 +143,6 @@ def identity(cfg_json: dict) -> dict:
     return out
 
 
-# The flags whose --help name keeps the official SiD/EDM/SiD-LSG underscore spelling (train.py); every other field's
-# flag is its name with dashes. tests/test_flag_domains.py checks this against train.py's options.
-_UNDERSCORE_FLAGS = frozenset(
-    {"init_sigma", "data_prompt_text", "init_timestep", "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real", "g_beta1",
-     "lsg_gan"}
-)  # fmt: skip
 # Fields that come from the preset only (no flag): named by what sets them.
 _PRESET_FIELDS = frozenset(
     {"resolution", "channels", "label_dim", "official_teacher", "official_data", "needs_sid_model"}
@@ -159,7 +153,7 @@ def flag(name: str) -> str:
     """A TrainConfig field's flag as `python train.py --help` prints it."""
     if name in _PRESET_FIELDS:
         return f"the preset's {name}"
-    return "--" + (name if name in _UNDERSCORE_FLAGS else name.replace("_", "-").lower())
+    return "--" + name.replace("_", "-").lower()  # train.py spells every flag with dashes (official names: aliases)
 
 
 def identity_differences(a: dict, b: dict) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 from sid_fast import checkpoints, dist
 from sid_fast.networks import edm2
 from sid_fast.training.config import ConfigError, TrainConfig, check_world, identity_differences, metric_list
+from sid_fast.training.config import flag as flag_name
 from sid_fast.training.rundir import RunLock, RunLocked, outdir_lock, remove_stale_temporaries, rewind_records
 from sid_fast.training.sid import SiDTrainer, TeacherSpec, TrainingAborted
 from sid_fast.training.state import list_states
@@ -187,12 +188,12 @@ def check_not_sd_flags(cfg: TrainConfig) -> None:
     for flag in SD_FLAGS:
         if getattr(cfg, flag) != 1:
             raise ConfigError(
-                f"--{flag} {getattr(cfg, flag):g}: guidance applies to Stable Diffusion teachers (a diffusers "
+                f"{flag_name(flag)} {getattr(cfg, flag):g}: guidance applies to Stable Diffusion teachers (a diffusers "
                 f"folder); --teacher {cfg.teacher} is not one."
             )
     if cfg.data_prompt_text is not None:
         raise ConfigError(
-            f"--data_prompt_text {cfg.data_prompt_text}: prompts condition Stable Diffusion teachers (a diffusers "
+            f"--data-prompt-text {cfg.data_prompt_text}: prompts condition Stable Diffusion teachers (a diffusers "
             f"folder); --teacher {cfg.teacher} is not one."
         )
 
@@ -205,7 +206,7 @@ def load_sd_inputs(cfg: TrainConfig):
     check_precision(cfg)
     for flag, value, why in (
         ("--method", cfg.method != "sid", "SiDA with a Stable Diffusion teacher is not built"),
-        ("--data", cfg.data is not None, "SiD-LSG is data-free: prompts come from --data_prompt_text"),
+        ("--data", cfg.data is not None, "SiD-LSG is data-free: prompts come from --data-prompt-text"),
         ("--sid-model", cfg.sid_model is not None, "starting G from a distilled UNet is not built"),
         ("--metrics", cfg.metrics not in ("none", "fd-digits"), "FID-30k and CLIP score of text-to-image runs are "
          "not computed in the trainer (give --metrics none)"),
@@ -214,13 +215,13 @@ def load_sd_inputs(cfg: TrainConfig):
             raise ConfigError(f"{flag} {getattr(cfg, flag[2:].replace('-', '_'))}: {why}.")
     if cfg.data_prompt_text is None:
         raise ConfigError(
-            f"--data_prompt_text is required with the Stable Diffusion teacher {cfg.teacher}: a text file of prompts, "
+            f"--data-prompt-text is required with the Stable Diffusion teacher {cfg.teacher}: a text file of prompts, "
             "one per line (the official runs use Aesthetics 6+ prompts)."
         )
     try:
         prompts = read_prompts(cfg.data_prompt_text)
     except SDError as e:
-        raise ConfigError(f"--data_prompt_text {e}") from None
+        raise ConfigError(f"--data-prompt-text {e}") from None
     try:
         sd = load_sd(cfg.teacher)
     except SDError as e:
@@ -248,7 +249,7 @@ def load_sd_inputs(cfg: TrainConfig):
         raise ConfigError(f"--tmax {cfg.tmax}: the teacher {cfg.teacher} has {steps} timesteps (0 to {steps - 1}).")
     if cfg.init_timestep >= steps:
         raise ConfigError(
-            f"--init_timestep {cfg.init_timestep}: the teacher {cfg.teacher} has {steps} timesteps (0 to {steps - 1})."
+            f"--init-timestep {cfg.init_timestep}: the teacher {cfg.teacher} has {steps} timesteps (0 to {steps - 1})."
         )
     return sd, prompts
 
