@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from sid_fast.flags import AliasOption
+from sid_fast.flags import AliasOption, ImagesType
 from sid_fast.training.config import DOMAINS, PRESETS, ConfigError, resolve_config
 from sid_fast.training.config import flag as flag_name
 
@@ -266,7 +266,9 @@ EXIT_STOPPED = 75
     type=str,
 )
 # Schedule and I/O.
-@click.option("--duration", help="Training duration", metavar="MIMG", type=float)
+@click.option(
+    "--duration", help="Training duration: Mimg (a bare number, as SiD/EDM), or images: 8k, 10M, 1G", type=ImagesType()
+)
 @click.option("--tick", help="How often to print progress", metavar="KIMG", type=float)
 @click.option(
     "--snap", help="How often to save snapshots (and evaluate metrics)", metavar="TICKS", type=click.IntRange(min=1)

@@ -84,3 +84,25 @@ class AliasOption(click.Option):
             return super().get_help_record(ctx)
         finally:
             self.opts = names
+
+
+class ImagesType(click.ParamType):
+    """An image count in Mimg, SiD's and EDM's unit for --duration: a bare number is Mimg (the official meaning), and a
+    number with a suffix counts images, as EDM2's nimg flags do: 8k = 8,000 images, 10M = 10 million, 1G = 10^9."""
+
+    name = "images"
+    SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "MIMG|Nk|NM"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        scale = self.SUFFIXES.get(text[-1:]) if text else None
+        try:
+            number = float(text[:-1] if scale else text)
+        except ValueError:
+            self.fail(f"{text!r} is not a number of Mimg nor a count of images such as 8k, 10M or 1G.", param, ctx)
+        return number * scale / 1e6 if scale else number

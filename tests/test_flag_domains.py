@@ -396,3 +396,18 @@ def test_train_refuses_bad_names_paths_and_choices_in_one_sentence(tmp_path_fact
     assert r.exit_code in (1, 2), (argv, r.output)
     assert r.output.strip().splitlines()[-1].startswith("Error"), (argv, r.output)
     assert sorted(p.name for p in tmp.iterdir()) == ["a-file"], (argv, sorted(tmp.rglob("*")))
+
+
+@pytest.mark.parametrize(
+    "text, mimg", [("500", 500.0), ("0.048", 0.048), ("8k", 0.008), ("10M", 10.0), ("1.5G", 1500.0)]
+)
+def test_duration_takes_mimg_or_an_image_count(text, mimg):
+    r = CliRunner().invoke(train.main, ["--duration", text, "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert math.isclose(json_value(r.output, "duration"), mimg, rel_tol=1e-12)
+
+
+def json_value(dry_run_output: str, key: str):
+    import json
+
+    return json.loads(dry_run_output[dry_run_output.index("{") :])[key]
