@@ -672,17 +672,19 @@ SD_HUB_REPOS = {
     "stable-diffusion-2-1-base": "stabilityai/stable-diffusion-2-1-base",
 }
 SD_HUB_FILES = (
-    "model_index.json 'scheduler/*' 'tokenizer/*' text_encoder/config.json text_encoder/model.safetensors "
-    "vae/config.json vae/diffusion_pytorch_model.safetensors unet/config.json unet/diffusion_pytorch_model.safetensors"
-)
+    "model_index.json", "'scheduler/*'", "'tokenizer/*'", "text_encoder/config.json", "text_encoder/model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+)  # fmt: skip
 
 
 def _validate_inputs(cfg: TrainConfig) -> None:
     if cfg.teacher is None and is_sd_preset(cfg.preset):
         repo = SD_HUB_REPOS[cfg.official_teacher]
+        include = " ".join("--include " + f for f in SD_HUB_FILES)
         raise ConfigError(
             f"--teacher is required for preset {cfg.preset!r}: a local diffusers folder of {repo}, e.g. fetched with "
-            f"`hf download {repo} --local-dir {cfg.official_teacher} --include {SD_HUB_FILES}` (huggingface_hub's "
+            f"`hf download {repo} --local-dir {cfg.official_teacher} {include}` (huggingface_hub's "
             "CLI; sid_fast itself downloads nothing)."
         )
     if cfg.teacher is None:
