@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sid_fast.checkpoints import CheckpointError, load_network_file
-from sid_fast.flags import AliasOption, Domain, DomainType
+from sid_fast.flags import SIGMA_INIT, Domain, DomainType, init_sigma_option
 
 
 class ExportError(ValueError):
@@ -55,8 +55,8 @@ def generator_from_file(path, init_sigma: float | None = None) -> tuple[OneStepG
                 f"pass --init-sigma (SiD uses 2.5)."
             )
         init_sigma = float(meta.get("sigma_init", 2.5))
-    if not 0 < init_sigma <= 80:
-        raise ExportError(f"--init-sigma must be in (0, 80], got {init_sigma}.")
+    if not SIGMA_INIT.admits(init_sigma):
+        raise ExportError(f"--init-sigma must be {SIGMA_INIT.describe()}, got {init_sigma}.")
     return OneStepGenerator(net.eval().requires_grad_(False), init_sigma), info
 
 
@@ -158,14 +158,7 @@ def export_generator(network, out, device="cpu", max_batch=256, init_sigma=None,
     default=256,
     show_default=True,
 )
-@click.option(
-    "--init-sigma",
-    "--init_sigma",
-    "init_sigma",
-    cls=AliasOption,
-    help="Generator noise level (default: the snapshot's)",
-    type=DomainType(Domain(float, 0, 80, lo_open=True, hint="SiD uses 2.5")),
-)
+@init_sigma_option("Generator noise level (default: the snapshot's)")
 @click.option(
     "--tolerance",
     help="Largest accepted |package - eager|",

@@ -24,7 +24,7 @@ import sys
 import click
 
 from sid_fast import dist
-from sid_fast.flags import AliasOption, Domain, DomainType
+from sid_fast.flags import init_sigma_option
 from sid_fast.metrics import inception_score, load_ref_stats, save_ref_stats
 from sid_fast.metrics.fid import dataset_stats, fid_against, generator_stats
 from sid_fast.metrics.inception import DetectorError, load_detector
@@ -196,14 +196,7 @@ def ref(data, dest, resolution, loader, batch, workers, metrics, detector, dinov
     show_default=True,
 )
 @click.option("--steps", help="Heun steps", metavar="INT", type=click.IntRange(min=1), default=18, show_default=True)
-@click.option(
-    "--init-sigma",
-    "--init_sigma",
-    "init_sigma",
-    cls=AliasOption,
-    help="Override the generator's sigma_init",
-    type=DomainType(Domain(float, 0, 80, lo_open=True, hint="SiD uses 2.5")),
-)
+@init_sigma_option("Override the generator's sigma_init")
 @click.option("--is", "with_is", help="Also compute the Inception Score (10 splits)", is_flag=True)
 @click.option("--json", "json_out", help="Append the result as a JSON line to this file", metavar="FILE")
 @click.option(

@@ -106,3 +106,15 @@ class ImagesType(click.ParamType):
         except ValueError:
             self.fail(f"{text!r} is not a number of Mimg nor a count of images such as 8k, 10M or 1G.", param, ctx)
         return number * scale / 1e6 if scale else number
+
+
+# A one-step generator's noise level, as the samplers, FID and the exporter take it (train.py's --init-sigma is the
+# configuration's, whose domain keeps EDM's sigma_min as its lower end).
+SIGMA_INIT = Domain(float, 0, 80, lo_open=True, hint="SiD uses 2.5")
+
+
+def init_sigma_option(help: str):
+    """`--init-sigma` (official spelling `--init_sigma`, a hidden alias) within SIGMA_INIT."""
+    return click.option(
+        "--init-sigma", "--init_sigma", "init_sigma", cls=AliasOption, help=help, type=DomainType(SIGMA_INIT)
+    )

@@ -347,7 +347,7 @@ def convert(src, dst, overwrite: bool = False) -> Path:
     `dst` holding files other than a generator folder's is refused unless `overwrite` (then they are kept)."""
     from sid_fast.checkpoints import CheckpointError, load_network_file
 
-    try:
+    try:  # before reading the network (save_folder checks again as it writes)
         check_folder_destination(dst, lambda name: name in FOLDER_FILES, "hub convert", overwrite)
     except DestinationError as e:
         raise CheckpointError(str(e)) from None

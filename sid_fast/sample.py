@@ -20,7 +20,7 @@ import torch
 
 from sid_fast.checkpoints import CheckpointError, load_network_file
 from sid_fast.files import DestinationError, check_folder_destination
-from sid_fast.flags import AliasOption, Domain, DomainType
+from sid_fast.flags import init_sigma_option
 from sid_fast.sampling import check_vae, generate_uint8, image_grid, save_image
 
 # Seeds feed torch.Generator(...).manual_seed(seed % 2**32), as EDM's StackedRandomGenerator does: a larger seed
@@ -29,22 +29,24 @@ MAX_SEED = 2**32 - 1
 MAX_SEEDS = 10_000_000
 
 
-def parse_int_list(s: str, flag: str = "--seeds", max_value: int = MAX_SEED, max_count: int = MAX_SEEDS) -> list[int]:
-    """'0-3,10,12-13' -> [0, 1, 2, 3, 10, 12, 13]; every value in [0, max_value], at most max_count of them (counted
-    before the list is made). Anything else is a click.BadParameter sentence naming `flag`."""
+def parse_int_list(s: str) -> list[int]:
+    """'0-3,10,12-13' -> [0, 1, 2, 3, 10, 12, 13]; every value in [0, MAX_SEED], at most MAX_SEEDS of them (counted
+    before the list is made). Anything else is a click.BadParameter sentence naming --seeds."""
     parts, count = [], 0
     for part in s.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not m:
-            raise click.BadParameter(f"{s!r} is not a list of integers and ranges like 0-63,100.", param_hint=flag)
+            raise click.BadParameter(f"{s!r} is not a list of integers and ranges like 0-63,100.", param_hint="--seeds")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
-            raise click.BadParameter(f"range {part.strip()!r} is empty.", param_hint=flag)
-        if hi > max_value:
-            raise click.BadParameter(f"{hi} is out of range: values go from 0 to {max_value}.", param_hint=flag)
+            raise click.BadParameter(f"range {part.strip()!r} is empty.", param_hint="--seeds")
+        if hi > MAX_SEED:
+            raise click.BadParameter(f"{hi} is out of range: values go from 0 to {MAX_SEED}.", param_hint="--seeds")
         count += hi - lo + 1
-        if count > max_count:
-            raise click.BadParameter(f"{s!r} names more than {max_count:,} values; split the job.", param_hint=flag)
+        if count > MAX_SEEDS:
+            raise click.BadParameter(
+                f"{s!r} names more than {MAX_SEEDS:,} values; split the job.", param_hint="--seeds"
+            )
         parts.append((lo, hi))
     return [v for lo, hi in parts for v in range(lo, hi + 1)]
 
@@ -105,14 +107,7 @@ def check_outdir(outdir, grid=None, overwrite: bool = False) -> None:
 @click.option(
     "--class", "class_idx", help="Class label (default: random per seed)", metavar="INT", type=click.IntRange(min=0)
 )
-@click.option(
-    "--init-sigma",
-    "--init_sigma",
-    "init_sigma",
-    cls=AliasOption,
-    help="Override the generator's sigma_init",
-    type=DomainType(Domain(float, 0, 80, lo_open=True, hint="SiD uses 2.5")),
-)
+@init_sigma_option("Override the generator's sigma_init")
 @click.option(
     "--batch",
     "max_batch",
