@@ -33,7 +33,7 @@ BATCH_GPU = 64
 def _worker(rank: int, port: int, out_dir: str, mode: str, options: dict) -> None:
     import torch.distributed as dist
 
-    from bench.overhead import make_trainer
+    from bench.memory import make_trainer
     from sid_fast import dist as sid_dist
 
     os.environ.update(

@@ -64,12 +64,13 @@ from torch.utils.flop_counter import flop_registry, register_flop_formula
 import sid_fast.kernels.attention  # noqa: F401  (registers the kernel ops whose FLOPs are counted below)
 from bench.common import command, environment, write_jsonl
 from sid_fast import ops
+from sid_fast.checkpoints import load_network_file
+from sid_fast.families import TeacherSpec
+from sid_fast.families.sd import SDFamily
 from sid_fast.networks import build_network, official_config
 from sid_fast.networks.edm2 import edm2_config
-from sid_fast.t2i.lsg import SiDLSGTrainer
-from sid_fast.training.config import resolve_config
+from sid_fast.training.config import DIGITS_TEACHER_PATH, resolve_config
 from sid_fast.training.run import build_trainer
-from sid_fast.training.sid import TeacherSpec
 
 MiB = 2**20
 GiB = 2**30
@@ -250,7 +251,15 @@ def make_trainer(
 ):
     """A trainer for `config` with random weights in the official shapes (values matter only off the meta device),
     `rounds` micro-batches of `batch_gpu` per phase, with the preset's augmentation if `augment` (it needs values:
-    not on the meta device), else none."""
+    not on the meta device), else none. "digits": the bundled digits teacher (its weights)."""
+    if config == "digits":
+        teacher, info = load_network_file(DIGITS_TEACHER_PATH)
+        cfg = resolve_config("digits", dict(batch=batch_gpu * rounds, batch_gpu=batch_gpu, metrics="none", **options))
+        spec = TeacherSpec("EDMPrecond", info["init_kwargs"], teacher.state_dict())
+        with torch.device(device):
+            return build_trainer(
+                cfg, torch.device(device), log=lambda *a: None, teacher=teacher.to(device), teacher_spec=spec
+            )
     if config in EDM2_CONFIGS:
         stem, preset = EDM2_CONFIGS[config]
         class_name, kwargs = "Precond", dict(edm2_config(stem), use_fp16=False)
@@ -375,11 +384,11 @@ def make_sd_trainer(
         dict(teacher=f"<{config}, random weights>", data_prompt_text="<prompts>", batch=batch_gpu * rounds,
              batch_gpu=batch_gpu, resolution=(unet_config or UNETS[config])["sample_size"], **options),
     )  # fmt: skip
-    cls = SiDLSGTrainer if text is not None else SDXLShapes
-    return cls(cfg, torch.device(device), sd, ["<prompt>"], log=lambda *a: None)
+    family = (SDFamily if text is not None else SDXLShapes)(cfg, torch.device(device), sd, ["<prompt>"])
+    return build_trainer(cfg, torch.device(device), family=family, log=lambda *a: None)
 
 
-class SDXLShapes(SiDLSGTrainer):
+class SDXLShapes(SDFamily):
     """SiD-LSG's iteration on SDXL's UNet, its conditioning drawn in shape (the SDXL text encoders are not run)."""
 
     def encode_prompts(self, prompts):
@@ -404,7 +413,7 @@ def _storages_bytes(tensors) -> int:
 def static_bytes(tr) -> dict:
     """Bytes alive between steps: networks' weights and buffers, gradients left from their phase, Adam states."""
     nets = dict(G=tr.G, G_ema=tr.G_ema, fake_score=tr.fake, teacher=tr.teacher)
-    text = getattr(getattr(tr, "sd", None), "text_encoder", None)
+    text = getattr(getattr(tr.family, "sd", None), "text_encoder", None)
     if text is not None:  # SiD-LSG: the text encoder stays on the device (the VAE does not)
         nets["text_encoder"] = text
     out = {f"weights_{k}": _storages_bytes([*v.parameters(), *v.buffers()]) for k, v in nets.items()}

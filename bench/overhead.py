@@ -47,12 +47,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import memory
 from bench.common import command, environment, write_jsonl
-from sid_fast.checkpoints import load_network_file
-from sid_fast.training.config import DIGITS_TEACHER_PATH, resolve_config
-from sid_fast.training.run import build_trainer
-from sid_fast.training.sid import TeacherSpec
+from bench.memory import make_trainer
 
 ALL_CONFIGS = ("digits", "cifar10", "imagenet64", "edm2-xs")
 # The official per-GPU batch of each configuration (SiD's run_sid.sh: CIFAR-10 and ImageNet-64 16 per GPU; SiDA's
@@ -98,21 +94,6 @@ SYNC_OPS = {
     "aten.unique_dim",
     "aten.repeat_interleave",
 }
-
-
-def make_trainer(config: str, batch_gpu: int, options: dict, device: str, rounds: int = 1, augment: bool = False):
-    """A trainer for `config` (random weights in the official shapes; digits: the bundled teacher) with `rounds`
-    micro-batches of `batch_gpu` per phase; with the preset's augmentation if `augment` (it needs values: not on the
-    meta device), else none."""
-    if config != "digits":
-        return memory.make_trainer(config, batch_gpu, options, device, rounds=rounds, augment=augment)
-    teacher, info = load_network_file(DIGITS_TEACHER_PATH)
-    cfg = resolve_config("digits", dict(batch=batch_gpu * rounds, batch_gpu=batch_gpu, metrics="none", **options))
-    spec = TeacherSpec("EDMPrecond", info["init_kwargs"], teacher.state_dict())
-    with torch.device(device):
-        return build_trainer(
-            cfg, torch.device(device), log=lambda *a: None, teacher=teacher.to(device), teacher_spec=spec
-        )
 
 
 def _tensor_bytes(tree) -> int:
@@ -510,7 +491,7 @@ def compile_report(config: str, rung: str, options: dict, batch_gpu: int, steps:
             if i == 0:
                 warm = dict(graphs=sum(graphs.values()), recompiles=len(recompiles))
         with torch.no_grad():  # what a snapshot does: G_ema samples (not compiled: eval only)
-            tr.generate(tr.G_ema, *tr.draw_z_labels(tr.micro_batch_rng(0, 0)))
+            tr.generate(tr.G_ema, *tr.draw_z_cond(tr.micro_batch_rng(0, 0)))
     finally:
         rlog.removeHandler(handler)
         torch._logging.set_logs()

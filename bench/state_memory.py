@@ -64,11 +64,11 @@ class PeakRSS:
 
 
 def _trainer(size: str):
+    from sid_fast.families import TeacherSpec
     from sid_fast.networks import build_network
     from sid_fast.networks.edm2 import edm2_config
     from sid_fast.training.config import resolve_config
     from sid_fast.training.run import build_trainer
-    from sid_fast.training.sid import TeacherSpec
 
     kwargs = dict(edm2_config(size), use_fp16=False)
     torch.manual_seed(0)

@@ -23,7 +23,6 @@ import io
 import os
 import pickle
 import re
-import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -32,22 +31,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from sid_fast.files import current_umask, fsync_dir
 from sid_fast.networks.precond import FILE_CLASS_ALIASES, PRECOND_TYPES, _plain, build_network, official_kwargs
-
-SID_FAST_FORMAT = "sid_fast.network"
-SID_FAST_FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A file could not be read as a network: the message names the file and what was wrong."""
-
-
-def _describe(e: BaseException, limit: int = 200) -> str:
-    """One line for an exception from a corrupt file (messages of fuzzed inputs can be long or multi-line)."""
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg[:limit]}{'...' if len(msg) > limit else ''}"
-
+from sid_fast.storage import (  # noqa: F401  (the names this module has always offered)
+    CONFIG,
+    SID_FAST_FORMAT,
+    SID_FAST_FORMAT_VERSION,
+    WEIGHTS,
+    CheckpointError,
+    atomic_save,
+    atomic_write_text,
+    download,
+    hub_id,
+    plain_value,
+    read_folder,
+)
+from sid_fast.storage import describe_error as _describe
 
 # ----------------------------------------------------------------------------
 # Restricted unpickling of EDM persistence pickles.
@@ -338,71 +336,18 @@ def _network_from_stub(stub, path) -> torch.nn.Module:
 # sid_fast's own checkpoints.
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`.
-
-    A crash or kill at any point leaves either the previous file or the new one, never a partial file. A failed write
-    (a full disk, a quota, an I/O error) removes the temporary file and raises a CheckpointError that says so.
-    """
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """`text` written to `path` as atomic_save writes a state."""
-    _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def _atomic_write(path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e).lower()):
-            kept = "the previous file is intact" if path.exists() else "no earlier file existed"
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-            raise CheckpointError(f"{path}: writing failed ({reason}); {kept}.") from None
-        raise
-
-
-def _plain_value(v):
-    """Metadata as plain Python values only (weights_only loading refuses str/float subclasses such as TorchVersion)."""
-    if isinstance(v, bool) or v is None:
-        return v
-    if isinstance(v, int):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return float(v)
-    if isinstance(v, str):
-        return str(v)
-    if isinstance(v, (list, tuple)):
-        return [_plain_value(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _plain_value(x) for k, x in v.items()}
-    raise TypeError(f"metadata value of type {type(v).__name__} cannot be stored in a sid_fast checkpoint")
-
-
 def network_record(net: torch.nn.Module, init_kwargs: dict, **meta) -> dict:
     """The dict stored in a sid_fast network file: class, init kwargs, fp32 CPU state_dict, free-form metadata."""
     return dict(
         format=SID_FAST_FORMAT,
         version=SID_FAST_FORMAT_VERSION,
         class_name=type(net).__name__,
-        init_kwargs=_plain_value(init_kwargs),
+        init_kwargs=plain_value(init_kwargs),
         state_dict={
             k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
             for k, v in net.state_dict().items()
         },
-        meta=_plain_value(meta),
+        meta=plain_value(meta),
     )
 
 
@@ -503,15 +448,13 @@ def resolve_path(path_or_url: str | os.PathLike) -> Path:
     - OWNER/REPO or hf://OWNER/REPO[@REVISION] (not an existing path): the generator folder of that Hub repository.
     Processes that ask for the same file at once (the ranks of a node, or jobs sharing a cache) take a file lock: one
     downloads, the others wait and read the complete file. Any failure is one CheckpointError sentence."""
-    from sid_fast import hub
-
     s = str(path_or_url)
     scheme = urllib.parse.urlparse(s).scheme
     if scheme in ("http", "https"):
         return _download_url(s)
-    repo = hub.hub_id(s)
+    repo = hub_id(s)
     if repo is not None:  # hf://OWNER/REPO or OWNER/REPO that is not a local path: a generator folder on the Hub
-        return hub.download(*repo)
+        return download(*repo)
     if scheme == "hf":  # hf://OWNER/REPO/PATH: one file
         return _download_hub(s)
     p = Path(s)
@@ -587,13 +530,11 @@ def load_network_file(path_or_url) -> tuple[torch.nn.Module, dict]:
     holds sid_fast's metadata (e.g. kind="generator" and sigma_init for distilled one-step generators) or EDM's
     other top-level keys.
     """
-    from sid_fast import hub
-
     path = resolve_path(path_or_url)
     if path.is_dir():  # a generator folder: model.safetensors + config.json
-        record = hub.read_folder(path)
+        record = read_folder(path)
         try:
-            net, info = _sid_fast_network(record, path / hub.WEIGHTS)
+            net, info = _sid_fast_network(record, path / WEIGHTS)
         except CheckpointError:
             raise
         except Exception as e:

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 import click
 
 
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the flag and the expected value (raised by the training
+    configuration, the teacher families' loaders and the commands)."""
+
+
 @dataclass(frozen=True)
 class Domain:
     """The values a numeric flag accepts: finite, of its type, in [lo, hi] (an end is open when `*_open`)."""

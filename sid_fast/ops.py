@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sid_fast.casts import cast
 from sid_fast.kernels import triton_installed
 from sid_fast.kernels.references import attention_edm, attention_sdpa, group_norm_silu_ref
 from sid_fast.losses import edm2_loss_from_output, edm_loss_from_output, edm_weight, sid_generator_loss_elements
-from sid_fast.networks.casts import cast
 
 KERNELS = frozenset({"sid_loss", "edm_loss", "group_norm_silu", "attention"})
 NAMES = KERNELS | {"sdpa"}  # "sdpa": attention through PyTorch's SDPA instead of EDM's op (no Triton)

@@ -9,7 +9,7 @@ applied, so that the trainer's phases contain the algorithm only. The options:
   layer, fp32 mapping network, preconditioning, softmax, losses, w, optimizer state), and stores the frozen teacher's
   weights in bf16. G_ema samples (snapshots, metrics) stay fp32. Its launches are cut without changing the
   algorithm: convolutions take their bias, UNet blocks cast their weights as one group and their gradients land in
-  a few buffers per network (sid_fast.networks.casts), all blocks' embedding affines run as one matmul (eager only;
+  a few buffers per network (sid_fast.casts), all blocks' embedding affines run as one matmul (eager only;
   docs/overhead.md).
 - channels_last: networks and their image inputs in NHWC memory format (the kernels read both layouts).
 - checkpointing: `nets` recomputes the teacher's and the fake score's forwards during the generator phase's backward
@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sid_fast import casts
 from sid_fast.ema import update_ema, update_ema_foreach
-from sid_fast.networks import casts, edm2
+from sid_fast.networks import edm2
 from sid_fast.networks.layers import Conv2d, UNetBlock
 
 
@@ -63,15 +64,25 @@ def set_matmul_precision(precision: str) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
+def is_diffusers(net: torch.nn.Module) -> bool:
+    """A diffusers model (Stable Diffusion's UNet): its own per-block gradient checkpointing, bf16 by autocast."""
+    return hasattr(net, "enable_gradient_checkpointing")
+
+
 def prepare_networks(cfg, teacher, trained, G_ema) -> None:
-    """How the networks run, set once on the modules (in place): dtype of the UNet bodies, memory format, and the
-    per-block activation checkpointing of --checkpointing blocks (the teacher and the fake score while frozen, i.e. in
-    the generator phase) or selective (every network that records gradients: the teacher, G and the fake score)."""
+    """How the networks run, set once on the modules (in place), for every family: dtype of the UNet bodies, memory
+    format, and the per-block activation checkpointing of --checkpointing blocks (the teacher and the fake score while
+    frozen, i.e. in the generator phase) or selective (every network that records gradients: the teacher, G and the
+    fake score). EDM's and EDM2's UNets read `compute_dtype` and their blocks' switches; diffusers models run bf16
+    under the family's autocast and checkpoint whole blocks with diffusers' own gradient checkpointing (blocks and
+    selective alike)."""
     G, fake = trained
     if cfg.precision == "bf16":
         for p in teacher.parameters():  # frozen: its weights are only read in bf16 (the mapping MLP casts them to fp32)
             p.data = p.data.to(torch.bfloat16)  # buffers (resampling filters, Fourier frequencies) stay fp32
         for net in (teacher, *trained):
+            if is_diffusers(net):
+                continue
             net.compute_dtype = torch.bfloat16
             # One matmul for all blocks' embedding affine layers: eager only, and not with per-block checkpointing
             # (a recomputed block would run its own affine layer, which the first forward did not).
@@ -84,7 +95,8 @@ def prepare_networks(cfg, teacher, trained, G_ema) -> None:
                 if isinstance(m, UNetBlock):  # compiled call sites fuse the casts themselves
                     m.group_casts = not grouped_casts_off(cfg)
                     m.batched_affine = batched
-        G_ema.compute_dtype = None
+        if not is_diffusers(G_ema):
+            G_ema.compute_dtype = None
     if cfg.channels_last:
         for net in (teacher, *trained, G_ema):
             net.to(memory_format=torch.channels_last)
@@ -93,13 +105,16 @@ def prepare_networks(cfg, teacher, trained, G_ema) -> None:
         "selective": ("selective", (teacher, G, fake), True),
     }.get(cfg.checkpointing, (None, (), True))
     for net in nets:
+        if is_diffusers(net):
+            net.enable_gradient_checkpointing()
+            continue
         for b in net.modules():
             if isinstance(b, (UNetBlock, edm2.Block)):
                 b.checkpoint_activations, b.checkpoint_while_trained = block_mode, while_trained
 
 
 def grouped_casts_off(cfg) -> bool:
-    """Grouped weight casts (sid_fast.networks.casts) serve the eager bf16 path; compiled call sites fuse casts."""
+    """Grouped weight casts (sid_fast.casts) serve the eager bf16 path; compiled call sites fuse casts."""
     return cfg.precision != "bf16" or bool(cfg.compile or cfg.cuda_graphs)
 
 

@@ -85,8 +85,8 @@ def test_sid_distills_the_edm2_digits_teacher(tmp_path, monkeypatch):
     """The bundled EDM2-architecture digits teacher through the trainer: G without the log-variance head, the fake
     score with it (P_mean/P_std -0.4/1.0), forced weight normalisation once per phase, FD-digits of G_ema falling;
     the snapshot loads as a generator."""
-    from sid_fast.training import denoiser
-    from sid_fast.training.denoiser import EDM2Denoiser
+    from sid_fast.families import edm2 as denoiser
+    from sid_fast.families.edm2 import EDM2Denoiser
 
     teacher, _ = load_network_file(EDM2_TEACHER)
     assert isinstance(teacher, Precond) and teacher.logvar_linear is not None
@@ -203,7 +203,7 @@ def test_labels_only_data_and_vae_refusals(tmp_path):
         batch_gpu=4,
     )
     trainer = build_trainer(resolve_config("digits-edm2", over), torch.device("cpu"), log=lambda *_: None)
-    assert sorted(trainer.label_table.tolist()) == [0, 0, 0, 2]  # the file's label frequencies
+    assert sorted(trainer.family.label_table.tolist()) == [0, 0, 0, 2]  # the file's label frequencies
     trainer.step()
     with pytest.raises(ConfigError, match="EDM2's VAE latents: give --vae"):
         build_trainer(
@@ -311,7 +311,7 @@ def test_sida_on_the_edm2_digits_teacher(logvar, monkeypatch):
     """SiDA with an EDM2 teacher (official sida_loss_edm2.py): the discriminator and GAN terms divided by e^u, the
     fake score's u trained by its loss (it moves), no gradient clipping; --no-return-logvar builds the fake score
     without the head; forced normalisation per --force-normalization."""
-    from sid_fast.training import denoiser
+    from sid_fast.families import edm2 as denoiser
 
     over = dict(
         method="sida",

@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.overhead import compile_report, count_launches, count_syncs
 from sid_fast.augment import AugmentPipe
+from sid_fast.casts import GradArena
 from sid_fast.networks import build_network
-from sid_fast.networks.casts import GradArena
 from sid_fast.networks.layers import Conv2d, UNetBlock
 from sid_fast.training.parallel import flat_buffers
 

@@ -243,8 +243,8 @@ def test_samplers_and_exports_refuse_destinations_holding_other_files(generator_
     ],
 )
 def test_prompt_files_with_blank_lines_anywhere(tmp_path, text, prompts):
+    from sid_fast.data.prompts import read_prompts
     from sid_fast.t2i.sample import jobs
-    from sid_fast.t2i.sd import read_prompts
 
     path = tmp_path / "p.txt"
     path.write_bytes(text)
@@ -254,11 +254,11 @@ def test_prompt_files_with_blank_lines_anywhere(tmp_path, text, prompts):
 
 @pytest.mark.parametrize("text", [b"", b"\n\n\n", b"  \t\n\r\n"])
 def test_prompt_files_of_blank_lines_only_are_refused_in_one_sentence(tmp_path, text):
-    from sid_fast.t2i.sd import SDError, read_prompts
+    from sid_fast.data.prompts import PromptError, read_prompts
 
     path = tmp_path / "p.txt"
     path.write_bytes(text)
-    with pytest.raises(SDError, match=r"p\.txt: the prompt file holds no prompt \(one per line\)\.$"):
+    with pytest.raises(PromptError, match=r"p\.txt: the prompt file holds no prompt \(one per line\)\.$"):
         read_prompts(path)
 
 

@@ -419,7 +419,7 @@ def test_generator_terms_follow_each_official_nan_rule(edm2_rule, case):
     """sid_fast's SiDA generator terms equal the official ones, value and gradients, on float64 inputs, with each
     version's NaN rule: EDM takes the BCE mean over every row's logits (a NaN logit makes the term NaN), EDM2 drops
     rows with NaN logits from both terms."""
-    from sid_fast.training.denoiser import FakeOutput
+    from sid_fast.families import FakeOutput
     from sid_fast.training.sida import sida_generator_terms
 
     g = torch.Generator().manual_seed(3)

@@ -1,7 +1,7 @@
-"""SiD-LSG in the SiD loop (sid_fast.t2i.lsg) on a tiny random Stable Diffusion folder saved in diffusers' format:
-two iterations of the trainer against the official iteration written out here from its formulas (SiD-LSG
-training/sid_training_loop.py, training/sid_sd_util.py) in float64, from the same draws; the flags and refusals; the
-snapshot folder as diffusers loads it; resume."""
+"""SiD-LSG in the SiD loop (the Stable Diffusion family, sid_fast.families.sd) on a tiny random Stable Diffusion
+folder saved in diffusers' format: two iterations of the trainer against the official iteration written out here
+from its formulas (SiD-LSG training/sid_training_loop.py, training/sid_sd_util.py) in float64, from the same draws;
+the flags and refusals; the snapshot folder as diffusers loads it; resume."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ pytest.importorskip("transformers")
 
 from support.sd_tiny import write_tiny_sd  # noqa: E402
 
+from sid_fast.data.prompts import read_prompts  # noqa: E402
+from sid_fast.families.sd import SDFamily  # noqa: E402
+from sid_fast.t2i.sd import load_sd  # noqa: E402
 from sid_fast.training.config import ConfigError, resolve_config  # noqa: E402
 from sid_fast.training.run import build_trainer  # noqa: E402
 from sid_fast.training.sid import FAKE, GEN  # noqa: E402
@@ -35,6 +38,12 @@ def prompt_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     p.write_text("\n".join(PROMPTS) + "\n")
     return p
+
+
+def sd_trainer(cfg, sd, prompt_file, log=print):
+    """The trainer of a loaded folder (e.g. in float64), through the family's constructor from parts."""
+    family = SDFamily(cfg, torch.device("cpu"), sd, read_prompts(prompt_file))
+    return build_trainer(cfg, torch.device("cpu"), family=family, log=log)
 
 
 def lsg_config(sd_folder, prompt_file, **kw):
@@ -204,11 +213,7 @@ def test_two_iterations_equal_the_official_formulas_in_float64(sd_folder, v_fold
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        from sid_fast.t2i.lsg import SiDLSGTrainer
-        from sid_fast.t2i.sd import load_sd, read_prompts
-
-        tr = SiDLSGTrainer(cfg, torch.device("cpu"), load_sd(sd_folder, dtype=torch.float64),
-                           read_prompts(prompt_file), log=lambda *a: None)  # fmt: skip
+        tr = sd_trainer(cfg, load_sd(sd_folder, dtype=torch.float64), prompt_file, log=lambda *a: None)
         ref = Official(tr, sd_folder)
         start = {k: v.clone() for k, v in ref.G.state_dict().items()}
         start_fake = {k: v.clone() for k, v in ref.fake.state_dict().items()}
@@ -217,7 +222,7 @@ def test_two_iterations_equal_the_official_formulas_in_float64(sd_folder, v_fold
             tr.step()
     finally:
         torch.set_default_dtype(default)
-    assert tr.drop_p == (0.1 if (k1, k2) != (1, 1) else 0.0)
+    assert tr.family.drop_p == (0.1 if (k1, k2) != (1, 1) else 0.0)
     # The trainer and the official formulas agree to float64 rounding. Adam's first step maps a gradient g to
     # lr g / (|g| + eps): where |g| is near eps (1e-8) a rounding difference d of the gradient (float64 sums of
     # terms up to ~0.1: d ~ 1e-16 to 1e-15) moves the update by up to lr d / eps, 1e-7 of lr, i.e. of the movement; a
@@ -270,14 +275,12 @@ def test_a_run_writes_a_diffusers_unet_whose_card_snippet_samples_it(sd_folder, 
 
 def test_resume_continues_bit_exactly(sd_folder, prompt_file, tmp_path):
     from sid_fast.checkpoints import atomic_save
-    from sid_fast.t2i.lsg import SiDLSGTrainer
-    from sid_fast.t2i.sd import load_sd, read_prompts
     from sid_fast.training.run import load_state_file
 
     cfg = lsg_config(sd_folder, prompt_file, batch=4, batch_gpu=2)
 
     def trainer():
-        return SiDLSGTrainer(cfg, torch.device("cpu"), load_sd(sd_folder), read_prompts(prompt_file), log=print)
+        return sd_trainer(cfg, load_sd(sd_folder), prompt_file)
 
     a = trainer()
     for _ in range(2):
@@ -295,10 +298,7 @@ def test_resume_continues_bit_exactly(sd_folder, prompt_file, tmp_path):
 
 
 def _one_step_params(cfg, sd_folder, prompt_file):
-    from sid_fast.t2i.lsg import SiDLSGTrainer
-    from sid_fast.t2i.sd import load_sd, read_prompts
-
-    tr = SiDLSGTrainer(cfg, torch.device("cpu"), load_sd(sd_folder), read_prompts(prompt_file), log=print)
+    tr = sd_trainer(cfg, load_sd(sd_folder), prompt_file)
     tr.step()
     return {k: v.float() for k, v in tr.G.state_dict().items()}, tr
 

@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 
 from support.sd_tiny import TINY_VAE, write_tiny_sd  # noqa: E402
 
+from sid_fast.data.prompts import PromptError, read_prompts
 from sid_fast.t2i.sd import (  # noqa: E402
     OFFICIAL_INIT_TIMESTEP,
     SDError,
@@ -24,7 +25,6 @@ from sid_fast.t2i.sd import (  # noqa: E402
     fake_score_loss_rows,
     guided_output,
     load_sd,
-    read_prompts,
     unet_model,
 )
 
@@ -171,12 +171,12 @@ def test_prompt_files(tmp_path):
     got = read_prompts(p)
     assert len(got) == 4 and list(got) == want and got[-1] == "last line" and got[1] == "猫が座っている"
     (tmp_path / "empty.txt").write_text("\n \n")
-    with pytest.raises(SDError, match=r"empty.txt: the prompt file holds no prompt"):
+    with pytest.raises(PromptError, match=r"empty.txt: the prompt file holds no prompt"):
         read_prompts(tmp_path / "empty.txt")
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(SDError, match=r"bin.txt: not a UTF-8 text file"):
+    with pytest.raises(PromptError, match=r"bin.txt: not a UTF-8 text file"):
         read_prompts(tmp_path / "bin.txt")
-    with pytest.raises(SDError, match=r"none.txt: no such prompt file"):
+    with pytest.raises(PromptError, match=r"none.txt: no such prompt file"):
         read_prompts(tmp_path / "none.txt")
 
 

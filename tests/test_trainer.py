@@ -14,12 +14,12 @@ from support.analytic import GaussianMixtureDenoiser
 from support.helpers import NET, cfg_for, cpu_trainer, damp_adam, gloo_process, trainer_params
 
 from sid_fast.checkpoints import CheckpointError, atomic_save, save_network
+from sid_fast.families import TeacherSpec
 from sid_fast.metrics import feature_stats, frechet_distance
 from sid_fast.networks import build_network
 from sid_fast.training import snapshots
 from sid_fast.training.config import ConfigError, resolve_config
 from sid_fast.training.run import build_trainer, find_resume_state, load_state_file
-from sid_fast.training.sid import TeacherSpec
 
 
 def test_resume_is_bit_exact(teacher_file, tmp_path):
@@ -219,7 +219,7 @@ def test_sid_on_gaussian_mixture_cuts_frechet_distance():
     )
 
     def fd():
-        return frechet_distance(*feature_stats(snapshots.sample_ema(tr, list(range(4000)))), *ref)
+        return frechet_distance(*feature_stats(tr.family.sample(tr.G_ema, tr.cfg, list(range(4000)), tr.device)), *ref)
 
     fd0 = fd()
     late = []
@@ -278,7 +278,7 @@ def test_fp16_is_edms_mode_and_runs_fp32_on_a_cpu(teacher_file):
     """--precision fp16 = EDM's use_fp16 on every network and Adam eps 1e-6 (official sid_train.py). The bodies run
     in fp16 on CUDA only (EDM's rule), so on a CPU the steps equal an fp32 run with eps 1e-6, bit for bit."""
     a = cpu_trainer(cfg_for(teacher_file, precision="fp16", dropout=0.0, augment=0.0))
-    assert all(n.use_fp16 for n in (a.teacher, a.G, a.fake, a.G_ema)) and a.init_kwargs["use_fp16"] is True
+    assert all(n.use_fp16 for n in (a.teacher, a.G, a.fake, a.G_ema)) and a.nets.init_kwargs["use_fp16"] is True
     assert {g["eps"] for o in (a.opt_g, a.opt_fake) for g in o.param_groups} == {1e-6}
     b = cpu_trainer(cfg_for(teacher_file, dropout=0.0, augment=0.0))
     assert not b.G.use_fp16 and {g["eps"] for o in (b.opt_g, b.opt_fake) for g in o.param_groups} == {1e-8}
@@ -318,12 +318,12 @@ def test_labels_follow_the_datasets_frequencies(teacher_file, tmp_path):
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(3)
     for _ in range(1000):
-        _, labels = tr.draw_z_labels(g)
+        _, labels = tr.draw_z_cond(g)
         counts += labels.sum(0)
     freq = counts / counts.sum()
     assert abs(freq[2] - 0.9) < 0.03 and freq[1] == 0, freq
     uniform = cpu_trainer(cfg_for(teacher_file))
-    assert uniform.label_table is None
+    assert uniform.family.label_table is None
 
 
 def test_bad_data_is_refused_naming_both_values(teacher_file, tmp_path):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sid_fast.data.prompts import PromptError, read_prompts
 from sid_fast.hf import load_transformers_model
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -115,11 +116,10 @@ def main(images_dir, prompts_file, clip_dir, num, batch, json_path):
     import json
 
     from sid_fast import dist
-    from sid_fast.t2i.sd import SDError, read_prompts
 
     try:
         prompts = read_prompts(prompts_file)
-    except SDError as e:
+    except PromptError as e:
         raise click.BadParameter(str(e), param_hint="--prompts") from None
     n = len(prompts) if num is None else num
     if n > len(prompts):

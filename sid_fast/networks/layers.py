@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sid_fast import ops
-from sid_fast.networks.casts import cast, cast_group
+from sid_fast.casts import cast, cast_group
 
 # ----------------------------------------------------------------------------
 # Weight initialisation (only matters when training from scratch, never when loading).
@@ -252,7 +252,7 @@ class UNetBlock(torch.nn.Module):
     checkpoint_activations: str | None = None
     checkpoint_while_trained: bool = True
     # sid_fast: set by sid_fast.perf on the eager bf16 fast path: the block casts its parameters as one group
-    # (sid_fast.networks.casts), inside the checkpointed function when it is checkpointed (recomputed the same way).
+    # (sid_fast.casts), inside the checkpointed function when it is checkpointed (recomputed the same way).
     # With batched_affine (the network's `batched_affines`) the embedding's affine layer is not in the group.
     group_casts: bool = False
     batched_affine: bool = False

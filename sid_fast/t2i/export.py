@@ -16,6 +16,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name
 CONFIG = "config.json"
 SID_META = "sid_fast.json"
 CARD = "README.md"
+FOLDER_FILES = (WEIGHTS, CONFIG, SID_META, CARD)
 
 
 def seed_latents(seeds, shape) -> torch.Tensor:
@@ -104,7 +105,7 @@ def save_unet_folder(path, unet, overwrite: bool = False, **meta) -> Path:
     (sid_fast.hub.atomic_folder)."""
     from safetensors.torch import save_file
 
-    from sid_fast.checkpoints import CheckpointError, _plain_value
+    from sid_fast.checkpoints import CheckpointError, plain_value
     from sid_fast.hub import atomic_folder
 
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet.state_dict().items()}
@@ -112,19 +113,19 @@ def save_unet_folder(path, unet, overwrite: bool = False, **meta) -> Path:
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         unet.save_config(str(tmp))
-        (tmp / SID_META).write_text(json.dumps(dict(format="sid_fast.t2i", **_plain_value(meta)), indent=2) + "\n")
+        (tmp / SID_META).write_text(json.dumps(dict(format="sid_fast.t2i", **plain_value(meta)), indent=2) + "\n")
         (tmp / CARD).write_text(model_card(meta))
 
-    return atomic_folder(path, fill, CheckpointError, own=(WEIGHTS, CONFIG, SID_META, CARD), overwrite=overwrite)
+    return atomic_folder(path, fill, CheckpointError, own=FOLDER_FILES, overwrite=overwrite)
 
 
 def update_unet_meta(path, **meta) -> None:
     """Set entries of a generator folder's sid_fast.json (e.g. a snapshot's metrics once evaluated) and rewrite its
     model card, each atomically; the weights are not touched."""
-    from sid_fast.checkpoints import _plain_value, atomic_write_text
+    from sid_fast.checkpoints import atomic_write_text, plain_value
 
     path = Path(path)
-    full = dict(json.loads((path / SID_META).read_text()), **_plain_value(meta))
+    full = dict(json.loads((path / SID_META).read_text()), **plain_value(meta))
     atomic_write_text(path / SID_META, json.dumps(full, indent=2) + "\n")
     atomic_write_text(path / CARD, model_card({k: v for k, v in full.items() if k != "format"}))
 

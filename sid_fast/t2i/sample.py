@@ -22,6 +22,7 @@ import PIL.Image
 import torch
 
 from sid_fast import dist
+from sid_fast.data.prompts import PromptError, read_prompts
 from sid_fast.progress import Timer
 from sid_fast.sample import check_outdir, parse_int_list
 from sid_fast.sampling import image_grid, save_image
@@ -32,15 +33,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def jobs(prompt: str | None, prompts_file: str | None, seeds: str | None) -> list[tuple[int, str, int]]:
     """(index, prompt, seed) of every image: one prompt for every seed, or line i of a file with seed i (--seeds
     then selects lines by index)."""
-    from sid_fast.t2i.sd import SDError, read_prompts
-
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give one of --prompt TEXT or --prompts FILE.")
     if prompt is not None:
         return [(i, prompt, s) for i, s in enumerate(parse_int_list(seeds or "0-15"))]
     try:
         lines = read_prompts(prompts_file)
-    except SDError as e:
+    except PromptError as e:
         raise click.BadParameter(str(e), param_hint="--prompts") from None
     idx = parse_int_list(seeds) if seeds else list(range(len(lines)))
     if idx and max(idx) >= len(lines):

@@ -10,7 +10,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sid_fast.flags import Domain
+from sid_fast import families
+from sid_fast.families.sd import SDFamily
+from sid_fast.flags import ConfigError, Domain
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_TEACHER_PATH = ASSETS / "digits_teacher.pt"
@@ -574,6 +576,8 @@ PRESETS["digits-lsg"] = dict(
     metric_num=1000,
 )
 
+SDFamily.presets = frozenset(k for k in PRESETS if k.split("-lsg")[0] in SD_TEACHERS)
+
 PRECISIONS = ("fp32", "fp16", "tf32", "bf16")
 CHECKPOINTING = ("none", "nets", "blocks", "selective")
 OPTIMIZERS = ("adam", "foreach", "fused")
@@ -591,10 +595,6 @@ METHODS = ("sid", "sida")
 def _ref_url(preset: str) -> str:
     ref = FID_REFS.get(preset, "<dataset>.npz")
     return ref if ref.startswith("http") else FID_REF_URL + ref
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; the message names the flag and the expected value."""
 
 
 def resolve_config(preset: str, overrides: dict) -> TrainConfig:
@@ -661,10 +661,6 @@ def _validate_schedule(cfg: TrainConfig) -> None:
         )
 
 
-def is_sd_preset(preset: str) -> bool:
-    return preset.split("-lsg")[0] in SD_TEACHERS
-
-
 # The Hub repositories of the SD teachers (runwayml's SD 1.5 repository was withdrawn; this is its maintained copy),
 # and the files of a diffusers folder that sid_fast reads (no fp16 variants, no safety checker).
 SD_HUB_REPOS = {
@@ -679,7 +675,7 @@ SD_HUB_FILES = (
 
 
 def _validate_inputs(cfg: TrainConfig) -> None:
-    if cfg.teacher is None and is_sd_preset(cfg.preset):
+    if cfg.teacher is None and families.detect(cfg) is SDFamily:
         repo = SD_HUB_REPOS[cfg.official_teacher]
         include = " ".join("--include " + f for f in SD_HUB_FILES)
         raise ConfigError(
@@ -739,6 +735,5 @@ def _validate_metrics(cfg: TrainConfig) -> None:
             f"{_ref_url(cfg.preset)}, or make one with `python -m sid_fast.fid ref`); "
             f"or pass --metrics none."
         )
-    sd_teacher = cfg.teacher is not None and (Path(str(cfg.teacher)) / "model_index.json").is_file()
-    if cfg.metrics == "fd-digits" and (cfg.resolution, cfg.channels) != (8, 1) and not sd_teacher:
+    if cfg.metrics == "fd-digits" and (cfg.resolution, cfg.channels) != (8, 1) and families.detect(cfg) is not SDFamily:
         raise ConfigError("--metrics fd-digits needs 8x8 single-channel images (the digits preset).")

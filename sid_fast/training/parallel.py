@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sid_fast import perf
-from sid_fast.networks import casts, edm2
-from sid_fast.networks.casts import dense
+from sid_fast import casts, perf
+from sid_fast.casts import dense
+from sid_fast.networks import edm2
 from sid_fast.networks.layers import UNetBlock
 
 
@@ -63,7 +63,7 @@ class Parallel:
 
     def clean_grads(self, params, device) -> torch.Tensor:
         """nan_to_num on every gradient (official cleaning); returns a device bool: were any non-finite? Gradients that
-        tile a buffer (the bf16 fast path's gradient arena, sid_fast.networks.casts) are cleaned as that buffer in
+        tile a buffer (the bf16 fast path's gradient arena, sid_fast.casts) are cleaned as that buffer in
         one pass; the others one by one (the same elementwise result)."""
         bad = torch.zeros((), dtype=torch.bool, device=device)
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]

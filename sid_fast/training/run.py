@@ -12,246 +12,17 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from sid_fast import checkpoints, dist
-from sid_fast.networks import edm2
-from sid_fast.training.config import ConfigError, TrainConfig, check_world, identity_differences, metric_list
-from sid_fast.training.config import flag as flag_name
+from sid_fast import checkpoints, dist, families
+from sid_fast.families import Family, TeacherSpec
+from sid_fast.training.config import ConfigError, TrainConfig, check_world, identity_differences
 from sid_fast.training.rundir import RunLock, RunLocked, outdir_lock, remove_stale_temporaries, rewind_records
-from sid_fast.training.sid import SiDTrainer, TeacherSpec, TrainingAborted
+from sid_fast.training.sid import SiDTrainer, TrainingAborted
+from sid_fast.training.sida import SiDATrainer
 from sid_fast.training.state import list_states
 from sid_fast.training.tickstats import Logger
 from sid_fast.training.trackers import make_tracker
-
-
-def check_teacher(cfg: TrainConfig, teacher, path) -> None:
-    want_labels = cfg.label_dim if cfg.cond else 0
-    problems = []
-    if teacher.img_resolution != cfg.resolution:
-        problems.append(f"resolution {teacher.img_resolution} (preset/flags: {cfg.resolution})")
-    if teacher.img_channels != cfg.channels:
-        problems.append(f"{teacher.img_channels} channels (preset/flags: {cfg.channels})")
-    if teacher.label_dim != want_labels:
-        problems.append(f"label_dim {teacher.label_dim} (preset/flags: {want_labels}, --cond {int(cfg.cond)})")
-    if problems:
-        raise ConfigError(f"--teacher {path}: the network has " + "; ".join(problems) + ".")
-
-
-def load_label_table(cfg: TrainConfig, label_dim: int) -> np.ndarray:
-    """The integer labels of --data's images, checked against the teacher; one ConfigError naming both values."""
-    ds = open_dataset(cfg)
-    if ds.image_shape is not None:  # a dataset.json alone has no images to check
-        c, h, _ = ds.image_shape
-        latents = getattr(ds, "meta", {}).get("format") == "sid_fast.latents"
-        if latents:  # stored as the VAE posterior's mean and std: twice the teacher's channels
-            c //= 2
-        if (c, h) != (cfg.channels, cfg.resolution):
-            raise ConfigError(
-                f"--data {cfg.data}: {'latents' if latents else 'images'} are {c}x{h}x{h}, the teacher "
-                f"makes {cfg.channels}x{cfg.resolution}x{cfg.resolution}."
-            )
-    if ds.labels_int is None:
-        raise ConfigError(
-            f"--data {cfg.data}: the dataset has no labels (dataset.json), the teacher is conditional "
-            f"with {label_dim} classes."
-        )
-    if ds.label_dim != label_dim:
-        raise ConfigError(
-            f"--data {cfg.data}: labels run to class {ds.label_dim - 1} (label_dim {ds.label_dim}), the "
-            f"teacher has label_dim {label_dim}."
-        )
-    return ds.labels_int
-
-
-def open_dataset(cfg: TrainConfig):
-    """--data: an EDM dataset (zip or folder), a latent dataset (sid_fast.latents), a dataset.json alone (labels for
-    data-free SiD), or 'digits', the bundled digits."""
-    from sid_fast.data.dataset import DatasetError, ImageDataset, LabelsDataset
-
-    if cfg.data == "digits":
-        from sid_fast.data.digits import DigitsDataset
-
-        return DigitsDataset()
-    path = Path(cfg.data)
-    try:
-        if path.suffix == ".json":
-            return LabelsDataset(path)
-        if (path / "meta.json").is_file():
-            from sid_fast.latents import LatentDataset
-
-            return LatentDataset(path)
-        return ImageDataset(cfg.data)
-    except (DatasetError, ValueError) as e:
-        raise ConfigError(f"--data {e}") from None
-
-
-def load_real_dataset(cfg: TrainConfig):
-    """SiDA's real images (--data), checked against the teacher's shape (labels: by load_label_table)."""
-    ds = open_dataset(cfg)
-    if ds.image_shape is None:
-        raise ConfigError(
-            f"--data {cfg.data}: a dataset.json holds labels only; SiDA needs real images (a zip or folder)."
-        )
-    c, h, _ = ds.image_shape
-    latents = getattr(ds, "meta", {}).get("format") == "sid_fast.latents"
-    if latents:
-        c //= 2  # stored as the posterior's mean and std
-    if (c, h) != (cfg.channels, cfg.resolution):
-        raise ConfigError(
-            f"--data {cfg.data}: {'latents' if latents else 'images'} are {c}x{h}x{h}, the teacher makes "
-            f"{cfg.channels}x{cfg.resolution}x{cfg.resolution}."
-        )
-    return ds
-
-
-def load_sid_model(cfg: TrainConfig, teacher) -> dict:
-    """SiD²A's generator weights (--sid-model, through the safe loader), which must fit the teacher's network
-    exactly."""
-    try:
-        net, _ = checkpoints.load_network_file(cfg.sid_model)
-    except ValueError as e:
-        raise ConfigError(f"--sid-model {e}") from None
-
-    # An EDM2 generator has no log-variance head (official EDM_2_Precond_Generator): compare the rest.
-    def compared(k):
-        return not (isinstance(teacher, edm2.Precond) and k.startswith("logvar_"))
-
-    want = {k: tuple(v.shape) for k, v in teacher.state_dict().items() if compared(k)}
-    got = {k: tuple(v.shape) for k, v in net.state_dict().items() if compared(k)}
-    if got != want:
-        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
-        raise ConfigError(
-            f"--sid-model {cfg.sid_model}: not a generator of this teacher's network ({len(diff)} "
-            f"tensors differ in name or shape, e.g. {diff[0]})."
-        )
-    return {k: v.float() for k, v in net.state_dict().items()}
-
-
-def prepare_fid(cfg: TrainConfig, device):
-    """(reference statistics path, {metric: detector}) for --metrics fid and/or fd-dinov2, else (None, None); refuses
-    bad files (detectors, references without the metric's statistics) up front."""
-    wanted = [m for m in metric_list(cfg.metrics) if m in ("fid", "fd_dinov2")]
-    if not wanted:
-        return None, None
-    from sid_fast.metrics import load_ref_stats
-    from sid_fast.metrics.dinov2 import load_dinov2
-    from sid_fast.metrics.inception import load_detector
-
-    detectors = {}
-    try:
-        ref = checkpoints.resolve_path(cfg.data_stat)
-        if len(wanted) > 1 and ref.suffix != ".pkl":
-            raise ValueError(
-                f"{ref}: an .npz holds one metric's statistics; both need EDM2's .pkl (e.g. dataset-refs/img512.pkl, "
-                "or `python -m sid_fast.fid ref --metrics fid,fd_dinov2 --dest REF.pkl`)"
-            )
-        for m in wanted:
-            detectors[m] = load_detector(cfg.detector, device) if m == "fid" else load_dinov2(cfg.dinov2, device)
-            load_ref_stats(ref, dim=detectors[m].feature_dim, metric=m)
-    except ValueError as e:  # CheckpointError, DetectorError and bad statistics all name the file
-        raise ConfigError(f"--metrics {cfg.metrics}: {e}") from None
-    return ref, detectors
-
-
-def load_vae_for(cfg: TrainConfig, teacher, device):
-    """--vae (EDM2 latent teachers): loaded and checked against the teacher before any work; required for FID."""
-    from sid_fast.sampling import check_vae
-
-    vae = None
-    if cfg.vae is not None:
-        from sid_fast.latents import StabilityVAE
-
-        try:
-            vae = StabilityVAE.load(cfg.vae, device)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    if vae is not None or cfg.metrics not in ("none", "fd-digits"):
-        try:
-            check_vae(teacher, vae)
-        except ValueError as e:
-            raise ConfigError(f"--teacher {cfg.teacher}: {e}") from None
-    return vae
-
-
-def is_sd_folder(teacher) -> bool:
-    """Is --teacher a diffusers pipeline folder (model_index.json), i.e. a Stable Diffusion teacher for SiD-LSG?"""
-    return teacher is not None and (Path(str(teacher)) / "model_index.json").is_file()
-
-
-SD_FLAGS = ("cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")
-
-
-def check_not_sd_flags(cfg: TrainConfig) -> None:
-    """Guidance and prompts belong to Stable Diffusion teachers: refused with any other."""
-    for flag in SD_FLAGS:
-        if getattr(cfg, flag) != 1:
-            raise ConfigError(
-                f"{flag_name(flag)} {getattr(cfg, flag):g}: guidance applies to Stable Diffusion teachers (a diffusers "
-                f"folder); --teacher {cfg.teacher} is not one."
-            )
-    if cfg.data_prompt_text is not None:
-        raise ConfigError(
-            f"--data-prompt-text {cfg.data_prompt_text}: prompts condition Stable Diffusion teachers (a diffusers "
-            f"folder); --teacher {cfg.teacher} is not one."
-        )
-
-
-def load_sd_inputs(cfg: TrainConfig):
-    """(StableDiffusion, prompts) of a SiD-LSG run, checked against the flags; one ConfigError naming the flag."""
-    from sid_fast.t2i.lsg import check_precision
-    from sid_fast.t2i.sd import SDError, load_sd, read_prompts
-
-    check_precision(cfg)
-    for flag, value, why in (
-        ("--method", cfg.method != "sid", "SiDA with a Stable Diffusion teacher is not built"),
-        ("--data", cfg.data is not None, "SiD-LSG is data-free: prompts come from --data-prompt-text"),
-        ("--sid-model", cfg.sid_model is not None, "starting G from a distilled UNet is not built"),
-        ("--metrics", cfg.metrics not in ("none", "fd-digits"), "FID-30k and CLIP score of text-to-image runs are "
-         "not computed in the trainer (give --metrics none)"),
-    ):  # fmt: skip
-        if value:
-            raise ConfigError(f"{flag} {getattr(cfg, flag[2:].replace('-', '_'))}: {why}.")
-    if cfg.data_prompt_text is None:
-        raise ConfigError(
-            f"--data-prompt-text is required with the Stable Diffusion teacher {cfg.teacher}: a text file of prompts, "
-            "one per line (the official runs use Aesthetics 6+ prompts)."
-        )
-    try:
-        prompts = read_prompts(cfg.data_prompt_text)
-    except SDError as e:
-        raise ConfigError(f"--data-prompt-text {e}") from None
-    try:
-        sd = load_sd(cfg.teacher)
-    except SDError as e:
-        raise ConfigError(f"--teacher {e}") from None
-    c, r = sd.latent_channels, sd.latent_resolution
-    if (c, r) != (cfg.channels, cfg.resolution):
-        raise ConfigError(
-            f"--teacher {cfg.teacher}: the UNet makes {c}x{r}x{r} latents (preset "
-            f"{cfg.preset}: {cfg.channels}x{cfg.resolution}x{cfg.resolution})."
-        )
-    if cfg.metrics == "fd-digits":
-        vae = sd.vae.config
-        size = sd.latent_resolution * 2 ** (len(vae.block_out_channels) - 1)
-        if (vae.out_channels, size) != (1, 8):
-            raise ConfigError(
-                f"--metrics fd-digits: the teacher {cfg.teacher} makes {vae.out_channels}x{size}x{size} images, not "
-                "8x8 digits (FD-digits and prompt accuracy are for the digits teacher, preset digits-lsg)."
-            )
-    if cfg.tmin >= cfg.tmax:
-        raise ConfigError(
-            f"--tmin {cfg.tmin} and --tmax {cfg.tmax}: timesteps are drawn in [tmin, tmax), which is empty."
-        )
-    steps = sd.schedule.num_train_timesteps
-    if cfg.tmax > steps:
-        raise ConfigError(f"--tmax {cfg.tmax}: the teacher {cfg.teacher} has {steps} timesteps (0 to {steps - 1}).")
-    if cfg.init_timestep >= steps:
-        raise ConfigError(
-            f"--init-timestep {cfg.init_timestep}: the teacher {cfg.teacher} has {steps} timesteps (0 to {steps - 1})."
-        )
-    return sd, prompts
 
 
 def build_trainer(
@@ -260,43 +31,24 @@ def build_trainer(
     *,
     teacher=None,
     teacher_spec: TeacherSpec | None = None,
+    family: Family | None = None,
     run_dir: Path | None = None,
     log=print,
     fid=None,
 ) -> SiDTrainer:
-    """Load and check the teacher (from cfg.teacher unless given), the data's labels and the FID inputs, once; then
-    the trainer. `teacher` and `teacher_spec` let tests and benchmarks bring networks that are not files.
+    """detect -> validate -> load -> build -> method: the teacher's family (sid_fast.families) checks the flags, loads
+    and checks its teacher (from cfg.teacher unless `teacher` and `teacher_spec` are given, or a loaded `family`:
+    tests and benchmarks bring networks that are not files) and its inputs, once; then the method's trainer (SiD, or
+    SiDA with --method sida) builds the networks through the family.
 
     With several processes every rank loads its inputs, then all agree before the first collective: when any rank
     failed (an unreachable URL, a missing file on one node), every rank raises the same ConfigError, and none waits
     for the others in DDP's or FSDP's set-up."""
     device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sd_inputs = label_table = real = generator_init = vae = None
     try:
         check_world(cfg, dist.world_size())
-        if teacher is None and is_sd_folder(cfg.teacher):
-            sd_inputs = load_sd_inputs(cfg)
-        else:
-            check_not_sd_flags(cfg)
-            if teacher is None:
-                teacher, info = checkpoints.load_network_file(cfg.teacher)
-                meta = info.get("meta", {})
-                teacher_spec = TeacherSpec(info["class_name"], info["init_kwargs"], teacher.state_dict(), meta)
-            elif teacher_spec is None:
-                raise ValueError(
-                    "build_trainer: a teacher network given without its TeacherSpec (class, kwargs, weights)."
-                )
-            check_teacher(cfg, teacher, cfg.teacher)
-            label_table = (
-                load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
-            )
-            if cfg.data is not None and not teacher.label_dim and cfg.method != "sida":
-                open_dataset(cfg)  # unconditional SiD reads nothing from --data, but a missing one is still refused
-            real = load_real_dataset(cfg) if cfg.method == "sida" else None
-            generator_init = load_sid_model(cfg, teacher) if cfg.sid_model is not None else None
-            vae = load_vae_for(cfg, teacher, device)
-            if fid is None:
-                fid = prepare_fid(cfg, device)
+        if family is None:
+            family = families.load(cfg, device, teacher, teacher_spec, fid=fid)
         failure = None
     except (ConfigError, checkpoints.CheckpointError) as e:
         failure = (type(e).__name__, str(e))
@@ -305,16 +57,8 @@ def build_trainer(
             raise
         failure = ("ConfigError", f"loading the run's inputs failed: {type(e).__name__}: {e}")
     agree_or_raise(failure)
-    if sd_inputs is not None:
-        from sid_fast.t2i.lsg import SiDLSGTrainer
-
-        return SiDLSGTrainer(cfg, device, *sd_inputs, run_dir=run_dir, log=log)
-    kwargs = dict(run_dir=run_dir, log=log, fid=fid, label_table=label_table, generator_init=generator_init, vae=vae)
-    if real is not None:
-        from sid_fast.training.sida import SiDATrainer
-
-        return SiDATrainer(cfg, device, teacher, teacher_spec, real_dataset=real, **kwargs)
-    return SiDTrainer(cfg, device, teacher, teacher_spec, **kwargs)
+    method = SiDATrainer if cfg.method == "sida" else SiDTrainer
+    return method(cfg, device, family, run_dir=run_dir, log=log)
 
 
 def agree_or_raise(failure: tuple[str, str] | None) -> None:
@@ -519,7 +263,6 @@ __all__ = [
     "agree_or_raise",
     "build_trainer",
     "choose_run",
-    "check_teacher",
     "find_resume_state",
     "load_state_file",
     "next_run_dir",

@@ -34,7 +34,7 @@ from sid_fast.losses import (
     sida_generator_gan_loss,
     sida_schedule,
 )
-from sid_fast.training.denoiser import EDM2Denoiser
+from sid_fast.training.config import ConfigError
 from sid_fast.training.sid import SiDTrainer
 
 REAL_LATENTS = 2  # the generator stream of the draws that turn stored latents (mean, std) into samples
@@ -89,10 +89,13 @@ class SiDATrainer(SiDTrainer):
     """SiDTrainer with the discriminator in the fake-score phase and the GAN term in the generator phase, through the
     SiD phases' hooks."""
 
-    def __init__(self, *args, real_dataset=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if real_dataset is None:
+    def __init__(self, cfg, device, family, **kwargs):
+        if family.sida is None:
+            raise ConfigError(f"--method sida: SiDA is not built for the {family.name} family's teachers.")
+        if family.real_data is None:
             raise ValueError("SiDATrainer: real images are needed (--data).")
+        super().__init__(cfg, device, family, **kwargs)
+        real_dataset = family.real_data
         self.real = RealImages(real_dataset, self.cfg.seed, self.cfg.xflip)
         # A latent dataset (EDM2): each real sample is drawn afresh from its stored mean and std (official
         # vae_edm2_encode_latents), with a generator seeded per micro-batch like every other draw.
@@ -100,7 +103,7 @@ class SiDATrainer(SiDTrainer):
         self._loader = None
         self._gan_weights = (1.0, 0.0)
         # Elementwise clipping at 1 of the fake score's gradients in the EDM loop; none in the EDM2 loop (official).
-        self.fake_grad_clip = None if isinstance(self.denoiser, EDM2Denoiser) else 1.0
+        self.fake_grad_clip = family.sida.fake_grad_clip
 
     # Real data: opened lazily at the current iteration, so that resuming (which sets cur_nimg) starts in place.
     def _real_batch(self, rnd: int):
@@ -129,8 +132,8 @@ class SiDATrainer(SiDTrainer):
         else:
             x = img.to(self.device, non_blocking=True).float() / 127.5 - 1
         onehot = None
-        if self.G.label_dim:
-            onehot = torch.eye(self.G.label_dim, device=self.device)[labels.to(self.device)]
+        if self.family.label_dim:
+            onehot = torch.eye(self.family.label_dim, device=self.device)[labels.to(self.device)]
         return x, onehot
 
     # Fake-score phase: the fake score is also the discriminator.
@@ -140,13 +143,14 @@ class SiDATrainer(SiDTrainer):
         z = torch.randn(self.denoiser.image_shape(self.cfg.batch_gpu), device=self.device, generator=g)
         return z, labels, real
 
-    def fake_phase_loss(self, y, aug, noise, sigma, labels, real):
+    def fake_phase_loss(self, y, aug, noise, level, cond, real):
         """sum(lambda (D_fake - y)^2) * ls / B + sum(L_D) * lsd / B (official sida_loss.py); the noise and sigma are
         shared by the generated and the real branch."""
         cfg, den = self.cfg, self.denoiser
         y_r, aug_r = real
-        out = den.fake(self.calls.fake_train, y + noise, sigma, labels, aug, return_flag="encoder_decoder")
-        logits_real = den.discriminator_logits(self.calls.fake_train, y_r + noise, sigma, labels, aug_r)
+        sigma = level  # SiDA's families (EDM, EDM2) have continuous noise levels sigma
+        out = den.fake(self.calls.fake_train, y + noise, sigma, cond, aug, return_flag="encoder_decoder")
+        logits_real = den.discriminator_logits(self.calls.fake_train, y_r + noise, sigma, cond, aug_r)
         # The official filter of this phase (EDM2: u too, official sida_loss_edm2.py).
         ok = finite_rows(y, out.D, out.logits, logits_real, *(() if out.u is None else (out.u,)))
         if out.u is None:
@@ -174,13 +178,13 @@ class SiDATrainer(SiDTrainer):
         self._gan_weights = (w_sid, w_gan)
         return super().generator_phase()
 
-    def generator_loss(self, x_g, x_t, sigma, labels, y_real):
+    def generator_loss(self, x_g, x_t, level, cond, y_real):
         cfg, den = self.cfg, self.denoiser
         w_sid, w_gan = self._gan_weights
         flag = "encoder_decoder" if w_gan > 0 else None
-        out = den.fake(self.calls.fake_eval, x_t, sigma, labels, return_flag=flag)
+        out = den.fake(self.calls.fake_eval, x_t, level, cond, return_flag=flag)
         loss_sid, loss_gan, ok = sida_generator_terms(
-            x_g, y_real, out, cfg.alpha, edm2_rule=isinstance(den, EDM2Denoiser)
+            x_g, y_real, out, cfg.alpha, edm2_rule=self.family.sida.edm2_rules
         )
         total = w_sid * cfg.lsg * loss_sid
         if loss_gan is not None:

@@ -26,8 +26,8 @@ from pathlib import Path
 import click
 import torch
 
-from sid_fast import checkpoints, dist
-from sid_fast.files import fsync_dir
+from sid_fast import checkpoints, dist, families
+from sid_fast.files import DestinationError, check_file_destination, check_folder_destination, fsync_dir
 from sid_fast.training.config import ConfigError
 
 STATE_RE = re.compile(r"^training-state-(\d{12})\.(pt|dcp)$")
@@ -72,9 +72,10 @@ def training_state(tr, trained: bool = True) -> dict:
         version=1,
         config=tr.cfg.to_json(),
         world_size=tr.world,
-        class_name=tr.teacher_spec.class_name,
-        init_kwargs=tr.init_kwargs,
-        g_init_kwargs=tr.g_init_kwargs,
+        family=tr.family.name,
+        class_name=tr.nets.class_name,
+        init_kwargs=tr.nets.init_kwargs,
+        g_init_kwargs=tr.nets.g_init_kwargs,
         fsdp=tr.par.fsdp,
         G_ema=tr.G_ema.state_dict(),
         **parts,
@@ -226,40 +227,20 @@ def gathered_trained_states(tr) -> dict:
 
 
 def export_generator(state_path, out, overwrite: bool = False) -> Path:
-    """G_ema of a training state (a whole file or a sharded directory: G_ema is whole in both) as a sid_fast network
-    file, for the sampler, FID and export: `python -m sid_fast.training.state export STATE OUT.pt`. An existing file,
-    or a folder holding other files, is refused unless `overwrite` (a folder's other files are then kept)."""
-    from sid_fast import hub
-    from sid_fast.files import DestinationError, check_file_destination, check_folder_destination
-    from sid_fast.networks import build_network
-
+    """G_ema of a training state (a whole file or a sharded directory: G_ema is whole in both) written by its teacher
+    family (sid_fast.families): a sid_fast generator folder or .pt file (EDM, EDM2), a diffusers UNet folder (Stable
+    Diffusion). `python -m sid_fast.training.state export STATE OUT`. An existing file, or a folder holding other
+    files, is refused unless `overwrite` (a folder's other files are then kept)."""
     s = checkpoints.read_training_state(state_path, mmap=True)
+    family = families.of_state(s, state_path)
     try:
         if str(out).endswith(".pt"):
             check_file_destination(out, "state export", overwrite)
         else:
-            check_folder_destination(out, lambda name: name in hub.FOLDER_FILES, "state export", overwrite)
+            check_folder_destination(out, lambda name: name in family.folder_files, "state export", overwrite)
     except DestinationError as e:
         raise checkpoints.CheckpointError(str(e)) from None
-    cfg = s["config"]
-    net = build_network(s["class_name"], s["g_init_kwargs"])
-    try:
-        net.load_state_dict(s["G_ema"])
-    except RuntimeError as e:
-        raise checkpoints.CheckpointError(f"{state_path}: G_ema does not fit its recorded network: {e}") from None
-    meta = dict(
-        kind="generator",
-        sigma_init=cfg["init_sigma"],
-        alpha=cfg["alpha"],
-        preset=cfg["preset"],
-        kimg=s["cur_nimg"] / 1e3,
-        teacher=Path(str(cfg["teacher"])).name,
-    )
-    if str(out).endswith(".pt"):
-        checkpoints.save_network(out, net, s["g_init_kwargs"], **meta)
-    else:
-        hub.save_folder(out, net, s["g_init_kwargs"], overwrite=overwrite, **meta)
-    return Path(out)
+    return family.export(s, state_path, out, overwrite)
 
 
 @click.group(context_settings=dict(help_option_names=["-h", "--help"]))
@@ -275,7 +256,8 @@ def main():
 )
 def export_cmd(state, out, overwrite):
     """G_ema of STATE (training-state-*.pt, or a sharded training-state-*.dcp directory) written to OUT: a generator
-    folder (model.safetensors + config.json + model card), or a sid_fast .pt file when OUT ends in .pt."""
+    folder (EDM, EDM2: model.safetensors + config.json + model card, or a sid_fast .pt file when OUT ends in .pt;
+    Stable Diffusion: a diffusers UNet folder with sid_fast.json and a model card)."""
     try:
         path = export_generator(state, out, overwrite=overwrite)
     except checkpoints.CheckpointError as e:

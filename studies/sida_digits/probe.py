@@ -83,7 +83,7 @@ def probe_discriminator(trainer, n: int, seed: int) -> list[dict]:
     z = torch.randn(real.shape, generator=g)
     x_g = trainer.generate(trainer.calls.G_eval, z, labels)
     den = trainer.denoiser
-    sigma = den.fake_sigma(n, g)
+    sigma = den.fake_level(n, g)
     noise = torch.randn(real.shape, generator=g) * sigma
     aug = den.aug_zeros(n)
     lr = den.discriminator_logits(trainer.fake, real + noise, sigma, labels, aug).float().flatten(1).mean(1)

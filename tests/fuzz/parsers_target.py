@@ -1,10 +1,10 @@
 """The fuzz target for sid_fast's parsers of what users type: prompt files, seed lists and flag values. Shared by the
 atheris driver (fuzz_parsers.py) and the suite.
 
-One input = bytes. They are read as a prompt file (sid_fast.t2i.sd.PromptFile), and decoded as text they are given as
-a seed list (sid_fast.sample.parse_int_list), as a numeric flag value (sid_fast.flags.DomainType) and as the value
-of a training flag (sid_fast.training.config.resolve_config). The contract checked:
-- the only exceptions are the parsers' own one-sentence refusals (SDError, click.BadParameter, ConfigError), each a
+One input = bytes. They are read as a prompt file (sid_fast.data.prompts.PromptFile), and decoded as text they are
+given as a seed list (sid_fast.sample.parse_int_list), as a numeric flag value (sid_fast.flags.DomainType) and as the
+value of a training flag (sid_fast.training.config.resolve_config). The contract checked:
+- the only exceptions are the parsers' own one-sentence refusals (PromptError, click.BadParameter, ConfigError), each a
   single line;
 - what is accepted holds what the parser promises: prompts non-empty and stripped of ASCII whitespace, seeds
   within [0, MAX_SEED] and at most MAX_SEEDS of them, flag values inside their domain.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import click
 
+from sid_fast.data.prompts import ASCII_WHITESPACE, PromptError, PromptFile
 from sid_fast.flags import Domain, DomainType
 from sid_fast.sample import MAX_SEED, MAX_SEEDS, parse_int_list
-from sid_fast.t2i.sd import ASCII_WHITESPACE, PromptFile, SDError
 from sid_fast.training.config import DOMAINS, ConfigError, resolve_config
 
 FLAGS = ("alpha", "tmax", "ema", "batch", "seed", "init_sigma", "lr")
@@ -70,7 +70,7 @@ def check_input(data: bytes) -> None:
         if not t.domain.admits(v):
             raise FuzzFinding(f"DomainType: accepted {v!r} outside {t.domain.describe()}")
 
-    _within_contract("PromptFile", SDError, prompts)
+    _within_contract("PromptFile", PromptError, prompts)
     _within_contract("parse_int_list", click.BadParameter, seeds)
     for t in TYPES:
         _within_contract("DomainType", click.BadParameter, lambda t=t: flag_value(t))

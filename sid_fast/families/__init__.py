@@ -1,0 +1,85 @@
+"""Teacher families as plug-ins: one module per family (EDM, EDM2, Stable Diffusion), each a `Family` of the protocol
+in sid_fast.families.base, and this registry, the one place that decides which family a configuration, a loaded
+network or a training state belongs to.
+
+A new family (e.g. flow-matching DiTs) is one module with its Family subclass, its denoiser and its presets, plus one
+line in FAMILIES.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sid_fast import checkpoints
+from sid_fast.families.base import FakeOutput, Family, Networks, SiDASupport, TeacherSpec
+from sid_fast.families.edm import EDMFamily
+from sid_fast.families.edm2 import EDM2Family
+from sid_fast.families.sd import SDFamily
+from sid_fast.flags import ConfigError
+
+# Families that claim a configuration by its teacher folder or preset, then those of network files, by the network.
+FAMILIES: tuple[type[Family], ...] = (SDFamily, EDM2Family, EDMFamily)
+NETWORK_FAMILIES: tuple[type[Family], ...] = (EDM2Family, EDMFamily)  # the first whose `owns(network)` holds
+
+
+def detect(cfg, network: torch.nn.Module | None = None) -> type[Family]:
+    """The family of the configuration's teacher: the family that claims it by its folder or preset (Stable
+    Diffusion); otherwise a network file's, decided by the loaded network when given (EDM2's Precond, else EDM)."""
+    for family in FAMILIES:
+        if family.claims(cfg):
+            return family
+    if network is None:
+        return EDMFamily  # EDM and EDM2 share the loader and every check before the network is read
+    return next(f for f in NETWORK_FAMILIES if f.owns(network))
+
+
+def load(cfg, device: torch.device, network=None, spec: TeacherSpec | None = None, fid=None) -> Family:
+    """detect -> validate -> load: the family's flags checked, then its teacher (from cfg.teacher unless `network`
+    and its `spec` are given: tests and benchmarks bring networks that are not files) and its inputs. Every refusal is
+    one ConfigError or CheckpointError sentence naming the flag or the file."""
+    family = detect(cfg, network)
+    family.check_config(cfg)
+    if family is SDFamily:
+        return SDFamily.load(cfg, device)
+    if network is None:
+        network, info = checkpoints.load_network_file(cfg.teacher)
+        spec = TeacherSpec(info["class_name"], info["init_kwargs"], network.state_dict(), info.get("meta", {}))
+    elif spec is None:
+        raise ValueError("families.load: a teacher network given without its TeacherSpec (class, kwargs, weights).")
+    family = detect(cfg, network)
+    family.check_config(cfg)
+    return family.load(cfg, device, network, spec, fid=fid)
+
+
+def by_name(name: str) -> type[Family]:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ConfigError(f"unknown teacher family {name!r}; sid_fast has {', '.join(f.name for f in FAMILIES)}.")
+
+
+def of_state(state: dict, path) -> type[Family]:
+    """The family of a training state: recorded by name, or (states written before the name was recorded) found by
+    G's class name."""
+    if isinstance(state.get("family"), str):
+        return by_name(state["family"])
+    for family in FAMILIES:
+        if state.get("class_name") in family.generator_classes:
+            return family
+    raise checkpoints.CheckpointError(
+        f"{path}: no teacher family builds its network class {state.get('class_name')!r}."
+    )
+
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "FakeOutput",
+    "Networks",
+    "SiDASupport",
+    "TeacherSpec",
+    "by_name",
+    "detect",
+    "load",
+    "of_state",
+]

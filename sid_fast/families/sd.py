@@ -1,0 +1,360 @@
+"""The Stable Diffusion family, distilled with SiD-LSG (Zhou, Wang, Zheng, Huang, "Guided Score identity Distillation
+for Data-Free One-Step Text-to-Image Generation", ICLR 2025; official repository SiD-LSG, training/sid_training_loop.py
+and training/sid_sd_util.py): a diffusers Stable Diffusion folder as the teacher, prompts as the condition.
+
+The phases are sid_fast.training.sid's; what a Stable Diffusion teacher changes is here:
+- `SDDenoiser`: noise levels are integer timesteps t ~ U{tmin, ..., tmax - 1} (a fresh draw in each phase, one draw
+  shared by the teacher and the fake score in the generator phase); noising is diffusers' add_noise; G is the UNet at
+  --init-timestep on sqrt(1 - abar) z and its x0-prediction is the sample; the teacher runs with guidance kappa4
+  (--cfg-eval-real) and the fake score with kappa2 (--cfg-eval-fake) in the generator phase, both read as
+  x0-predictions; the fake score runs with kappa1 (--cfg-train-fake) in its own phase, whose loss is the summed
+  epsilon-MSE (v-prediction: velocity-MSE weighted by abar_t); the generator loss is SiD's (sid_fast.losses) on the
+  x0-predictions. Guidance is one UNet call on the doubled batch [unconditional, conditional].
+- `SDFamily.draw`: every micro-batch draws its prompts (uniformly, with replacement, from the prompt file) and z from
+  its own generator (sid_fast.training.sid's seeding); in the fake-score phase, when kappa1 or kappa2 is not 1, 10% of
+  the prompts are replaced by "" (for G's sample and the fake score both, as the official loop). The empty prompt's
+  embedding is computed once. Snapshots are diffusers UNet folders (sid_fast.t2i.export) and a grid decoded by the
+  teacher's VAE, which stays on the CPU between snapshots.
+
+Where the official loop differs and why: it iterates a shuffled prompt DataLoader per rank; here each micro-batch
+draws its prompts with replacement from its own seeded generator, so a run sees the same prompts whatever its number
+of processes and resumes without a loader state (the same distribution). Its dropout draws come from the global CPU
+RNG; here from the micro-batch's generator.
+
+Precision: fp32 is the official default (TF32 off); bf16 runs the three UNets under torch.autocast(bfloat16) with
+fp32 master weights, the frozen teacher stored in bf16, and everything outside the UNet calls (x0 conversion,
+guidance combination, losses, optimizer) in fp32. The official --fp16 1 mode (fp16 weights and Adam states) is not
+built. --checkpointing nets recomputes the teacher's and the fake score's generator-phase forwards whole; blocks and
+selective use diffusers' per-block gradient checkpointing (whole blocks recomputed) on the teacher and the fake score,
+selective on G too (sid_fast.perf.prepare_networks).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from sid_fast import checkpoints, ops
+from sid_fast.data.prompts import PromptError, read_prompts
+from sid_fast.families.base import FakeOutput, Family, Networks
+from sid_fast.flags import ConfigError
+from sid_fast.t2i import digits, export
+from sid_fast.t2i.sd import (
+    SDError,
+    StableDiffusion,
+    fake_score_loss_rows,
+    guided_output,
+    load_sd,
+    map_cond,
+    unet_kwargs,
+)
+
+SD_CLASS = "diffusers.UNet2DConditionModel"
+DROPOUT = 0.1  # official use_context_dropout_train_fake: 10% of the fake-score step's prompts replaced by ""
+
+
+def unet_config(unet) -> dict:
+    """The UNet's init kwargs as plain JSON values (diffusers' config without its private keys)."""
+
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return {k: plain(v) for k, v in dict(unet.config).items() if not k.startswith("_")}
+
+
+def is_sd_folder(path) -> bool:
+    """Is `path` a diffusers pipeline folder (model_index.json)?"""
+    return path is not None and (Path(str(path)) / "model_index.json").is_file()
+
+
+class SDDenoiser:
+    """A Stable Diffusion UNet behind the SiD loop's seam: levels are integer timesteps, conditions are text
+    embeddings [N, 77, width], outputs are read as x0-predictions in fp32."""
+
+    logvar = False
+    aug_dim = 0
+
+    def __init__(self, cfg, sd: StableDiffusion, uncond: torch.Tensor, device: torch.device):
+        self.cfg, self.schedule, self.uncond, self.device = cfg, sd.schedule, uncond, device
+        self.channels, self.resolution = sd.latent_channels, sd.latent_resolution
+        self.autocast = torch.bfloat16 if cfg.precision == "bf16" else None
+
+    def image_shape(self, n: int) -> list[int]:
+        return [n, self.channels, self.resolution, self.resolution]
+
+    # Noise levels: integer timesteps, t ~ U{tmin, ..., tmax - 1} in both phases (official torch.randint(tmin, tmax)).
+    def fake_level(self, n: int, generator) -> torch.Tensor:
+        return self.schedule.draw_timesteps(n, self.cfg.tmin, self.cfg.tmax, self.device, generator)
+
+    generator_level = fake_level
+
+    def noise(self, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return eps  # add_noise scales it
+
+    def noisy(self, y: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.add_noise(y, eps, t)
+
+    def aug_zeros(self, n: int):
+        return None
+
+    # Calls.
+    def _model(self, call):
+        """call as fn(x, t, text embedding) -> the UNet's raw output (epsilon or v) in fp32."""
+
+        def model(x, t, emb):
+            # The meta device (bench.memory) has no autocast dispatch key: the bench emulates bf16 autocast there.
+            on = self.autocast is not None and x.device.type != "meta"
+            with torch.autocast("cpu" if x.device.type == "meta" else x.device.type, torch.bfloat16, enabled=on):
+                kw = unet_kwargs(emb)  # the call sites take (x, level, condition, **kw): text states as the condition
+                out = call(x, t, kw.pop("encoder_hidden_states"), **kw, return_dict=False)[0]
+            return out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 -> fp32; fp32, fp64 kept
+
+        return model
+
+    def guided(self, call, x_t, t, cond, kappa: float) -> torch.Tensor:
+        return guided_output(self._model(call), x_t, t, cond, self.uncond, kappa)
+
+    def generate(self, call, z: torch.Tensor, cond) -> torch.Tensor:
+        """x_g: the x0-prediction of G at --init-timestep on sqrt(1 - abar) z (official sid_sd_sampler, one step)."""
+        t = torch.full([z.shape[0]], self.cfg.init_timestep, dtype=torch.long, device=z.device)
+        x = self.schedule.generator_input(z, t)
+        return self.schedule.x0(x, self._model(call)(x, t, cond), t)
+
+    def teacher(self, call, x_t, t, cond) -> torch.Tensor:
+        return self.schedule.x0(x_t, self.guided(call, x_t, t, cond, self.cfg.cfg_eval_real), t)
+
+    def fake(self, call, x_t, t, cond, aug=None, return_flag=None, training=False) -> FakeOutput:
+        """Training (its own phase): the raw output with kappa1; otherwise the x0-prediction with kappa2."""
+        if return_flag is not None:
+            raise ValueError("SiD-LSG's fake score has no discriminator head (SiDA on Stable Diffusion is not built).")
+        if training:
+            return FakeOutput(D=None, raw=self.guided(call, x_t, t, cond, self.cfg.cfg_train_fake))
+        return FakeOutput(D=self.schedule.x0(x_t, self.guided(call, x_t, t, cond, self.cfg.cfg_eval_fake), t))
+
+    # Losses.
+    def fake_loss_sum(self, out: FakeOutput, y, eps, t):
+        rows, ok = fake_score_loss_rows(self.schedule, out.raw, y, eps, t)
+        return rows.sum(), ok
+
+    def generator_loss_sum(self, x_g, y_real, out: FakeOutput, alpha: float):
+        return ops.sid_generator_loss_sum(x_g, y_real, out.D, alpha)
+
+    def begin_phase(self, net) -> None:
+        pass
+
+
+class SDFamily(Family):
+    """A Stable Diffusion folder and a prompt file (see the module docstring)."""
+
+    name = "sd"
+    generator_classes = (SD_CLASS,)
+    fields = ("data_prompt_text", "tmin", "init_timestep", "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")
+    folder_files = export.FOLDER_FILES
+    presets: frozenset[str] = frozenset()  # filled by sid_fast.training.config (the SD presets' names)
+
+    @classmethod
+    def claims(cls, cfg) -> bool:
+        """A diffusers pipeline folder (model_index.json) as --teacher, or no --teacher and one of its presets."""
+        return is_sd_folder(cfg.teacher) or (cfg.teacher is None and cfg.preset in cls.presets)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.precision == "fp16":
+            raise ConfigError(
+                "--precision fp16: the official --fp16 1 mode (fp16 weights and Adam states) is not built for Stable "
+                "Diffusion teachers; use --precision bf16 (fp32 master weights) or fp32."
+            )
+        for flag, value, shown, why in (
+            ("--method", cfg.method != "sid", cfg.method, "SiDA with a Stable Diffusion teacher is not built"),
+            ("--data", cfg.data is not None, cfg.data, "SiD-LSG is data-free: prompts come from --data-prompt-text"),
+            ("--sid-model", cfg.sid_model is not None, cfg.sid_model, "starting G from a distilled UNet is not built"),
+            ("--metrics", cfg.metrics not in ("none", "fd-digits"), cfg.metrics, "FID-30k and CLIP score of "
+             "text-to-image runs are not computed in the trainer (give --metrics none)"),
+        ):  # fmt: skip
+            if value:
+                raise ConfigError(f"{flag} {shown}: {why}.")
+        if cfg.data_prompt_text is None:
+            raise ConfigError(
+                f"--data-prompt-text is required with the Stable Diffusion teacher {cfg.teacher}: a text file of "
+                "prompts, one per line (the official runs use Aesthetics 6+ prompts)."
+            )
+        if cfg.tmin >= cfg.tmax:
+            raise ConfigError(
+                f"--tmin {cfg.tmin} and --tmax {cfg.tmax}: timesteps are drawn in [tmin, tmax), which is empty."
+            )
+
+    @classmethod
+    def load(cls, cfg, device) -> SDFamily:
+        """The prompt file and the folder, checked against the flags; one ConfigError naming the flag."""
+        try:
+            prompts = read_prompts(cfg.data_prompt_text)
+        except PromptError as e:
+            raise ConfigError(f"--data-prompt-text {e}") from None
+        try:
+            sd = load_sd(cfg.teacher)
+        except SDError as e:
+            raise ConfigError(f"--teacher {e}") from None
+        c, r = sd.latent_channels, sd.latent_resolution
+        if (c, r) != (cfg.channels, cfg.resolution):
+            raise ConfigError(
+                f"--teacher {cfg.teacher}: the UNet makes {c}x{r}x{r} latents (preset "
+                f"{cfg.preset}: {cfg.channels}x{cfg.resolution}x{cfg.resolution})."
+            )
+        if cfg.metrics == "fd-digits":
+            vae = sd.vae.config
+            size = sd.latent_resolution * 2 ** (len(vae.block_out_channels) - 1)
+            if (vae.out_channels, size) != (1, 8):
+                raise ConfigError(
+                    f"--metrics fd-digits: the teacher {cfg.teacher} makes {vae.out_channels}x{size}x{size} images, "
+                    "not 8x8 digits (FD-digits and prompt accuracy are for the digits teacher, preset digits-lsg)."
+                )
+        steps = sd.schedule.num_train_timesteps
+        if cfg.tmax > steps:
+            raise ConfigError(f"--tmax {cfg.tmax}: the teacher {cfg.teacher} has {steps} timesteps (0 to {steps - 1}).")
+        if cfg.init_timestep >= steps:
+            raise ConfigError(
+                f"--init-timestep {cfg.init_timestep}: the teacher {cfg.teacher} has {steps} timesteps "
+                f"(0 to {steps - 1})."
+            )
+        return cls(cfg, device, sd, prompts)
+
+    def __init__(self, cfg, device, sd: StableDiffusion, prompts):
+        """From loaded parts (tests and benchmarks bring their own): the text encoder on the device, the VAE on the
+        CPU (on the accelerator only while a snapshot decodes), the empty prompt's embedding computed once."""
+        self.sd, self.prompts, self.device = sd, prompts, device
+        self.prompt_file = cfg.data_prompt_text
+        if sd.text_encoder is not None:
+            sd.text_encoder.to(device)
+        if sd.vae is not None:
+            sd.vae.to("cpu")
+        self.uncond = self.encode_prompts([""])  # [1, tokens, width], once
+        self.drop_p = DROPOUT if (cfg.cfg_train_fake != 1 or cfg.cfg_eval_fake != 1) else 0.0
+
+    # Networks.
+    def build_networks(self, cfg, device, log) -> Networks:
+        """The teacher UNet (frozen), G and the fake score as its copies (official: both start from the teacher), and
+        G_ema as a copy of G."""
+        teacher = self.sd.unet.to(device).eval().requires_grad_(False)
+        G = copy.deepcopy(teacher).train().requires_grad_(True)
+        fake = copy.deepcopy(teacher).train().requires_grad_(True)
+        G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+        kwargs = unet_config(teacher)
+        return Networks(teacher, G, fake, G_ema, SD_CLASS, kwargs, kwargs, kwargs)
+
+    def make_denoiser(self, cfg, device):
+        return SDDenoiser(cfg, self.sd, self.uncond, device)
+
+    # Conditioning: prompts.
+    def encode_prompts(self, prompts: list[str]):
+        """The conditioning of prompts: the text encoder's last hidden states [N, tokens, width]."""
+        return self.sd.encode_text(prompts, self.device)
+
+    def draw(self, g, n: int, device, fake_phase: bool, image_shape=None):
+        """(z, text embeddings [N, tokens, width]): prompt indices, z and (fake-score phase with guidance) the dropout
+        draws, in this order from `g`; dropped prompts get the empty prompt's embedding."""
+        drop_p = self.drop_p if fake_phase else 0.0
+        idx = torch.randint(len(self.prompts), [n], device=device, generator=g)
+        z = torch.randn(image_shape, device=device, generator=g)
+        meta = device.type == "meta"  # memory accounting: indices without values
+        cond = self.encode_prompts([""] * n if meta else [self.prompts[i] for i in idx.tolist()])
+        if drop_p > 0:
+            drop = torch.rand([n], device=device, generator=g) < drop_p
+            cond = map_cond(lambda u, c: torch.where(drop.reshape(-1, *[1] * (c.ndim - 1)), u, c), self.uncond, cond)
+        return z, cond
+
+    def conditioning(self) -> str:
+        return f"prompts of {self.prompt_file} ({len(self.prompts)})"
+
+    def describe(self, cfg) -> str:
+        return (
+            f"SiD-LSG: alpha {cfg.alpha}, t in [{cfg.tmin}, {cfg.tmax}), init_timestep {cfg.init_timestep}, guidance "
+            f"kappa1 {cfg.cfg_train_fake:g} / kappa2 {cfg.cfg_eval_fake:g} / kappa4 {cfg.cfg_eval_real:g}, prompt "
+            f"dropout {self.drop_p:g}"
+        )
+
+    # Outputs.
+    @torch.no_grad()
+    def sample_latents(self, G_ema, cfg, prompts: list[str], seeds, device) -> torch.Tensor:
+        """G_ema's one-step latents for (prompt, seed) pairs, z from torch.Generator().manual_seed(seed) on the CPU."""
+        z = export.seed_latents(seeds, [self.sd.latent_channels, self.sd.latent_resolution, self.sd.latent_resolution])
+        return export.onestep_latents(G_ema, self.sd.schedule, z.to(device), self.encode_prompts(prompts),
+                                      cfg.init_timestep)  # fmt: skip
+
+    def grid(self, G_ema, cfg, device):
+        """16 prompts of the file (the first 16 lines, repeated if fewer), seeds 0-15, decoded by the VAE."""
+        prompts = [self.prompts[i % len(self.prompts)] for i in range(16)]
+        return export.decode(self.sd.vae, self.sample_latents(G_ema, cfg, prompts, range(16), device), device)
+
+    def write_generator(self, folder, nets: Networks, cfg, kimg: float) -> Path:
+        return export.save_unet_folder(
+            folder,
+            nets.G_ema,
+            overwrite=True,  # the run's own folder: a file someone put there is kept, never a reason to stop training
+            **generator_meta(cfg.to_json(), kimg),
+        )
+
+    def update_generator(self, folder, **meta) -> None:
+        export.update_unet_meta(folder, **meta)
+
+    @torch.no_grad()
+    def evaluate(self, G_ema, cfg, device, rank: int, world: int):
+        """FD-digits and prompt accuracy of G_ema (text-to-image digits teachers, whose VAE decodes 1x8x8 images) on
+        --metric-num images: image i for the prompt naming digit i % 10 (sid_fast.t2i.digits.eval_prompts) and seed
+        10,000,000 + i; rank 0. FID-30k and CLIP score of Stable Diffusion runs are computed apart."""
+        if cfg.metrics != "fd-digits" or rank != 0:
+            return None
+        n, b = cfg.metric_num, cfg.batch_gpu
+        prompts, labels = digits.eval_prompts(n)
+        seeds = range(10_000_000, 10_000_000 + n)
+        latents = torch.cat([self.sample_latents(G_ema, cfg, prompts[i : i + b], seeds[i : i + b], device).cpu()
+                             for i in range(0, n, b)])  # fmt: skip
+        return digits.score_images(digits.decode_images(self.sd.vae, latents), labels)
+
+    def teacher_metric(self, key: str, cfg):
+        """The teacher's value at the run's guidance kappa4, from its folder's teacher_metrics.json (the digits
+        teacher: sid_fast.t2i.digits); None when the folder has none."""
+        path = Path(self.sd.folder) / digits.TEACHER_METRICS
+        try:
+            rows = json.loads(path.read_text()).get("teacher", [])
+        except (OSError, ValueError, AttributeError):
+            return None, ""
+        for row in rows:
+            if row.get("kappa") == cfg.cfg_eval_real and key in row:
+                return row[key], f"teacher, {row.get('sampler', '')}, kappa {row['kappa']:g}"
+        return None, ""
+
+    @classmethod
+    def export(cls, state: dict, state_path, out, overwrite: bool) -> Path:
+        """A diffusers UNet folder (sid_fast.t2i.export.save_unet_folder); a .pt file is refused."""
+        if str(out).endswith(".pt"):
+            raise checkpoints.CheckpointError(
+                f"{out}: a Stable Diffusion generator is exported as a diffusers UNet folder; give a folder name."
+            )
+        from diffusers import UNet2DConditionModel  # an optional dependency: only this family needs it
+
+        try:
+            with torch.device("meta"):
+                unet = UNet2DConditionModel.from_config(state["g_init_kwargs"])
+            unet.load_state_dict(state["G_ema"], assign=True)
+        except (RuntimeError, ValueError, TypeError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise checkpoints.CheckpointError(
+                f"{state_path}: G_ema does not fit its recorded UNet ({reason})."
+            ) from None
+        return export.save_unet_folder(out, unet, overwrite=overwrite,
+                                       **generator_meta(state["config"], state["cur_nimg"] / 1e3))  # fmt: skip
+
+
+def generator_meta(cfg_json: dict, kimg: float) -> dict:
+    """sid_fast.json of a Stable Diffusion generator folder: how it samples (init_timestep) and how it was made."""
+    return dict(
+        init_timestep=cfg_json["init_timestep"],
+        teacher=Path(str(cfg_json["teacher"])).name,
+        preset=cfg_json["preset"],
+        kimg=kimg,
+        guidance=[cfg_json["cfg_train_fake"], cfg_json["cfg_eval_fake"], cfg_json["cfg_eval_real"]],
+        alpha=cfg_json["alpha"],
+    )
