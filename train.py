@@ -16,6 +16,7 @@ import sys
 
 import click
 
+from sid_fast import families
 from sid_fast.flags import AliasOption, ImagesType
 from sid_fast.training.config import DOMAINS, PRESETS, ConfigError, resolve_config
 from sid_fast.training.config import flag as flag_name
@@ -390,8 +391,9 @@ def main(preset, dry_run, **flags):
         cfg = resolve_config(preset, flags)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    if dry_run:
-        print(json.dumps(cfg.to_json(), indent=2))
+    if dry_run:  # by section; the family section holds the detected teacher family's settings only
+        family = families.detect(cfg)
+        print(json.dumps(dict(teacher_family=family.name, **cfg.sections(family.fields)), indent=2))
         return
 
     import torch

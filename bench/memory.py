@@ -65,11 +65,11 @@ import sid_fast.kernels.attention  # noqa: F401  (registers the kernel ops whose
 from bench.common import command, environment, write_jsonl
 from sid_fast import ops
 from sid_fast.checkpoints import load_network_file
-from sid_fast.families import TeacherSpec
+from sid_fast.families import DIGITS_TEACHER_PATH, TeacherSpec
 from sid_fast.families.sd import SDFamily
 from sid_fast.networks import build_network, official_config
 from sid_fast.networks.edm2 import edm2_config
-from sid_fast.training.config import DIGITS_TEACHER_PATH, resolve_config
+from sid_fast.training.config import resolve_config
 from sid_fast.training.run import build_trainer
 
 MiB = 2**20

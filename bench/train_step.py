@@ -33,9 +33,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import command, environment, matmul_ceiling, sync, write_jsonl
-from sid_fast.families import TeacherSpec
+from sid_fast.families import DIGITS_TEACHER_PATH, TeacherSpec
 from sid_fast.networks import build_network, official_config
-from sid_fast.training.config import DIGITS_TEACHER_PATH, resolve_config
+from sid_fast.training.config import resolve_config
 from sid_fast.training.run import build_trainer
 
 CONFIGS = {

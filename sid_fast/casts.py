@@ -107,7 +107,7 @@ def dense(t: torch.Tensor) -> bool:
 
 def _dtensor_type():
     try:
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor  # start-up: ~0.5 s (sympy), sharded runs only
     except ImportError:  # pragma: no cover - torch builds without distributed
         return ()
     return DTensor

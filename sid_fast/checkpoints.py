@@ -23,6 +23,8 @@ import io
 import os
 import pickle
 import re
+import socket
+import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -30,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
+from torch.hub import download_url_to_file
 
 from sid_fast.networks.precond import FILE_CLASS_ALIASES, PRECOND_TYPES, _plain, build_network, official_kwargs
 from sid_fast.storage import (  # noqa: F401  (the names this module has always offered)
@@ -467,12 +471,6 @@ DOWNLOAD_TIMEOUT_S = 60  # per socket operation: a stalled server fails the down
 
 
 def _download_url(url: str) -> Path:
-    import socket
-    import sys
-
-    from filelock import FileLock, Timeout
-    from torch.hub import download_url_to_file
-
     parsed = urllib.parse.urlparse(url)
     sha256 = parsed.fragment[len("sha256=") :] if parsed.fragment.startswith("sha256=") else None
     source = urllib.parse.urlunparse(parsed._replace(fragment=""))

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from sid_fast.checkpoints import CheckpointError, load_network_file
+from sid_fast.files import DestinationError, check_file_destination
 from sid_fast.flags import SIGMA_INIT, Domain, DomainType, init_sigma_option
+from sid_fast.sampling import StackedRandomGenerator
 
 
 class ExportError(ValueError):
@@ -62,8 +64,6 @@ def generator_from_file(path, init_sigma: float | None = None) -> tuple[OneStepG
 
 def example_inputs(gen: OneStepGenerator, batch: int, device, seeds=None):
     """Latents (and class indices) drawn per seed exactly as sid_fast.sampling.latents_and_labels draws them."""
-    from sid_fast.sampling import StackedRandomGenerator
-
     seeds = list(range(batch)) if seeds is None else list(seeds)
     net = gen.net
     rnd = StackedRandomGenerator(device, seeds)
@@ -168,8 +168,6 @@ def export_generator(network, out, device="cpu", max_batch=256, init_sigma=None,
 )
 def main(network, out, overwrite, device, max_batch, init_sigma, tolerance):
     """Export a one-step generator as an AOTInductor package."""
-    from sid_fast.files import DestinationError, check_file_destination
-
     try:
         check_file_destination(out, "export", overwrite)
     except DestinationError as e:

@@ -24,11 +24,16 @@ import sys
 import click
 
 from sid_fast import dist
+from sid_fast.checkpoints import CheckpointError, load_network_file
+from sid_fast.data.dataset import DatasetError
 from sid_fast.flags import init_sigma_option
+from sid_fast.latents import StabilityVAE
 from sid_fast.metrics import inception_score, load_ref_stats, save_ref_stats
+from sid_fast.metrics.dinov2 import load_dinov2
 from sid_fast.metrics.fid import dataset_stats, fid_against, generator_stats
 from sid_fast.metrics.inception import DetectorError, load_detector
 from sid_fast.progress import Timer, summary
+from sid_fast.sampling import check_vae
 
 METRIC_NAMES = ("fid", "fd_dinov2")
 
@@ -43,8 +48,6 @@ def parse_metrics(value: str) -> list[str]:
 
 def _setup(detector_path, metrics=("fid",), dinov2_path=None):
     """(device, {metric: detector}, rank, world): the Inception detector for fid, DINOv2 for fd_dinov2."""
-    from sid_fast.metrics.dinov2 import load_dinov2
-
     device = dist.init()
     detectors = {}
     try:
@@ -130,8 +133,6 @@ _dinov2_option = click.option(
 @_dinov2_option
 def ref(data, dest, resolution, loader, batch, workers, metrics, detector, dinov2):
     """Reference statistics of a whole dataset: EDM's npz (one metric) or EDM2's pkl format."""
-    from sid_fast.data.dataset import DatasetError
-
     if len(metrics) > 1 and not dest.endswith(".pkl"):
         raise click.BadParameter(f"{dest}: several metrics are written to a .pkl (EDM2's format).", param_hint="--dest")
     device, dets, rank, world = _setup(detector, metrics, dinov2)
@@ -227,9 +228,6 @@ def calc(
     dinov2,
 ):
     """FID (and/or FD-DINOv2) of a network's samples (or of a folder of images) against reference statistics."""
-    from sid_fast.checkpoints import CheckpointError, load_network_file
-    from sid_fast.data.dataset import DatasetError
-
     if (network_path is None) == (images is None):
         raise click.UsageError("Give exactly one of --network and --images.")
     if with_is and "fid" not in metrics:
@@ -247,13 +245,9 @@ def calc(
         raise click.ClickException(str(e)) from None
     try:
         if network_path is not None:
-            from sid_fast.sampling import check_vae
-
             net, info = load_network_file(network_path)
             vae_model = None
             if vae is not None:
-                from sid_fast.latents import StabilityVAE
-
                 vae_model = StabilityVAE.load(vae, device)
             check_vae(net, vae_model)
             net = net.to(device)

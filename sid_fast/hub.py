@@ -32,6 +32,7 @@ from pathlib import Path
 
 import click
 import torch
+from safetensors.torch import save_file
 
 from sid_fast.checkpoints import load_network_file
 from sid_fast.files import DestinationError, check_folder_destination
@@ -142,8 +143,6 @@ def save_folder(path, net: torch.nn.Module, init_kwargs: dict, overwrite: bool =
 def write_folder(
     path, class_name: str, init_kwargs: dict, tensors: dict, meta: dict, error=None, overwrite: bool = False
 ) -> Path:
-    from safetensors.torch import save_file
-
     def fill(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = folder_config(class_name, init_kwargs, meta)

@@ -30,6 +30,7 @@ import click
 import numpy as np
 import torch
 
+from sid_fast.data.dataset import ImageDataset
 from sid_fast.progress import Timer, bar, summary
 
 RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
@@ -198,8 +199,6 @@ class LatentDataset(torch.utils.data.Dataset):
 
 def encode_dataset(source, dest, vae: StabilityVAE, dtype: str = "float32", batch: int = 8, log=print) -> int:
     """Encode an EDM image dataset (zip or folder, RGB) into a latent dataset folder; returns the image count."""
-    from sid_fast.data.dataset import ImageDataset
-
     if dtype not in ("float32", "float16"):
         raise LatentError(f"--dtype {dtype!r}: choose float32 (as EDM2 stores them) or float16 (half the size).")
     ds = ImageDataset(source)

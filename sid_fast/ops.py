@@ -95,7 +95,7 @@ def sid_generator_loss_sum(
     u: the fake score's log-variance on EDM2 networks [N, 1, 1, 1]; each sample's loss is divided by e^u.
     keep: [N] bool, rows to drop besides those with a NaN in x_g, y_real, y_fake or u (EDM2 SiDA: NaN logits)."""
     if "sid_loss" in _selection.kernels:
-        from sid_fast.kernels.sid_loss import sid_loss_rows
+        from sid_fast.kernels.sid_loss import sid_loss_rows  # Triton loads when a kernel first runs
 
         row, _, ok = sid_loss_rows(x_g, y_real, y_fake, alpha)
         if keep is not None:
@@ -115,7 +115,7 @@ def fake_score_loss_sum(D: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, u
     """(sum of lambda(sigma) (D - y)^2 over samples and pixels, [N] bool of rows without NaN) for SiD's fake score;
     with EDM2's log-variance u [N, 1, 1, 1]: lambda / e^u (D - y)^2 + u per element."""
     if "edm_loss" in _selection.kernels:
-        from sid_fast.kernels.edm_loss import edm_loss_rows
+        from sid_fast.kernels.edm_loss import edm_loss_rows  # Triton loads when a kernel first runs
 
         weight = edm_weight(sigma).reshape(-1).float()
         if u is None:
@@ -140,7 +140,7 @@ def fake_score_loss_sum(D: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, u
 def group_norm_silu(x, weight, bias, num_groups: int, eps: float, scale=None, shift=None, silu: bool = True):
     """EDM's GroupNorm (fp32 parameters cast to x.dtype), optional x * (scale + 1) + shift, optional SiLU."""
     if "group_norm_silu" in _selection.kernels and silu:
-        from sid_fast.kernels.group_norm_silu import group_norm_silu as fused
+        from sid_fast.kernels.group_norm_silu import group_norm_silu as fused  # Triton loads when a kernel first runs
 
         return fused(x, cast(weight, x.dtype), cast(bias, x.dtype), num_groups, eps, scale, shift)
     return group_norm_silu_ref(
@@ -154,7 +154,7 @@ def attention_from_conv(conv, x: torch.Tensor, num_heads: int) -> torch.Tensor:
     gathered into the blocked order head*3d + j*d + c first (the same products, in another channel order), so the
     kernel reads q, k and v as contiguous runs per head: vector loads and cp.async in channels_last as in NCHW."""
     if _selection.attention == "triton":
-        from sid_fast.kernels.attention import blocked_order, flash_attention
+        from sid_fast.kernels.attention import blocked_order, flash_attention  # Triton loads when a kernel first runs
 
         order = blocked_order(num_heads, conv.out_channels // (3 * num_heads), x.device)
         bias = cast(conv.bias, x.dtype)[order] if conv.bias is not None else None
@@ -170,7 +170,7 @@ def attention_from_conv(conv, x: torch.Tensor, num_heads: int) -> torch.Tensor:
 def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Multi-head self-attention over EDM's qkv conv output [N, heads*3*d, H, W] -> [N, heads*d, H, W]."""
     if _selection.attention == "triton":
-        from sid_fast.kernels.attention import flash_attention
+        from sid_fast.kernels.attention import flash_attention  # Triton loads when a kernel first runs
 
         return flash_attention(qkv, num_heads)
     if _selection.attention == "sdpa":

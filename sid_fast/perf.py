@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from sid_fast import casts
 from sid_fast.ema import update_ema, update_ema_foreach
@@ -150,8 +151,6 @@ def _site(cfg, fn, name: str, checkpoint_whole: bool = False, backend=None) -> C
         x = image_format(cfg, x)
         with annotate(name):
             if whole and torch.is_grad_enabled():
-                from torch.utils.checkpoint import checkpoint
-
                 return checkpoint(compiled, x, sigma, labels, use_reentrant=False, **kw)
             return compiled(x, sigma, labels, **kw)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 import time
 
+from tqdm import tqdm
+
 
 def format_duration(seconds: float | None) -> str:
     """'--', '42s', '17m05s', '3h07m', '2d04h'."""
@@ -23,8 +25,6 @@ def format_duration(seconds: float | None) -> str:
 
 def bar(total: int | None, desc: str, unit: str = "img", enabled: bool = True, initial: int = 0):
     """A tqdm bar on stderr, shown only when stderr is a terminal (and `enabled`: rank 0)."""
-    from tqdm import tqdm
-
     return tqdm(
         total=total,
         initial=initial,

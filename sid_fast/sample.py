@@ -21,6 +21,7 @@ import torch
 from sid_fast.checkpoints import CheckpointError, load_network_file
 from sid_fast.files import DestinationError, check_folder_destination
 from sid_fast.flags import init_sigma_option
+from sid_fast.latents import StabilityVAE
 from sid_fast.sampling import check_vae, generate_uint8, image_grid, save_image
 
 # Seeds feed torch.Generator(...).manual_seed(seed % 2**32), as EDM's StackedRandomGenerator does: a larger seed
@@ -153,8 +154,6 @@ def main(
     vae_model = None
     try:
         if vae is not None:
-            from sid_fast.latents import StabilityVAE
-
             vae_model = StabilityVAE.load(vae, device)
         check_vae(net, vae_model)
     except ValueError as e:

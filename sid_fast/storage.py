@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from sid_fast.files import DestinationError, check_folder_destination, current_umask, fsync_dir, umask_modes
 
@@ -172,8 +173,6 @@ def read_folder(path) -> dict:
     """The record of a generator folder, in the form of a sid_fast `.pt` file (format, version, class_name,
     init_kwargs, state_dict, meta), for `checkpoints.network_from_record`, which checks the tensors against the
     network config.json names. Any fault is one CheckpointError sentence naming the file."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     cfg_path, weights = path / CONFIG, path / WEIGHTS
     if not cfg_path.exists():

@@ -148,7 +148,7 @@ def _missing_teacher_worker(rank, world, port, teacher, out):
 
 
 def test_a_rank_that_cannot_load_its_teacher_stops_every_rank(tmp_path):
-    from sid_fast.training.config import DIGITS_TEACHER_PATH
+    from sid_fast.families import DIGITS_TEACHER_PATH
 
     out = str(tmp_path / "rank{}.txt")
     port = 29700 + os.getpid() % 500

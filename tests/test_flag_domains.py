@@ -410,4 +410,5 @@ def test_duration_takes_mimg_or_an_image_count(text, mimg):
 def json_value(dry_run_output: str, key: str):
     import json
 
-    return json.loads(dry_run_output[dry_run_output.index("{") :])[key]
+    sections = json.loads(dry_run_output[dry_run_output.index("{") :])
+    return next(s[key] for s in sections.values() if isinstance(s, dict) and key in s)

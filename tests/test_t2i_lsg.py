@@ -370,10 +370,24 @@ def test_bad_input_is_refused_in_one_sentence_before_anything_is_written(sd_fold
     )
     assert r.exit_code != 0 and "--guidance 2 sets all three scales but --cfg-eval-real 3 differs" in r.output
     r = CliRunner().invoke(
-        train.main, ["--preset", "sd21base-lsg4.5", "--teacher", "sd21", "--guidance", "1.5", "--dry-run"]
+        train.main,
+        [
+            "--preset",
+            "sd21base-lsg4.5",
+            "--teacher",
+            "sd21",
+            "--data-prompt-text",
+            "p.txt",
+            "--guidance",
+            "1.5",
+            "--dry-run",
+        ],
     )
     assert r.exit_code == 0, r.output
-    got = json.loads(r.output)
+    sections = json.loads(r.output)  # by section: the SD family's own settings in "family"
+    assert sections["teacher_family"] == "sd" and "cfg_eval_real" in sections["family"]
+    assert "P_mean" not in sections["family"]  # EDM's, not shown for a Stable Diffusion teacher
+    got = {k: v for s in sections.values() if isinstance(s, dict) for k, v in s.items()}
     assert [got[k] for k in ("cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")] == [1.5, 1.5, 1.5]
     assert (got["tmin"], got["tmax"], got["init_timestep"], got["alpha"], got["lsg"]) == (20, 980, 625, 1.0, 1.0)
 

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -31,8 +32,6 @@ def _is_pow2(n: int) -> bool:
 
 def center_crop_resize(img, resolution: int):
     """PIL image -> center-cropped square -> LANCZOS resize to resolution (EDM's dataset tool resizes with LANCZOS)."""
-    import PIL.Image
-
     w, h = img.size
     s = min(w, h)
     if (w, h) != (s, s):
@@ -160,8 +159,6 @@ class ImageDataset:
 
     # -- images --------------------------------------------------------------------------------------------------
     def _load_raw(self, i: int) -> np.ndarray:
-        import PIL.Image
-
         name = self.names[i]
         try:
             with self._open(name) as f:
@@ -232,14 +229,14 @@ class _RankShare:
         return len(self.idx)
 
     def __getitem__(self, j):
-        import torch
+        import torch  # the dataset tool and DataLoader workers read images without torch
 
         return torch.from_numpy(self.dataset[self.idx[j]][0])
 
 
 def uint8_batches(dataset: ImageDataset, batch: int, rank: int = 0, world: int = 1, num_workers: int = 2):
     """Yield uint8 NCHW torch batches of this rank's share of the dataset."""
-    import torch
+    import torch  # the dataset tool and DataLoader workers read images without torch
 
     share = _RankShare(dataset, rank, world)
     yield from torch.utils.data.DataLoader(share, batch_size=batch, num_workers=num_workers, shuffle=False)

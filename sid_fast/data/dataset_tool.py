@@ -25,6 +25,8 @@ import zipfile
 from pathlib import Path
 
 import click
+import numpy as np
+import PIL.Image
 
 from sid_fast.data.dataset import IMAGE_EXTENSIONS, DatasetError, _is_pow2, center_crop_resize
 from sid_fast.progress import Timer, bar, summary
@@ -78,9 +80,6 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _cifar10_items(path: Path, max_images):
     """(count, has_labels, iterator of (PIL image, label, where)) for the CIFAR-10 python tarball's training set."""
-    import numpy as np
-    import PIL.Image
-
     images, labels = [], []
     try:
         with tarfile.open(path, "r:gz") as tar:
@@ -109,8 +108,6 @@ def _cifar10_items(path: Path, max_images):
 
 def _folder_items(source: Path, max_images, labels_from_subdirs: bool):
     """(count, has_labels, iterator of (PIL image, label or None, file)) for a folder of images."""
-    import PIL.Image
-
     names = sorted(
         str(p.relative_to(source)).replace(os.sep, "/")
         for p in source.rglob("*")
@@ -141,8 +138,6 @@ def center_crop_dhariwal(img, resolution: int):
     """ADM's crop (Dhariwal & Nichol), EDM2's `--transform=center-crop-dhariwal` for ImageNet-512: halve with a box
     filter while the short side is at least twice the resolution, resize the short side to the resolution with
     bicubic filtering, then crop the center square."""
-    import PIL.Image
-
     while min(img.size) >= 2 * resolution:
         img = img.resize(tuple(x // 2 for x in img.size), resample=PIL.Image.BOX)
     scale = resolution / min(img.size)
@@ -162,8 +157,6 @@ def convert(
     labels_from_subdirs: bool = False,
 ) -> int:
     """Write the dataset; returns the number of images."""
-    import PIL.Image
-
     source, dest = Path(source), Path(dest)
     if transform not in TRANSFORMS:
         raise DatasetError(f"--transform {transform!r}: expected one of {', '.join(TRANSFORMS)}.")

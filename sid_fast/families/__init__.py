@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from sid_fast import checkpoints
-from sid_fast.families.base import FakeOutput, Family, Networks, SiDASupport, TeacherSpec
-from sid_fast.families.edm import EDMFamily
+from sid_fast.families import edm, edm2, sd
+from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks, SiDASupport, TeacherSpec
+from sid_fast.families.edm import DIGITS_TEACHER_PATH, EDMFamily
 from sid_fast.families.edm2 import EDM2Family
 from sid_fast.families.sd import SDFamily
 from sid_fast.flags import ConfigError
@@ -20,17 +21,33 @@ from sid_fast.flags import ConfigError
 # Families that claim a configuration by its teacher folder or preset, then those of network files, by the network.
 FAMILIES: tuple[type[Family], ...] = (SDFamily, EDM2Family, EDMFamily)
 NETWORK_FAMILIES: tuple[type[Family], ...] = (EDM2Family, EDMFamily)  # the first whose `owns(network)` holds
+MODULES = (edm, edm2, sd)  # each holds its presets (PRESETS) and their reference statistics (FID_REFS)
+
+
+def _merged(attr: str) -> dict:
+    out: dict = {}
+    for module in MODULES:
+        clash = set(out) & set(getattr(module, attr))
+        assert not clash, f"{module.__name__}.{attr} repeats {sorted(clash)}"
+        out.update(getattr(module, attr))
+    return out
+
+
+PRESETS: dict[str, dict] = _merged("PRESETS")  # every family's presets: the values a --preset sets
+FID_REFS: dict[str, str] = _merged("FID_REFS")  # the official reference statistics of presets with FID
 
 
 def detect(cfg, network: torch.nn.Module | None = None) -> type[Family]:
-    """The family of the configuration's teacher: the family that claims it by its folder or preset (Stable
-    Diffusion); otherwise a network file's, decided by the loaded network when given (EDM2's Precond, else EDM)."""
+    """The family of the configuration's teacher, decided here only: a family that claims it by its folder (Stable
+    Diffusion: a diffusers folder, or one of its presets); for a network file, the loaded network's family when it is
+    given (EDM2's Precond, else EDM), before that the family whose presets name the configuration (EDM2's), else
+    EDM's (they share the loader and the checks before the network is read)."""
     for family in FAMILIES:
+        if network is not None and family in NETWORK_FAMILIES:
+            return next(f for f in NETWORK_FAMILIES if f.owns(network))
         if family.claims(cfg):
             return family
-    if network is None:
-        return EDMFamily  # EDM and EDM2 share the loader and every check before the network is read
-    return next(f for f in NETWORK_FAMILIES if f.owns(network))
+    return EDMFamily
 
 
 def load(cfg, device: torch.device, network=None, spec: TeacherSpec | None = None, fid=None) -> Family:
@@ -72,7 +89,11 @@ def of_state(state: dict, path) -> type[Family]:
 
 
 __all__ = [
+    "ASSETS",
+    "DIGITS_TEACHER_PATH",
     "FAMILIES",
+    "FID_REFS",
+    "PRESETS",
     "Family",
     "FakeOutput",
     "Networks",

@@ -30,6 +30,8 @@ from typing import ClassVar
 
 import torch
 
+ASSETS = Path(__file__).resolve().parent.parent / "assets"  # the bundled teachers, prompts and their records
+
 
 @dataclass
 class FakeOutput:
@@ -85,7 +87,7 @@ class Family:
     name: ClassVar[str] = ""
     # The class names that a training state of this family records for G (state export finds the family by them).
     generator_classes: ClassVar[tuple[str, ...]] = ()
-    # The TrainConfig fields that only this family reads (the configuration's family section; --dry-run shows them).
+    # The fields of the configuration's family section that this family reads (--dry-run shows these).
     fields: ClassVar[tuple[str, ...]] = ()
     sida: ClassVar[SiDASupport | None] = None  # None: SiDA is not built for this family
     folder_files: ClassVar[tuple[str, ...]] = ()  # the files of its generator folder (an export's own files)
@@ -94,6 +96,11 @@ class Family:
     @classmethod
     def claims(cls, cfg) -> bool:
         raise NotImplementedError
+
+    @classmethod
+    def missing_teacher(cls, cfg) -> str:
+        """The sentence refusing a run without --teacher: what this family's teacher is and where to get it."""
+        return f"--teacher is required for preset {cfg.preset!r}."
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -17,9 +17,16 @@ import numpy as np
 import torch
 
 from sid_fast import checkpoints, hub, ops
-from sid_fast.families.base import FakeOutput, Family, Networks, SiDASupport, TeacherSpec
+from sid_fast.data.dataset import DatasetError, ImageDataset, LabelsDataset
+from sid_fast.data.digits import DigitsDataset
+from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks, SiDASupport, TeacherSpec
 from sid_fast.flags import ConfigError
 from sid_fast.losses import sample_edm_sigma, sample_generator_sigma
+from sid_fast.metrics import load_ref_stats
+from sid_fast.metrics.digits import fd_digits
+from sid_fast.metrics.dinov2 import load_dinov2
+from sid_fast.metrics.fid import fid_against, generator_stats
+from sid_fast.metrics.inception import load_detector
 from sid_fast.networks import build_network
 from sid_fast.networks.precond import PRECOND_TYPES
 from sid_fast.sampling import check_vae, latents_and_labels, onestep_sample, to_uint8
@@ -113,7 +120,7 @@ class EDMFamily(Family):
 
     name = "edm"
     generator_classes = tuple(k for k in PRECOND_TYPES if k != "Precond")
-    fields = ("cond", "label_dim", "augment", "P_mean", "P_std", "sid_model", "vae")
+    fields = ("cond", "resolution", "channels", "label_dim", "P_mean", "P_std")
     sida = SiDASupport(fake_grad_clip=1.0, edm2_rules=False)  # official sida_training_loop.py: clip_grad_value_(1)
     folder_files = hub.FOLDER_FILES
     denoiser_class = EDMDenoiser
@@ -128,7 +135,17 @@ class EDMFamily(Family):
         return False  # a network file: decided by the loaded network (sid_fast.families.detect)
 
     @classmethod
+    def missing_teacher(cls, cfg) -> str:
+        official = cfg.official_teacher or ""
+        return (
+            f"--teacher is required for preset {cfg.preset!r}: a local path or a URL, e.g. "
+            f"{official if official.startswith('http') else EDM_URL + official}"
+        )
+
+    @classmethod
     def check_config(cls, cfg) -> None:
+        if cfg.metrics == "fd-digits" and (cfg.resolution, cfg.channels) != (8, 1):
+            raise ConfigError("--metrics fd-digits needs 8x8 single-channel images (the digits preset).")
         for name in GUIDANCE_FLAGS:
             if getattr(cfg, name) != 1:
                 raise ConfigError(
@@ -259,13 +276,9 @@ class EDMFamily(Family):
 
     def evaluate(self, G_ema, cfg, device, rank: int, world: int):
         if cfg.metrics == "fd-digits" and rank == 0:
-            from sid_fast.metrics.digits import fd_digits
-
             seeds = list(range(10_000_000, 10_000_000 + cfg.metric_num))
             return {"fd_digits": fd_digits(self.sample(G_ema, cfg, seeds, device))}
         if self.detectors:  # FID and/or FD-DINOv2: every rank generates its share, once for all detectors
-            from sid_fast.metrics.fid import fid_against, generator_stats
-
             info = dict(meta=dict(kind="generator", sigma_init=cfg.init_sigma))
             stats, _ = generator_stats(G_ema, info, range(cfg.metric_num), self.detectors, device,
                                        batch=cfg.batch_gpu, rank=rank, world=world, progress=False,
@@ -326,11 +339,7 @@ def check_teacher(cfg, teacher, path) -> None:
 def open_dataset(cfg):
     """--data: an EDM dataset (zip or folder), a latent dataset (sid_fast.latents), a dataset.json alone (labels for
     data-free SiD), or 'digits', the bundled digits."""
-    from sid_fast.data.dataset import DatasetError, ImageDataset, LabelsDataset
-
     if cfg.data == "digits":
-        from sid_fast.data.digits import DigitsDataset
-
         return DigitsDataset()
     path = Path(cfg.data)
     try:
@@ -416,9 +425,6 @@ def prepare_fid(cfg, device):
               if m in ("fid", "fd_dinov2")]  # fmt: skip
     if not wanted:
         return None, None
-    from sid_fast.metrics import load_ref_stats
-    from sid_fast.metrics.dinov2 import load_dinov2
-    from sid_fast.metrics.inception import load_detector
 
     detectors = {}
     try:
@@ -454,4 +460,150 @@ def load_vae_for(cfg, teacher, device):
     return vae
 
 
-__all__ = ["EDMDenoiser", "EDMFamily"]
+# ----------------------------------------------------------------------------------------------------------------
+# Presets: the official settings, each a base plus what the preset changes (the configuration applies flags on top).
+
+DIGITS_TEACHER_PATH = ASSETS / "digits_teacher.pt"
+EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+FID_REF_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"
+
+# Official SiD settings (run_sid.sh at HEAD, sid_train.py defaults; 4 GPUs in the scripts). All: tmax 800, init_sigma
+# 2.5, ls 1, lsg 100, snap 50, dump 500; FID of 50,000 images against EDM's published reference statistics.
+_SID_IMAGES = dict(
+    cond=False,
+    resolution=32,
+    channels=3,
+    label_dim=0,
+    alpha=1.2,
+    batch=256,
+    batch_gpu=16,
+    lr=1e-5,
+    glr=1e-5,
+    precision="fp32",
+    dropout=0.13,
+    augment=0.12,
+    ema=0.5,
+    duration=500,
+    tick=10,
+    snap=50,
+    dump=500,
+    metrics="fid",
+    metric_num=50000,
+)
+PRESETS: dict[str, dict] = {
+    "cifar10-uncond": dict(_SID_IMAGES, official_teacher="edm-cifar10-32x32-uncond-vp.pkl"),
+    "cifar10-cond": dict(
+        _SID_IMAGES, official_teacher="edm-cifar10-32x32-cond-vp.pkl", cond=True, label_dim=10, duration=800
+    ),
+    # The official ImageNet/FFHQ/AFHQ runs use EDM's --fp16 1 (UNet bodies in fp16 on CUDA, Adam eps 1e-6).
+    "imagenet64-cond": dict(
+        _SID_IMAGES,
+        official_teacher="edm-imagenet-64x64-cond-adm.pkl",
+        cond=True,
+        resolution=64,
+        label_dim=1000,
+        batch=8192,
+        lr=4e-6,
+        glr=4e-6,
+        precision="fp16",
+        dropout=0.1,
+        augment=0.0,
+        ema=2.0,
+        duration=1000,
+        tick=20,
+    ),
+    "ffhq64": dict(
+        _SID_IMAGES,
+        official_teacher="edm-ffhq-64x64-uncond-vp.pkl",
+        resolution=64,
+        batch=512,
+        batch_gpu=32,
+        g_beta1=0.9,
+        precision="fp16",
+        dropout=0.05,
+        augment=0.15,
+    ),
+    "afhqv2-64": dict(
+        _SID_IMAGES,
+        official_teacher="edm-afhqv2-64x64-uncond-vp.pkl",
+        resolution=64,
+        alpha=1.0,
+        batch=512,
+        batch_gpu=32,
+        lr=5e-6,
+        glr=5e-6,
+        precision="fp16",
+        dropout=0.05,
+        augment=0.15,
+    ),
+    # The embedded default: the bundled 8x8 digits teacher, sized to run on a 2-core CPU in about 4 minutes (up to 10
+    # on slower 2-core machines). Higher learning rates and a shorter EMA than the image presets: the network is
+    # 1.3 M parameters and the run sees tens of thousands of images, not hundreds of millions. Batch 256 rather than
+    # 64: on seed 0 at 48 kimg the curve of batch 64 swung between 4.1 and 20.7 after the first 30%, that of batch
+    # 256 between 5.6 and 8.8 (studies/digits_default).
+    "digits": dict(
+        teacher=str(DIGITS_TEACHER_PATH),
+        cond=False,
+        resolution=8,
+        channels=1,
+        label_dim=0,
+        alpha=1.2,
+        batch=256,
+        batch_gpu=256,
+        lr=1e-4,
+        glr=1e-4,
+        precision="fp32",
+        dropout=0.0,
+        augment=0.0,
+        ema=0.002,
+        duration=0.048,
+        tick=4,
+        snap=2,
+        dump=4,
+        metrics="fd-digits",
+        metric_num=2000,
+        extra_snapshots=False,  # snap=2 already evaluates every 8 kimg; a kimg-0 evaluation would cost time
+    ),
+}
+# SiDA on the bundled digits (real data: the 1,797 digits the teacher was trained on). The official warm-ups (100k
+# images without generator steps, 200k without the GAN term) would outlast the whole CPU-sized run; here they are
+# scaled to the run's 48 kimg.
+PRESETS["digits-sida"] = dict(
+    PRESETS["digits"], method="sida", data="digits", lsd=1.0, lsg_gan=0.01, sida_g_start_kimg=1.0,
+    sida_gan_start_kimg=2.0,
+)  # fmt: skip
+# EDM's published reference statistics per preset (official run_sid.sh --data_stat values).
+FID_REFS = {
+    "cifar10-uncond": "cifar10-32x32.npz",
+    "cifar10-cond": "cifar10-32x32.npz",
+    "imagenet64-cond": "imagenet-64x64.npz",
+    "ffhq64": "ffhq-64x64.npz",
+    "afhqv2-64": "afhqv2-64x64.npz",
+}
+
+# SiDA and SiD²A (official sida branch, run_sida.sh and run_sid_sida.sh; 4 GPUs there): alpha 1, lsd 1, lsg_gan 0.01,
+# snap 50, dump 200. SiD²A is the same run with G and G_ema from a SiD generator (--sid-model) and a shorter duration.
+# The official AFHQ scripts read ffhq-64x64.zip (a copy-paste slip); these presets expect the AFHQv2 images.
+_SIDA = dict(method="sida", alpha=1.0, lsd=1.0, lsg_gan=0.01, snap=50, dump=200)
+_SIDA_DATA = {
+    "cifar10-uncond": "cifar10-32x32.zip",
+    "cifar10-cond": "cifar10-32x32.zip",
+    "imagenet64-cond": "imagenet-64x64.zip",
+    "ffhq64": "ffhq-64x64.zip",
+    "afhqv2-64": "afhqv2-64x64.zip",
+}
+_SIDA_RUNS = {  # preset: (batch, batch_gpu, lr = glr, g_beta1, SiDA duration Mimg, SiD²A duration Mimg)
+    "cifar10-uncond": (256, 32, 1e-5, 0.0, 300, 100),
+    "cifar10-cond": (256, 32, 1e-5, 0.0, 300, 100),
+    "imagenet64-cond": (8192, 32, 4e-6, 0.0, 300, 100),
+    "ffhq64": (512, 64, 1e-5, 0.0, 200, 100),
+    "afhqv2-64": (512, 64, 5e-6, 0.0, 200, 100),
+}
+for _name, (_b, _bg, _lr, _b1, _d, _d2) in _SIDA_RUNS.items():
+    _v = dict(
+        PRESETS[_name], **_SIDA, batch=_b, batch_gpu=_bg, lr=_lr, glr=_lr, g_beta1=_b1, official_data=_SIDA_DATA[_name]
+    )
+    PRESETS[f"{_name}-sida"] = dict(_v, duration=_d)
+    PRESETS[f"{_name}-sid2a"] = dict(_v, duration=_d2, needs_sid_model=True)
+    FID_REFS[f"{_name}-sida"] = FID_REFS[f"{_name}-sid2a"] = FID_REFS[_name]
+FID_REFS = {k: FID_REF_URL + v for k, v in FID_REFS.items()}

@@ -39,7 +39,8 @@ import torch
 
 from sid_fast import checkpoints, ops
 from sid_fast.data.prompts import PromptError, read_prompts
-from sid_fast.families.base import FakeOutput, Family, Networks
+from sid_fast.families import edm
+from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks
 from sid_fast.flags import ConfigError
 from sid_fast.t2i import digits, export
 from sid_fast.t2i.sd import (
@@ -151,14 +152,24 @@ class SDFamily(Family):
 
     name = "sd"
     generator_classes = (SD_CLASS,)
-    fields = ("data_prompt_text", "tmin", "init_timestep", "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")
+    fields = ("resolution", "channels", "tmin", "init_timestep", "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")
     folder_files = export.FOLDER_FILES
-    presets: frozenset[str] = frozenset()  # filled by sid_fast.training.config (the SD presets' names)
 
     @classmethod
     def claims(cls, cfg) -> bool:
-        """A diffusers pipeline folder (model_index.json) as --teacher, or no --teacher and one of its presets."""
-        return is_sd_folder(cfg.teacher) or (cfg.teacher is None and cfg.preset in cls.presets)
+        """A diffusers pipeline folder (model_index.json) as --teacher, or one of its presets (whose --teacher must then
+        be such a folder: the loader says so)."""
+        return is_sd_folder(cfg.teacher) or cfg.preset in PRESETS
+
+    @classmethod
+    def missing_teacher(cls, cfg) -> str:
+        repo = SD_HUB_REPOS[cfg.official_teacher]
+        include = " ".join("--include " + f for f in SD_HUB_FILES)
+        return (
+            f"--teacher is required for preset {cfg.preset!r}: a local diffusers folder of {repo}, e.g. fetched with "
+            f"`hf download {repo} --local-dir {cfg.official_teacher} {include}` (huggingface_hub's CLI; sid_fast "
+            "itself downloads nothing)."
+        )
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -358,3 +369,87 @@ def generator_meta(cfg_json: dict, kimg: float) -> dict:
         guidance=[cfg_json["cfg_train_fake"], cfg_json["cfg_eval_fake"], cfg_json["cfg_eval_real"]],
         alpha=cfg_json["alpha"],
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets: a base plus what each preset changes.
+
+# SiD-LSG on Stable Diffusion (official SiD-LSG run_sid.sh, sid_train.py): G and the fake score from the teacher UNet,
+# alpha 1, t in [20, 980), init_timestep 625, ls = lsg = 1, batch 512 (batch-gpu 1 on 4 GPUs there), lr = glr = 1e-6,
+# Adam (0, 0.999), EMA half-life 0.05 Mimg, fp32 with TF32 off, tick 2, snap 50, dump 100, --duration 10 (the script's;
+# "modify --duration to reproduce the reported results": the released checkpoints' names end in 4812 to 18789, read
+# as kimg). One preset per published guidance scale, kappa1 = kappa2 = kappa4 = kappa, in latent units (4x64x64 for
+# 512-pixel images). Teachers: local diffusers folders of runwayml/stable-diffusion-v1-5 and
+# stabilityai/stable-diffusion-2-1-base.
+SD_TEACHERS = {"sd15": "stable-diffusion-v1-5", "sd21base": "stable-diffusion-2-1-base"}
+_LSG = dict(
+    cond=False,
+    resolution=64,
+    channels=4,
+    label_dim=0,
+    alpha=1.0,
+    tmin=20,
+    tmax=980,
+    init_timestep=625,
+    ls=1.0,
+    lsg=1.0,
+    batch=512,
+    batch_gpu=1,
+    lr=1e-6,
+    glr=1e-6,
+    precision="fp32",
+    dropout=0.0,
+    augment=0.0,
+    ema=0.05,
+    duration=10,
+    tick=2,
+    snap=50,
+    dump=100,
+    metrics="none",
+)
+PRESETS: dict[str, dict] = {
+    f"{model}-lsg{kappa:g}": dict(
+        _LSG, official_teacher=folder, cfg_train_fake=kappa, cfg_eval_fake=kappa, cfg_eval_real=kappa
+    )
+    for model, folder in SD_TEACHERS.items()
+    for kappa in (1.5, 2.0, 3.0, 4.5)
+}
+# SiD-LSG on the text-to-image digits teacher (sid_fast.t2i.digits: a diffusers Stable Diffusion folder with SD 1.5's
+# schedule, 4x8x8 latents and prompts such as "a handwritten seven"): the official SiD-LSG settings (alpha 1, t in
+# [20, 980), init_timestep 625, kappa1 = kappa2 = kappa4) at the digits preset's CPU scale (batch, learning rates and
+# EMA), evaluated by FD-digits and prompt accuracy. kappa 1.5, the published scale with the lowest FID, is the default
+# here too: prompt accuracy 0.994 at FD-digits 11.3 (kappa 1: 0.952 at 7.0; kappa 2: 0.999 at 21.3); the kappa sweep,
+# studies/lsg_kappa, runs all of them.
+PRESETS["digits-lsg"] = dict(
+    edm.PRESETS["digits"],
+    teacher=str(ASSETS / "digits-sd"),
+    data_prompt_text=str(ASSETS / "digits-prompts.txt"),
+    channels=4,
+    alpha=1.0,
+    tmin=20,
+    tmax=980,
+    init_timestep=625,
+    cfg_train_fake=1.5,
+    cfg_eval_fake=1.5,
+    cfg_eval_real=1.5,
+    ls=1.0,
+    lsg=1.0,
+    batch=128,
+    batch_gpu=128,
+    duration=0.008,
+    tick=1,
+    metric_num=1000,
+)
+FID_REFS: dict[str, str] = {}
+
+# The Hub repositories of the SD teachers (runwayml's SD 1.5 repository was withdrawn; this is its maintained copy),
+# and the files of a diffusers folder that sid_fast reads (no fp16 variants, no safety checker).
+SD_HUB_REPOS = {
+    "stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stable-diffusion-2-1-base": "stabilityai/stable-diffusion-2-1-base",
+}
+SD_HUB_FILES = (
+    "model_index.json", "'scheduler/*'", "'tokenizer/*'", "text_encoder/config.json", "text_encoder/model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+)  # fmt: skip

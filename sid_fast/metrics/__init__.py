@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import scipy.linalg
 import torch
 
+from sid_fast.checkpoints import read_edm_pickle
 from sid_fast.files import umask_modes
 
 
@@ -65,11 +71,6 @@ class FeatureStats:
 def save_ref_stats(path, mu=None, sigma=None, metrics: dict | None = None) -> None:
     """EDM's reference format, np.savez(dest, mu=[D] float64, sigma=[D, D] float64), for one metric; or, for a path
     ending in .pkl, EDM2's: a pickled {metric: {'mu', 'sigma'}} ('fid', 'fd_dinov2'). Written atomically."""
-    import os
-    import pickle
-    import tempfile
-    from pathlib import Path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if metrics is None:
@@ -97,14 +98,10 @@ def load_ref_stats(path, dim: int | None = None, metric: str = "fid") -> tuple[n
     """Read `mu`, `sigma` from an EDM npz (e.g. fid-refs/cifar10-32x32.npz: one metric's statistics) or the `metric`
     entry ('fid' or 'fd_dinov2') of an EDM2 reference pickle (dataset-refs/img512.pkl, read by the restricted
     unpickler); every problem names the file."""
-    from pathlib import Path
-
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{p}: no such reference statistics file (make one with `python -m sid_fast.fid ref`).")
     if p.suffix == ".pkl":
-        from sid_fast.checkpoints import read_edm_pickle
-
         fid = read_edm_pickle(p).get(metric)
         if not isinstance(fid, dict) or not {"mu", "sigma"} <= set(fid):
             raise ValueError(f"{p}: an EDM2 reference pickle needs '{metric}' = {{'mu', 'sigma'}}.")

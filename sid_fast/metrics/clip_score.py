@@ -15,13 +15,16 @@ i (the sampling CLI's numbering); under torchrun each rank embeds every world-th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from sid_fast import dist
 from sid_fast.data.prompts import PromptError, read_prompts
 from sid_fast.hf import load_transformers_model
 
@@ -80,8 +83,6 @@ class CLIPScorer:
 
 
 def read_image(path) -> torch.Tensor:
-    import PIL.Image
-
     img = np.asarray(PIL.Image.open(path).convert("RGB"))
     return torch.from_numpy(img.copy()).permute(2, 0, 1)
 
@@ -113,10 +114,6 @@ def clip_score(scorer: CLIPScorer, images_dir, prompts, indices, batch: int = 64
 @click.option("--json", "json_path", help="Append the result as a JSON line to this file", metavar="FILE")
 def main(images_dir, prompts_file, clip_dir, num, batch, json_path):
     """CLIP score of text-to-image samples (SiD-LSG's metric)."""
-    import json
-
-    from sid_fast import dist
-
     try:
         prompts = read_prompts(prompts_file)
     except PromptError as e:

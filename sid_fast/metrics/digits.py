@@ -15,6 +15,7 @@ import click
 import torch
 import torch.nn.functional as F
 
+from sid_fast.data.digits import digits_tensor
 from sid_fast.metrics import feature_stats, frechet_distance
 
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "digits_features.pt"
@@ -40,8 +41,6 @@ class DigitsFeatureNet(torch.nn.Module):
 
 def train_feature_net(steps=3000, seed=0) -> tuple[DigitsFeatureNet, float]:
     """Train on all digits with small random shifts and noise; returns (net, training accuracy)."""
-    from sid_fast.data.digits import digits_tensor
-
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x, y = digits_tensor()
@@ -83,8 +82,6 @@ def digits_features(images: torch.Tensor, batch=512) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def reference_stats():
-    from sid_fast.data.digits import digits_tensor
-
     return feature_stats(digits_features(digits_tensor()[0]))
 
 

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from sid_fast.checkpoints import CheckpointError, cache_dir, load_torch_file, resolve_path
 from sid_fast.metrics.inception import DetectorError
 
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
@@ -40,8 +42,6 @@ HEAD_DIM = 64
 
 def default_dinov2_path() -> Path:
     """$SID_FAST_DINOV2, or dinov2_vitl14_pretrain.pth in sid_fast's cache."""
-    from sid_fast.checkpoints import cache_dir
-
     return Path(os.environ.get("SID_FAST_DINOV2", cache_dir() / "dinov2_vitl14_pretrain.pth"))
 
 
@@ -196,8 +196,6 @@ def architecture(state: dict, path) -> dict:
 def load_dinov2(path_or_url=None, device="cpu") -> DINOv2Detector:
     """DINOv2 from Meta's `dinov2_vitl14_pretrain.pth` (or a safetensors copy, or a smaller DINOv2 of the same
     layout) at a path or URL; default $SID_FAST_DINOV2 or the cache. Every fault is one DetectorError sentence."""
-    from sid_fast.checkpoints import CheckpointError, load_torch_file, resolve_path
-
     if path_or_url is None:
         path_or_url = default_dinov2_path()
         if not Path(path_or_url).exists():
@@ -208,8 +206,6 @@ def load_dinov2(path_or_url=None, device="cpu") -> DINOv2Detector:
     try:
         path = resolve_path(path_or_url)
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = load_torch_file(path)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from sid_fast import dist
+from sid_fast.data.dali import dali_batches
+from sid_fast.data.dataset import DatasetError, ImageDataset, uint8_batches
 from sid_fast.metrics import FeatureStats, frechet_distance, load_ref_stats
 from sid_fast.progress import bar
 from sid_fast.sampling import generate_uint8
@@ -73,11 +75,7 @@ def dataset_stats(
     num_workers=2,
 ):
     """Feature statistics (all-reduced) of a dataset (zip or folder); a random subset of max_size as EDM's calc."""
-    from sid_fast.data.dataset import DatasetError, ImageDataset, uint8_batches
-
     if loader == "dali":
-        from sid_fast.data.dali import dali_batches
-
         if max_size is not None:
             raise DatasetError("--loader dali reads whole folders; --num (a random subset) needs the PIL loader.")
         n = len(ImageDataset(path, use_labels=False, resolution=resolution))

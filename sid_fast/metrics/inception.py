@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sid_fast.checkpoints import CheckpointError, cache_dir, resolve_path
+
 NVIDIA_DETECTOR_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 )
@@ -38,8 +40,6 @@ class DetectorError(ValueError):
 
 def default_detector_path() -> Path:
     """Where the detector is looked for when --detector is not given: $SID_FAST_DETECTOR or the cache."""
-    from sid_fast.checkpoints import cache_dir
-
     return Path(os.environ.get("SID_FAST_DETECTOR", cache_dir() / "inception-2015-12-05.pt"))
 
 
@@ -274,8 +274,6 @@ class Detector(torch.nn.Module):
 
 def load_detector(path_or_url=None, device="cpu") -> Detector:
     """Load NVIDIA's TorchScript detector or pytorch-fid's weights from a path (or a URL, downloaded to the cache)."""
-    from sid_fast.checkpoints import CheckpointError, resolve_path
-
     if path_or_url is None:
         path_or_url = default_detector_path()
         if not Path(path_or_url).exists():

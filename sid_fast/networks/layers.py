@@ -15,6 +15,7 @@ import threading
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from sid_fast import ops
 from sid_fast.casts import cast, cast_group
@@ -298,8 +299,6 @@ def call_block(block, x: torch.Tensor, emb: torch.Tensor, weight: torch.Tensor) 
     if weight.requires_grad and not block.checkpoint_while_trained:
         mode = None
     if mode and torch.is_grad_enabled() and (x.requires_grad or emb.requires_grad or weight.requires_grad):
-        from torch.utils.checkpoint import checkpoint
-
         extra = dict(context_fn=_selective_context) if mode == "selective" else {}
         return checkpoint(_grouped_forward, block, x, emb, use_reentrant=False, **extra)
     return _grouped_forward(block, x, emb)
@@ -316,8 +315,6 @@ def selective_checkpoint_policy(ctx, op, *args, **kwargs):
     """What a block checkpointed with "selective" keeps: the outputs of dense convolutions (groups == 1), matmuls and
     attention, whose recomputation would cost tensor-core FLOPs; everything else is memory-bound and recomputed in
     backward (GroupNorm+SiLU, dropout masks, adds, per-layer weight casts, depthwise resampling filters)."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
     aten = torch.ops.aten
     if op is aten.convolution.default:
         keep = args[8] == 1  # groups
@@ -343,8 +340,6 @@ _KERNEL_ATTENTION = "sid_fast_kernels::edm_flash_attention"  # registered by sid
 
 
 def _selective_context():
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
     return create_selective_checkpoint_contexts(selective_checkpoint_policy)
 
 

@@ -29,7 +29,11 @@ import click
 import torch
 import torch.nn.functional as F
 
+from sid_fast.data.digits import digits_tensor
 from sid_fast.hf import load_transformers_model
+from sid_fast.metrics.digits import digits_features, fd_digits, load_feature_net
+from sid_fast.t2i.export import seed_latents
+from sid_fast.t2i.sd import Schedule
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 FOLDER = ASSETS / "digits-sd"
@@ -320,8 +324,6 @@ def decode_images(vae, latents: torch.Tensor, batch: int = 500) -> torch.Tensor:
 @torch.no_grad()
 def score_images(images: torch.Tensor, digits: torch.Tensor) -> dict[str, float]:
     """{"fd_digits": FD-digits against all digits, "prompt_acc": share classified as the prompt's digit}."""
-    from sid_fast.metrics.digits import digits_features, fd_digits, load_feature_net
-
     net = load_feature_net()
     logits = net.head(F.silu(digits_features(images)))
     acc = (logits.argmax(1) == digits.to(logits.device)).float().mean().item()
@@ -347,8 +349,6 @@ def pipeline(folder=FOLDER, scheduler: str = "ddim"):
 def teacher_images(pipe, prompts: list[str], seeds, kappa: float, steps: int = 25, batch: int = 500) -> torch.Tensor:
     """The teacher's images [N, 1, 8, 8] in [-1, 1] by the pipeline (guidance kappa; kappa 1 is unguided), z of
     seed s from torch.Generator().manual_seed(s)."""
-    from sid_fast.t2i.export import seed_latents
-
     out = []
     seeds = list(seeds)
     for i in range(0, len(prompts), batch):
@@ -397,9 +397,6 @@ def main():
 @click.option("--eval-num", type=click.IntRange(min=0), default=2000, show_default=True, help="0: no evaluation")
 def build_cmd(out, vae_steps, steps, batch, lr, seed, eval_num):
     """Train the VAE, then the UNet and the text encoder, on the digits; write the folder and its prompt file."""
-    from sid_fast.data.digits import digits_tensor
-    from sid_fast.t2i.sd import Schedule
-
     folder = Path(out) if out else FOLDER
     images, labels = digits_tensor()
     tok, text, vae, unet, scheduler = build(folder, seed)

@@ -11,6 +11,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from sid_fast.checkpoints import CheckpointError, atomic_write_text, plain_value
+from sid_fast.hub import atomic_folder
+from sid_fast.t2i.sd import SDError, unet_model
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name
 CONFIG = "config.json"
@@ -28,8 +33,6 @@ def seed_latents(seeds, shape) -> torch.Tensor:
 @torch.no_grad()
 def onestep_latents(unet, schedule, z: torch.Tensor, cond: torch.Tensor, init_timestep: int) -> torch.Tensor:
     """The generator's latents: the x0-prediction of `unet` at init_timestep on sqrt(1 - abar) z (fp32)."""
-    from sid_fast.t2i.sd import unet_model
-
     t = torch.full([z.shape[0]], int(init_timestep), dtype=torch.long, device=z.device)
     x = schedule.generator_input(z, t)
     dtype = next(unet.parameters()).dtype  # a UNet cast to fp16/bf16 for sampling: its inputs too, x0 in fp32
@@ -103,11 +106,6 @@ def model_card(meta: dict, where: str = "PATH") -> str:
 def save_unet_folder(path, unet, overwrite: bool = False, **meta) -> Path:
     """`unet` (fp32, on the CPU) as a diffusers UNet folder with sid_fast.json and a model card, written atomically
     (sid_fast.hub.atomic_folder)."""
-    from safetensors.torch import save_file
-
-    from sid_fast.checkpoints import CheckpointError, plain_value
-    from sid_fast.hub import atomic_folder
-
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet.state_dict().items()}
 
     def fill(tmp: Path) -> None:
@@ -122,8 +120,6 @@ def save_unet_folder(path, unet, overwrite: bool = False, **meta) -> Path:
 def update_unet_meta(path, **meta) -> None:
     """Set entries of a generator folder's sid_fast.json (e.g. a snapshot's metrics once evaluated) and rewrite its
     model card, each atomically; the weights are not touched."""
-    from sid_fast.checkpoints import atomic_write_text, plain_value
-
     path = Path(path)
     full = dict(json.loads((path / SID_META).read_text()), **plain_value(meta))
     atomic_write_text(path / SID_META, json.dumps(full, indent=2) + "\n")
@@ -133,8 +129,6 @@ def update_unet_meta(path, **meta) -> None:
 def load_unet_folder(path, device="cpu"):
     """(UNet2DConditionModel in eval mode, sid_fast.json's meta) of a folder written by save_unet_folder."""
     from diffusers import UNet2DConditionModel
-
-    from sid_fast.t2i.sd import SDError
 
     p = Path(path)
     if not (p / CONFIG).is_file() or not (p / SID_META).is_file():

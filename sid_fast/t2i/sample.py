@@ -22,10 +22,13 @@ import PIL.Image
 import torch
 
 from sid_fast import dist
+from sid_fast.checkpoints import CheckpointError
 from sid_fast.data.prompts import PromptError, read_prompts
 from sid_fast.progress import Timer
 from sid_fast.sample import check_outdir, parse_int_list
 from sid_fast.sampling import image_grid, save_image
+from sid_fast.t2i.export import decode, load_unet_folder, onestep_latents, seed_latents
+from sid_fast.t2i.sd import SDError, load_sd
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,9 +58,6 @@ def generate(
 ) -> int:
     """Write outdir/<index, 6 digits>.png for this rank's share of `todo` (resized to `resolution` with PIL's LANCZOS
     when given, as the official FID-30k evaluates 512-pixel images at 256); returns how many it wrote."""
-    from sid_fast.t2i.export import decode, load_unet_folder, onestep_latents, seed_latents
-    from sid_fast.t2i.sd import load_sd
-
     unet, meta = load_unet_folder(network, device)
     unet.to(dtype)
     sd = load_sd(teacher, device="cpu", unet=False)  # the generator replaces the teacher's UNet
@@ -117,9 +117,6 @@ def generate(
 )
 def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, overwrite, dtype, grid, resolution):
     """One-step text-to-image sampling with a SiD-LSG generator."""
-    from sid_fast.checkpoints import CheckpointError
-    from sid_fast.t2i.sd import SDError
-
     todo = jobs(prompt, prompts_file, seeds)
     check_outdir(outdir, grid, overwrite)
     device = dist.init()

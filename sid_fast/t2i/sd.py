@@ -27,6 +27,7 @@ Everything runs in the dtype it is given; the tests run it in float64 against di
 from __future__ import annotations
 
 import json
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,8 +243,6 @@ class _ConfigOnly:
     """A UNet's config without its weights (load_sd(unet=False))."""
 
     def __init__(self, config: dict):
-        import types
-
         self.config = types.SimpleNamespace(**config)
 
 

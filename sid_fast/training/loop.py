@@ -14,6 +14,8 @@ import signal
 import sys
 import time
 
+from tqdm import tqdm
+
 from sid_fast import dist
 from sid_fast.training import snapshots, tickstats
 from sid_fast.training.state import save_training_state
@@ -40,7 +42,6 @@ def install_signal_handlers(tr) -> None:
 def _progress_bar(tr, total_nimg: int):
     if tr.rank != 0 or not sys.stdout.isatty():
         return None
-    from tqdm import tqdm
 
     return tqdm(total=total_nimg // 1000, initial=tr.cur_nimg // 1000, unit="kimg", leave=False)
 

@@ -129,7 +129,7 @@ def shard_units(net: torch.nn.Module) -> list:
 
 def _shard(net: torch.nn.Module) -> list:
     """fully_shard every UNet block of `net`, then `net`; returns the 0-d parameters FSDP2 leaves whole."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # start-up: ~0.5 s (sympy), sharded runs only
 
     scalars = [p for p in net.parameters() if p.ndim == 0]
     ignored = set(scalars)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from sid_fast import ops
+from sid_fast.latents import encode_latents
 from sid_fast.losses import (
     edm2_loss_from_output,
     edm_loss_from_output,
@@ -126,8 +127,6 @@ class SiDATrainer(SiDTrainer):
         assert int(ks[0]) == first, (int(ks[0]), first)  # the stream and the trainer agree on the samples
         self._loader_pos = (it, rnd + 1) if rnd + 1 < self.rounds else (it + 1, 0)
         if self.real_latents:
-            from sid_fast.latents import encode_latents
-
             x = encode_latents(img.to(self.device, non_blocking=True), self.micro_batch_rng(REAL_LATENTS, rnd))
         else:
             x = img.to(self.device, non_blocking=True).float() / 127.5 - 1

@@ -16,11 +16,14 @@ import types
 import click
 import torch
 
-from sid_fast.checkpoints import save_network
+from sid_fast.checkpoints import load_network_file, save_network
+from sid_fast.data.digits import digits_tensor
 from sid_fast.ema import ema_beta, update_ema
 from sid_fast.losses import EDMLoss
+from sid_fast.metrics.digits import fd_digits
 from sid_fast.networks import build_network, edm2
 from sid_fast.progress import bar, summary
+from sid_fast.sampling import edm_sampler, latents_and_labels
 
 DIGITS_TEACHER = dict(
     model_type="SongUNet",
@@ -125,7 +128,6 @@ def main(out, arch, steps, batch, lr, ema, rampup, seed, evaluate_only):
     if evaluate_only:
         print(f"FD-digits of the teacher (Heun, 35 NFE): {evaluate_digits_teacher(a.out):.3f}")
         return
-    from sid_fast.data.digits import digits_tensor
 
     images, _ = digits_tensor()
     torch.manual_seed(a.seed)
@@ -152,10 +154,6 @@ def main(out, arch, steps, batch, lr, ema, rampup, seed, evaluate_only):
 
 def evaluate_digits_teacher(path: str, num: int = 2000, steps: int = 18) -> float:
     """FD-digits of the teacher with EDM's Heun sampler (steps=18: 35 NFE); stored in the file's metadata."""
-    from sid_fast.checkpoints import load_network_file, save_network
-    from sid_fast.metrics.digits import fd_digits
-    from sid_fast.sampling import edm_sampler, latents_and_labels
-
     net, info = load_network_file(path)
     seeds = list(range(10_000_000, 10_000_000 + num))  # the seeds the trainer evaluates G_ema on
     out = []

@@ -60,7 +60,7 @@ class NVML:
         if device.type != "cuda":
             return
         try:
-            import pynvml
+            import pynvml  # NVML: only on a machine with an NVIDIA driver
 
             pynvml.nvmlInit()
             self.pynvml = pynvml
@@ -174,10 +174,10 @@ def plot_metric(
 ) -> None:
     """The metric of G_ema against images seen (log scale; prompt accuracy linear), with the teacher's value as a
     dashed line if known."""
-    import matplotlib
+    import matplotlib  # start-up time: only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up time: only when a plot is drawn
 
     hist = [r for r in history if key in r]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)

@@ -112,7 +112,7 @@ class TensorBoardTracker(_Guarded):
 
     def __init__(self, run_dir: Path, config: dict, log):
         super().__init__(log)
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # an optional dependency (tensorboard)
 
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         text = "\n".join(f"    {k}: {v}" for k, v in sorted(config.items()))

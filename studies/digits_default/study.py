@@ -112,7 +112,7 @@ def plot(runs, path, teacher=None):
 def teacher_fd(runs) -> float | None:
     """The FD-digits (Heun, 35 NFE) stored in the runs' teacher file (all runs of a study share one teacher)."""
     from sid_fast.checkpoints import load_network_file
-    from sid_fast.training.config import DIGITS_TEACHER_PATH
+    from sid_fast.families import DIGITS_TEACHER_PATH
 
     teachers = {r["settings"].get("teacher") or str(DIGITS_TEACHER_PATH) for r in runs}
     if len(teachers) != 1:
