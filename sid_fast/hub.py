@@ -54,6 +54,8 @@ from sid_fast.storage import (  # noqa: F401  (the folder names and readers this
     plain_value,
     read_folder,
 )
+from sid_fast.t2i import export as t2i_export
+from sid_fast.t2i.sd import SDError, load_sd
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writing.
@@ -198,9 +200,26 @@ class OneStepSampler(torch.nn.Module):
 # Converting and pushing.
 
 
-def convert(src, dst, overwrite: bool = False) -> Path:
-    """A sid_fast `.pt` network file (or an EDM/SiD pickle, with its recorded kwargs) written as a folder. A folder
-    `dst` holding files other than a generator folder's is refused unless `overwrite` (then they are kept)."""
+def convert(src, dst, overwrite: bool = False, teacher=None) -> Path:
+    """A sid_fast `.pt` network file (or an EDM/SiD pickle, with its recorded kwargs) written as a folder; a
+    text-to-image generator folder (a diffusers UNet folder of sid_fast) with its Stable Diffusion `teacher` folder
+    written as a full diffusers pipeline folder (sid_fast.t2i.export.save_pipeline_folder). A folder `dst` holding
+    files other than the folder's own is refused unless `overwrite` (then they are kept)."""
+    if t2i_export.is_generator_folder(src):
+        if teacher is None:
+            raise CheckpointError(
+                f"{src}: a text-to-image generator becomes a pipeline folder with its teacher's text encoder, "
+                "tokenizer, VAE and scheduler; give the teacher's diffusers folder with --teacher."
+            )
+        try:
+            check_folder_destination(dst, lambda n: n in t2i_export.PIPELINE_FILES, "hub convert", overwrite)
+            return t2i_export.save_pipeline_folder(dst, src, teacher, overwrite=overwrite)
+        except (DestinationError, SDError) as e:
+            raise CheckpointError(str(e)) from None
+    if teacher is not None:
+        raise CheckpointError(
+            f"--teacher {teacher}: only a text-to-image generator folder is converted with a teacher."
+        )
 
     try:  # before reading the network (save_folder checks again as it writes)
         check_folder_destination(dst, lambda name: name in FOLDER_FILES, "hub convert", overwrite)
@@ -217,13 +236,26 @@ def push(folder, repo_id: str, private: bool = False, token: str | None = None, 
     folder is loaded first (a folder that does not load is not pushed), and its model card names the repository."""
 
     folder = Path(folder)
-    load_network_file(folder)  # refuse a broken folder before anything leaves the machine
+    t2i = t2i_export.is_generator_folder(folder)
+    # Refuse a broken folder before anything leaves the machine.
+    if t2i:
+        try:
+            _, meta = t2i_export.load_unet_folder(folder)
+            if t2i_export.is_pipeline_folder(folder):
+                load_sd(folder, unet=False)
+        except SDError as e:
+            raise CheckpointError(str(e)) from None
+        card = t2i_export.model_card({k: v for k, v in meta.items() if k != "format"}, where=repo_id)
+        files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file() and f.name != CARD)
+    else:
+        load_network_file(folder)
+        config = json.loads((folder / CONFIG).read_text())
+        card = model_card(config["class_name"], config["init_kwargs"], config.get("meta", {}), repo_id=repo_id)
+        files = [WEIGHTS, CONFIG]
     try:
         from huggingface_hub import HfApi
     except ImportError:
         raise _error("push needs huggingface_hub: pip install huggingface_hub.") from None
-    config = json.loads((folder / CONFIG).read_text())
-    card = model_card(config["class_name"], config["init_kwargs"], config.get("meta", {}), repo_id=repo_id)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -233,7 +265,7 @@ def push(folder, repo_id: str, private: bool = False, token: str | None = None, 
         info = api.upload_folder(
             folder_path=str(folder),
             repo_id=repo_id,
-            allow_patterns=[WEIGHTS, CONFIG],
+            allow_patterns=files,
             commit_message=message or f"sid_fast generator {folder.name}",
         )
     except Exception as e:  # no token, no permission, network
@@ -252,15 +284,21 @@ def main():
 @main.command("convert")
 @click.argument("src", metavar="NETWORK")
 @click.argument("dst", metavar="FOLDER", type=click.Path(file_okay=False))
+@click.option(
+    "--teacher", metavar="DIR", help="Text-to-image: the Stable Diffusion folder the generator was distilled from"
+)
 @click.option("--overwrite", is_flag=True, help="Write into a FOLDER that holds other files (they are kept).")
-def convert_cmd(src, dst, overwrite):
-    """Write NETWORK (a sid_fast .pt, or an EDM/SiD .pkl) as the generator folder FOLDER."""
+def convert_cmd(src, dst, teacher, overwrite):
+    """Write NETWORK (a sid_fast .pt, or an EDM/SiD .pkl) as the generator folder FOLDER; or a text-to-image
+    generator folder (a diffusers UNet, from train.py or state export) with --teacher as a full diffusers pipeline
+    folder (StableDiffusionPipeline.from_pretrained loads it)."""
 
     try:
-        out = convert(src, dst, overwrite=overwrite)
+        out = convert(src, dst, overwrite=overwrite, teacher=teacher)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"wrote {out}/ ({', '.join(FOLDER_FILES)})")
+    names = t2i_export.PIPELINE_FILES if teacher is not None else FOLDER_FILES
+    click.echo(f"wrote {out}/ ({', '.join(names)})")
 
 
 @main.command("push")
@@ -270,7 +308,8 @@ def convert_cmd(src, dst, overwrite):
 @click.option("--token", default=None, help="Hub token (default: the one `hf auth login` stored, or HF_TOKEN).")
 @click.option("--message", default=None, help="Commit message.")
 def push_cmd(folder, repo_id, private, token, message):
-    """Upload the generator FOLDER to the Hub repository REPO_ID (owner/name)."""
+    """Upload the generator FOLDER (a sid_fast generator folder, or a text-to-image UNet or pipeline folder) to the
+    Hub repository REPO_ID (owner/name)."""
 
     try:
         url = push(folder, repo_id, private=private, token=token, message=message)

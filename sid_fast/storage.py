@@ -92,6 +92,13 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
 FOLDER_FILES = (WEIGHTS, CONFIG, CARD)
+T2I_META = "sid_fast.json"  # marks a text-to-image generator (a diffusers UNet or pipeline folder: sid_fast.t2i.export)
+# What `download` fetches of a repository: a generator folder's files, or a text-to-image generator's (a diffusers
+# UNet folder, or a pipeline folder's components); never other weight formats or variants a repository may hold.
+DOWNLOADED = [
+    *FOLDER_FILES, T2I_META, "diffusion_pytorch_model.safetensors", "model_index.json", "*/config.json",
+    "*/model.safetensors", "*/diffusion_pytorch_model.safetensors", "scheduler/*", "tokenizer/*",
+]  # fmt: skip
 
 # owner/name as the Hub spells repository ids (letters, digits, '-', '_', '.'), optionally hf:// and @revision.
 _HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@([\w.\-/]+))?$")
@@ -223,13 +230,13 @@ def download(repo_id: str, revision: str | None = None) -> Path:
             "(pip install huggingface_hub); for a local folder give a path that exists."
         ) from None
     try:
-        local = snapshot_download(repo_id, revision=revision, allow_patterns=list(FOLDER_FILES))
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOADED)
     except Exception as e:  # huggingface_hub's errors: not found, offline and not cached, gated, network
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise _error(
             f"{spec}: not a local path, and the Hugging Face Hub could not provide it ({type(e).__name__}: {reason}); "
             "offline, only ids already in the Hub cache load."
         ) from None
-    if not is_folder(local):
+    if not is_folder(local) and not (Path(local) / T2I_META).is_file():
         raise _error(f"{spec}: the Hub repository has no {CONFIG}; it is not a sid_fast generator folder.")
     return Path(local)

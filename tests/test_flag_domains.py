@@ -202,6 +202,7 @@ def _command_cases(gen: str, state: str, sd: str):
         ("hub convert", "src"): ["missing.pt"],
         ("hub convert", "dst"): ["__FILE__"],
         ("hub convert", "overwrite"): ["--overwrite=maybe"],
+        ("hub convert", "teacher"): ["missing-folder"],  # given with a .pt network: refused
         ("hub push", "folder"): ["missing-folder"],
         ("hub push", "repo_id"): ["__GEN_PT__"],  # a file, not a generator folder
         ("hub push", "private"): ["--private=maybe"],
@@ -245,7 +246,9 @@ def _argv(command, option, value, base, cmds, tmp, gen, state):
         pos = dict(convert=[gen, str(tmp / "dst")], push=[str(tmp), "me/x"], export=[state, str(tmp / "o.pt")])[sub]
         return [sub, *pos, value]
     pos = dict(
-        convert=dict(src=[value, str(tmp / "dst")], dst=[gen, value]),
+        convert=dict(
+            src=[value, str(tmp / "dst")], dst=[gen, value], teacher=[gen, str(tmp / "dst"), "--teacher", value]
+        ),
         push=dict(folder=[value, "me/x"], repo_id=[value, "me/x"]),
         download=dict(repo_id=[value]),
         export=dict(state=[value, str(tmp / "o.pt")], out=[state, value]),

@@ -163,6 +163,10 @@ class EDMFamily(Family):
         self.teacher, self.spec, self.device = teacher, spec, device
         self.label_dim = int(teacher.label_dim)
         check_teacher(cfg, teacher, cfg.teacher)
+        if cfg.augment > 0 and not self.denoiser_class(cfg, teacher, device).aug_dim:
+            raise ConfigError(
+                f"--augment {cfg.augment}: the networks have no augment labels (augment_dim 0); use --augment 0."
+            )
         labels = load_label_table(cfg, teacher.label_dim) if cfg.data is not None and teacher.label_dim else None
         if cfg.data is not None and not teacher.label_dim and cfg.method != "sida":
             open_dataset(cfg)  # unconditional SiD reads nothing from --data, but a missing one is still refused

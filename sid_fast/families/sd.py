@@ -187,6 +187,8 @@ class SDFamily(Family):
         ):  # fmt: skip
             if value:
                 raise ConfigError(f"{flag} {shown}: {why}.")
+        if cfg.augment > 0:
+            raise ConfigError(f"--augment {cfg.augment}: EDM's augmentation is not built for Stable Diffusion latents.")
         if cfg.data_prompt_text is None:
             raise ConfigError(
                 f"--data-prompt-text is required with the Stable Diffusion teacher {cfg.teacher}: a text file of "

@@ -8,20 +8,24 @@ the UNet's x0-prediction at (x_T, t), decoded by the teacher's VAE as latents / 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from sid_fast.checkpoints import CheckpointError, atomic_write_text, plain_value
-from sid_fast.hub import atomic_folder
-from sid_fast.t2i.sd import SDError, unet_model
+from sid_fast.storage import atomic_folder
+from sid_fast.t2i.sd import SDError, load_sd, unet_model
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name
 CONFIG = "config.json"
 SID_META = "sid_fast.json"
 CARD = "README.md"
 FOLDER_FILES = (WEIGHTS, CONFIG, SID_META, CARD)
+INDEX = "model_index.json"  # a diffusers pipeline folder
+COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "vae")  # taken from the teacher's folder
+PIPELINE_FILES = (INDEX, SID_META, CARD, "unet", *COMPONENTS)
 
 
 def seed_latents(seeds, shape) -> torch.Tensor:
@@ -105,7 +109,7 @@ def model_card(meta: dict, where: str = "PATH") -> str:
 
 def save_unet_folder(path, unet, overwrite: bool = False, **meta) -> Path:
     """`unet` (fp32, on the CPU) as a diffusers UNet folder with sid_fast.json and a model card, written atomically
-    (sid_fast.hub.atomic_folder)."""
+    (sid_fast.storage.atomic_folder)."""
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet.state_dict().items()}
 
     def fill(tmp: Path) -> None:
@@ -126,11 +130,31 @@ def update_unet_meta(path, **meta) -> None:
     atomic_write_text(path / CARD, model_card({k: v for k, v in full.items() if k != "format"}))
 
 
+def is_generator_folder(path) -> bool:
+    """A text-to-image generator folder of sid_fast: a UNet folder (save_unet_folder) or a pipeline folder
+    (save_pipeline_folder), both marked by sid_fast.json."""
+    p = Path(path)
+    return p.is_dir() and (p / SID_META).is_file() and ((p / CONFIG).is_file() or (p / INDEX).is_file())
+
+
+def is_pipeline_folder(path) -> bool:
+    return is_generator_folder(path) and (Path(path) / INDEX).is_file()
+
+
 def load_unet_folder(path, device="cpu"):
-    """(UNet2DConditionModel in eval mode, sid_fast.json's meta) of a folder written by save_unet_folder."""
+    """(UNet2DConditionModel in eval mode, sid_fast.json's meta) of a folder written by save_unet_folder, or of the
+    unet/ of a pipeline folder written by save_pipeline_folder."""
     from diffusers import UNet2DConditionModel
 
     p = Path(path)
+    if is_pipeline_folder(p):
+        meta = json.loads((p / SID_META).read_text())
+        try:
+            unet = UNet2DConditionModel.from_pretrained(str(p), subfolder="unet")
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise SDError(f"{p}: the generator does not load ({type(e).__name__}: {reason}).") from None
+        return unet.to(device).eval().requires_grad_(False), meta
     if not (p / CONFIG).is_file() or not (p / SID_META).is_file():
         raise SDError(f"{p}: not a sid_fast text-to-image generator folder (needs {CONFIG} and {SID_META}).")
     try:
@@ -140,3 +164,35 @@ def load_unet_folder(path, device="cpu"):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SDError(f"{p}: the generator does not load ({type(e).__name__}: {reason}).") from None
     return unet.to(device).eval().requires_grad_(False), meta
+
+
+def save_pipeline_folder(path, unet_folder, teacher, overwrite: bool = False) -> Path:
+    """A full diffusers Stable Diffusion pipeline folder (StableDiffusionPipeline.from_pretrained loads it): the
+    teacher's scheduler, text encoder, tokenizer and VAE, copied, with the distilled UNet of `unet_folder` as unet/;
+    its model_index.json is the teacher's without the safety checker and feature extractor (sid_fast reads neither);
+    sid_fast.json (how the generator samples) and a model card at the top. Written atomically."""
+    unet_folder, teacher = Path(unet_folder), Path(teacher)
+    unet, meta = load_unet_folder(unet_folder)
+    sd = load_sd(teacher, unet=False)
+    mine, theirs = dict(unet.config), sd.unet.config
+    for key in ("in_channels", "sample_size", "cross_attention_dim"):
+        if mine.get(key) != getattr(theirs, key, None):
+            raise SDError(
+                f"{unet_folder}: the generator's {key} {mine.get(key)} is not the teacher {teacher}'s "
+                f"{getattr(theirs, key, None)}; give the teacher it was distilled from."
+            )
+    index = json.loads((teacher / INDEX).read_text())
+    index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    meta = {k: v for k, v in meta.items() if k != "format"}
+
+    def fill(tmp: Path) -> None:
+        for name in COMPONENTS:
+            shutil.copytree(teacher / name, tmp / name)
+        (tmp / "unet").mkdir()
+        for name in (WEIGHTS, CONFIG):
+            shutil.copy2(unet_folder / name, tmp / "unet" / name)
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / SID_META).write_text(json.dumps(dict(format="sid_fast.t2i", **plain_value(meta)), indent=2) + "\n")
+        (tmp / CARD).write_text(model_card(meta))
+
+    return atomic_folder(path, fill, CheckpointError, own=PIPELINE_FILES, overwrite=overwrite)

@@ -27,7 +27,7 @@ from sid_fast.data.prompts import PromptError, read_prompts
 from sid_fast.progress import Timer
 from sid_fast.sample import check_outdir, parse_int_list
 from sid_fast.sampling import image_grid, save_image
-from sid_fast.t2i.export import decode, load_unet_folder, onestep_latents, seed_latents
+from sid_fast.t2i.export import decode, is_pipeline_folder, load_unet_folder, onestep_latents, seed_latents
 from sid_fast.t2i.sd import SDError, load_sd
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -96,9 +96,16 @@ def generate(
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
-@click.option("--network", help="Generator folder (a SiD-LSG snapshot)", metavar="DIR", required=True)
 @click.option(
-    "--teacher", help="The teacher's Stable Diffusion folder (text encoder, VAE)", metavar="DIR", required=True
+    "--network",
+    help="Generator folder (a SiD-LSG snapshot, or a pipeline folder of hub convert)",
+    metavar="DIR",
+    required=True,
+)
+@click.option(
+    "--teacher",
+    help="The teacher's Stable Diffusion folder (text encoder, VAE; default: a pipeline --network)",
+    metavar="DIR",
 )
 @click.option("--prompt", help="One prompt for every seed", metavar="TEXT", type=str)
 @click.option("--prompts", "prompts_file", help="Prompt file: image i from line i with seed i", metavar="FILE")
@@ -117,6 +124,12 @@ def generate(
 )
 def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, overwrite, dtype, grid, resolution):
     """One-step text-to-image sampling with a SiD-LSG generator."""
+    if teacher is None:
+        if not is_pipeline_folder(network):
+            raise click.UsageError(
+                "--teacher is required unless --network is a pipeline folder (hub convert --teacher)."
+            )
+        teacher = network  # a pipeline folder holds the text encoder, tokenizer and VAE
     todo = jobs(prompt, prompts_file, seeds)
     check_outdir(outdir, grid, overwrite)
     device = dist.init()

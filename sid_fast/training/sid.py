@@ -42,7 +42,7 @@ from sid_fast.ema import ema_beta, ema_halflife_kimg, update_ema_sharded
 from sid_fast.families.base import Family, TeacherSpec
 from sid_fast.perf import annotate
 from sid_fast.training import loop, snapshots, state
-from sid_fast.training.config import ConfigError, TrainConfig
+from sid_fast.training.config import TrainConfig
 from sid_fast.training.loop import TrainingAborted
 from sid_fast.training.parallel import parallelize
 from sid_fast.training.tickstats import TickStats
@@ -79,10 +79,6 @@ class SiDTrainer:
         self.nets = family.build_networks(cfg, device, log)
         self.teacher, self.G, self.fake, self.G_ema = self.nets.teacher, self.nets.G, self.nets.fake, self.nets.G_ema
         perf.prepare_networks(cfg, self.teacher, (self.G, self.fake), self.G_ema)
-        if cfg.augment > 0 and not self.denoiser.aug_dim:
-            raise ConfigError(
-                f"--augment {cfg.augment}: the networks have no augment labels (augment_dim 0); use --augment 0."
-            )
         # The bf16 fast path pads by a fixed margin (no host sync per micro-batch; the same warp up to rounding).
         fixed = cfg.precision == "bf16"
         self.augment_pipe = AugmentPipe(p=cfg.augment, fixed_margin=fixed) if cfg.augment > 0 else None
