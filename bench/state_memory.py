@@ -90,7 +90,7 @@ def _write_whole(tr, path: Path) -> None:
     from sid_fast import checkpoints
     from sid_fast.training.state import gathered_trained_states, training_state
 
-    s = dict(training_state(tr, trained=False), **gathered_trained_states(tr))
+    s = dict(training_state(tr.ctx, tr.progress, tr.trained, whole=False), **gathered_trained_states(tr.trained))
     if tr.rank == 0:
         checkpoints.atomic_save(s, path)
     torch.distributed.barrier()
@@ -150,7 +150,7 @@ def _worker(rank, world, port, size, fmt, op, out_dir, results):
     if op == "write":
         with PeakRSS() as m:
             if fmt == "sharded":
-                state.save_training_state(tr)
+                tr.save_state()
             else:
                 _write_whole(tr, path)
         g = _whole_G(tr)
@@ -159,7 +159,7 @@ def _worker(rank, world, port, size, fmt, op, out_dir, results):
     else:
         with PeakRSS() as m:
             if fmt == "sharded":
-                state.load_training_state(tr, state.checkpoints.read_training_state(path), path)
+                tr.load_state_dict(state.checkpoints.read_training_state(path), path)
             else:
                 _read_whole(tr, path)
         g = _whole_G(tr)

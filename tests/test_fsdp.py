@@ -62,7 +62,7 @@ def _cfg(case, teacher=None, **kw):
 
 def _params(tr) -> dict:
     """Whole tensors of G, G_ema and the fake score (gathered onto rank 0 under --fsdp)."""
-    s = gathered_trained_states(tr)
+    s = gathered_trained_states(tr.trained)
     out = {f"G.{k}": v.clone() for k, v in s["G"].items()}
     out.update({f"fake.{k}": v.clone() for k, v in s["fake_score"].items()})
     out.update({f"G_ema.{k}": v.clone() for k, v in tr.G_ema.state_dict().items()})

@@ -409,7 +409,9 @@ def _dist_worker(rank, world, port, sd_folder, prompt_file, out, fsdp):
         tr.step()
         from sid_fast.training.state import gathered_trained_states
 
-        states = gathered_trained_states(tr) if fsdp else dict(G=tr.G.state_dict(), fake_score=tr.fake.state_dict())
+        states = (
+            gathered_trained_states(tr.trained) if fsdp else dict(G=tr.G.state_dict(), fake_score=tr.fake.state_dict())
+        )
         if rank == 0:
             torch.save({k: {n: v.clone() for n, v in s.items()} for k, s in states.items() if k in ("G", "fake_score")},
                        out)  # fmt: skip

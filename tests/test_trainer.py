@@ -341,6 +341,6 @@ def test_snapshot_cadence(teacher_file, extra, monkeypatch):
     One iteration per tick here: 12 iterations of 8 images, --snap 50."""
     tr = cpu_trainer(cfg_for(teacher_file, tick=0.008, snap=50, dump=1000, duration=0.000096, extra_snapshots=extra))
     seen = []
-    monkeypatch.setattr(snapshots, "snapshot_and_log", lambda t: seen.append(t.cur_nimg))
+    monkeypatch.setattr(snapshots, "snapshot_and_log", lambda ctx, progress, take: seen.append(progress.cur_nimg))
     tr.train()
     assert seen == ([0, 8, 88, 96] if extra else [8, 96])

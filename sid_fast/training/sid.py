@@ -43,10 +43,9 @@ from sid_fast.families.base import Family, TeacherSpec
 from sid_fast.perf import annotate
 from sid_fast.training import loop, snapshots, state
 from sid_fast.training.config import TrainConfig
+from sid_fast.training.context import Forward, Progress, RunContext, Trained
 from sid_fast.training.loop import TrainingAborted
 from sid_fast.training.parallel import parallelize
-from sid_fast.training.tickstats import TickStats
-from sid_fast.training.trackers import Tracker
 
 FAKE, GEN = 0, 1  # the phases' random streams
 
@@ -67,11 +66,14 @@ class SiDTrainer:
     fake_grad_clip: float | None = None  # elementwise clipping of the fake score's gradients (SiDA on EDM)
 
     def __init__(self, cfg: TrainConfig, device: torch.device, family: Family, run_dir=None, log=print):
-        self.cfg, self.device, self.run_dir, self.log = cfg, device, run_dir, log
-        self.family = family
+        self.cfg, self.device, self.family = cfg, device, family
         self.rank, self.world = dist.rank(), dist.world_size()
         self.batch_gpu_total = cfg.batch // self.world
         self.rounds = self.batch_gpu_total // cfg.batch_gpu
+        self.kernels = ops.parse(cfg.kernels)  # entered around every step and snapshot: nothing leaks past them
+        # What the loop, the training state and the snapshots read and write (sid_fast.training.context).
+        self.ctx = RunContext(cfg, family, device, self.rank, self.world, self.rounds, self.kernels, run_dir, log)
+        self.progress = Progress.start(device)
         torch.manual_seed(cfg.seed + self.rank)  # dropout RNG, per rank as the official code
         np.random.seed((cfg.seed + self.rank) % (1 << 31))
         self.denoiser = family.make_denoiser(cfg, device)
@@ -88,18 +90,20 @@ class SiDTrainer:
         self.calls = perf.call_sites(cfg, self.teacher, self.G, self.fake, self.par.G_dist, self.par.fake_dist)
         if self.par.fsdp:
             self.calls.update_ema = update_ema_sharded
-        self.kernels = ops.parse(cfg.kernels)  # entered around every step and snapshot: nothing leaks past them
+        self.trained = Trained(self.nets, self.par)
 
-        # Counters and device-side statistics (read once per tick).
-        self.cur_nimg = 0
-        self.cur_tick = 0
-        self.tick_start_nimg = 0
-        self.stats = TickStats(device)
-        self.consec_bad = torch.zeros((), dtype=torch.int64, device=device)
-        self.max_consec_bad = torch.zeros((), dtype=torch.int64, device=device)
-        self.stop_requested = False
-        self.metrics_history: list[dict] = []
-        self.tracker = Tracker()  # run() sets the --tracker one on rank 0
+    # The run's context and progress, read and written through the trainer as its own attributes.
+    run_dir = Forward("ctx")
+    log = Forward("ctx")
+    tracker = Forward("ctx")
+    cur_nimg = Forward("progress")
+    cur_tick = Forward("progress")
+    tick_start_nimg = Forward("progress")
+    stats = Forward("progress")  # device-side statistics, read once per tick
+    consec_bad = Forward("progress")
+    max_consec_bad = Forward("progress")
+    metrics_history = Forward("progress")
+    stop_requested = Forward("progress")
 
     def describe(self) -> str:
         """The algorithm's settings for the log."""
@@ -262,23 +266,24 @@ class SiDTrainer:
     # The run around the iteration: training state (sid_fast.training.state), snapshots (.snapshots), loop (.loop).
 
     def state_dict(self) -> dict:
-        return state.training_state(self)
+        return state.training_state(self.ctx, self.progress, self.trained)
 
     def load_state_dict(self, s: dict, path) -> None:
-        state.load_training_state(self, s, path)
+        state.load_training_state(self.ctx, self.progress, self.trained, s, path)
 
     def save_state(self):
-        return state.save_training_state(self)
+        return state.save_training_state(self.ctx, self.progress, self.trained)
 
     def snapshot(self):
-        return snapshots.snapshot(self)
+        return snapshots.snapshot(self.ctx, self.progress, self.nets)
 
     def teacher_metric(self, key: str) -> tuple[float | None, str]:
         """(the teacher's value of a metric, its label) for the metric's plot; None when unknown."""
         return self.family.teacher_metric(key, self.cfg)
 
     def train(self) -> str:
-        return loop.train(self)
+        steps = loop.Steps(self.step, self.snapshot, self.save_state, self.describe())
+        return loop.train(self.ctx, self.progress, steps)
 
 
 __all__ = ["SiDTrainer", "TeacherSpec", "TrainingAborted"]

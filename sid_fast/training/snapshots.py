@@ -7,8 +7,10 @@ end."""
 from __future__ import annotations
 
 from sid_fast import ops
+from sid_fast.families import Networks
 from sid_fast.sampling import image_grid, save_image
 from sid_fast.training import tickstats
+from sid_fast.training.context import Progress, RunContext
 
 EXTRA_SNAPSHOT_TICKS = frozenset(range(10, 101, 10))  # official sid_training_loop.py, besides every --snap ticks
 
@@ -19,61 +21,62 @@ def snapshot_name(nimg: int) -> str:
     return f"network-snapshot-{nimg:012d}"
 
 
-def _write_grid(tr) -> None:
-    grid = tr.family.grid(tr.G_ema, tr.cfg, tr.device)
+def _write_grid(ctx: RunContext, progress: Progress, G_ema) -> None:
+    grid = ctx.family.grid(G_ema, ctx.cfg, ctx.device)
     if grid is not None:
         scale = max(1, 64 // grid.shape[-1])
         picture = image_grid(grid, scale=scale, gap=2)
-        save_image(picture, tr.run_dir / f"fakes-{tr.cur_nimg:012d}.png")
-        tr.tracker.log_image("samples/G_ema", picture, tr.cur_nimg)
+        save_image(picture, ctx.run_dir / f"fakes-{progress.cur_nimg:012d}.png")
+        ctx.tracker.log_image("samples/G_ema", picture, progress.cur_nimg)
 
 
-def snapshot(tr) -> dict[str, float] | None:
+def snapshot(ctx: RunContext, progress: Progress, nets: Networks) -> dict[str, float] | None:
     """Grid, metrics and generator folder of G_ema now (the folder's metadata carries the metrics); returns
     {metric key: value} on rank 0 (None without a metric)."""
-    folder = tr.run_dir / snapshot_name(tr.cur_nimg) if tr.run_dir is not None else None
-    with ops.kernels(tr.kernels):
-        writes = tr.rank == 0 and folder is not None
+    folder = ctx.run_dir / snapshot_name(progress.cur_nimg) if ctx.run_dir is not None else None
+    with ops.kernels(ctx.kernels):
+        writes = ctx.rank == 0 and folder is not None
         if writes:  # the generator is on disk before an evaluation that may take an hour (or fail)
-            _write_grid(tr)
-            tr.family.write_generator(folder, tr.nets, tr.cfg, tr.cur_nimg / 1e3)
-        values = tr.family.evaluate(tr.G_ema, tr.cfg, tr.device, tr.rank, tr.world)
-        if values is not None and tr.rank == 0:
-            values = {k: record_metric(tr, k, v) for k, v in values.items()}
+            _write_grid(ctx, progress, nets.G_ema)
+            ctx.family.write_generator(folder, nets, ctx.cfg, progress.cur_nimg / 1e3)
+        values = ctx.family.evaluate(nets.G_ema, ctx.cfg, ctx.device, ctx.rank, ctx.world)
+        if values is not None and ctx.rank == 0:
+            values = {k: record_metric(ctx, progress, k, v) for k, v in values.items()}
             if writes:
-                tr.family.update_generator(folder, metrics=values)
+                ctx.family.update_generator(folder, metrics=values)
     return values
 
 
 _NAMES = {"fd_digits": "FD-digits", "fid": "FID", "fd_dinov2": "FD-DINOv2", "prompt_acc": "prompt accuracy"}
 
 
-def snapshot_and_log(tr) -> None:
-    values = tr.snapshot()
+def snapshot_and_log(ctx: RunContext, progress: Progress, take) -> None:
+    """`take()` (the trainer's snapshot) and a log line per metric."""
+    values = take()
     for key, value in (values or {}).items():
-        name = _NAMES[key] + ("" if key in tickstats.DIGITS_METRICS else f"-{tr.cfg.metric_num // 1000}k")
-        tr.log(f"  {name} of G_ema at {tr.cur_nimg / 1e3:.1f} kimg: {value:.3f}")
+        name = _NAMES[key] + ("" if key in tickstats.DIGITS_METRICS else f"-{ctx.cfg.metric_num // 1000}k")
+        ctx.log(f"  {name} of G_ema at {progress.cur_nimg / 1e3:.1f} kimg: {value:.3f}")
 
 
-def record_metric(tr, key: str, value: float) -> float:
+def record_metric(ctx: RunContext, progress: Progress, key: str, value: float) -> float:
     """Append the value to the history, metric-<key>.jsonl and the plot (rank 0)."""
     rec = {
-        "kimg": tr.cur_nimg / 1e3,
+        "kimg": progress.cur_nimg / 1e3,
         key: value,
-        "num": tr.cfg.metric_num,
-        "snapshot": snapshot_name(tr.cur_nimg),
+        "num": ctx.cfg.metric_num,
+        "snapshot": snapshot_name(progress.cur_nimg),
     }
-    tr.metrics_history.append(rec)
-    tr.tracker.log_metric(key, value, tr.cur_nimg)
-    if tr.run_dir is not None:
-        tickstats.append_jsonl(tr.run_dir / f"metric-{key}.jsonl", rec)
-        teacher, label = tr.teacher_metric(key)
+    progress.metrics_history.append(rec)
+    ctx.tracker.log_metric(key, value, progress.cur_nimg)
+    if ctx.run_dir is not None:
+        tickstats.append_jsonl(ctx.run_dir / f"metric-{key}.jsonl", rec)
+        teacher, label = ctx.family.teacher_metric(key, ctx.cfg)
         tickstats.plot_metric(
-            tr.run_dir / f"{key}.png",
+            ctx.run_dir / f"{key}.png",
             key,
-            tr.metrics_history,
+            progress.metrics_history,
             teacher_value=teacher,
-            metric_num=tr.cfg.metric_num,
+            metric_num=ctx.cfg.metric_num,
             teacher_label=label,
         )
     return value

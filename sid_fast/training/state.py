@@ -29,6 +29,7 @@ import torch
 from sid_fast import checkpoints, dist, families
 from sid_fast.files import DestinationError, check_file_destination, check_folder_destination, fsync_dir
 from sid_fast.training.config import ConfigError
+from sid_fast.training.context import Progress, RunContext, Trained
 
 STATE_RE = re.compile(r"^training-state-(\d{12})\.(pt|dcp)$")
 
@@ -47,103 +48,101 @@ def list_states(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def _nets_and_opts(tr):
-    return ((tr.G, tr.par.opt_g, "G", "opt_g"), (tr.fake, tr.par.opt_fake, "fake_score", "opt_fake"))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The parts every format shares.
 
 
-def training_state(tr, trained: bool = True) -> dict:
+def training_state(ctx: RunContext, progress: Progress, trained: Trained, whole: bool = True) -> dict:
     """The state as one dict (a collective: it gathers the RNG states of every rank). Without `trained`, G, the fake
     score and the Adam states are left out (the sharded format writes them apart) and the optimizers' hyperparameters
     are kept."""
-    device = tr.device
+    device = ctx.device
     rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-    if trained:
-        parts = {key: net.state_dict() for net, _, key, _ in _nets_and_opts(tr)}
-        parts.update({key: opt.state_dict() for _, opt, _, key in _nets_and_opts(tr)})
+    if whole:
+        parts = {key: net.state_dict() for net, _, key, _ in trained.nets_and_opts()}
+        parts.update({key: opt.state_dict() for _, opt, _, key in trained.nets_and_opts()})
     else:
         parts = dict(sharded=True, param_groups={key: opt.state_dict()["param_groups"] for _, opt, _, key in
-                                                 _nets_and_opts(tr)})  # fmt: skip
+                                                 trained.nets_and_opts()})  # fmt: skip
     return dict(
         format=checkpoints.TRAINING_STATE_FORMAT,
         version=1,
-        config=tr.cfg.to_json(),
-        world_size=tr.world,
-        family=tr.family.name,
-        class_name=tr.nets.class_name,
-        init_kwargs=tr.nets.init_kwargs,
-        g_init_kwargs=tr.nets.g_init_kwargs,
-        fsdp=tr.par.fsdp,
-        G_ema=tr.G_ema.state_dict(),
+        config=ctx.cfg.to_json(),
+        world_size=ctx.world,
+        family=ctx.family.name,
+        class_name=trained.nets.class_name,
+        init_kwargs=trained.nets.init_kwargs,
+        g_init_kwargs=trained.nets.g_init_kwargs,
+        fsdp=trained.par.fsdp,
+        G_ema=trained.nets.G_ema.state_dict(),
         **parts,
         rng=dist.all_gather_object(rng),
-        cur_nimg=tr.cur_nimg,
-        cur_tick=tr.cur_tick,
-        tick_start_nimg=tr.tick_start_nimg,
-        stats=tr.stats.values.cpu(),
-        consec_bad=tr.consec_bad.cpu(),
-        max_consec_bad=tr.max_consec_bad.cpu(),
-        metrics_history=json.dumps(tr.metrics_history),
+        cur_nimg=progress.cur_nimg,
+        cur_tick=progress.cur_tick,
+        tick_start_nimg=progress.tick_start_nimg,
+        stats=progress.stats.values.cpu(),
+        consec_bad=progress.consec_bad.cpu(),
+        max_consec_bad=progress.max_consec_bad.cpu(),
+        metrics_history=json.dumps(progress.metrics_history),
     )
 
 
-def load_training_state(tr, s: dict, path) -> None:
+def load_training_state(ctx: RunContext, progress: Progress, trained: Trained, s: dict, path) -> None:
     """Restore `s` (read by checkpoints.read_training_state; for a sharded state its meta.pt) into the trainer; one
     ConfigError when it does not fit."""
-    if s.get("world_size") != tr.world:
+    if s.get("world_size") != ctx.world:
         raise ConfigError(
-            f"--resume {path}: written by {s.get('world_size')} processes, this run has {tr.world}; "
+            f"--resume {path}: written by {s.get('world_size')} processes, this run has {ctx.world}; "
             "resume with the same number of processes."
         )
-    if bool(s.get("sharded")) != tr.par.fsdp:
+    if bool(s.get("sharded")) != trained.par.fsdp:
         raise ConfigError(
             f"--resume {path}: a {'sharded' if s.get('sharded') else 'whole'} state; this run "
-            f"{'shards' if tr.par.fsdp else 'does not shard'} its networks (--fsdp): resume it as it was written."
+            f"{'shards' if trained.par.fsdp else 'does not shard'} its networks (--fsdp): resume it as it was written."
         )
     try:
-        tr.G_ema.load_state_dict(s["G_ema"])
+        trained.nets.G_ema.load_state_dict(s["G_ema"])
         if s.get("sharded"):
-            _load_sharded(tr, s, Path(path))
+            _load_sharded(trained, s, Path(path))
         else:
-            for net, opt, key, opt_key in _nets_and_opts(tr):
+            for net, opt, key, opt_key in trained.nets_and_opts():
                 net.load_state_dict(s[key])
                 opt.load_state_dict(s[opt_key])
     except (RuntimeError, KeyError, ValueError) as e:
         raise ConfigError(f"--resume {path}: the state does not match this teacher/configuration: {e}") from None
-    tr.cur_nimg, tr.cur_tick, tr.tick_start_nimg = s["cur_nimg"], s["cur_tick"], s["tick_start_nimg"]
-    stats = s["stats"].to(tr.device)
-    if stats.shape != tr.stats.values.shape:
+    progress.cur_nimg, progress.cur_tick = s["cur_nimg"], s["cur_tick"]
+    progress.tick_start_nimg = s["tick_start_nimg"]
+    stats = s["stats"].to(ctx.device)
+    if stats.shape != progress.stats.values.shape:
         raise ConfigError(
-            f"--resume {path}: {len(stats)} tick statistics in the state, this trainer keeps {len(tr.stats.values)}."
+            f"--resume {path}: {len(stats)} tick statistics in the state, this trainer keeps "
+            f"{len(progress.stats.values)}."
         )
-    tr.stats.values = stats
-    tr.consec_bad = s["consec_bad"].to(tr.device)
-    tr.max_consec_bad = s["max_consec_bad"].to(tr.device)
-    tr.metrics_history = json.loads(s.get("metrics_history", "[]"))
-    rng = s["rng"][tr.rank]
+    progress.stats.values = stats
+    progress.consec_bad = s["consec_bad"].to(ctx.device)
+    progress.max_consec_bad = s["max_consec_bad"].to(ctx.device)
+    progress.metrics_history = json.loads(s.get("metrics_history", "[]"))
+    rng = s["rng"][ctx.rank]
     torch.set_rng_state(rng["cpu"])
-    if rng.get("cuda") is not None and tr.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], tr.device)
+    if rng.get("cuda") is not None and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], ctx.device)
 
 
-def save_training_state(tr) -> Path | None:
+def save_training_state(ctx: RunContext, progress: Progress, trained: Trained) -> Path | None:
     """Write the state into the run directory, then keep the newest --keep-states of them; every rank calls it (a
     collective) and gets the state's path (None without a run directory)."""
-    if tr.run_dir is None:
-        training_state(tr)  # the collective part, as the other ranks run it
+    if ctx.run_dir is None:
+        training_state(ctx, progress, trained)  # the collective part, as the other ranks run it
         return None
-    path = Path(tr.run_dir) / state_name(tr.cur_nimg, sharded=tr.par.fsdp)
-    if tr.par.fsdp:
-        _save_sharded(tr, path)
+    path = Path(ctx.run_dir) / state_name(progress.cur_nimg, sharded=trained.par.fsdp)
+    if trained.par.fsdp:
+        _save_sharded(ctx, progress, trained, path)
     else:
-        s = training_state(tr)
-        if tr.rank == 0:
+        s = training_state(ctx, progress, trained)
+        if ctx.rank == 0:
             checkpoints.atomic_save(s, path)
-    if tr.rank == 0 and tr.cfg.keep_states:
-        for old in list_states(tr.run_dir)[: -tr.cfg.keep_states]:
+    if ctx.rank == 0 and ctx.cfg.keep_states:
+        for old in list_states(ctx.run_dir)[: -ctx.cfg.keep_states]:
             shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     return path
 
@@ -152,45 +151,45 @@ def save_training_state(tr) -> Path | None:
 # The sharded format (--fsdp): torch.distributed.checkpoint.
 
 
-def _sharded_tensors(tr) -> dict:
+def _sharded_tensors(trained: Trained) -> dict:
     """G's and the fake score's state dicts (DTensor shards) and their Adam states keyed by parameter index."""
     out = {}
-    for net, opt, key, opt_key in _nets_and_opts(tr):
+    for net, opt, key, opt_key in trained.nets_and_opts():
         out[key] = net.state_dict()
         out[opt_key] = {str(i): dict(st) for i, st in opt.state_dict()["state"].items()}
     return out
 
 
-def _save_sharded(tr, path: Path) -> None:
+def _save_sharded(ctx: RunContext, progress: Progress, trained: Trained, path: Path) -> None:
     import torch.distributed.checkpoint as dcp  # start-up: ~0.5 s (sympy), sharded runs only
 
     tmp = path.with_name(path.name + ".tmp")
-    meta = training_state(tr, trained=False)  # collective
-    if tr.rank == 0:
+    meta = training_state(ctx, progress, trained, whole=False)  # collective
+    if ctx.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a write killed earlier
         tmp.mkdir(parents=True)
     dist.barrier()
     try:
-        dcp.save(_sharded_tensors(tr), checkpoint_id=str(tmp))  # collective: every rank writes its shards
-        if tr.rank == 0:
+        dcp.save(_sharded_tensors(trained), checkpoint_id=str(tmp))  # collective: every rank writes its shards
+        if ctx.rank == 0:
             checkpoints.atomic_save(meta, tmp / "meta.pt")
     except OSError as e:
         raise checkpoints.CheckpointError(f"{path}: writing failed ({e.strerror or e}); the previous state is intact.")
     dist.barrier()
-    if tr.rank == 0:
+    if ctx.rank == 0:
         shutil.rmtree(path, ignore_errors=True)  # the same images seen again: an earlier attempt's state
         os.replace(tmp, path)
         fsync_dir(path.parent)
     dist.barrier()
 
 
-def _load_sharded(tr, meta: dict, path: Path) -> None:
+def _load_sharded(trained: Trained, meta: dict, path: Path) -> None:
     """Read this rank's shards of G, the fake score and their Adam states from a sharded state."""
     import torch.distributed.checkpoint as dcp  # start-up: ~0.5 s (sympy), sharded runs only
 
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     target = {}
-    for net, _, key, opt_key in _nets_and_opts(tr):
+    for net, _, key, opt_key in trained.nets_and_opts():
         target[key] = net.state_dict()
         params = list(net.parameters())
         target[opt_key] = {}
@@ -205,13 +204,13 @@ def _load_sharded(tr, meta: dict, path: Path) -> None:
             value = torch.zeros_like(p, dtype=dtype) if like_p else torch.zeros(md.size, dtype=dtype)
             target[opt_key].setdefault(index, {})[field] = value
     dcp.load(target, checkpoint_id=str(path))  # collective: every rank reads its shards
-    for net, opt, key, opt_key in _nets_and_opts(tr):
+    for net, opt, key, opt_key in trained.nets_and_opts():
         net.load_state_dict(target[key])
         state = {int(i): st for i, st in target[opt_key].items()}
         opt.load_state_dict(dict(state=state, param_groups=meta["param_groups"][opt_key]))
 
 
-def gathered_trained_states(tr) -> dict:
+def gathered_trained_states(trained: Trained) -> dict:
     """G, the fake score and their Adam moments as whole tensors on every rank (a collective under --fsdp): for tests
     and for consolidating a sharded run's networks; the training state does not use it."""
 
@@ -219,7 +218,7 @@ def gathered_trained_states(tr) -> dict:
         return t.full_tensor().cpu() if hasattr(t, "full_tensor") else t
 
     out = {}
-    for net, opt, key, opt_key in _nets_and_opts(tr):
+    for net, opt, key, opt_key in trained.nets_and_opts():
         out[key] = {k: whole(v) for k, v in net.state_dict().items()}
         sd = opt.state_dict()
         out[opt_key] = dict(sd, state={i: {k: whole(v) for k, v in st.items()} for i, st in sd["state"].items()})
