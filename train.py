@@ -18,8 +18,20 @@ import click
 
 from sid_fast import families
 from sid_fast.flags import AliasOption, ImagesType
-from sid_fast.training.config import DOMAINS, PRESETS, ConfigError, resolve_config
+from sid_fast.training.config import (
+    CHECKPOINTING,
+    COMPILE_BACKENDS,
+    DOMAINS,
+    METHODS,
+    METRICS,
+    OPTIMIZERS,
+    PRECISIONS,
+    PRESETS,
+    ConfigError,
+    resolve_config,
+)
 from sid_fast.training.config import flag as flag_name
+from sid_fast.training.trackers import TRACKERS
 
 # Exit status of a run stopped by SIGTERM/SIGINT before --duration (EX_TEMPFAIL: run the same command again), so
 # that a scheduler's epilogue can requeue it; a finished run exits 0, a refused or failed one 1.
@@ -150,7 +162,7 @@ EXIT_STOPPED = 75
 @click.option(
     "--method",
     help="sid (data-free, default) or sida (adversarial, real images from --data)",
-    type=click.Choice(["sid", "sida"]),
+    type=click.Choice(METHODS),
 )
 @click.option(
     "--use-gan",
@@ -222,7 +234,7 @@ EXIT_STOPPED = 75
     "--precision",
     help="fp32 = reference (TF32 off, as SiD); fp16 = EDM's --fp16 mode (CUDA); tf32; bf16 (bf16 UNet bodies, "
     "fp32 weights/losses)",
-    type=click.Choice(["fp32", "fp16", "tf32", "bf16"]),
+    type=click.Choice(PRECISIONS),
 )
 @click.option(
     "--channels-last", "channels_last", help="NHWC memory format for networks and images", is_flag=True, default=None
@@ -232,7 +244,7 @@ EXIT_STOPPED = 75
     "--compile-backend",
     "compile_backend",
     help="torch.compile backend",
-    type=click.Choice(["inductor", "aot_eager", "eager"]),
+    type=click.Choice(COMPILE_BACKENDS),
 )
 @click.option(
     "--cuda-graphs",
@@ -245,12 +257,12 @@ EXIT_STOPPED = 75
     "--checkpointing",
     help="Activation checkpointing: nets/blocks (teacher and fake score, generator phase) or selective (every "
     "network with gradient, per UNet block, recomputing memory-bound ops only)",
-    type=click.Choice(["none", "nets", "blocks", "selective"]),
+    type=click.Choice(CHECKPOINTING),
 )
 @click.option(
     "--optimizer",
     help="adam (official), foreach or fused Adam (the latter two with foreach EMA)",
-    type=click.Choice(["adam", "foreach", "fused"]),
+    type=click.Choice(OPTIMIZERS),
 )
 @click.option(
     "--fsdp/--no-fsdp",
@@ -285,13 +297,13 @@ EXIT_STOPPED = 75
     "--tracker",
     help="Also send statistics, metrics and grids to TensorBoard (<run>/tensorboard), Weights & Biases, or both "
     "(rank 0)",
-    type=click.Choice(["none", "tensorboard", "wandb", "tensorboard,wandb"]),
+    type=click.Choice(TRACKERS),
 )
 @click.option("--tracker-project", "tracker_project", help="The W&B project (--tracker wandb)", metavar="STR", type=str)
 @click.option(
     "--metrics",
     help="Metrics of G_ema at snapshots (fid,fd-dinov2: both from one set of images, as EDM2)",
-    type=click.Choice(["fid", "fd-dinov2", "fid,fd-dinov2", "fd-digits", "none"]),
+    type=click.Choice(METRICS),
 )
 @click.option(
     "--dinov2",

@@ -261,6 +261,7 @@ def check_domains(cfg) -> None:
 PRECISIONS = ("fp32", "fp16", "tf32", "bf16")
 CHECKPOINTING = ("none", "nets", "blocks", "selective")
 OPTIMIZERS = ("adam", "foreach", "fused")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 METRICS = ("fid", "fd-dinov2", "fid,fd-dinov2", "fd-digits", "none")
 
 
@@ -324,8 +325,8 @@ def _validate_fast_path(cfg: TrainConfig) -> None:
         ops.parse(cfg.kernels)
     except ValueError as e:
         raise ConfigError(f"--kernels {cfg.kernels!r}: {e}") from None
-    if cfg.compile_backend not in ("inductor", "aot_eager", "eager"):
-        raise ConfigError(f"--compile-backend {cfg.compile_backend!r}: choose inductor, aot_eager or eager.")
+    if cfg.compile_backend not in COMPILE_BACKENDS:
+        raise ConfigError(f"--compile-backend {cfg.compile_backend!r}: choose one of {', '.join(COMPILE_BACKENDS)}.")
     if cfg.cuda_graphs:
         if not torch.cuda.is_available():
             raise ConfigError("--cuda-graphs needs a CUDA device; this machine has none.")
