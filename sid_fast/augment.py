@@ -21,6 +21,7 @@ Matrices and filters are float32, as EDM builds them.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -46,11 +47,25 @@ SYM6 = (
 )
 
 
+# Constants live on the device once, made at their first use (official EDM: misc.constant caches them per value, shape,
+# dtype and device), so that a step copies nothing from the host (sid_fast.guard).
+@functools.lru_cache(maxsize=4096)
+def constant(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of `value` (a number or a tuple, nested) resident on `device`; never written to."""
+    return torch.as_tensor(value, dtype=dtype, device=device)
+
+
 # 3x3 homogeneous 2-D transforms, batched: every argument is a [N] tensor or a Python number.
 def _matrix(rows, like: torch.Tensor) -> torch.Tensor:
     """Stack a 3x3 array of numbers/[N] tensors into [N, 3, 3] float32 (numbers broadcast over the batch)."""
     n = like.shape[0]
-    cols = [torch.as_tensor(v, dtype=torch.float32, device=like.device).expand(n) for r in rows for v in r]
+    cols = [
+        (v.to(torch.float32) if isinstance(v, torch.Tensor) else constant(float(v), torch.float32, like.device)).expand(
+            n
+        )
+        for r in rows
+        for v in r
+    ]
     return torch.stack(cols, dim=-1).reshape(n, 3, 3)
 
 
@@ -156,8 +171,8 @@ def _compose(G_inv, M):
 
 
 def _sym6(dtype, device, flip: bool) -> torch.Tensor:
-    h = np.asarray(SYM6, dtype=np.float32)
-    return torch.as_tensor((h[::-1] if flip else h).copy(), dtype=dtype, device=device)
+    h = tuple(float(v) for v in np.asarray(SYM6, dtype=np.float32))  # float32 values, as the taps always were
+    return constant(h[::-1] if flip else h, dtype, device)
 
 
 def warp(images: torch.Tensor, G_inv: torch.Tensor, fixed_margin: bool = False) -> torch.Tensor:
@@ -176,13 +191,13 @@ def warp(images: torch.Tensor, G_inv: torch.Tensor, fixed_margin: bool = False) 
     # Margin: how far the warped corners reach outside the image, plus the filters' border, clamped to [0, size-1]
     # (reflect padding cannot exceed the image). One margin for the whole batch, as EDM.
     cx, cy = (W - 1) / 2, (H - 1) / 2
-    corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], dtype=torch.float32, device=dev)
+    corners = constant(((-cx, -cy, 1.0), (cx, -cy, 1.0), (cx, cy, 1.0), (-cx, cy, 1.0)), torch.float32, dev)
     cp = G_inv @ corners.t()  # [N, xyz, corner]
     xy = cp[:, :2, :].permute(1, 0, 2).flatten(1)  # [xy, N * corner]
     margin = torch.cat([-xy, xy]).max(dim=1).values  # [x0, y0, x1, y1]
-    margin = margin + torch.tensor([pad * 2 - cx, pad * 2 - cy] * 2, dtype=torch.float32, device=dev)
+    margin = margin + constant((pad * 2 - cx, pad * 2 - cy) * 2, torch.float32, dev)
     margin = margin.maximum(torch.zeros(4, device=dev))
-    margin = margin.minimum(torch.tensor([W - 1, H - 1] * 2, dtype=torch.float32, device=dev))
+    margin = margin.minimum(constant((W - 1.0, H - 1.0) * 2, torch.float32, dev))
     if fixed_margin:
         mx0, my0, mx1, my1 = W - 1, H - 1, W - 1, H - 1
     else:

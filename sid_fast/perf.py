@@ -60,9 +60,12 @@ class annotate:
 
 
 def set_matmul_precision(precision: str) -> None:
+    """TF32 only with --precision tf32 (SiD's loop turns it off); cuDNN picks its convolution algorithms by timing
+    them once per shape (official EDM/SiD loops: cudnn.benchmark = True), on every path."""
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
 
 
 def is_diffusers(net: torch.nn.Module) -> bool:
@@ -85,9 +88,10 @@ def prepare_networks(cfg, teacher, trained, G_ema) -> None:
             if is_diffusers(net):
                 continue
             net.compute_dtype = torch.bfloat16
-            # One matmul for all blocks' embedding affine layers: eager only, and not with per-block checkpointing
-            # (a recomputed block would run its own affine layer, which the first forward did not).
-            batched = not grouped_casts_off(cfg) and cfg.checkpointing not in ("blocks", "selective")
+            # One matmul for all blocks' embedding affine layers: eager only, not with per-block checkpointing (a
+            # recomputed block would run its own affine layer, which the first forward did not), and not under FSDP2
+            # (each block is sharded apart: its weights are gathered by its own forward, after the batched matmul).
+            batched = not grouped_casts_off(cfg) and cfg.checkpointing not in ("blocks", "selective") and not cfg.fsdp
             if isinstance(getattr(net, "model", None), torch.nn.Module):  # EDM's UNets (EDM2's have no affine layers)
                 net.model.batched_affine = batched
             for m in net.modules():

@@ -80,17 +80,22 @@ def test_hub_convert_makes_a_pipeline_folder_that_diffusers_loads_and_samples(tr
     assert index["safety_checker"] == [None, None] and index["unet"] == ["diffusers", "UNet2DConditionModel"]
     pipe = StableDiffusionPipeline.from_pretrained(str(pipe_dir))
     assert all(torch.equal(v, g_ema[k]) for k, v in pipe.unet.state_dict().items())
-    # t2i.sample with the pipeline folder alone makes the same images as with the snapshot and its teacher.
+    # t2i.sample with the pipeline folder alone makes the same images as with the snapshot and its teacher (in this
+    # process: the pipeline folder was written and loaded above by fresh ones).
+    from click.testing import CliRunner
+
+    from sid_fast.t2i import sample
+
     a, b = tmp_path / "a", tmp_path / "b"
-    r1 = _cli("sid_fast.t2i.sample", "--network", str(pipe_dir), "--prompt", "a cat", "--seeds", "0-1",
-              "--outdir", str(a))  # fmt: skip
-    r2 = _cli("sid_fast.t2i.sample", "--network", str(snap), "--teacher", str(sd), "--prompt", "a cat",
-              "--seeds", "0-1", "--outdir", str(b))  # fmt: skip
-    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    r1 = CliRunner().invoke(sample.main, ["--network", str(pipe_dir), "--prompt", "a cat", "--seeds", "0-1",
+                                          "--outdir", str(a)])  # fmt: skip
+    r2 = CliRunner().invoke(sample.main, ["--network", str(snap), "--teacher", str(sd), "--prompt", "a cat",
+                                          "--seeds", "0-1", "--outdir", str(b)])  # fmt: skip
+    assert r1.exit_code == 0 and r2.exit_code == 0, r1.output + r2.output
     for name in ("000000.png", "000001.png"):
         assert np.array_equal(np.asarray(Image.open(a / name)), np.asarray(Image.open(b / name)))
-    r = _cli("sid_fast.t2i.sample", "--network", str(snap), "--prompt", "a cat", "--outdir", str(tmp_path / "c"))
-    assert r.returncode != 0 and "--teacher is required unless --network is a pipeline folder" in r.stderr
+    r = CliRunner().invoke(sample.main, ["--network", str(snap), "--prompt", "a cat", "--outdir", str(tmp_path / "c")])
+    assert r.exit_code != 0 and "--teacher is required unless --network is a pipeline folder" in r.output
 
 
 def test_hub_push_uploads_every_file_of_a_text_to_image_folder(trained, tmp_path, monkeypatch):

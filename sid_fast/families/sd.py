@@ -267,12 +267,20 @@ class SDFamily(Family):
 
     def draw(self, g, n: int, device, fake_phase: bool, image_shape=None):
         """(z, text embeddings [N, tokens, width]): prompt indices, z and (fake-score phase with guidance) the dropout
-        draws, in this order from `g`; dropped prompts get the empty prompt's embedding."""
+        draws, in this order from `g` (the indices read from a host copy of its stream); dropped prompts get the
+        empty prompt's embedding."""
         drop_p = self.drop_p if fake_phase else 0.0
-        idx = torch.randint(len(self.prompts), [n], device=device, generator=g)
+        # The prompt indices are needed on the host (to tokenise): they come from a host generator seeded as the
+        # micro-batch's, so nothing waits for the device (on the CPU they equal the device stream's first draw, which
+        # is still made so that z and the rest keep their places in the stream).
+        torch.randint(len(self.prompts), [n], device=device, generator=g)
         z = torch.randn(image_shape, device=device, generator=g)
-        meta = device.type == "meta"  # memory accounting: indices without values
-        cond = self.encode_prompts([""] * n if meta else [self.prompts[i] for i in idx.tolist()])
+        if device.type == "meta":  # memory accounting: indices without values
+            prompts = [""] * n
+        else:
+            host = torch.Generator().manual_seed(g.initial_seed())
+            prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), [n], generator=host).tolist()]
+        cond = self.encode_prompts(prompts)
         if drop_p > 0:
             drop = torch.rand([n], device=device, generator=g) < drop_p
             cond = map_cond(lambda u, c: torch.where(drop.reshape(-1, *[1] * (c.ndim - 1)), u, c), self.uncond, cond)

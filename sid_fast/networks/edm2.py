@@ -22,6 +22,7 @@ selected (q, k, v are pixel-normalised first, then EDM's attention op is the sam
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -44,16 +45,23 @@ def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     return x / norm.to(x.dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _resample_kernel(f: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The normalised outer product of f, [1, 1, k, k], made once per filter, dtype and device (official EDM2:
+    misc.const_like caches it) and never written to."""
+    f = np.asarray(f, dtype=np.float32)
+    if f.ndim != 1 or len(f) % 2:
+        raise ValueError(f"resample filter must be 1-D of even length, got {f.tolist()}")
+    f = f / f.sum()
+    return torch.as_tensor(np.outer(f, f)[None, None], dtype=dtype, device=device)
+
+
 def resample(x: torch.Tensor, f=(1, 1), mode: str = "keep") -> torch.Tensor:
     """'keep', 'down' (depthwise stride-2 conv with the normalised outer product of f) or 'up' (transposed, x4)."""
     if mode == "keep":
         return x
-    f = np.asarray(f, dtype=np.float32)
-    if f.ndim != 1 or len(f) % 2:
-        raise ValueError(f"resample filter must be 1-D of even length, got {f.tolist()}")
     pad = (len(f) - 1) // 2
-    f = f / f.sum()
-    k = torch.as_tensor(np.outer(f, f)[None, None], dtype=x.dtype, device=x.device)
+    k = _resample_kernel(tuple(f), x.dtype, x.device)
     c = x.shape[1]
     if mode == "down":
         return torch.nn.functional.conv2d(x, k.tile([c, 1, 1, 1]), groups=c, stride=2, padding=(pad,))

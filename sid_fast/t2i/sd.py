@@ -58,6 +58,7 @@ class Schedule:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise SDError(f"prediction_type {self.prediction_type!r}: SiD-LSG needs epsilon or v_prediction.")
         self.alphas_cumprod = scheduler.alphas_cumprod.detach().clone()  # float32, as diffusers computes it
+        self._resident: dict = {}  # (device, dtype) -> alphas_cumprod there
         self.num_train_timesteps = int(cfg.num_train_timesteps)
         self.clip_sample = bool(getattr(cfg, "clip_sample", False))
         self.clip_sample_range = float(getattr(cfg, "clip_sample_range", 1.0))
@@ -69,7 +70,10 @@ class Schedule:
         return cls(DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler"))
 
     def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        a = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)[t.to(like.device)]
+        key = (like.device, like.dtype)
+        if key not in self._resident:  # the schedule on the device once per dtype: a step copies nothing from the host
+            self._resident[key] = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
+        a = self._resident[key][t.to(like.device)]
         return a.reshape(-1, *([1] * (like.ndim - 1)))
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
@@ -236,7 +240,9 @@ class StableDiffusion:
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        return self.text_encoder(ids.to(device))[0]
+        if torch.device(device).type == "cuda":  # pinned, so that the copy does not wait for the device
+            ids = ids.pin_memory()
+        return self.text_encoder(ids.to(device, non_blocking=True))[0]
 
 
 class _ConfigOnly:

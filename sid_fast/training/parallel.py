@@ -69,8 +69,8 @@ class Parallel:
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
         arena = casts.current_arena_buffers()
         if arena:  # zero-filled where no gradient landed: cleaned whole
-            ptrs = {a.untyped_storage().data_ptr() for a in arena}
-            grads = [*arena, *(g for g in grads if g.untyped_storage().data_ptr() not in ptrs)]
+            owned = {storage_key(a) for a in arena}
+            grads = [*arena, *(g for g in grads if storage_key(g) not in owned)]
         for g in flat_buffers(grads):
             bad = bad | ~torch.isfinite(g).all()
             torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
@@ -81,12 +81,18 @@ class Parallel:
         return bad
 
 
+def storage_key(t: torch.Tensor) -> int:
+    """Which storage a tensor views: the storage object itself, not its address (on the meta device every address is
+    0, which made every gradient look like the arena's and left 13 per phase uncleaned in the meta-device counts)."""
+    return t.untyped_storage()._cdata
+
+
 def flat_buffers(tensors: list) -> list:
     """`tensors`, with every group of them that exactly tiles one storage (same dtype, dense, no overlap, covering it
     all) replaced by one flat view of that storage."""
     groups: dict = {}
     for t in tensors:
-        groups.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+        groups.setdefault(storage_key(t), []).append(t)
     out = []
     for group in groups.values():
         t0 = group[0]

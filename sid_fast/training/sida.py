@@ -132,7 +132,7 @@ class SiDATrainer(SiDTrainer):
             x = img.to(self.device, non_blocking=True).float() / 127.5 - 1
         onehot = None
         if self.family.label_dim:
-            onehot = torch.eye(self.family.label_dim, device=self.device)[labels.to(self.device)]
+            onehot = torch.eye(self.family.label_dim, device=self.device)[labels.to(self.device, non_blocking=True)]
         return x, onehot
 
     # Fake-score phase: the fake score is also the discriminator.
