@@ -2,8 +2,8 @@
 in sid_fast.families.base, and this registry, the one place that decides which family a configuration, a loaded
 network or a training state belongs to.
 
-A new family (e.g. flow-matching DiTs) is one module with its Family subclass, its denoiser and its presets, plus one
-line in FAMILIES.
+A new family (e.g. flow-matching DiTs) is one module with its Family subclass, its denoiser and its presets, plus its
+name in FAMILIES (and NETWORK_FAMILIES if its teachers are network files) and MODULES (its presets).
 """
 
 from __future__ import annotations
@@ -55,17 +55,18 @@ def load(cfg, device: torch.device, network=None, spec: TeacherSpec | None = Non
     and its `spec` are given: tests and benchmarks bring networks that are not files) and its inputs. Every refusal is
     one ConfigError or CheckpointError sentence naming the flag or the file."""
     family = detect(cfg, network)
-    family.check_config(cfg)
-    if family is SDFamily:
-        return SDFamily.load(cfg, device)
+    family.check_config(cfg)  # before any file is read
+    if family not in NETWORK_FAMILIES:  # a folder family (Stable Diffusion) loads its own teacher
+        return family.load(cfg, device)
     if network is None:
         network, info = checkpoints.load_network_file(cfg.teacher)
         spec = TeacherSpec(info["class_name"], info["init_kwargs"], network.state_dict(), info.get("meta", {}))
     elif spec is None:
         raise ValueError("families.load: a teacher network given without its TeacherSpec (class, kwargs, weights).")
-    family = detect(cfg, network)
-    family.check_config(cfg)
-    return family.load(cfg, device, network, spec, fid=fid)
+    owner = detect(cfg, network)  # the network decides between the network families
+    if owner is not family:
+        owner.check_config(cfg)
+    return owner.load(cfg, device, network, spec, fid=fid)
 
 
 def by_name(name: str) -> type[Family]:
