@@ -134,9 +134,14 @@ def gradient_arena(cfg, net: torch.nn.Module):
     return casts.gradient_arena(net.parameters())
 
 
-def preassign_gradients(cfg) -> None:
-    """Compiled bf16 rungs: the open gradient arena's buffer becomes the trained parameters' gradients (zeros)."""
-    if cfg.precision == "bf16" and (cfg.compile or cfg.cuda_graphs):
+def preassign_gradients(cfg, net: torch.nn.Module) -> None:
+    """The open gradient arena's buffer becomes the trained parameters' gradients (zeros) where no grouped cast writes
+    into it: compiled bf16 rungs, and eager bf16 networks without grouped casts (EDM2's: its gradients, cleaned per
+    parameter otherwise, are then cleaned as a few buffers; FSDP2's sharded gradients keep their own storage)."""
+    if cfg.precision != "bf16" or cfg.fsdp:
+        return
+    grouped = any(getattr(m, "group_casts", False) for m in net.modules())
+    if cfg.compile or cfg.cuda_graphs or not grouped:
         casts.preassign_arena()
 
 

@@ -390,3 +390,40 @@ def test_sida_reads_real_latents(tmp_path):
     torch.testing.assert_close(x, encode_latents(raw, tr.micro_batch_rng(REAL_LATENTS, 0)), rtol=0, atol=0)
     tr.step()
     assert torch.isfinite(tr.stats.values).all()
+
+
+def test_edm2_bf16_gradients_in_the_arena_equal_per_parameter_cleaning(monkeypatch):
+    """EDM2's networks have no grouped casts: on the bf16 path their gradients are handed the arena's zeroed slots when
+    a phase begins (autograd accumulates into them: 0 + g = g exactly) and are cleaned as a few buffers. Two steps
+    equal, bit for bit, the per-parameter cleaning they replace; a NaN in a gradient is still counted and cleaned."""
+    from sid_fast import casts
+    from sid_fast.training.parallel import storage_key
+
+    over = dict(precision="bf16", optimizer="fused", batch=8, batch_gpu=4, metrics="none")
+    in_arena = []
+
+    def two_steps(preassign: bool):
+        with monkeypatch.context() as m:
+            if not preassign:
+                m.setattr(casts, "preassign_arena", lambda: None)
+            tr = build_trainer(resolve_config("digits-edm2", over), torch.device("cpu"), log=lambda *_: None)
+            tr.step()
+            tr.stats.reduce()  # reset
+            clean = tr.par.clean_grads
+
+            def planted(params, device):  # a NaN in one gradient element of the next fake-score phase
+                params = list(params)
+                params[0].grad.view(-1)[0] = float("nan")
+                arena = {storage_key(b) for b in casts.current_arena_buffers()}
+                in_arena.append(all(storage_key(p.grad) in arena for p in params))
+                return clean(params, device)
+
+            m.setattr(tr.par, "clean_grads", planted)
+            tr.fake_score_phase()
+            return {k: v.clone() for k, v in tr.fake.state_dict().items()}, tr.stats.reduce()["bad_steps_fake"]
+
+    (a, bad_a), (b, bad_b) = two_steps(True), two_steps(False)
+    assert in_arena == [True, False]  # every gradient in the arena's buffers with the slots handed over, else none
+    assert bad_a == bad_b == 1
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

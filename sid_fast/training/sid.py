@@ -164,7 +164,7 @@ class SiDTrainer:
         trained.train().requires_grad_(True)
         self.denoiser.begin_phase(trained)
         opt.zero_grad(set_to_none=True)
-        perf.preassign_gradients(self.cfg)  # compiled rungs: the gradients accumulate into the arena's buffers
+        perf.preassign_gradients(self.cfg, trained)  # the gradients accumulate into the arena's buffers
 
     def _apply_gradients(self, net, opt, bad_slot: str, clip_value: float | None = None):
         """End of a phase: clean and count the gradients (then clip each element at +-clip_value, as the official
