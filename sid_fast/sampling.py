@@ -7,7 +7,6 @@ Latents and class labels are drawn per image from `torch.Generator().manual_seed
 from __future__ import annotations
 
 import numpy as np
-import PIL.Image
 import torch
 
 
@@ -123,6 +122,8 @@ def image_grid(
 
 
 def save_image(array: np.ndarray, path, scale: int = 1) -> None:
+    import PIL.Image  # start-up time: PIL costs ~0.1 s, paid where an image is written
+
     img = PIL.Image.fromarray(array, "L" if array.ndim == 2 else "RGB")
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), PIL.Image.NEAREST)

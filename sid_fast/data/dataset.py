@@ -17,7 +17,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -32,6 +31,8 @@ def _is_pow2(n: int) -> bool:
 
 def center_crop_resize(img, resolution: int):
     """PIL image -> center-cropped square -> LANCZOS resize to resolution (EDM's dataset tool resizes with LANCZOS)."""
+    import PIL.Image  # start-up time: PIL costs ~0.1 s, paid where images are read
+
     w, h = img.size
     s = min(w, h)
     if (w, h) != (s, s):
@@ -159,6 +160,8 @@ class ImageDataset:
 
     # -- images --------------------------------------------------------------------------------------------------
     def _load_raw(self, i: int) -> np.ndarray:
+        import PIL.Image  # start-up time: PIL costs ~0.1 s, paid where images are read
+
         name = self.names[i]
         try:
             with self._open(name) as f:

@@ -22,11 +22,6 @@ from sid_fast.data.digits import DigitsDataset
 from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks, SiDASupport, TeacherSpec
 from sid_fast.flags import ConfigError
 from sid_fast.losses import sample_edm_sigma, sample_generator_sigma
-from sid_fast.metrics import load_ref_stats
-from sid_fast.metrics.digits import fd_digits
-from sid_fast.metrics.dinov2 import load_dinov2
-from sid_fast.metrics.fid import fid_against, generator_stats
-from sid_fast.metrics.inception import load_detector
 from sid_fast.networks import build_network
 from sid_fast.networks.precond import PRECOND_TYPES
 from sid_fast.sampling import check_vae, latents_and_labels, onestep_sample, to_uint8
@@ -279,6 +274,9 @@ class EDMFamily(Family):
         hub.update_meta(folder, **meta)
 
     def evaluate(self, G_ema, cfg, device, rank: int, world: int):
+        from sid_fast.metrics.digits import fd_digits  # start-up: the metrics import scipy (~0.1 s)
+        from sid_fast.metrics.fid import fid_against, generator_stats  # start-up: scipy
+
         if cfg.metrics == "fd-digits" and rank == 0:
             seeds = list(range(10_000_000, 10_000_000 + cfg.metric_num))
             return {"fd_digits": fd_digits(self.sample(G_ema, cfg, seeds, device))}
@@ -429,6 +427,9 @@ def prepare_fid(cfg, device):
               if m in ("fid", "fd_dinov2")]  # fmt: skip
     if not wanted:
         return None, None
+    from sid_fast.metrics import load_ref_stats  # start-up: the metrics import scipy (~0.1 s)
+    from sid_fast.metrics.dinov2 import load_dinov2  # start-up: scipy
+    from sid_fast.metrics.inception import load_detector  # start-up: scipy
 
     detectors = {}
     try:
