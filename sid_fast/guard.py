@@ -81,9 +81,9 @@ def _where() -> str:
 
 
 def _device_of(args, kwargs):
-    for key in ("device",):
-        if kwargs.get(key) is not None:
-            return torch.device(kwargs[key])
+    """The device a call names (its `device` keyword, or a device among its positional arguments), or None."""
+    if kwargs.get("device") is not None:
+        return torch.device(kwargs["device"])
     for a in args:
         if isinstance(a, (torch.device, str)) and not isinstance(a, bool):
             try:

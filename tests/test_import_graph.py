@@ -162,7 +162,7 @@ def test_no_cycles(graph):
 
 
 def test_the_instruments_see_planted_faults(graph):
-    """Each rule reports a planted breach (the zeros above are not blind ones): the old circle checkpoints <-> hub,
+    """Each rule reports a planted breach (the zeros above are not blind ones): a circle checkpoints <-> hub,
     ops importing a network module, the trainer importing the run that builds it, the trainer importing the Stable
     Diffusion family's module, metrics importing the text-to-image package."""
     mods, edges = graph

@@ -83,7 +83,7 @@ class Parallel:
 
 def storage_key(t: torch.Tensor) -> int:
     """Which storage a tensor views: the storage object itself, not its address (on the meta device every address is
-    0, which made every gradient look like the arena's and left 13 per phase uncleaned in the meta-device counts)."""
+    0: by address, every gradient would look like the arena's)."""
     return t.untyped_storage()._cdata
 
 
