@@ -89,6 +89,13 @@ EXIT_STOPPED = 75
     metavar="FILE",
     type=str,
 )
+@click.option(
+    "--validation-prompts",
+    "validation_prompts",
+    help="SiD-LSG: the snapshot grid's prompts (the first 16 lines; default: the prompt file's)",
+    metavar="FILE",
+    type=str,
+)
 @click.option("--tmin", help="SiD-LSG: smallest timestep drawn (draws in [tmin, tmax))", metavar="INT", type=int)
 @click.option(
     "--init-timestep",

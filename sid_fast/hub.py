@@ -200,22 +200,32 @@ class OneStepSampler(torch.nn.Module):
 # Converting and pushing.
 
 
-def convert(src, dst, overwrite: bool = False, teacher=None) -> Path:
-    """A sid_fast `.pt` network file (or an EDM/SiD pickle, with its recorded kwargs) written as a folder; a
-    text-to-image generator folder (a diffusers UNet folder of sid_fast) with its Stable Diffusion `teacher` folder
-    written as a full diffusers pipeline folder (sid_fast.t2i.export.save_pipeline_folder). A folder `dst` holding
-    files other than the folder's own is refused unless `overwrite` (then they are kept)."""
-    if t2i_export.is_generator_folder(src):
-        if teacher is None:
-            raise CheckpointError(
-                f"{src}: a text-to-image generator becomes a pipeline folder with its teacher's text encoder, "
-                "tokenizer, VAE and scheduler; give the teacher's diffusers folder with --teacher."
-            )
+def convert(src, dst, overwrite: bool = False, teacher=None, base_model=None, license=None) -> Path:
+    """A sid_fast `.pt` network file (or an EDM/SiD pickle, with its recorded kwargs) written as a folder. A
+    text-to-image generator (a diffusers UNet folder of sid_fast, or an official SiD-LSG pickle) with its Stable
+    Diffusion `teacher` folder written as a full diffusers pipeline folder (sid_fast.t2i.export.save_pipeline_folder);
+    an official pickle without a teacher as a UNet folder. `base_model` (the teacher's Hub id) and `license` go into
+    the text-to-image folder's sid_fast.json and card. A folder `dst` holding files other than the folder's own is
+    refused unless `overwrite` (then they are kept)."""
+    extra = dict(base_model=base_model, license=license)
+    if t2i_export.is_generator(src):
         try:
-            check_folder_destination(dst, lambda n: n in t2i_export.PIPELINE_FILES, "hub convert", overwrite)
-            return t2i_export.save_pipeline_folder(dst, src, teacher, overwrite=overwrite)
+            if teacher is not None:
+                check_folder_destination(dst, lambda n: n in t2i_export.PIPELINE_FILES, "hub convert", overwrite)
+                return t2i_export.save_pipeline_folder(dst, src, teacher, overwrite=overwrite, **extra)
+            if t2i_export.is_generator_folder(src):
+                raise CheckpointError(
+                    f"{src}: a text-to-image generator becomes a pipeline folder with its teacher's text encoder, "
+                    "tokenizer, VAE and scheduler; give the teacher's diffusers folder with --teacher."
+                )
+            check_folder_destination(dst, lambda n: n in t2i_export.FOLDER_FILES, "hub convert", overwrite)
+            unet, meta = t2i_export.load_unet_folder(src)
+            meta = dict(meta, **{k: v for k, v in extra.items() if v is not None})
+            return t2i_export.save_unet_folder(dst, unet, overwrite=overwrite, **meta)
         except (DestinationError, SDError) as e:
             raise CheckpointError(str(e)) from None
+    if base_model is not None or license is not None:
+        raise CheckpointError(f"{src}: --base-model and --license are for text-to-image generators.")
     if teacher is not None:
         raise CheckpointError(
             f"--teacher {teacher}: only a text-to-image generator folder is converted with a teacher."
@@ -245,7 +255,7 @@ def push(folder, repo_id: str, private: bool = False, token: str | None = None, 
                 load_sd(folder, unet=False)
         except SDError as e:
             raise CheckpointError(str(e)) from None
-        card = t2i_export.model_card({k: v for k, v in meta.items() if k != "format"}, where=repo_id)
+        card = t2i_export.folder_card(folder, where=repo_id)
         files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file() and f.name != CARD)
     else:
         load_network_file(folder)
@@ -287,17 +297,24 @@ def main():
 @click.option(
     "--teacher", metavar="DIR", help="Text-to-image: the Stable Diffusion folder the generator was distilled from"
 )
+@click.option("--base-model", metavar="ID", help="Text-to-image: the teacher's Hub id, for the model card")
+@click.option("--license", "license_", metavar="ID", help="Text-to-image: the card's license (e.g. the teacher's)")
 @click.option("--overwrite", is_flag=True, help="Write into a FOLDER that holds other files (they are kept).")
-def convert_cmd(src, dst, teacher, overwrite):
-    """Write NETWORK (a sid_fast .pt, or an EDM/SiD .pkl) as the generator folder FOLDER; or a text-to-image
-    generator folder (a diffusers UNet, from train.py or state export) with --teacher as a full diffusers pipeline
-    folder (StableDiffusionPipeline.from_pretrained loads it)."""
+def convert_cmd(src, dst, teacher, base_model, license_, overwrite):
+    """Write NETWORK (a sid_fast .pt, or an EDM/SiD .pkl) as the generator folder FOLDER; a text-to-image generator
+    (a diffusers UNet folder from train.py or state export, or an official SiD-LSG .pkl) with --teacher as a full
+    diffusers pipeline folder that samples it in one call; an official SiD-LSG .pkl alone as a UNet folder."""
 
     try:
-        out = convert(src, dst, overwrite=overwrite, teacher=teacher)
+        out = convert(src, dst, overwrite=overwrite, teacher=teacher, base_model=base_model, license=license_)
     except CheckpointError as e:
         raise click.ClickException(str(e)) from None
-    names = t2i_export.PIPELINE_FILES if teacher is not None else FOLDER_FILES
+    if teacher is not None:
+        names = t2i_export.PIPELINE_FILES
+    elif t2i_export.is_generator(src):
+        names = t2i_export.FOLDER_FILES
+    else:
+        names = FOLDER_FILES
     click.echo(f"wrote {out}/ ({', '.join(names)})")
 
 

@@ -199,10 +199,13 @@ def _command_cases(gen: str, state: str, sd: str):
         ("t2i", "dtype"): ["fp64"],
         ("t2i", "grid"): ["__DIR__"],
         ("t2i", "resolution"): ["7", "8193", *numbers],
+        ("t2i", "init_timestep"): ["0", "1000", *numbers],
         ("hub convert", "src"): ["missing.pt"],
         ("hub convert", "dst"): ["__FILE__"],
         ("hub convert", "overwrite"): ["--overwrite=maybe"],
         ("hub convert", "teacher"): ["missing-folder"],  # given with a .pt network: refused
+        ("hub convert", "base_model"): ["someone/sd"],  # given with a .pt network: refused
+        ("hub convert", "license_"): ["openrail"],  # likewise
         ("hub push", "folder"): ["missing-folder"],
         ("hub push", "repo_id"): ["__GEN_PT__"],  # a file, not a generator folder
         ("hub push", "private"): ["--private=maybe"],
@@ -247,7 +250,11 @@ def _argv(command, option, value, base, cmds, tmp, gen, state):
         return [sub, *pos, value]
     pos = dict(
         convert=dict(
-            src=[value, str(tmp / "dst")], dst=[gen, value], teacher=[gen, str(tmp / "dst"), "--teacher", value]
+            src=[value, str(tmp / "dst")],
+            dst=[gen, value],
+            teacher=[gen, str(tmp / "dst"), "--teacher", value],
+            base_model=[gen, str(tmp / "dst"), "--base-model", value],
+            license_=[gen, str(tmp / "dst"), "--license", value],
         ),
         push=dict(folder=[value, "me/x"], repo_id=[value, "me/x"]),
         download=dict(repo_id=[value]),
@@ -336,6 +343,7 @@ OTHER_BAD = {
     "desc": ["a/b", "..", "x\x00y"],
     "data": ["missing.zip", "__FILE__"],
     "data_prompt_text": ["__FILE__", "missing.txt"],
+    "validation_prompts": ["missing.txt"],  # the digits preset's teacher takes no prompts
     "guidance": ["nan", "0", "-1", "inf", "x"],
     "return_logvar": ["--return-logvar=maybe"],
     "force_normalization": ["--no-force-normalization=1"],

@@ -154,3 +154,187 @@ def test_a_pipeline_folder_in_the_hub_cache_loads_offline_by_id(trained, tmp_pat
     local = hub.download("someone/lsg")
     unet, meta = t2i_export.load_unet_folder(local)
     assert meta["init_timestep"] == 625 and all(torch.equal(v, g_ema[k]) for k, v in unet.state_dict().items())
+    # t2i.sample takes the Hub id itself
+    from click.testing import CliRunner
+
+    from sid_fast.t2i import sample
+
+    r = CliRunner().invoke(sample.main, ["--network", "someone/lsg", "--prompt", "a cat", "--seeds", "0",
+                                         "--outdir", str(tmp_path / "out")])  # fmt: skip
+    assert r.exit_code == 0 and (tmp_path / "out" / "000000.png").is_file(), r.output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The released SiD-LSG generators: `pickle.dump(dict(ema=UNet2DConditionModel))` (official training loop, save_data).
+
+
+def _official_pickle(path, unet, half=False):
+    """A snapshot written the way the official loop writes it: a deep copy of G_ema in eval mode, plain pickle."""
+    import copy
+    import pickle
+
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    with open(path, "wb") as f:
+        pickle.dump(dict(ema=ema.half() if half else ema), f)
+    return path
+
+
+def test_an_official_pickle_loads_safely_and_serves_every_command(trained, tmp_path):
+    from click.testing import CliRunner
+    from diffusers import UNet2DConditionModel
+
+    from sid_fast.t2i import sample
+
+    sd, _, g_ema, snap = trained
+    unet = UNet2DConditionModel.from_pretrained(str(snap))
+    pkl = _official_pickle(tmp_path / "batch512_cfg222_t625_4812_v2.pkl", unet)
+    loaded, meta = t2i_export.load_unet_folder(pkl)
+    assert meta["init_timestep"] == 625 and meta["init_timestep_from"] == "file name"
+    assert all(torch.equal(v, g_ema[k]) for k, v in loaded.state_dict().items())
+    # fp16 weights (the official --fp16 1 runs) come back as the float32 values of those halves
+    half, meta = t2i_export.load_unet_folder(_official_pickle(tmp_path / "g.pkl", unet, half=True))
+    assert meta["init_timestep_from"] == "official default"
+    assert all(torch.equal(v, g_ema[k].half().float()) for k, v in half.state_dict().items())
+    # sampling: the same images as the snapshot folder it was made from
+    a, b = tmp_path / "a", tmp_path / "b"
+    for net, out in ((pkl, a), (snap, b)):
+        r = CliRunner().invoke(sample.main, ["--network", str(net), "--teacher", str(sd), "--prompt", "a cat",
+                                             "--seeds", "0-1", "--outdir", str(out)])  # fmt: skip
+        assert r.exit_code == 0, r.output
+    for name in ("000000.png", "000001.png"):
+        assert np.array_equal(np.asarray(Image.open(a / name)), np.asarray(Image.open(b / name)))
+    # hub convert: alone a UNet folder, with the teacher a pipeline folder, each carrying the file's name
+    r = _cli("sid_fast.hub", "convert", str(pkl), str(tmp_path / "unet"))
+    assert r.returncode == 0, r.stderr
+    assert all(torch.equal(v, g_ema[k]) for k, v in UNet2DConditionModel.from_pretrained(str(tmp_path / "unet"))
+               .state_dict().items())  # fmt: skip
+    r = _cli(
+        "sid_fast.hub",
+        "convert",
+        str(pkl),
+        str(tmp_path / "pipe"),
+        "--teacher",
+        str(sd),
+        "--base-model",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "--license",
+        "creativeml-openrail-m",
+    )
+    assert r.returncode == 0, r.stderr
+    card = (tmp_path / "pipe" / "README.md").read_text()
+    assert "base_model: stable-diffusion-v1-5/stable-diffusion-v1-5" in card
+    assert "license: creativeml-openrail-m" in card
+    assert "| converted_from | batch512_cfg222_t625_4812_v2.pkl |" in card
+    # --sid-model: G and G_ema start from it, the fake score from the teacher
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    cfg = resolve_config("sd15-lsg2", dict(teacher=str(sd), data_prompt_text=str(prompts), resolution=8, batch=2,
+                                           batch_gpu=2, sid_model=str(pkl)))  # fmt: skip
+    tr = build_trainer(cfg, torch.device("cpu"), log=lambda *a: None)
+    teacher = UNet2DConditionModel.from_pretrained(str(sd), subfolder="unet").state_dict()
+    assert all(torch.equal(v, g_ema[k]) for k, v in tr.G.state_dict().items())
+    assert all(torch.equal(v, g_ema[k]) for k, v in tr.G_ema.state_dict().items())
+    assert all(torch.equal(v, teacher[k]) for k, v in tr.fake.state_dict().items())
+
+
+class _Evil:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def test_official_pickles_that_are_not_generators_are_refused_and_nothing_runs(trained, tmp_path):
+    import pickle
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
+
+    from sid_fast.t2i.pickles import load_official_generator
+
+    sd, _, _, snap = trained
+    unet = UNet2DConditionModel.from_pretrained(str(snap)).eval()
+    marker = tmp_path / "pwned"
+
+    def refused(name, obj, match):
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+        with pytest.raises(CheckpointError, match=match) as e:
+            load_official_generator(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+        return path
+
+    # a foreign global after the UNet's classes: refused by name, never called
+    refused("evil.pkl", dict(ema=unet, x=_Evil(os.system, f"touch {marker}")), r"global 'posix\.system' is not allowed")
+    assert not marker.exists()
+    # a diffusers function called by the file: it becomes an inert stub, so the call fails and nothing runs
+    level = diffusers_logging.get_verbosity()
+    refused("call.pkl", dict(ema=_Evil(diffusers_logging.set_verbosity, 50)), "not a readable generator pickle")
+    assert diffusers_logging.get_verbosity() == level
+    # another diffusers model, a UNet whose tensors do not match its configuration, an implausible configuration
+    vae = AutoencoderKL.from_pretrained(str(sd), subfolder="vae")
+    refused("vae.pkl", dict(ema=vae), "its 'ema' is a diffusers.*AutoencoderKL, not a diffusers UNet2DConditionModel")
+    cut = UNet2DConditionModel.from_pretrained(str(snap))
+    del cut.conv_out.bias
+    cut.conv_out.register_parameter("bias", None)
+    refused("cut.pkl", dict(ema=cut), r"do not match its configuration \(1 differ.*conv_out\.bias")
+    big = UNet2DConditionModel.from_pretrained(str(snap))
+    big._internal_dict = dict(big.config, cross_attention_dim=10**9)
+    refused("big.pkl", dict(ema=big), "cross_attention_dim=1000000000 is outside any plausible UNet")
+    refused("noema.pkl", dict(G=unet), "expected a dict with the key 'ema'")
+    path = _official_pickle(tmp_path / "whole.pkl", unet)
+    (tmp_path / "short.pkl").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_official_generator(tmp_path / "short.pkl")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model cards whose snippets run as written.
+
+
+def test_the_pipeline_cards_snippet_reproduces_sid_fasts_sample_in_a_fresh_process(trained, tmp_path):
+    sd, _, _, snap = trained
+    pipe_dir = tmp_path / "lsg-pipeline"
+    r = _cli("sid_fast.hub", "convert", str(snap), str(pipe_dir), "--teacher", str(sd))
+    assert r.returncode == 0, r.stderr
+    card = (pipe_dir / "README.md").read_text()
+    meta = card.split("---")[1]
+    assert "library_name: diffusers" in meta and "pipeline_tag: text-to-image" in meta
+    assert json.loads((pipe_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
+    code = __import__("re").search(r"```python\n(.*?)```", card, __import__("re").S).group(1)
+    code += "\nimport numpy as np\nnp.save('pixels.npy', pixels.numpy())\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prompt = __import__("re").search(r'prompt = "(.*)"', code).group(1)
+    r = _cli("sid_fast.t2i.sample", "--network", str(pipe_dir), "--prompt", prompt, "--seeds", "0", "--outdir",
+             str(tmp_path / "out"))  # fmt: skip
+    assert r.returncode == 0 and "wrote" in r.stdout, r.stderr
+    mine = np.asarray(Image.open(tmp_path / "out" / "000000.png"))
+    pixels = np.load(tmp_path / "pixels.npy")[0].transpose(1, 2, 0)
+    assert np.array_equal(pixels, mine)  # bit for bit
+    # diffusers' own PIL image: the same up to its rounding ((x + 1) * 127.5 rounded, not x * 127.5 + 128 truncated)
+    image = np.asarray(Image.open(tmp_path / "sample.png")).astype(int)
+    assert image.shape == mine.shape and np.abs(image - mine.astype(int)).max() <= 1
+
+
+def test_validation_prompts_set_the_grid_and_a_hub_id_teacher_is_answered_with_the_command(trained, tmp_path):
+    from sid_fast.flags import ConfigError
+    from sid_fast.t2i.sd import SDError, load_sd
+
+    sd, _, _, _ = trained
+    prompts, grid = tmp_path / "p.txt", tmp_path / "grid.txt"
+    prompts.write_text("a cat\nthe dog\n")
+    grid.write_text("a red car\n")
+    base = dict(teacher=str(sd), data_prompt_text=str(prompts), resolution=8, batch=2, batch_gpu=2)
+    tr = build_trainer(resolve_config("sd15-lsg2", dict(base, validation_prompts=str(grid))), torch.device("cpu"),
+                       log=lambda *a: None)  # fmt: skip
+    assert tr.family.grid_prompts == ["a red car"]
+    with pytest.raises(ConfigError, match="--validation-prompts .*missing.txt"):
+        build_trainer(resolve_config("sd15-lsg2", dict(base, validation_prompts=str(tmp_path / "missing.txt"))),
+                      torch.device("cpu"), log=lambda *a: None)  # fmt: skip
+    with pytest.raises(ConfigError, match="--validation-prompts .*is not one"):
+        resolve_config("digits", dict(validation_prompts=str(grid)))
+    with pytest.raises(SDError, match=r"fetch it with `hf download someone/sd-model --local-dir sd-model --include"):
+        load_sd("someone/sd-model")

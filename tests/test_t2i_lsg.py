@@ -241,7 +241,7 @@ def test_two_iterations_equal_the_official_formulas_in_float64(sd_folder, v_fold
 def test_a_run_writes_a_diffusers_unet_whose_card_snippet_samples_it(sd_folder, prompt_file, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from sid_fast.t2i.export import CARD, load_unet_folder, onestep_latents
+    from sid_fast.t2i.export import CARD, decode, load_unet_folder, onestep_latents
     from sid_fast.t2i.sd import load_sd
     from sid_fast.training.run import run
 
@@ -260,17 +260,19 @@ def test_a_run_writes_a_diffusers_unet_whose_card_snippet_samples_it(sd_folder, 
         assert torch.equal(v, state["G_ema"][k]), k
     g, meta = load_unet_folder(snaps[-1])
     assert meta["init_timestep"] == 625 and meta["guidance"] == [2.0, 2.0, 2.0] and meta["kimg"] == 0.008
-    # The model card's one-step snippet, run as a diffusers user would (paths filled in), samples the generator.
+    # The model card's snippet, run as a diffusers user would (the teacher's folder name given as its path), makes
+    # exactly sid_fast's latents and pixels (the snapshot's path is the card's own).
     card = (snaps[-1] / CARD).read_text()
+    assert f'UNet2DConditionModel.from_pretrained("{snaps[-1]}")' in card
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
-    code = code.replace('"PATH"', repr(str(snaps[-1]))).replace(f'"{sd_folder.name}"', repr(str(sd_folder)))
+    code = code.replace(f'"{sd_folder.name}"', repr(str(sd_folder))).replace('image.save("sample.png")', "")
     ns = {}
     exec(code, ns)
     sd = load_sd(sd_folder)
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    want = onestep_latents(g, sd.schedule, z, sd.encode_text(["a photo of a cat"]), 625)
-    torch.testing.assert_close(ns["latents"], want, rtol=1e-5, atol=1e-5)
-    assert ns["image"].shape == (1, 3, 16, 16)
+    want = onestep_latents(g, sd.schedule, z, sd.encode_text([ns["prompt"]]), 625)
+    assert torch.equal(ns["latents"], want)
+    assert torch.equal(ns["pixels"], decode(sd.vae, want, "cpu"))
 
 
 def test_resume_continues_bit_exactly(sd_folder, prompt_file, tmp_path):
@@ -473,7 +475,7 @@ def test_the_sampling_cli_makes_the_same_image_for_a_prompt_and_seed_in_any_batc
     for args, message in (
         ([], "give one of --prompt TEXT or --prompts FILE"),
         (["--prompts", str(prompt_file), "--seeds", "5"], "seed 5 has no line in"),
-        (["--prompt", "a cat", "--network", str(tmp_path)], "not a sid_fast text-to-image generator folder"),
+        (["--prompt", "a cat", "--network", str(tmp_path)], "not a sid_fast text-to-image generator"),
     ):
         r = CliRunner().invoke(sample.main, [*common, *args, "--outdir", str(tmp_path / "c")])
         assert r.exit_code != 0 and message in r.output, (args, r.output)

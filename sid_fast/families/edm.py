@@ -147,6 +147,11 @@ class EDMFamily(Family):
                     f"--{name.replace('_', '-')} {getattr(cfg, name):g}: guidance applies to Stable Diffusion teachers "
                     f"(a diffusers folder); --teacher {cfg.teacher} is not one."
                 )
+        if cfg.validation_prompts is not None:
+            raise ConfigError(
+                f"--validation-prompts {cfg.validation_prompts}: prompts condition Stable Diffusion teachers (a "
+                f"diffusers folder); --teacher {cfg.teacher} is not one."
+            )
         if cfg.data_prompt_text is not None:
             raise ConfigError(
                 f"--data-prompt-text {cfg.data_prompt_text}: prompts condition Stable Diffusion teachers (a diffusers "

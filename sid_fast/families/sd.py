@@ -47,6 +47,7 @@ from sid_fast.t2i.sd import (
     SDError,
     StableDiffusion,
     fake_score_loss_rows,
+    fetch_command,
     guided_output,
     load_sd,
     map_cond,
@@ -164,11 +165,9 @@ class SDFamily(Family):
     @classmethod
     def missing_teacher(cls, cfg) -> str:
         repo = SD_HUB_REPOS[cfg.official_teacher]
-        include = " ".join("--include " + f for f in SD_HUB_FILES)
         return (
             f"--teacher is required for preset {cfg.preset!r}: a local diffusers folder of {repo}, e.g. fetched with "
-            f"`hf download {repo} --local-dir {cfg.official_teacher} {include}` (huggingface_hub's CLI; sid_fast "
-            "itself downloads nothing)."
+            f"`{fetch_command(repo, cfg.official_teacher)}` (huggingface_hub's CLI; sid_fast itself downloads nothing)."
         )
 
     @classmethod
@@ -181,7 +180,6 @@ class SDFamily(Family):
         for flag, value, shown, why in (
             ("--method", cfg.method != "sid", cfg.method, "SiDA with a Stable Diffusion teacher is not built"),
             ("--data", cfg.data is not None, cfg.data, "SiD-LSG is data-free: prompts come from --data-prompt-text"),
-            ("--sid-model", cfg.sid_model is not None, cfg.sid_model, "starting G from a distilled UNet is not built"),
             ("--metrics", cfg.metrics not in ("none", "fd-digits"), cfg.metrics, "FID-30k and CLIP score of "
              "text-to-image runs are not computed in the trainer (give --metrics none)"),
         ):  # fmt: skip
@@ -232,13 +230,24 @@ class SDFamily(Family):
                 f"--init-timestep {cfg.init_timestep}: the teacher {cfg.teacher} has {steps} timesteps "
                 f"(0 to {steps - 1})."
             )
-        return cls(cfg, device, sd, prompts)
+        family = cls(cfg, device, sd, prompts)
+        if cfg.sid_model is not None:
+            family.generator_init = load_sid_model(cfg, sd.unet)
+        return family
 
     def __init__(self, cfg, device, sd: StableDiffusion, prompts):
         """From loaded parts (tests and benchmarks bring their own): the text encoder on the device, the VAE on the
-        CPU (on the accelerator only while a snapshot decodes), the empty prompt's embedding computed once."""
+        CPU (on the accelerator only while a snapshot decodes), the empty prompt's embedding computed once; the
+        snapshot grid's prompts (--validation-prompts, else the prompt file's first lines)."""
         self.sd, self.prompts, self.device = sd, prompts, device
         self.prompt_file = cfg.data_prompt_text
+        self.generator_init = None  # --sid-model's weights (load)
+        self.grid_prompts = prompts
+        if cfg.validation_prompts is not None:
+            try:
+                self.grid_prompts = read_prompts(cfg.validation_prompts)
+            except PromptError as e:
+                raise ConfigError(f"--validation-prompts {e}") from None
         if sd.text_encoder is not None:
             sd.text_encoder.to(device)
         if sd.vae is not None:
@@ -248,10 +257,13 @@ class SDFamily(Family):
 
     # Networks.
     def build_networks(self, cfg, device, log) -> Networks:
-        """The teacher UNet (frozen), G and the fake score as its copies (official: both start from the teacher), and
-        G_ema as a copy of G."""
+        """The teacher UNet (frozen), G and the fake score as its copies (official: both start from the teacher; G
+        from a distilled generator's weights with --sid-model), and G_ema as a copy of G."""
         teacher = self.sd.unet.to(device).eval().requires_grad_(False)
         G = copy.deepcopy(teacher).train().requires_grad_(True)
+        if self.generator_init is not None:
+            G.load_state_dict(self.generator_init, strict=True)
+            log(f"G and G_ema start from --sid-model {cfg.sid_model}.")
         fake = copy.deepcopy(teacher).train().requires_grad_(True)
         G_ema = copy.deepcopy(G).eval().requires_grad_(False)
         kwargs = unet_config(teacher)
@@ -305,8 +317,9 @@ class SDFamily(Family):
                                       cfg.init_timestep)  # fmt: skip
 
     def grid(self, G_ema, cfg, device):
-        """16 prompts of the file (the first 16 lines, repeated if fewer), seeds 0-15, decoded by the VAE."""
-        prompts = [self.prompts[i % len(self.prompts)] for i in range(16)]
+        """16 prompts (the first 16 lines of --validation-prompts or of the prompt file, repeated if fewer), seeds
+        0-15, decoded by the VAE."""
+        prompts = [self.grid_prompts[i % len(self.grid_prompts)] for i in range(16)]
         return export.decode(self.sd.vae, self.sample_latents(G_ema, cfg, prompts, range(16), device), device)
 
     def write_generator(self, folder, nets: Networks, cfg, kimg: float) -> Path:
@@ -315,6 +328,7 @@ class SDFamily(Family):
             nets.G_ema,
             overwrite=True,  # the run's own folder: a file someone put there is kept, never a reason to stop training
             **generator_meta(cfg.to_json(), kimg),
+            example_prompt=self.grid_prompts[0],
         )
 
     def update_generator(self, folder, **meta) -> None:
@@ -370,8 +384,10 @@ class SDFamily(Family):
 
 
 def generator_meta(cfg_json: dict, kimg: float) -> dict:
-    """sid_fast.json of a Stable Diffusion generator folder: how it samples (init_timestep) and how it was made."""
-    return dict(
+    """sid_fast.json of a Stable Diffusion generator folder: how it samples (init_timestep), how it was made, and for
+    the presets' public teachers their Hub id and license (the model card's base_model and license)."""
+    official = cfg_json.get("official_teacher")
+    meta = dict(
         init_timestep=cfg_json["init_timestep"],
         teacher=Path(str(cfg_json["teacher"])).name,
         preset=cfg_json["preset"],
@@ -379,6 +395,27 @@ def generator_meta(cfg_json: dict, kimg: float) -> dict:
         guidance=[cfg_json["cfg_train_fake"], cfg_json["cfg_eval_fake"], cfg_json["cfg_eval_real"]],
         alpha=cfg_json["alpha"],
     )
+    if official in SD_HUB_REPOS:
+        meta.update(base_model=SD_HUB_REPOS[official], license=SD_LICENSES[official])
+    return meta
+
+
+def load_sid_model(cfg, teacher_unet) -> dict:
+    """--sid-model: a distilled generator's weights (a sid_fast UNet or pipeline folder, or an official SiD-LSG
+    pickle, read safely), which must fit the teacher's UNet exactly."""
+    try:
+        unet, _ = export.load_unet_folder(cfg.sid_model)
+    except SDError as e:
+        raise ConfigError(f"--sid-model {e}") from None
+    want = {k: tuple(v.shape) for k, v in teacher_unet.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    if got != want:
+        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+        raise ConfigError(
+            f"--sid-model {cfg.sid_model}: not a generator of the teacher's UNet ({len(diff)} tensors differ in name "
+            f"or shape, e.g. {diff[0]})."
+        )
+    return {k: v.float() for k, v in unet.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,8 +495,5 @@ SD_HUB_REPOS = {
     "stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "stable-diffusion-2-1-base": "stabilityai/stable-diffusion-2-1-base",
 }
-SD_HUB_FILES = (
-    "model_index.json", "'scheduler/*'", "'tokenizer/*'", "text_encoder/config.json", "text_encoder/model.safetensors",
-    "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-)  # fmt: skip
+# Their licenses (the Hub repositories' model cards), which a generator distilled from them carries on.
+SD_LICENSES = {"stable-diffusion-v1-5": "creativeml-openrail-m", "stable-diffusion-2-1-base": "openrail++"}

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from sid_fast.checkpoints import CheckpointError, atomic_write_text, plain_value
 from sid_fast.storage import atomic_folder
+from sid_fast.t2i import pickles
 from sid_fast.t2i.sd import SDError, load_sd, unet_model
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name
@@ -24,7 +25,7 @@ SID_META = "sid_fast.json"
 CARD = "README.md"
 FOLDER_FILES = (WEIGHTS, CONFIG, SID_META, CARD)
 INDEX = "model_index.json"  # a diffusers pipeline folder
-COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "vae")  # taken from the teacher's folder
+COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "vae")  # a pipeline's besides the UNet
 PIPELINE_FILES = (INDEX, SID_META, CARD, "unet", *COMPONENTS)
 
 
@@ -61,64 +62,170 @@ def decode(vae, latents: torch.Tensor, device, batch: int = 16) -> torch.Tensor:
         vae.to(home)
 
 
-def model_card(meta: dict, where: str = "PATH") -> str:
-    teacher = meta.get("teacher") or "TEACHER_FOLDER"
+# The one-step scheduler of a pipeline folder: DDIM over the teacher's own betas (trained_betas: the same float32
+# values, so the same alphas_cumprod bit for bit) with num_train_timesteps = t + 1, so that its single "trailing" step
+# is t (round(t + 1) - 1) and the step after it is the end (alpha_prev = 1, set_alpha_to_one): scheduler.step returns
+# exactly the UNet's x0-prediction (DDIM's prev_sample = sqrt(1) x0 + sqrt(0) eps). Checked bit for bit against
+# onestep_latents through StableDiffusionPipeline (tests/test_sd_outputs.py). Not chosen: steps_offset = t with
+# "leading" spacing (StableDiffusionPipeline resets steps_offset to 1 when it loads), LCMScheduler with
+# timesteps=[t] (adds c_skip(t) x_t ~ 6e-9 x_t), DDPMScheduler with timesteps=[t] (adds 1e-10 noise at t > 0).
+def onestep_scheduler(teacher_scheduler, init_timestep: int):
+    """A DDIMScheduler of the teacher's noise schedule whose one step (num_inference_steps=1) is the generator's."""
+    from diffusers import DDIMScheduler  # an optional dependency: text-to-image only
+
+    betas = [float(b) for b in teacher_scheduler.betas.to(torch.float32)]  # float32 values, exact in JSON
+    return DDIMScheduler.from_config(
+        teacher_scheduler.config,
+        trained_betas=betas,
+        num_train_timesteps=int(init_timestep) + 1,
+        timestep_spacing="trailing",
+        steps_offset=1,  # what StableDiffusionPipeline requires (trailing spacing does not read it)
+        set_alpha_to_one=True,
+        clip_sample=False,
+        thresholding=False,
+        rescale_betas_zero_snr=False,
+    )
+
+
+def card_data(meta: dict):
+    """The card's YAML front matter, through huggingface_hub's own classes."""
+    from huggingface_hub import ModelCardData  # diffusers' own dependency
+
+    return ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        base_model=meta.get("base_model"),
+        license=meta.get("license"),
+        tags=["sid-lsg", "score-identity-distillation", "one-step", "text-to-image", "sid_fast"],
+    )
+
+
+def model_card(meta: dict, where: str, pipeline: bool, latent_shape, teacher: str | None = None) -> str:
+    """The README.md of a generator folder (huggingface_hub's ModelCard): front matter (library, pipeline tag, base
+    model, license), what the generator is, how it was made, its metrics as a table, and a diffusers snippet that
+    samples it as sid_fast does: the pipeline's one DDIM step at the generator's timestep on latents sqrt(1 - abar) z.
+    `where`: the folder's path or Hub id; `teacher`: the base pipeline's (a UNet folder's snippet loads it)."""
+    from huggingface_hub import ModelCard
+
     t = meta.get("init_timestep")
-    facts = [(k, meta.get(k)) for k in ("teacher", "preset", "kimg", "guidance", "alpha", "init_timestep", "metrics")]
+    c, h, w = latent_shape
+    prompt = meta.get("example_prompt") or "a photo of a cat"
+    teacher = teacher or meta.get("base_model") or meta.get("teacher") or "TEACHER"
+    facts = [(k, meta.get(k)) for k in ("preset", "teacher", "kimg", "guidance", "alpha", "init_timestep", "source",
+                                        "converted_from") if meta.get(k) is not None]  # fmt: skip
+    metrics = meta.get("metrics") or {}
+    load = (
+        [f'pipe = StableDiffusionPipeline.from_pretrained("{where}")  # its scheduler: one DDIM step at t = {t}']
+        if pipeline
+        else [
+            f'unet = UNet2DConditionModel.from_pretrained("{where}")',
+            f'pipe = StableDiffusionPipeline.from_pretrained("{teacher}", unet=unet, safety_checker=None)',
+            "# One DDIM step at t, ending at alpha = 1: the step returns the UNet's x0-prediction exactly.",
+            "pipe.scheduler = DDIMScheduler.from_config(",
+            f"    pipe.scheduler.config, trained_betas=pipe.scheduler.betas.tolist(), num_train_timesteps={t} + 1,",
+            '    timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)',
+        ]
+    )
     lines = [
         "---",
-        "library_name: diffusers",
-        "tags: [sid-lsg, one-step, text-to-image, score-identity-distillation]",
+        card_data(meta).to_yaml(),
         "---",
         "",
         "# One-step text-to-image generator distilled with SiD-LSG (sid_fast)",
         "",
         "A Stable Diffusion UNet (diffusers' `UNet2DConditionModel`) that makes an image in one call: the latents are",
-        f"its x0-prediction at timestep {t} on sqrt(1 - abar_{t}) z, decoded by the teacher's VAE.",
+        f"its x0-prediction at timestep {t} on sqrt(1 - abar_{t}) z, decoded by the teacher's VAE, with no",
+        "classifier-free guidance at sampling time (the guidance was distilled into it).",
         "",
         "| | |",
         "|---|---|",
-        *[f"| {k} | {v} |" for k, v in facts if v is not None],
+        *[f"| {k} | {v} |" for k, v in facts],
         "",
-        "## One step with diffusers",
+    ]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in metrics.items()], ""]
+    lines += [
+        "## Sampling with diffusers",
         "",
         "```python",
         "import torch",
-        "from diffusers import StableDiffusionPipeline, UNet2DConditionModel",
+        "from diffusers import StableDiffusionPipeline"
+        if pipeline
+        else "from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel",
         "",
-        f'unet = UNet2DConditionModel.from_pretrained("{where}")',
-        f'pipe = StableDiffusionPipeline.from_pretrained("{teacher}", unet=unet, safety_checker=None)',
-        f"t = {t}",
+        *load,
+        f"t = {t}  # the generator's timestep",
         "abar = pipe.scheduler.alphas_cumprod[t]",
-        "emb = pipe.encode_prompt(['a photo of a cat'], 'cpu', 1, False)[0]",
-        "z = torch.randn(1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,",
-        "                generator=torch.Generator().manual_seed(0))",
-        "x = (1 - abar).sqrt() * z",
+        f"z = torch.randn(1, {c}, {h}, {w}, generator=torch.Generator().manual_seed(0))  # seed 0",
+        f'prompt = "{prompt}"',
+        "image = pipe(prompt, num_inference_steps=1, guidance_scale=1.0, latents=(1 - abar).sqrt() * z).images[0]",
+        'image.save("sample.png")',
+        "",
+        "# The pixels sid_fast.t2i.sample and the official sampler save (x * 127.5 + 128, truncated; diffusers rounds",
+        "# (x + 1) * 127.5, so a pixel of `image` can differ from theirs by one level):",
+        "latents = pipe(prompt, num_inference_steps=1, guidance_scale=1.0, latents=(1 - abar).sqrt() * z,",
+        '               output_type="latent").images',
         "with torch.no_grad():",
-        "    eps = unet(x, torch.tensor([t]), encoder_hidden_states=emb).sample",
-        "    latents = (x - (1 - abar).sqrt() * eps) / abar.sqrt()",
-        "    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample  # [-1, 1]",
+        "    x = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample",
+        "pixels = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)  # [1, C, H, W]",
+        "```",
+        "",
+        f"The scheduler is DDIM over the teacher's betas with num_train_timesteps {t} + 1, so that its one step is t =",
+        f"{t}; the teacher's own scheduler samples this generator wrongly (its one step is at another timestep, and",
+        "its default call takes many steps from pure noise).",
+        "",
+        "```bash",
+        f"python -m sid_fast.t2i.sample --network {where} {'' if pipeline else f'--teacher {teacher} '}"
+        f'--prompt "{prompt}" --seeds 0-15 --outdir out --grid grid.png',
         "```",
         "",
         'References: Zhou, Wang, Zheng, Huang, "Guided Score identity Distillation for Data-Free One-Step',
         'Text-to-Image Generation", ICLR 2025; Zhou et al., "Score identity Distillation", ICML 2024.',
         "",
     ]
-    return "\n".join(lines)
+    return str(ModelCard("\n".join(lines)))
 
 
-def save_unet_folder(path, unet, overwrite: bool = False, **meta) -> Path:
-    """`unet` (fp32, on the CPU) as a diffusers UNet folder with sid_fast.json and a model card, written atomically
-    (sid_fast.storage.atomic_folder)."""
+def _latent_shape(unet) -> tuple[int, int, int]:
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(unet.config.in_channels), int(h), int(w)
+
+
+def _meta_file(meta: dict) -> str:
+    return json.dumps(dict(format="sid_fast.t2i", **plain_value(meta)), indent=2) + "\n"
+
+
+def _write_unet(folder: Path, unet) -> None:
+    """diffusers' UNet folder files (its config.json and the fp32 weights as safetensors) into `folder`."""
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    unet.save_config(str(folder))
+
+
+def save_unet_folder(path, unet, overwrite: bool = False, teacher: str | None = None, **meta) -> Path:
+    """`unet` (fp32, on the CPU) as a diffusers UNet folder with sid_fast.json and a model card whose snippet loads
+    it from `path` with the base pipeline `teacher` (default: the meta's base_model or teacher name), written
+    atomically (sid_fast.storage.atomic_folder)."""
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        unet.save_config(str(tmp))
-        (tmp / SID_META).write_text(json.dumps(dict(format="sid_fast.t2i", **plain_value(meta)), indent=2) + "\n")
-        (tmp / CARD).write_text(model_card(meta))
+        _write_unet(tmp, unet)
+        (tmp / SID_META).write_text(_meta_file(meta))
+        (tmp / CARD).write_text(model_card(meta, str(path), False, _latent_shape(unet), teacher))
 
     return atomic_folder(path, fill, CheckpointError, own=FOLDER_FILES, overwrite=overwrite)
+
+
+def folder_card(path, where: str | None = None, teacher: str | None = None) -> str:
+    """The model card of the generator folder at `path` (UNet or pipeline folder) naming it `where` (default: the
+    path itself; a Hub id when it is pushed)."""
+    path = Path(path)
+    meta = {k: v for k, v in json.loads((path / SID_META).read_text()).items() if k != "format"}
+    pipeline = (path / INDEX).is_file()
+    config = json.loads(((path / "unet") if pipeline else path).joinpath(CONFIG).read_text())
+    size = config.get("sample_size")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return model_card(meta, where or str(path), pipeline, (config.get("in_channels"), h, w), teacher)
 
 
 def update_unet_meta(path, **meta) -> None:
@@ -127,7 +234,7 @@ def update_unet_meta(path, **meta) -> None:
     path = Path(path)
     full = dict(json.loads((path / SID_META).read_text()), **plain_value(meta))
     atomic_write_text(path / SID_META, json.dumps(full, indent=2) + "\n")
-    atomic_write_text(path / CARD, model_card({k: v for k, v in full.items() if k != "format"}))
+    atomic_write_text(path / CARD, folder_card(path))
 
 
 def is_generator_folder(path) -> bool:
@@ -141,58 +248,73 @@ def is_pipeline_folder(path) -> bool:
     return is_generator_folder(path) and (Path(path) / INDEX).is_file()
 
 
+def is_generator(path) -> bool:
+    """A text-to-image generator sid_fast reads: one of its folders, or an official SiD-LSG pickle."""
+    return is_generator_folder(path) or pickles.is_diffusers_pickle(path)
+
+
 def load_unet_folder(path, device="cpu"):
-    """(UNet2DConditionModel in eval mode, sid_fast.json's meta) of a folder written by save_unet_folder, or of the
-    unet/ of a pipeline folder written by save_pipeline_folder."""
+    """(UNet2DConditionModel in eval mode, sid_fast.json's meta) of a folder written by save_unet_folder, of the unet/
+    of a pipeline folder written by save_pipeline_folder, or of an official SiD-LSG pickle (`dict(ema=UNet)`, read
+    without running anything from it: sid_fast.t2i.pickles)."""
     from diffusers import UNet2DConditionModel
 
     p = Path(path)
-    if is_pipeline_folder(p):
-        meta = json.loads((p / SID_META).read_text())
+    if pickles.is_diffusers_pickle(p):
         try:
-            unet = UNet2DConditionModel.from_pretrained(str(p), subfolder="unet")
-        except Exception as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise SDError(f"{p}: the generator does not load ({type(e).__name__}: {reason}).") from None
-        return unet.to(device).eval().requires_grad_(False), meta
-    if not (p / CONFIG).is_file() or not (p / SID_META).is_file():
-        raise SDError(f"{p}: not a sid_fast text-to-image generator folder (needs {CONFIG} and {SID_META}).")
+            return pickles.load_official_generator(p, device)
+        except CheckpointError as e:
+            raise SDError(str(e)) from None
+    pipeline = is_pipeline_folder(p)
+    if not pipeline and (not (p / CONFIG).is_file() or not (p / SID_META).is_file()):
+        raise SDError(
+            f"{p}: not a sid_fast text-to-image generator (a folder with {CONFIG} and {SID_META}, a pipeline folder "
+            "of hub convert, or an official SiD-LSG .pkl)."
+        )
     try:
         meta = json.loads((p / SID_META).read_text())
-        unet = UNet2DConditionModel.from_pretrained(str(p))
+        unet = UNet2DConditionModel.from_pretrained(str(p), subfolder="unet" if pipeline else None)
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SDError(f"{p}: the generator does not load ({type(e).__name__}: {reason}).") from None
     return unet.to(device).eval().requires_grad_(False), meta
 
 
-def save_pipeline_folder(path, unet_folder, teacher, overwrite: bool = False) -> Path:
-    """A full diffusers Stable Diffusion pipeline folder (StableDiffusionPipeline.from_pretrained loads it): the
-    teacher's scheduler, text encoder, tokenizer and VAE, copied, with the distilled UNet of `unet_folder` as unet/;
-    its model_index.json is the teacher's without the safety checker and feature extractor (sid_fast reads neither);
-    sid_fast.json (how the generator samples) and a model card at the top. Written atomically."""
-    unet_folder, teacher = Path(unet_folder), Path(teacher)
-    unet, meta = load_unet_folder(unet_folder)
+def save_pipeline_folder(path, generator, teacher, overwrite: bool = False, **extra) -> Path:
+    """A full diffusers Stable Diffusion pipeline folder (StableDiffusionPipeline.from_pretrained loads it) of the
+    generator at `generator` (a UNet folder or an official pickle): the teacher's text encoder, tokenizer and VAE,
+    copied; the generator as unet/; the one-step scheduler (onestep_scheduler) as scheduler/, so that
+    `pipe(prompt, num_inference_steps=1, guidance_scale=1.0, latents=sqrt(1 - abar) z)` samples it exactly as sid_fast
+    does; a model_index.json without the safety checker and feature extractor (sid_fast reads neither); sid_fast.json
+    (how it samples, how it was made, `extra` entries such as base_model or license) and a model card. Written
+    atomically."""
+    generator, teacher = Path(generator), Path(teacher)
+    unet, meta = load_unet_folder(generator)
     sd = load_sd(teacher, unet=False)
     mine, theirs = dict(unet.config), sd.unet.config
     for key in ("in_channels", "sample_size", "cross_attention_dim"):
         if mine.get(key) != getattr(theirs, key, None):
             raise SDError(
-                f"{unet_folder}: the generator's {key} {mine.get(key)} is not the teacher {teacher}'s "
+                f"{generator}: the generator's {key} {mine.get(key)} is not the teacher {teacher}'s "
                 f"{getattr(theirs, key, None)}; give the teacher it was distilled from."
             )
+    from diffusers import DDPMScheduler
+
+    meta = {k: v for k, v in dict(meta, **{k: v for k, v in extra.items() if v is not None}).items() if k != "format"}
+    scheduler = onestep_scheduler(DDPMScheduler.from_pretrained(str(teacher), subfolder="scheduler"),
+                                  meta["init_timestep"])  # fmt: skip
     index = json.loads((teacher / INDEX).read_text())
-    index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-    meta = {k: v for k, v in meta.items() if k != "format"}
+    index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False,
+                 scheduler=["diffusers", type(scheduler).__name__])  # fmt: skip
 
     def fill(tmp: Path) -> None:
-        for name in COMPONENTS:
+        for name in ("text_encoder", "tokenizer", "vae"):
             shutil.copytree(teacher / name, tmp / name)
+        scheduler.save_config(str(tmp / "scheduler"))
         (tmp / "unet").mkdir()
-        for name in (WEIGHTS, CONFIG):
-            shutil.copy2(unet_folder / name, tmp / "unet" / name)
+        _write_unet(tmp / "unet", unet)
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / SID_META).write_text(json.dumps(dict(format="sid_fast.t2i", **plain_value(meta)), indent=2) + "\n")
-        (tmp / CARD).write_text(model_card(meta))
+        (tmp / SID_META).write_text(_meta_file(meta))
+        (tmp / CARD).write_text(model_card(meta, str(path), True, _latent_shape(unet)))
 
     return atomic_folder(path, fill, CheckpointError, own=PIPELINE_FILES, overwrite=overwrite)

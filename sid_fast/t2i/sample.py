@@ -1,5 +1,6 @@
 """One-step text-to-image sampling with a SiD-LSG generator (a snapshot folder of `train.py` with a Stable Diffusion
-teacher, or any folder sid_fast.t2i.export wrote) and its teacher's text encoder and VAE.
+teacher, a folder sid_fast.t2i.export wrote, by path or Hub id, or an official SiD-LSG .pkl read safely) and its
+teacher's text encoder and VAE.
 
     python -m sid_fast.t2i.sample --network runs/.../network-snapshot-XXXXXXXXXXXX --teacher stable-diffusion-v1-5 \
         --prompt "a photo of a cat" --seeds 0-15 --outdir out --grid grid.png
@@ -9,7 +10,8 @@ teacher, or any folder sid_fast.t2i.export wrote) and its teacher's text encoder
 Image i's latents are the generator's x0-prediction at its init timestep on sqrt(1 - abar) z with z from
 torch.Generator().manual_seed(seed) (sid_fast.t2i.export.seed_latents), so an image depends on its prompt and seed
 only: not on the batch, the device count or the rank that made it. With torchrun every rank makes every world-th
-image. The official evaluation (generate_onestep.py) likewise gives caption i seed i.
+image. The official evaluation (generate_onestep.py) likewise gives caption i seed i. A progress bar with the time
+left is shown on a terminal (rank 0), and every rank ends with one line: how many images, how fast, where.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import torch
 from sid_fast import dist
 from sid_fast.checkpoints import CheckpointError
 from sid_fast.data.prompts import PromptError, read_prompts
-from sid_fast.progress import Timer
+from sid_fast.progress import Timer, bar, summary
 from sid_fast.sample import check_outdir, parse_int_list
 from sid_fast.sampling import image_grid, save_image
+from sid_fast.storage import download, hub_id
 from sid_fast.t2i.export import decode, is_pipeline_folder, load_unet_folder, onestep_latents, seed_latents
 from sid_fast.t2i.sd import SDError, load_sd
 
@@ -52,14 +55,24 @@ def jobs(prompt: str | None, prompts_file: str | None, seeds: str | None) -> lis
     return [(i, lines[i], i) for i in idx]
 
 
+def resolve_network(network: str) -> str:
+    """A local generator (folder or file) as given; a Hub id (owner/name[@revision], hf://...) fetched into the Hub
+    cache (or found there offline) and its folder returned."""
+    parsed = hub_id(network)
+    return str(download(*parsed)) if parsed is not None else network
+
+
 @torch.no_grad()
 def generate(
-    network, teacher, todo, outdir: Path, batch: int, dtype, device, grid=None, resolution=None, log=print
-) -> int:
+    network, teacher, todo, outdir: Path, batch: int, dtype, device, grid=None, resolution=None, log=print,
+    init_timestep=None,
+) -> int:  # fmt: skip
     """Write outdir/<index, 6 digits>.png for this rank's share of `todo` (resized to `resolution` with PIL's LANCZOS
-    when given, as the official FID-30k evaluates 512-pixel images at 256); returns how many it wrote."""
+    when given, as the official FID-30k evaluates 512-pixel images at 256); returns how many it wrote.
+    `init_timestep` overrides the generator's recorded one (official generate_onestep.py --init_timestep)."""
     unet, meta = load_unet_folder(network, device)
     unet.to(dtype)
+    t_init = int(init_timestep if init_timestep is not None else meta["init_timestep"])
     sd = load_sd(teacher, device="cpu", unet=False)  # the generator replaces the teacher's UNet
     sd.text_encoder.to(device)
     sd.vae.to(device)  # for the whole run (decode() moves it only when it is elsewhere)
@@ -72,11 +85,12 @@ def generate(
     outdir.mkdir(parents=True, exist_ok=True)
     shape = [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]
     timer, written = Timer(), []
+    progress = bar(len(mine), "t2i.sample", enabled=dist.rank() == 0)
     for k in range(0, len(mine), batch):
         part = mine[k : k + batch]
         z = seed_latents([s for _, _, s in part], shape).to(device)
         cond = sd.encode_text([p for _, p, _ in part], device)
-        images = decode(sd.vae, onestep_latents(unet, sd.schedule, z, cond, meta["init_timestep"]), device)
+        images = decode(sd.vae, onestep_latents(unet, sd.schedule, z, cond, t_init), device)
         for (i, _, _), img in zip(part, images):
             pixels = img.permute(1, 2, 0).numpy()
             pixels = pixels[:, :, 0] if pixels.shape[2] == 1 else pixels  # grey images (the digits teacher): H x W
@@ -87,7 +101,9 @@ def generate(
             save_image(pixels, outdir / f"{i:06d}.png")
             if len(written) < 64:  # the grid's images only: a rank's share of 30k images would not fit in memory
                 written.append(img)
-    log(f"rank {dist.rank()}: {len(mine)} images in {timer.seconds:.1f} s -> {outdir}")
+        progress.update(len(part))
+    progress.close()
+    log(summary(f"rank {dist.rank()}: wrote {outdir}/ (init timestep {t_init})", len(mine), "images", timer.seconds))
     if grid is not None and dist.rank() == 0 and written:
         tiles = torch.stack(written[:64])
         small = tiles.shape[-1] < 64  # small tiles (the digits) enlarged to >= 64 px, with a gap between them
@@ -98,8 +114,8 @@ def generate(
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
 @click.option(
     "--network",
-    help="Generator folder (a SiD-LSG snapshot, or a pipeline folder of hub convert)",
-    metavar="DIR",
+    help="Generator: a SiD-LSG snapshot folder, a pipeline folder of hub convert, a Hub id, or an official .pkl",
+    metavar="DIR|ID|PKL",
     required=True,
 )
 @click.option(
@@ -122,8 +138,18 @@ def generate(
     help="Save the images resized to this side (PIL LANCZOS; FID-30k: 256)",
     type=click.IntRange(8, 8192),
 )
-def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, overwrite, dtype, grid, resolution):
+@click.option(
+    "--init-timestep",
+    help="The generator's timestep (default: the one it records; official .pkl: its name's _t625_, else 625)",
+    type=click.IntRange(1, 999),
+)
+def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, overwrite, dtype, grid, resolution,
+         init_timestep):  # fmt: skip
     """One-step text-to-image sampling with a SiD-LSG generator."""
+    try:
+        network = resolve_network(network)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
     if teacher is None:
         if not is_pipeline_folder(network):
             raise click.UsageError(
@@ -134,7 +160,8 @@ def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, overwrite
     check_outdir(outdir, grid, overwrite)
     device = dist.init()
     try:
-        generate(network, teacher, todo, Path(outdir), batch, DTYPES[dtype], device, grid=grid, resolution=resolution)
+        generate(network, teacher, todo, Path(outdir), batch, DTYPES[dtype], device, grid=grid, resolution=resolution,
+                 init_timestep=init_timestep)  # fmt: skip
     except (SDError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     dist.finish()

@@ -27,6 +27,7 @@ Everything runs in the dtype it is given; the tests run it in float64 against di
 from __future__ import annotations
 
 import json
+import re
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,10 +185,30 @@ def check_guidance(cfg_train_fake: float, cfg_eval_fake: float, cfg_eval_real: f
 # The model folder, text and prompts.
 
 
+# The files of a diffusers Stable Diffusion folder that sid_fast reads (no fp16 variants, no safety checker), as
+# `hf download` patterns.
+SD_HUB_FILES = (
+    "model_index.json", "'scheduler/*'", "'tokenizer/*'", "text_encoder/config.json", "text_encoder/model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+)  # fmt: skip
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
+
+
+def fetch_command(repo: str, local_dir: str) -> str:
+    """The huggingface_hub CLI command that fetches the files sid_fast reads of the Hub repository `repo`."""
+    return f"hf download {repo} --local-dir {local_dir} " + " ".join("--include " + f for f in SD_HUB_FILES)
+
+
 def check_folder(folder) -> Path:
     """`folder` must be a diffusers Stable Diffusion folder (model_index.json and the five component subfolders)."""
     p = Path(folder)
     if not p.is_dir():
+        if _HUB_ID.match(str(folder)) and not p.parent.is_dir():
+            raise SDError(
+                f"{folder}: no such folder; sid_fast reads a local diffusers folder and downloads nothing: if this is "
+                f"a Hub id, fetch it with `{fetch_command(str(folder), p.name)}` and give {p.name}."
+            )
         raise SDError(f"{p}: no such folder (a Stable Diffusion model folder in diffusers' format).")
     index = p / "model_index.json"
     if not index.is_file():

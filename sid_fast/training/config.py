@@ -117,6 +117,7 @@ class TrainConfig:
     detector: str | None = _in("metrics")  # Inception detector, path or URL (default: $SID_FAST_DETECTOR or cache)
     dinov2: str | None = _in("metrics")  # DINOv2 ViT-L/14 for fd-dinov2, path or URL
     vae: str | None = _in("metrics")  # EDM2 latent teachers: the Stability VAE (diffusers folder) for grids and FID
+    validation_prompts: str | None = _in("metrics")  # Stable Diffusion: the snapshot grid's prompts (first 16 lines)
     tracker: str = _in("metrics", "none")  # none, tensorboard, wandb, tensorboard,wandb (rank 0)
     tracker_project: str = _in("metrics", "sid_fast")  # the W&B project
     # preset: what a preset says about itself (messages only).

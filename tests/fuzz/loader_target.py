@@ -2,7 +2,9 @@
 
 One input = the bytes of a file. The target writes them to a scratch file and hands it to every reader a user can
 point at a file: `load_network_file` (EDM/SiD pickles through the restricted unpickler, sid_fast network files
-through torch.load(weights_only=True)) and `read_training_state`, behind `--resume`. The contract checked:
+through torch.load(weights_only=True)), `read_training_state`, behind `--resume`, and the official SiD-LSG generator
+pickles' reader (sid_fast.t2i.pickles.read_parts, behind every text-to-image command that takes a generator; the
+diffusers UNet is then built from the configuration it returns). The contract checked:
 - the only exception a reader may raise is its own one-sentence error (CheckpointError);
 - no input takes more than TIME_LIMIT_S of CPU time (a hang is a bug);
 - no module is imported while reading (an import would mean a global outside the allow-list was resolved; the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sid_fast.checkpoints import (
+from sid_fast.checkpoints import (  # noqa: F401  (the readers are looked up by name: READERS)
     TRAINING_STATE_FORMAT,
     CheckpointError,
     load_network_file,
@@ -29,6 +32,7 @@ from sid_fast.checkpoints import (
     save_network,
 )
 from sid_fast.networks import build_network
+from sid_fast.t2i.pickles import read_parts  # noqa: F401  (READERS)
 
 TIME_LIMIT_S = 1.0
 
@@ -57,11 +61,15 @@ def _scratch_dir() -> Path:
     return d
 
 
+READERS = ("load_network_file", "read_training_state", "read_parts")  # looked up when called (tests patch them)
+
+
 def check_input(data: bytes) -> None:
     """Feed `data` to every reader; raise FuzzFinding if any breaks the contract."""
     path = _scratch_dir() / "input.bin"
     path.write_bytes(data)
-    for name, reader in (("load_network_file", load_network_file), ("read_training_state", read_training_state)):
+    for name in READERS:
+        reader = globals()[name]
         before = set(sys.modules)
         start = time.process_time()  # CPU time: a hang burns it; another process on the same cores does not
         try:
@@ -113,13 +121,32 @@ def seed_files(out_dir: Path) -> list[Path]:
         buf,
     )
     paths[2].write_bytes(buf.getvalue())
+    try:  # an official SiD-LSG snapshot: pickle.dump(dict(ema=UNet2DConditionModel)) of a tiny UNet
+        from diffusers import UNet2DConditionModel
+    except ImportError:
+        return paths
+    unet = UNet2DConditionModel(
+        sample_size=4,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(4,),
+        down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
+        layers_per_block=1,
+        norm_num_groups=2,
+        cross_attention_dim=4,
+        attention_head_dim=1,
+    )
+    paths.append(out_dir / "seed-sd.pkl")
+    with open(paths[-1], "wb") as f:
+        pickle.dump(dict(ema=unet.eval().requires_grad_(False)), f)
     return paths
 
 
 def warm_up(seeds: list[Path]) -> None:
     """Run every reader once on valid files so that lazy imports inside torch happen before checking starts."""
     for p in seeds:
-        for reader in (load_network_file, read_training_state):
+        for reader in map(globals().get, READERS):
             try:
                 reader(p)
             except CheckpointError:
