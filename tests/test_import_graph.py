@@ -34,7 +34,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("families", ("sid_fast.families.*",)),
     ("family registry", ("sid_fast.families",)),
     ("training", ("sid_fast.training", "sid_fast.training.*")),
-    ("commands", ("sid_fast.sample", "sid_fast.fid", "sid_fast.export", "sid_fast.t2i.sample")),
+    ("commands", ("sid_fast.sample", "sid_fast.fid", "sid_fast.export", "sid_fast.t2i.sample",
+                  "sid_fast.t2i.evaluate")),
     ("bench", ("bench", "bench.common")),
     ("bench measurements", ("bench.*",)),
 ]  # fmt: skip

@@ -37,6 +37,7 @@ TOOLS = {
     "hub-push": ["-m", "sid_fast.hub", "push"],
     "hub-download": ["-m", "sid_fast.hub", "download"],
     "t2i-sample": ["-m", "sid_fast.t2i.sample"],
+    "t2i-evaluate": ["-m", "sid_fast.t2i.evaluate"],
     "clip-score": ["-m", "sid_fast.metrics.clip_score"],
     "t2i-digits-build": ["-m", "sid_fast.t2i.digits", "build"],
     "t2i-digits-evaluate": ["-m", "sid_fast.t2i.digits", "evaluate"],
