@@ -204,23 +204,16 @@ def test_an_official_pickle_loads_safely_and_serves_every_command(trained, tmp_p
     for name in ("000000.png", "000001.png"):
         assert np.array_equal(np.asarray(Image.open(a / name)), np.asarray(Image.open(b / name)))
     # hub convert: alone a UNet folder, with the teacher a pipeline folder, each carrying the file's name
-    r = _cli("sid_fast.hub", "convert", str(pkl), str(tmp_path / "unet"))
-    assert r.returncode == 0, r.stderr
+    from sid_fast.hub import main as hub_main
+
+    r = CliRunner().invoke(hub_main, ["convert", str(pkl), str(tmp_path / "unet")])
+    assert r.exit_code == 0, r.output
     assert all(torch.equal(v, g_ema[k]) for k, v in UNet2DConditionModel.from_pretrained(str(tmp_path / "unet"))
                .state_dict().items())  # fmt: skip
-    r = _cli(
-        "sid_fast.hub",
-        "convert",
-        str(pkl),
-        str(tmp_path / "pipe"),
-        "--teacher",
-        str(sd),
-        "--base-model",
-        "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        "--license",
-        "creativeml-openrail-m",
-    )
-    assert r.returncode == 0, r.stderr
+    r = CliRunner().invoke(hub_main, ["convert", str(pkl), str(tmp_path / "pipe"), "--teacher", str(sd), "--base-model",
+                                      "stable-diffusion-v1-5/stable-diffusion-v1-5", "--license",
+                                      "creativeml-openrail-m"])  # fmt: skip
+    assert r.exit_code == 0, r.output
     card = (tmp_path / "pipe" / "README.md").read_text()
     assert "base_model: stable-diffusion-v1-5/stable-diffusion-v1-5" in card
     assert "license: creativeml-openrail-m" in card
@@ -297,8 +290,7 @@ def test_official_pickles_that_are_not_generators_are_refused_and_nothing_runs(t
 def test_the_pipeline_cards_snippet_reproduces_sid_fasts_sample_in_a_fresh_process(trained, tmp_path):
     sd, _, _, snap = trained
     pipe_dir = tmp_path / "lsg-pipeline"
-    r = _cli("sid_fast.hub", "convert", str(snap), str(pipe_dir), "--teacher", str(sd))
-    assert r.returncode == 0, r.stderr
+    hub.convert(snap, pipe_dir, teacher=sd)  # the command's own function (its CLI runs in the tests above)
     card = (pipe_dir / "README.md").read_text()
     meta = card.split("---")[1]
     assert "library_name: diffusers" in meta and "pipeline_tag: text-to-image" in meta
@@ -308,9 +300,13 @@ def test_the_pipeline_cards_snippet_reproduces_sid_fasts_sample_in_a_fresh_proce
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     prompt = __import__("re").search(r'prompt = "(.*)"', code).group(1)
-    r = _cli("sid_fast.t2i.sample", "--network", str(pipe_dir), "--prompt", prompt, "--seeds", "0", "--outdir",
-             str(tmp_path / "out"))  # fmt: skip
-    assert r.returncode == 0 and "wrote" in r.stdout, r.stderr
+    from click.testing import CliRunner
+
+    from sid_fast.t2i import sample
+
+    r = CliRunner().invoke(sample.main, ["--network", str(pipe_dir), "--prompt", prompt, "--seeds", "0", "--outdir",
+                                         str(tmp_path / "out")])  # fmt: skip
+    assert r.exit_code == 0 and "wrote" in r.output, r.output
     mine = np.asarray(Image.open(tmp_path / "out" / "000000.png"))
     pixels = np.load(tmp_path / "pixels.npy")[0].transpose(1, 2, 0)
     assert np.array_equal(pixels, mine)  # bit for bit
