@@ -21,6 +21,7 @@ from sid_fast.flags import AliasOption, ImagesType
 from sid_fast.training.config import (
     CHECKPOINTING,
     COMPILE_BACKENDS,
+    CUDA_GRAPHS,
     DOMAINS,
     METHODS,
     METRICS,
@@ -256,8 +257,11 @@ EXIT_STOPPED = 75
 @click.option(
     "--cuda-graphs",
     "cuda_graphs",
-    help="CUDA graphs via torch.compile mode reduce-overhead (CUDA only)",
-    is_flag=True,
+    help="CUDA graphs (CUDA only): sites (torch.compile reduce-overhead per network call; the bare flag) or step "
+    "(the whole iteration, replayed)",
+    type=click.Choice(CUDA_GRAPHS),
+    is_flag=False,
+    flag_value="sites",
     default=None,
 )
 @click.option(

@@ -18,6 +18,7 @@ The ladder (`--rungs`, each on a fresh trainer in the same process, side by side
     +kernels       the Triton kernels (SiD/EDM losses, GroupNorm+SiLU, flash attention)
     +cuda_graphs   compile mode reduce-overhead (CUDA only)
     +checkpointing per-block activation checkpointing of the generator phase
+    +step_graph    instead of the last three: the whole iteration captured as one CUDA graph (--cuda-graphs step)
 Each rung reports warm-up time (compilation included) apart from the timed steps, img/s, MFU against the matmul
 ceiling of its dtype measured in the same run (fp32 without TF32, or bf16), peak memory and peak memory per image.
 Results are appended as JSON lines to bench/results/train_step.jsonl; `python -m bench.report` renders them.
@@ -35,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.common import command, environment, matmul_ceiling, sync, write_jsonl
 from sid_fast.families import DIGITS_TEACHER_PATH, TeacherSpec
 from sid_fast.networks import build_network, official_config
+from sid_fast.training import graphs
 from sid_fast.training.config import resolve_config
 from sid_fast.training.run import build_trainer
 
@@ -62,8 +64,11 @@ RUNGS = [
     ("+fused_adam", dict(optimizer="fused")),
     ("+compile", dict(compile=True)),
     ("+kernels", dict(kernels="all")),
-    ("+cuda_graphs", dict(cuda_graphs=True)),
+    ("+cuda_graphs", dict(cuda_graphs="sites")),
     ("+checkpointing", dict(checkpointing="blocks")),
+    # Not cumulative: the +kernels rung's options with the whole iteration captured as one CUDA graph instead of
+    # compiled call sites and their graphs (sid_fast.training.graphs); no checkpointing.
+    ("+step_graph", dict(cuda_graphs="step", compile=False, checkpointing="none")),
 ]
 
 
@@ -109,7 +114,9 @@ def run_rung(a, device, rung, options, ceilings, env):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    for _ in range(a.warmup):
+    # A whole-step graph is captured after its own eager warm-up iterations: the capture is warm-up, not timed.
+    warm = max(a.warmup, graphs.WARMUP_DDP + 1 if options.get("cuda_graphs") == "step" else 0)
+    for _ in range(warm):
         tr.step()
     sync(device)
     warmup_s = time.perf_counter() - t0

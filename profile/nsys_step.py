@@ -45,7 +45,7 @@ def main(**kw):
         precision=a.precision,
         channels_last=a.channels_last,
         compile=a.compile,
-        cuda_graphs=a.cuda_graphs,
+        cuda_graphs="sites" if a.cuda_graphs else "none",
         kernels=a.kernels,
         checkpointing=a.checkpointing,
         optimizer=a.optimizer,

@@ -20,9 +20,26 @@ def ema_halflife_kimg(ema_mimg: float) -> int:
     return int(ema_mimg * 1000)
 
 
+class DeviceBeta:
+    """The EMA's beta for a replayed step (sid_fast.training.graphs): beta and 1 - beta as 0-d float32 tensors on the
+    device, each filled from the host's float64 value, so that they round as a Python float argument does and a
+    replay computes the eager step's EMA bit for bit (lerp with a tensor weight equals lerp with the float)."""
+
+    def __init__(self, device):
+        self.beta = torch.zeros((), dtype=torch.float32, device=device)
+        self.one_minus = torch.zeros((), dtype=torch.float32, device=device)
+
+    def fill(self, beta: float) -> None:
+        self.beta.fill_(beta)
+        self.one_minus.fill_(1.0 - beta)
+
+
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """p_ema <- lerp(p, p_ema, beta), parameter by parameter, as the official loop. Buffers are copied."""
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta) -> None:
+    """p_ema <- lerp(p, p_ema, beta), parameter by parameter, as the official loop. Buffers are copied. `beta`: a
+    float, or a DeviceBeta."""
+    if isinstance(beta, DeviceBeta):
+        beta = beta.beta
     for p_ema, p in zip(ema.parameters(), net.parameters()):
         p_ema.copy_(p.detach().lerp(p_ema, beta))
     for b_ema, b in zip(ema.buffers(), net.buffers()):
@@ -97,9 +114,13 @@ def gather_full(params: list) -> list:
 
 
 @torch.no_grad()
-def update_ema_foreach(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """p_ema <- p_ema + (1 - beta) (p - p_ema): the official lerp(p, p_ema, beta) in one foreach call per list."""
+def update_ema_foreach(ema: torch.nn.Module, net: torch.nn.Module, beta) -> None:
+    """p_ema <- p_ema + (1 - beta) (p - p_ema): the official lerp(p, p_ema, beta) in one foreach call per list.
+    `beta`: a float, or a DeviceBeta (its 1 - beta as the weight of every pair)."""
     pe, pn = list(ema.parameters()), [p.detach() for p in net.parameters()]
-    torch._foreach_lerp_(pe, pn, 1.0 - beta)
+    if isinstance(beta, DeviceBeta):
+        torch._foreach_lerp_(pe, pn, [beta.one_minus] * len(pe))
+    else:
+        torch._foreach_lerp_(pe, pn, 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)

@@ -19,7 +19,9 @@ applied, so that the trainer's phases contain the algorithm only. The options:
   memory-bound rest (GroupNorm, SiLU, dropout, adds, weight casts) is recomputed (no tensor-core FLOPs added).
 - optimizer: `adam` is the official torch.optim.Adam (PyTorch picks foreach on CUDA by itself); `foreach` and `fused`
   force those implementations, and their runs update the EMA with one foreach lerp (same arithmetic, fewer launches).
-- compile / cuda_graphs: torch.compile of each network call site (mode "reduce-overhead" captures CUDA graphs).
+- compile / cuda_graphs: torch.compile of each network call site (`--cuda-graphs sites`: mode "reduce-overhead",
+  CUDA graphs per call site); `--cuda-graphs step` captures the whole iteration instead (sid_fast.training.graphs)
+  and needs capturable Adam (`make_adam`).
 - kernels: the trainer enters `sid_fast.ops.kernels(cfg.kernels)` around each step and snapshot.
 The reference path (fp32, no option) reproduces the official implementation's numerics.
 """
@@ -120,7 +122,7 @@ def prepare_networks(cfg, teacher, trained, G_ema) -> None:
 
 def grouped_casts_off(cfg) -> bool:
     """Grouped weight casts (sid_fast.casts) serve the eager bf16 path; compiled call sites fuse casts."""
-    return cfg.precision != "bf16" or bool(cfg.compile or cfg.cuda_graphs)
+    return cfg.precision != "bf16" or bool(cfg.compile or cfg.cuda_graphs == "sites")
 
 
 def gradient_arena(cfg, net: torch.nn.Module):
@@ -141,7 +143,7 @@ def preassign_gradients(cfg, net: torch.nn.Module) -> None:
     if cfg.precision != "bf16" or cfg.fsdp:
         return
     grouped = any(getattr(m, "group_casts", False) for m in net.modules())
-    if cfg.compile or cfg.cuda_graphs or not grouped:
+    if cfg.compile or cfg.cuda_graphs == "sites" or not grouped:
         casts.preassign_arena()
 
 
@@ -192,16 +194,20 @@ def call_sites(cfg, teacher, G, fake, G_dist, fake_dist, backends=None) -> CallS
     )
 
 
-def make_adam(params, lr, betas, eps, kind: str):
+def make_adam(params, lr, betas, eps, kind: str, capturable: bool = False):
+    """torch.optim.Adam as --optimizer asks; `capturable` (whole-step CUDA graphs): the step count and the bias
+    corrections on the device, so that an optimizer step replays from a graph (CUDA only)."""
     extra = {"foreach": dict(foreach=True), "fused": dict(fused=True)}.get(kind, {})
+    if capturable:
+        extra["capturable"] = True
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, **extra)
 
 
 def maybe_compile(fn, cfg, backend=None):
-    if not (cfg.compile or cfg.cuda_graphs):
+    if not (cfg.compile or cfg.cuda_graphs == "sites"):
         return fn
     if backend is not None:
         return torch.compile(fn, backend=backend, dynamic=False)
-    if cfg.cuda_graphs:
+    if cfg.cuda_graphs == "sites":
         return torch.compile(fn, mode="reduce-overhead", dynamic=False)
     return torch.compile(fn, backend=cfg.compile_backend, dynamic=False)

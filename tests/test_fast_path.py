@@ -168,7 +168,7 @@ def test_fast_options_refuse_bad_values(teacher_file):
         cfg_for(teacher_file, kernels="flash")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="--cuda-graphs needs a CUDA device"):
-            cfg_for(teacher_file, cuda_graphs=True)
+            cfg_for(teacher_file, cuda_graphs="sites")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def test_gpu_bf16_cuda_graphs_kernels_step(teacher_file):
         return tr
 
     ref = run()
-    fast = run(precision="bf16", channels_last=True, cuda_graphs=True, kernels="all", optimizer="fused")
+    fast = run(precision="bf16", channels_last=True, cuda_graphs="sites", kernels="all", optimizer="fused")
     assert ops.current() == ops.Selection()
     assert torch.isfinite(fast.stats.values).all()
     # The fake-score loss is a well-conditioned sum (see test_low_precision_tracks_fp32); the generator loss, a

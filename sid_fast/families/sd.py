@@ -187,6 +187,11 @@ class SDFamily(Family):
                 raise ConfigError(f"{flag} {shown}: {why}.")
         if cfg.augment > 0:
             raise ConfigError(f"--augment {cfg.augment}: EDM's augmentation is not built for Stable Diffusion latents.")
+        if cfg.cuda_graphs == "step":
+            raise ConfigError(
+                "--cuda-graphs step: Stable Diffusion prompts are tokenised on the host inside every micro-batch, "
+                "which a replayed graph cannot run; use --cuda-graphs sites."
+            )
         if cfg.data_prompt_text is None:
             raise ConfigError(
                 f"--data-prompt-text is required with the Stable Diffusion teacher {cfg.teacher}: a text file of "

@@ -103,7 +103,7 @@ class TrainConfig:
     channels_last: bool = _in("speed", False)
     compile: bool = _in("speed", False)  # torch.compile of the three networks
     compile_backend: str = _in("speed", "inductor")  # aot_eager traces the same graphs without code generation
-    cuda_graphs: bool = _in("speed", False)  # compile mode "reduce-overhead" (CUDA only; implies compile)
+    cuda_graphs: str = _in("speed", "none")  # sites: compile mode "reduce-overhead"; step: the whole iteration (CUDA)
     checkpointing: str = _in("speed", "none")  # none, nets, blocks, selective (sid_fast.perf)
     optimizer: str = _in("speed", "adam")  # adam (official), foreach, fused (+ foreach EMA)
     kernels: str = _in("speed", "none")  # none, all, or a comma list of sid_loss,edm_loss,group_norm_silu,attention
@@ -263,6 +263,11 @@ PRECISIONS = ("fp32", "fp16", "tf32", "bf16")
 CHECKPOINTING = ("none", "nets", "blocks", "selective")
 OPTIMIZERS = ("adam", "foreach", "fused")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+CUDA_GRAPHS = (
+    "none",
+    "sites",
+    "step",
+)  # sites: per call site (torch.compile reduce-overhead); step: sid_fast.training.graphs
 METRICS = ("fid", "fd-dinov2", "fid,fd-dinov2", "fd-digits", "none")
 
 
@@ -328,9 +333,19 @@ def _validate_fast_path(cfg: TrainConfig) -> None:
         raise ConfigError(f"--kernels {cfg.kernels!r}: {e}") from None
     if cfg.compile_backend not in COMPILE_BACKENDS:
         raise ConfigError(f"--compile-backend {cfg.compile_backend!r}: choose one of {', '.join(COMPILE_BACKENDS)}.")
-    if cfg.cuda_graphs:
-        if not torch.cuda.is_available():
-            raise ConfigError("--cuda-graphs needs a CUDA device; this machine has none.")
+    if isinstance(cfg.cuda_graphs, bool):  # a configuration written when the flag was a switch (per call site)
+        cfg.cuda_graphs = "sites" if cfg.cuda_graphs else "none"
+    if cfg.cuda_graphs not in CUDA_GRAPHS:
+        raise ConfigError(f"--cuda-graphs {cfg.cuda_graphs!r}: choose one of {', '.join(CUDA_GRAPHS)}.")
+    if cfg.cuda_graphs != "none" and not torch.cuda.is_available():
+        raise ConfigError("--cuda-graphs needs a CUDA device; this machine has none.")
+    if cfg.cuda_graphs == "step":
+        for flag, given, why in (
+            ("--fsdp", cfg.fsdp, "FSDP2's all-gathers and frees around each block are not captured"),
+            ("--method sida", cfg.method == "sida", "SiDA reads real images from a loader every micro-batch"),
+        ):
+            if given:
+                raise ConfigError(f"--cuda-graphs step with {flag}: {why}; use --cuda-graphs sites.")
 
 
 def _validate_schedule(cfg: TrainConfig) -> None:

@@ -166,8 +166,9 @@ def parallelize(cfg, G, fake, device, world: int, rounds: int, adam_eps: float, 
             replicated[id(net)] = _shard(net)
         if teacher is not None:  # frozen: its 0-d parameters stay whole and need no gradient averaging
             _shard(teacher)
-    opt_fake = perf.make_adam(fake.parameters(), cfg.lr, (0.0, 0.999), adam_eps, cfg.optimizer)
-    opt_g = perf.make_adam(G.parameters(), cfg.glr, (cfg.g_beta1, 0.999), adam_eps, cfg.optimizer)
+    capturable = cfg.cuda_graphs == "step" and device.type == "cuda"  # a whole-step graph replays the optimizer
+    opt_fake = perf.make_adam(fake.parameters(), cfg.lr, (0.0, 0.999), adam_eps, cfg.optimizer, capturable)
+    opt_g = perf.make_adam(G.parameters(), cfg.glr, (cfg.g_beta1, 0.999), adam_eps, cfg.optimizer, capturable)
     if world > 1 and not fsdp:
         ddp = dict(broadcast_buffers=False, find_unused_parameters=False, gradient_as_bucket_view=True)
         if device.type == "cuda":

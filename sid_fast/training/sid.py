@@ -41,7 +41,7 @@ from sid_fast.augment import AugmentPipe
 from sid_fast.ema import ema_beta, ema_halflife_kimg, update_ema_sharded
 from sid_fast.families.base import Family, TeacherSpec
 from sid_fast.perf import annotate
-from sid_fast.training import loop, snapshots, state
+from sid_fast.training import graphs, loop, snapshots, state
 from sid_fast.training.config import TrainConfig
 from sid_fast.training.context import Forward, Progress, RunContext, Trained
 from sid_fast.training.loop import TrainingAborted
@@ -91,6 +91,10 @@ class SiDTrainer:
         if self.par.fsdp:
             self.calls.update_ema = update_ema_sharded
         self.trained = Trained(self.nets, self.par)
+        self._rngs: dict = {}  # (phase, micro-batch) -> its generator
+        self._rngs_seeded = False  # True while a step graph is captured (graphs.StepGraph)
+        # --cuda-graphs step: the whole iteration captured once and replayed (sid_fast.training.graphs).
+        self.step_graph = graphs.StepGraph(self) if cfg.cuda_graphs == "step" else None
 
     # The run's context and progress, read and written through the trainer as its own attributes.
     run_dir = Forward("ctx")
@@ -125,12 +129,23 @@ class SiDTrainer:
     # Randomness.
 
     def micro_batch_rng(self, phase: int, rnd: int) -> torch.Generator | None:
-        """The generator of every per-sample draw of micro-batch `rnd` of this process in `phase` of this iteration."""
+        """The generator of every per-sample draw of micro-batch `rnd` of this process in `phase` of this iteration:
+        seeded with a hash of (seed, iteration, phase, micro-batch), so draws do not depend on the process count.
+        One generator object per (phase, micro-batch) for the whole run, re-seeded at every call (the same draws as
+        a fresh generator with that seed), so that a whole-step CUDA graph can hold it (graphs.StepGraph)."""
         if self.device.type == "meta":  # memory accounting (bench.memory): draws have shapes, no values
             return None
-        it = self.cur_nimg // self.cfg.batch
-        m = self.rank * self.rounds + rnd
-        return torch.Generator(device=self.device).manual_seed(_seed_for(self.cfg.seed, it, phase, m))
+        g = self._rngs.get((phase, rnd))
+        if g is None or not self._rngs_seeded:  # seed_micro_batches seeded them (a host op, never captured)
+            g = self._rngs.setdefault((phase, rnd), torch.Generator(device=self.device))
+            it = self.cur_nimg // self.cfg.batch
+            g.manual_seed(_seed_for(self.cfg.seed, it, phase, self.rank * self.rounds + rnd))
+        return g
+
+    def seed_micro_batches(self) -> list[torch.Generator]:
+        """Every generator the run has made, seeded for this iteration: what a replayed step draws from (it does not
+        run micro_batch_rng)."""
+        return [self.micro_batch_rng(phase, rnd) for phase, rnd in list(self._rngs)]
 
     def draw_z_cond(self, g, fake_phase: bool = False):
         """z ~ N(0, I) and the condition of a micro-batch (the family's: class labels, prompts), drawn from `g`."""
@@ -246,21 +261,31 @@ class SiDTrainer:
             self.stats.add(**stats)
         return self._apply_gradients(self.G, self.opt_g, "bad_steps_G")
 
-    def step(self):
+    def ema_beta(self) -> float:
+        """As the official loop: the half-life is int(ema * 1000) kimg and the ramp-up uses the images seen before
+        this iteration (beta = 0 at the first one, so G_ema starts as G)."""
+        return ema_beta(self.cfg.batch, self.cur_nimg, ema_halflife_kimg(self.cfg.ema))
+
+    def step_body(self, beta) -> None:
+        """One iteration on the device: both phases, the optimizer steps, the EMA with `beta` (a float, or a 0-d
+        device tensor when replayed from a graph), the counters of bad steps updated in place."""
         with ops.kernels(self.kernels):
             with annotate("sid/fake_score_step"):
                 bad_f = self.fake_score_phase()
             with annotate("sid/generator_step"):
                 bad_g = self.generator_phase()
             with annotate("sid/ema"):
-                # As the official loop: the half-life is int(ema * 1000) kimg and the ramp-up uses the images seen
-                # before this iteration (beta = 0 at the first one, so G_ema starts as G).
-                beta = ema_beta(self.cfg.batch, self.cur_nimg, ema_halflife_kimg(self.cfg.ema))
                 self.calls.update_ema(self.G_ema, self.G, beta)
-        self.cur_nimg += self.cfg.batch
         bad = bad_f | bad_g
-        self.consec_bad = (self.consec_bad + 1) * bad
-        self.max_consec_bad = torch.maximum(self.max_consec_bad, self.consec_bad)
+        self.consec_bad.add_(1).mul_(bad)
+        torch.maximum(self.max_consec_bad, self.consec_bad, out=self.max_consec_bad)
+
+    def step(self):
+        if self.step_graph is not None:
+            self.step_graph.step()
+        else:
+            self.step_body(self.ema_beta())
+        self.cur_nimg += self.cfg.batch
 
     # ------------------------------------------------------------------
     # The run around the iteration: training state (sid_fast.training.state), snapshots (.snapshots), loop (.loop).

@@ -119,8 +119,8 @@ def load_training_state(ctx: RunContext, progress: Progress, trained: Trained, s
             f"{len(progress.stats.values)}."
         )
     progress.stats.values = stats
-    progress.consec_bad = s["consec_bad"].to(ctx.device)
-    progress.max_consec_bad = s["max_consec_bad"].to(ctx.device)
+    progress.consec_bad.copy_(s["consec_bad"])  # in place: a captured step graph holds these tensors
+    progress.max_consec_bad.copy_(s["max_consec_bad"])
     progress.metrics_history = json.loads(s.get("metrics_history", "[]"))
     rng = s["rng"][ctx.rank]
     torch.set_rng_state(rng["cpu"])
