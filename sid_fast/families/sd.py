@@ -53,6 +53,7 @@ from sid_fast.t2i.sd import (
     map_cond,
     unet_kwargs,
 )
+from sid_fast.t2i.tokens import PromptTokens, TokenFileError
 
 SD_CLASS = "diffusers.UNet2DConditionModel"
 DROPOUT = 0.1  # official use_context_dropout_train_fake: 10% of the fake-score step's prompts replaced by ""
@@ -213,6 +214,10 @@ class SDFamily(Family):
             sd = load_sd(cfg.teacher)
         except SDError as e:
             raise ConfigError(f"--teacher {e}") from None
+        try:
+            PromptTokens(prompts, sd.tokenizer)  # a token file beside the prompts that does not match is refused now
+        except TokenFileError as e:
+            raise ConfigError(f"--data-prompt-text {e}") from None
         c, r = sd.latent_channels, sd.latent_resolution
         if (c, r) != (cfg.channels, cfg.resolution):
             raise ConfigError(
@@ -258,6 +263,8 @@ class SDFamily(Family):
         if sd.vae is not None:
             sd.vae.to("cpu")
         self.uncond = self.encode_prompts([""])  # [1, tokens, width], once
+        # The prompt file's token ids: its token file memory-mapped, or each line tokenised once (sid_fast.t2i.tokens).
+        self.tokens = PromptTokens(prompts, sd.tokenizer) if sd.tokenizer is not None else None
         self.drop_p = DROPOUT if (cfg.cfg_train_fake != 1 or cfg.cfg_eval_fake != 1) else 0.0
 
     # Networks.
@@ -292,12 +299,12 @@ class SDFamily(Family):
         # is still made so that z and the rest keep their places in the stream).
         torch.randint(len(self.prompts), [n], device=device, generator=g)
         z = torch.randn(image_shape, device=device, generator=g)
-        if device.type == "meta":  # memory accounting: indices without values
-            prompts = [""] * n
-        else:
+        if device.type == "meta" or self.tokens is None:  # memory accounting: indices without values
+            cond = self.encode_prompts([""] * n)
+        else:  # the lines' token ids, tokenised once per run (or read from the prompt file's token file)
             host = torch.Generator().manual_seed(g.initial_seed())
-            prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), [n], generator=host).tolist()]
-        cond = self.encode_prompts(prompts)
+            cond = self.sd.encode_ids(self.tokens.ids(torch.randint(len(self.prompts), [n], generator=host).numpy()),
+                                      self.device)  # fmt: skip
         if drop_p > 0:
             drop = torch.rand([n], device=device, generator=g) < drop_p
             cond = map_cond(lambda u, c: torch.where(drop.reshape(-1, *[1] * (c.ndim - 1)), u, c), self.uncond, cond)

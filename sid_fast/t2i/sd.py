@@ -261,6 +261,12 @@ class StableDiffusion:
             truncation=True,
             return_tensors="pt",
         ).input_ids
+        return self.encode_ids(ids, device)
+
+    def encode_ids(self, ids: torch.Tensor, device=None) -> torch.Tensor:
+        """The text encoder's last hidden state of token ids [N, model_max_length] (on the host: pinned and copied
+        without blocking on CUDA)."""
+        device = device or next(self.text_encoder.parameters()).device
         if torch.device(device).type == "cuda":  # pinned, so that the copy does not wait for the device
             ids = ids.pin_memory()
         return self.text_encoder(ids.to(device, non_blocking=True))[0]
