@@ -48,12 +48,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import command, environment, write_jsonl
-from bench.memory import make_trainer
+from bench.memory import SD_CONFIGS, autocast_on_meta, cuda_attention_on_meta, make_sd_trainer, make_trainer
 
 ALL_CONFIGS = ("digits", "cifar10", "imagenet64", "edm2-xs")
+LAUNCH_ONLY_CONFIGS = ("sd15",)  # counted on request (--configs sd15), launches only
 # The official per-GPU batch of each configuration (SiD's run_sid.sh: CIFAR-10 and ImageNet-64 16 per GPU; SiDA's
 # EDM2 XS 64; the digits preset 256).
-OFFICIAL_BATCH_GPU = {"digits": 256, "cifar10": 16, "imagenet64": 16, "edm2-xs": 64}
+OFFICIAL_BATCH_GPU = {"digits": 256, "cifar10": 16, "imagenet64": 16, "edm2-xs": 64, "sd15": 1}
+# SD 1.5 (SiD-LSG, preset sd15-lsg2: guidance 2 everywhere) is counted on the meta device, launches only: the official
+# batch_gpu is 1 (128 micro-batches per phase on 4 GPUs), so its record is one micro-batch pair and the optimizer
+# and EMA of an iteration (an iteration of R micro-batches repeats the phases' per-micro-batch parts R times).
 
 RUNGS = [
     ("reference", dict(precision="fp32")),
@@ -114,6 +118,81 @@ def _name(func) -> str:
     return str(func.overloadpacket)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# CUDA kernels per dispatched op: what PyTorch's CUDA backend, cuDNN and cuBLAS launch for one call, as a range (low,
+# high) with the reason. A dispatch is what the host pays for; a kernel is what the device runs (>= 2.5 us each).
+KERNELS_PER_OP: dict[str, tuple[int, int, str]] = {
+    "aten.convolution": (
+        1,
+        3,
+        "cuDNN's convolution (bias in its epilogue, or one add); an NCHW tensor-core engine "
+        "adds up to two layout transposes",
+    ),
+    "aten.convolution_backward": (
+        2,
+        5,
+        "cuDNN's dgrad and wgrad, the bias gradient's reduction; split-K wgrad adds "
+        "a reduction, NCHW layouts transposes",
+    ),
+    "aten.mm": (1, 2, "cuBLAS GEMM; split-K adds a reduction kernel"),
+    "aten.addmm": (1, 2, "cuBLASLt GEMM with the bias epilogue; split-K adds a reduction"),
+    "aten.bmm": (1, 2, "cuBLAS batched GEMM; split-K adds a reduction"),
+    "aten.native_group_norm": (2, 2, "PyTorch's GroupNorm: per-(sample, group) moments, then the normalisation"),
+    "aten.native_group_norm_backward": (2, 4, "per-channel sums of dy and dy*x, then dx (and dgamma/dbeta)"),
+    "aten.native_layer_norm": (1, 1, "one fused kernel"),
+    "aten.native_layer_norm_backward": (2, 3, "dx, then dgamma/dbeta partial sums and their reduction"),
+    "aten._scaled_dot_product_flash_attention": (1, 1, "FlashAttention-2 forward"),
+    "aten._scaled_dot_product_flash_attention_backward": (2, 3, "dot(dO, O) pre-pass, the backward, dq conversion"),
+    "aten._scaled_dot_product_efficient_attention": (1, 1, "memory-efficient attention forward"),
+    "aten._scaled_dot_product_efficient_attention_backward": (1, 2, "the backward (and dq/dk/dv zeroing)"),
+    "aten.index_put": (1, 8, "accumulate=True sorts the indices first (radix sort, several kernels)"),
+    "aten.index_put_": (1, 8, "accumulate=True sorts the indices first (radix sort, several kernels)"),
+    "aten._index_put_impl_": (1, 8, "accumulate=True sorts the indices first (radix sort, several kernels)"),
+    "aten.nonzero": (2, 3, "count, then write the indices (and a host sync)"),
+    "aten.native_dropout": (1, 1, "one fused mask-and-scale kernel"),
+    "sid_fast_kernels.group_norm_silu": (1, 1, "one Triton kernel"),
+    "sid_fast_kernels.group_norm_silu_bwd": (
+        3,
+        5,
+        "one Triton kernel, two reductions of the partial weight and bias "
+        "gradients, layout copies of dy and the modulation",
+    ),
+    "sid_fast_kernels.edm_flash_attention": (1, 1, "one Triton kernel"),
+    "sid_fast_kernels.edm_flash_attention_bwd": (3, 3, "delta, dK/dV, dQ: three Triton kernels"),
+    "sid_fast_kernels.sid_loss": (1, 1, "one Triton kernel"),
+    "sid_fast_kernels.sid_loss_bwd": (1, 1, "one Triton kernel"),
+    "sid_fast_kernels.edm_loss": (1, 1, "one Triton kernel"),
+    "sid_fast_kernels.edm_loss_bwd": (1, 1, "one Triton kernel"),
+}
+DEFAULT_KERNELS = (1, 1, "one elementwise, reduction, copy, concatenation or random kernel")
+# PyTorch's multi_tensor_apply (foreach ops, fused Adam): one launch holds at most MTA_TENSORS[depth] tensors of
+# each list and MTA_BLOCKS chunks of MTA_CHUNK elements (aten/src/ATen/native/cuda/MultiTensorApply.cuh).
+MTA_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
+MTA_BLOCKS, MTA_CHUNK = 320, 65536
+
+
+def mta_launches(numels: list[int], depth: int) -> tuple[int, int]:
+    """(low, high) launches of one multi_tensor_apply call over tensors of these sizes, `depth` lists."""
+    if not numels:
+        return 0, 0
+    by_tensors = -(-len(numels) // MTA_TENSORS[min(max(depth, 1), 5)])
+    by_blocks = -(-sum(-(-n // MTA_CHUNK) for n in numels) // MTA_BLOCKS)
+    return max(by_tensors, by_blocks), by_tensors + by_blocks
+
+
+def kernels_of(name: str, args, numels=None) -> tuple[int, int]:
+    """(low, high) CUDA kernels of one dispatch of `name` with `args` (foreach and fused ops: by their tensor lists;
+    `numels` replaces the sizes of their first list, e.g. the real parameters of CPU twins)."""
+    if name.startswith("aten._foreach_") or name.startswith("aten._fused_"):
+        lists = [a for a in args if isinstance(a, (list, tuple)) and a and all(torch.is_tensor(t) for t in a)]
+        if not lists:
+            return 1, 1
+        depth = 4 if name.startswith("aten._fused_adam") else len(lists)
+        return mta_launches(numels if numels is not None else [t.numel() for t in lists[0]], depth)
+    lo, hi, _ = KERNELS_PER_OP.get(name, DEFAULT_KERNELS)
+    return lo, hi
+
+
 def _is_view(func) -> bool:
     return func.is_view or _name(func) in ("aten.view", "aten._unsafe_view", "aten.alias")
 
@@ -132,6 +211,7 @@ class LaunchCounter(TorchDispatchMode):
         self.region: list[str] = []  # innermost last: network forwards, clean, optimizer
         self.ops: Counter = Counter()
         self.bytes: Counter = Counter()  # (phase, part) -> bytes read and written by memory-bound launches
+        self.kernels: Counter = Counter()  # (phase, part, "low" | "high") -> estimated CUDA kernels (KERNELS_PER_OP)
         self.views = 0
         self.allocs = 0
 
@@ -151,6 +231,9 @@ class LaunchCounter(TorchDispatchMode):
         else:
             key = (self.phase, self.part())
             self.ops[(*key, name)] += 1
+            lo, hi = kernels_of(name, args)
+            self.kernels[(*key, "low")] += lo
+            self.kernels[(*key, "high")] += hi
             out = func(*args, **(kwargs or {}))
             if name not in DENSE_OPS:
                 self.bytes[key] += _tensor_bytes((args, kwargs, out))
@@ -204,10 +287,13 @@ class LaunchCounter(TorchDispatchMode):
                     setattr(obj, attr, fn)
 
 
-def optimizer_dispatches(opt, kind: str) -> Counter:
+def optimizer_dispatches(opt, kind: str, kernels: list | None = None) -> Counter:
     """The ops one step of `opt` dispatches on a GPU, counted on CPU twins of its parameters of one element each (what
     an optimizer dispatches depends on the number of tensors, not on their sizes): `fused` and `foreach` as asked,
-    and `adam` (the official torch.optim.Adam) with foreach, which PyTorch picks by itself for CUDA tensors."""
+    and `adam` (the official torch.optim.Adam) with foreach, which PyTorch picks by itself for CUDA tensors. With
+    `kernels` ([low, high], added to), the CUDA kernels of those dispatches, the lists of twins taken at the real
+    parameters' sizes (multi_tensor_apply splits by tensor count and by size)."""
+    real = [p.numel() for g in opt.param_groups for p in g["params"]]
     params = [torch.zeros(1, requires_grad=True) for g in opt.param_groups for _ in g["params"]]
     flag = "fused" if kind == "fused" else "foreach"
     twin = torch.optim.Adam(params, lr=1e-3, betas=(0.0, 0.999), eps=1e-8, **{flag: True})
@@ -220,6 +306,16 @@ def optimizer_dispatches(opt, kind: str) -> Counter:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if not _is_view(func) and _name(func) not in NO_LAUNCH:
                 counter[_name(func)] += 1
+                if kernels is not None:
+                    first = next((a for a in args if isinstance(a, (list, tuple)) and a), None)
+                    twins = (
+                        first is not None
+                        and len(first) == len(real)
+                        and all(torch.is_tensor(t) and t.ndim == 1 for t in first)
+                    )  # the parameters', gradients' or moments' twins (the step counts are 0-d)
+                    lo, hi = kernels_of(_name(func), args, numels=real if twins else None)
+                    kernels[0] += lo
+                    kernels[1] += hi
             return func(*args, **(kwargs or {}))
 
     with _Count():
@@ -232,18 +328,34 @@ def count_launches(config: str, rung: str, options: dict, device: str) -> dict:
     bg = OFFICIAL_BATCH_GPU[config]
     # On the meta device the trainer runs a foreach Adam (fused refuses meta; the EMA is the rung's own either way);
     # the optimizer's own dispatches are counted on CPU twins as a GPU would run them.
-    tr = make_trainer(config, bg, dict(options, optimizer="foreach") if kind == "fused" else options, device)
-    tr.step()  # warm: Adam states and gradients' first allocation done
-    counter = LaunchCounter(tr)
-    flops = FlopCounterMode(display=False)
-    with counter.regions(), flops, counter:
-        tr.step()
-    ops = counter.ops
+    opts = dict(options, optimizer="foreach") if kind == "fused" else options
+    with contextlib.ExitStack() as stack:
+        if config in SD_CONFIGS:  # PyTorch's CUDA attention and autocast's casts, as bench.memory emulates them on meta
+            stack.enter_context(cuda_attention_on_meta())
+            if opts.get("precision") == "bf16":
+                stack.enter_context(autocast_on_meta(torch.bfloat16))
+            sd_opts = {k: v for k, v in opts.items() if k != "kernels"}
+            if opts.get("kernels"):
+                sd_opts["kernels"] = "sid_loss"  # the one kernel that applies to a diffusers UNet
+            tr = make_sd_trainer(config, bg, sd_opts, device)
+        else:
+            tr = make_trainer(config, bg, opts, device)
+        tr.step()  # warm: Adam states and gradients' first allocation done
+        counter = LaunchCounter(tr)
+        flops = FlopCounterMode(display=False)
+        with counter.regions(), flops, counter:
+            tr.step()
+    ops, kern = counter.ops, counter.kernels
     for key in [k for k in ops if k[1] == "optimizer"]:
         del ops[key]
+    for key in [k for k in kern if k[1] == "optimizer"]:
+        del kern[key]
     for phase, opt in (("fake_score", tr.opt_fake), ("generator", tr.opt_g)):
-        for name, n in optimizer_dispatches(opt, kind).items():
+        k = [0, 0]
+        for name, n in optimizer_dispatches(opt, kind, k).items():
             ops[(phase, "optimizer", name)] += n
+        kern[(phase, "optimizer", "low")] += k[0]
+        kern[(phase, "optimizer", "high")] += k[1]
     by_part: dict = defaultdict(Counter)
     for (phase, part, _), n in ops.items():
         by_part[phase][part] += n
@@ -269,6 +381,13 @@ def count_launches(config: str, rung: str, options: dict, device: str) -> dict:
         by_phase={ph: sum(c.values()) for ph, c in by_part.items()},
         by_part={ph: dict(c) for ph, c in by_part.items()},
         top_ops=dict(by_op.most_common(25)),
+        ops=dict(by_op.most_common()),
+        # CUDA kernels (KERNELS_PER_OP, multi_tensor_apply's limits), low and high; dropout as one kernel on CUDA
+        kernels_low=sum(n for (_, _, b), n in kern.items() if b == "low") - 2 * dropout_calls,
+        kernels_high=sum(n for (_, _, b), n in kern.items() if b == "high") - 2 * dropout_calls,
+        kernels_by_part={
+            f"{ph}/{part}": [kern[(ph, part, "low")], kern[(ph, part, "high")]] for (ph, part, b) in kern if b == "low"
+        },  # fmt: skip
         flops=float(flops.get_total_flops()),
         membound_bytes={f"{ph}/{part}": n for (ph, part), n in counter.bytes.items()},
         params_per_network=n_params,
@@ -540,8 +659,8 @@ def main(**kw):
     a = types.SimpleNamespace(**kw)
     configs, parts, wanted = a.configs.split(","), a.parts.split(","), a.rungs.split(",")
     for c in configs:
-        if c not in ALL_CONFIGS:
-            raise SystemExit(f"--configs: unknown {c!r}; choose from {','.join(ALL_CONFIGS)}.")
+        if c not in ALL_CONFIGS + LAUNCH_ONLY_CONFIGS:
+            raise SystemExit(f"--configs: unknown {c!r}; choose from {','.join(ALL_CONFIGS + LAUNCH_ONLY_CONFIGS)}.")
     known = {r for r, _ in RUNGS + COMPILE_RUNGS + EXTRA_LAUNCH_RUNGS}
     if unknown := [r for r in wanted if r not in known]:
         raise SystemExit(f"--rungs: unknown {unknown}; the rungs are {sorted(known)}.")
@@ -552,7 +671,9 @@ def main(**kw):
         options = {**options, **delta}
         ladder.append((rung, dict(options)))
     for config in configs:
-        extra = list(EXTRA_LAUNCH_RUNGS)
+        extra = list(EXTRA_LAUNCH_RUNGS) if config in ALL_CONFIGS else []
+        if config in LAUNCH_ONLY_CONFIGS:
+            parts = [p for p in parts if p == "launches"]
         for rung, options in ladder + extra:
             if rung not in wanted:
                 continue
@@ -560,7 +681,11 @@ def main(**kw):
                 dev = "cpu" if config == "digits" else "meta"
                 rec = count_launches(config, rung, options, dev)
                 records.append({**rec, **env})
-                print(f"{config} {rung:<15} launches {rec['launches']:>6}  {rec['by_phase']}", flush=True)
+                print(
+                    f"{config} {rung:<15} launches {rec['launches']:>6}  kernels "
+                    f"{rec['kernels_low']}-{rec['kernels_high']}  {rec['by_phase']}",
+                    flush=True,
+                )
             if (
                 "syncs" in parts and "kernels" not in options and (rung, options) not in extra
             ):  # the Triton kernels on CPU need the interpreter

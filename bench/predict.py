@@ -80,7 +80,29 @@ def _latest(records, **match) -> dict | None:
     return hits[-1] if hits else None
 
 
-def predict_step(counts: dict, rung: str, batch: int, flops_per_image: float, syncs: int) -> dict:
+# Each constant as a range: (pessimistic, central, optimistic). A rung's img/s is given for the three cases.
+CASES = ("low", "mid", "high")
+E_MM_RANGE = dict(low=0.35, mid=E_MM, high=0.55)
+E_BW_RANGE = dict(low=0.5, mid=E_BW, high=0.7)
+# Host time per eager dispatch on an H100 host: 6 us is PyTorch's dispatcher and launch alone; a module call with
+# autograd recording and Python glue is typically 9-12 us (sid_fast's own measurement of this machine's cost through
+# the same path is `host_us_per_dispatch` in the output). Inductor's wrapper: 2-5 us per kernel.
+C_LAUNCH_RANGE = {"eager": dict(low=12e-6, mid=9e-6, high=6e-6), "compiled": dict(low=5e-6, mid=3e-6, high=2e-6),
+                  "graphs": dict(low=0.0, mid=0.0, high=0.0)}  # fmt: skip
+# A public anchor for the fp32 reference (EDM's README: CIFAR-10 DDPM++ trained for 200 Mimg in about 2 days on 8
+# V100s, i.e. about 145 img/s per V100 at 3 forward-equivalents per image). A SiD iteration is 11 forward-equivalents
+# per image: about 40 img/s per V100; an H100 without TF32 has 67 / 15.7 = 4.3x a V100's fp32 peak: about 170 img/s
+# at EDM's efficiency, taken as the range 85-170 (EDM's "about 2 days" implies 18 TFLOP/s on a 15.7 TFLOP/s V100, so
+# it is loose or Winograd convolutions were used; SiD's batch of 16 per GPU is smaller than EDM's 64).
+ANCHOR = dict(
+    config="cifar10",
+    rung="reference",
+    img_per_s=(85.0, 170.0),
+    source="EDM README: 200 Mimg in ~2 days on 8 V100 (145 img/s/V100) x 3/11 forward-equivalents x 4.3",
+)
+
+
+def predict_step(counts: dict, rung: str, batch: int, flops_per_image: float, syncs: int, case: str = "mid") -> dict:
     spec = RUNGS[rung]
     official = counts["batch_gpu"]
     per_batch = {k: v for k, v in counts["membound_bytes"].items() if k.split("/")[1] not in FIXED_PARTS}
@@ -88,17 +110,20 @@ def predict_step(counts: dict, rung: str, batch: int, flops_per_image: float, sy
     nbytes = fixed + sum(per_batch.values()) * batch / official
     dense = sum(n for op, n in counts["top_ops"].items() if op in DENSE)
     if spec["host"] == "eager":
-        launches = counts["launches_cuda"]
+        launches = counts["launches_cuda"]  # dispatches: what the host pays for
+        lo, hi = counts.get("kernels_low", launches), counts.get("kernels_high", launches)
+        kernels = dict(low=hi, mid=(lo + hi) / 2, high=lo)[case]  # what the device runs
     else:
         launches = 2 * dense + sum(counts["by_part"][ph].get(p, 0) for ph in PHASES for p in FIXED_PARTS)
+        kernels = launches
         nbytes = nbytes / 2
-    t_mm = flops_per_image * batch / (E_MM * PEAK[spec["dtype"]])
-    t_bw = nbytes / (E_BW * HBM)
-    t_dev = t_mm + t_bw + launches * T_KERNEL
+    t_mm = flops_per_image * batch / (E_MM_RANGE[case] * PEAK[spec["dtype"]])
+    t_bw = nbytes / (E_BW_RANGE[case] * HBM)
+    t_dev = t_mm + t_bw + kernels * T_KERNEL
     if spec["host"] == "graphs":
         t_host = 5 * T_GRAPH_REPLAY + syncs * T_SYNC
     else:
-        t_host = launches * C_LAUNCH[spec["host"]] + syncs * T_SYNC
+        t_host = launches * C_LAUNCH_RANGE[spec["host"]][case] + syncs * T_SYNC
     t_step = max(t_dev, t_host) + syncs * min(t_dev, t_host) / (syncs + 1)
     return dict(
         t_step_ms=t_step * 1e3,
@@ -107,6 +132,7 @@ def predict_step(counts: dict, rung: str, batch: int, flops_per_image: float, sy
         t_matmul_ms=t_mm * 1e3,
         t_membound_ms=t_bw * 1e3,
         launches=launches,
+        kernels=kernels,
         launch_source="counted (eager dispatch)" if spec["host"] == "eager" else "2 per dense op + fixed (assumed)",
         bound="host (launches)" if t_host > t_dev else "device",
         img_per_s=batch / t_step,
@@ -147,6 +173,9 @@ def build(overhead: list[dict], memory: list[dict]) -> list[dict]:
                 if not batch:
                     continue
                 pred = predict_step(counts, rung, batch, flops, syncs)
+                for case in ("low", "high"):
+                    pred[f"img_per_s_{case}"] = predict_step(counts, rung, batch, flops, syncs, case)["img_per_s"]
+                pred["kernels_low"], pred["kernels_high"] = counts.get("kernels_low"), counts.get("kernels_high")
                 pred["ddp8_efficiency"] = scaling(pred, params) if params else None
                 out.append(
                     dict(
@@ -160,23 +189,84 @@ def build(overhead: list[dict], memory: list[dict]) -> list[dict]:
                         **pred,
                     )
                 )
+    # Speed-ups over the predicted fp32 reference of the same configuration (official batch), per case; for CIFAR-10
+    # also over the public anchor of the reference (ANCHOR), which does not share the fp32 model's assumptions.
+    for r in out:
+        ref = next((x for x in out if x["config"] == r["config"] and x["mode"] == "reference"
+                    and x["batch_label"] == "official"), None)  # fmt: skip
+        if ref is None:
+            continue
+        ups = [r[f"img_per_s{s}"] / ref[f"img_per_s{s}"] for s in ("_low", "", "_high")]
+        r["speedup_vs_reference"] = [min(ups), ups[1], max(ups)]
+        if r["config"] == ANCHOR["config"]:  # this rung's prediction against the anchored reference's range
+            lo, hi = ANCHOR["img_per_s"]
+            r["x_anchored_reference"] = [r["img_per_s_low"] / hi, r["img_per_s_high"] / lo]
     return out
 
 
-def markdown(records: list[dict]) -> str:
+def markdown(records: list[dict], host: dict | None = None) -> str:
     lines = [
-        "| config | rung | batch/GPU | predicted img/s | step ms | device ms (matmul + mem) | host ms | bound | "
-        "launches | 8-GPU eff. |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| config | rung | batch/GPU | predicted img/s (low-high) | x reference (low-high) | x anchored reference | "
+        "step ms | device ms (matmul + mem) | host ms | bound | dispatches | kernels (est.) | 8-GPU eff. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         eff = f"{r['ddp8_efficiency'] * 100:.0f}%" if r["ddp8_efficiency"] else "-"
+        up = r.get("speedup_vs_reference")
+        up = f"{up[1]:.1f} ({up[0]:.1f}-{up[2]:.1f})" if up else "-"
+        anc = r.get("x_anchored_reference")
+        anc = f"{anc[0]:.1f}-{anc[1]:.1f}" if anc else "-"
+        eager = r.get("kernels_low") and "eager" in r["launch_source"]
+        kern = f"{r['kernels_low']}-{r['kernels_high']}" if eager else f"{r['kernels']:.0f} (assumed)"
         lines.append(
-            f"| {r['config']} | {r['mode']} | {r['batch_gpu']} ({r['batch_label']}) | {r['img_per_s']:.0f} | "
+            f"| {r['config']} | {r['mode']} | {r['batch_gpu']} ({r['batch_label']}) | {r['img_per_s']:.0f} "
+            f"({r['img_per_s_low']:.0f}-{r['img_per_s_high']:.0f}) | {up} | {anc} | "
             f"{r['t_step_ms']:.1f} | {r['t_dev_ms']:.1f} ({r['t_matmul_ms']:.1f} + {r['t_membound_ms']:.1f}) | "
-            f"{r['t_host_ms']:.1f} | {r['bound']} | {r['launches']} | {eff} |"
+            f"{r['t_host_ms']:.1f} | {r['bound']} | {r['launches']} | {kern} | {eff} |"
         )
+    if host:
+        lines += ["", f"This machine's host cost through the eager dispatch path (bench.predict.measure_host_cost, "
+                      f"{host['threads']} threads): a digits step at batch {host['batch']} takes {host['step_ms']:.1f} "
+                      f"ms for {host['dispatches']} dispatched ops ({host['us_per_dispatch']:.1f} us each), "
+                      f"{host['launching']} of them kernel-launching ({host['us_per_launching_op']:.1f} us each): "
+                      "compute included, so upper bounds. Anchor of the CIFAR-10 reference: "
+                      f"{ANCHOR['source']}."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def measure_host_cost(batch: int = 1, repeats: int = 5) -> dict:
+    """This machine's host time per dispatched op through the real path (module calls, autograd, the optimizer): a
+    digits SiD step at `batch` on the CPU, whose compute is tiny, divided by the ops it dispatches."""
+    import statistics
+    import time
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bench.memory import make_trainer
+
+    tr = make_trainer("digits", batch, {}, "cpu")
+    tr.step()
+    from bench.overhead import NO_LAUNCH, _is_view, _name
+
+    n = [0, 0]  # every dispatched op, those that launch a kernel on a GPU (not views or allocations)
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            n[0] += 1
+            n[1] += not (_is_view(func) or _name(func) in NO_LAUNCH)
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        tr.step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tr.step()
+        times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    return dict(batch=batch, dispatches=n[0], launching=n[1], step_ms=step * 1e3, us_per_dispatch=step / n[0] * 1e6,
+                us_per_launching_op=step / n[1] * 1e6, threads=torch.get_num_threads())  # fmt: skip
 
 
 def compare(measured_path: Path, overhead, memory) -> None:
@@ -212,10 +302,13 @@ def main(**kw):
         compare(Path(a.compare), overhead, memory)
         return
     env = environment()
+    host = measure_host_cost()
+    records.append(dict(bench="host_cost", **host))
     Path(a.out).write_text("".join(json.dumps({**r, **env}) + "\n" for r in records))
     md = Path(a.out).with_suffix(".md")
-    md.write_text(markdown(records))
-    print(markdown(records))
+    ladder = [r for r in records if r.get("bench") == "predicted_ladder"]
+    md.write_text(markdown(ladder, host))
+    print(markdown(ladder, host))
     print(f"-> {a.out}, {md}")
 
 

@@ -7,7 +7,7 @@ import torch
 from support.helpers import NET, cfg_for, cpu_trainer
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.overhead import compile_report, count_launches, count_syncs
+from bench.overhead import compile_report, count_launches, count_syncs, mta_launches
 from sid_fast.augment import AugmentPipe
 from sid_fast.casts import GradArena
 from sid_fast.networks import build_network
@@ -163,3 +163,31 @@ def test_per_parameter_work_is_done_per_tensor_list_on_the_eager_fast_path():
     casts = [k for k in fast["top_ops"] if k == "aten._to_copy"]
     assert not casts or fast["top_ops"]["aten._to_copy"] < 2 * n  # not one per parameter per network call
     assert fast["launches"] <= 0.5 * ref["launches"], (fast["launches"], ref["launches"])
+    # CUDA kernels per dispatch (KERNELS_PER_OP, multi_tensor_apply's limits): every dispatch at least one kernel, the
+    # convolutions' backward two to five; fused Adam split by the tensor and block limits of its real parameters
+    for rec in (ref, fast):
+        assert rec["launches_cuda"] <= rec["kernels_low"] <= rec["kernels_high"]
+        conv_bwd = rec["ops"]["aten.convolution_backward"]
+        assert rec["kernels_high"] - rec["kernels_low"] >= 3 * conv_bwd
+    lo, hi = fast["kernels_by_part"]["generator/optimizer"]
+    adam_lo, adam_hi = mta_launches(fast_param_numels(), 4)  # _fused_adam_ alone, at the parameters' real sizes
+    assert adam_lo > 1 and lo >= adam_lo and hi >= adam_hi
+
+
+def fast_param_numels():
+    from bench.memory import make_trainer
+
+    tr = make_trainer("digits", 4, dict(precision="bf16"), "cpu")
+    return [p.numel() for p in tr.G.parameters()]
+
+
+def test_multi_tensor_apply_launches_follow_its_limits():
+    from bench.overhead import MTA_BLOCKS, MTA_CHUNK, kernels_of
+
+    assert mta_launches([1] * 36, 4) == (1, 2) and mta_launches([1] * 37, 4) == (2, 3)  # 36 tensors per launch
+    assert mta_launches([1] * 110, 1) == (1, 2) and mta_launches([1] * 111, 1) == (2, 3)
+    big = [MTA_CHUNK * MTA_BLOCKS * 3]  # one tensor of three launches' worth of blocks
+    assert mta_launches(big, 4) == (3, 4)
+    assert kernels_of("aten.convolution_backward", ()) == (2, 5) and kernels_of("aten.add", ()) == (1, 1)
+    xs = [torch.zeros(3) for _ in range(70)]
+    assert kernels_of("aten._foreach_add", (xs, xs)) == (2, 3)  # depth 2: 64 tensors per launch
