@@ -204,7 +204,7 @@ def test_the_protocol_equals_its_float64_transcription(files, tmp_path):
     out = tmp_path / "eval.jsonl"
     args = ["--images", str(files / "fake_images"), "--captions", str(files / "captions.txt"), "--ref",
             str(files / "val2014"), "--detector", str(files / "inception-2015-12-05.pt"), "--clip",
-            str(files / "clip"), "--num", str(n), "--batch", "4", "--json", str(out)]  # fmt: skip
+            str(files / "clip"), "--num-images", str(n), "--batch", "4", "--json", str(out)]  # fmt: skip
     r = CliRunner().invoke(ev.main, [*args, "--save-ref", str(tmp_path / "ref.npz")])
     assert r.exit_code == 0, r.output
     got = json.loads(out.read_text())
@@ -235,11 +235,11 @@ def test_inputs_that_do_not_fit_the_protocol_are_refused(files, tmp_path):
         r = CliRunner().invoke(ev.main, args)
         assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, r.output
 
-    refused(["--images", str(files / "fake_images"), *base], "the protocol scores exactly --num 30000 images")
-    refused(["--images", str(files / "fake_images"), *base, "--num", "5"], "found 6 image files")
+    refused(["--images", str(files / "fake_images"), *base], "the protocol scores exactly --num-images 30000 images")
+    refused(["--images", str(files / "fake_images"), *base, "--num-images", "5"], "found 6 image files")
     (tmp_path / "short.txt").write_text("one caption\n")
-    args = ["--images", str(files / "fake_images"), *base, "--num", "6"]
-    refused([*args, "--captions", str(tmp_path / "short.txt")], "1 caption lines, fewer than --num 6 images")
+    args = ["--images", str(files / "fake_images"), *base, "--num-images", "6"]
+    refused([*args, "--captions", str(tmp_path / "short.txt")], "1 caption lines, fewer than --num-images 6 images")
     refused([*args, "--ref", str(tmp_path / "none")], "no such folder (the reference images, COCO-2014 val2014)")
     from support.fid_helpers import save_torchscript_detector
 
@@ -248,7 +248,7 @@ def test_inputs_that_do_not_fit_the_protocol_are_refused(files, tmp_path):
     odd = tmp_path / "odd"
     shutil.copytree(files / "fake_images", odd)
     (odd / "000002.png").rename(odd / "image2.png")
-    refused(["--images", str(odd), *base[:], "--num", "6"], "named 000000.png to 000005.png")
+    refused(["--images", str(odd), *base[:], "--num-images", "6"], "named 000000.png to 000005.png")
 
 
 def test_clean_fid_agrees_where_it_imports(files):
@@ -281,7 +281,44 @@ def test_the_edm_protocol_is_sid_fasts_fid_on_the_same_folder(files, tmp_path):
     save_ref_stats(tmp_path / "ref.npz", ref.mean(0), np.cov(ref, rowvar=False))
     r = CliRunner().invoke(ev.main, ["--protocol", "edm", "--images", str(files / "fake_images"), "--captions",
                                      str(files / "captions.txt"), "--ref", str(tmp_path / "ref.npz"), "--detector",
-                                     str(det_path), "--num", "6", "--json", str(tmp_path / "o.jsonl")])  # fmt: skip
+                                     str(det_path), "--num-images", "6", "--json",
+                                     str(tmp_path / "o.jsonl")])  # fmt: skip
     assert r.exit_code == 0, r.output
     got = json.loads((tmp_path / "o.jsonl").read_text())["fid"]
     assert abs(got - _fid64(feats, ref)) < 1e-6 * max(1.0, got)
+
+
+def test_a_generator_evaluated_over_two_processes_equals_one_process_on_its_images(files, tmp_path):
+    """--network: the images made first (caption i, seed i), every rank its share, then the protocol over the ranks;
+    the same numbers as one process scoring the images they wrote."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from support.sd_tiny import write_tiny_sd
+
+    from sid_fast.t2i.export import save_unet_folder
+    from sid_fast.t2i.sd import load_sd
+
+    sd = write_tiny_sd(tmp_path / "sd")
+    gen = save_unet_folder(tmp_path / "gen", load_sd(sd).unet, init_timestep=625)
+    made, out = tmp_path / "made", tmp_path / "two.jsonl"
+    args = ["--network", str(gen), "--teacher", str(sd), "--images", str(made), "--captions",
+            str(files / "captions.txt"), "--ref", str(files / "val2014"), "--detector",
+            str(files / "inception-2015-12-05.pt"), "--clip", str(files / "clip"), "--num-images", "6", "--batch", "2",
+            "--json", str(out)]  # fmt: skip
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "sid_fast.t2i.evaluate", *args], cwd=root, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert sorted(p.name for p in made.iterdir()) == [f"{i:06d}.png" for i in range(6)]
+    one = ev.evaluate("gigagan-coco256", made, files / "captions.txt", files / "val2014",
+                      files / "inception-2015-12-05.pt", files / "clip", 6, 4, "cpu")  # fmt: skip
+    assert abs(two["fid"] - one["fid"]) < 1e-9 * max(1.0, one["fid"])  # float64 sums in another order
+    assert abs(two["clip_score"] - one["clip_score"]) < 1e-6
+    r = subprocess.run([sys.executable, "-m", "sid_fast.t2i.evaluate", *args], cwd=root, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode != 0 and "not empty; --network writes the generated images into a new or empty" in r.stderr

@@ -2,6 +2,9 @@
 
     python -m sid_fast.t2i.evaluate --protocol gigagan-coco256 --images coco30k --captions captions.txt \
         --ref val2014 --detector inception-2015-12-05.pt --clip CLIP-ViT-g-14-laion2B-s12B-b42K
+    # From a generator: its 30,000 images made first (t2i.sample's: caption i with seed i), over the ranks.
+    torchrun --standalone --nproc_per_node=8 -m sid_fast.t2i.evaluate --network runs/.../network-snapshot-... \
+        --teacher stable-diffusion-v1-5 --images coco30k --captions captions.txt --ref val2014 --detector ... --clip ...
 
 `gigagan-coco256` is how SiD-LSG's published FID-30k and CLIP score were computed: its `evaluate_SiD_t2i_coco256.sh`
 runs GigaGAN's evaluation/evaluation.py (how_many 30000, ref_data coco2014, ref_type val2014, eval_res 256) on the
@@ -62,6 +65,7 @@ from sid_fast.data.prompts import PromptError, read_prompts
 from sid_fast.metrics import FeatureStats, frechet_distance, load_ref_stats, save_ref_stats
 from sid_fast.metrics.clip_score import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPScoreError, CLIPScorer
 from sid_fast.progress import Timer, bar, summary
+from sid_fast.storage import CheckpointError
 
 PROTOCOLS = ("gigagan-coco256", "edm")
 EVAL_RES = 256  # eval_res
@@ -189,7 +193,7 @@ def check_fakes(images, captions_file, num: int) -> tuple[list[Path], list[str]]
     want = [f"{i:06d}.png" for i in range(num)]
     if len(files) != num or [f.name for f in pngs] != want:
         raise EvalError(
-            f"{images}: the protocol scores exactly --num {num} images named 000000.png to {num - 1:06d}.png "
+            f"{images}: the protocol scores exactly --num-images {num} images named 000000.png to {num - 1:06d}.png "
             f"(python -m sid_fast.t2i.sample --prompts CAPTIONS), found {len(files)} image files."
         )
     try:
@@ -197,7 +201,7 @@ def check_fakes(images, captions_file, num: int) -> tuple[list[Path], list[str]]
     except PromptError as e:
         raise EvalError(str(e)) from None
     if len(captions) < num:
-        raise EvalError(f"{captions_file}: {len(captions)} caption lines, fewer than --num {num} images.")
+        raise EvalError(f"{captions_file}: {len(captions)} caption lines, fewer than --num-images {num} images.")
     return pngs, [captions[i] for i in range(num)]  # a PromptFile reads lines by index
 
 
@@ -297,6 +301,32 @@ def clip_score(files: list[Path], captions: list[str], scorer: CLIPScorer, batch
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def generate_images(network, teacher, captions_file, images, num: int, batch: int, device) -> None:
+    """The generator's images for the first `num` captions (image i: caption i, seed i, as the official
+    generate_onestep.py and t2i.sample make them) into the empty or new folder `images`, every rank its share."""
+    from sid_fast.t2i.sample import generate, resolve_network  # start-up: the sampler's code, only with --network
+
+    out = Path(images)
+    if out.exists() and any(out.iterdir()):
+        raise EvalError(f"{out}: not empty; --network writes the generated images into a new or empty --images folder.")
+    try:
+        captions = read_prompts(captions_file)
+    except PromptError as e:
+        raise EvalError(str(e)) from None
+    if len(captions) < num:
+        raise EvalError(f"{captions_file}: {len(captions)} caption lines, fewer than --num-images {num} images.")
+    network = resolve_network(str(network))
+    if teacher is None:
+        from sid_fast.t2i.export import is_pipeline_folder  # start-up: only with --network
+
+        if not is_pipeline_folder(network):
+            raise EvalError("--teacher is required unless --network is a pipeline folder (hub convert --teacher).")
+        teacher = network
+    todo = [(i, captions[i], i) for i in range(num)]
+    generate(network, teacher, todo, out, batch, torch.float32, device, log=lambda *a: None)
+    dist.barrier()
+
+
 def evaluate(protocol, images, captions_file, ref, detector, clip, num, batch, device, save_ref=None) -> dict:
     """{"protocol", "num", "fid", ["clip_score"]} of the folder `images` (see the module docstring)."""
     timer = Timer()
@@ -345,16 +375,28 @@ def evaluate(protocol, images, captions_file, ref, detector, clip, num, batch, d
               required=True)  # fmt: skip
 @click.option("--clip", help="CLIP model folder in Hugging Face's format (the paper: ViT-g-14 laion2B-s12B-b42K)",
               metavar="DIR")  # fmt: skip
-@click.option("--num", help="Images scored (the paper: 30000)", type=click.IntRange(2), default=NUM, show_default=True)
+@click.option(
+    "--num-images",
+    "num",
+    help="Images scored (the paper: 30000)",
+    type=click.IntRange(2),
+    default=NUM,
+    show_default=True,
+)
 @click.option("--batch", help="Images per network call per GPU", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--save-ref", help="Also write the reference statistics to this .npz", metavar="NPZ")
 @click.option("--json", "json_path", help="Append the result as a JSON line to this file", metavar="FILE")
-def main(protocol, images, captions_file, ref, detector, clip, num, batch, save_ref, json_path):
+@click.option("--network", help="Make the images first with this generator (t2i.sample's --network)", metavar="DIR|ID")
+@click.option("--teacher", help="With --network: its teacher's Stable Diffusion folder (default: a pipeline --network)",
+              metavar="DIR")  # fmt: skip
+def main(protocol, images, captions_file, ref, detector, clip, num, batch, save_ref, json_path, network, teacher):
     """Zero-shot COCO-2014 FID and CLIP score of text-to-image samples, by a named protocol."""
     device = dist.init()
     try:
+        if network is not None:
+            generate_images(network, teacher, captions_file, images, num, batch, device)
         out = evaluate(protocol, images, captions_file, ref, detector, clip, num, batch, device, save_ref=save_ref)
-    except (EvalError, ValueError) as e:
+    except (EvalError, ValueError, CheckpointError) as e:  # SDError is a ValueError
         raise click.ClickException(str(e)) from None
     if dist.rank() == 0:
         click.echo(json.dumps(out))
