@@ -99,7 +99,7 @@ def test_step_graphs_are_refused_where_they_cannot_replay(teacher_file, monkeypa
     assert cfg_for(teacher_file, cuda_graphs=True).cuda_graphs == "sites"  # a configuration of the old switch
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu  # bench/acceptance.sh runs these
 def test_captured_steps_replay_the_eager_steps(teacher_file):
     """Five steps, the last two replayed from the graph, against five eager steps with capturable Adam (whose bias
     corrections on the device round as the non-capturable ones may not: the same optimizer on both sides)."""
