@@ -48,7 +48,7 @@ class StepGraph:
     def step(self) -> None:
         """One iteration: the generators seeded and beta filled for it (host work, no sync), then the replay."""
         tr = self.tr
-        gens = tr.seed_micro_batches()
+        tr.seed_micro_batches()
         self.beta.fill(tr.ema_beta())
         if self.graph is not None:
             self.graph.replay()

@@ -118,8 +118,8 @@ def load_training_state(ctx: RunContext, progress: Progress, trained: Trained, s
             f"--resume {path}: {len(stats)} tick statistics in the state, this trainer keeps "
             f"{len(progress.stats.values)}."
         )
-    progress.stats.values = stats
-    progress.consec_bad.copy_(s["consec_bad"])  # in place: a captured step graph holds these tensors
+    progress.stats.values.copy_(stats)  # in place, as the counters: a captured step graph holds these tensors
+    progress.consec_bad.copy_(s["consec_bad"])
     progress.max_consec_bad.copy_(s["max_consec_bad"])
     progress.metrics_history = json.loads(s.get("metrics_history", "[]"))
     rng = s["rng"][ctx.rank]
