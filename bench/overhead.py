@@ -145,9 +145,10 @@ KERNELS_PER_OP: dict[str, tuple[int, int, str]] = {
     "aten._scaled_dot_product_flash_attention_backward": (2, 3, "dot(dO, O) pre-pass, the backward, dq conversion"),
     "aten._scaled_dot_product_efficient_attention": (1, 1, "memory-efficient attention forward"),
     "aten._scaled_dot_product_efficient_attention_backward": (1, 2, "the backward (and dq/dk/dv zeroing)"),
-    "aten.index_put": (1, 8, "accumulate=True sorts the indices first (radix sort, several kernels)"),
-    "aten.index_put_": (1, 8, "accumulate=True sorts the indices first (radix sort, several kernels)"),
-    "aten._index_put_impl_": (1, 8, "accumulate=True sorts the indices first (radix sort, several kernels)"),
+    **dict.fromkeys(
+        ("aten.index_put", "aten.index_put_", "aten._index_put_impl_"),
+        (1, 8, "accumulate=True sorts the indices first (radix sort, several kernels)"),
+    ),  # fmt: skip
     "aten.nonzero": (2, 3, "count, then write the indices (and a host sync)"),
     "aten.native_dropout": (1, 1, "one fused mask-and-scale kernel"),
     "sid_fast_kernels.group_norm_silu": (1, 1, "one Triton kernel"),

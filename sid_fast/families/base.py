@@ -30,6 +30,8 @@ from typing import ClassVar
 
 import torch
 
+from sid_fast.flags import ConfigError
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"  # the bundled teachers, prompts and their records
 
 
@@ -78,6 +80,21 @@ class SiDASupport:
 
     fake_grad_clip: float | None
     edm2_rules: bool
+
+
+def fitted_generator(cfg, teacher_state: dict, generator_state: dict, what: str, skip=None) -> dict:
+    """--sid-model's weights as float32 copies, which must fit the teacher's network exactly (every key and shape but
+    those `skip` leaves out); one ConfigError naming the flag otherwise."""
+    keep = (lambda k: True) if skip is None else (lambda k: not skip(k))
+    want = {k: tuple(v.shape) for k, v in teacher_state.items() if keep(k)}
+    got = {k: tuple(v.shape) for k, v in generator_state.items() if keep(k)}
+    if got != want:
+        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+        raise ConfigError(
+            f"--sid-model {cfg.sid_model}: not a generator of {what} ({len(diff)} tensors differ in name or shape, "
+            f"e.g. {diff[0]})."
+        )
+    return {k: v.float() for k, v in generator_state.items()}
 
 
 class Family:

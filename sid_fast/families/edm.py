@@ -19,7 +19,7 @@ import torch
 from sid_fast import checkpoints, hub, ops
 from sid_fast.data.dataset import DatasetError, ImageDataset, LabelsDataset
 from sid_fast.data.digits import DigitsDataset
-from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks, SiDASupport, TeacherSpec
+from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks, SiDASupport, TeacherSpec, fitted_generator
 from sid_fast.flags import ConfigError
 from sid_fast.losses import sample_edm_sigma, sample_generator_sigma
 from sid_fast.networks import build_network
@@ -410,19 +410,8 @@ def load_sid_model(cfg, teacher) -> dict:
     except ValueError as e:
         raise ConfigError(f"--sid-model {e}") from None
     skip_logvar = type(teacher).__name__ == "Precond"
-
-    def compared(k):
-        return not (skip_logvar and k.startswith("logvar_"))
-
-    want = {k: tuple(v.shape) for k, v in teacher.state_dict().items() if compared(k)}
-    got = {k: tuple(v.shape) for k, v in net.state_dict().items() if compared(k)}
-    if got != want:
-        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
-        raise ConfigError(
-            f"--sid-model {cfg.sid_model}: not a generator of this teacher's network ({len(diff)} "
-            f"tensors differ in name or shape, e.g. {diff[0]})."
-        )
-    return {k: v.float() for k, v in net.state_dict().items()}
+    return fitted_generator(cfg, teacher.state_dict(), net.state_dict(), "this teacher's network",
+                            skip=lambda k: skip_logvar and k.startswith("logvar_"))  # fmt: skip
 
 
 def prepare_fid(cfg, device):

@@ -40,7 +40,7 @@ import torch
 from sid_fast import checkpoints, ops
 from sid_fast.data.prompts import PromptError, read_prompts
 from sid_fast.families import edm
-from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks
+from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks, fitted_generator
 from sid_fast.flags import ConfigError
 from sid_fast.t2i import digits, export
 from sid_fast.t2i.sd import (
@@ -419,15 +419,7 @@ def load_sid_model(cfg, teacher_unet) -> dict:
         unet, _ = export.load_unet_folder(cfg.sid_model)
     except SDError as e:
         raise ConfigError(f"--sid-model {e}") from None
-    want = {k: tuple(v.shape) for k, v in teacher_unet.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    if got != want:
-        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
-        raise ConfigError(
-            f"--sid-model {cfg.sid_model}: not a generator of the teacher's UNet ({len(diff)} tensors differ in name "
-            f"or shape, e.g. {diff[0]})."
-        )
-    return {k: v.float() for k, v in unet.state_dict().items()}
+    return fitted_generator(cfg, teacher_unet.state_dict(), unet.state_dict(), "the teacher's UNet")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -196,13 +196,19 @@ def check_fakes(images, captions_file, num: int) -> tuple[list[Path], list[str]]
             f"{images}: the protocol scores exactly --num-images {num} images named 000000.png to {num - 1:06d}.png "
             f"(python -m sid_fast.t2i.sample --prompts CAPTIONS), found {len(files)} image files."
         )
+    captions = read_captions(captions_file, num)
+    return pngs, [captions[i] for i in range(num)]  # a PromptFile reads lines by index
+
+
+def read_captions(captions_file, num: int):
+    """The caption file, which must hold at least `num` lines."""
     try:
         captions = read_prompts(captions_file)
     except PromptError as e:
         raise EvalError(str(e)) from None
     if len(captions) < num:
         raise EvalError(f"{captions_file}: {len(captions)} caption lines, fewer than --num-images {num} images.")
-    return pngs, [captions[i] for i in range(num)]  # a PromptFile reads lines by index
+    return captions
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,12 +315,7 @@ def generate_images(network, teacher, captions_file, images, num: int, batch: in
     out = Path(images)
     if out.exists() and any(out.iterdir()):
         raise EvalError(f"{out}: not empty; --network writes the generated images into a new or empty --images folder.")
-    try:
-        captions = read_prompts(captions_file)
-    except PromptError as e:
-        raise EvalError(str(e)) from None
-    if len(captions) < num:
-        raise EvalError(f"{captions_file}: {len(captions)} caption lines, fewer than --num-images {num} images.")
+    captions = read_captions(captions_file, num)
     network = resolve_network(str(network))
     if teacher is None:
         from sid_fast.t2i.export import is_pipeline_folder  # start-up: only with --network
