@@ -215,7 +215,7 @@ class SDFamily(Family):
         except SDError as e:
             raise ConfigError(f"--teacher {e}") from None
         try:
-            PromptTokens(prompts, sd.tokenizer)  # a token file beside the prompts that does not match is refused now
+            tokens = PromptTokens(prompts, sd.tokenizer)  # a token file beside the prompts that does not match: now
         except TokenFileError as e:
             raise ConfigError(f"--data-prompt-text {e}") from None
         c, r = sd.latent_channels, sd.latent_resolution
@@ -240,15 +240,16 @@ class SDFamily(Family):
                 f"--init-timestep {cfg.init_timestep}: the teacher {cfg.teacher} has {steps} timesteps "
                 f"(0 to {steps - 1})."
             )
-        family = cls(cfg, device, sd, prompts)
+        family = cls(cfg, device, sd, prompts, tokens)
         if cfg.sid_model is not None:
             family.generator_init = load_sid_model(cfg, sd.unet)
         return family
 
-    def __init__(self, cfg, device, sd: StableDiffusion, prompts):
+    def __init__(self, cfg, device, sd: StableDiffusion, prompts, tokens: PromptTokens | None = None):
         """From loaded parts (tests and benchmarks bring their own): the text encoder on the device, the VAE on the
         CPU (on the accelerator only while a snapshot decodes), the empty prompt's embedding computed once; the
-        snapshot grid's prompts (--validation-prompts, else the prompt file's first lines)."""
+        snapshot grid's prompts (--validation-prompts, else the prompt file's first lines); `tokens`: the prompt
+        file's token ids as `load` checked them (made here when not given)."""
         self.sd, self.prompts, self.device = sd, prompts, device
         self.prompt_file = cfg.data_prompt_text
         self.generator_init = None  # --sid-model's weights (load)
@@ -264,7 +265,9 @@ class SDFamily(Family):
             sd.vae.to("cpu")
         self.uncond = self.encode_prompts([""])  # [1, tokens, width], once
         # The prompt file's token ids: its token file memory-mapped, or each line tokenised once (sid_fast.t2i.tokens).
-        self.tokens = PromptTokens(prompts, sd.tokenizer) if sd.tokenizer is not None else None
+        if tokens is None and sd.tokenizer is not None:
+            tokens = PromptTokens(prompts, sd.tokenizer)
+        self.tokens = tokens
         self.drop_p = DROPOUT if (cfg.cfg_train_fake != 1 or cfg.cfg_eval_fake != 1) else 0.0
 
     # Networks.
