@@ -104,6 +104,13 @@ def prepare_networks(cfg, teacher, trained, G_ema) -> None:
                     m.batched_affine = batched
         if not is_diffusers(G_ema):
             G_ema.compute_dtype = None
+        # EDM2's frozen teacher: each magnitude-preserving layer called with gain 1 folds its normalised weight once
+        # (networks/edm2.py MPConv; not compiled, where Inductor fuses it, and not under FSDP2, whose gathered weights
+        # are transient).
+        if not (cfg.compile or cfg.fsdp):
+            for m in teacher.modules():
+                if isinstance(m, edm2.MPConv):
+                    m.fold_when_frozen = True
     if cfg.channels_last:
         for net in (teacher, *trained, G_ema):
             net.to(memory_format=torch.channels_last)

@@ -427,3 +427,49 @@ def test_edm2_bf16_gradients_in_the_arena_equal_per_parameter_cleaning(monkeypat
     assert bad_a == bad_b == 1
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_the_folded_teacher_gives_the_same_steps_with_fewer_ops(precision):
+    """EDM2's frozen teacher on the fast path folds each gain-1 layer's normalised weight once (MPConv): two steps equal
+    bit for bit to steps with folding off, and the teacher's forward dispatches fewer ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sid_fast.networks.edm2 import MPConv
+
+    over = dict(precision=precision, batch=8, batch_gpu=8, metrics="none")
+
+    def run(fold):
+        torch.manual_seed(0)
+        tr = build_trainer(resolve_config("digits-edm2", over), torch.device("cpu"), log=lambda *_: None)
+        layers = [m for m in tr.teacher.modules() if isinstance(m, MPConv)]
+        assert all(m.fold_when_frozen for m in layers)
+        for m in layers:
+            m.fold_when_frozen = fold
+        for _ in range(2):
+            tr.step()
+        return tr, layers
+
+    folded, layers = run(True)
+    plain, _ = run(False)
+    assert sum(m._folded for m in layers) >= len(layers) // 2  # the gain-1 layers (the rest take a learned gain)
+    for name in ("G", "fake", "G_ema"):
+        a, b = getattr(folded, name).state_dict(), getattr(plain, name).state_dict()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    n = [0]
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            n[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for tr in (folded, plain):
+        z, cond = tr.draw_z_cond(tr.micro_batch_rng(1, 0))
+        level = tr.denoiser.generator_level(z.shape[0], tr.micro_batch_rng(1, 0))
+        n[0] = 0
+        with torch.no_grad(), _Count():
+            tr.denoiser.teacher(tr.calls.teacher, tr.generate(tr.calls.G_eval, z, cond).detach(), level, cond)
+        counts.append(n[0])
+    assert counts[0] < counts[1], counts
