@@ -225,18 +225,24 @@ def _stub_state_dict(stub, prefix: str = "", out: dict | None = None, classes: d
     return out, classes
 
 
-def read_edm_pickle(path: str | os.PathLike) -> dict:
-    """Read an EDM/SiD pickle without executing anything; returns the top-level dict with stubs for modules."""
+def load_restricted(path, reader_class, what: str):
+    """The object a restricted unpickler (`reader_class`, a pickle._Unpickler with its own allow-list) reads from the
+    file, on a bounded reader; its refusals and any other failure (a corrupt stream: nothing runs but the allow-list)
+    as one CheckpointError naming the file and `what` it should have been."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            data = EDMPickleReader(_BoundedReader(f, os.fstat(f.fileno()).st_size)).load()
+            return reader_class(_BoundedReader(f, os.fstat(f.fileno()).st_size)).load()
     except _Refused as e:
         raise CheckpointError(f"{path}: refused to load: {e}.") from None
-    except Exception as e:  # nothing runs but the allow-list, so any other failure means a corrupt stream
-        raise CheckpointError(
-            f"{path}: not a readable EDM/SiD pickle (truncated or corrupt?): {_describe(e)}"
-        ) from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt?): {_describe(e)}") from None
+
+
+def read_edm_pickle(path: str | os.PathLike) -> dict:
+    """Read an EDM/SiD pickle without executing anything; returns the top-level dict with stubs for modules."""
+    path = Path(path)
+    data = load_restricted(path, EDMPickleReader, "EDM/SiD pickle")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict with key 'ema' at the top level, found {type(data).__name__}.")
     return data

@@ -21,14 +21,13 @@ their names (`_t625_`); otherwise the official default, 625, is taken (`meta["in
 from __future__ import annotations
 
 import collections
-import os
 import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from sid_fast.checkpoints import _ALLOWED_GLOBALS, _BoundedReader, _Refused
+from sid_fast.checkpoints import _ALLOWED_GLOBALS, _Refused, load_restricted
 from sid_fast.storage import CheckpointError
 from sid_fast.storage import describe_error as _describe
 
@@ -111,15 +110,7 @@ class DiffusersPickleReader(pickle._Unpickler):
 def read_pickle(path) -> dict:
     """The top-level dict of an official SiD-LSG pickle, with stubs for its objects; nothing from the file runs."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = DiffusersPickleReader(_BoundedReader(f, os.fstat(f.fileno()).st_size)).load()
-    except _Refused as e:
-        raise CheckpointError(f"{path}: refused to load: {e}.") from None
-    except Exception as e:  # only the allow-list runs, so any other failure means a corrupt stream
-        raise CheckpointError(
-            f"{path}: not a readable generator pickle (truncated or corrupt?): {_describe(e)}"
-        ) from None
+    data = load_restricted(path, DiffusersPickleReader, "generator pickle")
     if not isinstance(data, dict) or "ema" not in data:
         found = sorted(k for k in data if isinstance(k, str)) if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path}: expected a dict with the key 'ema' (the official snapshots'), found {found}.")
