@@ -519,9 +519,12 @@ def fit_batch(rec: dict, capacity_gib: float, headroom_gib: float) -> int:
 
 def fit_batch_fsdp(rec: dict, capacity_gib: float, headroom_gib: float, world: int) -> int:
     """fit_batch under --fsdp over `world` GPUs, derived from the same measurement: the teacher, G, the fake score and
-    their Adam states are 1/world per GPU (G_ema and the text encoder stay whole), and the trained network's gradient,
-    counted whole in each phase's peak, is 1/world too. Not modelled: FSDP2's all-gather buffers of the block being
-    run and the next one (for XXL about 0.7 GB at fp32), which the headroom has to cover."""
+    their Adam states are 1/world per GPU (G_ema and the text encoder stay whole), and the part of each phase's peak
+    that does not grow with the batch (its intercept) is taken to be the trained network's gradient up to that
+    gradient's size, which is 1/world too. (Gradients that appear chunk by chunk as backward reaches them are only
+    partly alive at the peak: the intercept then bounds what sharding can take off it.) Not modelled: FSDP2's
+    all-gather buffers of the block being run and the next one (for XXL about 0.7 GB at fp32), which the headroom
+    has to cover."""
     st = rec["static"]
     sharded = st["weights_teacher"] + st["weights_G"] + st["weights_fake_score"] + st["adam"]
     static = st["total"] - st["grads"] - sharded * (1 - 1 / world)  # the rest (G_ema, text encoder) whole
@@ -529,7 +532,8 @@ def fit_batch_fsdp(rec: dict, capacity_gib: float, headroom_gib: float, world: i
     best = None
     for ph, trained in (("fake_score", "weights_fake_score"), ("generator", "weights_G")):
         p = rec[ph]["peak"]
-        intercept = p["intercept"] - st[trained] * (1 - 1 / world)  # the phase's full gradient -> one shard
+        grad = min(st[trained], max(p["intercept"], 0.0))  # the gradient alive at the peak, at most all of it
+        intercept = p["intercept"] - grad * (1 - 1 / world)  # -> one shard
         n = int((budget - intercept) // p["per_image"]) if p["per_image"] > 0 else 0
         best = n if best is None else min(best, n)
     return max(best, 0)

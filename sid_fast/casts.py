@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 import torch
 
@@ -50,7 +51,7 @@ class GradArena:
     CHUNKS = 8
 
     def __init__(self, params):
-        self.slots, off = {}, 0
+        self.slots, off, self.lazy = {}, 0, False
         self.dtype = self.device = None
         for p in params:
             if not dense(p) or isinstance(p, _dtensor_type()):
@@ -85,13 +86,39 @@ class GradArena:
 
 
 def preassign_arena() -> None:
-    """Every parameter of the open arena gets its zeroed slot as its gradient now (compiled call sites, whose
-    backward graphs hand autograd separate gradient tensors: accumulated into the slots in place)."""
+    """Every parameter of the open arena gets its zeroed slot as its gradient when backward first reaches it (a hook
+    on the parameter sets the slot just before autograd accumulates: it then adds into it in place). For compiled call
+    sites, whose backward graphs hand autograd separate gradient tensors, and networks without grouped casts. The
+    slots appear chunk by chunk as backward reaches them, not at the start of the phase: the phase's peak does not
+    hold the whole gradient through its forward."""
     arena = getattr(_local, "arena", None)
     if arena is None:
         return
     for p, *_ in arena.slots.values():
-        p.grad = arena.view(p)
+        _LAZY[id(p)] = arena
+        if not getattr(p, "_sid_arena_hook", False):
+            p.register_hook(_slot_hook(p))
+            p._sid_arena_hook = True
+    arena.lazy = True
+
+
+# id(parameter) -> the open arena that hands it its slot on its first gradient. Process-wide, not thread-local: on
+# CUDA, autograd runs the hooks on its device threads.
+_LAZY: dict = {}
+
+
+def _slot_hook(p: torch.Tensor):
+    ref = weakref.ref(p)
+
+    def hook(grad):
+        q = ref()
+        arena = _LAZY.get(id(q)) if q is not None and q.grad is None else None
+        if arena is not None:
+            slot = arena.view(q)
+            if slot is not None:
+                q.grad = slot  # autograd now accumulates `grad` into the slot (in place)
+
+    return hook
 
 
 def current_arena_buffers() -> list:
@@ -117,11 +144,14 @@ def _dtensor_type():
 def gradient_arena(params):
     """The phase of a trained network: first gradients of `params` land in a few flat buffers (see GradArena)."""
     prev = getattr(_local, "arena", None)
-    _local.arena = GradArena(params)
+    arena = _local.arena = GradArena(params)
     try:
-        yield _local.arena
+        yield arena
     finally:
         _local.arena = prev
+        if arena.lazy:
+            for key in [k for k, a in _LAZY.items() if a is arena]:
+                del _LAZY[key]
 
 
 class _CastGroup(torch.autograd.Function):

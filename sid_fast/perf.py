@@ -135,8 +135,9 @@ def grouped_casts_off(cfg) -> bool:
 def gradient_arena(cfg, net: torch.nn.Module):
     """The phase that trains `net`: on the bf16 path its gradients live in 8 flat buffers (one NaN-cleaning pass per
     buffer instead of seven ops per parameter). Eager, the grouped casts' backward writes each first gradient into
-    it; compiled, the buffer is zeroed and handed to the parameters as their gradients when the phase begins
-    (`preassign_gradients`: autograd then accumulates into it in place, one add per parameter). The reference path
+    it; compiled (and EDM2's, without grouped casts), each parameter is handed its zeroed slot as its gradient when
+    backward first reaches it (`preassign_gradients`: autograd then accumulates into it in place, one add per
+    parameter; the chunks appear as backward goes, not at the phase's start). The reference path
     keeps the official per-parameter gradients."""
     if cfg.precision != "bf16":
         return contextlib.nullcontext()

@@ -393,19 +393,25 @@ def test_sida_reads_real_latents(tmp_path):
 
 
 def test_edm2_bf16_gradients_in_the_arena_equal_per_parameter_cleaning(monkeypatch):
-    """EDM2's networks have no grouped casts: on the bf16 path their gradients are handed the arena's zeroed slots when
-    a phase begins (autograd accumulates into them: 0 + g = g exactly) and are cleaned as a few buffers. Two steps
-    equal, bit for bit, the per-parameter cleaning they replace; a NaN in a gradient is still counted and cleaned."""
+    """EDM2's networks have no grouped casts: on the bf16 path their gradients are handed the arena's zeroed slots as
+    backward first reaches each parameter (autograd accumulates into them: 0 + g = g exactly; no slot exists when the
+    phase begins, so the phase's forward does not hold the whole gradient) and are cleaned as a few buffers. Two
+    steps equal, bit for bit, the per-parameter cleaning they replace; a NaN in a gradient is still counted and
+    cleaned."""
     from sid_fast import casts
     from sid_fast.training.parallel import storage_key
 
     over = dict(precision="bf16", optimizer="fused", batch=8, batch_gpu=4, metrics="none")
-    in_arena = []
+    in_arena, at_start = [], []
+    preassign_arena = casts.preassign_arena
+
+    def recorded():
+        preassign_arena()
+        at_start.append(len(casts.current_arena_buffers()))
 
     def two_steps(preassign: bool):
         with monkeypatch.context() as m:
-            if not preassign:
-                m.setattr(casts, "preassign_arena", lambda: None)
+            m.setattr(casts, "preassign_arena", recorded if preassign else lambda: None)
             tr = build_trainer(resolve_config("digits-edm2", over), torch.device("cpu"), log=lambda *_: None)
             tr.step()
             tr.stats.reduce()  # reset
@@ -424,6 +430,7 @@ def test_edm2_bf16_gradients_in_the_arena_equal_per_parameter_cleaning(monkeypat
 
     (a, bad_a), (b, bad_b) = two_steps(True), two_steps(False)
     assert in_arena == [True, False]  # every gradient in the arena's buffers with the slots handed over, else none
+    assert at_start == [0, 0, 0]  # both phases of a step and the third: no slot allocated before backward
     assert bad_a == bad_b == 1
     for k in a:
         assert torch.equal(a[k], b[k]), k
