@@ -133,6 +133,33 @@ EXIT_STOPPED = 75
 )
 @click.option("--guidance", help="SiD-LSG: kappa1 = kappa2 = kappa4 (LSG)", metavar="KAPPA", type=float)
 @click.option(
+    "--generator-steps",
+    "--num_steps",
+    "generator_steps",
+    cls=AliasOption,
+    help="Flow-matching teachers: K of the K-step generator (trained on k ~ U{1..K} steps per iteration)",
+    metavar="K",
+    type=int,
+)
+@click.option(
+    "--noise-type",
+    "--noise_type",
+    "noise_type",
+    cls=AliasOption,
+    help="Flow-matching teachers: re-noising between generator steps",
+    type=click.Choice(["fresh", "fixed", "ddim"]),
+)
+@click.option(
+    "--weighting",
+    "--weighting_scheme",
+    "weighting",
+    cls=AliasOption,
+    help="Flow-matching teachers: w(t) of the generator loss (default 1_minus_sigma: 1 - t)",
+    type=click.Choice(
+        ["1_minus_sigma", "1_minus_sigma_squared", "1_over_sigma", "1_over_sigma2", "snr_sqrt", "snr", "sid_legacy"]
+    ),  # fmt: skip
+)
+@click.option(
     "--return-logvar/--no-return-logvar",
     "--return_logvar",
     "return_logvar",

@@ -357,6 +357,8 @@ OTHER_BAD = {
     "compile_backend": ["xla"],
     "cuda_graphs": ["--cuda-graphs"],  # no CUDA here
     "checkpointing": ["all"],
+    "noise_type": ["random"],
+    "weighting": ["sigma"],
     "optimizer": ["sgd"],
     "fsdp": ["--fsdp=2"],
     "kernels": ["flash", "all,none", ""],

@@ -1,6 +1,6 @@
-"""Teacher families as plug-ins: one module per family (EDM, EDM2, Stable Diffusion), each a `Family` of the protocol
-in sid_fast.families.base, and this registry, the one place that decides which family a configuration, a loaded
-network or a training state belongs to.
+"""Teacher families as plug-ins: one module per family (EDM, EDM2, Stable Diffusion, flow matching), each a
+`Family` of the protocol in sid_fast.families.base, and this registry, the one place that decides which family a
+configuration, a loaded network or a training state belongs to.
 
 A new family (e.g. flow-matching DiTs) is one module with its Family subclass, its denoiser and its presets, plus its
 name in FAMILIES (and NETWORK_FAMILIES if its teachers are network files) and MODULES (its presets).
@@ -11,17 +11,19 @@ from __future__ import annotations
 import torch
 
 from sid_fast import checkpoints
-from sid_fast.families import edm, edm2, sd
+from sid_fast.families import edm, edm2, flow, sd
 from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks, SiDASupport, TeacherSpec
 from sid_fast.families.edm import DIGITS_TEACHER_PATH, EDMFamily
 from sid_fast.families.edm2 import EDM2Family
+from sid_fast.families.flow import FlowFamily
 from sid_fast.families.sd import SDFamily
 from sid_fast.flags import ConfigError
 
 # Families that claim a configuration by its teacher folder or preset, then those of network files, by the network.
-FAMILIES: tuple[type[Family], ...] = (SDFamily, EDM2Family, EDMFamily)
+# FlowFamily before SDFamily: both read diffusers folders, and only the flow family's model_index.json names SD3.
+FAMILIES: tuple[type[Family], ...] = (FlowFamily, SDFamily, EDM2Family, EDMFamily)
 NETWORK_FAMILIES: tuple[type[Family], ...] = (EDM2Family, EDMFamily)  # the first whose `owns(network)` holds
-MODULES = (edm, edm2, sd)  # each holds its presets (PRESETS) and their reference statistics (FID_REFS)
+MODULES = (edm, edm2, sd, flow)  # each holds its presets (PRESETS) and their reference statistics (FID_REFS)
 
 
 def _merged(attr: str) -> dict:

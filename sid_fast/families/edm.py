@@ -101,7 +101,7 @@ class EDMDenoiser:
         """(summed fake-score loss, [N] rows without NaN) of the fake score's output on noisy(y, noise, level)."""
         return ops.fake_score_loss_sum(out.D, y, level, u=out.u)
 
-    def generator_loss_sum(self, x_g, y_real, out: FakeOutput, alpha: float):
+    def generator_loss_sum(self, x_g, y_real, out: FakeOutput, alpha: float, level=None):
         """(summed SiD generator loss, [N] rows kept)."""
         return ops.sid_generator_loss_sum(x_g, y_real, out.D, alpha, u=out.u)
 

@@ -142,7 +142,7 @@ class SDDenoiser:
         rows, ok = fake_score_loss_rows(self.schedule, out.raw, y, eps, t)
         return rows.sum(), ok
 
-    def generator_loss_sum(self, x_g, y_real, out: FakeOutput, alpha: float):
+    def generator_loss_sum(self, x_g, y_real, out: FakeOutput, alpha: float, level=None):
         return ops.sid_generator_loss_sum(x_g, y_real, out.D, alpha)
 
     def begin_phase(self, net) -> None:

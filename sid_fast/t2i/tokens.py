@@ -60,20 +60,24 @@ def file_digest(path) -> str:
     return h.hexdigest()
 
 
-def tokenize(tokenizer, texts) -> np.ndarray:
-    """int32 [len(texts), model_max_length]: padded to the maximum length, truncated beyond it."""
-    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="np").input_ids  # fmt: skip
+def tokenize(tokenizer, texts, length: int | None = None) -> np.ndarray:
+    """int32 [len(texts), length]: padded to `length` (default: the tokenizer's model_max_length), truncated beyond
+    it."""
+    ids = tokenizer(list(texts), padding="max_length", max_length=length or tokenizer.model_max_length,
+                    truncation=True, return_tensors="np").input_ids  # fmt: skip
     return ids.astype(np.int32)
 
 
 class PromptTokens:
-    """The token ids of a prompt file's lines: from its token file when one matches, else tokenised on first use."""
+    """The token ids of a prompt file's lines: from its token file when one matches, else tokenised on first use.
+    `length`: pad and truncate to this many tokens instead of the tokenizer's model_max_length (then no token file is
+    read: a token file holds one tokenizer's ids at its own length)."""
 
-    def __init__(self, prompts: PromptFile, tokenizer):
+    def __init__(self, prompts: PromptFile, tokenizer, length: int | None = None):
         self.prompts, self.tokenizer = prompts, tokenizer
-        self.length = int(tokenizer.model_max_length)
-        path = getattr(prompts, "path", None)  # a PromptFile; tests may give a list of prompts
+        self.length = int(length or tokenizer.model_max_length)
+        # A PromptFile; tests may give a list of prompts.
+        path = getattr(prompts, "path", None) if length is None else None
         ids_path, meta_path = token_paths(path) if path is not None else (None, None)
         self.mapped = ids_path is not None and ids_path.is_file()
         if self.mapped:
@@ -104,7 +108,7 @@ class PromptTokens:
         if not self.mapped:
             todo = np.unique(idx[~self._done[idx]])
             if len(todo):
-                self._ids[todo] = tokenize(self.tokenizer, [self.prompts[int(i)] for i in todo])
+                self._ids[todo] = tokenize(self.tokenizer, [self.prompts[int(i)] for i in todo], self.length)
                 self._done[todo] = True
         return torch.from_numpy(self._ids[idx].astype(np.int64))
 

@@ -99,6 +99,9 @@ class TrainConfig:
     cfg_train_fake: float = _in("family", 1.0)  # Stable Diffusion: guidance kappa1 (fake score trained)
     cfg_eval_fake: float = _in("family", 1.0)  # kappa2 (fake score evaluated)
     cfg_eval_real: float = _in("family", 1.0)  # kappa4 (teacher)
+    generator_steps: int = _in("family", 1)  # flow matching: K of the few-step generator (official --num_steps)
+    noise_type: str = _in("family", "fresh")  # flow matching: re-noising between generator steps (fresh, fixed, ddim)
+    weighting: str = _in("family", "1_minus_sigma")  # flow matching: the generator loss's w(t) (--weighting_scheme)
     # speed: the fast path (sid_fast.perf, sid_fast.ops); defaults are the reference path.
     channels_last: bool = _in("speed", False)
     compile: bool = _in("speed", False)  # torch.compile of the three networks
@@ -218,9 +221,9 @@ DOMAINS: dict[str, Domain] = {
     "g_beta1": Domain(float, 0, 1, hi_open=True, hint="SiD uses 0"),
     "ema": Domain(
         float,
-        0.001,
+        0,
         1e6,
-        hint="Mimg; the half-life is int(ema * 1000) kimg as in the official code, so at least 0.001 Mimg",
+        hint="Mimg; the half-life is int(ema * 1000) kimg as in the official code; 0 turns the EMA off",
     ),
     "augment": Domain(float, 0, 1, hint="a probability"),
     "dropout": Domain(float, 0, 1, hi_open=True),
@@ -235,6 +238,7 @@ DOMAINS: dict[str, Domain] = {
     "cfg_train_fake": _GUIDANCE,
     "cfg_eval_fake": _GUIDANCE,
     "cfg_eval_real": _GUIDANCE,
+    "generator_steps": Domain(int, 1, 64, hint="SiD on flow matching uses 4"),
 }
 
 
@@ -316,7 +320,13 @@ def validate(cfg: TrainConfig) -> None:
     _validate_inputs(cfg)
     _validate_sida(cfg)
     _validate_metrics(cfg)
-    families.detect(cfg).check_config(cfg)  # the teacher family's own flags
+    family = families.detect(cfg)
+    if cfg.generator_steps != 1 and family.name != "flow":
+        raise ConfigError(
+            f"--generator-steps {cfg.generator_steps}: few-step generators are built for flow-matching teachers "
+            f"only; this teacher's family ({family.name}) distills one-step generators."
+        )
+    family.check_config(cfg)  # the teacher family's own flags
 
 
 def _validate_fast_path(cfg: TrainConfig) -> None:
@@ -349,6 +359,11 @@ def _validate_fast_path(cfg: TrainConfig) -> None:
 
 
 def _validate_schedule(cfg: TrainConfig) -> None:
+    if 0 < cfg.ema < 0.001:
+        raise ConfigError(
+            f"--ema {cfg.ema}: the half-life is int(ema * 1000) kimg as in the official code, 0 below 0.001 Mimg; give "
+            "--ema 0 to turn the EMA off (G_ema = G, as ml-sid-dit) or at least 0.001 Mimg."
+        )
     if cfg.resume != "auto" and cfg.resume != "new" and cfg.run_dir is not None:
         raise ConfigError(
             f"--resume {cfg.resume} and --run-dir {cfg.run_dir}: a given state starts a new run directory; give one."

@@ -120,7 +120,11 @@ def shard_units(net: torch.nn.Module) -> list:
     """The modules sharded (and all-gathered in forward) one at a time: EDM's and EDM2's UNet blocks; for a diffusers
     UNet (Stable Diffusion), each resnet and each transformer of its down, mid and up blocks (SD 1.5: 38 units holding
     805 M of the 860 M parameters, the largest a 1280-channel transformer of 49 M; the rest, convolutions in and out,
-    the time embedding and the resamplers, is the root's)."""
+    the time embedding and the resamplers, is the root's); for a diffusers DiT (SD3's MMDiT, FLUX), each of its
+    transformer blocks (`transformer_blocks`, and FLUX's `single_transformer_blocks`)."""
+    dit = [*(getattr(net, "transformer_blocks", None) or ()), *(getattr(net, "single_transformer_blocks", None) or ())]
+    if dit and not hasattr(net, "down_blocks"):
+        return dit
     if hasattr(net, "down_blocks") and hasattr(net, "up_blocks"):
         blocks = [*net.down_blocks, net.mid_block, *net.up_blocks]
         return [

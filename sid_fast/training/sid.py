@@ -47,7 +47,7 @@ from sid_fast.training.context import Forward, Progress, RunContext, Trained
 from sid_fast.training.loop import TrainingAborted
 from sid_fast.training.parallel import parallelize
 
-FAKE, GEN = 0, 1  # the phases' random streams
+FAKE, GEN, STEPS = 0, 1, 2  # the phases' random streams; the few-step generator's k
 
 
 def _seed_for(seed: int, it: int, phase: int, m: int) -> int:
@@ -128,7 +128,7 @@ class SiDTrainer:
     # ------------------------------------------------------------------
     # Randomness.
 
-    def micro_batch_rng(self, phase: int, rnd: int) -> torch.Generator | None:
+    def micro_batch_rng(self, phase: int, rnd: int, reseed: bool = True) -> torch.Generator | None:
         """The generator of every per-sample draw of micro-batch `rnd` of this process in `phase` of this iteration:
         seeded with a hash of (seed, iteration, phase, micro-batch), so draws do not depend on the process count.
         One generator object per (phase, micro-batch) for the whole run, re-seeded at every call (the same draws as
@@ -136,6 +136,8 @@ class SiDTrainer:
         if self.device.type == "meta":  # memory accounting (bench.memory): draws have shapes, no values
             return None
         g = self._rngs.get((phase, rnd))
+        if g is not None and not reseed:  # the micro-batch's stream, where its earlier draws left it
+            return g
         if g is None or not self._rngs_seeded:  # seed_micro_batches seeded them (a host op, never captured)
             g = self._rngs.setdefault((phase, rnd), torch.Generator(device=self.device))
             it = self.cur_nimg // self.cfg.batch
@@ -168,8 +170,21 @@ class SiDTrainer:
             return self.augment_pipe(images, generator=g)
         return images, self.denoiser.aug_zeros(images.shape[0])
 
-    def generate(self, call, z, cond):
+    def generate(self, call, z, cond, g=None, train: bool = False):
+        """G's sample of z and cond. A few-step generator (a denoiser with `multistep`) runs this iteration's number
+        of steps (`generator_steps_now`), re-noising from the micro-batch's generator `g`; `train`: the last step with
+        gradient on its detached input, the earlier ones without."""
+        if getattr(self.denoiser, "multistep", False):
+            return self.denoiser.generate(call, z, cond, run=self.generator_steps_now(), generator=g, train=train)
         return self.denoiser.generate(call, z, cond)
+
+    def generator_steps_now(self) -> int:
+        """k ~ U{1..K} of this iteration (K = --generator-steps), from a hash of (seed, iteration): the same on every
+        rank without a collective, and the same on resume."""
+        steps = self.cfg.generator_steps
+        if steps == 1:
+            return 1
+        return 1 + _seed_for(self.cfg.seed, self.cur_nimg // self.cfg.batch, STEPS, 0) % steps
 
     # ------------------------------------------------------------------
     # One iteration.
@@ -223,7 +238,7 @@ class SiDTrainer:
             g = self.micro_batch_rng(FAKE, rnd)
             z, cond, real = self.fake_phase_inputs(rnd, g)
             with torch.no_grad():
-                x_g = self.generate(self.calls.G_eval, z, cond)
+                x_g = self.generate(self.calls.G_eval, z, cond, g)
             level = self.denoiser.fake_level(b, g)
             y, aug = self.augment(x_g, g)
             real = None if real is None else self.augment(real, g)  # an independent draw, after the fake one
@@ -239,7 +254,7 @@ class SiDTrainer:
         """(loss to backpropagate, statistics) of one generator micro-batch: SiD's loss (official sid_loss.py) with
         the fake score as a frozen function of x_t, summed, times lsg / batch_gpu_total."""
         out = self.denoiser.fake(self.calls.fake_eval, x_t, level, cond)
-        loss_sum, ok = self.denoiser.generator_loss_sum(x_g, y_real, out, self.cfg.alpha)
+        loss_sum, ok = self.denoiser.generator_loss_sum(x_g, y_real, out, self.cfg.alpha, level=level)
         stats = dict(loss_G=loss_sum.detach(), rows_G=ok.sum(), nan_samples_G=(~ok).sum())
         return loss_sum * (self.cfg.lsg / self.batch_gpu_total), stats
 
@@ -252,7 +267,7 @@ class SiDTrainer:
         for rnd in range(self.rounds):
             z, cond, level, eps = self.generator_draws(rnd)
             with self.par.no_sync(self.par.G_dist, rnd):
-                x_g = self.generate(self.calls.G_train, z, cond)
+                x_g = self.generate(self.calls.G_train, z, cond, self.micro_batch_rng(GEN, rnd, reseed=False), True)
                 x_t = perf.image_format(self.cfg, self.denoiser.noisy(x_g, self.denoiser.noise(level, eps), level))
                 y_real = self.denoiser.teacher(self.calls.teacher, x_t, level, cond)
                 loss, stats = self.generator_loss(x_g, x_t, level, cond, y_real)

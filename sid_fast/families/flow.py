@@ -1,0 +1,394 @@
+"""The flow-matching family: SiD on flow-matching DiT teachers ("Score Distillation of Flow Matching Models", Zhou,
+Gu, Zheng et al., arXiv 2509.25127; official repository ml-sid-dit, training/sid_dit_sd3_training_loop.py), with
+Stable Diffusion 3 / 3.5 (MMDiT) teachers from a local diffusers folder and prompts as the condition.
+
+The phases are sid_fast.training.sid's; what a flow-matching teacher changes is here and in sid_fast.t2i.flow:
+- `FlowDenoiser`: noise levels are flow times t = sigmoid(N(log 2, 1.6^2)) (a fresh draw in each phase, one shared by
+  the teacher and the fake score in the generator phase); x_t = (1 - t) x0 + t eps; networks return velocities, read
+  as x0-predictions D = x_t - t v; guidance kappa1 / kappa2 / kappa4 in velocity space with the empty prompt; the
+  fake-score loss is flow matching on G's samples, the generator loss SiD's with w(t) (--weighting).
+- The generator has K = --generator-steps steps (4 in the presets) from t_init = --init-timestep / 999 (999: pure
+  noise); each iteration trains the mixture of 1..K steps (sid_fast.t2i.flow).
+- `FlowFamily.draw`: every micro-batch draws its prompts (uniformly, with replacement) and z from its own generator,
+  as the Stable Diffusion family; each line meets the three tokenizers once per run. No prompt dropout (the
+  official flow loops set use_context_dropout_train_fake = False).
+
+Where the official loop differs and why: it draws k on rank 0 and broadcasts it (a collective and a device-to-host
+read per iteration); here k comes from a hash of (seed, iteration), the same on every rank. Its re-noising draws
+come from the global CUDA RNG, here from the micro-batch's generator. It runs the generator phase's earlier steps with
+gradient enabled and then detaches their result; here they run without gradient (the same values, no graph kept).
+Its EMA is off (ema 0): the presets set --ema 0 (G_ema is G).
+
+Precision: bf16 runs the three transformers under torch.autocast(bfloat16) with fp32 master weights (the official
+AMP mode), the frozen teacher and the text encoders stored in bf16; fp32 is exact. The official pure-bf16 mode (bf16
+weights and Adam states, Adam eps 1e-4, value clipping of gradients at 1) is not built.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from sid_fast import checkpoints
+from sid_fast.data.prompts import PromptError, read_prompts
+from sid_fast.families.base import FakeOutput, Family, Networks
+from sid_fast.flags import ConfigError
+from sid_fast.storage import atomic_folder, atomic_write_text
+from sid_fast.t2i import export, flow
+from sid_fast.t2i.sd3 import SD3, TIME_SCALE, TOKENS, SD3Error, is_sd3_folder, load_sd3, transformer_model
+from sid_fast.t2i.tokens import PromptTokens
+
+SD3_CLASS = "diffusers.SD3Transformer2DModel"
+SID_META = export.SID_META
+FOLDER_FILES = (export.WEIGHTS, export.CONFIG, SID_META)
+
+
+class FlowDenoiser:
+    """A flow-matching transformer behind the SiD loop's seam: levels are flow times t in (0, 1), conditions dicts of
+    text embeddings, outputs read as x0-predictions in fp32."""
+
+    logvar = False
+    aug_dim = 0
+    multistep = True  # the trainer passes this iteration's step count and the micro-batch's generator to `generate`
+
+    def __init__(self, cfg, channels: int, resolution: int, uncond: dict, device, time_scale: float = TIME_SCALE):
+        self.cfg, self.uncond, self.device, self.time_scale = cfg, uncond, device, time_scale
+        self.channels, self.resolution = channels, resolution
+        self.autocast = torch.bfloat16 if cfg.precision == "bf16" else None
+
+    def image_shape(self, n: int) -> list[int]:
+        return [n, self.channels, self.resolution, self.resolution]
+
+    def fake_level(self, n: int, generator) -> torch.Tensor:
+        return flow.draw_t(n, self.device, generator, torch.get_default_dtype())
+
+    generator_level = fake_level
+
+    def noise(self, t, eps):
+        return eps
+
+    def noisy(self, y, eps, t):
+        return flow.noisy(y, eps, t)
+
+    def aug_zeros(self, n: int):
+        return None
+
+    def _model(self, call):
+        """call -> model(x, t, cond) -> v in fp32 (under bf16 autocast on the bf16 path)."""
+        inner = transformer_model(call, self.time_scale)
+
+        def model(x, t, cond):
+            on = self.autocast is not None and x.device.type != "meta"
+            with torch.autocast("cpu" if x.device.type == "meta" else x.device.type, torch.bfloat16, enabled=on):
+                out = inner(x, t, cond)
+            return out.to(torch.promote_types(out.dtype, torch.float32))
+
+        return model
+
+    def guided(self, call, x_t, t, cond, kappa: float) -> torch.Tensor:
+        return flow.guided_velocity(self._model(call), x_t, t, cond, self.uncond, kappa)
+
+    def generate(self, call, z, cond, run: int | None = None, generator=None, train: bool = False, noises=None):
+        """G's sample after `run` of its K steps (default K); see sid_fast.t2i.flow.generate."""
+        return flow.generate(self._model(call), z, cond, self.cfg.init_timestep, self.cfg.generator_steps, run,
+                             self.cfg.noise_type, generator, train_last=train, noises=noises)  # fmt: skip
+
+    def teacher(self, call, x_t, t, cond) -> torch.Tensor:
+        return flow.x0_from_v(x_t, self.guided(call, x_t, t, cond, self.cfg.cfg_eval_real), t)
+
+    def fake(self, call, x_t, t, cond, aug=None, return_flag=None, training=False) -> FakeOutput:
+        """Training (its own phase): the velocity with kappa1; otherwise the x0-prediction with kappa2."""
+        if return_flag is not None:
+            raise ValueError(
+                "the data-aided variant (a discriminator in the fake score) is not built for flow-matching teachers."
+            )
+        if training:
+            return FakeOutput(D=None, raw=self.guided(call, x_t, t, cond, self.cfg.cfg_train_fake))
+        return FakeOutput(D=flow.x0_from_v(x_t, self.guided(call, x_t, t, cond, self.cfg.cfg_eval_fake), t))
+
+    def fake_loss_sum(self, out: FakeOutput, y, eps, t):
+        rows, ok = flow.fake_loss_rows(out.raw, y, eps)
+        return rows.sum(), ok
+
+    def generator_loss_sum(self, x_g, y_real, out: FakeOutput, alpha: float, level=None):
+        w = flow.weight(self.cfg.weighting, level, x_g, y_real)
+        rows, ok = flow.generator_loss_rows(x_g, y_real, out.D, w, alpha)
+        return rows.sum(), ok
+
+    def begin_phase(self, net) -> None:
+        pass
+
+
+def transformer_config(net) -> dict:
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return {k: plain(v) for k, v in dict(net.config).items() if not k.startswith("_")}
+
+
+class FlowFamily(Family):
+    """An SD3 / SD3.5 folder and a prompt file (see the module docstring)."""
+
+    name = "flow"
+    generator_classes = (SD3_CLASS,)
+    fields = ("resolution", "channels", "init_timestep", "generator_steps", "noise_type", "weighting",
+              "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")  # fmt: skip
+    folder_files = FOLDER_FILES
+
+    @classmethod
+    def claims(cls, cfg) -> bool:
+        return is_sd3_folder(cfg.teacher) or cfg.preset in PRESETS
+
+    @classmethod
+    def missing_teacher(cls, cfg) -> str:
+        repo = HUB_REPOS.get(cfg.official_teacher, "an SD3 pipeline")
+        return (
+            f"--teacher is required for preset {cfg.preset!r}: a local diffusers folder of {repo} (sid_fast downloads "
+            "nothing; e.g. `hf download` it, accepting its license on the Hub first)."
+        )
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        for flag, bad, shown, why in (
+            ("--precision", cfg.precision not in ("fp32", "bf16"), cfg.precision,
+             "flow-matching teachers run in fp32 or bf16 (autocast with fp32 master weights)"),
+            ("--method", cfg.method != "sid", cfg.method,
+             "the data-aided variant (a discriminator in the fake score) is not built for flow-matching teachers"),
+            ("--data", cfg.data is not None, cfg.data, "SiD on flow matching is data-free: prompts come from "
+             "--data-prompt-text"),
+            ("--metrics", cfg.metrics != "none", cfg.metrics, "FID and CLIP of flow-matching generators are computed "
+             "apart (python -m sid_fast.t2i.evaluate); give --metrics none"),
+            ("--augment", cfg.augment > 0, cfg.augment, "EDM's augmentation is not built for latents"),
+            ("--cuda-graphs", cfg.cuda_graphs == "step", cfg.cuda_graphs, "text conditioning is encoded on the host "
+             "inside every micro-batch; use --cuda-graphs sites"),
+            ("--noise-type", cfg.noise_type not in flow.NOISE_TYPES, cfg.noise_type,
+             f"choose one of {', '.join(flow.NOISE_TYPES)}"),
+            ("--weighting", cfg.weighting not in flow.WEIGHTINGS, cfg.weighting,
+             f"choose one of {', '.join(flow.WEIGHTINGS)}"),
+        ):  # fmt: skip
+            if bad:
+                raise ConfigError(f"{flag} {shown}: {why}.")
+        if cfg.data_prompt_text is None:
+            raise ConfigError(
+                f"--data-prompt-text is required with the flow-matching teacher {cfg.teacher}: a text file of prompts, "
+                "one per line (the official runs use midjourney-v6-llava or Aesthetics 6+ captions, never COCO's)."
+            )
+        if cfg.init_timestep < 1:
+            raise ConfigError(f"--init-timestep {cfg.init_timestep}: the generator's first time is init/999 > 0.")
+
+    @classmethod
+    def load(cls, cfg, device) -> FlowFamily:
+        try:
+            prompts = read_prompts(cfg.data_prompt_text)
+        except PromptError as e:
+            raise ConfigError(f"--data-prompt-text {e}") from None
+        text_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        try:
+            model = load_sd3(cfg.teacher, text_dtype=text_dtype)
+        except SD3Error as e:
+            raise ConfigError(f"--teacher {e}") from None
+        c, r = model.latent_channels, model.latent_resolution
+        if (c, r) != (cfg.channels, cfg.resolution):
+            raise ConfigError(
+                f"--teacher {cfg.teacher}: the transformer makes {c}x{r}x{r} latents (preset {cfg.preset}: "
+                f"{cfg.channels}x{cfg.resolution}x{cfg.resolution})."
+            )
+        return cls(cfg, device, model, prompts)
+
+    def __init__(self, cfg, device, model: SD3, prompts):
+        """From loaded parts (tests bring their own): the text encoders on the device, the VAE on the CPU, the empty
+        prompt's conditioning once; each prompt line tokenised once per run (77 tokens for all three tokenizers)."""
+        self.model, self.prompts, self.device = model, prompts, device
+        self.prompt_file = cfg.data_prompt_text
+        for enc in model.text_encoders:
+            enc.to(device)
+        if model.vae is not None:
+            model.vae.to("cpu")
+        self.tokens = [PromptTokens(prompts, tok, length=TOKENS) for tok in model.tokenizers]
+        self.uncond = self.encode_prompts([""])
+
+    # Networks.
+    def build_networks(self, cfg, device, log) -> Networks:
+        """The teacher transformer (frozen); G and the fake score start as its copies, G_ema as G's."""
+        teacher = self.model.transformer.to(device).eval().requires_grad_(False)
+        G = copy.deepcopy(teacher).train().requires_grad_(True)
+        fake = copy.deepcopy(teacher).train().requires_grad_(True)
+        G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+        kwargs = transformer_config(teacher)
+        return Networks(teacher, G, fake, G_ema, SD3_CLASS, kwargs, kwargs, kwargs)
+
+    def make_denoiser(self, cfg, device):
+        return FlowDenoiser(cfg, self.model.latent_channels, self.model.latent_resolution, self.uncond, device)
+
+    # Conditioning.
+    def encode_prompts(self, prompts: list[str]) -> dict:
+        return self._embeddings(self.model.encode_text(prompts, self.device))
+
+    def _embeddings(self, cond: dict) -> dict:
+        """The text encoders' outputs in the run's default float dtype (bf16 encoders: their outputs widened)."""
+        dtype = torch.get_default_dtype()
+        return {k: v.to(torch.promote_types(v.dtype, dtype)) for k, v in cond.items()}
+
+    def draw(self, g, n: int, device, fake_phase: bool, image_shape=None):
+        """(z, conditioning): prompt indices (read from a host copy of the micro-batch's stream, as the Stable
+        Diffusion family) and z, in this order from `g`."""
+        torch.randint(len(self.prompts), [n], device=device, generator=g)
+        z = torch.randn(image_shape, device=device, generator=g)
+        if device.type == "meta":
+            ids = [torch.zeros([n, TOKENS], dtype=torch.long, device=device)] * 3
+        else:
+            host = torch.Generator().manual_seed(g.initial_seed())
+            idx = torch.randint(len(self.prompts), [n], generator=host).numpy()
+            ids = [t.ids(idx) for t in self.tokens]
+        return z, self._embeddings(self.model.encode_ids(ids, self.device))
+
+    def conditioning(self) -> str:
+        return f"prompts of {self.prompt_file} ({len(self.prompts)})"
+
+    def describe(self, cfg) -> str:
+        return (
+            f"SiD on flow matching: alpha {cfg.alpha}, {cfg.generator_steps}-step generator from t = "
+            f"{cfg.init_timestep}/999 ({cfg.noise_type} re-noising), t = sigmoid(N(log 2, 1.6^2)), w(t) "
+            f"{cfg.weighting}, guidance kappa1 {cfg.cfg_train_fake:g} / kappa2 {cfg.cfg_eval_fake:g} / kappa4 "
+            f"{cfg.cfg_eval_real:g}"
+        )
+
+    # Outputs.
+    @torch.no_grad()
+    def sample_latents(self, G_ema, cfg, prompts: list[str], seeds, device) -> torch.Tensor:
+        """G_ema's K-step latents for (prompt, seed) pairs: z and each fresh re-noising drawn from
+        torch.Generator().manual_seed(seed) on the CPU, so a pair gives the same latents in any batch."""
+        shape = [self.model.latent_channels, self.model.latent_resolution, self.model.latent_resolution]
+        z, noises = seed_noises(seeds, shape, cfg.generator_steps)
+        den = self.make_denoiser(cfg, device)
+        return den.generate(G_ema, z.to(device), self.encode_prompts(prompts),
+                            noises=[n.to(device) for n in noises])  # fmt: skip
+
+    def grid(self, G_ema, cfg, device):
+        prompts = [self.prompts[i % len(self.prompts)] for i in range(16)]
+        latents = self.sample_latents(G_ema, cfg, prompts, range(16), device)
+        vae = self.model.vae
+        if vae is None:
+            return None
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        # decode divides by scaling_factor; the SD3 VAE's latents are also shifted.
+        return export.decode(vae, latents + shift * vae.config.scaling_factor, device)
+
+    def write_generator(self, folder, nets: Networks, cfg, kimg: float) -> Path:
+        return save_transformer_folder(folder, nets.G_ema, overwrite=True, **generator_meta(cfg.to_json(), kimg))
+
+    def update_generator(self, folder, **meta) -> None:
+        path = Path(folder)
+        full = dict(json.loads((path / SID_META).read_text()), **export.plain_value(meta))
+        atomic_write_text(path / SID_META, json.dumps(full, indent=2) + "\n")
+
+    @classmethod
+    def export(cls, state: dict, state_path, out, overwrite: bool) -> Path:
+        if str(out).endswith(".pt"):
+            raise checkpoints.CheckpointError(
+                f"{out}: a flow-matching generator is exported as a diffusers transformer folder; give a folder name."
+            )
+        from diffusers import SD3Transformer2DModel  # an optional dependency: only this family needs it
+
+        try:
+            with torch.device("meta"):
+                net = SD3Transformer2DModel.from_config(state["g_init_kwargs"])
+            net.load_state_dict(state["G_ema"], assign=True)
+        except (RuntimeError, ValueError, TypeError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise checkpoints.CheckpointError(
+                f"{state_path}: G_ema does not fit its recorded transformer ({reason})."
+            ) from None
+        return save_transformer_folder(out, net, overwrite=overwrite,
+                                       **generator_meta(state["config"], state["cur_nimg"] / 1e3))  # fmt: skip
+
+
+def seed_noises(seeds, shape, steps: int):
+    """(z [N, *shape], [re-noising of step i, [N, *shape]] for i = 1..K-1): per seed, z then each step's noise drawn
+    in order from torch.Generator().manual_seed(seed) on the CPU."""
+    per = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        per.append([torch.randn(list(shape), generator=g) for _ in range(steps)])
+    z = torch.stack([p[0] for p in per])
+    return z, [torch.stack([p[i] for p in per]) for i in range(1, steps)]
+
+
+def save_transformer_folder(path, net, overwrite: bool = False, **meta) -> Path:
+    """`net` as a diffusers transformer folder (config.json, diffusion_pytorch_model.safetensors) with sid_fast.json
+    (how it samples: steps, init_timestep, noise type; how it was made), written atomically."""
+
+    def fill(tmp: Path) -> None:
+        net.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / SID_META).write_text(json.dumps(export.plain_value(dict(meta, format="sid_fast-flow-1")), indent=2)
+                                    + "\n")  # fmt: skip
+
+    return atomic_folder(path, fill, checkpoints.CheckpointError, own=FOLDER_FILES, overwrite=overwrite)
+
+
+def generator_meta(cfg_json: dict, kimg: float) -> dict:
+    return dict(
+        steps=cfg_json["generator_steps"],
+        init_timestep=cfg_json["init_timestep"],
+        noise_type=cfg_json["noise_type"],
+        time_scale=TIME_SCALE,
+        teacher=Path(str(cfg_json["teacher"])).name,
+        preset=cfg_json["preset"],
+        kimg=kimg,
+        guidance=[cfg_json["cfg_train_fake"], cfg_json["cfg_eval_fake"], cfg_json["cfg_eval_real"]],
+        weighting=cfg_json["weighting"],
+        alpha=cfg_json["alpha"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets. ml-sid-dit's defaults and README (sid_dit_sd3_train.py, training/sid_dit_sd3_training_loop.py): G and the
+# fake score from the teacher transformer, alpha 1, a four-step generator from t = 999/999 with fresh re-noising,
+# w(t) = 1 - t, ls 1, lsg 100, batch 256, Adam (0, 0.999) eps 1e-8, lr = glr = 1e-6 (the README's AMP value; its
+# example commands use 5e-6 and its pure-bf16 mode 1e-5), AMP bf16 with fp32 masters, EMA off, --duration in Mimg
+# (the examples 1-2). Guidance: the repository gives one example, SANA's kappa1 = kappa2 = kappa4 = 4.5, and calls
+# its settings plug-and-play across teachers; per-teacher values from the paper could not be read. 1024-pixel images
+# (16x128x128 latents).
+HUB_REPOS = {
+    "stable-diffusion-3-medium-diffusers": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "stable-diffusion-3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "stable-diffusion-3.5-large": "stabilityai/stable-diffusion-3.5-large",
+}
+_SID_FLOW = dict(
+    cond=False,
+    resolution=128,
+    channels=16,
+    label_dim=0,
+    alpha=1.0,
+    init_timestep=999,
+    generator_steps=4,
+    noise_type="fresh",
+    weighting="1_minus_sigma",
+    ls=1.0,
+    lsg=100.0,
+    batch=256,
+    batch_gpu=4,
+    lr=1e-6,
+    glr=1e-6,
+    precision="bf16",
+    dropout=0.0,
+    augment=0.0,
+    ema=0.0,
+    duration=2.0,
+    tick=2,
+    snap=50,
+    dump=100,
+    metrics="none",
+    cfg_train_fake=4.5,
+    cfg_eval_fake=4.5,
+    cfg_eval_real=4.5,
+)
+PRESETS: dict[str, dict] = {
+    "sd3-medium-sid": dict(_SID_FLOW, official_teacher="stable-diffusion-3-medium-diffusers"),
+    "sd35-medium-sid": dict(_SID_FLOW, official_teacher="stable-diffusion-3.5-medium"),
+    "sd35-large-sid": dict(_SID_FLOW, official_teacher="stable-diffusion-3.5-large"),
+}
+FID_REFS: dict[str, str] = {}

@@ -1,0 +1,114 @@
+"""A tiny randomly initialised Stable Diffusion 3 folder in diffusers' own format (model_index.json, transformer/,
+vae/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/, scheduler/), written by diffusers' and transformers'
+save_pretrained, for the flow-matching tests: it loads the way a user's SD3 folder does (StableDiffusion3Pipeline
+reads it too). The CLIP tokenizers are sd_tiny's byte-level BPE; the T5 tokenizer a byte-level Unigram model with
+SentencePiece's word-boundary mark, saved as a T5TokenizerFast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from support.sd_tiny import write_tokenizer
+
+TINY_TRANSFORMER = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    caption_projection_dim=16,
+    pooled_projection_dim=24,
+    out_channels=4,
+    pos_embed_max_size=16,
+    qk_norm="rms_norm",
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(16, 32),
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=16,
+    shift_factor=0.0609,
+    scaling_factor=1.5305,
+)
+# SD3's scheduler configuration (stabilityai/stable-diffusion-3-medium-diffusers, scheduler_config.json).
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+
+
+def write_t5_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(chr(c), -2.0) for c in range(32, 127)] + [("\u2581" + chr(c), -1.5) for c in range(97, 123)]
+    vocab += [("\u2581the", -1.0), ("\u2581a", -1.0), ("\u2581cat", -1.0)]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = T5TokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                          model_max_length=256)  # fmt: skip
+    tok.save_pretrained(str(folder))
+
+
+def write_clip(root: Path, name: str, tok_name: str, width: int, projection: int) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    write_tokenizer(root / tok_name)
+    tok = CLIPTokenizer.from_pretrained(str(root / tok_name))
+    config = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=width,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    CLIPTextModelWithProjection(config).save_pretrained(str(root / name))
+
+
+def write_tiny_sd3(root, seed: int = 0, transformer: dict | None = None) -> Path:
+    """The folder `root` holding a tiny SD3 model; returns it."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tcfg = dict(TINY_TRANSFORMER, **(transformer or {}))
+    SD3Transformer2DModel(**tcfg).save_pretrained(str(root / "transformer"))
+    AutoencoderKL(**TINY_VAE).save_pretrained(str(root / "vae"))
+    write_clip(root, "text_encoder", "tokenizer", 16, 8)
+    write_clip(root, "text_encoder_2", "tokenizer_2", 16, 16)
+    write_t5_tokenizer(root / "tokenizer_3")
+    tok = T5TokenizerFast.from_pretrained(str(root / "tokenizer_3"))
+    T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                            decoder_start_token_id=0)).save_pretrained(str(root / "text_encoder_3"))  # fmt: skip
+    FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER).save_pretrained(str(root / "scheduler"))
+    index = {
+        "_class_name": "StableDiffusion3Pipeline",
+        "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": ["transformers", "T5TokenizerFast"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return root
