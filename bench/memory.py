@@ -91,6 +91,17 @@ EDM2_CONFIGS = {f"edm2-{s}": (s, f"edm2-img512-{s}") for s in ("xs", "s", "m", "
 # not counted). On the meta device, attention is PyTorch's CUDA choice for these shapes: the flash kernel for bf16 and
 # the memory-efficient kernel for fp32 (both keep the output and the log-sum-exp, never the L x L matrix).
 SD_CONFIGS = {"sd15": "sd15-lsg2", "sdxl": "sd15-lsg2"}
+# SiD on flow-matching DiTs (sid_fast.families.flow) at 1024 px (latents 16x128x128): the public transformer
+# configurations of SD3-Medium (2.03 B parameters) and SD3.5-Large (8.06 B), with their text encoders CLIP-L (124 M),
+# CLIP-G (695 M) and T5-XXL's encoder (4.76 B) built on the meta device, the presets' iteration (kappa 4.5 everywhere:
+# the teacher and the fake score on doubled batches, the K-step generator's last step with gradient).
+_SD3 = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+            joint_attention_dim=4096, pooled_projection_dim=2048, pos_embed_max_size=192)  # fmt: skip
+FLOW_CONFIGS = {
+    "sd3-medium": ("sd3-medium-sid", dict(_SD3, num_layers=24, num_attention_heads=24, caption_projection_dim=1536)),
+    "sd35-large": ("sd35-large-sid", dict(_SD3, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+                                          qk_norm="rms_norm")),
+}  # fmt: skip
 RUNGS = [
     ("reference", dict(precision="fp32")),
     ("bf16", dict(precision="bf16")),
@@ -388,6 +399,42 @@ def make_sd_trainer(
     return build_trainer(cfg, torch.device(device), family=family, log=lambda *a: None)
 
 
+def make_flow_trainer(config: str, batch_gpu: int, options: dict, device: str = "meta", rounds: int = 1):
+    """A trainer of the flow-matching family with a public SD3 transformer configuration and SD3's three text encoders
+    (random weights, or none on meta; bf16 runs keep the encoders in bf16)."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from sid_fast.families.flow import FlowFamily
+    from sid_fast.t2i.sd3 import SD3
+
+    preset, tcfg = FLOW_CONFIGS[config]
+    clip = dict(max_position_embeddings=77, vocab_size=49408)
+    with torch.device(device):
+        net = SD3Transformer2DModel(**tcfg)
+        encoders = [
+            CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                       num_attention_heads=12, projection_dim=768,
+                                                       hidden_act="quick_gelu", **clip)),
+            CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                       num_attention_heads=20, projection_dim=1280, hidden_act="gelu",
+                                                       **clip)),
+            T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                    feed_forward_proj="gated-gelu")),
+        ]  # fmt: skip
+    if options.get("precision") == "bf16":
+        encoders = [e.to(torch.bfloat16) for e in encoders]
+    encoders = [e.eval().requires_grad_(False) for e in encoders]
+    model = SD3(net.eval().requires_grad_(False), None, encoders, None, f"<{config}, random weights>")
+    cfg = resolve_config(
+        preset,
+        dict(teacher=f"<{config}, random weights>", data_prompt_text="<prompts>", batch=batch_gpu * rounds,
+             batch_gpu=batch_gpu, **options),
+    )  # fmt: skip
+    family = FlowFamily(cfg, torch.device(device), model, ["<prompt>"])
+    return build_trainer(cfg, torch.device(device), family=family, log=lambda *a: None)
+
+
 class SDXLShapes(SDFamily):
     """SiD-LSG's iteration on SDXL's UNet, its conditioning drawn in shape (the SDXL text encoders are not run)."""
 
@@ -416,6 +463,9 @@ def static_bytes(tr) -> dict:
     text = getattr(getattr(tr.family, "sd", None), "text_encoder", None)
     if text is not None:  # SiD-LSG: the text encoder stays on the device (the VAE does not)
         nets["text_encoder"] = text
+    encoders = getattr(getattr(tr.family, "model", None), "text_encoders", None)
+    if encoders:  # flow matching: SD3's three text encoders stay on the device
+        nets["text_encoder"] = torch.nn.ModuleList(encoders)
     out = {f"weights_{k}": _storages_bytes([*v.parameters(), *v.buffers()]) for k, v in nets.items()}
     out["grads"] = _storages_bytes([p.grad for net in (tr.G, tr.fake) for p in net.parameters() if p.grad is not None])
     out["adam"] = _storages_bytes(
@@ -473,14 +523,19 @@ def measure_phase(tr, phase: str) -> dict:
 def measure(config: str, rung: str, options: dict, batches: tuple[int, int], device: str = "meta") -> dict:
     per_batch = {}
     static = None
-    sd = config in SD_CONFIGS
+    sd = config in SD_CONFIGS or config in FLOW_CONFIGS
     for b in batches:
         with contextlib.ExitStack() as stack:
             if sd and device == "meta":
                 stack.enter_context(cuda_attention_on_meta())
                 if options.get("precision") == "bf16":
                     stack.enter_context(autocast_on_meta(torch.bfloat16))
-            tr = make_sd_trainer(config, b, options, device) if sd else make_trainer(config, b, options, device)
+            if config in FLOW_CONFIGS:
+                tr = make_flow_trainer(config, b, options, device)
+            elif sd:
+                tr = make_sd_trainer(config, b, options, device)
+            else:
+                tr = make_trainer(config, b, options, device)
             tr.step()  # warm: gradients and Adam states exist, as in every step but the first
             static = static_bytes(tr)
             per_batch[b] = {ph: measure_phase(tr, ph) for ph in PHASES}
@@ -592,8 +647,8 @@ def main(**kw):
     wanted = a.rungs.split(",")
     for bad, known, flag in (
         (
-            set(configs) - set(CONFIGS) - set(EDM2_CONFIGS) - set(SD_CONFIGS),
-            [*CONFIGS, *EDM2_CONFIGS, *SD_CONFIGS],
+            set(configs) - set(CONFIGS) - set(EDM2_CONFIGS) - set(SD_CONFIGS) - set(FLOW_CONFIGS),
+            [*CONFIGS, *EDM2_CONFIGS, *SD_CONFIGS, *FLOW_CONFIGS],
             "--configs",
         ),
         (set(wanted) - set(names), names, "--rungs"),

@@ -207,7 +207,7 @@ class FlowFamily(Family):
             enc.to(device)
         if model.vae is not None:
             model.vae.to("cpu")
-        self.tokens = [PromptTokens(prompts, tok, length=TOKENS) for tok in model.tokenizers]
+        self.tokens = [PromptTokens(prompts, tok, length=TOKENS) for tok in model.tokenizers or ()]
         self.uncond = self.encode_prompts([""])
 
     # Networks.

@@ -78,7 +78,10 @@ class SD3:
         return int(self.transformer.config.sample_size)
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
-        """The three tokenizers' ids [N, 77] (padded and truncated to 77, as the official tokenize_prompt)."""
+        """The three tokenizers' ids [N, 77] (padded and truncated to 77, as the official tokenize_prompt); without
+        tokenizers (memory accounting on the meta device) zeros in their shape."""
+        if self.tokenizers is None:
+            return [torch.zeros([len(prompts), TOKENS], dtype=torch.long)] * 3
         return [tok(list(prompts), padding="max_length", max_length=TOKENS, truncation=True,
                     return_tensors="pt").input_ids for tok in self.tokenizers]  # fmt: skip
 
