@@ -92,15 +92,19 @@ EDM2_CONFIGS = {f"edm2-{s}": (s, f"edm2-img512-{s}") for s in ("xs", "s", "m", "
 # the memory-efficient kernel for fp32 (both keep the output and the log-sum-exp, never the L x L matrix).
 SD_CONFIGS = {"sd15": "sd15-lsg2", "sdxl": "sd15-lsg2"}
 # SiD on flow-matching DiTs (sid_fast.families.flow) at 1024 px (latents 16x128x128): the public transformer
-# configurations of SD3-Medium (2.03 B parameters) and SD3.5-Large (8.06 B), with their text encoders CLIP-L (124 M),
-# CLIP-G (695 M) and T5-XXL's encoder (4.76 B) built on the meta device, the presets' iteration (kappa 4.5 everywhere:
-# the teacher and the fake score on doubled batches, the K-step generator's last step with gradient).
+# configurations of SD3-Medium (2.03 B parameters), SD3.5-Large (8.06 B) and FLUX.1-dev (11.9 B), with their text
+# encoders (SD3: CLIP-L 124 M, CLIP-G 695 M, T5-XXL's encoder 4.76 B at 77 tokens; FLUX: CLIP-L and T5-XXL at 512)
+# built on the meta device, the presets' iteration (kappa 4.5 everywhere: the teacher and the fake score on doubled
+# batches, the K-step generator's last step with gradient).
 _SD3 = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
             joint_attention_dim=4096, pooled_projection_dim=2048, pos_embed_max_size=192)  # fmt: skip
 FLOW_CONFIGS = {
     "sd3-medium": ("sd3-medium-sid", dict(_SD3, num_layers=24, num_attention_heads=24, caption_projection_dim=1536)),
     "sd35-large": ("sd35-large-sid", dict(_SD3, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
                                           qk_norm="rms_norm")),
+    "flux-dev": ("flux-dev-sid", dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                                      num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                                      guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
 }  # fmt: skip
 RUNGS = [
     ("reference", dict(precision="fp32")),
@@ -308,7 +312,11 @@ def cuda_attention_on_meta():
     what the GPU holds for backward (output and log-sum-exp) and the FLOP counter sees the fused ops."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    def fused(*args, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        # q, k, v positional (diffusers' UNets, SD3) or as query=, key=, value= (diffusers' attention dispatch: FLUX)
+        q, k, v = (*args, *(kw.pop(n) for n in ("query", "key", "value")[len(args) :]))
+        if kw.get("enable_gqa") is False:
+            kw.pop("enable_gqa")
         if q.device.type != "meta" or attn_mask is not None or dropout_p or kw:
             return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
         if q.dtype in (torch.float16, torch.bfloat16):
@@ -402,30 +410,39 @@ def make_sd_trainer(
 def make_flow_trainer(config: str, batch_gpu: int, options: dict, device: str = "meta", rounds: int = 1):
     """A trainer of the flow-matching family with a public SD3 transformer configuration and SD3's three text encoders
     (random weights, or none on meta; bf16 runs keep the encoders in bf16)."""
-    from diffusers import SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from sid_fast.families.flow import FlowFamily
+    from sid_fast.t2i.flux import Flux
     from sid_fast.t2i.sd3 import SD3
 
     preset, tcfg = FLOW_CONFIGS[config]
     clip = dict(max_position_embeddings=77, vocab_size=49408)
+    t5 = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu")  # fmt: skip
+    clip_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  hidden_act="quick_gelu", **clip)  # fmt: skip
+    flux = config.startswith("flux")
     with torch.device(device):
-        net = SD3Transformer2DModel(**tcfg)
-        encoders = [
-            CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                       num_attention_heads=12, projection_dim=768,
-                                                       hidden_act="quick_gelu", **clip)),
-            CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                                       num_attention_heads=20, projection_dim=1280, hidden_act="gelu",
-                                                       **clip)),
-            T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                                    feed_forward_proj="gated-gelu")),
-        ]  # fmt: skip
+        if flux:
+            net = FluxTransformer2DModel(**tcfg)
+            encoders = [CLIPTextModel(CLIPTextConfig(**clip_l)), T5EncoderModel(T5Config(**t5))]
+        else:
+            net = SD3Transformer2DModel(**tcfg)
+            encoders = [
+                CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=768, **clip_l)),
+                CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                           num_hidden_layers=32, num_attention_heads=20,
+                                                           projection_dim=1280, hidden_act="gelu", **clip)),
+                T5EncoderModel(T5Config(**t5)),
+            ]  # fmt: skip
     if options.get("precision") == "bf16":
         encoders = [e.to(torch.bfloat16) for e in encoders]
     encoders = [e.eval().requires_grad_(False) for e in encoders]
-    model = SD3(net.eval().requires_grad_(False), None, encoders, None, f"<{config}, random weights>")
+    net = net.eval().requires_grad_(False)
+    name = f"<{config}, random weights>"
+    model = Flux(net, None, encoders, None, name, 128) if flux else SD3(net, None, encoders, None, name)
     cfg = resolve_config(
         preset,
         dict(teacher=f"<{config}, random weights>", data_prompt_text="<prompts>", batch=batch_gpu * rounds,

@@ -48,16 +48,26 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import command, environment, write_jsonl
-from bench.memory import SD_CONFIGS, autocast_on_meta, cuda_attention_on_meta, make_sd_trainer, make_trainer
+from bench.memory import (
+    FLOW_CONFIGS,
+    SD_CONFIGS,
+    autocast_on_meta,
+    cuda_attention_on_meta,
+    make_flow_trainer,
+    make_sd_trainer,
+    make_trainer,
+)
 
 ALL_CONFIGS = ("digits", "cifar10", "imagenet64", "edm2-xs")
-LAUNCH_ONLY_CONFIGS = ("sd15",)  # counted on request (--configs sd15), launches only
+LAUNCH_ONLY_CONFIGS = ("sd15", "sd3-medium")  # counted on request (--configs sd15), launches only
 # The official per-GPU batch of each configuration (SiD's run_sid.sh: CIFAR-10 and ImageNet-64 16 per GPU; SiDA's
 # EDM2 XS 64; the digits preset 256).
-OFFICIAL_BATCH_GPU = {"digits": 256, "cifar10": 16, "imagenet64": 16, "edm2-xs": 64, "sd15": 1}
+OFFICIAL_BATCH_GPU = {"digits": 256, "cifar10": 16, "imagenet64": 16, "edm2-xs": 64, "sd15": 1, "sd3-medium": 1}
 # SD 1.5 (SiD-LSG, preset sd15-lsg2: guidance 2 everywhere) is counted on the meta device, launches only: the official
 # batch_gpu is 1 (128 micro-batches per phase on 4 GPUs), so its record is one micro-batch pair and the optimizer
 # and EMA of an iteration (an iteration of R micro-batches repeats the phases' per-micro-batch parts R times).
+# SD3-Medium (SiD on flow matching, preset sd3-medium-sid: kappa 4.5 everywhere, four-step generator) likewise, one
+# micro-batch pair at 1024 px; its k is the iteration's draw (the record says which), each step of G one call.
 
 RUNGS = [
     ("reference", dict(precision="fp32")),
@@ -331,17 +341,21 @@ def count_launches(config: str, rung: str, options: dict, device: str) -> dict:
     # the optimizer's own dispatches are counted on CPU twins as a GPU would run them.
     opts = dict(options, optimizer="foreach") if kind == "fused" else options
     with contextlib.ExitStack() as stack:
-        if config in SD_CONFIGS:  # PyTorch's CUDA attention and autocast's casts, as bench.memory emulates them on meta
+        if config in SD_CONFIGS or config in FLOW_CONFIGS:  # CUDA attention and autocast, as bench.memory on meta
             stack.enter_context(cuda_attention_on_meta())
             if opts.get("precision") == "bf16":
                 stack.enter_context(autocast_on_meta(torch.bfloat16))
             sd_opts = {k: v for k, v in opts.items() if k != "kernels"}
             if opts.get("kernels"):
                 sd_opts["kernels"] = "sid_loss"  # the one kernel that applies to a diffusers UNet
-            tr = make_sd_trainer(config, bg, sd_opts, device)
+            if config in FLOW_CONFIGS:  # seed 2: the counted (second) iteration runs all K = 4 generator steps
+                tr = make_flow_trainer(config, bg, dict(sd_opts, seed=2), device)
+            else:
+                tr = make_sd_trainer(config, bg, sd_opts, device)
         else:
             tr = make_trainer(config, bg, opts, device)
         tr.step()  # warm: Adam states and gradients' first allocation done
+        k_run = tr.generator_steps_now()  # the counted iteration's generator steps (few-step generators)
         counter = LaunchCounter(tr)
         flops = FlopCounterMode(display=False)
         with counter.regions(), flops, counter:
@@ -375,6 +389,7 @@ def count_launches(config: str, rung: str, options: dict, device: str) -> dict:
         options=options,
         batch_gpu=bg,
         device=device,
+        generator_steps_run=k_run,
         launches=sum(ops.values()),
         launches_cuda=sum(ops.values()) - 2 * dropout_calls,
         views=counter.views,

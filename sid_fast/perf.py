@@ -156,7 +156,7 @@ def preassign_gradients(cfg, net: torch.nn.Module) -> None:
 
 
 def image_format(cfg, x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and x.dim() == 4 else x
 
 
 def _site(cfg, fn, name: str, checkpoint_whole: bool = False, backend=None) -> Callable:

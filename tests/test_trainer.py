@@ -272,7 +272,9 @@ def test_ema_follows_the_official_schedule(teacher_file, monkeypatch):
     assert betas == want
     with pytest.raises(ConfigError, match="at least 0.001 Mimg"):
         cfg_for(teacher_file, ema=0.0009)
-    assert cfg_for(teacher_file, ema=0.0).ema == 0  # off: beta = 0 at every iteration (G_ema = G, tests/test_flow_sd3)
+    assert (
+        cfg_for(teacher_file, ema=0.0).ema == 0
+    )  # off: beta = 0 at every iteration (G_ema = G, tests/test_flow_matching)
 
 
 def test_fp16_is_edms_mode_and_runs_fp32_on_a_cpu(teacher_file):

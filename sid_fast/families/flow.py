@@ -38,10 +38,12 @@ from sid_fast.families.base import FakeOutput, Family, Networks
 from sid_fast.flags import ConfigError
 from sid_fast.storage import atomic_folder, atomic_write_text
 from sid_fast.t2i import export, flow
-from sid_fast.t2i.sd3 import SD3, TIME_SCALE, TOKENS, SD3Error, is_sd3_folder, load_sd3, transformer_model
+from sid_fast.t2i.flux import CLIP_TOKENS, T5_TOKENS, Flux, FluxError, is_flux_folder, load_flux
+from sid_fast.t2i.sd3 import SD3, TOKENS, SD3Error, is_sd3_folder, load_sd3
 from sid_fast.t2i.tokens import PromptTokens
 
 SD3_CLASS = "diffusers.SD3Transformer2DModel"
+FLUX_CLASS = "diffusers.FluxTransformer2DModel"
 SID_META = export.SID_META
 FOLDER_FILES = (export.WEIGHTS, export.CONFIG, SID_META)
 
@@ -54,9 +56,11 @@ class FlowDenoiser:
     aug_dim = 0
     multistep = True  # the trainer passes this iteration's step count and the micro-batch's generator to `generate`
 
-    def __init__(self, cfg, channels: int, resolution: int, uncond: dict, device, time_scale: float = TIME_SCALE):
-        self.cfg, self.uncond, self.device, self.time_scale = cfg, uncond, device, time_scale
-        self.channels, self.resolution = channels, resolution
+    def __init__(self, cfg, kind, uncond: dict, device):
+        """kind: the teacher's folder object (sid_fast.t2i.sd3.SD3, sid_fast.t2i.flux.Flux): how its transformer is
+        called (`velocity_model`) and its latents' shape."""
+        self.cfg, self.kind, self.uncond, self.device = cfg, kind, uncond, device
+        self.channels, self.resolution = kind.latent_channels, kind.latent_resolution
         self.autocast = torch.bfloat16 if cfg.precision == "bf16" else None
 
     def image_shape(self, n: int) -> list[int]:
@@ -76,9 +80,10 @@ class FlowDenoiser:
     def aug_zeros(self, n: int):
         return None
 
-    def _model(self, call):
-        """call -> model(x, t, cond) -> v in fp32 (under bf16 autocast on the bf16 path)."""
-        inner = transformer_model(call, self.time_scale)
+    def _model(self, call, guidance: float = 1.0):
+        """call -> model(x, t, cond) -> v in fp32 (under bf16 autocast on the bf16 path); `guidance`: the call's
+        guidance scale, for transformers with a guidance embedding (FLUX.1-dev)."""
+        inner = self.kind.velocity_model(call, guidance)
 
         def model(x, t, cond):
             on = self.autocast is not None and x.device.type != "meta"
@@ -89,7 +94,7 @@ class FlowDenoiser:
         return model
 
     def guided(self, call, x_t, t, cond, kappa: float) -> torch.Tensor:
-        return flow.guided_velocity(self._model(call), x_t, t, cond, self.uncond, kappa)
+        return flow.guided_velocity(self._model(call, kappa), x_t, t, cond, self.uncond, kappa)
 
     def generate(self, call, z, cond, run: int | None = None, generator=None, train: bool = False, noises=None):
         """G's sample after `run` of its K steps (default K); see sid_fast.t2i.flow.generate."""
@@ -130,17 +135,17 @@ def transformer_config(net) -> dict:
 
 
 class FlowFamily(Family):
-    """An SD3 / SD3.5 folder and a prompt file (see the module docstring)."""
+    """An SD3 / SD3.5 or FLUX.1 folder and a prompt file (see the module docstring)."""
 
     name = "flow"
-    generator_classes = (SD3_CLASS,)
+    generator_classes = (SD3_CLASS, FLUX_CLASS)
     fields = ("resolution", "channels", "init_timestep", "generator_steps", "noise_type", "weighting",
               "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")  # fmt: skip
     folder_files = FOLDER_FILES
 
     @classmethod
     def claims(cls, cfg) -> bool:
-        return is_sd3_folder(cfg.teacher) or cfg.preset in PRESETS
+        return is_sd3_folder(cfg.teacher) or is_flux_folder(cfg.teacher) or cfg.preset in PRESETS
 
     @classmethod
     def missing_teacher(cls, cfg) -> str:
@@ -187,8 +192,11 @@ class FlowFamily(Family):
             raise ConfigError(f"--data-prompt-text {e}") from None
         text_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         try:
-            model = load_sd3(cfg.teacher, text_dtype=text_dtype)
-        except SD3Error as e:
+            if is_flux_folder(cfg.teacher):
+                model = load_flux(cfg.teacher, cfg.resolution, text_dtype=text_dtype)
+            else:
+                model = load_sd3(cfg.teacher, text_dtype=text_dtype)
+        except (SD3Error, FluxError) as e:
             raise ConfigError(f"--teacher {e}") from None
         c, r = model.latent_channels, model.latent_resolution
         if (c, r) != (cfg.channels, cfg.resolution):
@@ -198,16 +206,18 @@ class FlowFamily(Family):
             )
         return cls(cfg, device, model, prompts)
 
-    def __init__(self, cfg, device, model: SD3, prompts):
+    def __init__(self, cfg, device, model: SD3 | Flux, prompts):
         """From loaded parts (tests bring their own): the text encoders on the device, the VAE on the CPU, the empty
-        prompt's conditioning once; each prompt line tokenised once per run (77 tokens for all three tokenizers)."""
+        prompt's conditioning once; each prompt line tokenised once per run (SD3: 77 tokens for all three tokenizers;
+        FLUX: 77 for CLIP, 512 for T5)."""
         self.model, self.prompts, self.device = model, prompts, device
         self.prompt_file = cfg.data_prompt_text
         for enc in model.text_encoders:
             enc.to(device)
         if model.vae is not None:
             model.vae.to("cpu")
-        self.tokens = [PromptTokens(prompts, tok, length=TOKENS) for tok in model.tokenizers or ()]
+        lengths = (CLIP_TOKENS, T5_TOKENS) if isinstance(model, Flux) else (TOKENS,) * 3
+        self.tokens = [PromptTokens(prompts, tok, length=n) for tok, n in zip(model.tokenizers or (), lengths)]
         self.uncond = self.encode_prompts([""])
 
     # Networks.
@@ -218,10 +228,10 @@ class FlowFamily(Family):
         fake = copy.deepcopy(teacher).train().requires_grad_(True)
         G_ema = copy.deepcopy(G).eval().requires_grad_(False)
         kwargs = transformer_config(teacher)
-        return Networks(teacher, G, fake, G_ema, SD3_CLASS, kwargs, kwargs, kwargs)
+        return Networks(teacher, G, fake, G_ema, self.model.transformer_class, kwargs, kwargs, kwargs)
 
     def make_denoiser(self, cfg, device):
-        return FlowDenoiser(cfg, self.model.latent_channels, self.model.latent_resolution, self.uncond, device)
+        return FlowDenoiser(cfg, self.model, self.uncond, device)
 
     # Conditioning.
     def encode_prompts(self, prompts: list[str]) -> dict:
@@ -238,7 +248,7 @@ class FlowFamily(Family):
         torch.randint(len(self.prompts), [n], device=device, generator=g)
         z = torch.randn(image_shape, device=device, generator=g)
         if device.type == "meta":
-            ids = [torch.zeros([n, TOKENS], dtype=torch.long, device=device)] * 3
+            ids = [i.to(device) for i in self.model.tokenize([""] * n)]  # zeros in the tokenizers' shapes
         else:
             host = torch.Generator().manual_seed(g.initial_seed())
             idx = torch.randint(len(self.prompts), [n], generator=host).numpy()
@@ -291,11 +301,16 @@ class FlowFamily(Family):
             raise checkpoints.CheckpointError(
                 f"{out}: a flow-matching generator is exported as a diffusers transformer folder; give a folder name."
             )
-        from diffusers import SD3Transformer2DModel  # an optional dependency: only this family needs it
+        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel  # optional: only this family needs them
 
+        cls_ = {SD3_CLASS: SD3Transformer2DModel, FLUX_CLASS: FluxTransformer2DModel}.get(state.get("class_name"))
+        if cls_ is None:
+            raise checkpoints.CheckpointError(
+                f"{state_path}: G is a {state.get('class_name')!r}, not a flow transformer."
+            )
         try:
             with torch.device("meta"):
-                net = SD3Transformer2DModel.from_config(state["g_init_kwargs"])
+                net = cls_.from_config(state["g_init_kwargs"])
             net.load_state_dict(state["G_ema"], assign=True)
         except (RuntimeError, ValueError, TypeError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -334,7 +349,6 @@ def generator_meta(cfg_json: dict, kimg: float) -> dict:
         steps=cfg_json["generator_steps"],
         init_timestep=cfg_json["init_timestep"],
         noise_type=cfg_json["noise_type"],
-        time_scale=TIME_SCALE,
         teacher=Path(str(cfg_json["teacher"])).name,
         preset=cfg_json["preset"],
         kimg=kimg,
@@ -351,8 +365,11 @@ def generator_meta(cfg_json: dict, kimg: float) -> dict:
 # example commands use 5e-6 and its pure-bf16 mode 1e-5), AMP bf16 with fp32 masters, EMA off, --duration in Mimg
 # (the examples 1-2). Guidance: the repository gives one example, SANA's kappa1 = kappa2 = kappa4 = 4.5, and calls
 # its settings plug-and-play across teachers; per-teacher values from the paper could not be read. 1024-pixel images
-# (16x128x128 latents).
+# (16x128x128 latents). FLUX.1-dev's transformer has a guidance embedding: each call gets its own scale in it (the
+# fake score kappa1 or kappa2, the teacher kappa4, G 1), with classifier-free guidance on top where it is not 1, as
+# the official FLUX loop does.
 HUB_REPOS = {
+    "FLUX.1-dev": "black-forest-labs/FLUX.1-dev",
     "stable-diffusion-3-medium-diffusers": "stabilityai/stable-diffusion-3-medium-diffusers",
     "stable-diffusion-3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
     "stable-diffusion-3.5-large": "stabilityai/stable-diffusion-3.5-large",
@@ -390,5 +407,7 @@ PRESETS: dict[str, dict] = {
     "sd3-medium-sid": dict(_SID_FLOW, official_teacher="stable-diffusion-3-medium-diffusers"),
     "sd35-medium-sid": dict(_SID_FLOW, official_teacher="stable-diffusion-3.5-medium"),
     "sd35-large-sid": dict(_SID_FLOW, official_teacher="stable-diffusion-3.5-large"),
+    # FLUX.1-dev (12 B): the same settings; the official README recommends B100s for it at 1024 px.
+    "flux-dev-sid": dict(_SID_FLOW, official_teacher="FLUX.1-dev"),
 }
 FID_REFS: dict[str, str] = {}

@@ -68,6 +68,7 @@ class SD3:
     text_encoders: list  # CLIP-L, CLIP-G, T5
     tokenizers: list
     folder: Path
+    transformer_class = "diffusers.SD3Transformer2DModel"
 
     @property
     def latent_channels(self) -> int:
@@ -105,6 +106,10 @@ class SD3:
 
     def encode_text(self, prompts: list[str], device=None) -> dict:
         return self.encode_ids(self.tokenize(prompts), device)
+
+    def velocity_model(self, net, guidance: float):
+        """net as model(x, t, cond) -> v (SD3 has no guidance embedding: `guidance` is not used)."""
+        return transformer_model(net, TIME_SCALE)
 
 
 def load_sd3(folder, device="cpu", dtype=torch.float32, text_dtype=None, transformer: bool = True) -> SD3:

@@ -1,8 +1,9 @@
-"""A tiny randomly initialised Stable Diffusion 3 folder in diffusers' own format (model_index.json, transformer/,
-vae/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/, scheduler/), written by diffusers' and transformers'
-save_pretrained, for the flow-matching tests: it loads the way a user's SD3 folder does (StableDiffusion3Pipeline
-reads it too). The CLIP tokenizers are sd_tiny's byte-level BPE; the T5 tokenizer a byte-level Unigram model with
-SentencePiece's word-boundary mark, saved as a T5TokenizerFast."""
+"""Tiny randomly initialised Stable Diffusion 3 and FLUX.1 folders in diffusers' own format (write_tiny_sd3:
+model_index.json, transformer/, vae/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/, scheduler/; write_tiny_flux: the
+same with CLIP-L and T5), written by diffusers' and transformers' save_pretrained, for the flow-matching tests: they
+load the way a user's folders do (StableDiffusion3Pipeline and FluxPipeline read them too). The CLIP tokenizers are
+sd_tiny's byte-level BPE; the T5 tokenizer a byte-level Unigram model with SentencePiece's word-boundary mark, saved
+as a T5TokenizerFast."""
 
 from __future__ import annotations
 
@@ -108,6 +109,60 @@ def write_tiny_sd3(root, seed: int = 0, transformer: dict | None = None) -> Path
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "tokenizer_3": ["transformers", "T5TokenizerFast"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return root
+
+
+TINY_FLUX = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    guidance_embeds=True,
+    axes_dims_rope=(2, 2, 4),
+)
+# FLUX.1-dev's scheduler configuration (black-forest-labs/FLUX.1-dev, scheduler/scheduler_config.json).
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+
+
+def write_tiny_flux(root, seed: int = 0, transformer: dict | None = None) -> Path:
+    """The folder `root` holding a tiny FLUX model (CLIP-L and T5 text encoders, a guidance embedding); returns it."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    FluxTransformer2DModel(**dict(TINY_FLUX, **(transformer or {}))).save_pretrained(str(root / "transformer"))
+    AutoencoderKL(**dict(TINY_VAE, shift_factor=0.1159, scaling_factor=0.3611)).save_pretrained(str(root / "vae"))
+    write_tokenizer(root / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                  ).save_pretrained(str(root / "text_encoder"))  # fmt: skip
+    write_t5_tokenizer(root / "tokenizer_2")
+    t5tok = T5TokenizerFast.from_pretrained(str(root / "tokenizer_2"))
+    T5EncoderModel(T5Config(vocab_size=len(t5tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                            pad_token_id=t5tok.pad_token_id, eos_token_id=t5tok.eos_token_id,
+                            decoder_start_token_id=0)).save_pretrained(str(root / "text_encoder_2"))  # fmt: skip
+    FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER).save_pretrained(str(root / "scheduler"))
+    index = {
+        "_class_name": "FluxPipeline",
+        "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2))

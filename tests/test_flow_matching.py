@@ -15,11 +15,12 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from support.sd3_tiny import write_tiny_sd3  # noqa: E402
+from support.sd3_tiny import write_tiny_flux, write_tiny_sd3  # noqa: E402
 
 from sid_fast.data.prompts import read_prompts  # noqa: E402
 from sid_fast.families.flow import FlowFamily  # noqa: E402
 from sid_fast.t2i import flow  # noqa: E402
+from sid_fast.t2i.flux import load_flux  # noqa: E402
 from sid_fast.t2i.sd3 import load_sd3  # noqa: E402
 from sid_fast.training.config import ConfigError, resolve_config  # noqa: E402
 from sid_fast.training.run import build_trainer  # noqa: E402
@@ -33,6 +34,11 @@ PROMPTS = ["a cat", "the dog", "a red car on the beach at night", "the moon", "a
 @pytest.fixture(scope="module")
 def sd3_folder(tmp_path_factory):
     return write_tiny_sd3(tmp_path_factory.mktemp("sd3"))
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    return write_tiny_flux(tmp_path_factory.mktemp("flux"))
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +154,7 @@ class Official:
 
     def __init__(self, tr, folder):
         self.tr, self.cfg = tr, tr.cfg
-        m = load_sd3(folder, dtype=torch.float64)
+        m = self.load(folder)
         self.net, self.toks, self.encs = m.transformer, m.tokenizers, m.text_encoders
         self.G = copy.deepcopy(self.net).train().requires_grad_(True)
         self.fake = copy.deepcopy(self.net).train().requires_grad_(True)
@@ -158,6 +164,9 @@ class Official:
         # its values differ by float64 rounding, which float32 islands of the networks (T5's RMS norm, the timestep
         # embedding) can round to float32 differences: the comparison is then only as exact as float32.
         self.uncond = self.embed([""])
+
+    def load(self, folder):
+        return load_sd3(folder, dtype=torch.float64)
 
     def embed(self, prompts):
         ids = [tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -251,6 +260,46 @@ class Official:
         return k
 
 
+class FluxOfficial(Official):
+    """ml-sid-dit's FLUX loop (training/sid_dit_flux_util.py): CLIP-L's pooled output at 77 tokens and T5's states at
+    512; latents packed in 2x2 patches with (0, row, column) image positions and zero text positions; the transformer
+    at timestep t with its guidance embedding at the call's scale (1 for G), CFG on top where the scale is not 1."""
+
+    def load(self, folder):
+        return load_flux(folder, 8, dtype=torch.float64)
+
+    def embed(self, prompts):
+        clip, t5 = self.toks
+        ids_c = clip(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids_t = t5(prompts, padding="max_length", max_length=512, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            pooled = self.encs[0](ids_c, output_hidden_states=False).pooler_output
+            return self.encs[1](ids_t)[0], pooled
+
+    def velocity(self, net, x, t, prompts, kappa):
+        b, c, h, w = x.shape
+        packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3)
+        img_ids[..., 1] = img_ids[..., 1] + torch.arange(h // 2)[:, None]
+        img_ids[..., 2] = img_ids[..., 2] + torch.arange(w // 2)[None, :]
+        img_ids = img_ids.reshape(-1, 3)
+        pe, pp = self.embed(prompts)
+        txt_ids = torch.zeros(pe.shape[1], 3)
+        guidance = torch.tensor([kappa]).expand(b)
+        if kappa == 1:
+            v = net(hidden_states=packed, timestep=t.flatten(), guidance=guidance, pooled_projections=pp,
+                    encoder_hidden_states=pe, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]  # fmt: skip
+        else:
+            ue, up = (u.expand(b, *u.shape[1:]) for u in self.uncond)
+            v = net(hidden_states=torch.cat([packed] * 2), timestep=torch.cat([t] * 2).flatten(),
+                    guidance=torch.cat([guidance] * 2), pooled_projections=torch.cat([up, pp]),
+                    encoder_hidden_states=torch.cat([ue, pe]), txt_ids=txt_ids, img_ids=img_ids,
+                    return_dict=False)[0]  # fmt: skip
+            v_u, v_c = v.chunk(2)
+            v = v_u + kappa * (v_c - v_u)
+        return v.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 def _record_gradients(opt, net, out: list) -> None:
     """Record the gradients of `net` each time `opt` steps."""
     step = opt.step
@@ -271,20 +320,25 @@ def _max_rel(a, b, start) -> float:
 
 
 @pytest.mark.parametrize(
-    "over",
+    "kind, over",
     [
-        dict(seed=0),  # the presets' four steps with fresh noise, w = 1 - t, kappa 4.5
-        dict(seed=2, noise_type="ddim", weighting="snr", cfg_train_fake=1.0, cfg_eval_fake=2.0, cfg_eval_real=3.0),
-        dict(seed=4, noise_type="fixed", weighting="sid_legacy", alpha=1.2, generator_steps=2),
+        ("sd3", dict(seed=0)),  # the presets' four steps with fresh noise, w = 1 - t, kappa 4.5
+        ("sd3", dict(seed=2, noise_type="ddim", weighting="snr", cfg_train_fake=1.0, cfg_eval_fake=2.0,
+                     cfg_eval_real=3.0)),
+        ("sd3", dict(seed=4, noise_type="fixed", weighting="sid_legacy", alpha=1.2, generator_steps=2)),
+        ("flux", dict(seed=0)),  # guidance embedding at 4.5 with CFG on top, G's at 1
+        ("flux", dict(seed=2, noise_type="ddim", cfg_train_fake=1.0, cfg_eval_fake=2.0, cfg_eval_real=3.0)),
     ],
-)
-def test_two_iterations_equal_the_official_loop_in_float64(sd3_folder, prompt_file, over):
-    cfg = flow_config(sd3_folder, prompt_file, **over)
+)  # fmt: skip
+def test_two_iterations_equal_the_official_loop_in_float64(sd3_folder, flux_folder, prompt_file, kind, over):
+    folder = sd3_folder if kind == "sd3" else flux_folder
+    cfg = flow_config(folder, prompt_file, **over, **({"preset": "flux-dev-sid"} if kind == "flux" else {}))
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        tr = flow_trainer(cfg, load_sd3(sd3_folder, dtype=torch.float64), prompt_file)
-        ref = Official(tr, sd3_folder)
+        model = load_sd3(folder, dtype=torch.float64) if kind == "sd3" else load_flux(folder, 8, dtype=torch.float64)
+        tr = flow_trainer(cfg, model, prompt_file)
+        ref = (Official if kind == "sd3" else FluxOfficial)(tr, folder)
         start = {k: v.clone() for k, v in ref.G.state_dict().items()}
         start_fake = {k: v.clone() for k, v in ref.fake.state_dict().items()}
         grads = {}
@@ -472,3 +526,33 @@ def test_checkpointing_changes_nothing_and_bf16_stays_close(sd3_folder, prompt_f
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
     assert 0.5 < b.norm() / a.norm() < 2
     assert all(math.isfinite(float(v)) for v in runs["bf16"][1].values())
+
+
+def test_a_flux_folder_is_detected_loaded_trained_and_written(flux_folder, prompt_file, tmp_path):
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    from sid_fast.families import detect
+    from sid_fast.families import load as load_family
+    from sid_fast.families.flow import FlowFamily
+
+    cfg = flow_config(flux_folder, prompt_file, preset="flux-dev-sid", seed=4)
+    assert detect(cfg) is FlowFamily
+    fam = load_family(cfg, torch.device("cpu"))
+    tr = build_trainer(cfg, torch.device("cpu"), family=fam, log=lambda *a: None)
+    tr.step()
+    folder = fam.write_generator(tmp_path / "gen", tr.nets, cfg, 0.004)
+    net = FluxTransformer2DModel.from_pretrained(str(folder))
+    for a, b in zip(net.state_dict().values(), tr.G_ema.state_dict().values()):
+        assert torch.equal(a, b)
+    # A training state exports to the same folder through the recorded class.
+    out = FlowFamily.export(tr.state_dict(), "state.pt", tmp_path / "exported", overwrite=False)
+    again = FluxTransformer2DModel.from_pretrained(str(out))
+    for a, b in zip(again.state_dict().values(), net.state_dict().values()):
+        assert torch.equal(a, b)
+    broken = tmp_path / "broken"
+    shutil.copytree(flux_folder, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(ConfigError, match="missing text_encoder_2"):
+        load_family(flow_config(broken, prompt_file, preset="flux-dev-sid"), torch.device("cpu"))
