@@ -560,6 +560,7 @@ def measure(config: str, rung: str, options: dict, batches: tuple[int, int], dev
     rec = dict(
         bench="memory", config=config, mode=rung, options=options, batches=list(batches), device=device, static=static
     )
+    rec["g_ema_on_host"] = tr.cfg.ema == 0  # --ema 0: G_ema waits on the host (sid_fast.training.sid)
     for ph in PHASES:
         m0, m1 = per_batch[b0][ph], per_batch[b1][ph]
         d = {}
@@ -578,9 +579,14 @@ def measure(config: str, rung: str, options: dict, batches: tuple[int, int], dev
     return rec
 
 
+def _host_bytes(rec: dict) -> float:
+    """Static bytes that stay on the host: G_ema with the EMA off (--ema 0, sid_fast.training.sid)."""
+    return rec["static"].get("weights_G_ema", 0) if rec.get("g_ema_on_host") else 0
+
+
 def fit_batch(rec: dict, capacity_gib: float, headroom_gib: float) -> int:
     """Largest batch-gpu whose predicted peak (static + the larger phase peak) fits capacity - headroom."""
-    budget = (capacity_gib - headroom_gib) * GiB - rec["static"]["total"]
+    budget = (capacity_gib - headroom_gib) * GiB - rec["static"]["total"] + _host_bytes(rec)
     best = 0
     for ph in PHASES:
         p = rec[ph]["peak"]
@@ -591,15 +597,15 @@ def fit_batch(rec: dict, capacity_gib: float, headroom_gib: float) -> int:
 
 def fit_batch_fsdp(rec: dict, capacity_gib: float, headroom_gib: float, world: int) -> int:
     """fit_batch under --fsdp over `world` GPUs, derived from the same measurement: the teacher, G, the fake score and
-    their Adam states are 1/world per GPU (G_ema and the text encoder stay whole), and the part of each phase's peak
-    that does not grow with the batch (its intercept) is taken to be the trained network's gradient up to that
-    gradient's size, which is 1/world too. (Gradients that appear chunk by chunk as backward reaches them are only
-    partly alive at the peak: the intercept then bounds what sharding can take off it.) Not modelled: FSDP2's
-    all-gather buffers of the block being run and the next one (for XXL about 0.7 GB at fp32), which the headroom
-    has to cover."""
+    their Adam states are 1/world per GPU (G_ema and the text encoder stay whole; G_ema on the host with --ema 0),
+    and the part of each phase's peak that does not grow with the batch (its intercept) is taken to be the trained
+    network's gradient up to that gradient's size, which is 1/world too. (Gradients that appear chunk by chunk as
+    backward reaches them are only partly alive at the peak: the intercept then bounds what sharding can take off
+    it.) Not modelled: FSDP2's all-gather buffers of the block being run and the next one (for XXL about 0.7 GB at
+    fp32), which the headroom has to cover."""
     st = rec["static"]
     sharded = st["weights_teacher"] + st["weights_G"] + st["weights_fake_score"] + st["adam"]
-    static = st["total"] - st["grads"] - sharded * (1 - 1 / world)  # the rest (G_ema, text encoder) whole
+    static = st["total"] - st["grads"] - sharded * (1 - 1 / world) - _host_bytes(rec)  # the rest whole
     budget = (capacity_gib - headroom_gib) * GiB - static
     best = None
     for ph, trained in (("fake_score", "weights_fake_score"), ("generator", "weights_G")):

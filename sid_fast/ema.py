@@ -65,6 +65,23 @@ def update_ema_sharded(ema: torch.nn.Module, net: torch.nn.Module, beta: float, 
         b_ema.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
 
 
+def copy_weights(ema: torch.nn.Module, net: torch.nn.Module, bucket_bytes: int = 128 << 20) -> None:
+    """ema <- net, parameters and buffers, wherever ema lives (the host included): sharded parameters of `net` are
+    all-gathered a bucket at a time (a collective every rank calls), as update_ema_sharded; the EMA off (--ema 0)."""
+    bucket, size = [], 0
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        bucket.append((p_ema, p))
+        size += p.numel() * p.element_size() * (p.device_mesh.size() if _sharded(p) else 1)
+        if size >= bucket_bytes:
+            _update_bucket(bucket, None)
+            bucket, size = [], 0
+    if bucket:
+        _update_bucket(bucket, None)
+    with torch.no_grad():
+        for b_ema, b in zip(ema.buffers(), net.buffers()):
+            b_ema.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
+
+
 def _sharded(p) -> bool:
     """A DTensor sharded on dim 0 over a 1-D mesh (FSDP2's layout), whose shards `gather_full` can put together."""
     from torch.distributed.tensor import DTensor, Shard  # start-up: ~0.5 s (sympy), sharded runs only
@@ -72,14 +89,17 @@ def _sharded(p) -> bool:
     return isinstance(p, DTensor) and p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
 
 
-def _update_bucket(bucket: list, beta: float) -> None:
-    sharded = [p for _, p in bucket if _sharded(p)]
+def _update_bucket(bucket: list, beta: float | None) -> None:
+    """p_ema <- lerp(p, p_ema, beta) for each pair, p gathered whole; beta None: p_ema <- p (across devices)."""
+    is_dtensor = any(_sharded(p) or hasattr(p, "full_tensor") for _, p in bucket)
+    sharded = [p for _, p in bucket if _sharded(p)] if is_dtensor else []
     full = dict(zip(map(id, sharded), gather_full(sharded))) if sharded else {}
-    for p_ema, p in bucket:
-        f = full.get(id(p))
-        if f is None:
-            f = p.full_tensor() if hasattr(p, "full_tensor") else p
-        p_ema.copy_(f.detach().lerp(p_ema, beta))
+    with torch.no_grad():
+        for p_ema, p in bucket:
+            f = full.get(id(p))
+            if f is None:
+                f = p.full_tensor() if hasattr(p, "full_tensor") else p
+            p_ema.copy_(f.detach() if beta is None else f.detach().lerp(p_ema, beta))
 
 
 def gather_full(params: list) -> list:

@@ -222,8 +222,11 @@ class FlowFamily(Family):
 
     # Networks.
     def build_networks(self, cfg, device, log) -> Networks:
-        """The teacher transformer (frozen); G and the fake score start as its copies, G_ema as G's."""
-        teacher = self.model.transformer.to(device).eval().requires_grad_(False)
+        """The teacher transformer (frozen); G and the fake score start as its copies, G_ema as G's. With --fsdp they
+        are built on the host: FSDP2 moves each block to the accelerator as it shards it, so no GPU ever holds four
+        whole copies (at 8 B parameters, 128 GB in fp32)."""
+        home = torch.device("cpu") if cfg.fsdp else device
+        teacher = self.model.transformer.to(home).eval().requires_grad_(False)
         G = copy.deepcopy(teacher).train().requires_grad_(True)
         fake = copy.deepcopy(teacher).train().requires_grad_(True)
         G_ema = copy.deepcopy(G).eval().requires_grad_(False)
@@ -365,9 +368,10 @@ def generator_meta(cfg_json: dict, kimg: float) -> dict:
 # example commands use 5e-6 and its pure-bf16 mode 1e-5), AMP bf16 with fp32 masters, EMA off, --duration in Mimg
 # (the examples 1-2). Guidance: the repository gives one example, SANA's kappa1 = kappa2 = kappa4 = 4.5, and calls
 # its settings plug-and-play across teachers; per-teacher values from the paper could not be read. 1024-pixel images
-# (16x128x128 latents). FLUX.1-dev's transformer has a guidance embedding: each call gets its own scale in it (the
-# fake score kappa1 or kappa2, the teacher kappa4, G 1), with classifier-free guidance on top where it is not 1, as
-# the official FLUX loop does.
+# (16x128x128 latents). Selective recomputation and a batch per GPU that fits 80 GB under --fsdp on 8 GPUs
+# (bench.memory, docs/flow-matching.md). FLUX.1-dev's transformer has a guidance embedding: each call gets its own
+# scale in it (the fake score kappa1 or kappa2, the teacher kappa4, G 1), with classifier-free guidance on top where
+# it is not 1, as the official FLUX loop does.
 HUB_REPOS = {
     "FLUX.1-dev": "black-forest-labs/FLUX.1-dev",
     "stable-diffusion-3-medium-diffusers": "stabilityai/stable-diffusion-3-medium-diffusers",
@@ -388,6 +392,7 @@ _SID_FLOW = dict(
     lsg=100.0,
     batch=256,
     batch_gpu=4,
+    checkpointing="selective",
     lr=1e-6,
     glr=1e-6,
     precision="bf16",
@@ -404,10 +409,10 @@ _SID_FLOW = dict(
     cfg_eval_real=4.5,
 )
 PRESETS: dict[str, dict] = {
-    "sd3-medium-sid": dict(_SID_FLOW, official_teacher="stable-diffusion-3-medium-diffusers"),
-    "sd35-medium-sid": dict(_SID_FLOW, official_teacher="stable-diffusion-3.5-medium"),
+    "sd3-medium-sid": dict(_SID_FLOW, official_teacher="stable-diffusion-3-medium-diffusers", batch_gpu=16),
+    "sd35-medium-sid": dict(_SID_FLOW, official_teacher="stable-diffusion-3.5-medium", batch_gpu=16),
     "sd35-large-sid": dict(_SID_FLOW, official_teacher="stable-diffusion-3.5-large"),
     # FLUX.1-dev (12 B): the same settings; the official README recommends B100s for it at 1024 px.
-    "flux-dev-sid": dict(_SID_FLOW, official_teacher="FLUX.1-dev"),
+    "flux-dev-sid": dict(_SID_FLOW, official_teacher="FLUX.1-dev", batch_gpu=2),
 }
 FID_REFS: dict[str, str] = {}

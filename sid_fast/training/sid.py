@@ -38,7 +38,7 @@ import torch
 
 from sid_fast import dist, ops, perf
 from sid_fast.augment import AugmentPipe
-from sid_fast.ema import ema_beta, ema_halflife_kimg, update_ema_sharded
+from sid_fast.ema import copy_weights, ema_beta, ema_halflife_kimg, update_ema_sharded
 from sid_fast.families.base import Family, TeacherSpec
 from sid_fast.perf import annotate
 from sid_fast.training import graphs, loop, snapshots, state
@@ -86,6 +86,12 @@ class SiDTrainer:
         self.augment_pipe = AugmentPipe(p=cfg.augment, fixed_margin=fixed) if cfg.augment > 0 else None
         eps = 1e-6 if cfg.precision == "fp16" else 1e-8  # official sid_train.py: 1e-6 with --fp16 1, else 1e-8
         self.par = parallelize(cfg, self.G, self.fake, device, self.world, self.rounds, eps, teacher=self.teacher)
+        # --ema 0 (the EMA off, as ml-sid-dit): G_ema is G. It is not updated every step and not kept on the
+        # accelerator (at 8 B parameters a whole fp32 copy is 32 GB per GPU): it waits on the host and is refreshed
+        # from G when something reads it (a snapshot, a training state), and brought to the device for a snapshot.
+        self.ema_off = cfg.ema == 0
+        if self.ema_off and device.type not in ("cpu", "meta"):
+            self.G_ema.to("cpu")
         # The modules stay plain (state dicts); the call sites carry the fast path's options.
         self.calls = perf.call_sites(cfg, self.teacher, self.G, self.fake, self.par.G_dist, self.par.fake_dist)
         if self.par.fsdp:
@@ -289,8 +295,9 @@ class SiDTrainer:
                 bad_f = self.fake_score_phase()
             with annotate("sid/generator_step"):
                 bad_g = self.generator_phase()
-            with annotate("sid/ema"):
-                self.calls.update_ema(self.G_ema, self.G, beta)
+            if not self.ema_off:
+                with annotate("sid/ema"):
+                    self.calls.update_ema(self.G_ema, self.G, beta)
         bad = bad_f | bad_g
         self.consec_bad.add_(1).mul_(bad)
         torch.maximum(self.max_consec_bad, self.consec_bad, out=self.max_consec_bad)
@@ -305,16 +312,24 @@ class SiDTrainer:
     # ------------------------------------------------------------------
     # The run around the iteration: training state (sid_fast.training.state), snapshots (.snapshots), loop (.loop).
 
+    def refresh_ema(self) -> None:
+        """With the EMA off, G_ema <- G (every rank calls it: under FSDP2 G is gathered); otherwise nothing."""
+        if self.ema_off:
+            copy_weights(self.G_ema, self.G)
+
     def state_dict(self) -> dict:
+        self.refresh_ema()
         return state.training_state(self.ctx, self.progress, self.trained)
 
     def load_state_dict(self, s: dict, path) -> None:
         state.load_training_state(self.ctx, self.progress, self.trained, s, path)
 
     def save_state(self):
+        self.refresh_ema()
         return state.save_training_state(self.ctx, self.progress, self.trained)
 
     def snapshot(self):
+        self.refresh_ema()
         return snapshots.snapshot(self.ctx, self.progress, self.nets)
 
     def teacher_metric(self, key: str) -> tuple[float | None, str]:

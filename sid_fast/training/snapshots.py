@@ -6,6 +6,10 @@ end."""
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from sid_fast import ops
 from sid_fast.families import Networks
 from sid_fast.sampling import image_grid, save_image
@@ -34,7 +38,7 @@ def snapshot(ctx: RunContext, progress: Progress, nets: Networks) -> dict[str, f
     """Grid, metrics and generator folder of G_ema now (the folder's metadata carries the metrics); returns
     {metric key: value} on rank 0 (None without a metric)."""
     folder = ctx.run_dir / snapshot_name(progress.cur_nimg) if ctx.run_dir is not None else None
-    with ops.kernels(ctx.kernels):
+    with ops.kernels(ctx.kernels), on_device(nets.G_ema, ctx.device):
         writes = ctx.rank == 0 and folder is not None
         if writes:  # the generator is on disk before an evaluation that may take an hour (or fail)
             _write_grid(ctx, progress, nets.G_ema)
@@ -45,6 +49,20 @@ def snapshot(ctx: RunContext, progress: Progress, nets: Networks) -> dict[str, f
             if writes:
                 ctx.family.update_generator(folder, metrics=values)
     return values
+
+
+@contextlib.contextmanager
+def on_device(net, device):
+    """`net` on `device` for the block, and back where it was after it (a G_ema kept on the host: --ema 0)."""
+    home = next(net.parameters()).device
+    if home == torch.device(device) or home.type == "meta":
+        yield net
+        return
+    net.to(device)
+    try:
+        yield net
+    finally:
+        net.to(home)
 
 
 _NAMES = {"fd_digits": "FD-digits", "fid": "FID", "fd_dinov2": "FD-DINOv2", "prompt_acc": "prompt accuracy"}
