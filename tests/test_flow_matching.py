@@ -467,6 +467,24 @@ def test_a_run_writes_transformer_folders_and_resumes_bit_exactly(sd3_folder, pr
     one = fam.sample_latents(net, part, ["a cat"], [7], "cpu")
     two = fam.sample_latents(net, part, ["the moon", "a cat"], [1, 7], "cpu")
     torch.testing.assert_close(one[0], two[1], rtol=1e-5, atol=1e-5)
+    # The sampling command on the snapshot and its teacher folder writes those images (K = 4 steps), and 2 steps
+    # when asked.
+    import numpy as np
+    import PIL.Image
+    from click.testing import CliRunner
+
+    from sid_fast.families.flow import decode_flow
+    from sid_fast.t2i import sample
+
+    for steps, out in ((None, tmp_path / "s4"), (2, tmp_path / "s2")):
+        args = ["--network", str(snaps[-1]), "--teacher", str(sd3_folder), "--prompt", "a cat", "--seeds", "7",
+                "--outdir", str(out)] + (["--steps", str(steps)] if steps else [])  # fmt: skip
+        r = CliRunner().invoke(sample.main, args)
+        assert r.exit_code == 0, r.output
+    want = decode_flow(fam.model.vae, one, "cpu")[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "s4" / "000000.png")), want)
+    two_steps = np.asarray(PIL.Image.open(tmp_path / "s2" / "000000.png"))
+    assert two_steps.shape == want.shape and not np.array_equal(two_steps, want)
 
 
 def _fsdp_worker(rank, world, port, folder, prompt_file, out):

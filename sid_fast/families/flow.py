@@ -283,12 +283,7 @@ class FlowFamily(Family):
     def grid(self, G_ema, cfg, device):
         prompts = [self.prompts[i % len(self.prompts)] for i in range(16)]
         latents = self.sample_latents(G_ema, cfg, prompts, range(16), device)
-        vae = self.model.vae
-        if vae is None:
-            return None
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        # decode divides by scaling_factor; the SD3 VAE's latents are also shifted.
-        return export.decode(vae, latents + shift * vae.config.scaling_factor, device)
+        return None if self.model.vae is None else decode_flow(self.model.vae, latents, device)
 
     def write_generator(self, folder, nets: Networks, cfg, kimg: float) -> Path:
         return save_transformer_folder(folder, nets.G_ema, overwrite=True, **generator_meta(cfg.to_json(), kimg))
@@ -335,21 +330,76 @@ def seed_noises(seeds, shape, steps: int):
     return z, [torch.stack([p[i] for p in per]) for i in range(1, steps)]
 
 
+FORMAT = "sid_fast-flow-1"  # sid_fast.json's format of a flow generator folder
+
+
+def is_flow_generator(path) -> bool:
+    """A flow generator folder (save_transformer_folder): config.json, weights and sid_fast.json of FORMAT."""
+    p = Path(path)
+    try:
+        return (p / export.CONFIG).is_file() and json.loads((p / SID_META).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_flow_generator(path, teacher, device="cpu", dtype=torch.float32):
+    """(the teacher's folder object with the generator as its transformer, the generator's sid_fast.json) of a flow
+    generator folder and its teacher's folder (text encoders, VAE; the teacher's transformer is not read)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel  # optional: only this family needs them
+
+    meta = json.loads((Path(path) / SID_META).read_text())
+    flux = is_flux_folder(teacher)
+    cls_ = FluxTransformer2DModel if flux else SD3Transformer2DModel
+    try:
+        net = cls_.from_pretrained(str(path), torch_dtype=dtype)
+    except Exception as e:  # diffusers: a folder of another class, missing or corrupt weights
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise checkpoints.CheckpointError(f"{path}: not a {cls_.__name__} folder ({reason}).") from None
+    if flux:
+        kind = load_flux(teacher, int(meta["resolution"]), transformer=net)
+    else:
+        kind = load_sd3(teacher, transformer=net)
+    for m in (net, *kind.text_encoders):
+        m.to(device)
+    return kind, meta
+
+
+@torch.no_grad()
+def sample_flow(kind, meta: dict, prompts: list[str], seeds, device, steps: int | None = None) -> torch.Tensor:
+    """Latents of a flow generator for (prompt, seed) pairs: its recorded K steps (or `steps`) from its
+    init_timestep with its re-noising, z and each fresh noise drawn from torch.Generator().manual_seed(seed)."""
+    k = int(steps or meta["steps"])
+    shape = [kind.latent_channels, kind.latent_resolution, kind.latent_resolution]
+    z, noises = seed_noises(seeds, shape, k)
+    cond = {n: v.float() for n, v in kind.encode_text(prompts, device).items()}
+    model = kind.velocity_model(kind.transformer, 1.0)
+    return flow.generate(model, z.to(device), cond, int(meta["init_timestep"]), k, None, meta["noise_type"],
+                         noises=[n.to(device) for n in noises])  # fmt: skip
+
+
+def decode_flow(vae, latents: torch.Tensor, device) -> torch.Tensor:
+    """uint8 images of SD3/FLUX latents (the VAE's shift_factor undone before its scaling_factor)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return export.decode(vae, latents + shift * vae.config.scaling_factor, device)
+
+
 def save_transformer_folder(path, net, overwrite: bool = False, **meta) -> Path:
     """`net` as a diffusers transformer folder (config.json, diffusion_pytorch_model.safetensors) with sid_fast.json
     (how it samples: steps, init_timestep, noise type; how it was made), written atomically."""
 
     def fill(tmp: Path) -> None:
         net.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / SID_META).write_text(json.dumps(export.plain_value(dict(meta, format="sid_fast-flow-1")), indent=2)
-                                    + "\n")  # fmt: skip
+        (tmp / SID_META).write_text(json.dumps(export.plain_value(dict(meta, format=FORMAT)), indent=2) + "\n")
 
     return atomic_folder(path, fill, checkpoints.CheckpointError, own=FOLDER_FILES, overwrite=overwrite)
 
 
 def generator_meta(cfg_json: dict, kimg: float) -> dict:
+    """sid_fast.json of a flow generator folder: how it samples (steps, init_timestep, noise type, latent side), how
+    it was made."""
     return dict(
         steps=cfg_json["generator_steps"],
+        resolution=cfg_json["resolution"],
         init_timestep=cfg_json["init_timestep"],
         noise_type=cfg_json["noise_type"],
         teacher=Path(str(cfg_json["teacher"])).name,

@@ -138,8 +138,9 @@ def check_folder(folder) -> Path:
     return p
 
 
-def load_flux(folder, resolution: int, device="cpu", dtype=torch.float32, text_dtype=None) -> Flux:
-    """The components of a local FLUX folder, checked against each other; `resolution`: the latents' side."""
+def load_flux(folder, resolution: int, device="cpu", dtype=torch.float32, text_dtype=None, transformer=None) -> Flux:
+    """The components of a local FLUX folder, checked against each other; `resolution`: the latents' side;
+    `transformer`: a transformer to use instead of the folder's (a distilled generator)."""
     p = check_folder(folder)
     try:
         from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -148,7 +149,7 @@ def load_flux(folder, resolution: int, device="cpu", dtype=torch.float32, text_d
         raise FluxError(f"{p}: FLUX teachers need diffusers and transformers ({e}).") from None
     text_dtype = text_dtype or dtype
     try:
-        net = FluxTransformer2DModel.from_pretrained(str(p), subfolder="transformer", torch_dtype=dtype)
+        net = transformer or FluxTransformer2DModel.from_pretrained(str(p), subfolder="transformer", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(str(p), subfolder="vae", torch_dtype=dtype)
         encoders = [
             load_transformers_model(CLIPTextModel, p, subfolder="text_encoder", torch_dtype=text_dtype),

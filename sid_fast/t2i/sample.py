@@ -1,6 +1,7 @@
-"""One-step text-to-image sampling with a SiD-LSG generator (a snapshot folder of `train.py` with a Stable Diffusion
-teacher, a folder sid_fast.t2i.export wrote, by path or Hub id, or an official SiD-LSG .pkl read safely) and its
-teacher's text encoder and VAE.
+"""Text-to-image sampling with a SiD-LSG generator (a snapshot folder of `train.py` with a Stable Diffusion teacher, a
+folder sid_fast.t2i.export wrote, by path or Hub id, or an official SiD-LSG .pkl read safely) and its teacher's text
+encoder and VAE, one step; or with a flow-matching generator (a transformer snapshot folder of an SD3 or FLUX run)
+and its teacher's text encoders and VAE, in its K steps (or --steps).
 
     python -m sid_fast.t2i.sample --network runs/.../network-snapshot-XXXXXXXXXXXX --teacher stable-diffusion-v1-5 \
         --prompt "a photo of a cat" --seeds 0-15 --outdir out --grid grid.png
@@ -9,7 +10,8 @@ teacher's text encoder and VAE.
 
 Image i's latents are the generator's x0-prediction at its init timestep on sqrt(1 - abar) z with z from
 torch.Generator().manual_seed(seed) (sid_fast.t2i.export.seed_latents), so an image depends on its prompt and seed
-only: not on the batch, the device count or the rank that made it. With torchrun every rank makes every world-th
+only: not on the batch, the device count or the rank that made it (a flow generator's re-noising of step i is the
+seed's generator's next draw after z). With torchrun every rank makes every world-th
 image. The official evaluation (generate_onestep.py) likewise gives caption i seed i. A progress bar with the time
 left is shown on a terminal (rank 0), and every rank ends with one line: how many images, how fast, where.
 """
@@ -26,12 +28,15 @@ import torch
 from sid_fast import dist
 from sid_fast.checkpoints import CheckpointError
 from sid_fast.data.prompts import PromptError, read_prompts
+from sid_fast.families.flow import decode_flow, is_flow_generator, load_flow_generator, sample_flow
 from sid_fast.progress import Timer, bar, summary
 from sid_fast.sample import check_outdir, parse_int_list
 from sid_fast.sampling import image_grid, save_image
 from sid_fast.storage import download, hub_id
 from sid_fast.t2i.export import decode, is_pipeline_folder, load_unet_folder, onestep_latents, seed_latents
+from sid_fast.t2i.flux import FluxError
 from sid_fast.t2i.sd import SDError, load_sd
+from sid_fast.t2i.sd3 import SD3Error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,11 +70,25 @@ def resolve_network(network: str) -> str:
 @torch.no_grad()
 def generate(
     network, teacher, todo, outdir: Path, batch: int, dtype, device, grid=None, resolution=None, log=print,
-    init_timestep=None,
+    init_timestep=None, steps=None,
 ) -> int:  # fmt: skip
     """Write outdir/<index, 6 digits>.png for this rank's share of `todo` (resized to `resolution` with PIL's LANCZOS
     when given, as the official FID-30k evaluates 512-pixel images at 256); returns how many it wrote.
-    `init_timestep` overrides the generator's recorded one (official generate_onestep.py --init_timestep)."""
+    `init_timestep` overrides the generator's recorded one (official generate_onestep.py --init_timestep); `steps`:
+    a flow generator's step count (default: the K it was trained for)."""
+    if is_flow_generator(network):
+        kind, meta = load_flow_generator(network, teacher, device)
+        meta = dict(meta, init_timestep=init_timestep or meta["init_timestep"])
+        kind.vae.to(device)
+
+        def latents_of(prompts, seeds):
+            return sample_flow(kind, meta, prompts, seeds, device, steps)
+
+        def images_of(latents):
+            return decode_flow(kind.vae, latents, device)
+
+        label = f"{steps or meta['steps']} steps from timestep {meta['init_timestep']}"
+        return _write(todo, outdir, batch, latents_of, images_of, label, grid, resolution, log)
     unet, meta = load_unet_folder(network, device)
     unet.to(dtype)
     t_init = int(init_timestep if init_timestep is not None else meta["init_timestep"])
@@ -81,16 +100,28 @@ def generate(
             f"{teacher}: its latents have {sd.latent_channels} channels, the generator's {unet.config.in_channels}.",
             param_hint="--teacher",
         )
+    shape = [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]
+
+    def latents_of(prompts, seeds):
+        z = seed_latents(seeds, shape).to(device)
+        return onestep_latents(unet, sd.schedule, z, sd.encode_text(prompts, device), t_init)
+
+    def images_of(latents):
+        return decode(sd.vae, latents, device)
+
+    return _write(todo, outdir, batch, latents_of, images_of, f"init timestep {t_init}", grid, resolution, log)
+
+
+def _write(todo, outdir: Path, batch: int, latents_of, images_of, label: str, grid, resolution, log) -> int:
+    """This rank's share of `todo` as PNGs (and the grid on rank 0): latents_of(prompts, seeds) -> latents,
+    images_of(latents) -> uint8 images."""
     mine = todo[dist.rank() :: dist.world_size()]
     outdir.mkdir(parents=True, exist_ok=True)
-    shape = [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]
     timer, written = Timer(), []
     progress = bar(len(mine), "t2i.sample", enabled=dist.rank() == 0)
     for k in range(0, len(mine), batch):
         part = mine[k : k + batch]
-        z = seed_latents([s for _, _, s in part], shape).to(device)
-        cond = sd.encode_text([p for _, p, _ in part], device)
-        images = decode(sd.vae, onestep_latents(unet, sd.schedule, z, cond, t_init), device)
+        images = images_of(latents_of([p for _, p, _ in part], [s for _, _, s in part]))
         for (i, _, _), img in zip(part, images):
             pixels = img.permute(1, 2, 0).numpy()
             pixels = pixels[:, :, 0] if pixels.shape[2] == 1 else pixels  # grey images (the digits teacher): H x W
@@ -103,7 +134,7 @@ def generate(
                 written.append(img)
         progress.update(len(part))
     progress.close()
-    log(summary(f"rank {dist.rank()}: wrote {outdir}/ (init timestep {t_init})", len(mine), "images", timer.seconds))
+    log(summary(f"rank {dist.rank()}: wrote {outdir}/ ({label})", len(mine), "images", timer.seconds))
     if grid is not None and dist.rank() == 0 and written:
         tiles = torch.stack(written[:64])
         small = tiles.shape[-1] < 64  # small tiles (the digits) enlarged to >= 64 px, with a gap between them
@@ -143,9 +174,14 @@ def generate(
     help="The generator's timestep (default: the one it records; official .pkl: its name's _t625_, else 625)",
     type=click.IntRange(1, 999),
 )
+@click.option(
+    "--steps",
+    help="A flow generator's step count (default: the K it was trained for)",
+    type=click.IntRange(1, 64),
+)
 def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, overwrite, dtype, grid, resolution,
-         init_timestep):  # fmt: skip
-    """One-step text-to-image sampling with a SiD-LSG generator."""
+         init_timestep, steps):  # fmt: skip
+    """Text-to-image sampling with a SiD-LSG generator (one step) or a flow-matching generator (K steps)."""
     try:
         network = resolve_network(network)
     except CheckpointError as e:
@@ -161,8 +197,8 @@ def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, overwrite
     device = dist.init()
     try:
         generate(network, teacher, todo, Path(outdir), batch, DTYPES[dtype], device, grid=grid, resolution=resolution,
-                 init_timestep=init_timestep)  # fmt: skip
-    except (SDError, CheckpointError) as e:
+                 init_timestep=init_timestep, steps=steps)  # fmt: skip
+    except (SDError, SD3Error, FluxError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     dist.finish()
 

@@ -112,9 +112,10 @@ class SD3:
         return transformer_model(net, TIME_SCALE)
 
 
-def load_sd3(folder, device="cpu", dtype=torch.float32, text_dtype=None, transformer: bool = True) -> SD3:
+def load_sd3(folder, device="cpu", dtype=torch.float32, text_dtype=None, transformer=None) -> SD3:
     """The components of a local SD3 folder, checked against each other (`text_dtype`: the text encoders' dtype,
-    default `dtype`)."""
+    default `dtype`); `transformer`: a transformer to use instead of the folder's (a distilled generator: the
+    teacher's is then not read)."""
     p = check_folder(folder)
     try:
         from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -123,7 +124,7 @@ def load_sd3(folder, device="cpu", dtype=torch.float32, text_dtype=None, transfo
         raise SD3Error(f"{p}: SD3 teachers need diffusers and transformers ({e}).") from None
     text_dtype = text_dtype or dtype
     try:
-        net = SD3Transformer2DModel.from_pretrained(str(p), subfolder="transformer", torch_dtype=dtype)
+        net = transformer or SD3Transformer2DModel.from_pretrained(str(p), subfolder="transformer", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(str(p), subfolder="vae", torch_dtype=dtype)
         encoders = [
             load_transformers_model(CLIPTextModelWithProjection, p, subfolder="text_encoder", torch_dtype=text_dtype),
