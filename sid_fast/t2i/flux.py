@@ -55,12 +55,27 @@ def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.view(n, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, h, w)
 
 
+_POSITIONS: dict = {}  # (kind, sizes, device, dtype) -> positions made on the device once, never written to
+
+
 def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
-    """[(H/2)(W/2), 3] positions (0, row, column) of the 2x2-patch grid of an H x W latent."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] += torch.arange(h // 2)[:, None]
-    ids[..., 2] += torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    """[(H/2)(W/2), 3] positions (0, row, column) of the 2x2-patch grid of an H x W latent, made on `device` once per
+    shape and dtype (no host copy in a step)."""
+    key = ("img", h, w, torch.device(device), dtype)
+    if key not in _POSITIONS:
+        ids = torch.zeros(h // 2, w // 2, 3, device=device, dtype=dtype)
+        ids[..., 1] += torch.arange(h // 2, device=device, dtype=dtype)[:, None]
+        ids[..., 2] += torch.arange(w // 2, device=device, dtype=dtype)[None, :]
+        _POSITIONS[key] = ids.reshape(-1, 3)
+    return _POSITIONS[key]
+
+
+def text_ids(n: int, device, dtype) -> torch.Tensor:
+    """[n, 3] zero positions of n text tokens, made on `device` once per length and dtype."""
+    key = ("txt", n, torch.device(device), dtype)
+    if key not in _POSITIONS:
+        _POSITIONS[key] = torch.zeros(n, 3, device=device, dtype=dtype)
+    return _POSITIONS[key]
 
 
 @dataclass
@@ -117,7 +132,7 @@ class Flux:
             kw = dict(
                 timestep=t.flatten(),
                 img_ids=image_ids(h, w, x.device, x.dtype),
-                txt_ids=torch.zeros(ehs.shape[1], 3, device=x.device, dtype=x.dtype),
+                txt_ids=text_ids(ehs.shape[1], x.device, x.dtype),
             )
             if embeds:
                 # official torch.tensor([guidance_scale]): torch's default float dtype
