@@ -200,6 +200,7 @@ def _command_cases(gen: str, state: str, sd: str):
         ("t2i", "grid"): ["__DIR__"],
         ("t2i", "resolution"): ["7", "8193", *numbers],
         ("t2i", "init_timestep"): ["0", "1000", *numbers],
+        ("t2i", "steps"): ["0", "65", *numbers],
         ("hub convert", "src"): ["missing.pt"],
         ("hub convert", "dst"): ["__FILE__"],
         ("hub convert", "overwrite"): ["--overwrite=maybe"],
