@@ -85,6 +85,19 @@ def test_conversions_weights_and_step_times_equal_their_float64_formulas():
     assert flow.step_times(999, 1) == [1.0]
 
 
+@pytest.mark.parametrize("scheme", ["1_minus_sigma", "sid_legacy"])
+def test_a_nan_row_is_dropped_from_the_generator_loss(scheme):
+    g = torch.Generator().manual_seed(4)
+    x_g, y_r, y_f = (torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    x_bad = x_g.clone()
+    x_bad[1, 0, 0, 0] = float("nan")
+    rows, ok = flow.generator_loss_rows(x_bad, y_r, y_f, flow.weight(scheme, t, x_bad, y_r), 1.0)
+    want, _ = flow.generator_loss_rows(x_g, y_r, y_f, flow.weight(scheme, t, x_g, y_r), 1.0)
+    assert ok.tolist() == [True, False, True] and rows[1] == 0
+    torch.testing.assert_close(rows[[0, 2]], want[[0, 2]], rtol=0, atol=0)
+
+
 def test_the_timestep_law_is_sigmoid_of_a_normal_with_mean_log2_and_std_1_6():
     n = 40_000
     t = flow.draw_t(n, "cpu", torch.Generator().manual_seed(1), torch.float64)

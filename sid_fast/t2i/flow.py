@@ -130,6 +130,7 @@ def generator_loss_rows(x_g, y_real, y_fake, w, alpha: float):
     ok = ~(x_g.isnan().flatten(1).any(1) | y_real.isnan().flatten(1).any(1) | y_fake.isnan().flatten(1).any(1))
     m = _col(ok, x_g)
     x_g, y_real, y_fake = (torch.where(m, a, torch.zeros_like(a)) for a in (x_g, y_real, y_fake))
+    w = torch.where(m, w, torch.zeros_like(w))  # sid_legacy's weight of a NaN row is NaN itself
     if alpha == 1:
         per = (y_real - y_fake) * (y_fake - x_g) * w
     else:
