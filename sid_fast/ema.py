@@ -47,13 +47,14 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta) -> None:
 
 
 @torch.no_grad()
-def update_ema_sharded(ema: torch.nn.Module, net: torch.nn.Module, beta: float, bucket_bytes: int = 128 << 20) -> None:
+def update_ema_sharded(ema: torch.nn.Module, net: torch.nn.Module, beta: float | None,
+                       bucket_bytes: int = 128 << 20) -> None:  # fmt: skip
     """update_ema for a network sharded with FSDP2 (`--fsdp`) into a whole EMA copy on every rank: the parameters are
     all-gathered a bucket of up to `bucket_bytes` at a time (one collective per bucket, every rank calls it, instead
-    of one per parameter), then the same lerp as the official loop, parameter by parameter."""
-    pairs = list(zip(ema.parameters(), net.parameters()))
+    of one per parameter), then the same lerp as the official loop, parameter by parameter. `beta` None: the EMA off
+    (`copy_weights`)."""
     bucket, size = [], 0
-    for p_ema, p in pairs:
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
         bucket.append((p_ema, p))
         size += p.numel() * p.element_size() * (p.device_mesh.size() if _sharded(p) else 1)
         if size >= bucket_bytes:
@@ -65,21 +66,10 @@ def update_ema_sharded(ema: torch.nn.Module, net: torch.nn.Module, beta: float, 
         b_ema.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
 
 
-def copy_weights(ema: torch.nn.Module, net: torch.nn.Module, bucket_bytes: int = 128 << 20) -> None:
-    """ema <- net, parameters and buffers, wherever ema lives (the host included): sharded parameters of `net` are
-    all-gathered a bucket at a time (a collective every rank calls), as update_ema_sharded; the EMA off (--ema 0)."""
-    bucket, size = [], 0
-    for p_ema, p in zip(ema.parameters(), net.parameters()):
-        bucket.append((p_ema, p))
-        size += p.numel() * p.element_size() * (p.device_mesh.size() if _sharded(p) else 1)
-        if size >= bucket_bytes:
-            _update_bucket(bucket, None)
-            bucket, size = [], 0
-    if bucket:
-        _update_bucket(bucket, None)
-    with torch.no_grad():
-        for b_ema, b in zip(ema.buffers(), net.buffers()):
-            b_ema.copy_(b.full_tensor() if hasattr(b, "full_tensor") else b)
+def copy_weights(ema: torch.nn.Module, net: torch.nn.Module) -> None:
+    """ema <- net, parameters and buffers, wherever ema lives (the host included; sharded parameters of `net`
+    gathered as update_ema_sharded does, a collective every rank calls): the EMA off (--ema 0)."""
+    update_ema_sharded(ema, net, None)
 
 
 def _sharded(p) -> bool:
@@ -91,15 +81,13 @@ def _sharded(p) -> bool:
 
 def _update_bucket(bucket: list, beta: float | None) -> None:
     """p_ema <- lerp(p, p_ema, beta) for each pair, p gathered whole; beta None: p_ema <- p (across devices)."""
-    is_dtensor = any(_sharded(p) or hasattr(p, "full_tensor") for _, p in bucket)
-    sharded = [p for _, p in bucket if _sharded(p)] if is_dtensor else []
+    sharded = [p for _, p in bucket if _sharded(p)]
     full = dict(zip(map(id, sharded), gather_full(sharded))) if sharded else {}
-    with torch.no_grad():
-        for p_ema, p in bucket:
-            f = full.get(id(p))
-            if f is None:
-                f = p.full_tensor() if hasattr(p, "full_tensor") else p
-            p_ema.copy_(f.detach() if beta is None else f.detach().lerp(p_ema, beta))
+    for p_ema, p in bucket:
+        f = full.get(id(p))
+        if f is None:
+            f = p.full_tensor() if hasattr(p, "full_tensor") else p
+        p_ema.copy_(f.detach() if beta is None else f.detach().lerp(p_ema, beta))
 
 
 def gather_full(params: list) -> list:

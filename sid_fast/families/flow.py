@@ -96,10 +96,10 @@ class FlowDenoiser:
     def guided(self, call, x_t, t, cond, kappa: float) -> torch.Tensor:
         return flow.guided_velocity(self._model(call, kappa), x_t, t, cond, self.uncond, kappa)
 
-    def generate(self, call, z, cond, run: int | None = None, generator=None, train: bool = False, noises=None):
+    def generate(self, call, z, cond, run: int | None = None, generator=None, train: bool = False):
         """G's sample after `run` of its K steps (default K); see sid_fast.t2i.flow.generate."""
         return flow.generate(self._model(call), z, cond, self.cfg.init_timestep, self.cfg.generator_steps, run,
-                             self.cfg.noise_type, generator, train_last=train, noises=noises)  # fmt: skip
+                             self.cfg.noise_type, generator, train_last=train)  # fmt: skip
 
     def teacher(self, call, x_t, t, cond) -> torch.Tensor:
         return flow.x0_from_v(x_t, self.guided(call, x_t, t, cond, self.cfg.cfg_eval_real), t)
@@ -274,11 +274,9 @@ class FlowFamily(Family):
     def sample_latents(self, G_ema, cfg, prompts: list[str], seeds, device) -> torch.Tensor:
         """G_ema's K-step latents for (prompt, seed) pairs: z and each fresh re-noising drawn from
         torch.Generator().manual_seed(seed) on the CPU, so a pair gives the same latents in any batch."""
-        shape = [self.model.latent_channels, self.model.latent_resolution, self.model.latent_resolution]
-        z, noises = seed_noises(seeds, shape, cfg.generator_steps)
-        den = self.make_denoiser(cfg, device)
-        return den.generate(G_ema, z.to(device), self.encode_prompts(prompts),
-                            noises=[n.to(device) for n in noises])  # fmt: skip
+        meta = dict(steps=cfg.generator_steps, init_timestep=cfg.init_timestep, noise_type=cfg.noise_type)
+        model = self.make_denoiser(cfg, device)._model(G_ema)  # the run's precision (bf16: under autocast)
+        return sample_flow(self.model, meta, prompts, seeds, device, model=model)
 
     def grid(self, G_ema, cfg, device):
         prompts = [self.prompts[i % len(self.prompts)] for i in range(16)]
@@ -306,15 +304,7 @@ class FlowFamily(Family):
             raise checkpoints.CheckpointError(
                 f"{state_path}: G is a {state.get('class_name')!r}, not a flow transformer."
             )
-        try:
-            with torch.device("meta"):
-                net = cls_.from_config(state["g_init_kwargs"])
-            net.load_state_dict(state["G_ema"], assign=True)
-        except (RuntimeError, ValueError, TypeError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise checkpoints.CheckpointError(
-                f"{state_path}: G_ema does not fit its recorded transformer ({reason})."
-            ) from None
+        net = export.g_ema_of_state(cls_, state, state_path, "transformer")
         return save_transformer_folder(out, net, overwrite=overwrite,
                                        **generator_meta(state["config"], state["cur_nimg"] / 1e3))  # fmt: skip
 
@@ -365,14 +355,16 @@ def load_flow_generator(path, teacher, device="cpu", dtype=torch.float32):
 
 
 @torch.no_grad()
-def sample_flow(kind, meta: dict, prompts: list[str], seeds, device, steps: int | None = None) -> torch.Tensor:
+def sample_flow(kind, meta: dict, prompts: list[str], seeds, device, steps: int | None = None,
+                model=None) -> torch.Tensor:  # fmt: skip
     """Latents of a flow generator for (prompt, seed) pairs: its recorded K steps (or `steps`) from its
-    init_timestep with its re-noising, z and each fresh noise drawn from torch.Generator().manual_seed(seed)."""
+    init_timestep with its re-noising, z and each fresh noise drawn from torch.Generator().manual_seed(seed).
+    `model`: model(x, t, cond) -> v (default: kind's transformer in its own dtype)."""
     k = int(steps or meta["steps"])
     shape = [kind.latent_channels, kind.latent_resolution, kind.latent_resolution]
     z, noises = seed_noises(seeds, shape, k)
-    cond = {n: v.float() for n, v in kind.encode_text(prompts, device).items()}
-    model = kind.velocity_model(kind.transformer, 1.0)
+    cond = {n: v.to(torch.promote_types(v.dtype, torch.float32)) for n, v in kind.encode_text(prompts, device).items()}
+    model = model or kind.velocity_model(kind.transformer, 1.0)
     return flow.generate(model, z.to(device), cond, int(meta["init_timestep"]), k, None, meta["noise_type"],
                          noises=[n.to(device) for n in noises])  # fmt: skip
 

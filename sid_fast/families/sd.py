@@ -385,15 +385,7 @@ class SDFamily(Family):
             )
         from diffusers import UNet2DConditionModel  # an optional dependency: only this family needs it
 
-        try:
-            with torch.device("meta"):
-                unet = UNet2DConditionModel.from_config(state["g_init_kwargs"])
-            unet.load_state_dict(state["G_ema"], assign=True)
-        except (RuntimeError, ValueError, TypeError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise checkpoints.CheckpointError(
-                f"{state_path}: G_ema does not fit its recorded UNet ({reason})."
-            ) from None
+        unet = export.g_ema_of_state(UNet2DConditionModel, state, state_path, "UNet")
         return export.save_unet_folder(out, unet, overwrite=overwrite,
                                        **generator_meta(state["config"], state["cur_nimg"] / 1e3))  # fmt: skip
 

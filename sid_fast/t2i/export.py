@@ -216,6 +216,19 @@ def save_unet_folder(path, unet, overwrite: bool = False, teacher: str | None = 
     return atomic_folder(path, fill, CheckpointError, own=FOLDER_FILES, overwrite=overwrite)
 
 
+def g_ema_of_state(cls, state: dict, state_path, what: str):
+    """G_ema of a training state as a diffusers `cls` (built from the recorded config on the meta device, its tensors
+    assigned); one CheckpointError naming the file when they do not fit the recorded `what`."""
+    try:
+        with torch.device("meta"):
+            net = cls.from_config(state["g_init_kwargs"])
+        net.load_state_dict(state["G_ema"], assign=True)
+    except (RuntimeError, ValueError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{state_path}: G_ema does not fit its recorded {what} ({reason}).") from None
+    return net
+
+
 def folder_card(path, where: str | None = None, teacher: str | None = None) -> str:
     """The model card of the generator folder at `path` (UNet or pipeline folder) naming it `where` (default: the
     path itself; a Hub id when it is pushed)."""

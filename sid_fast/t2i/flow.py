@@ -175,10 +175,4 @@ def generate(model, z, cond, init_timestep: int, steps: int, run: int | None = N
     return D
 
 
-def draw_steps(seed_hash: int, steps: int) -> int:
-    """k ~ U{1..K} of an iteration from a hash of (seed, iteration): the same on every rank without a collective (the
-    official loop draws it on rank 0 and broadcasts it)."""
-    return 1 + seed_hash % steps if steps > 1 else 1
-
-
 assert math.isclose(LOGIT_MEAN, math.log(2), rel_tol=1e-7)

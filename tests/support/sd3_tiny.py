@@ -59,8 +59,10 @@ def write_t5_tokenizer(folder: Path) -> None:
     tok.save_pretrained(str(folder))
 
 
-def write_clip(root: Path, name: str, tok_name: str, width: int, projection: int) -> None:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+def write_clip(root: Path, name: str, tok_name: str, width: int, projection: int | None) -> None:
+    """A tiny CLIP text encoder in root/name (with a projection of that width, else a plain CLIPTextModel) and its
+    tokenizer in root/tok_name."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     write_tokenizer(root / tok_name)
     tok = CLIPTokenizer.from_pretrained(str(root / tok_name))
@@ -71,18 +73,34 @@ def write_clip(root: Path, name: str, tok_name: str, width: int, projection: int
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        projection_dim=projection,
+        projection_dim=projection or 512,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    CLIPTextModelWithProjection(config).save_pretrained(str(root / name))
+    (CLIPTextModel if projection is None else CLIPTextModelWithProjection)(config).save_pretrained(str(root / name))
+
+
+def write_t5(root: Path, name: str, tok_name: str) -> None:
+    """A tiny T5 encoder (width 32) in root/name and its tokenizer in root/tok_name."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    write_t5_tokenizer(root / tok_name)
+    tok = T5TokenizerFast.from_pretrained(str(root / tok_name))
+    T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                            decoder_start_token_id=0)).save_pretrained(str(root / name))  # fmt: skip
+
+
+def write_index(root: Path, pipeline: str, components: dict) -> None:
+    """model_index.json naming the pipeline class and each component's (library, class)."""
+    index = {"_class_name": pipeline, "_diffusers_version": "0.42.1", **components}
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def write_tiny_sd3(root, seed: int = 0, transformer: dict | None = None) -> Path:
     """The folder `root` holding a tiny SD3 model; returns it."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -92,15 +110,9 @@ def write_tiny_sd3(root, seed: int = 0, transformer: dict | None = None) -> Path
     AutoencoderKL(**TINY_VAE).save_pretrained(str(root / "vae"))
     write_clip(root, "text_encoder", "tokenizer", 16, 8)
     write_clip(root, "text_encoder_2", "tokenizer_2", 16, 16)
-    write_t5_tokenizer(root / "tokenizer_3")
-    tok = T5TokenizerFast.from_pretrained(str(root / "tokenizer_3"))
-    T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                            decoder_start_token_id=0)).save_pretrained(str(root / "text_encoder_3"))  # fmt: skip
+    write_t5(root, "text_encoder_3", "tokenizer_3")
     FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER).save_pretrained(str(root / "scheduler"))
     index = {
-        "_class_name": "StableDiffusion3Pipeline",
-        "_diffusers_version": "0.42.1",
         "transformer": ["diffusers", "SD3Transformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
@@ -111,7 +123,7 @@ def write_tiny_sd3(root, seed: int = 0, transformer: dict | None = None) -> Path
         "tokenizer_3": ["transformers", "T5TokenizerFast"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     }
-    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_index(root, "StableDiffusion3Pipeline", index)
     return root
 
 
@@ -135,28 +147,16 @@ FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=
 def write_tiny_flux(root, seed: int = 0, transformer: dict | None = None) -> Path:
     """The folder `root` holding a tiny FLUX model (CLIP-L and T5 text encoders, a guidance embedding); returns it."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     FluxTransformer2DModel(**dict(TINY_FLUX, **(transformer or {}))).save_pretrained(str(root / "transformer"))
     AutoencoderKL(**dict(TINY_VAE, shift_factor=0.1159, scaling_factor=0.3611)).save_pretrained(str(root / "vae"))
-    write_tokenizer(root / "tokenizer")
-    tok = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=37, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-                  ).save_pretrained(str(root / "text_encoder"))  # fmt: skip
-    write_t5_tokenizer(root / "tokenizer_2")
-    t5tok = T5TokenizerFast.from_pretrained(str(root / "tokenizer_2"))
-    T5EncoderModel(T5Config(vocab_size=len(t5tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                            pad_token_id=t5tok.pad_token_id, eos_token_id=t5tok.eos_token_id,
-                            decoder_start_token_id=0)).save_pretrained(str(root / "text_encoder_2"))  # fmt: skip
+    write_clip(root, "text_encoder", "tokenizer", 16, None)
+    write_t5(root, "text_encoder_2", "tokenizer_2")
     FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER).save_pretrained(str(root / "scheduler"))
     index = {
-        "_class_name": "FluxPipeline",
-        "_diffusers_version": "0.42.1",
         "transformer": ["diffusers", "FluxTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -165,5 +165,5 @@ def write_tiny_flux(root, seed: int = 0, transformer: dict | None = None) -> Pat
         "tokenizer_2": ["transformers", "T5TokenizerFast"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     }
-    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_index(root, "FluxPipeline", index)
     return root
