@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from support.sd_tiny import write_tiny_sd  # noqa: E402
+from support.sd_tiny import write_tiny_sd, write_tiny_sdxl  # noqa: E402
 
 from sid_fast.data.prompts import read_prompts  # noqa: E402
 from sid_fast.families.sd import SDFamily  # noqa: E402
@@ -66,7 +66,9 @@ def lsg_config(sd_folder, prompt_file, **kw):
 
 class Official:
     """One process of the official loop: prompts tokenized per call (dropped ones as ""), the empty prompt encoded
-    per call, add_noise and the x0-prediction as their formulas, per-sample loops where the official code has them."""
+    per call, add_noise and the x0-prediction as their formulas, per-sample loops where the official code has them.
+    An SDXL folder's conditioning as diffusers' StableDiffusionXLPipeline.encode_prompt and _get_add_time_ids make
+    it, the empty prompt as zeros (force_zeros_for_empty_prompt), passed as added_cond_kwargs."""
 
     def __init__(self, tr, sd_folder):
         from sid_fast.t2i.sd import load_sd
@@ -74,6 +76,9 @@ class Official:
         self.tr, self.cfg = tr, tr.cfg
         sd = load_sd(sd_folder, dtype=torch.float64)
         self.unet, self.tok, self.te = sd.unet, sd.tokenizer, sd.text_encoder
+        self.xl, self.tok2, self.te2 = sd.xl, sd.tokenizer_2, sd.text_encoder_2
+        size = sd.unet.config.sample_size * 2 ** (len(sd.vae.config.block_out_channels) - 1)  # the pipeline's default
+        self.time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float64)
         self.abar = sd.schedule.alphas_cumprod.double()  # diffusers' float32 values, as the official code reads them
         self.v = sd.schedule.prediction_type == "v_prediction"
         self.G = copy.deepcopy(self.unet).train().requires_grad_(True)
@@ -85,10 +90,30 @@ class Official:
         self.nimg = 0
 
     def embed(self, prompts):
-        ids = self.tok(prompts, padding="max_length", max_length=self.tok.model_max_length, truncation=True,
+        def ids(tok):
+            return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                        return_tensors="pt").input_ids  # fmt: skip
+
         with torch.no_grad():
-            return self.te(ids)[0]
+            if not self.xl:
+                return self.te(ids(self.tok))[0]
+            one = self.te(ids(self.tok), output_hidden_states=True)
+            two = self.te2(ids(self.tok2), output_hidden_states=True)
+        empty = torch.tensor([p == "" for p in prompts])
+        states = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1)
+        states = torch.where(empty[:, None, None], 0.0, states)
+        pooled = torch.where(empty[:, None], 0.0, two.text_embeds)
+        return dict(states=states, text_embeds=pooled, time_ids=self.time_ids.repeat(len(prompts), 1))
+
+    def call(self, net, x, t, cond):
+        if not self.xl:
+            return net(x, t, encoder_hidden_states=cond).sample
+        extra = dict(text_embeds=cond["text_embeds"], time_ids=cond["time_ids"])
+        return net(x, t, encoder_hidden_states=cond["states"], added_cond_kwargs=extra).sample
+
+    @staticmethod
+    def cat(a, b):
+        return {k: torch.cat([a[k], b[k]]) for k in a} if isinstance(a, dict) else torch.cat([a, b])
 
     def add_noise(self, x, eps, t):
         a = self.abar[t].reshape(-1, 1, 1, 1)
@@ -104,10 +129,10 @@ class Official:
         x_t = self.add_noise(x, eps, t)
         cond = self.embed(prompts)
         if kappa == 1:
-            out = net(x_t, t, encoder_hidden_states=cond).sample
+            out = self.call(net, x_t, t, cond)
         else:
             uncond = self.embed([""] * len(prompts))
-            out = net(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+            out = self.call(net, torch.cat([x_t, x_t]), torch.cat([t, t]), self.cat(uncond, cond))
             out_u, out_c = out.chunk(2)
             out = out_u + kappa * (out_c - out_u)
         return self.x0(x_t, out, t) if predict_x0 else out
@@ -115,7 +140,7 @@ class Official:
     def sample(self, net, z, prompts):
         t = torch.full([len(prompts)], self.cfg.init_timestep, dtype=torch.long)
         latents = self.add_noise(torch.zeros_like(z), z, t)
-        out = net(latents, t, encoder_hidden_states=self.embed(prompts)).sample
+        out = self.call(net, latents, t, self.embed(prompts))
         a = self.abar[t[0]]  # scheduler.step at init_timesteps[0]
         return a.sqrt() * latents - (1 - a).sqrt() * out if self.v else (latents - (1 - a).sqrt() * out) / a.sqrt()
 
@@ -202,12 +227,23 @@ def v_folder(tmp_path_factory):
     return write_tiny_sd(tmp_path_factory.mktemp("sd_v"), seed=1, prediction_type="v_prediction")
 
 
+@pytest.fixture(scope="module")
+def xl_folder(tmp_path_factory):
+    return write_tiny_sdxl(tmp_path_factory.mktemp("sdxl"), seed=2)
+
+
 @pytest.mark.parametrize(
-    "kappas, v", [((2.0, 2.0, 2.0), False), ((1.0, 1.0, 3.0), False), ((0.5, 1.5, 1.0), False), ((2.0, 2.0, 2.0), True)]
-)
-def test_two_iterations_equal_the_official_formulas_in_float64(sd_folder, v_folder, prompt_file, kappas, v):
+    "kappas, kind",
+    [((2.0, 2.0, 2.0), "eps"), ((1.0, 1.0, 3.0), "eps"), ((0.5, 1.5, 1.0), "eps"), ((2.0, 2.0, 2.0), "v"),
+     ((2.0, 2.0, 2.0), "xl"), ((1.0, 1.5, 3.0), "xl")],
+)  # fmt: skip
+def test_two_iterations_equal_the_official_formulas_in_float64(sd_folder, v_folder, xl_folder, prompt_file, kappas,
+                                                               kind):  # fmt: skip
+    """Also an SDXL folder (two text encoders, pooled embedding, size conditioning, zeros as the empty prompt): the
+    same iteration with its conditioning as diffusers' SDXL pipeline makes it, the dropout of the fake-score phase
+    (kappa2 1.5) included."""
     k1, k2, k4 = kappas
-    sd_folder = v_folder if v else sd_folder
+    sd_folder = {"eps": sd_folder, "v": v_folder, "xl": xl_folder}[kind]
     cfg = lsg_config(sd_folder, prompt_file, cfg_train_fake=k1, cfg_eval_fake=k2, cfg_eval_real=k4,
                      alpha=1.0 if k1 == 2 else 1.2)  # fmt: skip
     default = torch.get_default_dtype()

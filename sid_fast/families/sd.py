@@ -168,7 +168,8 @@ class SDFamily(Family):
         repo = SD_HUB_REPOS[cfg.official_teacher]
         return (
             f"--teacher is required for preset {cfg.preset!r}: a local diffusers folder of {repo}, e.g. fetched with "
-            f"`{fetch_command(repo, cfg.official_teacher)}` (huggingface_hub's CLI; sid_fast itself downloads nothing)."
+            f"`{fetch_command(repo, cfg.official_teacher, xl=cfg.official_teacher in SDXL_TEACHERS.values())}` "
+            "(huggingface_hub's CLI; sid_fast itself downloads nothing)."
         )
 
     @classmethod
@@ -215,7 +216,7 @@ class SDFamily(Family):
         except SDError as e:
             raise ConfigError(f"--teacher {e}") from None
         try:
-            tokens = PromptTokens(prompts, sd.tokenizer)  # a token file beside the prompts that does not match: now
+            tokens = prompt_tokens(prompts, sd)  # a token file beside the prompts that does not match: now
         except TokenFileError as e:
             raise ConfigError(f"--data-prompt-text {e}") from None
         c, r = sd.latent_channels, sd.latent_resolution
@@ -260,21 +261,23 @@ class SDFamily(Family):
             except PromptError as e:
                 raise ConfigError(f"--validation-prompts {e}") from None
         if sd.text_encoder is not None:
-            sd.text_encoder.to(device)
+            sd.text_to(device)
         if sd.vae is not None:
             sd.vae.to("cpu")
-        self.uncond = self.encode_prompts([""])  # [1, tokens, width], once
+        self.uncond = sd.encode_uncond(self.device)  # batch 1, once ("" encoded; SDXL: zeros)
         # The prompt file's token ids: its token file memory-mapped, or each line tokenised once (sid_fast.t2i.tokens).
         if tokens is None and sd.tokenizer is not None:
-            tokens = PromptTokens(prompts, sd.tokenizer)
+            tokens = prompt_tokens(prompts, sd)
         self.tokens = tokens
         self.drop_p = DROPOUT if (cfg.cfg_train_fake != 1 or cfg.cfg_eval_fake != 1) else 0.0
 
     # Networks.
     def build_networks(self, cfg, device, log) -> Networks:
         """The teacher UNet (frozen), G and the fake score as its copies (official: both start from the teacher; G
-        from a distilled generator's weights with --sid-model), and G_ema as a copy of G."""
-        teacher = self.sd.unet.to(device).eval().requires_grad_(False)
+        from a distilled generator's weights with --sid-model), and G_ema as a copy of G. With --fsdp they are built on
+        the host: FSDP2 moves each block to the accelerator as it shards it (SDXL: no GPU holds four whole 2.6 B
+        copies, 41 GB in fp32)."""
+        teacher = self.sd.unet.to(torch.device("cpu") if cfg.fsdp else device).eval().requires_grad_(False)
         G = copy.deepcopy(teacher).train().requires_grad_(True)
         if self.generator_init is not None:
             G.load_state_dict(self.generator_init, strict=True)
@@ -289,7 +292,8 @@ class SDFamily(Family):
 
     # Conditioning: prompts.
     def encode_prompts(self, prompts: list[str]):
-        """The conditioning of prompts: the text encoder's last hidden states [N, tokens, width]."""
+        """The conditioning of prompts: the text encoder's last hidden states [N, tokens, width] (SDXL: the dict of
+        the UNet's text inputs, sid_fast.t2i.sd.StableDiffusion.encode_text)."""
         return self.sd.encode_text(prompts, self.device)
 
     def draw(self, g, n: int, device, fake_phase: bool, image_shape=None):
@@ -306,8 +310,9 @@ class SDFamily(Family):
             cond = self.encode_prompts([""] * n)
         else:  # the lines' token ids, tokenised once per run (or read from the prompt file's token file)
             host = torch.Generator().manual_seed(g.initial_seed())
-            cond = self.sd.encode_ids(self.tokens.ids(torch.randint(len(self.prompts), [n], generator=host).numpy()),
-                                      self.device)  # fmt: skip
+            idx = torch.randint(len(self.prompts), [n], generator=host).numpy()
+            ids = tuple(t.ids(idx) for t in self.tokens) if self.sd.xl else self.tokens.ids(idx)
+            cond = self.sd.encode_ids(ids, self.device)
         if drop_p > 0:
             drop = torch.rand([n], device=device, generator=g) < drop_p
             cond = map_cond(lambda u, c: torch.where(drop.reshape(-1, *[1] * (c.ndim - 1)), u, c), self.uncond, cond)
@@ -388,6 +393,14 @@ class SDFamily(Family):
         unet = export.g_ema_of_state(UNet2DConditionModel, state, state_path, "UNet")
         return export.save_unet_folder(out, unet, overwrite=overwrite,
                                        **generator_meta(state["config"], state["cur_nimg"] / 1e3))  # fmt: skip
+
+
+def prompt_tokens(prompts, sd: StableDiffusion):
+    """The prompt file's token ids for the folder's tokenizer (its token file when one matches); SDXL: a pair, the
+    second tokenizer's (which pads with another id) tokenised in memory (a token file holds one tokenizer's ids)."""
+    if not sd.xl:
+        return PromptTokens(prompts, sd.tokenizer)
+    return PromptTokens(prompts, sd.tokenizer), PromptTokens(prompts, sd.tokenizer_2, sd.tokenizer_2.model_max_length)
 
 
 def generator_meta(cfg_json: dict, kimg: float) -> dict:
@@ -486,6 +499,26 @@ PRESETS["digits-lsg"] = dict(
     tick=1,
     metric_num=1000,
 )
+# SiD-LSG on SDXL-base (1024 px, latents 4x128x128): no official SiD code or paper distills SDXL; these presets run
+# SiD-LSG's iteration and settings unchanged (alpha 1, t in [20, 980), init_timestep 625, kappa1 = kappa2 = kappa4,
+# lr 1e-6, EMA 0.05 Mimg) at the published kappas, with what the memory count (bench.memory --configs sdxl,
+# docs/text-to-image.md) says an SDXL distillation needs: four 2.6 B UNets and two Adam states are 76.5 GiB before
+# any activation, so run them with --fsdp (FSDP2; with selective recomputation 19 images per 80 GB GPU at x8:
+# batch-gpu 8 leaves room), bf16 autocast with fp32 masters. The teacher is a local diffusers folder of
+# stabilityai/stable-diffusion-xl-base-1.0.
+SDXL_TEACHERS = {"sdxl": "stable-diffusion-xl-base-1.0"}
+for _kappa in (1.5, 2.0, 3.0, 4.5):
+    PRESETS[f"sdxl-lsg{_kappa:g}"] = dict(
+        _LSG,
+        official_teacher=SDXL_TEACHERS["sdxl"],
+        resolution=128,
+        batch_gpu=8,
+        precision="bf16",
+        checkpointing="selective",
+        cfg_train_fake=_kappa,
+        cfg_eval_fake=_kappa,
+        cfg_eval_real=_kappa,
+    )
 FID_REFS: dict[str, str] = {}
 
 # The Hub repositories of the SD teachers (runwayml's SD 1.5 repository was withdrawn; this is its maintained copy),
@@ -493,6 +526,11 @@ FID_REFS: dict[str, str] = {}
 SD_HUB_REPOS = {
     "stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "stable-diffusion-2-1-base": "stabilityai/stable-diffusion-2-1-base",
+    "stable-diffusion-xl-base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 # Their licenses (the Hub repositories' model cards), which a generator distilled from them carries on.
-SD_LICENSES = {"stable-diffusion-v1-5": "creativeml-openrail-m", "stable-diffusion-2-1-base": "openrail++"}
+SD_LICENSES = {
+    "stable-diffusion-v1-5": "creativeml-openrail-m",
+    "stable-diffusion-2-1-base": "openrail++",
+    "stable-diffusion-xl-base-1.0": "openrail++",
+}

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from sid_fast.checkpoints import CheckpointError, atomic_write_text, plain_value
 from sid_fast.storage import atomic_folder
 from sid_fast.t2i import pickles
-from sid_fast.t2i.sd import SDError, load_sd, unet_model
+from sid_fast.t2i.sd import SDError, load_sd, map_cond, unet_model
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name
 CONFIG = "config.json"
@@ -26,7 +26,8 @@ CARD = "README.md"
 FOLDER_FILES = (WEIGHTS, CONFIG, SID_META, CARD)
 INDEX = "model_index.json"  # a diffusers pipeline folder
 COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "vae")  # a pipeline's besides the UNet
-PIPELINE_FILES = (INDEX, SID_META, CARD, "unet", *COMPONENTS)
+XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # an SDXL pipeline's second text encoder
+PIPELINE_FILES = (INDEX, SID_META, CARD, "unet", *COMPONENTS, *XL_COMPONENTS)
 
 
 def seed_latents(seeds, shape) -> torch.Tensor:
@@ -36,12 +37,13 @@ def seed_latents(seeds, shape) -> torch.Tensor:
 
 
 @torch.no_grad()
-def onestep_latents(unet, schedule, z: torch.Tensor, cond: torch.Tensor, init_timestep: int) -> torch.Tensor:
-    """The generator's latents: the x0-prediction of `unet` at init_timestep on sqrt(1 - abar) z (fp32)."""
+def onestep_latents(unet, schedule, z: torch.Tensor, cond, init_timestep: int) -> torch.Tensor:
+    """The generator's latents: the x0-prediction of `unet` at init_timestep on sqrt(1 - abar) z (fp32); `cond`: text
+    states, or SDXL's dict of UNet inputs (sid_fast.t2i.sd.StableDiffusion.encode_text)."""
     t = torch.full([z.shape[0]], int(init_timestep), dtype=torch.long, device=z.device)
     x = schedule.generator_input(z, t)
     dtype = next(unet.parameters()).dtype  # a UNet cast to fp16/bf16 for sampling: its inputs too, x0 in fp32
-    out = unet_model(unet)(x.to(dtype), t, cond.to(dtype))
+    out = unet_model(unet)(x.to(dtype), t, map_cond(lambda c: c.to(dtype), cond))
     out = out.to(torch.promote_types(out.dtype, torch.float32))
     return schedule.x0(x, out, t)
 
@@ -100,11 +102,14 @@ def card_data(meta: dict):
     )
 
 
-def model_card(meta: dict, where: str, pipeline: bool, latent_shape, teacher: str | None = None) -> str:
+def model_card(
+    meta: dict, where: str, pipeline: bool, latent_shape, teacher: str | None = None, xl: bool = False
+) -> str:
     """The README.md of a generator folder (huggingface_hub's ModelCard): front matter (library, pipeline tag, base
     model, license), what the generator is, how it was made, its metrics as a table, and a diffusers snippet that
     samples it as sid_fast does: the pipeline's one DDIM step at the generator's timestep on latents sqrt(1 - abar) z.
-    `where`: the folder's path or Hub id; `teacher`: the base pipeline's (a UNet folder's snippet loads it)."""
+    `where`: the folder's path or Hub id; `teacher`: the base pipeline's (a UNet folder's snippet loads it); `xl`: an
+    SDXL UNet, sampled by StableDiffusionXLPipeline (whose default size conditioning is the training's)."""
     from huggingface_hub import ModelCard
 
     t = meta.get("init_timestep")
@@ -114,12 +119,13 @@ def model_card(meta: dict, where: str, pipeline: bool, latent_shape, teacher: st
     facts = [(k, meta.get(k)) for k in ("preset", "teacher", "kimg", "guidance", "alpha", "init_timestep", "source",
                                         "converted_from") if meta.get(k) is not None]  # fmt: skip
     metrics = meta.get("metrics") or {}
+    pipe = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
     load = (
-        [f'pipe = StableDiffusionPipeline.from_pretrained("{where}")  # its scheduler: one DDIM step at t = {t}']
+        [f'pipe = {pipe}.from_pretrained("{where}")  # its scheduler: one DDIM step at t = {t}']
         if pipeline
         else [
             f'unet = UNet2DConditionModel.from_pretrained("{where}")',
-            f'pipe = StableDiffusionPipeline.from_pretrained("{teacher}", unet=unet, safety_checker=None)',
+            f'pipe = {pipe}.from_pretrained("{teacher}", unet=unet{"" if xl else ", safety_checker=None"})',
             "# One DDIM step at t, ending at alpha = 1: the step returns the UNet's x0-prediction exactly.",
             "pipe.scheduler = DDIMScheduler.from_config(",
             f"    pipe.scheduler.config, trained_betas=pipe.scheduler.betas.tolist(), num_train_timesteps={t} + 1,",
@@ -149,9 +155,9 @@ def model_card(meta: dict, where: str, pipeline: bool, latent_shape, teacher: st
         "",
         "```python",
         "import torch",
-        "from diffusers import StableDiffusionPipeline"
+        f"from diffusers import {pipe}"
         if pipeline
-        else "from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel",
+        else f"from diffusers import DDIMScheduler, {pipe}, UNet2DConditionModel",
         "",
         *load,
         f"t = {t}  # the generator's timestep",
@@ -211,9 +217,14 @@ def save_unet_folder(path, unet, overwrite: bool = False, teacher: str | None = 
     def fill(tmp: Path) -> None:
         _write_unet(tmp, unet)
         (tmp / SID_META).write_text(_meta_file(meta))
-        (tmp / CARD).write_text(model_card(meta, str(path), False, _latent_shape(unet), teacher))
+        (tmp / CARD).write_text(model_card(meta, str(path), False, _latent_shape(unet), teacher, is_xl(unet.config)))
 
     return atomic_folder(path, fill, CheckpointError, own=FOLDER_FILES, overwrite=overwrite)
+
+
+def is_xl(config) -> bool:
+    """Is this UNet config (a dict or diffusers' FrozenDict) an SDXL UNet (pooled text and size conditioning)?"""
+    return dict(config).get("addition_embed_type") == "text_time"
 
 
 def g_ema_of_state(cls, state: dict, state_path, what: str):
@@ -238,7 +249,7 @@ def folder_card(path, where: str | None = None, teacher: str | None = None) -> s
     config = json.loads(((path / "unet") if pipeline else path).joinpath(CONFIG).read_text())
     size = config.get("sample_size")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return model_card(meta, where or str(path), pipeline, (config.get("in_channels"), h, w), teacher)
+    return model_card(meta, where or str(path), pipeline, (config.get("in_channels"), h, w), teacher, is_xl(config))
 
 
 def update_unet_meta(path, **meta) -> None:
@@ -294,18 +305,18 @@ def load_unet_folder(path, device="cpu"):
 
 
 def save_pipeline_folder(path, generator, teacher, overwrite: bool = False, **extra) -> Path:
-    """A full diffusers Stable Diffusion pipeline folder (StableDiffusionPipeline.from_pretrained loads it) of the
-    generator at `generator` (a UNet folder or an official pickle): the teacher's text encoder, tokenizer and VAE,
-    copied; the generator as unet/; the one-step scheduler (onestep_scheduler) as scheduler/, so that
-    `pipe(prompt, num_inference_steps=1, guidance_scale=1.0, latents=sqrt(1 - abar) z)` samples it exactly as sid_fast
-    does; a model_index.json without the safety checker and feature extractor (sid_fast reads neither); sid_fast.json
-    (how it samples, how it was made, `extra` entries such as base_model or license) and a model card. Written
-    atomically."""
+    """A full diffusers Stable Diffusion pipeline folder (StableDiffusionPipeline.from_pretrained loads it; an SDXL
+    teacher's, StableDiffusionXLPipeline) of the generator at `generator` (a UNet folder or an official pickle): the
+    teacher's text encoder(s), tokenizer(s) and VAE, copied; the generator as unet/; the one-step scheduler
+    (onestep_scheduler) as scheduler/, so that `pipe(prompt, num_inference_steps=1, guidance_scale=1.0,
+    latents=sqrt(1 - abar) z)` samples it exactly as sid_fast does; a model_index.json without the safety checker and
+    feature extractor (sid_fast reads neither); sid_fast.json (how it samples, how it was made, `extra` entries such as
+    base_model or license) and a model card. Written atomically."""
     generator, teacher = Path(generator), Path(teacher)
     unet, meta = load_unet_folder(generator)
     sd = load_sd(teacher, unet=False)
     mine, theirs = dict(unet.config), sd.unet.config
-    for key in ("in_channels", "sample_size", "cross_attention_dim"):
+    for key in ("in_channels", "sample_size", "cross_attention_dim", "addition_embed_type"):
         if mine.get(key) != getattr(theirs, key, None):
             raise SDError(
                 f"{generator}: the generator's {key} {mine.get(key)} is not the teacher {teacher}'s "
@@ -317,17 +328,18 @@ def save_pipeline_folder(path, generator, teacher, overwrite: bool = False, **ex
     scheduler = onestep_scheduler(DDPMScheduler.from_pretrained(str(teacher), subfolder="scheduler"),
                                   meta["init_timestep"])  # fmt: skip
     index = json.loads((teacher / INDEX).read_text())
-    index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False,
-                 scheduler=["diffusers", type(scheduler).__name__])  # fmt: skip
+    index.update(scheduler=["diffusers", type(scheduler).__name__])
+    if not sd.xl:  # StableDiffusionPipeline's optional parts, left out (SDXL's pipeline has neither)
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
 
     def fill(tmp: Path) -> None:
-        for name in ("text_encoder", "tokenizer", "vae"):
+        for name in ("text_encoder", "tokenizer", "vae", *(XL_COMPONENTS if sd.xl else ())):
             shutil.copytree(teacher / name, tmp / name)
         scheduler.save_config(str(tmp / "scheduler"))
         (tmp / "unet").mkdir()
         _write_unet(tmp / "unet", unet)
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / SID_META).write_text(_meta_file(meta))
-        (tmp / CARD).write_text(model_card(meta, str(path), True, _latent_shape(unet)))
+        (tmp / CARD).write_text(model_card(meta, str(path), True, _latent_shape(unet), xl=sd.xl))
 
     return atomic_folder(path, fill, CheckpointError, own=PIPELINE_FILES, overwrite=overwrite)

@@ -93,7 +93,7 @@ def generate(
     unet.to(dtype)
     t_init = int(init_timestep if init_timestep is not None else meta["init_timestep"])
     sd = load_sd(teacher, device="cpu", unet=False)  # the generator replaces the teacher's UNet
-    sd.text_encoder.to(device)
+    sd.text_to(device)
     sd.vae.to(device)  # for the whole run (decode() moves it only when it is elsewhere)
     if sd.latent_channels != unet.config.in_channels:
         raise click.BadParameter(

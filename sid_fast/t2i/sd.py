@@ -21,6 +21,14 @@ What the official code does, and this module with it:
 - the fake-score loss: sum over pixels of (eps_fake - eps)^2 (v-prediction: the velocity target weighted by
   snr / (snr + 1) = abar_t, diffusers' compute_snr); the generator loss is SiD's (sid_fast.losses) on x0-predictions.
 
+SDXL folders (text_encoder_2/ and tokenizer_2/ in model_index.json: `CLIPTextModelWithProjection`, a UNet with
+addition_embed_type "text_time") are read as diffusers' StableDiffusionXLPipeline reads them: each encoder's
+penultimate hidden state, concatenated (768 + 1280 = 2048 wide), the second encoder's projected pooled embedding
+(`text_embeds`) and the size conditioning `time_ids` = (H, W, 0, 0, H, W) at the UNet's own image size (no crop);
+the unconditional input is all zeros when model_index.json's force_zeros_for_empty_prompt is true (SDXL-base's, and
+the pipeline's default; DMD2's SDXL loop does the same), else the encoded "". No official SiD code distills SDXL:
+SiD-LSG's iteration runs on it unchanged.
+
 Everything runs in the dtype it is given; the tests run it in float64 against diffusers' own scheduler.
 """
 
@@ -29,7 +37,7 @@ from __future__ import annotations
 import json
 import re
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +45,7 @@ import torch
 from sid_fast.hf import load_transformers_model
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+XL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")  # an SDXL folder's second text encoder
 OFFICIAL_TMIN, OFFICIAL_TMAX, OFFICIAL_INIT_TIMESTEP = 20, 980, 625
 
 
@@ -192,12 +201,15 @@ SD_HUB_FILES = (
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
 )  # fmt: skip
+SDXL_HUB_FILES = SD_HUB_FILES + ("text_encoder_2/config.json", "text_encoder_2/model.safetensors", "'tokenizer_2/*'")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
 
 
-def fetch_command(repo: str, local_dir: str) -> str:
-    """The huggingface_hub CLI command that fetches the files sid_fast reads of the Hub repository `repo`."""
-    return f"hf download {repo} --local-dir {local_dir} " + " ".join("--include " + f for f in SD_HUB_FILES)
+def fetch_command(repo: str, local_dir: str, xl: bool = False) -> str:
+    """The huggingface_hub CLI command that fetches the files sid_fast reads of the Hub repository `repo` (`xl`: an
+    SDXL repository, with its second text encoder)."""
+    files = SDXL_HUB_FILES if xl else SD_HUB_FILES
+    return f"hf download {repo} --local-dir {local_dir} " + " ".join("--include " + f for f in files)
 
 
 def check_folder(folder) -> Path:
@@ -217,19 +229,21 @@ def check_folder(folder) -> Path:
         spec = json.loads(index.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SDError(f"{index}: not valid JSON ({e}).") from None
-    missing = [s for s in SD_SUBFOLDERS if not (p / s).is_dir()]
-    if missing or not isinstance(spec, dict) or not set(SD_SUBFOLDERS) <= set(spec):
+    need = SD_SUBFOLDERS + (XL_SUBFOLDERS if isinstance(spec, dict) and "text_encoder_2" in spec else ())
+    missing = [s for s in need if not (p / s).is_dir()]
+    if missing or not isinstance(spec, dict) or not set(need) <= set(spec):
         name = spec.get("_class_name") if isinstance(spec, dict) else None
         raise SDError(
             f"{p}: a diffusers folder of {name or 'an unknown pipeline'}, not Stable Diffusion (needs "
-            f"{', '.join(SD_SUBFOLDERS)}; missing {', '.join(missing) or 'their entries in model_index.json'})."
+            f"{', '.join(need)}; missing {', '.join(missing) or 'their entries in model_index.json'})."
         )
     return p
 
 
 @dataclass
 class StableDiffusion:
-    """The components of a Stable Diffusion folder (frozen, eval mode) and its schedule."""
+    """The components of a Stable Diffusion folder (frozen, eval mode) and its schedule; SDXL's second text encoder
+    and tokenizer when the folder has them (see the module docstring)."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -237,6 +251,10 @@ class StableDiffusion:
     tokenizer: object
     schedule: Schedule
     folder: Path
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
+    zero_uncond: bool = False  # SDXL's force_zeros_for_empty_prompt: the unconditional input is zeros
+    _time_ids: dict = field(default_factory=dict, repr=False)  # (device, dtype) -> SDXL's size conditioning
 
     @property
     def latent_channels(self) -> int:
@@ -246,30 +264,77 @@ class StableDiffusion:
     def latent_resolution(self) -> int:
         return int(self.unet.config.sample_size)
 
+    @property
+    def xl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def tokenizers(self) -> tuple:
+        return (self.tokenizer, self.tokenizer_2) if self.xl else (self.tokenizer,)
+
+    @property
+    def image_size(self) -> int:
+        """The pixel side of the UNet's latents (the VAE halves the side per level after the first)."""
+        return self.latent_resolution * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def text_to(self, device) -> None:
+        """The text encoder(s) to `device`."""
+        for m in (self.text_encoder, self.text_encoder_2):
+            if m is not None:
+                m.to(device)
+
     @torch.no_grad()
-    def encode_text(self, prompts: list[str], device=None) -> torch.Tensor:
-        """[N, model_max_length, dim]: prompts padded to the tokenizer's maximum length and truncated beyond it, the
-        text encoder's last hidden state."""
+    def encode_text(self, prompts: list[str], device=None):
+        """The conditioning of prompts, padded to the tokenizer's maximum length and truncated beyond it: the text
+        encoder's last hidden state [N, model_max_length, dim]; SDXL: a dict of the UNet's inputs (module
+        docstring)."""
         device = device or next(self.text_encoder.parameters()).device
         if self.tokenizer is None:  # memory accounting on the meta device (bench.memory): token ids have no values
             tokens = self.text_encoder.config.max_position_embeddings
-            return self.text_encoder(torch.zeros([len(prompts), tokens], dtype=torch.long, device=device))[0]
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.encode_ids(ids, device)
+            ids = torch.zeros([len(prompts), tokens], dtype=torch.long, device=device)
+            return self.encode_ids((ids, ids) if self.xl else ids, device)
+        ids = [
+            tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids
+            for tok in self.tokenizers
+        ]  # fmt: skip
+        return self.encode_ids(tuple(ids) if self.xl else ids[0], device)
 
-    def encode_ids(self, ids: torch.Tensor, device=None) -> torch.Tensor:
-        """The text encoder's last hidden state of token ids [N, model_max_length] (on the host: pinned and copied
-        without blocking on CUDA)."""
+    def encode_ids(self, ids, device=None):
+        """The conditioning of token ids [N, model_max_length] (SDXL: a pair, one per tokenizer), from the host:
+        pinned and copied without blocking on CUDA."""
         device = device or next(self.text_encoder.parameters()).device
-        if torch.device(device).type == "cuda":  # pinned, so that the copy does not wait for the device
-            ids = ids.pin_memory()
-        return self.text_encoder(ids.to(device, non_blocking=True))[0]
+
+        def moved(x):
+            if torch.device(device).type == "cuda" and x.device.type == "cpu":  # pinned: the copy does not wait
+                x = x.pin_memory()
+            return x.to(device, non_blocking=True)
+
+        if not self.xl:
+            return self.text_encoder(moved(ids))[0]
+        one = self.text_encoder(moved(ids[0]), output_hidden_states=True)
+        two = self.text_encoder_2(moved(ids[1]), output_hidden_states=True)
+        states = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1)
+        return dict(encoder_hidden_states=states, text_embeds=two.text_embeds, time_ids=self.time_ids(states))
+
+    def time_ids(self, like: torch.Tensor) -> torch.Tensor:
+        """SDXL's size conditioning [N, 6] = (H, W, 0, 0, H, W) at the UNet's image size, in `like`'s dtype (made on
+        the device once per dtype: a step copies nothing from the host)."""
+        key = (like.device, like.dtype)
+        if key not in self._time_ids:
+            size = float(self.image_size)
+            self._time_ids[key] = torch.tensor([size, size, 0.0, 0.0, size, size], dtype=like.dtype).to(like.device)
+        return self._time_ids[key].expand(like.shape[0], 6)
+
+    @torch.no_grad()
+    def encode_uncond(self, device=None):
+        """The unconditional input of guidance, batch 1: the encoded "" (SDXL with force_zeros_for_empty_prompt:
+        zeros in place of the text states and the pooled embedding, the same size conditioning)."""
+        cond = self.encode_text([""], device)
+        if self.zero_uncond:
+            cond = dict(cond, encoder_hidden_states=torch.zeros_like(cond["encoder_hidden_states"]),
+                        text_embeds=torch.zeros_like(cond["text_embeds"]))  # fmt: skip
+        return cond
 
 
 class _ConfigOnly:
@@ -298,6 +363,14 @@ def load_sd(folder, device="cpu", dtype=torch.float32, unet: bool = True) -> Sta
         text_encoder = load_transformers_model(CLIPTextModel, p, subfolder="text_encoder", torch_dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(str(p), subfolder="tokenizer")
         schedule = Schedule.from_folder(p)
+        index = json.loads((p / "model_index.json").read_text())
+        text_encoder_2 = tokenizer_2 = None
+        if "text_encoder_2" in index:  # SDXL
+            from transformers import CLIPTextModelWithProjection
+
+            text_encoder_2 = load_transformers_model(CLIPTextModelWithProjection, p, subfolder="text_encoder_2",
+                                                     torch_dtype=dtype)  # fmt: skip
+            tokenizer_2 = CLIPTokenizer.from_pretrained(str(p), subfolder="tokenizer_2")
     except SDError as e:
         raise SDError(f"{p}/scheduler: {e}") from None
     except Exception as e:  # diffusers/transformers: missing or corrupt weights and configs
@@ -308,12 +381,36 @@ def load_sd(folder, device="cpu", dtype=torch.float32, unet: bool = True) -> Sta
             f"{p}: the VAE makes {vae.config.latent_channels}-channel latents but the UNet takes "
             f"{unet.config.in_channels} and returns {unet.config.out_channels} channels."
         )
-    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
-        raise SDError(
-            f"{p}: the text encoder's width {text_encoder.config.hidden_size} is not the UNet's cross-attention "
-            f"width {unet.config.cross_attention_dim}."
-        )
-    for m in (unet, vae, text_encoder):
+    _check_text(p, unet.config, text_encoder.config, text_encoder_2.config if text_encoder_2 is not None else None)
+    for m in (unet, vae, text_encoder, text_encoder_2):
         if isinstance(m, torch.nn.Module):
             m.to(device).eval().requires_grad_(False)
-    return StableDiffusion(unet, vae, text_encoder, tokenizer, schedule, p)
+    zero_uncond = text_encoder_2 is not None and bool(index.get("force_zeros_for_empty_prompt", True))
+    return StableDiffusion(unet, vae, text_encoder, tokenizer, schedule, p, text_encoder_2, tokenizer_2, zero_uncond)
+
+
+def _check_text(p: Path, unet, text, text_2) -> None:
+    """The text encoder(s) must make what the UNet reads: the cross-attention width (SDXL: both encoders' widths
+    together), and for SDXL's "text_time" conditioning the pooled width plus six size numbers."""
+    text_time = getattr(unet, "addition_embed_type", None) == "text_time"
+    if text_time and text_2 is None:
+        raise SDError(f"{p}: the UNet is an SDXL UNet (addition_embed_type text_time) but the folder has no "
+                      "text_encoder_2 in model_index.json.")  # fmt: skip
+    width = text.hidden_size + (text_2.hidden_size if text_2 is not None else 0)
+    which = "text encoders' widths together" if text_2 is not None else "text encoder's width"
+    if width != unet.cross_attention_dim:
+        raise SDError(f"{p}: the {which} {width} is not the UNet's cross-attention width {unet.cross_attention_dim}.")
+    if text_2 is not None:
+        if not text_time:
+            kind = getattr(unet, "addition_embed_type", None)
+            raise SDError(
+                f"{p}: the folder has a text_encoder_2 but its UNet takes no pooled text embedding "
+                f"(addition_embed_type {kind!r}, SDXL's is text_time)."
+            )
+        want = unet.projection_class_embeddings_input_dim
+        got = 6 * unet.addition_time_embed_dim + text_2.projection_dim
+        if want != got:
+            raise SDError(
+                f"{p}: the UNet's added embedding takes {want} numbers, but text_encoder_2's pooled width "
+                f"{text_2.projection_dim} and six size numbers of {unet.addition_time_embed_dim} make {got}."
+            )
