@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("services", ("sid_fast.metrics", "sid_fast.metrics.*", "sid_fast.t2i", "sid_fast.t2i.sd",
                   "sid_fast.t2i.configs", "sid_fast.t2i.pickles", "sid_fast.t2i.tokens", "sid_fast.t2i.flow",
                   "sid_fast.t2i.flux", "sid_fast.t2i.sd3")),
-    ("text-to-image tools", ("sid_fast.t2i.export", "sid_fast.t2i.digits")),
+    ("text-to-image tools", ("sid_fast.t2i.export", "sid_fast.t2i.digits", "sid_fast.t2i.digits_flow")),
     ("generator folders", ("sid_fast.hub",)),
     ("families", ("sid_fast.families.*",)),
     ("family registry", ("sid_fast.families",)),

@@ -34,12 +34,12 @@ import torch
 
 from sid_fast import checkpoints
 from sid_fast.data.prompts import PromptError, read_prompts
-from sid_fast.families.base import FakeOutput, Family, Networks
+from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks
 from sid_fast.flags import ConfigError
 from sid_fast.storage import atomic_folder, atomic_write_text
-from sid_fast.t2i import export, flow
+from sid_fast.t2i import digits, export, flow
 from sid_fast.t2i.flux import CLIP_TOKENS, T5_TOKENS, Flux, FluxError, is_flux_folder, load_flux
-from sid_fast.t2i.sd3 import SD3, TOKENS, SD3Error, is_sd3_folder, load_sd3
+from sid_fast.t2i.sd3 import SD3, SD3Error, is_sd3_folder, load_sd3, token_length
 from sid_fast.t2i.tokens import PromptTokens
 
 SD3_CLASS = "diffusers.SD3Transformer2DModel"
@@ -164,8 +164,8 @@ class FlowFamily(Family):
              "the data-aided variant (a discriminator in the fake score) is not built for flow-matching teachers"),
             ("--data", cfg.data is not None, cfg.data, "SiD on flow matching is data-free: prompts come from "
              "--data-prompt-text"),
-            ("--metrics", cfg.metrics != "none", cfg.metrics, "FID and CLIP of flow-matching generators are computed "
-             "apart (python -m sid_fast.t2i.evaluate); give --metrics none"),
+            ("--metrics", cfg.metrics not in ("none", "fd-digits"), cfg.metrics, "FID and CLIP of flow-matching "
+             "generators are computed apart (python -m sid_fast.t2i.evaluate); give --metrics none"),
             ("--augment", cfg.augment > 0, cfg.augment, "EDM's augmentation is not built for latents"),
             ("--cuda-graphs", cfg.cuda_graphs == "step", cfg.cuda_graphs, "text conditioning is encoded on the host "
              "inside every micro-batch; use --cuda-graphs sites"),
@@ -204,20 +204,29 @@ class FlowFamily(Family):
                 f"--teacher {cfg.teacher}: the transformer makes {c}x{r}x{r} latents (preset {cfg.preset}: "
                 f"{cfg.channels}x{cfg.resolution}x{cfg.resolution})."
             )
+        if cfg.metrics == "fd-digits":
+            vae = model.vae.config
+            size = r * 2 ** (len(vae.block_out_channels) - 1)
+            if (vae.out_channels, size) != (1, 8):
+                raise ConfigError(
+                    f"--metrics fd-digits: the teacher {cfg.teacher} makes {vae.out_channels}x{size}x{size} images, "
+                    "not 8x8 digits (FD-digits and prompt accuracy are for the digits teacher, preset digits-flow)."
+                )
         return cls(cfg, device, model, prompts)
 
     def __init__(self, cfg, device, model: SD3 | Flux, prompts):
         """From loaded parts (tests bring their own): the text encoders on the device, the VAE on the CPU, the empty
-        prompt's conditioning once; each prompt line tokenised once per run (SD3: 77 tokens for all three tokenizers;
-        FLUX: 77 for CLIP, 512 for T5)."""
+        prompt's conditioning once; each prompt line tokenised once per run (SD3: 77 tokens for all three tokenizers,
+        fewer where a tokenizer's model_max_length is shorter; FLUX: 77 for CLIP, 512 for T5)."""
         self.model, self.prompts, self.device = model, prompts, device
         self.prompt_file = cfg.data_prompt_text
         for enc in model.text_encoders:
             enc.to(device)
         if model.vae is not None:
             model.vae.to("cpu")
-        lengths = (CLIP_TOKENS, T5_TOKENS) if isinstance(model, Flux) else (TOKENS,) * 3
-        self.tokens = [PromptTokens(prompts, tok, length=n) for tok, n in zip(model.tokenizers or (), lengths)]
+        toks = model.tokenizers or ()
+        lengths = (CLIP_TOKENS, T5_TOKENS) if isinstance(model, Flux) else [token_length(t) for t in toks]
+        self.tokens = [PromptTokens(prompts, tok, length=n) for tok, n in zip(toks, lengths)]
         self.uncond = self.encode_prompts([""])
 
     # Networks.
@@ -282,6 +291,37 @@ class FlowFamily(Family):
         prompts = [self.prompts[i % len(self.prompts)] for i in range(16)]
         latents = self.sample_latents(G_ema, cfg, prompts, range(16), device)
         return None if self.model.vae is None else decode_flow(self.model.vae, latents, device)
+
+    @torch.no_grad()
+    def evaluate(self, G_ema, cfg, device, rank: int, world: int, steps: int | None = None):
+        """FD-digits and prompt accuracy of G_ema's K-step images (`steps`: another step count) on --metric-num
+        images, image i for the prompt naming digit i % 10 (sid_fast.t2i.digits.eval_prompts) and seed 10,000,000 +
+        i, as the Stable Diffusion family's; rank 0. FID and CLIP of flow generators are computed apart."""
+        if cfg.metrics != "fd-digits" or rank != 0:
+            return None
+        n, b = cfg.metric_num, cfg.batch_gpu
+        prompts, labels = digits.eval_prompts(n)
+        seeds = range(10_000_000, 10_000_000 + n)
+        meta = dict(steps=steps or cfg.generator_steps, init_timestep=cfg.init_timestep, noise_type=cfg.noise_type)
+        model = self.make_denoiser(cfg, device)._model(G_ema)
+        latents = torch.cat([sample_flow(self.model, meta, prompts[i : i + b], seeds[i : i + b], device,
+                                         model=model).cpu() for i in range(0, n, b)])  # fmt: skip
+        vae = self.model.vae.config  # the shift undone as decode_flow does, before decode_images' scaling
+        shift = (getattr(vae, "shift_factor", None) or 0.0) * vae.scaling_factor
+        return digits.score_images(digits.decode_images(self.model.vae, latents + shift), labels)
+
+    def teacher_metric(self, key: str, cfg):
+        """The teacher's value at the run's guidance kappa4, from its folder's teacher_metrics.json (the digits flow
+        teacher: sid_fast.t2i.digits_flow); None when the folder has none."""
+        path = Path(self.model.folder) / digits.TEACHER_METRICS
+        try:
+            rows = json.loads(path.read_text()).get("teacher", [])
+        except (OSError, ValueError, AttributeError):
+            return None, ""
+        for row in rows:
+            if row.get("kappa") == cfg.cfg_eval_real and key in row:
+                return row[key], f"teacher, {row.get('sampler', '')}, kappa {row['kappa']:g}"
+        return None, ""
 
     def write_generator(self, folder, nets: Networks, cfg, kimg: float) -> Path:
         return save_transformer_folder(folder, nets.G_ema, overwrite=True, **generator_meta(cfg.to_json(), kimg))
@@ -457,4 +497,32 @@ PRESETS: dict[str, dict] = {
     # FLUX.1-dev (12 B): the same settings; the official README recommends B100s for it at 1024 px.
     "flux-dev-sid": dict(_SID_FLOW, official_teacher="FLUX.1-dev", batch_gpu=2),
 }
+# Few-step SiD on the flow-matching digits teacher (sid_fast.t2i.digits_flow: an SD3 folder with 4x8x8 latents and
+# prompts such as "a handwritten seven"): the official settings (alpha 1, a four-step generator from t = 999/999 with
+# fresh re-noising, w(t) = 1 - t, lsg 100, EMA off, kappa1 = kappa2 = kappa4) at the digits presets' CPU scale (batch,
+# learning rates: 3e-5, where 1e-4 left the four-step generator no better than its start), fp32, kappa 1.5 (as the
+# digits-lsg preset), 16 kimg; evaluated by FD-digits and prompt accuracy; studies/flow_digits runs steps x guidance.
+PRESETS["digits-flow"] = dict(
+    _SID_FLOW,
+    teacher=str(ASSETS / "digits-flow"),
+    data_prompt_text=str(ASSETS / "digits-prompts.txt"),
+    resolution=8,
+    channels=4,
+    batch=128,
+    batch_gpu=128,
+    checkpointing="none",
+    lr=3e-5,
+    glr=3e-5,
+    precision="fp32",
+    duration=0.016,
+    tick=1,
+    snap=2,
+    dump=4,
+    metrics="fd-digits",
+    metric_num=1000,
+    extra_snapshots=False,
+    cfg_train_fake=1.5,
+    cfg_eval_fake=1.5,
+    cfg_eval_real=1.5,
+)
 FID_REFS: dict[str, str] = {}

@@ -6,7 +6,8 @@ training/sid_dit_sd3_util.py): the model folder and the text conditioning, as th
   `CLIPTextModelWithProjection` (text_encoder/, text_encoder_2/: CLIP-L and CLIP-G) with their `CLIPTokenizer`s,
   `T5EncoderModel` (text_encoder_3/) with its T5 tokenizer (tokenizer_3/), and scheduler/ (read for its configuration
   only: SiD draws its own times).
-- Text: every tokenizer pads and truncates to 77 tokens, T5's too (the official value; diffusers' pipeline uses 256).
+- Text: every tokenizer pads and truncates to 77 tokens, T5's too (the official value; diffusers' pipeline uses 256),
+  or to its model_max_length when that is shorter (a small teacher's, e.g. sid_fast.t2i.digits_flow's 8).
   Each CLIP's penultimate hidden state ([N, 77, 768] and [N, 77, 1280]) is concatenated along channels, zero-padded to
   T5's width and concatenated along the sequence with T5's last hidden state: [N, 154, 4096]. The pooled embedding is
   both CLIPs' projected text embeddings concatenated ([N, 2048]). The empty prompt "" gives the unconditional input
@@ -79,30 +80,21 @@ class SD3:
         return int(self.transformer.config.sample_size)
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
-        """The three tokenizers' ids [N, 77] (padded and truncated to 77, as the official tokenize_prompt); without
+        """The three tokenizers' ids [N, token_length] (77 for SD3's, as the official tokenize_prompt); without
         tokenizers (memory accounting on the meta device) zeros in their shape."""
         if self.tokenizers is None:
             return [torch.zeros([len(prompts), TOKENS], dtype=torch.long)] * 3
-        return [tok(list(prompts), padding="max_length", max_length=TOKENS, truncation=True,
+        return [tok(list(prompts), padding="max_length", max_length=token_length(tok), truncation=True,
                     return_tensors="pt").input_ids for tok in self.tokenizers]  # fmt: skip
 
     @torch.no_grad()
     def encode_ids(self, ids: list[torch.Tensor], device=None) -> dict:
-        """{"encoder_hidden_states": [N, 154, T5 width], "pooled_projections": [N, CLIP-L + CLIP-G projections]} of
-        the three tokenizers' ids (official encode_prompt with max_sequence_length 77), in the encoders' dtype."""
+        """The conditioning (`encode`) of the three tokenizers' ids, in the encoders' dtype, from the host: pinned and
+        copied without blocking on CUDA."""
         device = device or next(self.text_encoders[0].parameters()).device
         if torch.device(device).type == "cuda":
             ids = [i.pin_memory() for i in ids]
-        ids = [i.to(device, non_blocking=True) for i in ids]
-        states, pooled = [], []
-        for enc, i in zip(self.text_encoders[:2], ids[:2]):
-            out = enc(i, output_hidden_states=True)
-            pooled.append(out[0])  # the projected text embedding
-            states.append(out.hidden_states[-2])
-        clip = torch.cat(states, dim=-1)
-        t5 = self.text_encoders[2](ids[2])[0]
-        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return dict(encoder_hidden_states=torch.cat([clip, t5], dim=-2), pooled_projections=torch.cat(pooled, dim=-1))
+        return encode(self.text_encoders, [i.to(device, non_blocking=True) for i in ids])
 
     def encode_text(self, prompts: list[str], device=None) -> dict:
         return self.encode_ids(self.tokenize(prompts), device)
@@ -110,6 +102,27 @@ class SD3:
     def velocity_model(self, net, guidance: float):
         """net as model(x, t, cond) -> v (SD3 has no guidance embedding: `guidance` is not used)."""
         return transformer_model(net, TIME_SCALE)
+
+
+def token_length(tokenizer) -> int:
+    """The length a tokenizer pads and truncates to: the official 77, or its model_max_length when shorter (SD3's
+    CLIP tokenizers hold 77, its T5 tokenizer 512: the official lengths; the digits teacher's hold 8)."""
+    return min(TOKENS, int(tokenizer.model_max_length))
+
+
+def encode(encoders, ids: list[torch.Tensor]) -> dict:
+    """{"encoder_hidden_states": [N, CLIP tokens + T5 tokens, T5 width], "pooled_projections": [N, CLIP-L + CLIP-G
+    projections]} of the three tokenizers' ids (official encode_prompt): each CLIP's penultimate hidden state,
+    concatenated along channels and zero-padded to T5's width, then T5's last hidden state along the sequence."""
+    states, pooled = [], []
+    for enc, i in zip(encoders[:2], ids[:2]):
+        out = enc(i, output_hidden_states=True)
+        pooled.append(out[0])  # the projected text embedding
+        states.append(out.hidden_states[-2])
+    clip = torch.cat(states, dim=-1)
+    t5 = encoders[2](ids[2])[0]
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return dict(encoder_hidden_states=torch.cat([clip, t5], dim=-2), pooled_projections=torch.cat(pooled, dim=-1))
 
 
 def load_sd3(folder, device="cpu", dtype=torch.float32, text_dtype=None, transformer=None) -> SD3:

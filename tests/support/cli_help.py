@@ -42,6 +42,8 @@ TOOLS = {
     "clip-score": ["-m", "sid_fast.metrics.clip_score"],
     "t2i-digits-build": ["-m", "sid_fast.t2i.digits", "build"],
     "t2i-digits-evaluate": ["-m", "sid_fast.t2i.digits", "evaluate"],
+    "t2i-digits-flow-build": ["-m", "sid_fast.t2i.digits_flow", "build"],
+    "t2i-digits-flow-evaluate": ["-m", "sid_fast.t2i.digits_flow", "evaluate"],
     "bench-kernels": ["-m", "bench.kernels"],
     "bench-train_step": ["-m", "bench.train_step"],
     "bench-memory": ["-m", "bench.memory"],
