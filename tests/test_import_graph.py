@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                         "sid_fast.perf", "sid_fast.data.*", "sid_fast.latents")),
     ("services", ("sid_fast.metrics", "sid_fast.metrics.*", "sid_fast.t2i", "sid_fast.t2i.sd",
                   "sid_fast.t2i.configs", "sid_fast.t2i.pickles", "sid_fast.t2i.tokens", "sid_fast.t2i.flow",
-                  "sid_fast.t2i.flux", "sid_fast.t2i.sd3")),
+                  "sid_fast.t2i.flux", "sid_fast.t2i.sd3", "sid_fast.t2i.sana")),
     ("text-to-image tools", ("sid_fast.t2i.export", "sid_fast.t2i.digits", "sid_fast.t2i.digits_flow")),
     ("generator folders", ("sid_fast.hub",)),
     ("families", ("sid_fast.families.*",)),

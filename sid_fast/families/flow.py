@@ -1,6 +1,7 @@
 """The flow-matching family: SiD on flow-matching DiT teachers ("Score Distillation of Flow Matching Models", Zhou,
 Gu, Zheng et al., arXiv 2509.25127; official repository ml-sid-dit, training/sid_dit_sd3_training_loop.py), with
-Stable Diffusion 3 / 3.5 (MMDiT) teachers from a local diffusers folder and prompts as the condition.
+Stable Diffusion 3 / 3.5 (MMDiT), FLUX.1 and SANA teachers from a local diffusers folder (sid_fast.t2i.sd3, flux,
+sana) and prompts as the condition.
 
 The phases are sid_fast.training.sid's; what a flow-matching teacher changes is here and in sid_fast.t2i.flow:
 - `FlowDenoiser`: noise levels are flow times t = sigmoid(N(log 2, 1.6^2)) (a fresh draw in each phase, one shared by
@@ -10,7 +11,8 @@ The phases are sid_fast.training.sid's; what a flow-matching teacher changes is 
 - The generator has K = --generator-steps steps (4 in the presets) from t_init = --init-timestep / 999 (999: pure
   noise); each iteration trains the mixture of 1..K steps (sid_fast.t2i.flow).
 - `FlowFamily.draw`: every micro-batch draws its prompts (uniformly, with replacement) and z from its own generator,
-  as the Stable Diffusion family; each line meets the three tokenizers once per run. No prompt dropout (the
+  as the Stable Diffusion family; each line meets the tokenizers once per run (SANA: with its instruction before
+  it). No prompt dropout (the
   official flow loops set use_context_dropout_train_fake = False).
 
 Where the official loop differs and why: it draws k on rank 0 and broadcasts it (a collective and a device-to-host
@@ -39,11 +41,13 @@ from sid_fast.flags import ConfigError
 from sid_fast.storage import atomic_folder, atomic_write_text
 from sid_fast.t2i import digits, export, flow
 from sid_fast.t2i.flux import CLIP_TOKENS, T5_TOKENS, Flux, FluxError, is_flux_folder, load_flux
+from sid_fast.t2i.sana import InstructedPrompts, Sana, SanaError, is_sana_folder, load_sana
 from sid_fast.t2i.sd3 import SD3, SD3Error, is_sd3_folder, load_sd3, token_length
 from sid_fast.t2i.tokens import PromptTokens
 
 SD3_CLASS = "diffusers.SD3Transformer2DModel"
 FLUX_CLASS = "diffusers.FluxTransformer2DModel"
+SANA_CLASS = "diffusers.SanaTransformer2DModel"
 SID_META = export.SID_META
 FOLDER_FILES = (export.WEIGHTS, export.CONFIG, SID_META)
 
@@ -138,18 +142,21 @@ class FlowFamily(Family):
     """An SD3 / SD3.5 or FLUX.1 folder and a prompt file (see the module docstring)."""
 
     name = "flow"
-    generator_classes = (SD3_CLASS, FLUX_CLASS)
+    generator_classes = (SD3_CLASS, FLUX_CLASS, SANA_CLASS)
     fields = ("resolution", "channels", "init_timestep", "generator_steps", "noise_type", "weighting",
               "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")  # fmt: skip
     folder_files = FOLDER_FILES
 
     @classmethod
     def claims(cls, cfg) -> bool:
-        return is_sd3_folder(cfg.teacher) or is_flux_folder(cfg.teacher) or cfg.preset in PRESETS
+        return (
+            is_sd3_folder(cfg.teacher) or is_flux_folder(cfg.teacher) or is_sana_folder(cfg.teacher)
+            or cfg.preset in PRESETS
+        )  # fmt: skip
 
     @classmethod
     def missing_teacher(cls, cfg) -> str:
-        repo = HUB_REPOS.get(cfg.official_teacher, "an SD3 pipeline")
+        repo = HUB_REPOS.get(cfg.official_teacher, "an SD3, FLUX or SANA pipeline")
         return (
             f"--teacher is required for preset {cfg.preset!r}: a local diffusers folder of {repo} (sid_fast downloads "
             "nothing; e.g. `hf download` it, accepting its license on the Hub first)."
@@ -194,9 +201,11 @@ class FlowFamily(Family):
         try:
             if is_flux_folder(cfg.teacher):
                 model = load_flux(cfg.teacher, cfg.resolution, text_dtype=text_dtype)
+            elif is_sana_folder(cfg.teacher):  # Gemma-2 in bf16 whatever the precision, as the official loop keeps it
+                model = load_sana(cfg.teacher)
             else:
                 model = load_sd3(cfg.teacher, text_dtype=text_dtype)
-        except (SD3Error, FluxError) as e:
+        except (SD3Error, FluxError, SanaError) as e:
             raise ConfigError(f"--teacher {e}") from None
         c, r = model.latent_channels, model.latent_resolution
         if (c, r) != (cfg.channels, cfg.resolution):
@@ -225,8 +234,11 @@ class FlowFamily(Family):
         if model.vae is not None:
             model.vae.to("cpu")
         toks = model.tokenizers or ()
-        lengths = (CLIP_TOKENS, T5_TOKENS) if isinstance(model, Flux) else [token_length(t) for t in toks]
-        self.tokens = [PromptTokens(prompts, tok, length=n) for tok, n in zip(toks, lengths)]
+        if isinstance(model, Sana):  # each line with the instruction before it, at the pipeline's length
+            self.tokens = [PromptTokens(InstructedPrompts(prompts, model.instruction), toks[0], length=model.length())]
+        else:
+            lengths = (CLIP_TOKENS, T5_TOKENS) if isinstance(model, Flux) else [token_length(t) for t in toks]
+            self.tokens = [PromptTokens(prompts, tok, length=n) for tok, n in zip(toks, lengths)]
         self.uncond = self.encode_prompts([""])
 
     # Networks.
@@ -337,9 +349,10 @@ class FlowFamily(Family):
             raise checkpoints.CheckpointError(
                 f"{out}: a flow-matching generator is exported as a diffusers transformer folder; give a folder name."
             )
-        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel  # optional: only this family needs them
+        from diffusers import FluxTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel  # optional
 
-        cls_ = {SD3_CLASS: SD3Transformer2DModel, FLUX_CLASS: FluxTransformer2DModel}.get(state.get("class_name"))
+        cls_ = {SD3_CLASS: SD3Transformer2DModel, FLUX_CLASS: FluxTransformer2DModel,
+                SANA_CLASS: SanaTransformer2DModel}.get(state.get("class_name"))  # fmt: skip
         if cls_ is None:
             raise checkpoints.CheckpointError(
                 f"{state_path}: G is a {state.get('class_name')!r}, not a flow transformer."
@@ -375,11 +388,11 @@ def is_flow_generator(path) -> bool:
 def load_flow_generator(path, teacher, device="cpu", dtype=torch.float32):
     """(the teacher's folder object with the generator as its transformer, the generator's sid_fast.json) of a flow
     generator folder and its teacher's folder (text encoders, VAE; the teacher's transformer is not read)."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel  # optional: only this family needs them
+    from diffusers import FluxTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel  # optional
 
     meta = json.loads((Path(path) / SID_META).read_text())
-    flux = is_flux_folder(teacher)
-    cls_ = FluxTransformer2DModel if flux else SD3Transformer2DModel
+    flux, sana = is_flux_folder(teacher), is_sana_folder(teacher)
+    cls_ = FluxTransformer2DModel if flux else SanaTransformer2DModel if sana else SD3Transformer2DModel
     try:
         net = cls_.from_pretrained(str(path), torch_dtype=dtype)
     except Exception as e:  # diffusers: a folder of another class, missing or corrupt weights
@@ -387,6 +400,8 @@ def load_flow_generator(path, teacher, device="cpu", dtype=torch.float32):
         raise checkpoints.CheckpointError(f"{path}: not a {cls_.__name__} folder ({reason}).") from None
     if flux:
         kind = load_flux(teacher, int(meta["resolution"]), transformer=net)
+    elif sana:
+        kind = load_sana(teacher, transformer=net)
     else:
         kind = load_sd3(teacher, transformer=net)
     for m in (net, *kind.text_encoders):
@@ -459,6 +474,8 @@ HUB_REPOS = {
     "stable-diffusion-3-medium-diffusers": "stabilityai/stable-diffusion-3-medium-diffusers",
     "stable-diffusion-3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
     "stable-diffusion-3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "Sana_600M_512px_diffusers": "Efficient-Large-Model/Sana_600M_512px_diffusers",
+    "Sana_1600M_512px_diffusers": "Efficient-Large-Model/Sana_1600M_512px_diffusers",
 }
 _SID_FLOW = dict(
     cond=False,
@@ -496,6 +513,10 @@ PRESETS: dict[str, dict] = {
     "sd35-large-sid": dict(_SID_FLOW, official_teacher="stable-diffusion-3.5-large"),
     # FLUX.1-dev (12 B): the same settings; the official README recommends B100s for it at 1024 px.
     "flux-dev-sid": dict(_SID_FLOW, official_teacher="FLUX.1-dev", batch_gpu=2),
+    # SANA 0.6B / 1.6B at 512 px (32x16x16 latents of its DC-AE), the official example's teacher; Gemma-2 in bf16.
+    # Their batch per GPU has not been counted (bench.memory has no SANA configuration): the base's 4 is a guess.
+    "sana-600m-512-sid": dict(_SID_FLOW, official_teacher="Sana_600M_512px_diffusers", resolution=16, channels=32),
+    "sana-1600m-512-sid": dict(_SID_FLOW, official_teacher="Sana_1600M_512px_diffusers", resolution=16, channels=32),
 }
 # Few-step SiD on the flow-matching digits teacher (sid_fast.t2i.digits_flow: an SD3 folder with 4x8x8 latents and
 # prompts such as "a handwritten seven"): the official settings (alpha 1, a four-step generator from t = 999/999 with

@@ -35,6 +35,7 @@ from sid_fast.sampling import image_grid, save_image
 from sid_fast.storage import download, hub_id
 from sid_fast.t2i.export import decode, is_pipeline_folder, load_unet_folder, onestep_latents, seed_latents
 from sid_fast.t2i.flux import FluxError
+from sid_fast.t2i.sana import SanaError
 from sid_fast.t2i.sd import SDError, load_sd
 from sid_fast.t2i.sd3 import SD3Error
 
@@ -198,7 +199,7 @@ def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, overwrite
     try:
         generate(network, teacher, todo, Path(outdir), batch, DTYPES[dtype], device, grid=grid, resolution=resolution,
                  init_timestep=init_timestep, steps=steps)  # fmt: skip
-    except (SDError, SD3Error, FluxError, CheckpointError) as e:
+    except (SDError, SD3Error, FluxError, SanaError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     dist.finish()
 

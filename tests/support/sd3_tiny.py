@@ -167,3 +167,64 @@ def write_tiny_flux(root, seed: int = 0, transformer: dict | None = None) -> Pat
     }
     write_index(root, "FluxPipeline", index)
     return root
+
+
+def write_gemma_tokenizer(folder: Path) -> None:
+    """A Gemma tokenizer over byte-level characters and the words of SANA's instruction and the test prompts (a
+    Unigram model; <pad> 0, <eos> 1, <bos> 2 before every text)."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import GemmaTokenizer
+
+    from sid_fast.t2i.sana import complex_human_instruction
+
+    words = sorted(set(re.findall(r"[a-z']+", (complex_human_instruction() + " a cat the dog seven moon").lower())))
+    vocab = [("<pad>", 0.0), ("<eos>", 0.0), ("<bos>", 0.0), ("<unk>", 0.0)]
+    vocab += [(chr(c), -3.0) for c in range(32, 127)] + [("\u2581", -2.0)] + [("\u2581" + w, -1.0) for w in words]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=3))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    GemmaTokenizer(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                   unk_token="<unk>").save_pretrained(str(folder))  # fmt: skip
+
+
+def write_tiny_sana(root, seed=0) -> Path:
+    """A tiny SANA folder as SanaPipeline.save_pretrained lays it out (loadable by it): SanaTransformer2DModel (4x8x8
+    latents, patch 1, 2 blocks of width 16, caption width 32), AutoencoderDC (16-pixel RGB <-> 4x8x8, SANA's scaling
+    factor 0.41407), a Gemma-2 text encoder (width 32) with its tokenizer, the flow DPM-Solver scheduler."""
+    import diffusers
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
+        mlp_ratio=2.5, sample_size=8, patch_size=1,
+    ).save_pretrained(str(root / "transformer"))  # fmt: skip
+    AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=4, encoder_block_types=("ResBlock", "ResBlock"),
+        decoder_block_types=("ResBlock", "ResBlock"), encoder_block_out_channels=(8, 16),
+        decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()), scaling_factor=0.41407,
+    ).save_pretrained(str(root / "vae"))  # fmt: skip
+    write_gemma_tokenizer(root / "tokenizer")
+    tok = GemmaTokenizer.from_pretrained(str(root / "tokenizer"))
+    config = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
+                          pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
+    Gemma2Model(config).save_pretrained(str(root / "text_encoder"))
+    DPMSolverMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0
+    ).save_pretrained(str(root / "scheduler"))
+    index = {
+        "_class_name": "SanaPipeline", "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "Gemma2Model"],
+        "tokenizer": ["transformers", "GemmaTokenizer"], "transformer": ["diffusers", "SanaTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderDC"],
+    }  # fmt: skip
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return root
