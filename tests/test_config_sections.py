@@ -74,6 +74,8 @@ def test_presets_come_from_the_families_and_are_a_base_plus_changes():
     assert owner["cifar10-uncond"].endswith(".edm") and owner["edm2-img512-xs"].endswith(".edm2")
     assert owner["sd15-lsg2"].endswith(".sd") and owner["digits-lsg"].endswith(".sd")
     assert owner["sd35-large-sid"].endswith(".flow") and owner["flux-dev-sid"].endswith(".flow")
+    assert owner["sana-600m-512-sid"].endswith(".flow") and owner["digits-flow"].endswith(".flow")
+    assert owner["sdxl-lsg2"].endswith(".sd")
     for name in PRESETS:  # each resolves (a teacher given where the preset has none)
         over = {} if PRESETS[name].get("teacher") else dict(teacher="t", data_prompt_text="p.txt")
         if PRESETS[name].get("method") == "sida" and not PRESETS[name].get("data"):
@@ -82,7 +84,7 @@ def test_presets_come_from_the_families_and_are_a_base_plus_changes():
             over["sid_model"] = "g.pkl"
         if PRESETS[name].get("metrics") not in ("none", "fd-digits"):
             over["data_stat"] = "ref.npz"
-        if name.startswith(("sd", "flux")) or name == "digits-lsg":  # text-to-image: prompts, no --data
+        if name.startswith(("sd", "flux", "sana")) or name in ("digits-lsg", "digits-flow"):  # prompts, no --data
             over.pop("data", None)
         else:
             over.pop("data_prompt_text", None)

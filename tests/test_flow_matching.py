@@ -328,12 +328,19 @@ class SanaOfficial(Official):
     def load(self, folder):
         from diffusers import SanaPipeline
 
+        self.cache = {}
         m = load_sana(folder, dtype=torch.float64, text_dtype=torch.float64)
         self.pipe = SanaPipeline(tokenizer=m.tokenizers[0], text_encoder=m.text_encoders[0], vae=None,
                                  transformer=None, scheduler=None)  # fmt: skip
         return m
 
     def embed(self, prompts):
+        key = tuple(prompts)  # Gemma over ~1,350 tokens in float64: each distinct batch of prompts encoded once
+        if key not in self.cache:
+            self.cache[key] = self._embed(prompts)
+        return self.cache[key]
+
+    def _embed(self, prompts):
         from sid_fast.t2i.sana import complex_human_instruction
 
         with torch.no_grad():

@@ -322,3 +322,43 @@ def test_a_generator_evaluated_over_two_processes_equals_one_process_on_its_imag
     r = subprocess.run([sys.executable, "-m", "sid_fast.t2i.evaluate", *args], cwd=root, capture_output=True,
                        text=True, timeout=300)  # fmt: skip
     assert r.returncode != 0 and "not empty; --network writes the generated images into a new or empty" in r.stderr
+
+
+def test_a_k_step_flow_generator_is_evaluated_at_its_steps_or_at_others(files, tmp_path):
+    """--network with a flow generator: its images are t2i.sample's (caption i, seed i, its K steps, or --steps), and
+    the protocol scores them; --steps with a one-step SiD-LSG generator, or without --network, is refused."""
+    from click.testing import CliRunner
+    from support.sd3_tiny import write_tiny_sd3
+    from support.sd_tiny import write_tiny_sd
+
+    from sid_fast.families.flow import decode_flow, load_flow_generator, sample_flow, save_transformer_folder
+    from sid_fast.t2i.export import save_unet_folder
+    from sid_fast.t2i.sd import load_sd
+    from sid_fast.t2i.sd3 import load_sd3
+
+    sd3 = write_tiny_sd3(tmp_path / "sd3")
+    gen = save_transformer_folder(tmp_path / "gen", load_sd3(sd3).transformer, steps=4, init_timestep=999,
+                                  noise_type="fresh", resolution=8)  # fmt: skip
+    common = ["--captions", str(files / "captions.txt"), "--ref", str(files / "val2014"), "--detector",
+              str(files / "inception-2015-12-05.pt"), "--num-images", "4", "--batch", "2"]  # fmt: skip
+    fids = {}
+    for steps in (None, 2):
+        made = tmp_path / f"made{steps}"
+        args = ["--network", str(gen), "--teacher", str(sd3), "--images", str(made), "--json", str(made) + ".json"]
+        r = CliRunner().invoke(ev.main, args + common + (["--steps", str(steps)] if steps else []))
+        assert r.exit_code == 0, r.output
+        fids[steps] = json.loads((tmp_path / f"made{steps}.json").read_text())["fid"]
+        kind, meta = load_flow_generator(gen, sd3)
+        captions = ev.read_captions(files / "captions.txt", 4)
+        want = decode_flow(kind.vae, sample_flow(kind, meta, [captions[0], captions[1]], [0, 1], "cpu", steps), "cpu")
+        for i in range(2):
+            got = np.asarray(PIL.Image.open(made / f"{i:06d}.png"))
+            assert np.array_equal(got, want[i].permute(1, 2, 0).numpy()), (steps, i)
+    assert fids[None] != fids[2]  # two steps make other images
+    sd = write_tiny_sd(tmp_path / "sd")
+    one = save_unet_folder(tmp_path / "one", load_sd(sd).unet, init_timestep=625)
+    r = CliRunner().invoke(ev.main, ["--network", str(one), "--teacher", str(sd), "--images", str(tmp_path / "x"),
+                                     "--steps", "2", *common])  # fmt: skip
+    assert r.exit_code != 0 and "one-step SiD-LSG generator; --steps is for flow generators" in r.output
+    r = CliRunner().invoke(ev.main, ["--images", str(tmp_path / "x"), "--steps", "2", *common])
+    assert r.exit_code != 0 and "--steps is for --network" in r.output

@@ -307,9 +307,10 @@ def clip_score(files: list[Path], captions: list[str], scorer: CLIPScorer, batch
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def generate_images(network, teacher, captions_file, images, num: int, batch: int, device) -> None:
+def generate_images(network, teacher, captions_file, images, num: int, batch: int, device, steps=None) -> None:
     """The generator's images for the first `num` captions (image i: caption i, seed i, as the official
-    generate_onestep.py and t2i.sample make them) into the empty or new folder `images`, every rank its share."""
+    generate_onestep.py and t2i.sample make them) into the empty or new folder `images`, every rank its share;
+    `steps`: a flow generator's sampling steps (default: its K)."""
     from sid_fast.t2i.sample import generate, resolve_network  # start-up: the sampler's code, only with --network
 
     out = Path(images)
@@ -324,7 +325,7 @@ def generate_images(network, teacher, captions_file, images, num: int, batch: in
             raise EvalError("--teacher is required unless --network is a pipeline folder (hub convert --teacher).")
         teacher = network
     todo = [(i, captions[i], i) for i in range(num)]
-    generate(network, teacher, todo, out, batch, torch.float32, device, log=lambda *a: None)
+    generate(network, teacher, todo, out, batch, torch.float32, device, log=lambda *a: None, steps=steps)
     dist.barrier()
 
 
@@ -390,12 +391,17 @@ def evaluate(protocol, images, captions_file, ref, detector, clip, num, batch, d
 @click.option("--network", help="Make the images first with this generator (t2i.sample's --network)", metavar="DIR|ID")
 @click.option("--teacher", help="With --network: its teacher's Stable Diffusion folder (default: a pipeline --network)",
               metavar="DIR")  # fmt: skip
-def main(protocol, images, captions_file, ref, detector, clip, num, batch, save_ref, json_path, network, teacher):
+@click.option("--steps", help="With --network: a flow generator's sampling steps (default: the K it was trained for)",
+              type=click.IntRange(1, 64))  # fmt: skip
+def main(protocol, images, captions_file, ref, detector, clip, num, batch, save_ref, json_path, network, teacher,
+         steps):  # fmt: skip
     """Zero-shot COCO-2014 FID and CLIP score of text-to-image samples, by a named protocol."""
+    if steps is not None and network is None:
+        raise click.UsageError("--steps is for --network (a flow generator's sampling steps).")
     device = dist.init()
     try:
         if network is not None:
-            generate_images(network, teacher, captions_file, images, num, batch, device)
+            generate_images(network, teacher, captions_file, images, num, batch, device, steps)
         out = evaluate(protocol, images, captions_file, ref, detector, clip, num, batch, device, save_ref=save_ref)
     except (EvalError, ValueError, CheckpointError) as e:  # SDError is a ValueError
         raise click.ClickException(str(e)) from None

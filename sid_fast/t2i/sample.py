@@ -90,6 +90,8 @@ def generate(
 
         label = f"{steps or meta['steps']} steps from timestep {meta['init_timestep']}"
         return _write(todo, outdir, batch, latents_of, images_of, label, grid, resolution, log)
+    if steps is not None:
+        raise SDError(f"--steps {steps}: {network} is a one-step SiD-LSG generator; --steps is for flow generators.")
     unet, meta = load_unet_folder(network, device)
     unet.to(dtype)
     t_init = int(init_timestep if init_timestep is not None else meta["init_timestep"])
