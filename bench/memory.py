@@ -105,7 +105,20 @@ FLOW_CONFIGS = {
     "flux-dev": ("flux-dev-sid", dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                                       num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                                       guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
+    # 512 px: SD3-Medium at 16x64x64 latents; SANA-600M and 1.6B (Sana_{600M,1600M}_512px's transformers, 32x16x16
+    # DC-AE latents) with Gemma-2 2B (its 300 kept tokens from the instruction's ~1,300).
+    "sd3-medium-512": ("sd3-medium-sid", dict(_SD3, sample_size=64, num_layers=24, num_attention_heads=24,
+                                              caption_projection_dim=1536, pos_embed_max_size=192)),
+    "sana-600m-512": ("sana-600m-512-sid", dict(in_channels=32, out_channels=32, num_attention_heads=36,
+                                                attention_head_dim=32, num_layers=28, num_cross_attention_heads=16,
+                                                cross_attention_head_dim=72, cross_attention_dim=1152,
+                                                caption_channels=2304, mlp_ratio=2.5, sample_size=16, patch_size=1)),
+    "sana-1600m-512": ("sana-1600m-512-sid", dict(in_channels=32, out_channels=32, num_attention_heads=70,
+                                                  attention_head_dim=32, num_layers=20, num_cross_attention_heads=20,
+                                                  cross_attention_head_dim=112, cross_attention_dim=2240,
+                                                  caption_channels=2304, mlp_ratio=2.5, sample_size=16, patch_size=1)),
 }  # fmt: skip
+SANA_INSTRUCTED_TOKENS = 1300  # about the complex human instruction's Gemma tokens + 298 (SanaPipeline's length)
 RUNGS = [
     ("reference", dict(precision="fp32")),
     ("bf16", dict(precision="bf16")),
@@ -415,6 +428,7 @@ def make_flow_trainer(config: str, batch_gpu: int, options: dict, device: str = 
 
     from sid_fast.families.flow import FlowFamily
     from sid_fast.t2i.flux import Flux
+    from sid_fast.t2i.sana import Sana
     from sid_fast.t2i.sd3 import SD3
 
     preset, tcfg = FLOW_CONFIGS[config]
@@ -423,9 +437,18 @@ def make_flow_trainer(config: str, batch_gpu: int, options: dict, device: str = 
               feed_forward_proj="gated-gelu")  # fmt: skip
     clip_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   hidden_act="quick_gelu", **clip)  # fmt: skip
-    flux = config.startswith("flux")
+    flux, sana = config.startswith("flux"), config.startswith("sana")
     with torch.device(device):
-        if flux:
+        if sana:
+            from diffusers import SanaTransformer2DModel
+            from transformers import Gemma2Config, Gemma2Model
+
+            net = SanaTransformer2DModel(**tcfg)
+            encoders = [Gemma2Model(Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                                                 num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                                                 head_dim=256, max_position_embeddings=8192))]  # fmt: skip
+            encoders[0].to(torch.bfloat16)  # the official loop's Gemma precision, whatever the rung
+        elif flux:
             net = FluxTransformer2DModel(**tcfg)
             encoders = [CLIPTextModel(CLIPTextConfig(**clip_l)), T5EncoderModel(T5Config(**t5))]
         else:
@@ -442,7 +465,11 @@ def make_flow_trainer(config: str, batch_gpu: int, options: dict, device: str = 
     encoders = [e.eval().requires_grad_(False) for e in encoders]
     net = net.eval().requires_grad_(False)
     name = f"<{config}, random weights>"
-    model = Flux(net, None, encoders, None, name, 128) if flux else SD3(net, None, encoders, None, name)
+    if sana:
+        model = Sana(net, None, encoders, None, name, "", SANA_INSTRUCTED_TOKENS)
+    else:
+        model = Flux(net, None, encoders, None, name, 128) if flux else SD3(net, None, encoders, None, name)
+    options = dict(dict(checkpointing="none"), **options)  # the presets' selective recomputation only in its rungs
     cfg = resolve_config(
         preset,
         dict(teacher=f"<{config}, random weights>", data_prompt_text="<prompts>", batch=batch_gpu * rounds,

@@ -174,3 +174,26 @@ def test_fsdp_fit_divides_the_sharded_networks_and_the_gradient_by_the_gpu_count
     # 8 GPUs: 9 GiB whole + 52 / 8 sharded = 15.5 GiB; 62.5 GiB for the phases; generator (62.5 - 1) / 2 = 30.
     assert memory.fit_batch_fsdp(rec, 80, 2, 8) == 30
     assert memory.fit_batch_fsdp(rec, 80, 2, 1) == memory.fit_batch(rec, 80, 2)
+
+
+def test_the_flow_configurations_are_the_published_models():
+    """bench.memory's DiT configurations, built on the meta device, have the published sizes (SD3-Medium 2.03 B at
+    1024 and at 512 px, SD3.5-Large 8.06 B, FLUX.1-dev 11.9 B, SANA 0.59 B and 1.6 B): a wrong width or depth would
+    change every byte the memory table reports."""
+    pytest.importorskip("diffusers")
+    from diffusers import FluxTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel
+
+    published = {"sd3-medium": (2.02, 2.04), "sd3-medium-512": (2.02, 2.04), "sd35-large": (8.05, 8.07),
+                 "flux-dev": (11.85, 11.95), "sana-600m-512": (0.59, 0.60), "sana-1600m-512": (1.55, 1.65)}  # fmt: skip
+    assert set(published) == set(memory.FLOW_CONFIGS)
+    for name, (lo, hi) in published.items():
+        cls = (
+            FluxTransformer2DModel
+            if name.startswith("flux")
+            else SanaTransformer2DModel
+            if name.startswith("sana")
+            else SD3Transformer2DModel
+        )
+        with torch.device("meta"):
+            n = sum(p.numel() for p in cls(**memory.FLOW_CONFIGS[name][1]).parameters()) / 1e9
+        assert lo <= n < hi, (name, n)

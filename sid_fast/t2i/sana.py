@@ -84,6 +84,7 @@ class Sana:
     tokenizers: list  # [its tokenizer] (None on the meta device)
     folder: Path
     instruction: str = ""
+    meta_length: int = MAX_SEQUENCE  # without tokenizers (bench.memory): the token length of an instructed prompt
     transformer_class = "diffusers.SanaTransformer2DModel"
 
     @property
@@ -104,8 +105,8 @@ class Sana:
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         """[ids [N, length]] of the prompts as the pipeline tokenises them (empty prompts: see encode_text)."""
-        if self.tokenizers is None:
-            return [torch.zeros([len(prompts), MAX_SEQUENCE], dtype=torch.long)]
+        if self.tokenizers is None:  # the meta device: an instructed prompt's length (bench.memory's estimate)
+            return [torch.zeros([len(prompts), self.meta_length], dtype=torch.long)]
         tok = self.tokenizers[0]
         tok.padding_side = "right"
         texts = [prepare(p, self.instruction) for p in prompts]
@@ -122,6 +123,7 @@ class Sana:
         if torch.device(device).type == "cuda":
             i = i.pin_memory()
         i = i.to(device, non_blocking=True)
+        # Without tokenizers (memory accounting on the meta device) the ids have no values: no padding.
         mask = (i != self.pad_id).long() if self.tokenizers is not None else torch.ones_like(i)
         states = self.text_encoders[0](i, attention_mask=mask, use_cache=False)[0]  # no KV cache: nothing decodes
         tail = i.shape[1] - MAX_SEQUENCE + 1  # the first position and the last 299 (slices: no index tensor to copy)
