@@ -516,10 +516,12 @@ PRESETS: dict[str, dict] = {
     # SANA 0.6B / 1.6B at 512 px (32x16x16 latents of its DC-AE), the official example's teacher; Gemma-2 in bf16.
     # batch-gpu 32: the whole batch of 256 in one round on 8 GPUs; bench.memory counts 330 / 203 images per 80 GB GPU
     # with selective recomputation under --fsdp x8 (267 / 92 on one GPU).
-    "sana-600m-512-sid": dict(_SID_FLOW, official_teacher="Sana_600M_512px_diffusers", resolution=16, channels=32,
-                              batch_gpu=32),
-    "sana-1600m-512-sid": dict(_SID_FLOW, official_teacher="Sana_1600M_512px_diffusers", resolution=16, channels=32,
-                               batch_gpu=32),
+    "sana-600m-512-sid": dict(
+        _SID_FLOW, official_teacher="Sana_600M_512px_diffusers", resolution=16, channels=32, batch_gpu=32
+    ),
+    "sana-1600m-512-sid": dict(
+        _SID_FLOW, official_teacher="Sana_1600M_512px_diffusers", resolution=16, channels=32, batch_gpu=32
+    ),
 }
 # Few-step SiD on the flow-matching digits teacher (sid_fast.t2i.digits_flow: an SD3 folder with 4x8x8 latents and
 # prompts such as "a handwritten seven"): the official settings (alpha 1, a four-step generator from t = 999/999 with
