@@ -235,7 +235,7 @@ class FlowFamily(Family):
             model.vae.to("cpu")
         toks = model.tokenizers or ()
         if isinstance(model, Sana) and toks:  # each line with the instruction before it, at the pipeline's length
-            self.tokens = [PromptTokens(InstructedPrompts(prompts, model.instruction), toks[0], length=model.length())]
+            self.tokens = [PromptTokens(InstructedPrompts(prompts, model.instruction), toks[0], length=model.length)]
         else:
             lengths = (CLIP_TOKENS, T5_TOKENS) if isinstance(model, Flux) else [token_length(t) for t in toks]
             self.tokens = [PromptTokens(prompts, tok, length=n) for tok, n in zip(toks, lengths)]

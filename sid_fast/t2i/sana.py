@@ -19,6 +19,7 @@ Every fault of a folder is one SanaError sentence naming the folder and the comp
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ class Sana:
     def pad_id(self) -> int:
         return int(self.tokenizers[0].pad_token_id)
 
+    @functools.cached_property
     def length(self) -> int:
         """The token length of an instructed prompt: the instruction's tokens + 300 - 2 (SanaPipeline's)."""
         return len(self.tokenizers[0].encode(self.instruction)) + MAX_SEQUENCE - 2
@@ -110,7 +112,7 @@ class Sana:
         tok = self.tokenizers[0]
         tok.padding_side = "right"
         texts = [prepare(p, self.instruction) for p in prompts]
-        return [tok(texts, padding="max_length", max_length=self.length(), truncation=True, add_special_tokens=True,
+        return [tok(texts, padding="max_length", max_length=self.length, truncation=True, add_special_tokens=True,
                     return_tensors="pt").input_ids]  # fmt: skip
 
     @torch.no_grad()
