@@ -318,22 +318,12 @@ class FlowFamily(Family):
         model = self.make_denoiser(cfg, device)._model(G_ema)
         latents = torch.cat([sample_flow(self.model, meta, prompts[i : i + b], seeds[i : i + b], device,
                                          model=model).cpu() for i in range(0, n, b)])  # fmt: skip
-        vae = self.model.vae.config  # the shift undone as decode_flow does, before decode_images' scaling
-        shift = (getattr(vae, "shift_factor", None) or 0.0) * vae.scaling_factor
-        return digits.score_images(digits.decode_images(self.model.vae, latents + shift), labels)
+        return digits.score_images(digits.decode_images(self.model.vae, latents), labels)
 
     def teacher_metric(self, key: str, cfg):
         """The teacher's value at the run's guidance kappa4, from its folder's teacher_metrics.json (the digits flow
         teacher: sid_fast.t2i.digits_flow); None when the folder has none."""
-        path = Path(self.model.folder) / digits.TEACHER_METRICS
-        try:
-            rows = json.loads(path.read_text()).get("teacher", [])
-        except (OSError, ValueError, AttributeError):
-            return None, ""
-        for row in rows:
-            if row.get("kappa") == cfg.cfg_eval_real and key in row:
-                return row[key], f"teacher, {row.get('sampler', '')}, kappa {row['kappa']:g}"
-        return None, ""
+        return digits.teacher_metric(self.model.folder, key, cfg.cfg_eval_real)
 
     def write_generator(self, folder, nets: Networks, cfg, kimg: float) -> Path:
         return save_transformer_folder(folder, nets.G_ema, overwrite=True, **generator_meta(cfg.to_json(), kimg))

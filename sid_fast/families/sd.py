@@ -32,7 +32,6 @@ selective on G too (sid_fast.perf.prepare_networks).
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -371,15 +370,7 @@ class SDFamily(Family):
     def teacher_metric(self, key: str, cfg):
         """The teacher's value at the run's guidance kappa4, from its folder's teacher_metrics.json (the digits
         teacher: sid_fast.t2i.digits); None when the folder has none."""
-        path = Path(self.sd.folder) / digits.TEACHER_METRICS
-        try:
-            rows = json.loads(path.read_text()).get("teacher", [])
-        except (OSError, ValueError, AttributeError):
-            return None, ""
-        for row in rows:
-            if row.get("kappa") == cfg.cfg_eval_real and key in row:
-                return row[key], f"teacher, {row.get('sampler', '')}, kappa {row['kappa']:g}"
-        return None, ""
+        return digits.teacher_metric(self.sd.folder, key, cfg.cfg_eval_real)
 
     @classmethod
     def export(cls, state: dict, state_path, out, overwrite: bool) -> Path:

@@ -312,16 +312,31 @@ def write_index_and_scheduler(folder, scheduler) -> None:
 
 @torch.no_grad()
 def decode_images(vae, latents: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """Images [N, 1, 8, 8] in [-1, 1] (fp32, CPU) of latents, by the VAE (latents / scaling_factor)."""
+    """Images [N, 1, 8, 8] in [-1, 1] (fp32, CPU) of latents, by the VAE (latents / scaling_factor + shift_factor,
+    the latter where the VAE has one, as SD3's)."""
     dev = next(vae.parameters()).device
+    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
     out = [
-        vae.decode(latents[i : i + batch].to(dev, torch.float32) / vae.config.scaling_factor).sample.float().cpu()
+        vae.decode(latents[i : i + batch].to(dev, torch.float32) / scale + shift).sample.float().cpu()
         for i in range(0, len(latents), batch)
     ]
     return torch.cat(out).clamp(-1, 1)
 
 
 @torch.no_grad()
+def teacher_metric(folder, key: str, kappa: float) -> tuple[float | None, str]:
+    """(value, label) of a digits teacher's metric at guidance kappa from its folder's teacher_metrics.json; (None,
+    "") when the folder has none."""
+    try:
+        rows = json.loads((Path(folder) / TEACHER_METRICS).read_text()).get("teacher", [])
+    except (OSError, ValueError, AttributeError):
+        return None, ""
+    for row in rows:
+        if row.get("kappa") == kappa and key in row:
+            return row[key], f"teacher, {row.get('sampler', '')}, kappa {row['kappa']:g}"
+    return None, ""
+
+
 def score_images(images: torch.Tensor, digits: torch.Tensor) -> dict[str, float]:
     """{"fd_digits": FD-digits against all digits, "prompt_acc": share classified as the prompt's digit}."""
     net = load_feature_net()

@@ -223,7 +223,7 @@ def main():
 
 @main.command("build")
 @click.option("--out", default=None, metavar="DIR", help="[default: the bundled sid_fast/assets/digits-flow]")
-@click.option("--steps", type=click.IntRange(min=1), default=4000, show_default=True, help="Training steps")
+@click.option("--steps", type=click.IntRange(min=1), default=5000, show_default=True, help="Training steps")
 @click.option("--batch", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -56,9 +56,7 @@ def evaluate_snapshot(snap: Path, teacher: str, steps: int, num: int) -> dict:
     seeds = list(range(10_000_000, 10_000_000 + num))
     latents = torch.cat([sample_flow(kind, meta, prompts[i : i + 500], seeds[i : i + 500], "cpu", steps)
                          for i in range(0, num, 500)])  # fmt: skip
-    vae = kind.vae.config
-    shift = (getattr(vae, "shift_factor", None) or 0.0) * vae.scaling_factor
-    return digits.score_images(digits.decode_images(kind.vae, latents + shift), labels)
+    return digits.score_images(digits.decode_images(kind.vae, latents), labels)
 
 
 def teacher_rows(teacher: str) -> dict[float, dict]:
