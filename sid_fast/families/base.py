@@ -80,6 +80,7 @@ class SiDASupport:
 
     fake_grad_clip: float | None
     edm2_rules: bool
+    latent_pairs: bool = False  # real data are latent/caption pairs (sid_fast.training.sida.FlowSiDATrainer)
 
 
 def fitted_generator(cfg, teacher_state: dict, generator_state: dict, what: str, skip=None) -> dict:

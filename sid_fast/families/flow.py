@@ -36,10 +36,10 @@ import torch
 
 from sid_fast import checkpoints
 from sid_fast.data.prompts import PromptError, read_prompts
-from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks
+from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks, SiDASupport
 from sid_fast.flags import ConfigError
 from sid_fast.storage import atomic_folder, atomic_write_text
-from sid_fast.t2i import digits, export, flow
+from sid_fast.t2i import digits, export, flow, pairs
 from sid_fast.t2i.flux import CLIP_TOKENS, T5_TOKENS, Flux, FluxError, is_flux_folder, load_flux
 from sid_fast.t2i.sana import InstructedPrompts, Sana, SanaError, is_sana_folder, load_sana
 from sid_fast.t2i.sd3 import SD3, SD3Error, is_sd3_folder, load_sd3, token_length
@@ -60,10 +60,11 @@ class FlowDenoiser:
     aug_dim = 0
     multistep = True  # the trainer passes this iteration's step count and the micro-batch's generator to `generate`
 
-    def __init__(self, cfg, kind, uncond: dict, device):
+    def __init__(self, cfg, kind, uncond: dict, device, tap: flow.PooledTokens | None = None):
         """kind: the teacher's folder object (sid_fast.t2i.sd3.SD3, sid_fast.t2i.flux.Flux): how its transformer is
-        called (`velocity_model`) and its latents' shape."""
-        self.cfg, self.kind, self.uncond, self.device = cfg, kind, uncond, device
+        called (`velocity_model`) and its latents' shape; `tap`: the fake network's discriminator logits (--method
+        sida)."""
+        self.cfg, self.kind, self.uncond, self.device, self.tap = cfg, kind, uncond, device, tap
         self.channels, self.resolution = kind.latent_channels, kind.latent_resolution
         self.autocast = torch.bfloat16 if cfg.precision == "bf16" else None
 
@@ -109,14 +110,29 @@ class FlowDenoiser:
         return flow.x0_from_v(x_t, self.guided(call, x_t, t, cond, self.cfg.cfg_eval_real), t)
 
     def fake(self, call, x_t, t, cond, aug=None, return_flag=None, training=False) -> FakeOutput:
-        """Training (its own phase): the velocity with kappa1; otherwise the x0-prediction with kappa2."""
-        if return_flag is not None:
-            raise ValueError(
-                "the data-aided variant (a discriminator in the fake score) is not built for flow-matching teachers."
-            )
+        """Training (its own phase): the velocity with kappa1; otherwise the x0-prediction with kappa2. With
+        return_flag "encoder_decoder" (the data-aided variant) also the discriminator logits of the same call, from
+        its conditional half (official sid_dit_denoise)."""
+        kappa = self.cfg.cfg_train_fake if training else self.cfg.cfg_eval_fake
+        logits = None
+        if return_flag is None:
+            v = self.guided(call, x_t, t, cond, kappa)
+        elif return_flag == "encoder_decoder" and self.tap is not None:
+            with self.tap:
+                v = self.guided(call, x_t, t, cond, kappa)
+            logits = self.tap.take(guided=kappa != 1)
+        else:
+            raise ValueError(f"return_flag {return_flag!r}: the fake network's logits need --method sida.")
         if training:
-            return FakeOutput(D=None, raw=self.guided(call, x_t, t, cond, self.cfg.cfg_train_fake))
-        return FakeOutput(D=flow.x0_from_v(x_t, self.guided(call, x_t, t, cond, self.cfg.cfg_eval_fake), t))
+            return FakeOutput(D=None, raw=v, logits=logits)
+        return FakeOutput(D=flow.x0_from_v(x_t, v, t), logits=logits)
+
+    def discriminator_logits(self, call, x_t, t, cond, aug=None) -> torch.Tensor:
+        """The logits of real latents: one conditional call, without guidance (official return_flag "encoder"; a
+        FLUX transformer's guidance embedding gets kappa1, as in the fake branch)."""
+        with self.tap:
+            self._model(call, self.cfg.cfg_train_fake)(x_t, t, cond)
+        return self.tap.take(guided=False)
 
     def fake_loss_sum(self, out: FakeOutput, y, eps, t):
         rows, ok = flow.fake_loss_rows(out.raw, y, eps)
@@ -126,6 +142,26 @@ class FlowDenoiser:
         w = flow.weight(self.cfg.weighting, level, x_g, y_real)
         rows, ok = flow.generator_loss_rows(x_g, y_real, out.D, w, alpha)
         return rows.sum(), ok
+
+    def data_aided_fake_loss_sums(self, out: FakeOutput, logits_real, y, eps):
+        """(summed flow-matching loss, summed discriminator loss, [N] rows kept) of a data-aided fake-phase micro-batch
+        (sid_fast.training.sida.FlowSiDATrainer): rows with a NaN in v or either branch's logits leave both terms."""
+        rows, ok = flow.fake_loss_rows(out.raw, y, eps)
+        ok = ok & ~(out.logits.isnan().flatten(1).any(1) | logits_real.isnan().flatten(1).any(1))
+        loss_D = flow.discriminator_loss_rows(logits_real, out.logits, ok, y[0].numel())
+        return torch.where(ok, rows, torch.zeros_like(rows)).sum(), loss_D.sum(), ok
+
+    def data_aided_generator_loss_sums(self, x_g, y_real, out: FakeOutput, alpha: float, level):
+        """(summed SiD term, summed GAN term, [N] rows kept) of a data-aided generator micro-batch; the GAN term is
+        zero when `out` has no logits (before --sida-gan-start-kimg). A NaN logit drops its row from both terms (the
+        official mask)."""
+        w = flow.weight(self.cfg.weighting, level, x_g, y_real)
+        rows, ok = flow.generator_loss_rows(x_g, y_real, out.D, w, alpha)
+        if out.logits is None:
+            return rows.sum(), torch.zeros((), device=x_g.device), ok
+        ok = ok & ~out.logits.isnan().flatten(1).any(1)
+        loss_gan = flow.gan_loss_rows(out.logits, w, ok, x_g[0].numel())
+        return torch.where(ok, rows, torch.zeros_like(rows)).sum(), loss_gan.sum(), ok
 
     def begin_phase(self, net) -> None:
         pass
@@ -146,6 +182,9 @@ class FlowFamily(Family):
     fields = ("resolution", "channels", "init_timestep", "generator_steps", "noise_type", "weighting",
               "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")  # fmt: skip
     folder_files = FOLDER_FILES
+    # The data-aided variant (official --train_diffusiongan 1): no clipping of the fake network's gradients (the
+    # official AMP mode clips only without autocast), one NaN rule; real data are latent/caption pairs.
+    sida = SiDASupport(fake_grad_clip=None, edm2_rules=False, latent_pairs=True)
 
     @classmethod
     def claims(cls, cfg) -> bool:
@@ -167,10 +206,13 @@ class FlowFamily(Family):
         for flag, bad, shown, why in (
             ("--precision", cfg.precision not in ("fp32", "bf16"), cfg.precision,
              "flow-matching teachers run in fp32 or bf16 (autocast with fp32 master weights)"),
-            ("--method", cfg.method != "sid", cfg.method,
-             "the data-aided variant (a discriminator in the fake score) is not built for flow-matching teachers"),
-            ("--data", cfg.data is not None, cfg.data, "SiD on flow matching is data-free: prompts come from "
-             "--data-prompt-text"),
+            ("--data", cfg.data is not None and cfg.method != "sida", cfg.data, "SiD on flow matching is data-free "
+             "(prompts come from --data-prompt-text); real latent/caption pairs are read by --method sida"),
+            ("--data-prompt-text", cfg.method == "sida" and cfg.data_prompt_text is not None, cfg.data_prompt_text,
+             "with --method sida every phase draws its prompts from the captions of --data's pairs (as the official "
+             "data-aided loop); leave it out"),
+            ("--xflip", cfg.method == "sida" and cfg.xflip, cfg.xflip, "a mirrored image's latents are not the "
+             "mirrored latents; give mirrored images to sid_fast.t2i.pairs build instead"),
             ("--metrics", cfg.metrics not in ("none", "fd-digits"), cfg.metrics, "FID and CLIP of flow-matching "
              "generators are computed apart (python -m sid_fast.t2i.evaluate); give --metrics none"),
             ("--augment", cfg.augment > 0, cfg.augment, "EDM's augmentation is not built for latents"),
@@ -183,7 +225,7 @@ class FlowFamily(Family):
         ):  # fmt: skip
             if bad:
                 raise ConfigError(f"{flag} {shown}: {why}.")
-        if cfg.data_prompt_text is None:
+        if cfg.data_prompt_text is None and cfg.method != "sida":
             raise ConfigError(
                 f"--data-prompt-text is required with the flow-matching teacher {cfg.teacher}: a text file of prompts, "
                 "one per line (the official runs use midjourney-v6-llava or Aesthetics 6+ captions, never COCO's)."
@@ -193,10 +235,11 @@ class FlowFamily(Family):
 
     @classmethod
     def load(cls, cfg, device) -> FlowFamily:
-        try:
-            prompts = read_prompts(cfg.data_prompt_text)
-        except PromptError as e:
-            raise ConfigError(f"--data-prompt-text {e}") from None
+        if cfg.method != "sida":
+            try:
+                prompts = read_prompts(cfg.data_prompt_text)
+            except PromptError as e:
+                raise ConfigError(f"--data-prompt-text {e}") from None
         text_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         try:
             if is_flux_folder(cfg.teacher):
@@ -221,14 +264,28 @@ class FlowFamily(Family):
                     f"--metrics fd-digits: the teacher {cfg.teacher} makes {vae.out_channels}x{size}x{size} images, "
                     "not 8x8 digits (FD-digits and prompt accuracy are for the digits teacher, preset digits-flow)."
                 )
-        return cls(cfg, device, model, prompts)
+        real = None
+        if cfg.method == "sida":
+            try:
+                real = pairs.open_pairs(cfg.data, model.vae)
+            except pairs.PairsError as e:
+                raise ConfigError(str(e)) from None
+            if real.latent_shape != [c, r, r]:
+                raise ConfigError(
+                    f"--data {cfg.data}: pairs of {'x'.join(map(str, real.latent_shape))} latents, the teacher makes "
+                    f"{c}x{r}x{r}."
+                )
+            prompts = real.captions
+        return cls(cfg, device, model, prompts, real_data=real)
 
-    def __init__(self, cfg, device, model: SD3 | Flux, prompts):
+    def __init__(self, cfg, device, model: SD3 | Flux, prompts, real_data: pairs.PairDataset | None = None):
         """From loaded parts (tests bring their own): the text encoders on the device, the VAE on the CPU, the empty
         prompt's conditioning once; each prompt line tokenised once per run (SD3: 77 tokens for all three tokenizers,
         fewer where a tokenizer's model_max_length is shorter; FLUX: 77 for CLIP, 512 for T5)."""
         self.model, self.prompts, self.device = model, prompts, device
-        self.prompt_file = cfg.data_prompt_text
+        self.real_data = real_data  # --method sida: latent/caption pairs; every phase's prompts are their captions
+        self.prompt_file = cfg.data_prompt_text if real_data is None else f"the captions of {cfg.data}"
+        self.tap = flow.PooledTokens()  # the fake network's discriminator logits, attached with --method sida
         for enc in model.text_encoders:
             enc.to(device)
         if model.vae is not None:
@@ -251,15 +308,26 @@ class FlowFamily(Family):
         G = copy.deepcopy(teacher).train().requires_grad_(True)
         fake = copy.deepcopy(teacher).train().requires_grad_(True)
         G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+        if cfg.method == "sida":
+            self.tap.attach(fake)  # after the copies: a hook is copied with its module
         kwargs = transformer_config(teacher)
         return Networks(teacher, G, fake, G_ema, self.model.transformer_class, kwargs, kwargs, kwargs)
 
     def make_denoiser(self, cfg, device):
-        return FlowDenoiser(cfg, self.model, self.uncond, device)
+        return FlowDenoiser(cfg, self.model, self.uncond, device, tap=self.tap if cfg.method == "sida" else None)
 
     # Conditioning.
     def encode_prompts(self, prompts: list[str]) -> dict:
         return self._embeddings(self.model.encode_text(prompts, self.device))
+
+    def real_inputs(self, raw, idx, generator):
+        """--method sida: (latents of the pairs' raw posteriors on the device, drawn from `generator`, the conditioning
+        of their captions `idx`)."""
+        return pairs.draw_latents(raw, self.real_data.meta, generator), self.encode_lines(idx)
+
+    def encode_lines(self, idx) -> dict:
+        """The conditioning of prompt lines `idx` (numpy int array; with --method sida the pairs' captions)."""
+        return self._embeddings(self.model.encode_ids([t.ids(idx) for t in self.tokens], self.device))
 
     def _embeddings(self, cond: dict) -> dict:
         """The text encoders' outputs in the run's default float dtype (bf16 encoders: their outputs widened)."""
@@ -276,7 +344,7 @@ class FlowFamily(Family):
         else:
             host = torch.Generator().manual_seed(g.initial_seed())
             idx = torch.randint(len(self.prompts), [n], generator=host).numpy()
-            ids = [t.ids(idx) for t in self.tokens]
+            return z, self.encode_lines(idx)
         return z, self._embeddings(self.model.encode_ids(ids, self.device))
 
     def conditioning(self) -> str:
@@ -288,6 +356,13 @@ class FlowFamily(Family):
             f"{cfg.init_timestep}/999 ({cfg.noise_type} re-noising), t = sigmoid(N(log 2, 1.6^2)), w(t) "
             f"{cfg.weighting}, guidance kappa1 {cfg.cfg_train_fake:g} / kappa2 {cfg.cfg_eval_fake:g} / kappa4 "
             f"{cfg.cfg_eval_real:g}"
+            + (
+                f"; data-aided (the fake network's pooled final tokens as discriminator): lsd {cfg.lsd:g}, lsg_gan "
+                f"{cfg.lsg_gan:g}, generator steps after {cfg.sida_g_start_kimg:g} kimg, GAN term after "
+                f"{cfg.sida_gan_start_kimg:g} kimg"
+                if cfg.method == "sida"
+                else ""
+            )
         )
 
     # Outputs.
@@ -540,5 +615,28 @@ PRESETS["digits-flow"] = dict(
     cfg_train_fake=1.5,
     cfg_eval_fake=1.5,
     cfg_eval_real=1.5,
+)
+# The data-aided variant (official --train_diffusiongan 1; released "SiDA" generators of SANA-0.6B, SD3-Medium and
+# SD3.5-Large): the SiD settings plus lsd 1 and lsg_gan 1, no generator step before 20k images and the GAN term from
+# 40k (official sid_dit_*_training_loop.py); real latent/caption pairs from --data (the official runs use
+# midjourney-v6-llava, whose README warns to use the GAN only where the real images beat the distilled ones). The
+# fake phase runs one more fake-network forward (the real branch, B rows, kept for backward): the batch per GPU of
+# the SiD presets is kept; bench.memory has not counted this variant.
+_SIDA_FLOW = dict(
+    method="sida",
+    lsd=1.0,
+    lsg_gan=1.0,
+    sida_g_start_kimg=20.0,
+    sida_gan_start_kimg=40.0,
+    official_data="image/caption pairs (the official runs: brivangl/midjourney-v6-llava) encoded by the teacher's VAE "
+    "with python -m sid_fast.t2i.pairs build",
+)
+for _name in ("sana-600m-512-sid", "sd3-medium-sid", "sd35-large-sid"):
+    PRESETS[_name + "a"] = dict(PRESETS[_name], **_SIDA_FLOW)
+# On the digits-flow teacher: the bundled digits as pairs (--data digits: encoded by the teacher's VAE when the run
+# starts, captions from its prompts), the generator from 1 kimg and the GAN term from 2 kimg (the official 20k and 40k
+# images are 1-4% of its 1-2 Mimg runs; these are 6% and 12% of the digits preset's 16 kimg).
+PRESETS["digits-flow-sida"] = dict(PRESETS["digits-flow"], **_SIDA_FLOW, data="digits", data_prompt_text=None) | dict(
+    official_data=None, sida_g_start_kimg=1.0, sida_gan_start_kimg=2.0
 )
 FID_REFS: dict[str, str] = {}

@@ -176,3 +176,66 @@ def generate(model, z, cond, init_timestep: int, steps: int, run: int | None = N
 
 
 assert math.isclose(LOGIT_MEAN, math.log(2), rel_tol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data-aided variant (official `--train_diffusiongan 1`; training/transformer_with_encoder*.py and the GAN terms of
+# sid_dit_*_training_loop.py): the fake network is also the discriminator, with no parameter of its own.
+
+GAN_LOGIT_CLAMP = 10.0
+
+
+class PooledTokens:
+    """The fake network's discriminator logits: the final tokens after its `norm_out` (the adaLN before `proj_out`),
+    averaged over tokens, [N, hidden], each channel a logit (official `spatial_pooling`). A forward hook on `norm_out`
+    that records only inside `with tap:`; the transformer's forward is diffusers' own."""
+
+    def __init__(self):
+        self.handle, self.out, self._on = None, None, False
+
+    def attach(self, net: torch.nn.Module) -> None:
+        norm = getattr(net, "norm_out", None)
+        if norm is None:
+            raise ValueError(f"{type(net).__name__} has no norm_out, where the data-aided variant reads its logits.")
+        self.handle = norm.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self._on:
+            self.out = output.mean(dim=1)
+
+    def __enter__(self):
+        if self.handle is None:
+            raise RuntimeError("PooledTokens: not attached to the fake network.")
+        self._on, self.out = True, None
+        return self
+
+    def __exit__(self, *exc):
+        self._on = False
+
+    def take(self, guided: bool) -> torch.Tensor:
+        """The logits of the last call: its conditional half when the call ran the doubled batch [uncond, cond]."""
+        out, self.out = self.out, None
+        return out.chunk(2)[1] if guided else out
+
+
+def bce_mean(logits: torch.Tensor, target: float) -> torch.Tensor:
+    """[N]: mean over channels of BCE-with-logits(clamp(logits, -10, 10), target), in float32 at least."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)).clamp(-GAN_LOGIT_CLAMP, GAN_LOGIT_CLAMP)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(x, torch.full_like(x, target), reduction="none")
+    return bce.flatten(1).mean(1)
+
+
+def discriminator_loss_rows(logits_real, logits_fake, ok, numel: int) -> torch.Tensor:
+    """[N]: (BCE_mean(real, 1) + BCE_mean(fake, 0)) / 2 times the latent size C*H*W (official: no t-weight), zero
+    where not `ok` (masked before the loss: a NaN row sends no NaN gradient back)."""
+    real, fake = (torch.where(_col(ok, x), x, torch.zeros_like(x)) for x in (logits_real, logits_fake))
+    rows = (bce_mean(real, 1.0) + bce_mean(fake, 0.0)) / 2 * numel
+    return torch.where(ok, rows, torch.zeros_like(rows))
+
+
+def gan_loss_rows(logits, w, ok, numel: int) -> torch.Tensor:
+    """[N]: the generator's GAN term BCE_mean(fake, 1) times w(t) of --weighting and C*H*W, zero where not `ok`."""
+    logits = torch.where(_col(ok, logits), logits, torch.zeros_like(logits))
+    w = w.reshape(-1).to(torch.promote_types(w.dtype, torch.float32))
+    rows = bce_mean(logits, 1.0) * torch.where(ok, w, torch.zeros_like(w)) * numel
+    return torch.where(ok, rows, torch.zeros_like(rows))

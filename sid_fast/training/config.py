@@ -212,8 +212,8 @@ DOMAINS: dict[str, Domain] = {
     "lsd": Domain(float, 0, 1e6, hint="SiDA uses 1 or 100"),
     "lsg_gan": Domain(float, 0, 1e6, hint="SiDA uses 0.01"),
     "workers": Domain(int, 0, 1024),
-    "sida_g_start_kimg": Domain(float, 0, 1e9, hint="official 100"),
-    "sida_gan_start_kimg": Domain(float, 0, 1e9, hint="official 200"),
+    "sida_g_start_kimg": Domain(float, 0, 1e9, hint="official 100; 20 on flow-matching teachers"),
+    "sida_gan_start_kimg": Domain(float, 0, 1e9, hint="official 200; 40 on flow-matching teachers"),
     "batch": Domain(int, 1, 2**24),
     "batch_gpu": Domain(int, 1, 2**24),
     "lr": Domain(float, 0, 1, lo_open=True, hint="SiD uses 1e-5"),
@@ -383,9 +383,11 @@ def _validate_sida(cfg: TrainConfig) -> None:
     if cfg.method == "sida" and cfg.data is None:
         raise ConfigError(
             "--method sida trains its discriminator on real images: give --data (an EDM dataset, zip or "
-            "folder, of the teacher's resolution and channels"
+            "folder, of the teacher's resolution and channels; for flow-matching teachers a pairs folder of "
+            "sid_fast.t2i.pairs"
             + (
-                f"; this preset's: {cfg.official_data}, made with sid_fast.data.dataset_tool"
+                f"; this preset's: {cfg.official_data}"
+                + ("" if "python -m" in cfg.official_data else ", made with sid_fast.data.dataset_tool")
                 if cfg.official_data
                 else ""
             )

@@ -19,7 +19,7 @@ from sid_fast.families import Family, TeacherSpec
 from sid_fast.training.config import ConfigError, TrainConfig, check_world, identity_differences
 from sid_fast.training.rundir import RunLock, RunLocked, outdir_lock, remove_stale_temporaries, rewind_records
 from sid_fast.training.sid import SiDTrainer, TrainingAborted
-from sid_fast.training.sida import SiDATrainer
+from sid_fast.training.sida import FlowSiDATrainer, SiDATrainer
 from sid_fast.training.state import list_states
 from sid_fast.training.tickstats import Logger
 from sid_fast.training.trackers import make_tracker
@@ -57,7 +57,9 @@ def build_trainer(
             raise
         failure = ("ConfigError", f"loading the run's inputs failed: {type(e).__name__}: {e}")
     agree_or_raise(failure)
-    method = SiDATrainer if cfg.method == "sida" else SiDTrainer
+    method = SiDTrainer
+    if cfg.method == "sida":
+        method = FlowSiDATrainer if family.sida is not None and family.sida.latent_pairs else SiDATrainer
     return method(cfg, device, family, run_dir=run_dir, log=log)
 
 

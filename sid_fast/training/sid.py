@@ -60,8 +60,9 @@ class SiDTrainer:
     and checks the teacher and the data.
 
     Hooks for methods that extend SiD (SiDA, sid_fast.training.sida): `fake_phase_inputs` (what a fake-score
-    micro-batch starts from), `fake_phase_loss` and `generator_loss` (the loss of one micro-batch of each phase),
-    `fake_grad_clip`; a subclass may also decide whether the generator phase runs (see SiDATrainer.generator_phase)."""
+    micro-batch starts from), `prepare_real`, `fake_phase_loss` and `generator_loss` (the loss of one micro-batch of
+    each phase), `fake_grad_clip`; a subclass may also decide whether the generator phase runs (see
+    SiDATrainer.generator_phase)."""
 
     fake_grad_clip: float | None = None  # elementwise clipping of the fake score's gradients (SiDA on EDM)
 
@@ -224,6 +225,11 @@ class SiDTrainer:
         z, cond = self.draw_z_cond(g, fake_phase=True)
         return z, cond, None
 
+    def prepare_real(self, real, g):
+        """The real batch as fake_phase_loss reads it: (images, augment labels), augmented with a draw from `g` after
+        the fake batch's (SiDA on EDM)."""
+        return self.augment(real, g)
+
     def fake_phase_loss(self, y, aug, noise, level, cond, real):
         """(loss to backpropagate, statistics) of one fake-score micro-batch: EDM's loss of the fake score on the
         generated y (official sid_loss.py), summed, times ls / batch_gpu_total."""
@@ -247,7 +253,7 @@ class SiDTrainer:
                 x_g = self.generate(self.calls.G_eval, z, cond, g)
             level = self.denoiser.fake_level(b, g)
             y, aug = self.augment(x_g, g)
-            real = None if real is None else self.augment(real, g)  # an independent draw, after the fake one
+            real = None if real is None else self.prepare_real(real, g)
             eps = torch.randn(y.shape, device=self.device, generator=g)
             noise = self.denoiser.noise(level, eps)  # shared by real and fake
             with self.par.no_sync(self.par.fake_dist, rnd):

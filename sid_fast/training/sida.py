@@ -39,6 +39,7 @@ from sid_fast.training.config import ConfigError
 from sid_fast.training.sid import SiDTrainer
 
 REAL_LATENTS = 2  # the generator stream of the draws that turn stored latents (mean, std) into samples
+REAL_PAIRS = 3  # the same for latent/caption pairs (2 is also the hash of a few-step generator's k)
 
 
 class RealImages(torch.utils.data.Dataset):
@@ -126,6 +127,10 @@ class SiDATrainer(SiDTrainer):
         first = it * self.cfg.batch + (self.rank * self.rounds + rnd) * self.cfg.batch_gpu
         assert int(ks[0]) == first, (int(ks[0]), first)  # the stream and the trainer agree on the samples
         self._loader_pos = (it, rnd + 1) if rnd + 1 < self.rounds else (it + 1, 0)
+        return self._real_inputs(img, labels, rnd)
+
+    def _real_inputs(self, img, labels, rnd: int):
+        """(images or latents on the device, one-hot labels or None) of the loader's batch."""
         if self.real_latents:
             x = encode_latents(img.to(self.device, non_blocking=True), self.micro_batch_rng(REAL_LATENTS, rnd))
         else:
@@ -222,3 +227,61 @@ def per_exp_u(rows: torch.Tensor, u: torch.Tensor, ok: torch.Tensor) -> torch.Te
     u = u.reshape(-1, 1, 1, 1)
     u = u if u.dtype == torch.float64 else u.float()
     return torch.where(m, rows / torch.where(m, u, 0).exp(), 0)
+
+
+class FlowSiDATrainer(SiDATrainer):
+    """The data-aided variant on flow-matching teachers (ml-sid-dit `--train_diffusiongan 1`,
+    training/sid_dit_sd3_training_loop.py; the family: sid_fast.families.flow). The fake network is the discriminator:
+    its final tokens after norm_out, averaged over tokens, one logit per channel (sid_fast.t2i.flow.PooledTokens).
+    Real data are latent/caption pairs (--data, sid_fast.t2i.pairs), read in SiDA's fixed global order; every phase
+    draws its prompts from the pairs' captions.
+      1. fake-network step: x_g from G (k of its K steps) on drawn captions; one t and one eps shared by the generated
+         and the real branch; the flow-matching loss of kappa1's velocity on x_g with the logits of the same call's
+         conditional half, and the logits of the real latent x_t (one conditional call, its own caption):
+         loss = sum ||v - (eps - x_g)||^2 * ls / B + sum C*H*W (BCE_mean(real, 1) + BCE_mean(fake, 0)) / 2 * lsd / B,
+         logits clamped to +-10, BCE averaged over channels, no t-weight.
+      2. generator step after --sida-g-start-kimg (official 20k images): SiD's loss; after --sida-gan-start-kimg
+         (40k) 0.5 SiD + 0.5 GAN with GAN = sum C*H*W w(t) BCE_mean(logits of x_t, 1) * lsg_gan / B, the logits from
+         the fake network's kappa2 call that gives y_fake.
+    Where it differs from the official loop: rows with a NaN in any of v, x_g or either branch's logits leave both
+    terms of the fake phase (the official drops NaN rows of the generated branch only, and then adds tensors of
+    different lengths); the real branch conditions on its caption's own pooled embedding (the official precomputed
+    mode pairs SD3's real text embedding with the generated branch's pooled one); captions are drawn uniformly with
+    replacement (the official iterates a shuffled shard); during the first --sida-g-start-kimg the generator phase is
+    skipped (the official runs it and discards its gradients)."""
+
+    def fake_phase_inputs(self, rnd: int, g):
+        """(z, the conditioning of drawn captions, (real latents, their captions' conditioning)): the generated
+        branch's captions are drawn from `g` as SiD's, apart from the real pairs (official: two streams)."""
+        real = self._real_batch(rnd)
+        z, cond = self.draw_z_cond(g, fake_phase=True)
+        return z, cond, real
+
+    def prepare_real(self, real, g):
+        return real  # (latents, conditioning): no augmentation of latents
+
+    def _real_inputs(self, raw, idx, rnd: int):
+        """(real latents drawn afresh from their posterior, the conditioning of their captions): the family's."""
+        return self.family.real_inputs(raw.to(self.device, non_blocking=True), idx.numpy(),
+                                       self.micro_batch_rng(REAL_PAIRS, rnd))  # fmt: skip
+
+    def fake_phase_loss(self, y, aug, noise, level, cond, real):
+        cfg, den = self.cfg, self.denoiser
+        x_real, cond_real = real
+        out = den.fake(self.calls.fake_train, den.noisy(y, noise, level), level, cond, training=True,
+                       return_flag="encoder_decoder")  # fmt: skip
+        logits_real = den.discriminator_logits(self.calls.fake_train, den.noisy(x_real, noise, level), level, cond_real)
+        loss_fake, loss_D, ok = den.data_aided_fake_loss_sums(out, logits_real, y, noise)
+        stats = dict(
+            loss_fake=loss_fake.detach(), loss_D=loss_D.detach(), rows_fake=ok.sum(), nan_samples_fake=(~ok).sum()
+        )
+        return (loss_fake * cfg.ls + loss_D * cfg.lsd) / self.batch_gpu_total, stats
+
+    def generator_loss(self, x_g, x_t, level, cond, y_real):
+        cfg, den = self.cfg, self.denoiser
+        w_sid, w_gan = self._gan_weights
+        out = den.fake(self.calls.fake_eval, x_t, level, cond, return_flag="encoder_decoder" if w_gan > 0 else None)
+        loss_sid, loss_gan, ok = den.data_aided_generator_loss_sums(x_g, y_real, out, cfg.alpha, level)
+        total = w_sid * cfg.lsg * loss_sid + w_gan * cfg.lsg_gan * loss_gan
+        stats = dict(loss_G=loss_sid.detach(), loss_G_gan=loss_gan.detach(), rows_G=ok.sum(), nan_samples_G=(~ok).sum())
+        return total / self.batch_gpu_total, stats

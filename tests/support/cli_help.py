@@ -44,6 +44,7 @@ TOOLS = {
     "t2i-digits-evaluate": ["-m", "sid_fast.t2i.digits", "evaluate"],
     "t2i-digits-flow-build": ["-m", "sid_fast.t2i.digits_flow", "build"],
     "t2i-digits-flow-evaluate": ["-m", "sid_fast.t2i.digits_flow", "evaluate"],
+    "t2i-pairs-build": ["-m", "sid_fast.t2i.pairs", "build"],
     "bench-kernels": ["-m", "bench.kernels"],
     "bench-train_step": ["-m", "bench.train_step"],
     "bench-memory": ["-m", "bench.memory"],
