@@ -84,7 +84,9 @@ def test_presets_come_from_the_families_and_are_a_base_plus_changes():
             over["sid_model"] = "g.pkl"
         if PRESETS[name].get("metrics") not in ("none", "fd-digits"):
             over["data_stat"] = "ref.npz"
-        if name.startswith(("sd", "flux", "sana")) or name in ("digits-lsg", "digits-flow"):  # prompts, no --data
+        if PRESETS[name].get("method") == "sida" and owner[name].endswith(".flow"):  # pairs: captions, no prompts
+            over.pop("data_prompt_text", None)
+        elif name.startswith(("sd", "flux", "sana")) or name in ("digits-lsg", "digits-flow"):  # prompts, no --data
             over.pop("data", None)
         else:
             over.pop("data_prompt_text", None)
