@@ -198,6 +198,16 @@ class CaptureGuard:
     # Use.
     def __enter__(self):
         CaptureGuard._local.active = self
+        # torch.from_numpy is not seen by a TorchFunctionMode (torch.overrides ignores it): wrapped while the guard is
+        # active, its tensors (token ids of a memory-mapped token file) are host tensors like the tokenizer's.
+        self._from_numpy = torch.from_numpy
+
+        def from_numpy(*args, **kwargs):
+            out = self._from_numpy(*args, **kwargs)
+            self._host[id(out)] = out
+            return out
+
+        torch.from_numpy = from_numpy
         for m in self._modes:
             m.__enter__()
         return self
@@ -205,6 +215,7 @@ class CaptureGuard:
     def __exit__(self, *exc):
         for m in reversed(self._modes):
             m.__exit__(*exc)
+        torch.from_numpy = self._from_numpy
         CaptureGuard._local.active = None
         return False
 

@@ -35,6 +35,8 @@ PLANTED = {
     "torch.tensor of host data (list) on cpu": lambda x: torch.tensor([1.0, 2.0], device=x.device),
     "to(meta) of a host tensor": lambda x: x.to("meta"),
     "to(cpu) of a host tensor": lambda x: torch.tensor([1, 2]).to(torch.device("cpu")),  # a host batch, blocking
+    # Token ids of a memory-mapped token file (sid_fast.t2i.tokens) copied to the device without non_blocking.
+    "to(cpu) of a host tensor without pinned": lambda x: torch.from_numpy(np.zeros(2)).to(torch.device("cpu")),
     "randn from a CPU generator into meta": lambda x: torch.randn(3, generator=torch.Generator(), device="meta"),
 }
 
@@ -55,6 +57,8 @@ def test_what_a_graph_and_an_asynchronous_host_survive_is_not_a_finding():
         ids = torch.tensor([[3, 4]])  # host work (a tokenizer's ids, a DataLoader batch): free to read ...
         assert ids.tolist() == [[3, 4]] and int(ids[0, 0]) == 3
         ids.to(torch.device("cpu"), non_blocking=True)  # ... and copied without blocking
+        mapped = torch.from_numpy(np.arange(4))  # ids of a token file: host too (torch.overrides does not see it)
+        assert mapped.numpy()[1] == 1 and bool((mapped[:2] == mapped[:2]).all())
         host = torch.randint(5, [4], generator=torch.Generator().manual_seed(0))  # a host stream's draw
         return y, z, host.tolist()
 

@@ -687,6 +687,59 @@ def test_a_warm_fast_path_dit_step_has_no_capture_guard_finding(sd3_folder, flux
     assert [str(f) for f in g.failures()] == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_instruction_prefix_gives_the_whole_sequences_states_at_a_quarter_of_gemmas_flops(sana_folder, dtype):
+    """SANA's instruction is run through Gemma once (sid_fast.t2i.sana.InstructionPrefix): every instructed prompt's
+    kept states equal those of the whole sequence (float64: to rounding; bf16 on this CPU: measured equal, asserted
+    to one bf16 step of their scale), the instruction's tokens up to the boundary form the prefix, and ids that do
+    not start with it (the empty prompt's) run whole."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sid_fast.t2i.sana import MAX_SEQUENCE
+
+    model = load_sana(sana_folder, dtype=torch.float32, text_dtype=dtype)
+    prompts = ["A cat", "the dog on a hat", "x", "Über café 12", "a red car on the beach at night", "."]
+    ids = model.tokenize(prompts)
+    plain = load_sana(sana_folder, dtype=torch.float32, text_dtype=dtype)
+    plain.prefix_cache = False
+    prefix = model.prefix_ids()
+    n_instr = len(model.tokenizers[0].encode(model.instruction))  # with the start token
+    assert n_instr - 3 <= len(prefix) <= min(n_instr, model.length - MAX_SEQUENCE + 1)
+    assert (ids[0][:, : len(prefix)] == prefix).all()
+    counts = []
+    for m in (plain, model, model):  # the prefix is made at the first call and reused at the second
+        with FlopCounterMode(display=False) as fc:
+            out = m.encode_ids([ids[0].clone()])
+        counts.append(fc.get_total_flops())
+        if m is plain:
+            ref = out
+        else:
+            got = out
+    assert torch.equal(got["encoder_attention_mask"], ref["encoder_attention_mask"])
+    a, b = got["encoder_hidden_states"].double(), ref["encoder_hidden_states"].double()
+    tol = 1e-12 if dtype == torch.float64 else 2**-7
+    assert (a - b).abs().max() <= tol * b.abs().max(), (a - b).abs().max()
+    # Gemma over the 299-token suffix (plus the kept tail's attention to the prefix) against the whole ~1,350 tokens.
+    assert counts[2] < 0.3 * counts[0], counts
+    # The comparison sees the cache's reset: without it the second call runs over the first call's keys too.
+    from sid_fast.t2i.sana import InstructionPrefix
+
+    stale = load_sana(sana_folder, dtype=torch.float32, text_dtype=dtype)
+    reset, InstructionPrefix._reset = InstructionPrefix._reset, lambda self, cache, n: None
+    try:
+        stale.encode_ids([ids[0].clone()])
+        wrong = stale.encode_ids([ids[0].clone()])["encoder_hidden_states"].double()
+    finally:
+        InstructionPrefix._reset = reset
+    assert (wrong - b).abs().max() > tol * b.abs().max()  # bf16: 0.026 of the scale against one step of 0.0078
+    # The empty prompt's ids (no instruction) do not start with the prefix: encoded whole, as before.
+    blank = model.blank_ids(2)
+    assert not model._prefix(torch.device("cpu")).starts(blank[0])
+    assert torch.equal(
+        model.encode_ids(blank)["encoder_hidden_states"], plain.encode_ids(blank)["encoder_hidden_states"]
+    )
+
+
 def test_a_sana_folder_is_detected_trained_written_and_sampled(sana_folder, prompt_file, tmp_path):
     """SANA: detected by its model_index.json, Gemma kept in bf16 (the official loop's), a step with the bf16 fast
     path (no capture-guard finding when warm), a SanaTransformer2DModel folder, a training state exported through
