@@ -161,7 +161,7 @@ class Sana:
         None without an instruction. Without tokenizers (the meta device) zeros of the instructed length's prefix."""
         if self.tokenizers is None:
             n = self.meta_length - MAX_SEQUENCE + 1
-            return torch.zeros([n], dtype=torch.long) if n > 1 and self.instruction else None
+            return torch.zeros([n], dtype=torch.long) if n > 1 else None  # longer than 300: an instructed length
         if not self.instruction:
             return None
         rows = self.tokenize(list(PREFIX_PROBES))[0]
