@@ -56,6 +56,7 @@ import weakref
 from collections import Counter
 
 import click
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -118,6 +119,10 @@ FLOW_CONFIGS = {
                                                   cross_attention_head_dim=112, cross_attention_dim=2240,
                                                   caption_channels=2304, mlp_ratio=2.5, sample_size=16, patch_size=1)),
 }  # fmt: skip
+# The data-aided variant (--method sida) of the released SiDA teachers: the fake phase's extra real branch.
+for _name, _sida in (("sd3-medium", "sd3-medium-sida"), ("sd35-large", "sd35-large-sida"),
+                     ("sd3-medium-512", "sd3-medium-sida"), ("sana-600m-512", "sana-600m-512-sida")):  # fmt: skip
+    FLOW_CONFIGS[_name + "-sida"] = (_sida, FLOW_CONFIGS[_name][1])
 SANA_INSTRUCTED_TOKENS = 1300  # about the complex human instruction's Gemma tokens + 298 (SanaPipeline's length)
 RUNGS = [
     ("reference", dict(precision="fp32")),
@@ -470,13 +475,29 @@ def make_flow_trainer(config: str, batch_gpu: int, options: dict, device: str = 
     else:
         model = Flux(net, None, encoders, None, name, 128) if flux else SD3(net, None, encoders, None, name)
     options = dict(dict(checkpointing="none"), **options)  # the presets' selective recomputation only in its rungs
+    sida = config.endswith("-sida")
+    text = dict(data="<pairs>") if sida else dict(data_prompt_text="<prompts>")
     cfg = resolve_config(
         preset,
-        dict(teacher=f"<{config}, random weights>", data_prompt_text="<prompts>", batch=batch_gpu * rounds,
-             batch_gpu=batch_gpu, **options),
+        dict(teacher=f"<{config}, random weights>", batch=batch_gpu * rounds, batch_gpu=batch_gpu, **text, **options),
     )  # fmt: skip
-    family = FlowFamily(cfg, torch.device(device), model, ["<prompt>"])
-    return build_trainer(cfg, torch.device(device), family=family, log=lambda *a: None)
+    real = None
+    if sida:  # latent/caption pairs in the teacher's latent shape (an AutoencoderKL's mean and std; SANA's latent)
+        from sid_fast.t2i import pairs
+
+        c, r = net.config.in_channels // (4 if flux else 1), cfg.resolution
+        gaussian = not sana
+        meta = dict(format=pairs.FORMAT, version=1, count=batch_gpu * rounds, latent_channels=c, scaling_factor=1.0,
+                    shift_factor=0.0, posterior="gaussian" if gaussian else "deterministic", image_channels=3,
+                    vae="AutoencoderKL" if gaussian else "AutoencoderDC", source="<zeros>")  # fmt: skip
+        raw = np.zeros([batch_gpu * rounds, 2 * c if gaussian else c, r, r], np.float16)
+        real = pairs.PairDataset(arrays=raw, captions=["<caption>"] * len(raw), meta=meta)
+    family = FlowFamily(cfg, torch.device(device), model, ["<prompt>"] if real is None else real.captions,
+                        real_data=real)  # fmt: skip
+    tr = build_trainer(cfg, torch.device(device), family=family, log=lambda *a: None)
+    if sida:  # past the warm-up: the generator phase runs with its GAN term (0.5 SiD + 0.5 GAN)
+        tr.cur_nimg = (int(cfg.sida_gan_start_kimg * 1000) // cfg.batch + 1) * cfg.batch
+    return tr
 
 
 class SDXLShapes(SDFamily):

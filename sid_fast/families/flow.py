@@ -32,6 +32,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sid_fast import checkpoints
@@ -326,8 +327,13 @@ class FlowFamily(Family):
         return pairs.draw_latents(raw, self.real_data.meta, generator), self.encode_lines(idx)
 
     def encode_lines(self, idx) -> dict:
-        """The conditioning of prompt lines `idx` (numpy int array; with --method sida the pairs' captions)."""
-        return self._embeddings(self.model.encode_ids([t.ids(idx) for t in self.tokens], self.device))
+        """The conditioning of prompt lines `idx` (numpy int array; with --method sida the pairs' captions); on the
+        meta device (memory accounting) ids in the tokenizers' shapes."""
+        if self.device.type == "meta":
+            ids = [i.to(self.device) for i in self.model.tokenize([""] * len(idx))]  # zeros in the tokenizers' shapes
+        else:
+            ids = [t.ids(idx) for t in self.tokens]
+        return self._embeddings(self.model.encode_ids(ids, self.device))
 
     def _embeddings(self, cond: dict) -> dict:
         """The text encoders' outputs in the run's default float dtype (bf16 encoders: their outputs widened)."""
@@ -340,12 +346,10 @@ class FlowFamily(Family):
         torch.randint(len(self.prompts), [n], device=device, generator=g)
         z = torch.randn(image_shape, device=device, generator=g)
         if device.type == "meta":
-            ids = [i.to(device) for i in self.model.tokenize([""] * n)]  # zeros in the tokenizers' shapes
-        else:
-            host = torch.Generator().manual_seed(g.initial_seed())
-            idx = torch.randint(len(self.prompts), [n], generator=host).numpy()
-            return z, self.encode_lines(idx)
-        return z, self._embeddings(self.model.encode_ids(ids, self.device))
+            return z, self.encode_lines(np.zeros(n, np.int64))
+        host = torch.Generator().manual_seed(g.initial_seed())
+        idx = torch.randint(len(self.prompts), [n], generator=host).numpy()
+        return z, self.encode_lines(idx)
 
     def conditioning(self) -> str:
         return f"prompts of {self.prompt_file} ({len(self.prompts)})"
