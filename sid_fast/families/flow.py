@@ -132,8 +132,8 @@ class FlowDenoiser:
         """The logits of real latents: one conditional call, without guidance (official return_flag "encoder"; a
         FLUX transformer's guidance embedding gets kappa1, as in the fake branch)."""
         with self.tap:
-            self._model(call, self.cfg.cfg_train_fake)(x_t, t, cond)
-        return self.tap.take(guided=False)
+            v = self._model(call, self.cfg.cfg_train_fake)(x_t, t, cond)
+        return flow.along(self.tap.take(guided=False), v)  # the network's output in the graph: FSDP2's backward
 
     def fake_loss_sum(self, out: FakeOutput, y, eps, t):
         rows, ok = flow.fake_loss_rows(out.raw, y, eps)

@@ -218,6 +218,28 @@ class PooledTokens:
         return out.chunk(2)[1] if guided else out
 
 
+class _Along(torch.autograd.Function):
+    """`x` unchanged, with `other` in its graph (its gradient zeros): the real branch's logits come from a tap inside
+    the network, so without this its output (the velocity) is not in the loss's graph, and FSDP2, which unshards a
+    root module's parameters for the backward pass when its output's gradient arrives, would run the backward through
+    the tapped layers with their parameters still sharded."""
+
+    @staticmethod
+    def forward(ctx, x, other):
+        ctx.like = (other.shape, other.dtype, other.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.like
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
+def along(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """x, with `other` (a network's output) in the graph of whatever x feeds (zero gradient to it)."""
+    return _Along.apply(x, other) if torch.is_grad_enabled() and other.requires_grad else x
+
+
 def bce_mean(logits: torch.Tensor, target: float) -> torch.Tensor:
     """[N]: mean over channels of BCE-with-logits(clamp(logits, -10, 10), target), in float32 at least."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)).clamp(-GAN_LOGIT_CLAMP, GAN_LOGIT_CLAMP)
