@@ -425,3 +425,25 @@ def test_fsdp_over_two_processes_equals_one_process(sd3_folder, tmp_path):
             travelled = (v - start[name][k]).abs().max().item()
             # Measured: 1.5e-4 of the distance moved at worst (reduce-scatter sums in another order, damped Adam).
             assert (got[name][k] - v).abs().max().item() <= 0.02 * travelled + 1e-6, (name, k)
+
+
+def test_a_warm_data_aided_bf16_step_has_no_capture_guard_finding(sd3_folder, tmp_path, monkeypatch):
+    """The real pairs' stream, their posterior draw, their captions' encoding and both adversarial terms add nothing a
+    CUDA graph or an asynchronous host cannot survive; a planted blocking copy of the real batch is caught."""
+    from sid_fast.guard import CaptureGuard
+
+    data = tmp_path / "pairs"
+    pairs.build(write_imagefolder(tmp_path / "src", n=8, size=16), data, pairs.teacher_vae(sd3_folder), 16, log=None)
+    cfg = sida_config(sd3_folder, data=str(data), seed=4, precision="bf16", optimizer="fused", checkpointing="none",
+                      sida_g_start_kimg=0, sida_gan_start_kimg=0)  # fmt: skip
+    tr = build_trainer(cfg, torch.device("cpu"), log=lambda *a: None)
+    tr.step()
+    tr.step()  # the generator phase with its GAN term is warm too
+    with CaptureGuard() as g:
+        tr.step()
+    assert [str(f) for f in g.failures()] == []
+    monkeypatch.setattr(FlowSiDATrainer, "_real_inputs", lambda self, raw, idx, rnd: self.family.real_inputs(
+        raw.to(self.device), idx.numpy(), self.micro_batch_rng(REAL_PAIRS, rnd)))  # fmt: skip
+    with CaptureGuard() as g:
+        tr.step()
+    assert [f.kind for f in g.failures()] == ["host copy"] * tr.rounds, [str(f) for f in g.failures()]  # one per batch
