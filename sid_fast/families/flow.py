@@ -21,6 +21,11 @@ come from the global CUDA RNG, here from the micro-batch's generator. It runs th
 gradient enabled and then detaches their result; here they run without gradient (the same values, no graph kept).
 Its EMA is off (ema 0): the presets set --ema 0 (G_ema is G).
 
+--method sida runs the official data-aided variant (--train_diffusiongan 1) on latent/caption pairs
+(sid_fast.t2i.pairs): the fake network is also the discriminator (flow.PooledTokens), its terms are
+`data_aided_fake_loss_sums` and `data_aided_generator_loss_sums` below, the iteration sid_fast.training.sida's
+FlowSiDATrainer; every phase's prompts are the pairs' captions.
+
 Precision: bf16 runs the three transformers under torch.autocast(bfloat16) with fp32 master weights (the official
 AMP mode), the frozen teacher and the text encoders stored in bf16; fp32 is exact. The official pure-bf16 mode (bf16
 weights and Adam states, Adam eps 1e-4, value clipping of gradients at 1) is not built.
@@ -624,8 +629,9 @@ PRESETS["digits-flow"] = dict(
 # SD3.5-Large): the SiD settings plus lsd 1 and lsg_gan 1, no generator step before 20k images and the GAN term from
 # 40k (official sid_dit_*_training_loop.py); real latent/caption pairs from --data (the official runs use
 # midjourney-v6-llava, whose README warns to use the GAN only where the real images beat the distilled ones). The
-# fake phase runs one more fake-network forward (the real branch, B rows, kept for backward): the batch per GPU of
-# the SiD presets is kept; bench.memory has not counted this variant.
+# fake phase runs one more fake-network forward (the real branch, B rows, kept for backward): bench.memory counts 1.5x
+# the bytes it holds per image, and under FSDP2 x8 the same batch per GPU as SiD's (the generator phase sets it), so
+# the SiD presets' batch per GPU is kept.
 _SIDA_FLOW = dict(
     method="sida",
     lsd=1.0,

@@ -19,7 +19,7 @@ training/sid_dit_util.py): the model folder and the text conditioning, as the of
   every prompt, two phases per micro-batch: 11.2 of SANA-600M's 29.6 TFLOP per image at 512 px (bench.memory);
   over the 299-token suffix it is a quarter of that. The prefix is the tokens that every instructed prompt shares
   (found by tokenising the instruction before probe prompts), checked against each micro-batch's ids on the host;
-  a batch whose ids do not all start with it (none is known) runs the whole sequence.
+  ids that do not all start with it (the empty prompt's, which has no instruction) run the whole sequence.
 
 Every fault of a folder is one SanaError sentence naming the folder and the component.
 """
