@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support.helpers import child_env
 
 from sid_fast.progress import format_duration
 from sid_fast.training.tickstats import Eta
@@ -38,7 +38,7 @@ def _train(out, *args, env=None):
         capture_output=True,
         text=True,
         timeout=600,
-        env=dict(os.environ, **(env or {})),
+        env=child_env(**(env or {})),
         cwd=out.parent,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -89,7 +89,7 @@ def test_tensorboard_and_wandb_files_hold_the_logged_values_and_the_same_command
         capture_output=True,
         text=True,
         timeout=600,
-        env=dict(os.environ, **env),
+        env=child_env(**env),
         cwd=tmp_path,
     )
     assert r.returncode == 0 and "Resumed from" in r.stdout, r.stderr[-3000:]

@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.helpers import child_env
 
 from sid_fast.checkpoints import load_network_file
 
 
 def _train(*args):
-    return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, timeout=600,
+                          env=child_env())  # fmt: skip
 
 
 # train.py where `import triton` and `import sklearn` fail, as on macOS/Windows (no Triton wheels) without scikit-learn:
@@ -24,7 +26,7 @@ _WITHOUT_TRITON_OR_SKLEARN = (
 
 def _train_without_triton(*args):
     cmd = [sys.executable, "-c", _WITHOUT_TRITON_OR_SKLEARN, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=child_env())
 
 
 @pytest.mark.slow

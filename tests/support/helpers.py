@@ -27,6 +27,14 @@ NET = dict(
 )
 
 
+def child_env(**extra) -> dict:
+    """The environment of a train.py the test starts: its threads are this pytest-xdist worker's share of the cores
+    (one each when -n 2 runs on two cores, as CI does), so that two workers' runs do not oversubscribe the machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    return dict(os.environ, **{"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}, **extra)
+
+
 def cfg_for(teacher, **kw):
     base = dict(
         teacher=teacher,
