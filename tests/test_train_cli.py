@@ -93,7 +93,7 @@ def test_sigterm_stops_with_a_state_and_the_same_command_continues(tmp_path):
     out = tmp_path / "runs"
     command = [sys.executable, "train.py", "--outdir", str(out), "--tick", "0.256", "--snap", "1000", "--dump", "1000"]
     command += ["--metrics", "none", "--duration", "0.001536", "--keep-states", "2"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     deadline = time.time() + 240
     while time.time() < deadline and not list(out.glob("*/stats.jsonl")):  # wait until training is under way
         time.sleep(0.2)
@@ -107,7 +107,7 @@ def test_sigterm_stops_with_a_state_and_the_same_command_continues(tmp_path):
     stopped_at = load_state_file(latest_state(run_dir))["cur_nimg"]
     assert 0 < stopped_at < 1536 and stopped_at % 256 == 0  # written at an iteration boundary
 
-    r = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(command, capture_output=True, text=True, timeout=600, env=child_env())
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"at {stopped_at / 1e3:.1f} kimg" in r.stdout and "Finished at 1.5 kimg" in r.stdout
     assert [p.name for p in out.iterdir()] == [run_dir.name]  # the same run directory
