@@ -305,11 +305,11 @@ def test_a_pairs_folder_holds_the_vaes_posteriors_and_resumes_after_a_failure(sd
     with pytest.raises(OSError):
         pairs.build(src, tmp_path / "again", vae, 16, dtype="float32", batch=2, log=None)
     assert not (tmp_path / "again").exists()
-    assert json.loads((tmp_path / "again.part" / pairs.PROGRESS).read_text())["done"] == 2
+    assert sorted(p.name for p in (tmp_path / "again.part" / "done").iterdir()) == ["0"]  # chunk 0 of 3 (2 images)
     monkeypatch.setattr(pairs, "load_image", real_load)
     said = []
     pairs.build(src, tmp_path / "again", vae, 16, dtype="float32", batch=2, log=said.append)
-    assert said == [f"resuming {tmp_path / 'again.part'}: 2 of 5 pairs encoded"]
+    assert said == [f"resuming {tmp_path / 'again.part'}: 1 of 3 chunks encoded"]
     assert np.array_equal(np.load(tmp_path / "again" / pairs.LATENTS), np.load(tmp_path / "pairs" / pairs.LATENTS))
     assert (tmp_path / "again" / pairs.CAPTIONS).read_text() == (tmp_path / "pairs" / pairs.CAPTIONS).read_text()
 
@@ -447,3 +447,47 @@ def test_a_warm_data_aided_bf16_step_has_no_capture_guard_finding(sd3_folder, tm
     with CaptureGuard() as g:
         tr.step()
     assert [f.kind for f in g.failures()] == ["host copy"] * tr.rounds, [str(f) for f in g.failures()]  # one per batch
+
+
+def _build_worker(rank, world, port, folder, src, dest):
+    from support.helpers import gloo_process
+
+    with gloo_process(rank, world, port):
+        pairs.CHUNK = 2
+        pairs.build(src, dest, pairs.teacher_vae(folder), 16, dtype="float32", batch=2, log=None)
+
+
+@pytest.mark.slow
+def test_a_pairs_build_is_shared_by_ranks_and_resumes_with_another_process_count(sd3_folder, tmp_path, monkeypatch):
+    """Two gloo ranks finish a build that one process left after its first chunk: each encodes its chunks (c mod 2)
+    into the one array, and the folder equals a single process's uninterrupted build (a chunk left unwritten, or
+    written in another's place, would be zeros or another image's latents: O(1) off)."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    vae = pairs.teacher_vae(sd3_folder)
+    src = write_imagefolder(tmp_path / "src", n=7)
+    monkeypatch.setattr(pairs, "CHUNK", 2)
+    pairs.build(src, tmp_path / "one", vae, 16, dtype="float32", batch=2, log=None)
+    real_load, calls = pairs.load_image, []
+
+    def failing(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("killed")
+        return real_load(*a)
+
+    monkeypatch.setattr(pairs, "load_image", failing)
+    with pytest.raises(OSError):
+        pairs.build(src, tmp_path / "two", vae, 16, dtype="float32", batch=2, log=None)
+    assert sorted(p.name for p in (tmp_path / "two.part" / "done").iterdir()) == ["0"]
+    mp.spawn(_build_worker, args=(2, 29500 + os.getpid() % 97, str(sd3_folder), str(src), str(tmp_path / "two")),
+             nprocs=2)  # fmt: skip
+    assert not (tmp_path / "two.part").exists()
+    # Every pair written, in its place: equal to float32 rounding (the ranks run the VAE on one thread each, and
+    # oneDNN's convolutions round differently with another thread count).
+    two, one = np.load(tmp_path / "two" / pairs.LATENTS), np.load(tmp_path / "one" / pairs.LATENTS)
+    assert np.abs(two - one).max() <= 1e-5 * np.abs(one).max(), np.abs(two - one).max()
+    for name in (pairs.CAPTIONS, pairs.META):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()

@@ -16,8 +16,9 @@ affine map; SANA's DC-AE has no posterior spread).
 Sources: a folder of images with a `metadata.jsonl` of {"file_name", "text"} lines (the layout of Hugging Face's
 `imagefolder` loader), center-cropped and resized with LANCZOS to the teacher's pixel size; or `digits`, the bundled
 8x8 digits with the captions of the digits-flow teacher's prompts (image j: template j mod 6 of its digit). A build
-writes into DEST.part and records its progress after every chunk: a killed build resumes where it stopped when run
-again with the same arguments, and DEST appears only when complete.
+writes into DEST.part and marks each chunk of 256 images done once flushed: a killed build resumes where it stopped
+when run again with the same arguments (with any number of processes; under torchrun every rank encodes a share of
+the chunks into the one array), and DEST appears only when complete.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import click
 import numpy as np
 import torch
 
+from sid_fast import dist
 from sid_fast.data.prompts import PromptError, read_prompts
 from sid_fast.progress import Timer, bar, summary
 from sid_fast.storage import atomic_write_text
@@ -38,7 +40,7 @@ from sid_fast.storage import atomic_write_text
 FORMAT = "sid_fast.pairs"
 VERSION = 1
 LATENTS, CAPTIONS, META, PROGRESS = "latents.npy", "captions.txt", "meta.json", "progress.json"
-CHUNK = 256  # images per VAE call group between progress records
+CHUNK = 256  # images per unit of work and of progress (a rank's chunk, marked done when flushed)
 
 
 class PairsError(ValueError):
@@ -253,10 +255,13 @@ def teacher_vae(teacher, device="cpu"):
 
 
 def build(source, dest, vae, size: int, dtype: str = "float16", batch: int = 16, log=print) -> int:
-    """Encode SOURCE (an imagefolder with metadata.jsonl) into the pairs folder DEST; returns the pair count. Resumes a
-    DEST.part left by a killed build of the same source, VAE and settings."""
+    """Encode SOURCE (an imagefolder with metadata.jsonl) into the pairs folder DEST; returns the pair count. Under
+    torchrun every rank encodes its share of the chunks (chunk c on rank c mod world) into the one memory-mapped
+    array. A chunk is marked done (an empty file DEST.part/done/c) after its latents are flushed, so a build killed at
+    any point resumes, with any number of processes, where it stopped; DEST appears only when every chunk is done."""
     if dtype not in ("float32", "float16"):
         raise PairsError(f"--dtype {dtype!r}: choose float16 or float32.")
+    rank, world = dist.rank(), dist.world_size()
     dest = Path(dest)
     if dest.exists():
         raise PairsError(f"--dest {dest}: exists; choose a new folder.")
@@ -269,33 +274,43 @@ def build(source, dest, vae, size: int, dtype: str = "float16", batch: int = 16,
     c = 2 * meta["latent_channels"] if meta["posterior"] == "gaussian" else meta["latent_channels"]
     meta.update(format=FORMAT, version=VERSION, count=n, source=str(source), image_size=size, dtype=dtype)
     tmp = dest.with_name(dest.name + ".part")
-    done = 0
-    if (tmp / PROGRESS).is_file():
-        rec = json.loads((tmp / PROGRESS).read_text())
-        if rec.get("meta") == meta:
-            done = int(rec["done"])
-            if log:
-                log(f"resuming {tmp}: {done} of {n} pairs encoded")
-        else:
+    chunks = range((n + CHUNK - 1) // CHUNK)
+    if rank == 0:  # a partial build of other settings is started again; one of these settings resumes
+        resume = (tmp / PROGRESS).is_file() and json.loads((tmp / PROGRESS).read_text()).get("meta") == meta
+        if not resume and tmp.exists():
             shutil.rmtree(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    mode = "r+" if done else "w+"
-    arr = np.lib.format.open_memmap(tmp / LATENTS, mode=mode, dtype=np.dtype(dtype), shape=(n, c, h, h))
-    with bar(n - done, "encoding", "img") as progress:
-        for lo in range(done, n, CHUNK):
-            hi = min(lo + CHUNK, n)
+        (tmp / "done").mkdir(parents=True, exist_ok=True)
+        if not resume:
+            np.lib.format.open_memmap(tmp / LATENTS, mode="w+", dtype=np.dtype(dtype), shape=(n, c, h, h)).flush()
+            atomic_write_text(tmp / PROGRESS, json.dumps(dict(meta=meta)))
+        done = sum((tmp / "done" / str(k)).exists() for k in chunks)
+        if resume and log:
+            log(f"resuming {tmp}: {done} of {len(chunks)} chunks encoded")
+    dist.barrier()
+    arr = np.load(tmp / LATENTS, mmap_mode="r+")
+    mine = [k for k in chunks if k % world == rank and not (tmp / "done" / str(k)).exists()]
+    with bar(sum(min(CHUNK, n - k * CHUNK) for k in mine), "encoding", "img") as progress:
+        for k in mine:
+            lo, hi = k * CHUNK, min((k + 1) * CHUNK, n)
             for i in range(lo, hi, batch):
                 j = min(i + batch, hi)
                 imgs = torch.stack([load_image(p, size, meta["image_channels"]) for p, _ in items[i:j]])
                 arr[i:j] = encode_raw(vae, imgs).cpu().numpy().astype(dtype)
                 progress.update(j - i)
             arr.flush()
-            atomic_write_text(tmp / PROGRESS, json.dumps(dict(meta=meta, done=hi)))
+            atomic_write_text(tmp / "done" / str(k), "")
     del arr
-    atomic_write_text(tmp / CAPTIONS, "".join(text + "\n" for _, text in items))
-    atomic_write_text(tmp / META, json.dumps(meta, indent=2) + "\n")
-    (tmp / PROGRESS).unlink()
-    os.replace(tmp, dest)
+    dist.barrier()
+    if rank == 0:
+        missing = [k for k in chunks if not (tmp / "done" / str(k)).exists()]
+        if missing:
+            raise PairsError(f"{tmp}: chunks {missing[:5]} were not encoded; run the same command again to finish.")
+        atomic_write_text(tmp / CAPTIONS, "".join(text + "\n" for _, text in items))
+        atomic_write_text(tmp / META, json.dumps(meta, indent=2) + "\n")
+        (tmp / PROGRESS).unlink()
+        shutil.rmtree(tmp / "done")
+        os.replace(tmp, dest)
+    dist.barrier()
     return n
 
 
@@ -313,13 +328,18 @@ def main():
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True, help="Images per VAE call")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 def build_cmd(teacher, source, dest, resolution, dtype, batch, device):
-    """Encode an image folder with captions into a pairs folder (resumable)."""
+    """Encode an image folder with captions into a pairs folder (resumable; under torchrun, shared by the ranks)."""
+
     timer = Timer()
+    on = dist.init()
+    device = device if dist.world_size() == 1 or on.type != "cuda" else str(on)  # each rank its own GPU
     try:
-        n = build(source, dest, teacher_vae(teacher, device), resolution, dtype, batch)
+        n = build(source, dest, teacher_vae(teacher, device), resolution, dtype, batch, log=dist.print0)
     except PairsError as e:
         raise click.ClickException(str(e)) from None
-    print(summary(f"Wrote pairs to {dest}", n, "pairs", timer.seconds))
+    finally:
+        dist.finish()
+    dist.print0(summary(f"Wrote pairs to {dest}", n, "pairs", timer.seconds))
 
 
 if __name__ == "__main__":
