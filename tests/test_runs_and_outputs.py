@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from support.helpers import child_env
 
 from sid_fast.checkpoints import CheckpointError, load_network_file, save_network
 from sid_fast.training.config import ConfigError, resolve_config
@@ -26,7 +25,7 @@ FLAGS = ["--batch", "32", "--batch-gpu", "32", "--tick", "0.032", "--dump", "1",
 
 def _train(outdir, *extra):
     cmd = [sys.executable, str(ROOT / "train.py"), "--outdir", str(outdir), *FLAGS, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(predicate, timeout=120):
