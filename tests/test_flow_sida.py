@@ -372,14 +372,27 @@ def test_the_digits_preset_runs_the_data_aided_loop_on_the_bundled_digits(tmp_pa
     labels = digits_uint8()[1]
     assert len(real) == len(labels) and real.latent_shape == [4, 8, 8]
     assert [digits.prompt_digit(c) for c in real.captions] == labels.tolist()
-    cfg = resolve_config("digits-flow-sida", dict(outdir=str(tmp_path), batch=16, batch_gpu=8, duration=32e-6,
-                                                  tick=0.016, metrics="none", sida_g_start_kimg=0,
-                                                  sida_gan_start_kimg=0.008))  # fmt: skip
-    run_dir, status = run(cfg, log_to_stdout=False)
+
+    def config(outdir, duration, **kw):
+        return resolve_config("digits-flow-sida", dict(outdir=str(outdir), batch=16, batch_gpu=8, duration=duration,
+                                                       tick=0.016, dump=1, metrics="none", sida_g_start_kimg=0,
+                                                       sida_gan_start_kimg=0.008, **kw))  # fmt: skip
+
+    run_dir, status = run(config(tmp_path / "straight", 32e-6), log_to_stdout=False)
     assert status == "done"
     ticks = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines()]
     last = ticks[-1]
     assert last["loss_D"] > 0 and last["loss_G_gan"] > 0 and last["loss_G"] != 0, last
+    # Stopped after the first iteration (no GAN term yet) and continued: the same weights bit for bit (the real
+    # pairs' stream, their posterior draws and the warm-up all follow the images seen).
+    first_dir, _ = run(config(tmp_path / "parts", 16e-6), log_to_stdout=False)
+    _, status = run(config(tmp_path / "parts", 32e-6, run_dir=str(first_dir)), log_to_stdout=False)
+    assert status == "done"
+    a, b = (torch.load(sorted(d.glob("training-state-*"))[-1], weights_only=True) for d in (run_dir, first_dir))
+    assert a["cur_nimg"] == b["cur_nimg"] == 32
+    for key in ("G", "fake_score"):
+        for k, v in a[key].items():
+            assert torch.equal(v, b[key][k]), (key, k)
 
 
 def _fsdp_worker(rank, world, port, folder, data, out):
