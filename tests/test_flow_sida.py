@@ -345,6 +345,7 @@ def test_bad_pairs_and_flags_are_refused_in_one_sentence(sd3_folder, tmp_path):
     for over, words in (
         (dict(data_prompt_text=str(src / "metadata.jsonl")), "--data-prompt-text"),
         (dict(xflip=True), "--xflip"),
+        (dict(compile=True), "--compile"),  # the hook that reads the logits does not run in a compiled forward
         (dict(data=None), "--data"),
     ):
         with pytest.raises(ConfigError, match=words.replace("-", r"\-")):

@@ -219,6 +219,12 @@ class FlowFamily(Family):
              "data-aided loop); leave it out"),
             ("--xflip", cfg.method == "sida" and cfg.xflip, cfg.xflip, "a mirrored image's latents are not the "
              "mirrored latents; give mirrored images to sid_fast.t2i.pairs build instead"),
+            ("--compile", cfg.method == "sida" and bool(cfg.compile), cfg.compile, "with --method sida the "
+             "discriminator's logits are read by a forward hook inside the fake network, which a compiled forward "
+             "does not run; leave --compile out"),
+            ("--cuda-graphs", cfg.method == "sida" and cfg.cuda_graphs != "none", cfg.cuda_graphs, "with --method "
+             "sida the discriminator's logits are read by a forward hook inside the fake network, which a replayed "
+             "graph does not run; use --cuda-graphs none"),
             ("--metrics", cfg.metrics not in ("none", "fd-digits"), cfg.metrics, "FID and CLIP of flow-matching "
              "generators are computed apart (python -m sid_fast.t2i.evaluate); give --metrics none"),
             ("--augment", cfg.augment > 0, cfg.augment, "EDM's augmentation is not built for latents"),
