@@ -236,11 +236,18 @@ class InstructionPrefix:
         return [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in self.kv]
 
     def _reset(self, cache, n: int) -> None:
-        """The cache back to the prefix (the run's appended keys and values released)."""
+        """The cache back to the prefix (the run's appended keys and values released). It sets transformers' cache
+        layer attributes (5.x's `keys`, `values`, `cumulative_length`) and checks the cache then reports the prefix's
+        length (host integers, no device read): a release that renames them fails here, not silently."""
         for layer, (k, v) in zip(cache.layers, self._views(n)):
             layer.keys, layer.values = k, v
             if hasattr(layer, "cumulative_length"):  # a sliding-window layer counts the positions it has seen
                 layer.cumulative_length = self.length
+        if cache.get_seq_length() != self.length:
+            raise RuntimeError(
+                f"SANA's instruction cache: this transformers version's cache ({type(cache).__name__}) no longer "
+                "resets as sid_fast expects; set Sana.prefix_cache = False or use the locked transformers."
+            )
 
     def suffix_states(self, gemma, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache  # the text path's dependency
