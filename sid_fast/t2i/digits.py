@@ -361,34 +361,41 @@ def pipeline(folder=FOLDER, scheduler: str = "ddim"):
 
 
 @torch.no_grad()
-def teacher_images(pipe, prompts: list[str], seeds, kappa: float, steps: int = 25, batch: int = 500) -> torch.Tensor:
-    """The teacher's images [N, 1, 8, 8] in [-1, 1] by the pipeline (guidance kappa; kappa 1 is unguided), z of
-    seed s from torch.Generator().manual_seed(s)."""
+def teacher_images(pipe, prompts: list[str], seeds, kappa: float, steps: int = 25, batch: int = 500,
+                   latent_shape=(UNET["in_channels"], UNET["sample_size"], UNET["sample_size"]),
+                   **call) -> torch.Tensor:  # fmt: skip
+    """A digits teacher's images [N, 1, 8, 8] in [-1, 1] by its diffusers pipeline (guidance kappa; kappa 1 is
+    unguided), z of seed s from torch.Generator().manual_seed(s) in `latent_shape`; `call`: more pipeline arguments."""
     out = []
     seeds = list(seeds)
     for i in range(0, len(prompts), batch):
-        z = seed_latents(seeds[i : i + batch], [UNET["in_channels"], UNET["sample_size"], UNET["sample_size"]])
         lat = pipe(
             prompts[i : i + batch],
             height=8,
             width=8,
             num_inference_steps=steps,
             guidance_scale=kappa,
-            latents=z,
+            latents=seed_latents(seeds[i : i + batch], list(latent_shape)),
             output_type="latent",
+            **call,
         ).images
         out.append(decode_images(pipe.vae, lat))
     return torch.cat(out)
 
 
 def evaluate_teacher(folder=FOLDER, kappas=SWEEP_KAPPAS, num: int = 2000, steps: int = 25, log=print) -> list[dict]:
-    prompts, digits = eval_prompts(num)
-    pipe = pipeline(folder)
+    return sweep_teacher(pipeline(folder), teacher_images, kappas, num, steps, f"ddim{steps}", log)
+
+
+def sweep_teacher(pipe, images, kappas, num: int, steps: int, sampler: str, log=print) -> list[dict]:
+    """FD-digits and prompt accuracy of a digits teacher's pipeline at each guidance scale, images(pipe, prompts,
+    seeds, kappa, steps) making them: image i for eval_prompts' prompt i and seed 10,000,000 + i."""
+    prompts, labels = eval_prompts(num)
     rows = []
     for kappa in kappas:
         t0 = time.time()
-        scores = score_images(teacher_images(pipe, prompts, range(10_000_000, 10_000_000 + num), kappa, steps), digits)
-        rows.append(dict(kappa=kappa, sampler=f"ddim{steps}", num=num, **scores))
+        scores = score_images(images(pipe, prompts, range(10_000_000, 10_000_000 + num), kappa, steps), labels)
+        rows.append(dict(kappa=kappa, sampler=sampler, num=num, **scores))
         log(f"teacher kappa {kappa:g}: {json.dumps(scores)} ({time.time() - t0:.0f} s)")
     return rows
 

@@ -34,7 +34,6 @@ import torch
 
 from sid_fast.data.digits import digits_tensor
 from sid_fast.t2i import digits
-from sid_fast.t2i.export import seed_latents
 from sid_fast.t2i.sd3 import encode
 
 FOLDER = digits.ASSETS / "digits-flow"
@@ -175,41 +174,18 @@ def pipeline(folder=FOLDER):
     return pipe
 
 
-@torch.no_grad()
 def teacher_images(pipe, prompts: list[str], seeds, kappa: float, steps: int = SAMPLER_STEPS,
                    batch: int = 500) -> torch.Tensor:  # fmt: skip
     """The teacher's images [N, 1, 8, 8] in [-1, 1] by the pipeline (Euler, guidance kappa; 1 is unguided), z of seed
-    s from torch.Generator().manual_seed(s)."""
-    out = []
-    seeds = list(seeds)
-    shape = [TRANSFORMER["in_channels"], TRANSFORMER["sample_size"], TRANSFORMER["sample_size"]]
-    for i in range(0, len(prompts), batch):
-        lat = pipe(
-            prompts[i : i + batch],
-            height=8,
-            width=8,
-            num_inference_steps=steps,
-            guidance_scale=kappa,
-            latents=seed_latents(seeds[i : i + batch], shape),
-            max_sequence_length=digits.MAX_TOKENS,
-            output_type="latent",
-        ).images
-        out.append(digits.decode_images(pipe.vae, lat))
-    return torch.cat(out)
+    s from torch.Generator().manual_seed(s) (sid_fast.t2i.digits.teacher_images with SD3's latents and text length)."""
+    shape = (TRANSFORMER["in_channels"], TRANSFORMER["sample_size"], TRANSFORMER["sample_size"])
+    return digits.teacher_images(pipe, prompts, seeds, kappa, steps, batch, latent_shape=shape,
+                                 max_sequence_length=digits.MAX_TOKENS)  # fmt: skip
 
 
 def evaluate_teacher(folder=FOLDER, kappas=SWEEP_KAPPAS, num: int = 2000, steps: int = SAMPLER_STEPS,
                      log=print) -> list[dict]:  # fmt: skip
-    prompts, labels = digits.eval_prompts(num)
-    pipe = pipeline(folder)
-    rows = []
-    for kappa in kappas:
-        t0 = time.time()
-        images = teacher_images(pipe, prompts, range(10_000_000, 10_000_000 + num), kappa, steps)
-        scores = digits.score_images(images, labels)
-        rows.append(dict(kappa=kappa, sampler=f"euler{steps}", num=num, **scores))
-        log(f"teacher kappa {kappa:g}: {json.dumps(scores)} ({time.time() - t0:.0f} s)")
-    return rows
+    return digits.sweep_teacher(pipeline(folder), teacher_images, kappas, num, steps, f"euler{steps}", log)
 
 
 # ----------------------------------------------------------------------------------------------------------------
