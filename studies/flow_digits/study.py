@@ -20,18 +20,16 @@ generators' start (the teacher's own transformer sampled as a 1-, 2- and 4-step 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
 
+from studies.runs import run_train_jobs
+
 RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parents[2]
 KAPPAS = (1.0, 1.5, 3.0)
 TRAIN_STEPS = (1, 2, 4)
 SAMPLE_STEPS = (1, 2, 4)
@@ -80,31 +78,12 @@ def main():
 @click.option("--extra", default="", help="More train.py flags for every run, e.g. '--duration 0.016'")
 def run_cmd(outdir, kappas, train_steps, jobs, extra):
     """One train.py run per (kappa, K)."""
-    todo = [(float(k), int(s)) for k in kappas.split(",") for s in train_steps.split(",")]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    Path(outdir).mkdir(parents=True, exist_ok=True)
-    running: list[tuple[subprocess.Popen, str]] = []
-    failed = []
-    while todo or running:
-        while todo and len(running) < jobs:
-            k, s = todo.pop(0)
-            desc = f"kappa{k:g}-k{s}"
-            cmd = [sys.executable, str(ROOT / "train.py"), "--preset", "digits-flow", "--guidance", f"{k:g}"]
-            cmd += ["--generator-steps", str(s), "--outdir", outdir, "--desc", desc, *extra.split()]
-            with open(Path(outdir) / f"{desc}.out", "w") as log:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-            running.append((proc, desc))
-            print(f"started {desc}: {' '.join(cmd)}", flush=True)
-        time.sleep(2)
-        for proc, desc in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, desc))
-                print(f"{desc}: exit {proc.returncode}", flush=True)
-                if proc.returncode:
-                    failed.append(desc)
-    if failed:
-        raise SystemExit(f"studies.flow_digits.study: runs failed: {', '.join(failed)} (their .out files in {outdir}).")
+    runs = []
+    for k in map(float, kappas.split(",")):
+        for s in map(int, train_steps.split(",")):
+            args = ["--preset", "digits-flow", "--guidance", f"{k:g}", "--generator-steps", str(s), *extra.split()]
+            runs.append((f"kappa{k:g}-k{s}", args))
+    run_train_jobs(runs, outdir, jobs, "studies.flow_digits.study")
 
 
 @main.command("collect")

@@ -18,18 +18,15 @@ beside this file, and plots both metrics against kappa.
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import click
 
+from studies.runs import run_train_jobs
+
 RESULTS = Path(__file__).resolve().parent / "results"
-ROOT = Path(__file__).resolve().parents[2]
 KAPPAS = (1.0, 1.5, 2.0, 3.0, 4.5)
 
 
@@ -137,31 +134,12 @@ def main():
 @click.option("--extra", default="", help="More train.py flags for every run, e.g. '--duration 0.008'")
 def run_cmd(outdir, kappas, seeds, jobs, extra):
     """One train.py run per (kappa, seed)."""
-    todo = [(float(k), int(s)) for k in kappas.split(",") for s in seeds.split(",")]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    Path(outdir).mkdir(parents=True, exist_ok=True)
-    running: list[tuple[subprocess.Popen, str]] = []
-    failed = []
-    while todo or running:
-        while todo and len(running) < jobs:
-            k, s = todo.pop(0)
-            desc = f"kappa{k:g}-seed{s}"
-            cmd = [sys.executable, str(ROOT / "train.py"), "--preset", "digits-lsg", "--guidance", f"{k:g}"]
-            cmd += ["--seed", str(s), "--outdir", outdir, "--desc", desc, *extra.split()]
-            with open(Path(outdir) / f"{desc}.out", "w") as log:  # the child keeps its own copy of the descriptor
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-            running.append((proc, desc))
-            print(f"started {desc}: {' '.join(cmd)}", flush=True)
-        time.sleep(2)
-        for proc, desc in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, desc))
-                print(f"{desc}: exit {proc.returncode}", flush=True)
-                if proc.returncode:
-                    failed.append(desc)
-    if failed:
-        raise SystemExit(f"studies.lsg_kappa.sweep: runs failed: {', '.join(failed)} (their .out files in {outdir}).")
+    runs = []
+    for k in map(float, kappas.split(",")):
+        for s in map(int, seeds.split(",")):
+            args = ["--preset", "digits-lsg", "--guidance", f"{k:g}", "--seed", str(s), *extra.split()]
+            runs.append((f"kappa{k:g}-seed{s}", args))
+    run_train_jobs(runs, outdir, jobs, "studies.lsg_kappa.sweep")
 
 
 @main.command("collect")
