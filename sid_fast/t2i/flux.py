@@ -15,13 +15,12 @@ the transformer, as the official code makes them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sid_fast.hf import load_transformers_model
+from sid_fast.hf import load_transformers_model, pipeline_class
 
 FLUX_SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 CLIP_TOKENS = 77
@@ -34,13 +33,7 @@ class FluxError(ValueError):
 
 def is_flux_folder(path) -> bool:
     """Is `path` a diffusers folder whose model_index.json names a FLUX pipeline?"""
-    if path is None:
-        return False
-    index = Path(str(path)) / "model_index.json"
-    try:
-        return index.is_file() and "Flux" in str(json.loads(index.read_text()).get("_class_name", ""))
-    except (OSError, ValueError, AttributeError):
-        return False
+    return "Flux" in pipeline_class(path)
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sid_fast.hf import load_transformers_model
+from sid_fast.hf import load_transformers_model, pipeline_class
 
 SANA_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 MAX_SEQUENCE = 300  # SanaPipeline's max_sequence_length, the official loop's
@@ -47,13 +46,7 @@ class SanaError(ValueError):
 
 def is_sana_folder(path) -> bool:
     """Is `path` a diffusers folder whose model_index.json names SanaPipeline?"""
-    if path is None:
-        return False
-    index = Path(str(path)) / "model_index.json"
-    try:
-        return index.is_file() and json.loads(index.read_text()).get("_class_name") == "SanaPipeline"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return pipeline_class(path) == "SanaPipeline"
 
 
 def complex_human_instruction() -> str:

@@ -19,13 +19,12 @@ Every fault of a folder is one SD3Error sentence naming the folder and the compo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sid_fast.hf import load_transformers_model
+from sid_fast.hf import load_transformers_model, pipeline_class
 
 SD3_SUBFOLDERS = (
     "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
@@ -41,13 +40,7 @@ class SD3Error(ValueError):
 
 def is_sd3_folder(path) -> bool:
     """Is `path` a diffusers folder whose model_index.json names an SD3 pipeline?"""
-    if path is None:
-        return False
-    index = Path(str(path)) / "model_index.json"
-    try:
-        return index.is_file() and "StableDiffusion3" in str(json.loads(index.read_text()).get("_class_name", ""))
-    except (OSError, ValueError, AttributeError):
-        return False
+    return "StableDiffusion3" in pipeline_class(path)
 
 
 def check_folder(folder) -> Path:
