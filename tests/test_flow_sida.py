@@ -272,6 +272,23 @@ def write_imagefolder(root, n: int = 5, size: int = 20):
     return root
 
 
+def build_failing_at(monkeypatch, src, dest, vae, failing_image: int) -> None:
+    """A pairs build (16 px, float32, VAE batch 2) whose `failing_image`-th image read fails, as a kill would stop it;
+    the reader is put back afterwards."""
+    real_load, calls = pairs.load_image, []
+
+    def failing(*a):
+        calls.append(1)
+        if len(calls) == failing_image:
+            raise OSError("killed")
+        return real_load(*a)
+
+    monkeypatch.setattr(pairs, "load_image", failing)
+    with pytest.raises(OSError):
+        pairs.build(src, dest, vae, 16, dtype="float32", batch=2, log=None)
+    monkeypatch.setattr(pairs, "load_image", real_load)
+
+
 def test_a_pairs_folder_holds_the_vaes_posteriors_and_resumes_after_a_failure(sd3_folder, tmp_path, monkeypatch):
     vae = pairs.teacher_vae(sd3_folder)
     src = write_imagefolder(tmp_path / "src")
@@ -293,20 +310,9 @@ def test_a_pairs_folder_holds_the_vaes_posteriors_and_resumes_after_a_failure(sd
 
     # A build that fails after the first chunk resumes from it: the same folder as an uninterrupted build.
     monkeypatch.setattr(pairs, "CHUNK", 2)
-    real_load, calls = pairs.load_image, []
-
-    def failing(*a):
-        calls.append(1)
-        if len(calls) == 4:
-            raise OSError("disk gone")
-        return real_load(*a)
-
-    monkeypatch.setattr(pairs, "load_image", failing)
-    with pytest.raises(OSError):
-        pairs.build(src, tmp_path / "again", vae, 16, dtype="float32", batch=2, log=None)
+    build_failing_at(monkeypatch, src, tmp_path / "again", vae, failing_image=4)
     assert not (tmp_path / "again").exists()
     assert sorted(p.name for p in (tmp_path / "again.part" / "done").iterdir()) == ["0"]  # chunk 0 of 3 (2 images)
-    monkeypatch.setattr(pairs, "load_image", real_load)
     said = []
     pairs.build(src, tmp_path / "again", vae, 16, dtype="float32", batch=2, log=said.append)
     assert said == [f"resuming {tmp_path / 'again.part'}: 1 of 3 chunks encoded"]
@@ -484,17 +490,7 @@ def test_a_pairs_build_is_shared_by_ranks_and_resumes_with_another_process_count
     src = write_imagefolder(tmp_path / "src", n=7)
     monkeypatch.setattr(pairs, "CHUNK", 2)
     pairs.build(src, tmp_path / "one", vae, 16, dtype="float32", batch=2, log=None)
-    real_load, calls = pairs.load_image, []
-
-    def failing(*a):
-        calls.append(1)
-        if len(calls) == 3:
-            raise OSError("killed")
-        return real_load(*a)
-
-    monkeypatch.setattr(pairs, "load_image", failing)
-    with pytest.raises(OSError):
-        pairs.build(src, tmp_path / "two", vae, 16, dtype="float32", batch=2, log=None)
+    build_failing_at(monkeypatch, src, tmp_path / "two", vae, failing_image=3)
     assert sorted(p.name for p in (tmp_path / "two.part" / "done").iterdir()) == ["0"]
     mp.spawn(_build_worker, args=(2, 29500 + os.getpid() % 97, str(sd3_folder), str(src), str(tmp_path / "two")),
              nprocs=2)  # fmt: skip
