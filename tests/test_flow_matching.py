@@ -395,6 +395,33 @@ def _noise_only(net, steps) -> set:
     return out
 
 
+def record_both(tr, ref):
+    """(G's and the fake score's starting weights, {tr_/ref_ + fake/G: the gradients of every optimizer step}) of a
+    trainer and its official transcription, recorded from here on."""
+    start = {k: v.clone() for k, v in ref.G.state_dict().items()}
+    start_fake = {k: v.clone() for k, v in ref.fake.state_dict().items()}
+    grads = {}
+    for key, opt, net in (("tr_fake", tr.opt_fake, tr.fake), ("ref_fake", ref.opt_fake, ref.fake),
+                          ("tr_G", tr.opt_g, tr.G), ("ref_G", ref.opt_g, ref.G)):  # fmt: skip
+        _record_gradients(opt, net, grads.setdefault(key, []))
+    return start, start_fake, grads
+
+
+def assert_trains_like(tr, ref, grads, start, start_fake) -> None:
+    """The trainer's gradients equal the transcription's to 1e-11 of their largest entry (with a floor at 1e-14 of
+    the network's largest gradient entry, for parameters whose exact gradient is zero), and its weights moved as the
+    transcription's to 1e-6 of the distance moved."""
+    for net in ("fake", "G"):
+        for mine, theirs in zip(grads[f"tr_{net}"], grads[f"ref_{net}"]):
+            scale = max(b.abs().max() for b in theirs)
+            for a, b in zip(mine, theirs):
+                assert (a - b).abs().max() <= 1e-11 * max(b.abs().max(), 1e-3 * scale), net
+    # As the SiD-LSG test: Adam's first steps map a gradient rounding difference d to at most lr d / eps, ~1e-7 of the
+    # movement; a wrong draw, scale, weight, guidance or detach moves it by O(1).
+    assert _max_rel(tr.G, ref.G, start, _noise_only(ref.G, grads["ref_G"])) < 1e-6
+    assert _max_rel(tr.fake, ref.fake, start_fake, _noise_only(ref.fake, grads["ref_fake"])) < 1e-6
+
+
 @pytest.mark.parametrize(
     "kind, over",
     [
@@ -419,12 +446,7 @@ def test_two_iterations_equal_the_official_loop_in_float64(sd3_folder, flux_fold
                  "sana": lambda: load_sana(folder, dtype=torch.float64, text_dtype=torch.float64)}[kind]()  # fmt: skip
         tr = flow_trainer(cfg, model, prompt_file)
         ref = {"sd3": Official, "flux": FluxOfficial, "sana": SanaOfficial}[kind](tr, folder)
-        start = {k: v.clone() for k, v in ref.G.state_dict().items()}
-        start_fake = {k: v.clone() for k, v in ref.fake.state_dict().items()}
-        grads = {}
-        for key, opt, net in (("tr_fake", tr.opt_fake, tr.fake), ("ref_fake", ref.opt_fake, ref.fake),
-                              ("tr_G", tr.opt_g, tr.G), ("ref_G", ref.opt_g, ref.G)):  # fmt: skip
-            _record_gradients(opt, net, grads.setdefault(key, []))
+        start, start_fake, grads = record_both(tr, ref)
         ks = []
         for _ in range(2):
             ks.append(ref.step())
@@ -437,15 +459,7 @@ def test_two_iterations_equal_the_official_loop_in_float64(sd3_folder, flux_fold
     # e.g. log 2 in float64 instead of the official float32 moves t by 4e-10 and the gradients by 4e-8 to 5e-5.
     # A parameter whose exact gradient is zero (SANA's cross-attention key bias: softmax ignores it) holds rounding
     # noise only: its tolerance has a floor at 1e-14 of the network's largest gradient entry.
-    for net in ("fake", "G"):
-        for mine, theirs in zip(grads[f"tr_{net}"], grads[f"ref_{net}"]):
-            scale = max(b.abs().max() for b in theirs)
-            for a, b in zip(mine, theirs):
-                assert (a - b).abs().max() <= 1e-11 * max(b.abs().max(), 1e-3 * scale), net
-    # As the SiD-LSG test: Adam's first steps map a gradient rounding difference d to at most lr d / eps, ~1e-7 of the
-    # movement; a wrong draw, scale, weight, guidance or detach moves it by O(1).
-    assert _max_rel(tr.G, ref.G, start, _noise_only(ref.G, grads["ref_G"])) < 1e-6
-    assert _max_rel(tr.fake, ref.fake, start_fake, _noise_only(ref.fake, grads["ref_fake"])) < 1e-6
+    assert_trains_like(tr, ref, grads, start, start_fake)
     # EMA off (--ema 0, as ml-sid-dit): G_ema is not updated every step (it waits, off the accelerator) and is G
     # whenever it is read (a snapshot, a training state).
     assert not all(torch.equal(a, b) for a, b in zip(tr.G_ema.parameters(), tr.G.parameters()))

@@ -17,13 +17,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from support.sd3_tiny import write_tiny_sd3  # noqa: E402
-from test_flow_matching import (  # noqa: E402
-    LOG2,
-    Official,
-    _max_rel,
-    _noise_only,
-    _record_gradients,
-)
+from test_flow_matching import LOG2, Official, _record_gradients, assert_trains_like, record_both  # noqa: E402
 
 from sid_fast.families.flow import FlowFamily  # noqa: E402
 from sid_fast.t2i import pairs  # noqa: E402
@@ -198,12 +192,7 @@ def test_three_iterations_equal_the_official_data_aided_loop_in_float64(sd3_fold
         tr = sida_trainer(cfg, model, real)
         assert isinstance(tr, FlowSiDATrainer)
         ref = OfficialSiDA(tr, sd3_folder, real)
-        start = {k: v.clone() for k, v in ref.G.state_dict().items()}
-        start_fake = {k: v.clone() for k, v in ref.fake.state_dict().items()}
-        grads = {}
-        for key, opt, net in (("tr_fake", tr.opt_fake, tr.fake), ("ref_fake", ref.opt_fake, ref.fake),
-                              ("tr_G", tr.opt_g, tr.G), ("ref_G", ref.opt_g, ref.G)):  # fmt: skip
-            _record_gradients(opt, net, grads.setdefault(key, []))
+        start, start_fake, grads = record_both(tr, ref)
         phases = []
         for _ in range(3):
             phases.append(ref.step())
@@ -213,13 +202,7 @@ def test_three_iterations_equal_the_official_data_aided_loop_in_float64(sd3_fold
     # Iteration 1: no generator step; 2: SiD alone; 3: 0.5 SiD + 0.5 GAN (the thresholds are 2 and 6 images).
     assert phases == [(False, False), (True, False), (True, True)]
     assert len(grads["tr_G"]) == len(grads["ref_G"]) == 2
-    for net in ("fake", "G"):
-        for mine, theirs in zip(grads[f"tr_{net}"], grads[f"ref_{net}"]):
-            scale = max(b.abs().max() for b in theirs)
-            for a, b in zip(mine, theirs):
-                assert (a - b).abs().max() <= 1e-11 * max(b.abs().max(), 1e-3 * scale), net
-    assert _max_rel(tr.G, ref.G, start, _noise_only(ref.G, grads["ref_G"])) < 1e-6
-    assert _max_rel(tr.fake, ref.fake, start_fake, _noise_only(ref.fake, grads["ref_fake"])) < 1e-6
+    assert_trains_like(tr, ref, grads, start, start_fake)
 
 
 def test_each_term_is_seen_by_the_comparison(sd3_folder):
