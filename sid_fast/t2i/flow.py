@@ -35,6 +35,8 @@ import math
 
 import torch
 
+from sid_fast.losses import GAN_LOGIT_CLAMP  # SiDA's +-10, the same in the official flow loops
+
 # log 2 as the official code computes it (torch.log(torch.tensor(2.0)) under torch's default float32: 0.69314718246,
 # not float64's 0.69314718056), and the spread of n.
 LOGIT_MEAN = float(torch.log(torch.tensor(2.0, dtype=torch.float32)))
@@ -181,8 +183,6 @@ assert math.isclose(LOGIT_MEAN, math.log(2), rel_tol=1e-7)
 # ----------------------------------------------------------------------------------------------------------------
 # The data-aided variant (official `--train_diffusiongan 1`; training/transformer_with_encoder*.py and the GAN terms of
 # sid_dit_*_training_loop.py): the fake network is also the discriminator, with no parameter of its own.
-
-GAN_LOGIT_CLAMP = 10.0
 
 
 class PooledTokens:
