@@ -405,7 +405,8 @@ def _fsdp_worker(rank, world, port, folder, data, out):
 def test_fsdp_over_two_processes_equals_one_process(sd3_folder, tmp_path):
     """FSDP2 over two gloo processes equals one process through the three regimes. The real branch's logits come from
     a tap inside the fake network, not from its output: without the output in the loss's graph (flow.along) FSDP2
-    runs that branch's backward with the root's parameters still sharded (a storage of size 0), which this caught."""
+    runs that branch's backward with the root's parameters still sharded (a storage of size 0): this test fails
+    without it."""
     import os
 
     import torch.multiprocessing as mp

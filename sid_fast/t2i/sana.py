@@ -238,8 +238,9 @@ class InstructionPrefix:
                 layer.cumulative_length = self.length
         if cache.get_seq_length() != self.length:
             raise RuntimeError(
-                f"SANA's instruction cache: this transformers version's cache ({type(cache).__name__}) no longer "
-                "resets as sid_fast expects; set Sana.prefix_cache = False or use the locked transformers."
+                f"SANA's instruction cache: this transformers version's cache ({type(cache).__name__}) does not "
+                "go back to the instruction's length when reset; set Sana.prefix_cache = False or use the locked "
+                "transformers."
             )
 
     def suffix_states(self, gemma, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
