@@ -137,7 +137,7 @@ EXIT_STOPPED = 75
     "--num_steps",
     "generator_steps",
     cls=AliasOption,
-    help="Flow-matching teachers: K of the K-step generator (trained on k ~ U{1..K} steps per iteration)",
+    help="K of the K-step generator, trained on k ~ U{1..K} steps per iteration (1: one-step SiD)",
     metavar="K",
     type=int,
 )
@@ -146,7 +146,7 @@ EXIT_STOPPED = 75
     "--noise_type",
     "noise_type",
     cls=AliasOption,
-    help="Flow-matching teachers: re-noising between generator steps",
+    help="Re-noising between generator steps",
     type=click.Choice(["fresh", "fixed", "ddim"]),
 )
 @click.option(

@@ -57,6 +57,11 @@ def generator_from_file(path, init_sigma: float | None = None) -> tuple[OneStepG
                 f"pass --init-sigma (SiD uses 2.5)."
             )
         init_sigma = float(meta.get("sigma_init", 2.5))
+    if int(meta.get("steps", 1)) > 1:
+        raise ExportError(
+            f"{path}: a {meta['steps']}-step generator; the export package holds one-step generators (sample it with "
+            "python -m sid_fast.sample)."
+        )
     if not SIGMA_INIT.admits(init_sigma):
         raise ExportError(f"--init-sigma must be {SIGMA_INIT.describe()}, got {init_sigma}.")
     return OneStepGenerator(net.eval().requires_grad_(False), init_sigma), info

@@ -191,8 +191,8 @@ def ref(data, dest, resolution, loader, batch, workers, metrics, detector, dinov
 )
 @click.option(
     "--sampler",
-    help="auto: one step for sid_fast generators, Heun otherwise",
-    type=click.Choice(["auto", "onestep", "heun"]),
+    help="auto: a sid_fast generator's own steps (generator), Heun otherwise; onestep: a generator's first step alone",
+    type=click.Choice(["auto", "generator", "onestep", "heun"]),
     default="auto",
     show_default=True,
 )

@@ -4,8 +4,8 @@
     runs/00000-digits/network-snapshot-000000048128/
         model.safetensors   the network's fp32 state dict (safetensors: tensors and a JSON header, nothing executable)
         config.json         {"format": "sid_fast.network", "version": 1, "class_name", "init_kwargs",
-                             "meta": {"kind": "generator", "sigma_init", "alpha", "teacher", "preset", "kimg",
-                                      "metrics": {...}}}
+                             "meta": {"kind": "generator", "sigma_init", "steps", "noise_type", "alpha",
+                                      "teacher", "preset", "kimg", "metrics": {...}}}
         README.md           the model card: what it is, how it was made, how to sample it
 
 The trainer writes every snapshot so; `sid_fast.sample`, `sid_fast.fid`, `sid_fast.export` and `--sid-model` take a
@@ -34,6 +34,7 @@ import click
 import torch
 from safetensors.torch import save_file
 
+from sid_fast import fewstep
 from sid_fast.checkpoints import load_network_file
 from sid_fast.files import DestinationError, check_folder_destination
 from sid_fast.sampling import generate
@@ -80,14 +81,21 @@ def model_card(class_name: str, init_kwargs: dict, meta: dict, repo_id: str | No
     lines += [
         "---",
         "",
-        f"# {'One-step generator' if kind == 'generator' else 'Network'} distilled with Score identity Distillation",
+        f"# {steps_title(meta) if kind == 'generator' else 'Network'} distilled with Score identity Distillation",
         "",
         f"A network of class {class_name} ({res}x{res}x{ch}{classes}) written by sid_fast.",
     ]
-    if kind == "generator":
+    if kind == "generator" and int(meta.get("steps", 1)) == 1:
         lines += [
             "It maps Gaussian noise z to an image in one network call: x = G(sigma_init * z, sigma_init)"
             f" with sigma_init = {meta.get('sigma_init')}.",
+        ]
+    elif kind == "generator":
+        sigmas = ", ".join(f"{s:.4g}" for s in fewstep.edm_sigmas(float(meta["sigma_init"]), int(meta["steps"])))
+        lines += [
+            f"It maps Gaussian noise z to an image in {meta['steps']} network calls: x_0 = G(sigma_0 z, sigma_0), then"
+            f" x_i = G(x_(i-1) + sigma_i n_i, sigma_i) with sigma = {sigmas} and {meta.get('noise_type')} re-noising"
+            " n_i (sid_fast.fewstep).",
         ]
     facts = [(k, meta.get(k)) for k in ("teacher", "preset", "kimg", "alpha") if meta.get(k) is not None]
     for name, value in (meta.get("metrics") or {}).items():
@@ -115,6 +123,11 @@ def model_card(class_name: str, init_kwargs: dict, meta: dict, repo_id: str | No
         "",
     ]
     return "\n".join(lines)
+
+
+def steps_title(meta: dict) -> str:
+    steps = int(meta.get("steps", 1))
+    return "One-step generator" if steps == 1 else f"{steps}-step generator"
 
 
 def folder_config(class_name: str, init_kwargs: dict, meta: dict) -> dict:
@@ -179,7 +192,8 @@ def load_generator(spec):
 
 class OneStepSampler(torch.nn.Module):
     """A loaded generator with the project's sampling conventions attached: per-seed latents (EDM's per-image
-    generators) and x = G(sigma_init z, sigma_init), as `python -m sid_fast.sample` draws them."""
+    generators) and the generator's own steps (x = G(sigma_init z, sigma_init) for one step), as `python -m
+    sid_fast.sample` draws them."""
 
     def __init__(self, net: torch.nn.Module, info: dict):
         super().__init__()

@@ -1,11 +1,11 @@
-"""Generate images from a network file: one-step SiD generators or EDM teachers (Heun sampler).
+"""Generate images from a network file: SiD generators (one step, or their K steps) or EDM teachers (Heun sampler).
 
     python -m sid_fast.sample --network runs/00000-.../network-snapshot-000000048128 --seeds 0-63 --outdir out
     python -m sid_fast.sample --network edm-cifar10-32x32-cond-vp.pkl --seeds 0-63 --steps 18 --outdir out
 
-The sampler is chosen from the file: sid_fast generator snapshots carry kind="generator" and their sigma_init and are
-sampled in one step; anything else runs EDM's Heun sampler. SiD's own `network-snapshot-*.pkl` files look like EDM
-teachers from the outside: pass `--sampler onestep` for them.
+The sampler is chosen from the file: sid_fast generator snapshots carry kind="generator", their sigma_init and step
+count and are sampled with those steps (sid_fast.sampling.generator_sample); anything else runs EDM's Heun sampler.
+SiD's own `network-snapshot-*.pkl` files look like EDM teachers from the outside: pass `--sampler onestep` for them.
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def check_outdir(outdir, grid=None, overwrite: bool = False) -> None:
 )
 @click.option(
     "--sampler",
-    help="auto: one step for sid_fast generators, Heun otherwise",
-    type=click.Choice(["auto", "onestep", "heun"]),
+    help="auto: a sid_fast generator's own steps (generator), Heun otherwise; onestep: a generator's first step alone",
+    type=click.Choice(["auto", "generator", "onestep", "heun"]),
     default="auto",
     show_default=True,
 )

@@ -1,4 +1,5 @@
-"""Sampling: EDM's Heun sampler for teachers (EDM generate.py, edm_sampler) and the one-step SiD generator.
+"""Sampling: EDM's Heun sampler for teachers (EDM generate.py, edm_sampler) and SiD's generators, one-step or K-step
+(sid_fast.fewstep).
 
 Latents and class labels are drawn per image from `torch.Generator().manual_seed(seed % 2**32)`, as EDM's
 `StackedRandomGenerator` does, so a seed gives the same image whatever the batch it falls in.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from sid_fast import fewstep
 
 
 class StackedRandomGenerator:
@@ -76,6 +79,30 @@ def onestep_sample(generator, z, sigma_init: float, class_labels=None):
     """SiD's one-step generator: x_g = G(sigma_init * z, sigma_init, c) (official training/sid_training_loop.py)."""
     sigma = torch.full([z.shape[0], 1, 1, 1], float(sigma_init), device=z.device)
     return generator(sigma_init * z.to(torch.float32), sigma, class_labels)
+
+
+def edm_fewstep(denoise, z, sigma_init: float, steps: int, run: int | None = None, noise_type: str = "fresh",
+                generator=None, train_last: bool = False, noises=None):  # fmt: skip
+    """D_{run-1} of the K-step EDM generator (K = `steps`) at sigma_i = sid_fast.fewstep.edm_sigmas(sigma_init, K):
+    x_i = D_{i-1} + sigma_i n_i, D_i = denoise(x_i, sigma_i [N, 1, 1, 1]); the rest as sid_fast.fewstep.generate."""
+    levels = [torch.full([z.shape[0], 1, 1, 1], s, device=z.device) for s in fewstep.edm_sigmas(sigma_init, steps)]
+    return fewstep.generate(denoise, lambda sigma: (1.0, sigma), levels, z, run, noise_type, generator, train_last,
+                            noises)  # fmt: skip
+
+
+def generator_sample(generator, z, sigma_init: float, class_labels=None, steps: int = 1, noise_type: str = "fresh",
+                     randn_like=None):  # fmt: skip
+    """A SiD generator's sample of z: one step (onestep_sample) or its K = `steps` steps, fresh re-noising drawn by
+    `randn_like` (per seed: StackedRandomGenerator.randn_like, after z and the labels)."""
+    if steps == 1:
+        return onestep_sample(generator, z, sigma_init, class_labels)
+    z = z.to(torch.float32)
+    noises = None
+    if noise_type == "fresh":
+        draw = randn_like if randn_like is not None else torch.randn_like
+        noises = [draw(z) for _ in range(steps - 1)]
+    return edm_fewstep(lambda x, sigma: generator(x, sigma, class_labels), z, sigma_init, steps,
+                       noise_type=noise_type, noises=noises)  # fmt: skip
 
 
 def latents_and_labels(net, seeds, device="cpu", class_idx=None):
@@ -151,15 +178,18 @@ def generate_uint8(
 
 
 def generate(net, info, seeds, device, sampler="auto", steps=18, class_idx=None, init_sigma=None, churn=None):
-    """Images in [-1, 1] for the given seeds (one batch)."""
+    """Images in [-1, 1] for the given seeds (one batch). Samplers: "generator" (a SiD generator's own steps, K from
+    its metadata, default 1), "onestep" (its first step alone), "heun" (EDM's, `steps` steps), "auto" ("generator"
+    for a file whose metadata says kind "generator", else "heun")."""
     meta = info.get("meta", {})
     if sampler == "auto":
-        sampler = "onestep" if meta.get("kind") == "generator" else "heun"
+        sampler = "generator" if meta.get("kind") == "generator" else "heun"
     latents, labels, rnd = latents_and_labels(net, seeds, device=device, class_idx=class_idx)
     with torch.no_grad():
-        if sampler == "onestep":
+        if sampler in ("generator", "onestep"):
             sigma = init_sigma if init_sigma is not None else meta.get("sigma_init", 2.5)
-            return onestep_sample(net, latents, sigma, labels)
+            k = int(meta.get("steps", 1)) if sampler == "generator" else 1
+            return generator_sample(net, latents, sigma, labels, k, meta.get("noise_type", "fresh"), rnd.randn_like)
         kw = dict(num_steps=steps)
         if churn:
             kw.update(S_churn=churn[0], S_min=churn[1], S_max=churn[2], S_noise=churn[3])

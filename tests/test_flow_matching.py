@@ -511,8 +511,8 @@ def test_bad_input_is_refused_in_one_sentence(sd3_folder, prompt_file, tmp_path)
             cfg = flow_config(sd3_folder, prompt_file, **over)
             load_family(cfg, torch.device("cpu"))
         assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
-    with pytest.raises(ConfigError, match="--generator-steps 4: few-step generators are built for flow-matching"):
-        resolve_config("digits", dict(generator_steps=4))
+    with pytest.raises(ConfigError, match="--noise-type 'euler': choose one of fresh, fixed, ddim"):
+        resolve_config("digits", dict(generator_steps=4, noise_type="euler"))
     broken = tmp_path / "broken"
     shutil.copytree(sd3_folder, broken)
     shutil.rmtree(broken / "text_encoder_3")

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("sid_fast.kernels", "sid_fast.kernels.*")),
     ("basics", ("sid_fast", "sid_fast.files", "sid_fast.flags", "sid_fast.progress", "sid_fast.hf", "sid_fast.dist",
                 "sid_fast.losses", "sid_fast.casts", "sid_fast.storage", "sid_fast.guard", "sid_fast.data",
-                "sid_fast.data.prompts")),
+                "sid_fast.data.prompts", "sid_fast.fewstep")),
     ("ops", ("sid_fast.ops",)),
     ("networks", ("sid_fast.networks", "sid_fast.networks.*")),
     ("files and data", ("sid_fast.checkpoints", "sid_fast.sampling", "sid_fast.ema", "sid_fast.augment",

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sid_fast import checkpoints, hub, ops
+from sid_fast import checkpoints, fewstep, hub, ops
 from sid_fast.data.dataset import DatasetError, ImageDataset, LabelsDataset
 from sid_fast.data.digits import DigitsDataset
 from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks, SiDASupport, TeacherSpec, fitted_generator
@@ -24,7 +24,7 @@ from sid_fast.flags import ConfigError
 from sid_fast.losses import sample_edm_sigma, sample_generator_sigma
 from sid_fast.networks import build_network
 from sid_fast.networks.precond import PRECOND_TYPES
-from sid_fast.sampling import check_vae, latents_and_labels, onestep_sample, to_uint8
+from sid_fast.sampling import check_vae, edm_fewstep, generator_sample, latents_and_labels, to_uint8
 
 GUIDANCE_FLAGS = ("cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")
 
@@ -41,6 +41,7 @@ class EDMDenoiser:
         map_augment = getattr(getattr(teacher, "model", None), "map_augment", None)
         self.aug_dim = map_augment.in_features if map_augment is not None else 0
         self.logvar = False  # the fake score returns no u(sigma)
+        self.multistep = cfg.generator_steps > 1  # the trainer passes the iteration's step count to `generate`
 
     def image_shape(self, n: int) -> list[int]:
         return [n, self.cfg.channels, self.cfg.resolution, self.cfg.resolution]
@@ -70,11 +71,17 @@ class EDMDenoiser:
     def _aug_kwargs(aug) -> dict:
         return {} if aug is None else dict(augment_labels=aug)
 
-    def generate(self, call, z: torch.Tensor, cond) -> torch.Tensor:
-        """x_g = G(sigma_init z, sigma_init, labels): the one-step generator."""
+    def generate(self, call, z: torch.Tensor, cond, run: int | None = None, generator=None, train: bool = False):
+        """x_g = G(sigma_init z, sigma_init, labels): the one-step generator. With --generator-steps K > 1 (`multistep`)
+        the K-step generator run for `run` steps (sid_fast.sampling.edm_fewstep), fresh re-noising drawn from
+        `generator`; `train`: only the last step with gradient."""
+        aug = self._aug_kwargs(self.aug_zeros(z.shape[0]))
+        if self.multistep:
+            return edm_fewstep(lambda x, sigma: call(x, sigma, cond, **aug), z, self.cfg.init_sigma,
+                               self.cfg.generator_steps, run, self.cfg.noise_type, generator, train)  # fmt: skip
         s = self.cfg.init_sigma
         sigma = torch.full([z.shape[0], 1, 1, 1], s, device=self.device)
-        return call(s * z, sigma, cond, **self._aug_kwargs(self.aug_zeros(z.shape[0])))
+        return call(s * z, sigma, cond, **aug)
 
     def teacher(self, call, x: torch.Tensor, level: torch.Tensor, cond) -> torch.Tensor:
         return call(x, level, cond, **self._aug_kwargs(self.aug_zeros(x.shape[0])))
@@ -115,7 +122,7 @@ class EDMFamily(Family):
 
     name = "edm"
     generator_classes = tuple(k for k in PRECOND_TYPES if k != "Precond")
-    fields = ("cond", "resolution", "channels", "label_dim", "P_mean", "P_std")
+    fields = ("cond", "resolution", "channels", "label_dim", "P_mean", "P_std", "generator_steps", "noise_type")
     sida = SiDASupport(fake_grad_clip=1.0, edm2_rules=False)  # official sida_training_loop.py: clip_grad_value_(1)
     folder_files = hub.FOLDER_FILES
     denoiser_class = EDMDenoiser
@@ -244,17 +251,22 @@ class EDMFamily(Family):
         return "uniform" if self.label_table is None else f"label frequencies of {self.data}"
 
     def describe(self, cfg) -> str:
-        return f"alpha {cfg.alpha}, tmax {cfg.tmax}, init_sigma {cfg.init_sigma}"
+        steps = ""
+        if cfg.generator_steps > 1:
+            sigmas = ", ".join(f"{s:.4g}" for s in fewstep.edm_sigmas(cfg.init_sigma, cfg.generator_steps))
+            steps = f", {cfg.generator_steps}-step generator at sigma {sigmas} ({cfg.noise_type} re-noising)"
+        return f"alpha {cfg.alpha}, tmax {cfg.tmax}, init_sigma {cfg.init_sigma}{steps}"
 
     # Outputs.
     @torch.no_grad()
     def sample(self, G_ema, cfg, seeds, device) -> torch.Tensor:
-        """One-step samples of G_ema for `seeds` (on the CPU), in batches of 256."""
-        z, labels, _ = latents_and_labels(G_ema, seeds, device=device)
+        """Samples of G_ema (its --generator-steps steps) for `seeds` (on the CPU), in batches of 256, per seed as
+        `python -m sid_fast.sample` draws them."""
         out = []
         for i in range(0, len(seeds), 256):
-            lab = None if labels is None else labels[i : i + 256]
-            out.append(onestep_sample(G_ema, z[i : i + 256], cfg.init_sigma, lab).cpu())
+            z, labels, rnd = latents_and_labels(G_ema, seeds[i : i + 256], device=device)
+            out.append(generator_sample(G_ema, z, cfg.init_sigma, labels, cfg.generator_steps, cfg.noise_type,
+                                        rnd.randn_like).cpu())  # fmt: skip
         return torch.cat(out)
 
     def grid(self, G_ema, cfg, device):
@@ -286,7 +298,8 @@ class EDMFamily(Family):
             seeds = list(range(10_000_000, 10_000_000 + cfg.metric_num))
             return {"fd_digits": fd_digits(self.sample(G_ema, cfg, seeds, device))}
         if self.detectors:  # FID and/or FD-DINOv2: every rank generates its share, once for all detectors
-            info = dict(meta=dict(kind="generator", sigma_init=cfg.init_sigma))
+            meta = dict(kind="generator", sigma_init=cfg.init_sigma, steps=cfg.generator_steps)
+            info = dict(meta=dict(meta, noise_type=cfg.noise_type))
             stats, _ = generator_stats(G_ema, info, range(cfg.metric_num), self.detectors, device,
                                        batch=cfg.batch_gpu, rank=rank, world=world, progress=False,
                                        vae=self.vae)  # fmt: skip
@@ -315,10 +328,13 @@ class EDMFamily(Family):
 
 
 def generator_meta(cfg_json: dict, kimg: float) -> dict:
-    """The metadata of an EDM-family generator folder: how it samples (sigma_init) and how it was made."""
+    """The metadata of an EDM-family generator folder: how it samples (sigma_init, its steps and re-noising) and how
+    it was made."""
     return dict(
         kind="generator",
         sigma_init=cfg_json["init_sigma"],
+        steps=cfg_json.get("generator_steps", 1),
+        noise_type=cfg_json.get("noise_type", "fresh"),
         alpha=cfg_json["alpha"],
         preset=cfg_json["preset"],
         kimg=kimg,

@@ -230,8 +230,6 @@ class FlowFamily(Family):
             ("--augment", cfg.augment > 0, cfg.augment, "EDM's augmentation is not built for latents"),
             ("--cuda-graphs", cfg.cuda_graphs == "step", cfg.cuda_graphs, "text conditioning is encoded on the host "
              "inside every micro-batch; use --cuda-graphs sites"),
-            ("--noise-type", cfg.noise_type not in flow.NOISE_TYPES, cfg.noise_type,
-             f"choose one of {', '.join(flow.NOISE_TYPES)}"),
             ("--weighting", cfg.weighting not in flow.WEIGHTINGS, cfg.weighting,
              f"choose one of {', '.join(flow.WEIGHTINGS)}"),
         ):  # fmt: skip
@@ -442,17 +440,6 @@ class FlowFamily(Family):
                                        **generator_meta(state["config"], state["cur_nimg"] / 1e3))  # fmt: skip
 
 
-def seed_noises(seeds, shape, steps: int):
-    """(z [N, *shape], [re-noising of step i, [N, *shape]] for i = 1..K-1): per seed, z then each step's noise drawn
-    in order from torch.Generator().manual_seed(seed) on the CPU."""
-    per = []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        per.append([torch.randn(list(shape), generator=g) for _ in range(steps)])
-    z = torch.stack([p[0] for p in per])
-    return z, [torch.stack([p[i] for p in per]) for i in range(1, steps)]
-
-
 FORMAT = "sid_fast-flow-1"  # sid_fast.json's format of a flow generator folder
 
 
@@ -497,7 +484,7 @@ def sample_flow(kind, meta: dict, prompts: list[str], seeds, device, steps: int 
     `model`: model(x, t, cond) -> v (default: kind's transformer in its own dtype)."""
     k = int(steps or meta["steps"])
     shape = [kind.latent_channels, kind.latent_resolution, kind.latent_resolution]
-    z, noises = seed_noises(seeds, shape, k)
+    z, noises = export.seed_noises(seeds, shape, k)
     cond = {n: v.to(torch.promote_types(v.dtype, torch.float32)) for n, v in kind.encode_text(prompts, device).items()}
     model = model or kind.velocity_model(kind.transformer, 1.0)
     return flow.generate(model, z.to(device), cond, int(meta["init_timestep"]), k, None, meta["noise_type"],

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from sid_fast import checkpoints, ops
+from sid_fast import checkpoints, fewstep, ops
 from sid_fast.data.prompts import PromptError, read_prompts
 from sid_fast.families import edm
 from sid_fast.families.base import ASSETS, FakeOutput, Family, Networks, fitted_generator
@@ -83,6 +83,7 @@ class SDDenoiser:
         self.cfg, self.schedule, self.uncond, self.device = cfg, sd.schedule, uncond, device
         self.channels, self.resolution = sd.latent_channels, sd.latent_resolution
         self.autocast = torch.bfloat16 if cfg.precision == "bf16" else None
+        self.multistep = cfg.generator_steps > 1  # the trainer passes the iteration's step count to `generate`
 
     def image_shape(self, n: int) -> list[int]:
         return [n, self.channels, self.resolution, self.resolution]
@@ -119,8 +120,15 @@ class SDDenoiser:
     def guided(self, call, x_t, t, cond, kappa: float) -> torch.Tensor:
         return guided_output(self._model(call), x_t, t, cond, self.uncond, kappa)
 
-    def generate(self, call, z: torch.Tensor, cond) -> torch.Tensor:
-        """x_g: the x0-prediction of G at --init-timestep on sqrt(1 - abar) z (official sid_sd_sampler, one step)."""
+    def generate(self, call, z: torch.Tensor, cond, run: int | None = None, generator=None, train: bool = False):
+        """x_g: the x0-prediction of G at --init-timestep on sqrt(1 - abar) z (official sid_sd_sampler, one step).
+        With --generator-steps K > 1 (`multistep`) the K-step generator run for `run` steps (Schedule.fewstep), fresh
+        re-noising drawn from `generator`; `train`: only the last step with gradient."""
+        if self.multistep:
+            model = self._model(call)
+            return self.schedule.fewstep(lambda x, t: self.schedule.x0(x, model(x, t, cond), t), z,
+                                         self.cfg.init_timestep, self.cfg.generator_steps, run, self.cfg.noise_type,
+                                         generator, train)  # fmt: skip
         t = torch.full([z.shape[0]], self.cfg.init_timestep, dtype=torch.long, device=z.device)
         x = self.schedule.generator_input(z, t)
         return self.schedule.x0(x, self._model(call)(x, t, cond), t)
@@ -153,7 +161,8 @@ class SDFamily(Family):
 
     name = "sd"
     generator_classes = (SD_CLASS,)
-    fields = ("resolution", "channels", "tmin", "init_timestep", "cfg_train_fake", "cfg_eval_fake", "cfg_eval_real")
+    fields = ("resolution", "channels", "tmin", "init_timestep", "generator_steps", "noise_type", "cfg_train_fake",
+              "cfg_eval_fake", "cfg_eval_real")  # fmt: skip
     folder_files = export.FOLDER_FILES
 
     @classmethod
@@ -240,6 +249,11 @@ class SDFamily(Family):
                 f"--init-timestep {cfg.init_timestep}: the teacher {cfg.teacher} has {steps} timesteps "
                 f"(0 to {steps - 1})."
             )
+        if cfg.generator_steps > cfg.init_timestep:
+            raise ConfigError(
+                f"--generator-steps {cfg.generator_steps}: the generator's timesteps round(init_timestep (1 - i / K)) "
+                f"from --init-timestep {cfg.init_timestep} would repeat; give at most {cfg.init_timestep} steps."
+            )
         family = cls(cfg, device, sd, prompts, tokens)
         if cfg.sid_model is not None:
             family.generator_init = load_sid_model(cfg, sd.unet)
@@ -325,15 +339,24 @@ class SDFamily(Family):
             f"SiD-LSG: alpha {cfg.alpha}, t in [{cfg.tmin}, {cfg.tmax}), init_timestep {cfg.init_timestep}, guidance "
             f"kappa1 {cfg.cfg_train_fake:g} / kappa2 {cfg.cfg_eval_fake:g} / kappa4 {cfg.cfg_eval_real:g}, prompt "
             f"dropout {self.drop_p:g}"
+            + (
+                f"; {cfg.generator_steps}-step generator at timesteps "
+                f"{fewstep.timestep_indices(cfg.init_timestep, cfg.generator_steps)} ({cfg.noise_type} re-noising)"
+                if cfg.generator_steps > 1
+                else ""
+            )
         )
 
     # Outputs.
     @torch.no_grad()
     def sample_latents(self, G_ema, cfg, prompts: list[str], seeds, device) -> torch.Tensor:
-        """G_ema's one-step latents for (prompt, seed) pairs, z from torch.Generator().manual_seed(seed) on the CPU."""
-        z = export.seed_latents(seeds, [self.sd.latent_channels, self.sd.latent_resolution, self.sd.latent_resolution])
-        return export.onestep_latents(G_ema, self.sd.schedule, z.to(device), self.encode_prompts(prompts),
-                                      cfg.init_timestep)  # fmt: skip
+        """G_ema's latents (its --generator-steps steps) for (prompt, seed) pairs, z and each fresh re-noising drawn
+        from torch.Generator().manual_seed(seed) on the CPU (export.seed_noises)."""
+        shape = [self.sd.latent_channels, self.sd.latent_resolution, self.sd.latent_resolution]
+        z, noises = export.seed_noises(seeds, shape, cfg.generator_steps)
+        return export.generator_latents(G_ema, self.sd.schedule, z.to(device), self.encode_prompts(prompts),
+                                        cfg.init_timestep, cfg.generator_steps, cfg.noise_type,
+                                        [n.to(device) for n in noises])  # fmt: skip
 
     def grid(self, G_ema, cfg, device):
         """16 prompts (the first 16 lines of --validation-prompts or of the prompt file, repeated if fewer), seeds
@@ -395,11 +418,14 @@ def prompt_tokens(prompts, sd: StableDiffusion):
 
 
 def generator_meta(cfg_json: dict, kimg: float) -> dict:
-    """sid_fast.json of a Stable Diffusion generator folder: how it samples (init_timestep), how it was made, and for
-    the presets' public teachers their Hub id and license (the model card's base_model and license)."""
+    """sid_fast.json of a Stable Diffusion generator folder: how it samples (init_timestep, steps, re-noising), how it
+    was made, and for the presets' public teachers their Hub id and license (the model card's base_model and
+    license)."""
     official = cfg_json.get("official_teacher")
     meta = dict(
         init_timestep=cfg_json["init_timestep"],
+        steps=cfg_json.get("generator_steps", 1),
+        noise_type=cfg_json.get("noise_type", "fresh"),
         teacher=Path(str(cfg_json["teacher"])).name,
         preset=cfg_json["preset"],
         kimg=kimg,

@@ -310,7 +310,7 @@ def clip_score(files: list[Path], captions: list[str], scorer: CLIPScorer, batch
 def generate_images(network, teacher, captions_file, images, num: int, batch: int, device, steps=None) -> None:
     """The generator's images for the first `num` captions (image i: caption i, seed i, as the official
     generate_onestep.py and t2i.sample make them) into the empty or new folder `images`, every rank its share;
-    `steps`: a flow generator's sampling steps (default: its K)."""
+    `steps`: the generator's sampling steps (default: its K)."""
     from sid_fast.t2i.sample import generate, resolve_network  # start-up: the sampler's code, only with --network
 
     out = Path(images)
@@ -391,13 +391,13 @@ def evaluate(protocol, images, captions_file, ref, detector, clip, num, batch, d
 @click.option("--network", help="Make the images first with this generator (t2i.sample's --network)", metavar="DIR|ID")
 @click.option("--teacher", help="With --network: its teacher's Stable Diffusion folder (default: a pipeline --network)",
               metavar="DIR")  # fmt: skip
-@click.option("--steps", help="With --network: a flow generator's sampling steps (default: the K it was trained for)",
+@click.option("--steps", help="With --network: the generator's sampling steps (default: the K it was trained for)",
               type=click.IntRange(1, 64))  # fmt: skip
 def main(protocol, images, captions_file, ref, detector, clip, num, batch, save_ref, json_path, network, teacher,
          steps):  # fmt: skip
     """Zero-shot COCO-2014 FID and CLIP score of text-to-image samples, by a named protocol."""
     if steps is not None and network is None:
-        raise click.UsageError("--steps is for --network (a flow generator's sampling steps).")
+        raise click.UsageError("--steps is for --network (the generator's sampling steps).")
     device = dist.init()
     try:
         if network is not None:

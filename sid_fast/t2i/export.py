@@ -36,6 +36,34 @@ def seed_latents(seeds, shape) -> torch.Tensor:
     return torch.stack([torch.randn(list(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def seed_noises(seeds, shape, steps: int):
+    """(z [N, *shape], [re-noising of step i, [N, *shape]] for i = 1..K-1) of a K-step generator: per seed, z then
+    each step's noise drawn in order from torch.Generator().manual_seed(seed) on the CPU (z is seed_latents')."""
+    per = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        per.append([torch.randn(list(shape), generator=g) for _ in range(steps)])
+    z = torch.stack([p[0] for p in per])
+    return z, [torch.stack([p[i] for p in per]) for i in range(1, steps)]
+
+
+@torch.no_grad()
+def generator_latents(unet, schedule, z: torch.Tensor, cond, init_timestep: int, steps: int = 1,
+                      noise_type: str = "fresh", noises=None) -> torch.Tensor:  # fmt: skip
+    """The latents of a K-step generator (K = `steps`; 1: onestep_latents) at schedule.fewstep's timesteps, fresh
+    re-noising from `noises` (seed_noises), in the UNet's dtype with x0 in fp32."""
+    if steps == 1:
+        return onestep_latents(unet, schedule, z, cond, init_timestep)
+    dtype = next(unet.parameters()).dtype
+    model, cond = unet_model(unet), map_cond(lambda c: c.to(dtype), cond)
+
+    def denoise(x, t):
+        out = model(x.to(dtype), t, cond)
+        return schedule.x0(x, out.to(torch.promote_types(out.dtype, torch.float32)), t)
+
+    return schedule.fewstep(denoise, z, init_timestep, steps, noise_type=noise_type, noises=noises)
+
+
 @torch.no_grad()
 def onestep_latents(unet, schedule, z: torch.Tensor, cond, init_timestep: int) -> torch.Tensor:
     """The generator's latents: the x0-prediction of `unet` at init_timestep on sqrt(1 - abar) z (fp32); `cond`: text
@@ -324,6 +352,11 @@ def save_pipeline_folder(path, generator, teacher, overwrite: bool = False, **ex
             )
     from diffusers import DDPMScheduler
 
+    if int(meta.get("steps", 1)) > 1:
+        raise SDError(
+            f"{generator}: a {meta['steps']}-step generator; a pipeline folder's scheduler holds one-step generators "
+            "(sample it with python -m sid_fast.t2i.sample, or share its UNet folder)."
+        )
     meta = {k: v for k, v in dict(meta, **{k: v for k, v in extra.items() if v is not None}).items() if k != "format"}
     scheduler = onestep_scheduler(DDPMScheduler.from_pretrained(str(teacher), subfolder="scheduler"),
                                   meta["init_timestep"])  # fmt: skip

@@ -35,13 +35,13 @@ import math
 
 import torch
 
+from sid_fast import fewstep
 from sid_fast.losses import GAN_LOGIT_CLAMP  # SiDA's +-10, the same in the official flow loops
 
 # log 2 as the official code computes it (torch.log(torch.tensor(2.0)) under torch's default float32: 0.69314718246,
 # not float64's 0.69314718056), and the spread of n.
 LOGIT_MEAN = float(torch.log(torch.tensor(2.0, dtype=torch.float32)))
 LOGIT_STD = 1.6
-NOISE_TYPES = ("fresh", "fixed", "ddim")
 
 
 def draw_t(n: int, device, generator=None, dtype=torch.float32) -> torch.Tensor:
@@ -148,33 +148,18 @@ def step_times(init_timestep: int, steps: int) -> list[float]:
 def generate(model, z, cond, init_timestep: int, steps: int, run: int | None = None, noise_type: str = "fresh",
              generator=None, train_last: bool = False, noises=None) -> torch.Tensor:  # fmt: skip
     """G's sample D_{run-1} of a K-step generator (K = `steps`) run for `run` steps (default K); model(x, t, cond) ->
-    v. Fresh re-noising draws N(0, I) from `generator` at each step after the first (or takes noises[i - 1] when
-    given: per-seed sampling). `train_last`: the last step runs with gradient on its detached input and every
-    earlier step without (the generator phase); otherwise every step runs as the caller's grad mode says."""
-    run = steps if run is None else run
-    times = step_times(init_timestep, steps)
-    D = torch.zeros_like(z)
-    x = t = None
-    for i in range(run):
-        if i == 0 or noise_type == "fixed":
-            n = z
-        elif noise_type == "fresh" and noises is not None:
-            n = noises[i - 1]
-        elif noise_type == "fresh":
-            n = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
-        elif noise_type == "ddim":
-            n = ((x - (1.0 - t) * D) / t).detach()
-        else:
-            raise ValueError(f"unknown noise type {noise_type!r}; choose one of {', '.join(NOISE_TYPES)}.")
-        t = torch.full((z.shape[0],), times[i], device=z.device, dtype=z.dtype)
-        last = i == run - 1
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (last or not train_last)):
-            x = (1.0 - _col(t, z)) * D + _col(t, z) * n
-            if train_last and last:
-                x = x.detach()
-            D = x - _col(t, z) * model(x, t, cond)
+    v. The loop, its re-noising and its gradient rule are sid_fast.fewstep.generate's with a = 1 - t, s = t and
+    D = x - t v; `noises`, `generator` and `train_last` as there."""
+    levels = [torch.full((z.shape[0],), t, device=z.device, dtype=z.dtype) for t in step_times(init_timestep, steps)]
+
+    def scale(t):
         t = _col(t, z)
-    return D
+        return 1.0 - t, t
+
+    def denoise(x, t):
+        return x - _col(t, z) * model(x, t, cond)
+
+    return fewstep.generate(denoise, scale, levels, z, run, noise_type, generator, train_last, noises)
 
 
 assert math.isclose(LOGIT_MEAN, math.log(2), rel_tol=1e-7)

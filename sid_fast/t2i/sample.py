@@ -1,17 +1,18 @@
 """Text-to-image sampling with a SiD-LSG generator (a snapshot folder of `train.py` with a Stable Diffusion teacher, a
 folder sid_fast.t2i.export wrote, by path or Hub id, or an official SiD-LSG .pkl read safely) and its teacher's text
-encoder and VAE, one step; or with a flow-matching generator (a transformer snapshot folder of an SD3 or FLUX run)
-and its teacher's text encoders and VAE, in its K steps (or --steps).
+encoder and VAE; or with a flow-matching generator (a transformer snapshot folder of an SD3, FLUX or SANA run) and its
+teacher's text encoders and VAE. A generator runs its recorded K steps (one for SiD-LSG unless trained with
+--generator-steps), or --steps.
 
     python -m sid_fast.t2i.sample --network runs/.../network-snapshot-XXXXXXXXXXXX --teacher stable-diffusion-v1-5 \
         --prompt "a photo of a cat" --seeds 0-15 --outdir out --grid grid.png
     torchrun --standalone --nproc_per_node=8 -m sid_fast.t2i.sample --network ... --teacher ... \
         --prompts captions.txt --outdir coco30k --resolution 256  # image i: caption line i, seed i (00000i.png)
 
-Image i's latents are the generator's x0-prediction at its init timestep on sqrt(1 - abar) z with z from
+Image i's latents are the one-step generator's x0-prediction at its init timestep on sqrt(1 - abar) z with z from
 torch.Generator().manual_seed(seed) (sid_fast.t2i.export.seed_latents), so an image depends on its prompt and seed
-only: not on the batch, the device count or the rank that made it (a flow generator's re-noising of step i is the
-seed's generator's next draw after z). With torchrun every rank makes every world-th
+only: not on the batch, the device count or the rank that made it (a K-step generator's re-noising of step i is the
+seed's generator's next draw after z: sid_fast.t2i.export.seed_noises). With torchrun every rank makes every world-th
 image. The official evaluation (generate_onestep.py) likewise gives caption i seed i. A progress bar with the time
 left is shown on a terminal (rank 0), and every rank ends with one line: how many images, how fast, where.
 """
@@ -33,7 +34,7 @@ from sid_fast.progress import Timer, bar, summary
 from sid_fast.sample import check_outdir, parse_int_list
 from sid_fast.sampling import image_grid, save_image
 from sid_fast.storage import download, hub_id
-from sid_fast.t2i.export import decode, is_pipeline_folder, load_unet_folder, onestep_latents, seed_latents
+from sid_fast.t2i.export import decode, generator_latents, is_pipeline_folder, load_unet_folder, seed_noises
 from sid_fast.t2i.flux import FluxError
 from sid_fast.t2i.sana import SanaError
 from sid_fast.t2i.sd import SDError, load_sd
@@ -76,7 +77,7 @@ def generate(
     """Write outdir/<index, 6 digits>.png for this rank's share of `todo` (resized to `resolution` with PIL's LANCZOS
     when given, as the official FID-30k evaluates 512-pixel images at 256); returns how many it wrote.
     `init_timestep` overrides the generator's recorded one (official generate_onestep.py --init_timestep); `steps`:
-    a flow generator's step count (default: the K it was trained for)."""
+    the generator's step count (default: the K it was trained for)."""
     if is_flow_generator(network):
         kind, meta = load_flow_generator(network, teacher, device)
         meta = dict(meta, init_timestep=init_timestep or meta["init_timestep"])
@@ -90,8 +91,6 @@ def generate(
 
         label = f"{steps or meta['steps']} steps from timestep {meta['init_timestep']}"
         return _write(todo, outdir, batch, latents_of, images_of, label, grid, resolution, log)
-    if steps is not None:
-        raise SDError(f"--steps {steps}: {network} is a one-step SiD-LSG generator; --steps is for flow generators.")
     unet, meta = load_unet_folder(network, device)
     unet.to(dtype)
     t_init = int(init_timestep if init_timestep is not None else meta["init_timestep"])
@@ -105,14 +104,20 @@ def generate(
         )
     shape = [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]
 
+    k, noise_type = int(steps or meta.get("steps", 1)), meta.get("noise_type", "fresh")
+    if k > t_init:
+        raise SDError(f"--steps {k}: the generator's timesteps from {t_init} would repeat; give at most {t_init}.")
+
     def latents_of(prompts, seeds):
-        z = seed_latents(seeds, shape).to(device)
-        return onestep_latents(unet, sd.schedule, z, sd.encode_text(prompts, device), t_init)
+        z, noises = seed_noises(seeds, shape, k)
+        return generator_latents(unet, sd.schedule, z.to(device), sd.encode_text(prompts, device), t_init, k,
+                                 noise_type, [n.to(device) for n in noises])  # fmt: skip
 
     def images_of(latents):
         return decode(sd.vae, latents, device)
 
-    return _write(todo, outdir, batch, latents_of, images_of, f"init timestep {t_init}", grid, resolution, log)
+    label = f"init timestep {t_init}" if k == 1 else f"{k} steps from timestep {t_init}"
+    return _write(todo, outdir, batch, latents_of, images_of, label, grid, resolution, log)
 
 
 def _write(todo, outdir: Path, batch: int, latents_of, images_of, label: str, grid, resolution, log) -> int:
@@ -179,12 +184,12 @@ def _write(todo, outdir: Path, batch: int, latents_of, images_of, label: str, gr
 )
 @click.option(
     "--steps",
-    help="A flow generator's step count (default: the K it was trained for)",
+    help="The generator's step count (default: the K it was trained for; 1 for SiD-LSG)",
     type=click.IntRange(1, 64),
 )
 def main(network, teacher, prompt, prompts_file, seeds, outdir, batch, overwrite, dtype, grid, resolution,
          init_timestep, steps):  # fmt: skip
-    """Text-to-image sampling with a SiD-LSG generator (one step) or a flow-matching generator (K steps)."""
+    """Text-to-image sampling with a SiD-LSG generator or a flow-matching generator (their K steps)."""
     try:
         network = resolve_network(network)
     except CheckpointError as e:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from sid_fast import fewstep
 from sid_fast.hf import load_transformers_model
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -113,6 +114,20 @@ class Schedule:
     def generator_input(self, z: torch.Tensor, t_init: torch.Tensor) -> torch.Tensor:
         """The generator's input at --init_timestep: add_noise of a zero image, sqrt(1 - abar) z."""
         return self.add_noise(torch.zeros_like(z), z, t_init)
+
+    def fewstep(self, denoise, z: torch.Tensor, init_timestep: int, steps: int, run: int | None = None,
+                noise_type: str = "fresh", generator=None, train_last: bool = False, noises=None):  # fmt: skip
+        """D_{run-1} of the K-step generator (K = `steps`) at timesteps sid_fast.fewstep.timestep_indices(init_timestep,
+        K): x_i = sqrt(abar) D_{i-1} + sqrt(1 - abar) n_i (step 0: generator_input), D_i = denoise(x_i, t_i [N]); the
+        rest as sid_fast.fewstep.generate."""
+        levels = [torch.full([z.shape[0]], t, dtype=torch.long, device=z.device)
+                  for t in fewstep.timestep_indices(init_timestep, steps)]  # fmt: skip
+
+        def scale(t):
+            a = self._abar(t, z)
+            return a**0.5, (1 - a) ** 0.5
+
+        return fewstep.generate(denoise, scale, levels, z, run, noise_type, generator, train_last, noises)
 
     def draw_timesteps(self, n: int, tmin: int, tmax: int, device, generator=None) -> torch.Tensor:
         """t ~ uniform integers in [tmin, tmax), as torch.randint(tmin, tmax, (n,))."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sid_fast import families, ops
+from sid_fast import families, fewstep, ops
 from sid_fast.families import ASSETS, FID_REFS, PRESETS  # noqa: F401  (the presets, read here by their users)
 from sid_fast.flags import ConfigError, Domain
 from sid_fast.training.trackers import check_installed
@@ -99,8 +99,8 @@ class TrainConfig:
     cfg_train_fake: float = _in("family", 1.0)  # Stable Diffusion: guidance kappa1 (fake score trained)
     cfg_eval_fake: float = _in("family", 1.0)  # kappa2 (fake score evaluated)
     cfg_eval_real: float = _in("family", 1.0)  # kappa4 (teacher)
-    generator_steps: int = _in("family", 1)  # flow matching: K of the few-step generator (official --num_steps)
-    noise_type: str = _in("family", "fresh")  # flow matching: re-noising between generator steps (fresh, fixed, ddim)
+    generator_steps: int = _in("family", 1)  # K of the few-step generator (official flow --num_steps; sid_fast.fewstep)
+    noise_type: str = _in("family", "fresh")  # re-noising between generator steps (fresh, fixed, ddim)
     weighting: str = _in("family", "1_minus_sigma")  # flow matching: the generator loss's w(t) (--weighting_scheme)
     # speed: the fast path (sid_fast.perf, sid_fast.ops); defaults are the reference path.
     channels_last: bool = _in("speed", False)
@@ -321,11 +321,8 @@ def validate(cfg: TrainConfig) -> None:
     _validate_sida(cfg)
     _validate_metrics(cfg)
     family = families.detect(cfg)
-    if cfg.generator_steps != 1 and family.name != "flow":
-        raise ConfigError(
-            f"--generator-steps {cfg.generator_steps}: few-step generators are built for flow-matching teachers "
-            f"only; this teacher's family ({family.name}) distills one-step generators."
-        )
+    if cfg.noise_type not in fewstep.NOISE_TYPES:
+        raise ConfigError(f"--noise-type {cfg.noise_type!r}: choose one of {', '.join(fewstep.NOISE_TYPES)}.")
     family.check_config(cfg)  # the teacher family's own flags
 
 
@@ -353,7 +350,9 @@ def _validate_fast_path(cfg: TrainConfig) -> None:
         for flag, given, why in (
             ("--fsdp", cfg.fsdp, "FSDP2's all-gathers and frees around each block are not captured"),
             ("--method sida", cfg.method == "sida", "SiDA reads real images from a loader every micro-batch"),
-        ):
+            (f"--generator-steps {cfg.generator_steps}", cfg.generator_steps > 1, "the number of generator steps k ~ "
+             "U{1..K} changes from one iteration to the next"),
+        ):  # fmt: skip
             if given:
                 raise ConfigError(f"--cuda-graphs step with {flag}: {why}; use --cuda-graphs sites.")
 
