@@ -80,6 +80,14 @@ GN_SHAPES = [
     ("adm-8x8", 32, 768, 8, 8, 32, True),
 ]
 
+# DiT adaLN modulation rows (label, N, L, D) of the transformers whose adaLN modules sid_fast.networks.dit fuses, at
+# 1024 px (4,096 image tokens), micro-batch 1: SD3-Medium (1,536 channels), SD3.5-Large (2,432), FLUX.1-dev (3,072).
+ADALN_SHAPES = [
+    ("sd3-medium-1024", 1, 4096, 1536),
+    ("sd35-large-1024", 1, 4096, 2432),
+    ("flux-dev-1024", 1, 4096, 3072),
+]
+
 
 @dataclass
 class Case:
@@ -471,6 +479,35 @@ def _gn_cases(dtypes):
     return cases
 
 
+def _adaln_cases(dtypes):
+    from sid_fast.kernels import _common
+
+    A = importlib.import_module("sid_fast.kernels.ada_layer_norm")  # the package exports a function of the same name
+
+    cases = []
+    for label, n, length, d in ADALN_SHAPES:
+        shape = f"{label} [{n}, {length}, {d}]"
+        for dt in dtypes:
+            if dt == "fp32-ieee":
+                continue
+            p = PTR[dt]
+            name = "fp32" if dt == "fp32-tf32" else dt
+            # Under CUDA autocast x is the fp32 or bf16 residual stream and the output float32 (layer_norm runs in
+            # float32); s1 and shift come from a bf16 linear. Recorded: x, y and dx in the dtype, s1 in it too.
+            common = dict(x_ptr=p, s1_ptr=p, mean_ptr="*fp32", rstd_ptr="*fp32", L=length, D=d, BLOCK_D=A._block_d(d),
+                          BLOCK_R=A.block_rows(gpu=True))  # fmt: skip
+            rows = A.rows_per_program(length, gpu=True)
+            for cfg in _elementwise(_common.warp_configs(gpu=True, warps=A.WARPS)):
+                fwd = dict(common, y_ptr="*fp32", shift_ptr=p, eps=1e-6, ROWS=1)
+                bwd = dict(common, dy_ptr="*fp32", dx_ptr=p, ds1_ptr="*fp32", dshift_ptr="*fp32",
+                           chunks=-(-length // rows), ROWS=rows)  # fmt: skip
+                for op, attr, args in (("ada_layer_norm.fwd", "_fwd_kernel", fwd), ("ada_layer_norm.bwd",
+                                                                                   "_bwd_kernel", bwd)):  # fmt: skip
+                    cases.append(Case(op, "sid_fast.kernels.ada_layer_norm", attr, shape, "rows", name, args, cfg,
+                                      True))  # fmt: skip
+    return cases
+
+
 def build_cases(kernels, dtypes, space, arch):
     cases = []
     if "attention" in kernels:
@@ -479,6 +516,8 @@ def build_cases(kernels, dtypes, space, arch):
         cases += _loss_cases(dtypes)
     if "group_norm" in kernels:
         cases += _gn_cases(dtypes)
+    if "ada_norm" in kernels:
+        cases += _adaln_cases(dtypes)
     return cases
 
 
@@ -623,9 +662,9 @@ def summary(records: list[dict]) -> dict:
 )
 @click.option(
     "--kernels",
-    default="attention,loss,group_norm",
+    default="attention,loss,group_norm,ada_norm",
     show_default=True,
-    help="comma list of attention, loss, group_norm",
+    help="comma list of attention, loss, group_norm, ada_norm",
 )
 @click.option("--dtypes", default=",".join(DTYPES), show_default=True, help=f"comma list of {', '.join(DTYPES)}")
 @click.option("--space", type=click.Choice(["all", "kept", "wide"]), default="all", show_default=True)
@@ -643,9 +682,9 @@ def main(**kw):
     kernels = [k.strip() for k in a.kernels.split(",") if k.strip()]
     dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
     for k in kernels:
-        if k not in ("attention", "loss", "group_norm"):
+        if k not in ("attention", "loss", "group_norm", "ada_norm"):
             raise click.BadParameter(
-                f"unknown kernel family {k!r} (attention, loss, group_norm)", param_hint="--kernels"
+                f"unknown kernel family {k!r} (attention, loss, group_norm, ada_norm)", param_hint="--kernels"
             )
     for d in dtypes:
         if d not in DTYPES:

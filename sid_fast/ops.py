@@ -1,8 +1,9 @@
 """The one dispatcher between sid_fast's fused Triton kernels (sid_fast/kernels/) and their pure-torch references.
 
-Four ops: the SiD generator loss, the fake-score (EDM) loss, GroupNorm+SiLU, and attention over EDM's interleaved qkv
-channels. The networks and the trainer call only these functions; which implementation runs is chosen by one scoped
-switch, and outside every scope the references run (the official numerics):
+Five ops: the SiD generator loss, the fake-score (EDM) loss, GroupNorm+SiLU, attention over EDM's interleaved qkv
+channels, and a DiT block's adaLN modulation (LayerNorm, scale, shift). The networks and the trainer call only these
+functions; which implementation runs is chosen by one scoped switch, and outside every scope the references run (the
+official numerics):
 
     with ops.kernels("all"):                  # every kernel
     with ops.kernels("sid_loss,attention"):   # a subset; "attention" is the Triton flash kernel
@@ -28,7 +29,7 @@ from sid_fast.kernels import triton_installed
 from sid_fast.kernels.references import attention_edm, attention_sdpa, group_norm_silu_ref
 from sid_fast.losses import edm2_loss_from_output, edm_loss_from_output, edm_weight, sid_generator_loss_elements
 
-KERNELS = frozenset({"sid_loss", "edm_loss", "group_norm_silu", "attention"})
+KERNELS = frozenset({"sid_loss", "edm_loss", "group_norm_silu", "attention", "ada_norm"})
 NAMES = KERNELS | {"sdpa"}  # "sdpa": attention through PyTorch's SDPA instead of EDM's op (no Triton)
 
 
@@ -85,7 +86,7 @@ def current() -> Selection:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The four ops.
+# The five ops.
 
 
 def sid_generator_loss_sum(
@@ -176,3 +177,22 @@ def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     if _selection.attention == "sdpa":
         return attention_sdpa(qkv, num_heads)
     return attention_edm(qkv, num_heads)
+
+
+def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """layer_norm(x) * (1 + scale[:, None]) + shift[:, None] for x [N, L, D], scale and shift [N, D]: the adaLN
+    modulation of diffusers' DiT blocks (a LayerNorm without affine parameters), written as they write it. The kernel
+    takes 1 + scale made here in scale's dtype (as the unfused expression rounds it). Under autocast it writes the
+    autocast dtype: every consumer of the output (the attention's q, k, v and the MLP's linear layers, proj_out) casts
+    it to that dtype, so the float32 tensor CUDA autocast's layer_norm makes and the three casts of q, k and v are
+    never made (the values are the fp32 result rounded once); elsewhere the inputs' promotion, as the expression."""
+    if "ada_norm" in _selection.kernels:
+        from sid_fast.kernels.ada_layer_norm import ada_layer_norm as fused  # Triton loads when a kernel first runs
+
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            out = torch.get_autocast_dtype(device)
+        else:
+            out = torch.promote_types(torch.promote_types(x.dtype, scale.dtype), shift.dtype)
+        return fused(x, 1 + scale, shift, eps, out)
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[:, None]) + shift[:, None]

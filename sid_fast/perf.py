@@ -22,7 +22,8 @@ applied, so that the trainer's phases contain the algorithm only. The options:
 - compile / cuda_graphs: torch.compile of each network call site (`--cuda-graphs sites`: mode "reduce-overhead",
   CUDA graphs per call site); `--cuda-graphs step` captures the whole iteration instead (sid_fast.training.graphs)
   and needs capturable Adam (`make_adam`).
-- kernels: the trainer enters `sid_fast.ops.kernels(cfg.kernels)` around each step and snapshot.
+- kernels: the trainer enters `sid_fast.ops.kernels(cfg.kernels)` around each step and snapshot; with `ada_norm`
+  selected, the adaLN modules of diffusers' DiTs get a forward through its op (sid_fast.networks.dit).
 The reference path (fp32, no option) reproduces the official implementation's numerics.
 """
 
@@ -35,9 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from sid_fast import casts
+from sid_fast import casts, ops
 from sid_fast.ema import update_ema, update_ema_foreach
-from sid_fast.networks import edm2
+from sid_fast.networks import dit, edm2
 from sid_fast.networks.layers import Conv2d, UNetBlock
 
 
@@ -83,6 +84,10 @@ def prepare_networks(cfg, teacher, trained, G_ema) -> None:
     under the family's autocast and checkpoint whole blocks with diffusers' own gradient checkpointing (blocks and
     selective alike)."""
     G, fake = trained
+    if "ada_norm" in ops.parse(cfg.kernels).kernels:  # DiT adaLN modulation through the op (the kernel in its scope)
+        for net in (teacher, *trained, G_ema):
+            if is_diffusers(net):
+                dit.fuse_adaln(net)
     if cfg.precision == "bf16":
         for p in teacher.parameters():  # frozen: its weights are only read in bf16 (the mapping MLP casts them to fp32)
             p.data = p.data.to(torch.bfloat16)  # buffers (resampling filters, Fourier frequencies) stay fp32

@@ -685,13 +685,14 @@ def test_a_flux_folder_is_detected_loaded_trained_and_written(flux_folder, promp
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_a_warm_fast_path_dit_step_has_no_capture_guard_finding(sd3_folder, flux_folder, prompt_file, kind):
-    """The capture guard (sid_fast.guard) over a warm bf16 + fused-Adam step of a DiT teacher with two micro-batches
-    per phase and the iteration's k = 4 generator steps: no host read, host copy or CPU-generator draw into a device
+    """The capture guard (sid_fast.guard) over a warm bf16 + fused-Adam + fused-adaLN step of a DiT teacher with two
+    micro-batches per phase and the iteration's k = 4 generator steps: no host read, host copy or CPU-generator draw into a device
     tensor (prompt indices come from a host copy of the micro-batch's seed, tokens from the per-run cache)."""
     from sid_fast.guard import CaptureGuard
 
     folder, preset = (sd3_folder, "sd3-medium-sid") if kind == "sd3" else (flux_folder, "flux-dev-sid")
-    cfg = flow_config(folder, prompt_file, preset=preset, precision="bf16", optimizer="fused", seed=2)
+    cfg = flow_config(folder, prompt_file, preset=preset, precision="bf16", optimizer="fused", seed=2,
+                      kernels="ada_norm")  # fmt: skip
     model = load_sd3(folder) if kind == "sd3" else load_flux(folder, 8)
     tr = flow_trainer(cfg, model, prompt_file)
     tr.step()  # warm-up: constants are made on the device at their first use

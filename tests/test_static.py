@@ -57,6 +57,8 @@ def test_kept_configs_compile_fit_and_do_not_spill_on_sm90(tmp_path):
         "edm_loss.bwd",
         "group_norm_silu.fwd",
         "group_norm_silu.bwd",
+        "ada_layer_norm.fwd",
+        "ada_layer_norm.bwd",
     }
     # Every official attention shape, in all four layouts, was compiled.
     att = {(x["shape"], x["layout"]) for x in recs if x["kernel"] == "attention.fwd"}

@@ -10,6 +10,8 @@ without Triton (macOS, Windows).
 import importlib
 
 _WHERE = {
+    "ada_layer_norm": __name__ + ".ada_layer_norm",
+    "ada_layer_norm_ref": __name__ + ".references",
     "edm_loss_rows": __name__ + ".edm_loss",
     "edm_loss_rows_ref": __name__ + ".references",
     "group_norm_silu": __name__ + ".group_norm_silu",

@@ -1,9 +1,9 @@
-"""The pure-torch references of the four kernels in sid_fast.kernels: the official numerics, and what runs wherever a
+"""The pure-torch references of the five kernels in sid_fast.kernels: the official numerics, and what runs wherever a
 kernel cannot (no CUDA, no Triton interpreter, or no Triton at all: macOS and Windows have no Triton wheels).
 
 This module imports only torch, so `sid_fast` samples and trains on the reference path without Triton installed;
-each kernel file (sid_loss.py, edm_loss.py, group_norm_silu.py, attention.py) re-exports its reference, and the
-kernel tests compare the two at real and awkward shapes, forward and backward.
+each kernel file (sid_loss.py, edm_loss.py, group_norm_silu.py, attention.py, ada_layer_norm.py) re-exports its
+reference, and the kernel tests compare the two at real and awkward shapes, forward and backward.
 """
 
 from __future__ import annotations
@@ -69,6 +69,16 @@ def group_norm_silu_ref(
         u = torch.addcmul(shift[:, :, None, None], u, scale[:, :, None, None] + 1)
     y = F.silu(u) if silu else u
     return y.to(dt) if upcast and dt != torch.float64 else y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The adaLN modulation of DiT blocks (sid_fast/kernels/ada_layer_norm.py).
+
+
+def ada_layer_norm_ref(x: torch.Tensor, s1: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """layer_norm(x, eps) * s1[:, None] + shift[:, None] for x [N, L, D], s1 (= 1 + scale) and shift [N, D]: diffusers'
+    AdaLayerNormZero/Continuous modulation with a LayerNorm without affine parameters."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * s1[:, None] + shift[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
