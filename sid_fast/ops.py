@@ -190,7 +190,7 @@ def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ep
         from sid_fast.kernels.ada_layer_norm import ada_layer_norm as fused  # Triton loads when a kernel first runs
 
         device = x.device.type
-        if torch.is_autocast_enabled(device):
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # not on meta
             out = torch.get_autocast_dtype(device)
         else:
             out = torch.promote_types(torch.promote_types(x.dtype, scale.dtype), shift.dtype)

@@ -188,6 +188,25 @@ def ada_layer_norm_bwd_op(
     return dx, ds1.sum(1), dshift.sum(1)
 
 
+# Shape functions for the meta device and FakeTensors (bench.memory, torch.compile's tracing): the outputs' shapes and
+# dtypes without running the kernel body (which the interpreter would try to run on storage-less tensors).
+@ada_layer_norm_op.register_fake
+def _(x, s1, shift, eps, out_dtype):
+    rows = x.shape[0] * x.shape[1]
+    mean = x.new_empty(rows, dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=out_dtype), mean, torch.empty_like(mean)
+
+
+@ada_layer_norm_bwd_op.register_fake
+def _(dy, x, s1, mean, rstd):
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty(s1.shape, **f32),
+        torch.empty(s1.shape, **f32),
+    )
+
+
 def _setup_context(ctx, inputs, output):
     x, s1, shift, eps, out_dtype = inputs
     _, mean, rstd = output

@@ -84,6 +84,18 @@ def test_backward_chunks_and_tiles_cover_every_row():
         torch.testing.assert_close(gk.double(), gr, rtol=1e-5, atol=1e-5 * gr.abs().max().item())
 
 
+def test_on_the_meta_device_the_op_runs_its_shape_functions():
+    """bench.memory counts a DiT step on the meta device: the op (forward and backward) gives tensors of the right
+    shape and dtype there, inside the kernel's scope."""
+    leaves = [torch.empty(s, device="meta", dtype=torch.bfloat16, requires_grad=True) for s in ((2, 5, 64), (2, 64),
+                                                                                              (2, 64))]  # fmt: skip
+    with ops.kernels("ada_norm"):
+        y = ops.ada_layer_norm(*leaves, 1e-6)
+    assert (y.device.type, y.shape, y.dtype) == ("meta", (2, 5, 64), torch.bfloat16)
+    grads = torch.autograd.grad(y.sum(), leaves)
+    assert [(g.shape, g.dtype) for g in grads] == [(t.shape, t.dtype) for t in leaves]
+
+
 def test_bad_inputs_are_refused():
     x, s1, shift = _inputs(2, 3, 8, torch.float32)
     with pytest.raises(ValueError, match=r"\[N, L, D\]"):
