@@ -311,8 +311,8 @@ EXIT_STOPPED = 75
 )
 @click.option(
     "--kernels",
-    help="Fused Triton kernels: none, all, or a comma list (sid_loss,edm_loss,group_norm_silu,attention; sdpa for "
-    "PyTorch's attention)",
+    help="Fused Triton kernels: none, all, or a comma list (sid_loss,edm_loss,group_norm_silu,attention,ada_norm; sdpa "
+    "for PyTorch's attention)",
     metavar="LIST",
     type=str,
 )
