@@ -686,8 +686,9 @@ def test_a_flux_folder_is_detected_loaded_trained_and_written(flux_folder, promp
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_a_warm_fast_path_dit_step_has_no_capture_guard_finding(sd3_folder, flux_folder, prompt_file, kind):
     """The capture guard (sid_fast.guard) over a warm bf16 + fused-Adam + fused-adaLN step of a DiT teacher with two
-    micro-batches per phase and the iteration's k = 4 generator steps: no host read, host copy or CPU-generator draw into a device
-    tensor (prompt indices come from a host copy of the micro-batch's seed, tokens from the per-run cache)."""
+    micro-batches per phase and the iteration's k = 4 generator steps: no host read, host copy or CPU-generator draw
+    into a device tensor (prompt indices come from a host copy of the micro-batch's seed, tokens from the per-run
+    cache)."""
     from sid_fast.guard import CaptureGuard
 
     folder, preset = (sd3_folder, "sd3-medium-sid") if kind == "sd3" else (flux_folder, "flux-dev-sid")

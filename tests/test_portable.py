@@ -52,7 +52,7 @@ print('TRITON', [m for m, v in sys.modules.items() if v is not None and m.split(
         tmp_path,
     )
     assert "TRITON []" in out
-    assert "REFUSED --kernels attention,edm_loss,group_norm_silu,sid_loss needs the triton package" in out
+    assert "REFUSED --kernels ada_norm,attention,edm_loss,group_norm_silu,sid_loss needs the triton package" in out
 
 
 def test_bundled_digits_are_scikit_learns():

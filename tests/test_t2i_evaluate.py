@@ -326,7 +326,8 @@ def test_a_generator_evaluated_over_two_processes_equals_one_process_on_its_imag
 
 def test_a_k_step_flow_generator_is_evaluated_at_its_steps_or_at_others(files, tmp_path):
     """--network with a flow generator: its images are t2i.sample's (caption i, seed i, its K steps, or --steps), and
-    the protocol scores them; --steps with a one-step SiD-LSG generator, or without --network, is refused."""
+    the protocol scores them; --steps that would repeat a SiD-LSG generator's timesteps, or without --network, is
+    refused."""
     from click.testing import CliRunner
     from support.sd3_tiny import write_tiny_sd3
     from support.sd_tiny import write_tiny_sd
@@ -356,9 +357,9 @@ def test_a_k_step_flow_generator_is_evaluated_at_its_steps_or_at_others(files, t
             assert np.array_equal(got, want[i].permute(1, 2, 0).numpy()), (steps, i)
     assert fids[None] != fids[2]  # two steps make other images
     sd = write_tiny_sd(tmp_path / "sd")
-    one = save_unet_folder(tmp_path / "one", load_sd(sd).unet, init_timestep=625)
+    one = save_unet_folder(tmp_path / "one", load_sd(sd).unet, init_timestep=3)
     r = CliRunner().invoke(ev.main, ["--network", str(one), "--teacher", str(sd), "--images", str(tmp_path / "x"),
-                                     "--steps", "2", *common])  # fmt: skip
-    assert r.exit_code != 0 and "one-step SiD-LSG generator; --steps is for flow generators" in r.output
+                                     "--steps", "4", *common])  # fmt: skip
+    assert r.exit_code != 0 and "--steps 4: the generator's timesteps from 3 would repeat" in r.output
     r = CliRunner().invoke(ev.main, ["--images", str(tmp_path / "x"), "--steps", "2", *common])
     assert r.exit_code != 0 and "--steps is for --network" in r.output

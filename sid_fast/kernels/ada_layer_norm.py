@@ -4,7 +4,7 @@
 # AdaLayerNormContinuous) compute norm(x) * (1 + scale[:, None]) + shift[:, None] with a LayerNorm without affine
 # parameters (eps 1e-6): PyTorch runs layer_norm (fp32 under autocast), a multiply and an add, each reading and
 # writing the whole [N, L, D] activation, and autograd keeps the normalised x for the multiply's backward besides
-# the LayerNorm's own x. Here one program per token row (on the GPU; tiles of 64 rows under the interpreter) reads x
+# the LayerNorm's own x. Here one program per token row (on the GPU; tiles of 256 rows under the interpreter) reads x
 # and writes y, keeping only mean and rstd ([N L] fp32);
 #     a = (x - mean) * rstd,   y = a * s1_n + shift_n        (s1 = 1 + scale, made by the caller in its dtype).
 # The backward recomputes a from x and dy:
@@ -38,16 +38,16 @@ def _block_d(d: int) -> int:
 
 
 def block_rows(gpu: bool = False) -> int:
-    """Rows of one tile: one on the GPU (a row of up to MAX_D fp32 values is what a program's registers hold); 64
+    """Rows of one tile: one on the GPU (a row of up to MAX_D fp32 values is what a program's registers hold); 256
     under the interpreter, which runs programs one after another and each op of a program once per tile, so a tile
     of many rows is what keeps a CPU test's step fast."""
-    return 64 if interpreted() and not gpu else 1
+    return 256 if interpreted() and not gpu else 1
 
 
 def rows_per_program(length: int, gpu: bool = False) -> int:
     """Rows (tokens of one sample) each backward program walks, in tiles of block_rows: 64 on the GPU (the ds1/dshift
-    partials are then 1/64 of an activation); under the interpreter 4 tiles of 64 (CPU tests still see several chunks
-    per sample at their lengths)."""
+    partials are then 1/64 of an activation); under the interpreter 4 tiles of 256 (a CPU test with a longer
+    sequence sees several chunks)."""
     return min(block_rows(gpu) * (4 if interpreted() and not gpu else 64), max(length, 1))
 
 

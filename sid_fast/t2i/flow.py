@@ -185,8 +185,8 @@ class PooledTokens:
         self.handle = norm.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output):
-        if self._on:
-            self.out = output.mean(dim=1)
+        if self._on:  # the mean in float32 at least (under autocast the fused adaLN kernel's output is bf16)
+            self.out = output.to(torch.promote_types(output.dtype, torch.float32)).mean(dim=1)
 
     def __enter__(self):
         if self.handle is None:

@@ -72,11 +72,11 @@ def test_backward_chunks_and_tiles_cover_every_row():
     """A sequence longer than a backward program's chunk and not a multiple of it, nor of the tile: ds1 and dshift
     (per-chunk partial sums, added by torch) and dx equal the float64 reference's (a dropped or doubled chunk or tile
     moves dshift by whole rows of dy)."""
-    length = 300
+    length = 1100
     rows = rows_per_program(length)
     assert length > rows and length % rows and rows % block_rows() == 0 and length % block_rows()
-    x, s1, shift = _inputs(2, length, 32, torch.float32)
-    dy = torch.randn(2, length, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x, s1, shift = _inputs(2, length, 16, torch.float32)
+    dy = torch.randn(2, length, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ref = _run(lambda *a: ada_layer_norm_ref(*a, 1e-6), x.double(), s1.double(), shift.double(), dy)
     ker = _run(lambda *a: ada_layer_norm(*a, 1e-6), x, s1, shift, dy)
     torch.testing.assert_close(ker[0].double(), ref[0], rtol=1e-5, atol=1e-5)
