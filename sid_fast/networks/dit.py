@@ -7,8 +7,9 @@ norm(x) * (1 + scale[:, None]) + shift[:, None] with a LayerNorm without affine 
 such module of a network a forward that does the same with the modulation through the op (the reference, outside the
 kernel's scope, is that expression itself). Modules whose norm is anything else (FP32LayerNorm, an affine LayerNorm,
 RMSNorm) keep diffusers' forward. Not reached: the inline modulation of the blocks' second norms (norm2 and
-norm2_context of SD3's JointTransformerBlock, FLUX's FluxTransformerBlock), written in the block's own forward, and
-SANA's scale-shift tables (their LayerNorm's output is modulated inside SanaTransformerBlock.forward).
+norm2_context of SD3's JointTransformerBlock, FLUX's FluxTransformerBlock), written in the block's own forward,
+SD3.5-Medium's SD35AdaLayerNormZeroX (two modulations of one norm, in its first 13 blocks), and SANA's scale-shift
+tables (their LayerNorm's output is modulated inside SanaTransformerBlock.forward).
 """
 
 from __future__ import annotations
