@@ -241,6 +241,8 @@ def test_a_k_step_sd_generator_folder_records_its_steps_and_samples_per_seed(sd_
     folder = tr.family.write_generator(tmp_path / "gen", _nets(tr), cfg, 0.006)
     meta = json.loads((folder / export.SID_META).read_text())
     assert (meta["steps"], meta["noise_type"], meta["init_timestep"]) == (3, "fresh", 625)
+    card = (folder / export.CARD).read_text()
+    assert "# 3-step text-to-image generator" in card and "625, 417, 208" in card and "DDIMScheduler" not in card
     unet, _ = export.load_unet_folder(folder)
     prompts, seeds = ["a cat", "the moon", "the dog"], [4, 9, 1]
     with torch.no_grad():

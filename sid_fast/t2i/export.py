@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from sid_fast import fewstep
 from sid_fast.checkpoints import CheckpointError, atomic_write_text, plain_value
 from sid_fast.storage import atomic_folder
 from sid_fast.t2i import pickles
@@ -126,8 +127,9 @@ def card_data(meta: dict):
         pipeline_tag="text-to-image",
         base_model=meta.get("base_model"),
         license=meta.get("license"),
-        tags=["sid-lsg", "score-identity-distillation", "one-step", "text-to-image", "sid_fast"],
-    )
+        tags=["sid-lsg", "score-identity-distillation", "one-step" if int(meta.get("steps", 1)) == 1 else "few-step",
+              "text-to-image", "sid_fast"],
+    )  # fmt: skip
 
 
 def model_card(
@@ -140,6 +142,8 @@ def model_card(
     SDXL UNet, sampled by StableDiffusionXLPipeline (whose default size conditioning is the training's)."""
     from huggingface_hub import ModelCard
 
+    if int(meta.get("steps", 1)) > 1:
+        return _steps_card(meta, where, teacher)
     t = meta.get("init_timestep")
     c, h, w = latent_shape
     prompt = meta.get("example_prompt") or "a photo of a cat"
@@ -215,6 +219,51 @@ def model_card(
         "",
         'References: Zhou, Wang, Zheng, Huang, "Guided Score identity Distillation for Data-Free One-Step',
         'Text-to-Image Generation", ICLR 2025; Zhou et al., "Score identity Distillation", ICML 2024.',
+        "",
+    ]
+    return str(ModelCard("\n".join(lines)))
+
+
+def _steps_card(meta: dict, where: str, teacher: str | None) -> str:
+    """The README.md of a K-step generator's UNet folder: what its K calls are and sid_fast's sampler (no diffusers
+    snippet: no diffusers scheduler takes its timesteps with its per-seed re-noising)."""
+    from huggingface_hub import ModelCard
+
+    k, t = int(meta["steps"]), int(meta["init_timestep"])
+    teacher = teacher or meta.get("base_model") or meta.get("teacher") or "TEACHER"
+    prompt = meta.get("example_prompt") or "a photo of a cat"
+    facts = [(n, meta.get(n)) for n in ("preset", "teacher", "kimg", "guidance", "alpha", "init_timestep", "steps",
+                                        "noise_type") if meta.get(n) is not None]  # fmt: skip
+    metrics = meta.get("metrics") or {}
+    lines = [
+        "---",
+        card_data(meta).to_yaml(),
+        "---",
+        "",
+        f"# {k}-step text-to-image generator distilled with SiD-LSG (sid_fast)",
+        "",
+        f"A Stable Diffusion UNet (diffusers' `UNet2DConditionModel`) that makes an image in {k} calls: at timesteps",
+        f"{', '.join(map(str, fewstep.timestep_indices(t, k)))} it predicts x0 from the previous prediction re-noised",
+        f"({meta.get('noise_type')} noise; the first call sees sqrt(1 - abar) z), decoded by the teacher's VAE, with",
+        "no classifier-free guidance at sampling time (sid_fast.fewstep; docs/few-step.md of sid_fast).",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {n} | {v} |" for n, v in facts],
+        "",
+    ]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|", *[f"| {n} | {v} |" for n, v in metrics.items()], ""]
+    lines += [
+        "## Sampling",
+        "",
+        "```bash",
+        f'python -m sid_fast.t2i.sample --network {where} --teacher {teacher} --prompt "{prompt}" --seeds 0-15 \\',
+        "    --outdir out --grid grid.png",
+        "```",
+        "",
+        "z and each step's fresh noise come from torch.Generator().manual_seed(seed), in order; no diffusers scheduler",
+        "takes these timesteps with that re-noising, so the folder has no diffusers pipeline snippet.",
         "",
     ]
     return str(ModelCard("\n".join(lines)))
