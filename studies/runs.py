@@ -4,6 +4,7 @@ among them (OMP_NUM_THREADS = cores // jobs)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -38,3 +39,17 @@ def run_train_jobs(runs: list[tuple[str, list[str]]], outdir, jobs: int, who: st
                     failed.append(desc)
     if failed:
         raise SystemExit(f"{who}: runs failed: {', '.join(failed)} (their .out files in {outdir}).")
+
+
+def last_snapshot(run: Path) -> Path:
+    """The newest network-snapshot-* folder of a run directory; SystemExit when it has none."""
+    snaps = sorted(p for p in Path(run).glob("network-snapshot-*") if p.is_dir())
+    if not snaps:
+        raise SystemExit(f"{run}: no network-snapshot-* folder.")
+    return snaps[-1]
+
+
+def train_wall_s(run: Path) -> float | None:
+    """The run's wall time in seconds from its log's last line ("Finished at K kimg: W s wall time, ..."), or None."""
+    m = re.search(r"Finished at [0-9.]+ kimg: ([0-9.]+) s wall time", (Path(run) / "log.txt").read_text())
+    return float(m.group(1)) if m else None

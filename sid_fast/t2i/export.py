@@ -34,7 +34,7 @@ PIPELINE_FILES = (INDEX, SID_META, CARD, "unet", *COMPONENTS, *XL_COMPONENTS)
 def seed_latents(seeds, shape) -> torch.Tensor:
     """[len(seeds), *shape]: z of seed s is torch.randn(shape) from torch.Generator().manual_seed(s) (CPU), so a
     (prompt, seed) pair gives the same image on any device and batch size."""
-    return torch.stack([torch.randn(list(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return seed_noises(seeds, shape, 1)[0]
 
 
 def seed_noises(seeds, shape, steps: int):
@@ -148,9 +148,6 @@ def model_card(
     c, h, w = latent_shape
     prompt = meta.get("example_prompt") or "a photo of a cat"
     teacher = teacher or meta.get("base_model") or meta.get("teacher") or "TEACHER"
-    facts = [(k, meta.get(k)) for k in ("preset", "teacher", "kimg", "guidance", "alpha", "init_timestep", "source",
-                                        "converted_from") if meta.get(k) is not None]  # fmt: skip
-    metrics = meta.get("metrics") or {}
     pipe = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
     load = (
         [f'pipe = {pipe}.from_pretrained("{where}")  # its scheduler: one DDIM step at t = {t}']
@@ -164,24 +161,12 @@ def model_card(
             '    timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)',
         ]
     )
-    lines = [
-        "---",
-        card_data(meta).to_yaml(),
-        "---",
-        "",
-        "# One-step text-to-image generator distilled with SiD-LSG (sid_fast)",
-        "",
+    about = [
         "A Stable Diffusion UNet (diffusers' `UNet2DConditionModel`) that makes an image in one call: the latents are",
         f"its x0-prediction at timestep {t} on sqrt(1 - abar_{t}) z, decoded by the teacher's VAE, with no",
         "classifier-free guidance at sampling time (the guidance was distilled into it).",
-        "",
-        "| | |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in facts],
-        "",
     ]
-    if metrics:
-        lines += ["| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in metrics.items()], ""]
+    lines = _card_head(meta, "One-step text-to-image generator", about, ("source", "converted_from"))
     lines += [
         "## Sampling with diffusers",
         "",
@@ -224,6 +209,19 @@ def model_card(
     return str(ModelCard("\n".join(lines)))
 
 
+def _card_head(meta: dict, title: str, about: list[str], more: tuple[str, ...]) -> list[str]:
+    """A generator card's lines up to its sampling section: front matter, title, `about`, how it was made (the
+    common facts, then `more`) and its metrics, each a table."""
+    keys = ("preset", "teacher", "kimg", "guidance", "alpha", "init_timestep", *more)
+    facts = [(k, meta.get(k)) for k in keys if meta.get(k) is not None]
+    lines = ["---", card_data(meta).to_yaml(), "---", "", f"# {title} distilled with SiD-LSG (sid_fast)", "", *about,
+             "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts], ""]  # fmt: skip
+    metrics = meta.get("metrics") or {}
+    if metrics:
+        lines += ["| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in metrics.items()], ""]
+    return lines
+
+
 def _steps_card(meta: dict, where: str, teacher: str | None) -> str:
     """The README.md of a K-step generator's UNet folder: what its K calls are and sid_fast's sampler (no diffusers
     snippet: no diffusers scheduler takes its timesteps with its per-seed re-noising)."""
@@ -232,28 +230,13 @@ def _steps_card(meta: dict, where: str, teacher: str | None) -> str:
     k, t = int(meta["steps"]), int(meta["init_timestep"])
     teacher = teacher or meta.get("base_model") or meta.get("teacher") or "TEACHER"
     prompt = meta.get("example_prompt") or "a photo of a cat"
-    facts = [(n, meta.get(n)) for n in ("preset", "teacher", "kimg", "guidance", "alpha", "init_timestep", "steps",
-                                        "noise_type") if meta.get(n) is not None]  # fmt: skip
-    metrics = meta.get("metrics") or {}
-    lines = [
-        "---",
-        card_data(meta).to_yaml(),
-        "---",
-        "",
-        f"# {k}-step text-to-image generator distilled with SiD-LSG (sid_fast)",
-        "",
+    about = [
         f"A Stable Diffusion UNet (diffusers' `UNet2DConditionModel`) that makes an image in {k} calls: at timesteps",
         f"{', '.join(map(str, fewstep.timestep_indices(t, k)))} it predicts x0 from the previous prediction re-noised",
         f"({meta.get('noise_type')} noise; the first call sees sqrt(1 - abar) z), decoded by the teacher's VAE, with",
         "no classifier-free guidance at sampling time (sid_fast.fewstep; docs/few-step.md of sid_fast).",
-        "",
-        "| | |",
-        "|---|---|",
-        *[f"| {n} | {v} |" for n, v in facts],
-        "",
     ]
-    if metrics:
-        lines += ["| metric | value |", "|---|---|", *[f"| {n} | {v} |" for n, v in metrics.items()], ""]
+    lines = _card_head(meta, f"{k}-step text-to-image generator", about, ("steps", "noise_type"))
     lines += [
         "## Sampling",
         "",

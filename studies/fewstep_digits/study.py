@@ -18,25 +18,17 @@ writes one JSON line per (run, sampling steps) to results/fewstep_digits.jsonl b
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
 import click
 
-from studies.runs import run_train_jobs
+from studies.runs import last_snapshot, run_train_jobs, train_wall_s
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = ("digits", "digits-lsg")
 TRAIN_STEPS = (1, 4)
 SAMPLE_STEPS = (1, 2, 4)
-
-
-def last_snapshot(run: Path) -> Path:
-    snaps = sorted(p for p in run.glob("network-snapshot-*") if p.is_dir())
-    if not snaps:
-        raise SystemExit(f"{run}: no network-snapshot-* folder.")
-    return snaps[-1]
 
 
 def evaluate_edm(snap: Path, steps: int, num: int) -> dict:
@@ -113,7 +105,6 @@ def collect_cmd(runs, num, out):
     env, recs = environment(), []
     for run in dirs:
         opts = json.loads((run / "training_options.json").read_text())
-        m = re.search(r"Finished at [0-9.]+ kimg: ([0-9.]+) s wall time", (run / "log.txt").read_text())
         snap = last_snapshot(run)
         for steps in SAMPLE_STEPS:
             t0 = time.time()
@@ -124,7 +115,7 @@ def collect_cmd(runs, num, out):
             rec = dict(
                 bench="fewstep_digits", run=run.name, preset=opts["preset"], train_steps=opts["generator_steps"],
                 sample_steps=steps, seed=opts["seed"], snapshot=snap.name, kimg=int(snap.name.split("-")[-1]) / 1e3,
-                num=num, **scores, train_wall_s=float(m.group(1)) if m else None,
+                num=num, **scores, train_wall_s=train_wall_s(run),
                 settings={k: opts.get(k) for k in ("batch", "lr", "glr", "alpha", "ema", "duration", "noise_type",
                                                    "init_sigma", "init_timestep", "cfg_eval_real")},
             )  # fmt: skip

@@ -20,26 +20,18 @@ generators' start (the teacher's own transformer sampled as a 1-, 2- and 4-step 
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 import time
 from pathlib import Path
 
 import click
 
-from studies.runs import run_train_jobs
+from studies.runs import last_snapshot, run_train_jobs, train_wall_s
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KAPPAS = (1.0, 1.5, 3.0)
 TRAIN_STEPS = (1, 2, 4)
 SAMPLE_STEPS = (1, 2, 4)
-
-
-def last_snapshot(run: Path) -> Path:
-    snaps = sorted(run.glob("network-snapshot-*"))
-    if not snaps:
-        raise SystemExit(f"{run}: no network-snapshot-* folder.")
-    return snaps[-1]
 
 
 def evaluate_snapshot(snap: Path, teacher: str, steps: int, num: int) -> dict:
@@ -100,7 +92,6 @@ def collect_cmd(runs, num, out):
     env, recs = environment(), []
     for run in dirs:
         opts = json.loads((run / "training_options.json").read_text())
-        m = re.search(r"Finished at [0-9.]+ kimg: ([0-9.]+) s wall time", (run / "log.txt").read_text())
         teacher = teacher_rows(opts["teacher"]).get(float(opts["cfg_eval_real"]), {})
         snap = last_snapshot(run)
         for steps in SAMPLE_STEPS:
@@ -110,7 +101,7 @@ def collect_cmd(runs, num, out):
                 bench="flow_digits", run=run.name, kappa=opts["cfg_eval_real"], train_steps=opts["generator_steps"],
                 sample_steps=steps, snapshot=snap.name, kimg=int(snap.name.split("-")[-1]) / 1e3, num=num, **scores,
                 teacher_fd_digits=teacher.get("fd_digits"), teacher_prompt_acc=teacher.get("prompt_acc"),
-                teacher_sampler=teacher.get("sampler"), train_wall_s=float(m.group(1)) if m else None,
+                teacher_sampler=teacher.get("sampler"), train_wall_s=train_wall_s(run),
                 settings={k: opts.get(k) for k in ("batch", "lr", "glr", "alpha", "ema", "duration", "noise_type",
                                                    "weighting", "init_timestep", "seed")},
             )  # fmt: skip

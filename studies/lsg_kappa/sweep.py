@@ -18,13 +18,12 @@ beside this file, and plots both metrics against kappa.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 from pathlib import Path
 
 import click
 
-from studies.runs import run_train_jobs
+from studies.runs import run_train_jobs, train_wall_s
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KAPPAS = (1.0, 1.5, 2.0, 3.0, 4.5)
@@ -43,7 +42,6 @@ def read_run(path) -> dict:
     p = Path(path)
     opts = json.loads((p / "training_options.json").read_text())
     fd, acc = read_curve(p, "fd_digits"), read_curve(p, "prompt_acc")
-    m = re.search(r"Finished at [0-9.]+ kimg: ([0-9.]+) s wall time", (p / "log.txt").read_text())
     return dict(
         run=p.name,
         kappa=opts["cfg_eval_real"],
@@ -55,7 +53,7 @@ def read_run(path) -> dict:
         kimg=[r["kimg"] for r in fd],
         fd_digits=[r["fd_digits"] for r in fd],
         prompt_acc=[r["prompt_acc"] for r in acc],
-        wall_s=float(m.group(1)) if m else None,
+        wall_s=train_wall_s(p),
     )
 
 
